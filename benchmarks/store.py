@@ -1,0 +1,347 @@
+"""pstore against shelve (dbm.dumb), sqlitedict, diskcache and ZODB (FileStorage).
+
+    python3 benchmarks/store.py            # the full run
+    python3 benchmarks/store.py --quick    # a smoke run with small sizes
+    python3 benchmarks/store.py --repeat 3 # best of three runs of each library
+    python3 -m cProfile -s tottime benchmarks/store.py --peers ''   # pstore alone, profiled
+
+Durability, the same for every library: a commit that returned survives the
+process being killed, not necessarily a power loss. pstore: WAL,
+synchronous=NORMAL (its default); sqlitedict: WAL, synchronous=NORMAL;
+diskcache: WAL, synchronous=NORMAL (its default); shelve: dbm.dumb, ``sync()``
+after each commit (writes to the OS, never fsyncs); ZODB: FileStorage with its per-commit fsync
+switched off (it still writes each commit to the OS before returning).
+
+Workloads: (1) single sets of small records, one commit each; (2) single gets
+of those records from a freshly opened store; (3) a bulk set of many records in
+one transaction and (4) their read-back by iterating the items; (5) a graph of
+records sharing one 10 KB object: the time to write it, the bytes on disk, and
+whether the shared object is one object after reopening. Ratios are
+``peer time / pstore time``: above 1 means pstore is faster. Peers that are not
+installed (``pip install pstore[bench]``) are skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pstore
+
+try:
+    import persistent
+except ImportError:
+    persistent = None
+
+
+class Blob:
+    """The shared object of the graph workload (10 KB)."""
+
+    def __init__(self, size: int) -> None:
+        self.payload = b"x" * size
+
+
+if persistent is not None:
+    class PersistentBlob(persistent.Persistent):
+        """ZODB shares an object between records only if it is Persistent."""
+
+        def __init__(self, size: int) -> None:
+            self.payload = b"x" * size
+
+
+def small(i: int) -> dict:
+    return {"id": i, "name": f"record-{i}", "tags": ["a", "b"], "score": i * 0.5}
+
+
+class Peer:
+    """One library, behind the operations the workloads need."""
+
+    name = ""
+
+    def open(self, directory: str) -> None: ...
+    def close(self) -> None: ...
+    def set_one(self, key: str, value: Any) -> None: ...      # committed when it returns
+    def get(self, key: str) -> Any: ...
+    def set_many(self, items: Any) -> None: ...                # one transaction
+    def items(self) -> Any: ...
+    def make_shared(self, size: int) -> Any:
+        return Blob(size)
+
+
+class PStore(Peer):
+    name = "pstore"
+
+    def open(self, directory: str) -> None:
+        self.store = pstore.open(os.path.join(directory, "data.db"))
+
+    def close(self) -> None:
+        self.store.close()
+
+    def set_one(self, key: str, value: Any) -> None:
+        self.store[key] = value
+
+    def get(self, key: str) -> Any:
+        return self.store[key]
+
+    def set_many(self, items: Any) -> None:
+        with self.store.transaction():
+            for key, value in items:
+                self.store[key] = value
+
+    def items(self) -> Any:
+        return self.store.items()
+
+
+class Shelve(Peer):
+    name = "shelve"
+
+    def open(self, directory: str) -> None:
+        import dbm.dumb
+        import shelve
+        self.shelf = shelve.Shelf(dbm.dumb.open(os.path.join(directory, "data"), "c"))
+
+    def close(self) -> None:
+        self.shelf.close()
+
+    def set_one(self, key: str, value: Any) -> None:
+        self.shelf[key] = value
+        self.shelf.sync()
+
+    def get(self, key: str) -> Any:
+        return self.shelf[key]
+
+    def set_many(self, items: Any) -> None:
+        for key, value in items:
+            self.shelf[key] = value
+        self.shelf.sync()
+
+    def items(self) -> Any:
+        return self.shelf.items()
+
+
+class SqliteDict(Peer):
+    name = "sqlitedict"
+
+    def open(self, directory: str) -> None:
+        from sqlitedict import SqliteDict as Dict
+        self.dict = Dict(os.path.join(directory, "data.sqlite"), journal_mode="WAL")
+        self.dict.conn.execute("PRAGMA synchronous = NORMAL")
+
+    def close(self) -> None:
+        self.dict.close()
+
+    def set_one(self, key: str, value: Any) -> None:
+        self.dict[key] = value
+        self.dict.commit()
+
+    def get(self, key: str) -> Any:
+        return self.dict[key]
+
+    def set_many(self, items: Any) -> None:
+        for key, value in items:
+            self.dict[key] = value
+        self.dict.commit()
+
+    def items(self) -> Any:
+        return self.dict.items()
+
+
+class DiskCache(Peer):
+    name = "diskcache"
+
+    def open(self, directory: str) -> None:
+        import diskcache
+        self.cache = diskcache.Cache(directory)
+
+    def close(self) -> None:
+        self.cache.close()
+
+    def set_one(self, key: str, value: Any) -> None:
+        self.cache[key] = value
+
+    def get(self, key: str) -> Any:
+        return self.cache[key]
+
+    def set_many(self, items: Any) -> None:
+        with self.cache.transact():
+            for key, value in items:
+                self.cache[key] = value
+
+    def items(self) -> Any:
+        return ((key, self.cache[key]) for key in self.cache)
+
+
+class Zodb(Peer):
+    name = "ZODB"
+
+    def open(self, directory: str) -> None:
+        import BTrees.OOBTree
+        import transaction
+        import ZODB
+        import ZODB.FileStorage
+        # FileStorage fsyncs every commit; without its fsync it still writes every commit
+        # to the OS before returning, which is the durability every peer here runs at.
+        ZODB.FileStorage.FileStorage.fsync = None
+        self.transaction = transaction
+        self.db = ZODB.DB(ZODB.FileStorage.FileStorage(os.path.join(directory, "data.fs")))
+        self.connection = self.db.open()
+        root = self.connection.root()
+        if "data" not in root:
+            # A BTree, so that a commit writes the changed bucket, not every record.
+            root["data"] = BTrees.OOBTree.OOBTree()
+            transaction.commit()
+        self.tree = root["data"]
+
+    def close(self) -> None:
+        self.transaction.abort()
+        self.connection.close()
+        self.db.close()
+
+    def set_one(self, key: str, value: Any) -> None:
+        self.tree[key] = value
+        self.transaction.commit()
+
+    def get(self, key: str) -> Any:
+        return self.tree[key]
+
+    def set_many(self, items: Any) -> None:
+        for key, value in items:
+            self.tree[key] = value
+        self.transaction.commit()
+
+    def items(self) -> Any:
+        return self.tree.items()
+
+    def make_shared(self, size: int) -> Any:
+        return PersistentBlob(size)
+
+
+def available_peers(wanted: list[str]) -> list[Peer]:
+    """pstore, then each wanted peer whose module is installed."""
+    peers: list[Peer] = [PStore()]
+    for module, peer in (("shelve", Shelve), ("sqlitedict", SqliteDict),
+                         ("diskcache", DiskCache), ("ZODB", Zodb)):
+        if peer.name not in wanted:
+            continue
+        try:
+            __import__(module)
+        except ImportError:
+            print(f"skipping {peer.name}: {module} is not installed")
+            continue
+        peers.append(peer())
+    return peers
+
+
+def disk_bytes(directory: str) -> int:
+    return sum(os.path.getsize(os.path.join(root, name))
+               for root, _, names in os.walk(directory) for name in names)
+
+
+def timed(function: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    function()
+    return time.perf_counter() - start
+
+
+def run_peer(peer: Peer, sizes: dict[str, int]) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    directory = tempfile.mkdtemp(prefix=f"bench-{peer.name}-")
+    try:
+        singles = sizes["single"]
+        peer.open(directory)
+        results["single set"] = timed(lambda: [peer.set_one(f"k{i}", small(i))
+                                               for i in range(singles)])
+        peer.close()
+        peer.open(directory)
+        results["single get"] = timed(lambda: [peer.get(f"k{i}") for i in range(singles)])
+        peer.close()
+    finally:
+        shutil.rmtree(directory)
+
+    directory = tempfile.mkdtemp(prefix=f"bench-{peer.name}-")
+    try:
+        bulk = sizes["bulk"]
+        peer.open(directory)
+        results["bulk set"] = timed(lambda: peer.set_many((f"k{i}", small(i))
+                                                          for i in range(bulk)))
+        peer.close()
+        peer.open(directory)
+        count = 0
+
+        def read_back() -> None:
+            nonlocal count
+            count = sum(1 for _ in peer.items())
+        results["bulk read"] = timed(read_back)
+        assert count == bulk, (peer.name, count)
+        peer.close()
+    finally:
+        shutil.rmtree(directory)
+
+    directory = tempfile.mkdtemp(prefix=f"bench-{peer.name}-")
+    try:
+        graph = sizes["graph"]
+        peer.open(directory)
+        shared = peer.make_shared(10_000)
+
+        def write_graph() -> None:
+            peer.set_one("shared", shared)
+            peer.set_many((f"r{i}", {"id": i, "shared": shared}) for i in range(graph))
+        results["graph set"] = timed(write_graph)
+        peer.close()
+        results["graph bytes"] = disk_bytes(directory)
+        peer.open(directory)
+        first = peer.get("shared")
+        results["graph shared"] = all(peer.get(f"r{i}")["shared"] is first
+                                      for i in range(graph))
+        peer.close()
+    finally:
+        shutil.rmtree(directory)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    parser.add_argument("--peers", default="shelve,sqlitedict,diskcache,ZODB",
+                        help="comma-separated peers to compare with ('' for pstore alone, "
+                             "e.g. under cProfile)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="run each library this many times and keep its best times")
+    args = parser.parse_args()
+    sizes = ({"single": 200, "bulk": 5_000, "graph": 100} if args.quick else
+             {"single": 2_000, "bulk": 100_000, "graph": 1_000})
+    print(f"sizes: {sizes['single']} single sets/gets, {sizes['bulk']} bulk records, "
+          f"graph of {sizes['graph']} records sharing a 10 KB object")
+    print("durability: every commit survives the process being killed (see the docstring)\n")
+
+    timings = ["single set", "single get", "bulk set", "bulk read", "graph set"]
+    table = {}
+    for peer in available_peers(args.peers.split(",")):
+        runs = [run_peer(peer, sizes) for _ in range(args.repeat)]
+        # The best of the runs: the others were slowed by something else on the machine.
+        table[peer.name] = {**runs[0], **{workload: min(run[workload] for run in runs)
+                                          for workload in timings}}
+    ours = table["pstore"]
+    header = f"{'':12}" + "".join(f"{name:>18}" for name in table)
+    print(header)
+    for workload in timings:
+        cells = []
+        for name, results in table.items():
+            seconds = results[workload]
+            ratio = "" if name == "pstore" else f" ({seconds / ours[workload]:5.1f}x)"
+            cells.append(f"{seconds * 1000:9.1f}ms{ratio}")
+        print(f"{workload:12}" + "".join(f"{cell:>18}" for cell in cells))
+    print(f"{'graph bytes':12}" + "".join(f"{results['graph bytes']:>18,}"
+                                          for results in table.values()))
+    print(f"{'shared once':12}" + "".join(f"{str(results['graph shared']):>18}"
+                                          for results in table.values()))
+    print("\n(x) = peer time / pstore time: above 1 means pstore is faster.")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,19 @@
+"""pstore: a persistent object store for Python.
+
+    with pstore.open("data.db") as s:
+        s["k"] = obj
+"""
+
+from __future__ import annotations
+
+from .errors import (ClosedError, Error, FormatError, LockTimeoutError, MissingObjectError,
+                     ReadOnlyError)
+from .store import Store, open
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "open", "Store",
+    "Error", "ClosedError", "ReadOnlyError", "LockTimeoutError", "FormatError",
+    "MissingObjectError",
+]

@@ -1,0 +1,51 @@
+"""Storage backends behind one interface, :class:`~pstore.backends.base.Backend`.
+
+:data:`BACKENDS` names every backend :func:`pstore.open` accepts; the tests of
+``tests/backends`` and ``tests/store`` run against each of them. :data:`READERS`
+names read-only views of files pstore did not write. A backend is imported
+only when a store is opened with it.
+
+A name may carry a variant after a colon, passed to the backend as
+``variant=``: ``"dbm:dbm.dumb"`` is the DBM backend on the ``dbm.dumb`` module.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+
+from .base import Backend
+
+__all__ = ["Backend", "BACKENDS", "READERS", "open_backend"]
+
+#: backend name -> "module:class" implementing :class:`Backend`.
+BACKENDS: dict[str, str] = {
+    "sqlite": "pstore.backends.sqlite:SQLiteBackend",
+    "dbm": "pstore.backends.dbm:DBMBackend",
+}
+
+#: Like :data:`BACKENDS`, for backends that only read (flag 'r'): not in the write tests.
+READERS: dict[str, str] = {
+    "shelve": "pstore.backends.dbm:ShelveReader",
+}
+
+
+def open_backend(name: str, path: str, flag: str, *, lock_timeout: float,
+                 fsync: bool) -> Backend:
+    """Open the store at ``path`` with the backend called ``name``.
+
+    ``name`` is a key of :data:`BACKENDS` or :data:`READERS`, optionally followed
+    by ``:variant``.
+    """
+    base, colon, variant = name.partition(":")
+    target = BACKENDS.get(base) or READERS.get(base)
+    if target is None:
+        raise ValueError(f"unknown backend {name!r}; known: "
+                         f"{', '.join(sorted([*BACKENDS, *READERS]))}")
+    module_name, class_name = target.split(":")
+    cls = getattr(importlib.import_module(module_name), class_name)
+    if not colon:
+        return cls(path, flag, lock_timeout=lock_timeout, fsync=fsync)
+    if "variant" not in inspect.signature(cls).parameters:
+        raise ValueError(f"backend {base!r} has no variants (got {name!r})")
+    return cls(path, flag, lock_timeout=lock_timeout, fsync=fsync, variant=variant)

@@ -1,0 +1,163 @@
+"""The interface between :mod:`pstore.store` and the storage underneath it.
+
+A backend stores two things, as bytes and integers only; it knows nothing of
+pickling:
+
+* **records**: ``object id -> (data, refs)``, where ``data`` is the record's
+  bytes and ``refs`` the object ids those bytes refer to (kept so that the
+  backend can find unreachable records on its own);
+* **keys**: ``str -> object id`` bindings.
+
+Every method that changes something must be called inside a write transaction
+(:meth:`Backend.begin` ... :meth:`Backend.commit` or :meth:`Backend.rollback`).
+Reads may be called inside or outside one. Outside, each read sees the latest
+committed state; inside, every read (records, keys, iteration, counts, refs)
+sees the transaction's own changes too -- the store relies on it, e.g. to read
+back a key it has just bound, or to delete keys while iterating.
+
+A backend is used by one :class:`~pstore.store.Store` from one thread at a time
+(the store serializes its threads); it may assume nothing of the caller beyond
+that. It may assume no local file beyond its own code: a server database can
+implement the same methods.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Collection, Hashable, Iterator
+
+__all__ = ["Backend"]
+
+
+class Backend(ABC):
+    """One open connection to one store.
+
+    Subclasses are constructed as ``Backend(path, flag, *, lock_timeout, fsync)``:
+    ``flag`` is one of ``'r'``, ``'w'``, ``'c'``, ``'n'`` with the meaning
+    :func:`pstore.open` documents; ``lock_timeout`` is how long (seconds)
+    :meth:`begin` waits for another process's write transaction before raising
+    :class:`~pstore.errors.LockTimeoutError`; ``fsync`` asks for commits that
+    survive power loss, not only the death of the process. Opening something
+    that is not a store of a format this code reads raises
+    :class:`~pstore.errors.FormatError`.
+    """
+
+    #: The location the store was opened with, for error messages.
+    path: str
+    #: True when opened with flag 'r': the backend then writes nothing at all.
+    read_only: bool
+
+    # -- records ----------------------------------------------------------------------------
+
+    @abstractmethod
+    def new_oid(self) -> int:
+        """Allocate an object id (> 0) that no record has, had, or will be given by another call.
+
+        Inside a write transaction only; ids allocated in a transaction that is rolled
+        back may be allocated again.
+        """
+
+    @abstractmethod
+    def get_record(self, oid: int) -> bytes | None:
+        """The data of record ``oid``, or None if there is no such record."""
+
+    @abstractmethod
+    def put_record(self, oid: int, data: bytes, refs: Collection[int]) -> None:
+        """Create record ``oid``, or replace its data and refs if it exists."""
+
+    @abstractmethod
+    def delete_record(self, oid: int) -> None:
+        """Remove record ``oid`` and its refs; no error if it does not exist."""
+
+    @abstractmethod
+    def existing(self, oids: Collection[int]) -> set[int]:
+        """The subset of ``oids`` that have a record."""
+
+    @abstractmethod
+    def is_referenced(self, oid: int) -> bool:
+        """Whether a key is bound to ``oid`` or a record's refs contain it."""
+
+    @abstractmethod
+    def reaches(self, sources: Collection[int], target: int) -> bool:
+        """Whether ``target`` is one of ``sources`` or reachable from them through refs."""
+
+    # -- keys -------------------------------------------------------------------------------
+
+    @abstractmethod
+    def get_key(self, key: str) -> int | None:
+        """The object id ``key`` is bound to, or None."""
+
+    @abstractmethod
+    def get_item(self, key: str) -> tuple[int, bytes | None] | None:
+        """``(object id, record data or None)`` for ``key`` in one step, or None if unbound."""
+
+    @abstractmethod
+    def bind_key(self, key: str, oid: int) -> int | None:
+        """Bind ``key`` to ``oid``; return the object id it was bound to before, or None."""
+
+    @abstractmethod
+    def unbind_key(self, key: str) -> int | None:
+        """Remove ``key``; return the object id it was bound to, or None if it was unbound."""
+
+    @abstractmethod
+    def iter_keys(self) -> Iterator[str]:
+        """Every bound key, each once, streamed: memory does not grow with the number of keys.
+
+        Outside a transaction, keys bound or unbound while the iteration runs may or
+        may not be seen.
+        """
+
+    @abstractmethod
+    def iter_items(self) -> Iterator[tuple[str, int, bytes | None]]:
+        """``(key, object id, record data or None)`` of every bound key, streamed as iter_keys."""
+
+    @abstractmethod
+    def count_keys(self) -> int:
+        """The number of bound keys."""
+
+    # -- transactions and change detection --------------------------------------------------
+
+    @abstractmethod
+    def begin(self) -> None:
+        """Start a write transaction, first taking the cross-process write lock.
+
+        Sees the latest committed state. Raises
+        :class:`~pstore.errors.LockTimeoutError` after ``lock_timeout`` seconds, and
+        :class:`~pstore.errors.ReadOnlyError` on a read-only backend.
+        """
+
+    @abstractmethod
+    def commit(self) -> None:
+        """Make the transaction's changes durable and visible to others; release the lock."""
+
+    @abstractmethod
+    def rollback(self) -> None:
+        """Discard the transaction's changes and release the lock."""
+
+    @abstractmethod
+    def change_marker(self) -> Hashable:
+        """A value that differs from the previous call's when another connection committed since.
+
+        This connection's own commits need not change it.
+        """
+
+    # -- maintenance ------------------------------------------------------------------------
+
+    @abstractmethod
+    def gc(self) -> int:
+        """Delete every record no key reaches through refs; return how many were deleted.
+
+        Inside a write transaction. Readers in other processes are not blocked.
+        """
+
+    @abstractmethod
+    def after_fork(self) -> None:
+        """In a child process after ``fork()``: replace every OS resource shared with the parent.
+
+        The parent's connections and locks must be left as they are (closing or
+        unlocking them from the child would act on the parent's).
+        """
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release every resource; a transaction still open is rolled back. Idempotent."""

@@ -1,0 +1,806 @@
+"""The DBM backend: a store in a database of one of the standard library's ``dbm`` modules.
+
+The DBM modules give neither transactions nor, for ``dbm.dumb``, crash safety,
+nor any locking that works across all of them. This backend adds all three:
+
+* **Transactions**: changes are buffered in memory, written at commit as one
+  redo journal (:mod:`.journal`), and only then applied to the database; a
+  complete journal left by a killed process is replayed, an incomplete one
+  discarded.
+* **Locks**: ``<path>.lock`` serializes writers (held from :meth:`begin` to the
+  end of :meth:`commit`); ``<path>.commits`` is held shared by readers for each
+  read and exclusively by a writer only while it applies a journal, so readers
+  wait for that apply phase and nothing else, and never see half of it.
+* **Change detection**: ``<path>.commits`` also holds a counter that every
+  apply increments; it is the change marker, and it tells readers when their
+  open database handle is stale.
+
+The key-space layout and the journal format are in ``docs/format.md``; when to
+use this backend, in ``docs/backends.md``. :class:`ShelveReader` reads files
+written by the standard library's ``shelve`` (read-only).
+"""
+
+from __future__ import annotations
+
+import dbm
+import importlib
+import os
+import struct
+from contextlib import contextmanager
+from typing import Any, Collection, Iterator
+
+from ..errors import ClosedError, FormatError, LockTimeoutError, ReadOnlyError
+from . import journal
+from .base import Backend
+from .files import FileLock, fsync_directory, require_existing
+
+__all__ = ["DBMBackend", "ShelveReader", "MODULES", "FORMAT_NAME", "FORMAT_VERSION"]
+
+#: The dbm modules this backend can use, best first: plain ``backend="dbm"`` takes the
+#: first one this Python has (the order of the standard library's own ``dbm.open``).
+MODULES = ("dbm.sqlite3", "dbm.gnu", "dbm.ndbm", "dbm.dumb")
+#: What the ``m:format`` key holds in every pstore DBM store.
+FORMAT_NAME = b"pstore-dbm"
+#: The newest format version this code reads and the one it writes.
+FORMAT_VERSION = 1
+
+# Meta keys (docs/format.md).
+_FORMAT = b"m:format"
+_VERSION = b"m:version"
+_NEXT_OID = b"m:next_oid"
+_KEY_COUNT = b"m:keys"
+_PAGE_COUNT = b"m:pages"
+_OPEN_PAGE = b"m:open_page"
+_FREE_PAGES = b"m:free_pages"
+
+#: At most this many keys per key page: binding a new key rewrites one page.
+_PAGE_KEYS = 256
+_LENGTH = struct.Struct(">I")
+
+# Database handles inherited from a parent process. Kept referenced forever, as in
+# the SQLite backend: closing them in the child could act on the parent's.
+_INHERITED: list[Any] = []
+
+
+def _record_key(oid: int) -> bytes:
+    return b"r:%d" % oid
+
+
+def _refs_key(oid: int) -> bytes:
+    return b"f:%d" % oid
+
+
+def _count_key(oid: int) -> bytes:
+    return b"c:%d" % oid
+
+
+def _key_key(key: str) -> bytes:
+    return b"k:" + _encode_key(key)
+
+
+def _page_key(number: int) -> bytes:
+    return b"p:%d" % number
+
+
+def _encode_key(key: str) -> bytes:
+    # surrogatepass: any str is a valid key, as it is for the SQLite backend.
+    return key.encode("utf-8", "surrogatepass")
+
+
+def _pack_ints(values: Collection[int]) -> bytes:
+    return struct.pack(f"<{len(values)}q", *values)
+
+
+def _unpack_ints(data: bytes | None) -> list[int]:
+    return list(struct.unpack(f"<{len(data) // 8}q", data)) if data else []
+
+
+def _pack_page(keys: list[bytes]) -> bytes:
+    return b"".join(_LENGTH.pack(len(key)) + key for key in keys)
+
+
+def _unpack_page(data: bytes | None) -> list[bytes]:
+    keys = []
+    position = 0
+    while data and position < len(data):
+        (length,) = _LENGTH.unpack_from(data, position)
+        position += _LENGTH.size
+        keys.append(data[position:position + length])
+        position += length
+    return keys
+
+
+#: The file names each module gives a database at ``path``: path + suffix.
+_SUFFIXES = {
+    "dbm.sqlite3": ["", "-wal", "-shm", "-journal"],
+    "dbm.gnu": [""],
+    "dbm.ndbm": [".db", ".pag", ".dir"],
+    "dbm.dumb": [".dat", ".dir", ".bak", ".dir.saved"],   # .dir.saved: see _DumbModule
+}
+
+
+class _Module:
+    """One dbm module, and what differs between them: flags, file names, crash protection."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.module = importlib.import_module(name)
+
+    def open(self, path: str, flag: str) -> Any:
+        # dbm.gnu locks the file itself and would refuse a second opener: 'u' turns that
+        # off, pstore's own locks take its place.
+        return self.module.open(path, flag + ("u" if self.name == "dbm.gnu" else ""), 0o600)
+
+    def files(self, path: str) -> list[str]:
+        """Every file the database at ``path`` may consist of."""
+        return [path + suffix for suffix in _SUFFIXES[self.name]]
+
+    def before_apply(self, path: str, *, fsync: bool) -> None:
+        """Called before a journal is applied (or applied again after a crash)."""
+
+    def after_apply(self, path: str) -> None:
+        """Called once a journal is applied and the database closed."""
+
+
+class _DumbModule(_Module):
+    """dbm.dumb, which rewrites its index file in place on sync and on every delete.
+
+    A process killed during that rewrite leaves the index truncated, losing keys
+    the journal does not mention. So a copy of the index is taken before a journal
+    is applied, and put back before the journal is applied again after a crash.
+    The data file needs no copy: dumb changes only the values of keys it is given,
+    which the journal rewrites anyway, and appends everything else.
+    """
+
+    def before_apply(self, path: str, *, fsync: bool) -> None:
+        index, saved = path + ".dir", path + ".dir.saved"
+        if os.path.exists(saved):       # an earlier apply of this journal was interrupted
+            _copy_private(saved, index, fsync=fsync)
+        else:
+            _copy_private(index, saved, fsync=fsync)
+
+    def after_apply(self, path: str) -> None:
+        os.unlink(path + ".dir.saved")
+
+
+def _copy_private(source: str, target: str, *, fsync: bool) -> None:
+    """Replace ``target`` atomically by a copy of ``source``, mode 0600."""
+    with open(source, "rb") as file:
+        content = file.read()
+    temporary = target + ".tmp"
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    with open(fd, "wb") as file:
+        file.write(content)
+        if fsync:
+            file.flush()
+            os.fsync(file.fileno())
+    os.replace(temporary, target)
+
+
+def _load_module(name: str, path: str) -> _Module:
+    try:
+        return (_DumbModule if name == "dbm.dumb" else _Module)(name)
+    except ImportError:
+        raise FormatError(path, f"it needs the module {name}, which this Python lacks") from None
+
+
+def _choose_module(path: str, flag: str, variant: str | None) -> _Module:
+    """The module for ``path``: the one named, else the one that wrote it, else the best."""
+    if variant is not None and variant not in MODULES:
+        raise ValueError(f"unknown dbm module {variant!r}; known: {', '.join(MODULES)}")
+    found = None if flag == "n" else dbm.whichdb(path)
+    if found == "":
+        raise FormatError(path, "not a database of any dbm module")
+    if found is not None and variant is not None and found != variant:
+        raise FormatError(path, f"a {found} database, not a {variant} one")
+    name = variant or found
+    if name is not None:
+        return _load_module(name, path)
+    for name in MODULES:
+        try:
+            return _load_module(name, path)
+        except FormatError:
+            continue
+    raise AssertionError("dbm.dumb is always importable")
+
+
+class DBMBackend(Backend):
+    """A store in a database of a ``dbm`` module, with the SQLite backend's guarantees.
+
+    ``variant`` names the module (``backend="dbm:dbm.dumb"``); without it, an
+    existing database is opened with the module that wrote it and a new one is
+    created with the first of :data:`MODULES` this Python has.
+
+    What a user may rely on: every transaction is all or nothing, even if the
+    process is killed at any instant; a commit that returned survives the
+    process being killed (with ``fsync=True``, also power loss, as far as the
+    dbm module's own writes are durable once synced); readers never see part of a
+    transaction and wait only while a writer applies one; the store is usable
+    from many processes at once.
+    """
+
+    def __init__(self, path: str, flag: str, *, lock_timeout: float, fsync: bool,
+                 variant: str | None = None) -> None:
+        self.path = path
+        self.read_only = flag == "r"
+        self._lock_timeout = lock_timeout
+        self._fsync = fsync
+        self._journal_path = path + ".journal"
+        self._module = _choose_module(path, flag, variant)
+        self._db: Any = None                 # read-only handle, reopened when stale
+        self._db_version: int | None = None  # the commit counter when it was opened
+        self._tx: dict[bytes, bytes | None] | None = None   # the open transaction's changes
+        self._own_commits = 0   # how many of the commit counter's steps are this object's
+        self._closed = False
+        self._make_locks()
+        if flag == "n":
+            # Every module's files: a leftover of another module would make dbm.whichdb
+            # take the new database for one of that module.
+            for name in [*(path + suffix for suffixes in _SUFFIXES.values()
+                           for suffix in suffixes), self._journal_path]:
+                try:
+                    os.unlink(name)
+                except FileNotFoundError:
+                    pass
+        require_existing(path, flag, lambda: dbm.whichdb(path) is not None)
+        try:
+            if flag in ("c", "n"):
+                self._create_database()
+            self._check_format(create=flag in ("c", "n"))
+        except BaseException:
+            self.close()
+            raise
+
+    # -- opening ----------------------------------------------------------------------------
+
+    def _make_locks(self) -> None:
+        self._write_lock = FileLock(self.path + ".lock", self._lock_timeout)
+        self._apply_lock = FileLock(self.path + ".commits", self._lock_timeout)
+
+    def _create_database(self) -> None:
+        """Create an empty database if there is none, under the write lock."""
+        if dbm.whichdb(self.path) is not None:
+            return
+        self._lock(self._write_lock)
+        try:
+            if dbm.whichdb(self.path) is None:  # another process may have created it
+                self._module.open(self.path, "c").close()
+                for name in self._module.files(self.path):
+                    if os.path.exists(name):
+                        os.chmod(name, 0o600)
+        finally:
+            self._write_lock.release()
+
+    def _check_format(self, create: bool) -> None:
+        try:
+            with self._reading():
+                fmt, version = self._get(_FORMAT), self._get(_VERSION)
+                empty = fmt is None and len(self._db) == 0
+        except LockTimeoutError:
+            raise
+        except (OSError, ValueError, SyntaxError) as error:   # what the modules raise on junk
+            raise FormatError(self.path, f"not a readable {self._module.name} database "
+                                         f"({error})") from None
+        if empty and create:
+            self._initialize()
+        elif empty:
+            raise FormatError(self.path, "an empty database")
+        elif fmt != FORMAT_NAME or version is None or not version.isdigit():
+            raise FormatError(self.path, f"a {self._module.name} database without pstore's "
+                                         f"meta keys (for a shelve file: backend='shelve')")
+        elif int(version) > FORMAT_VERSION:
+            raise FormatError(self.path, f"format version {int(version)} was written by a "
+                                         f"newer pstore; this one reads up to {FORMAT_VERSION}")
+
+    def _initialize(self) -> None:
+        self.begin()
+        try:
+            # Another process may have initialized it while this one waited for the lock.
+            if self._get(_FORMAT) is None:
+                self._put(_FORMAT, FORMAT_NAME)
+                self._put(_VERSION, b"%d" % FORMAT_VERSION)
+            self.commit()
+        except BaseException:
+            self.rollback()
+            raise
+
+    # -- reading and writing the database ---------------------------------------------------
+
+    @contextmanager
+    def _reading(self) -> Iterator[None]:
+        """Make the database safe to read for the block: no apply runs meanwhile.
+
+        Inside a transaction the write lock already keeps the database still.
+        """
+        if self._closed:
+            raise ClosedError(self.path)
+        if self._tx is not None:
+            yield
+            return
+        self._lock(self._apply_lock, shared=True)
+        try:
+            if os.path.exists(self._journal_path) and self._write_lock.acquire(wait=False):
+                # A journal and no writer alive: its writer died, maybe halfway through
+                # applying it. Recover before reading (even a read-only store does, as
+                # SQLite does with a hot journal): only that makes the database whole.
+                self._apply_lock.release()
+                try:
+                    self._recover()
+                finally:
+                    self._write_lock.release()
+                    self._lock(self._apply_lock, shared=True)
+            # With a journal and a writer alive, the writer has not begun applying it
+            # (that needs the lock held here): the database is the last committed state.
+            self._refresh()
+            yield
+        finally:
+            self._apply_lock.release()
+
+    def _refresh(self) -> None:
+        """Reopen the read handle if a commit happened since it was opened.
+
+        DBM modules cache (dbm.dumb its whole index) and do not notice other
+        processes' writes.
+        """
+        version = self._commit_counter()
+        if self._db is None or version != self._db_version:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+            self._db = self._module.open(self.path, "r")
+            self._db_version = version
+
+    def _commit_counter(self) -> int:
+        return int.from_bytes(os.pread(self._apply_lock.fileno(), 8, 0), "big")
+
+    def _get(self, key: bytes) -> bytes | None:
+        """The value of ``key`` as the open transaction sees it; call inside _reading()."""
+        if self._tx is not None and key in self._tx:
+            return self._tx[key]
+        return self._db.get(key)
+
+    def _put(self, key: bytes, value: bytes | None) -> None:
+        """Set (None: delete) ``key`` in the open transaction."""
+        if self._tx is None:
+            raise RuntimeError("pstore backend: a write outside a transaction")
+        self._tx[key] = value
+
+    def _get_int(self, key: bytes, default: int = 0) -> int:
+        value = self._get(key)
+        return default if value is None else int(value)
+
+    def _put_int(self, key: bytes, value: int) -> None:
+        self._put(key, b"%d" % value)
+
+    def _lock(self, lock: FileLock, shared: bool = False) -> None:
+        if not lock.acquire(shared=shared):
+            raise LockTimeoutError(self.path, self._lock_timeout)
+
+    # -- records ----------------------------------------------------------------------------
+
+    def new_oid(self) -> int:
+        # The counter never goes back, so ids freed by gc are never reused: another
+        # process may still hold an object under such an id.
+        oid = self._get_int(_NEXT_OID, 1)
+        self._put_int(_NEXT_OID, oid + 1)
+        return oid
+
+    def get_record(self, oid: int) -> bytes | None:
+        with self._reading():
+            return self._get(_record_key(oid))
+
+    def put_record(self, oid: int, data: bytes, refs: Collection[int]) -> None:
+        old = set(_unpack_ints(self._get(_refs_key(oid))))
+        new = set(refs)
+        for ref in old - new:
+            self._add_referrers(ref, -1)
+        for ref in new - old:
+            self._add_referrers(ref, 1)
+        self._put(_record_key(oid), data)
+        self._put(_refs_key(oid), _pack_ints(sorted(new)) if new else None)
+
+    def delete_record(self, oid: int) -> None:
+        for ref in _unpack_ints(self._get(_refs_key(oid))):
+            self._add_referrers(ref, -1)
+        self._put(_record_key(oid), None)
+        self._put(_refs_key(oid), None)
+
+    def _add_referrers(self, oid: int, delta: int) -> None:
+        """Change the number of keys and records referring to ``oid`` by ``delta``.
+
+        The count is what makes :meth:`is_referenced` one lookup: a DBM has no index
+        from a ref back to the records holding it.
+        """
+        count = self._get_int(_count_key(oid)) + delta
+        self._put(_count_key(oid), b"%d" % count if count else None)
+
+    def existing(self, oids: Collection[int]) -> set[int]:
+        with self._reading():
+            return {oid for oid in oids if self._get(_record_key(oid)) is not None}
+
+    def is_referenced(self, oid: int) -> bool:
+        with self._reading():
+            return self._get(_count_key(oid)) is not None
+
+    def reaches(self, sources: Collection[int], target: int) -> bool:
+        with self._reading():
+            seen: set[int] = set()
+            stack = list(sources)
+            while stack:
+                oid = stack.pop()
+                if oid == target:
+                    return True
+                if oid not in seen:
+                    seen.add(oid)
+                    stack.extend(_unpack_ints(self._get(_refs_key(oid))))
+            return False
+
+    # -- keys -------------------------------------------------------------------------------
+
+    def _binding(self, key: str) -> tuple[int, int] | None:
+        """``(object id, key page)`` of ``key``, or None."""
+        value = self._get(_key_key(key))
+        if value is None:
+            return None
+        oid, page = value.split()
+        return int(oid), int(page)
+
+    def get_key(self, key: str) -> int | None:
+        with self._reading():
+            binding = self._binding(key)
+        return None if binding is None else binding[0]
+
+    def get_item(self, key: str) -> tuple[int, bytes | None] | None:
+        with self._reading():
+            binding = self._binding(key)
+            return None if binding is None else (binding[0], self._get(_record_key(binding[0])))
+
+    def bind_key(self, key: str, oid: int) -> int | None:
+        binding = self._binding(key)
+        if binding is None:
+            page = self._add_to_page(_encode_key(key))
+            self._put_int(_KEY_COUNT, self._get_int(_KEY_COUNT) + 1)
+        else:
+            previous, page = binding
+            if previous == oid:
+                return previous
+            self._add_referrers(previous, -1)
+        self._add_referrers(oid, 1)
+        self._put(_key_key(key), b"%d %d" % (oid, page))
+        return None if binding is None else binding[0]
+
+    def unbind_key(self, key: str) -> int | None:
+        binding = self._binding(key)
+        if binding is None:
+            return None
+        oid, page = binding
+        self._remove_from_page(page, _encode_key(key))
+        self._put_int(_KEY_COUNT, self._get_int(_KEY_COUNT) - 1)
+        self._add_referrers(oid, -1)
+        self._put(_key_key(key), None)
+        return oid
+
+    # Key pages list the bound keys for iteration, a page at a time; see docs/format.md.
+    # A key stays in its page while it is bound, so an iteration that reads the pages
+    # one by one sees every key that stays bound exactly once.
+
+    def _add_to_page(self, key: bytes) -> int:
+        number = self._get_int(_OPEN_PAGE, -1)
+        keys = _unpack_page(self._get(_page_key(number))) if number >= 0 else []
+        if number < 0 or len(keys) >= _PAGE_KEYS:
+            free = _unpack_ints(self._get(_FREE_PAGES))
+            if free:
+                number = free.pop()
+                self._put(_FREE_PAGES, _pack_ints(free) if free else None)
+            else:
+                number = self._get_int(_PAGE_COUNT)
+                self._put_int(_PAGE_COUNT, number + 1)
+            self._put_int(_OPEN_PAGE, number)
+            keys = _unpack_page(self._get(_page_key(number)))
+        keys.append(key)
+        self._put(_page_key(number), _pack_page(keys))
+        return number
+
+    def _remove_from_page(self, number: int, key: bytes) -> None:
+        keys = _unpack_page(self._get(_page_key(number)))
+        keys.remove(key)
+        self._put(_page_key(number), _pack_page(keys) if keys else None)
+        # A page that falls below half full is filled again later, so that pages
+        # stay dense however keys come and go; it crosses half only once before then.
+        if len(keys) == _PAGE_KEYS // 2 - 1 and number != self._get_int(_OPEN_PAGE, -1):
+            free = _unpack_ints(self._get(_FREE_PAGES))
+            self._put(_FREE_PAGES, _pack_ints([*free, number]))
+
+    def _pages(self) -> Iterator[list[bytes]]:
+        """The key pages, each read in one locked step; no lock is held between pages."""
+        with self._reading():
+            count = self._get_int(_PAGE_COUNT)
+        for number in range(count):
+            with self._reading():
+                keys = _unpack_page(self._get(_page_key(number)))
+            if keys:
+                yield keys
+
+    def iter_keys(self) -> Iterator[str]:
+        """Every bound key, a page of keys at a time, in no particular order.
+
+        Outside a transaction, each page is read while no commit is being applied,
+        and no lock is held between pages: a key bound for the whole iteration is
+        seen exactly once; one bound or unbound meanwhile may or may not be seen
+        (and one unbound and bound again may be seen twice).
+        """
+        for keys in self._pages():
+            for key in keys:
+                yield key.decode("utf-8", "surrogatepass")
+
+    def iter_items(self) -> Iterator[tuple[str, int, bytes | None]]:
+        with self._reading():
+            count = self._get_int(_PAGE_COUNT)
+        for number in range(count):
+            with self._reading():
+                items = []
+                for key in _unpack_page(self._get(_page_key(number))):
+                    oid = int(self._get(b"k:" + key).split()[0])
+                    items.append((key.decode("utf-8", "surrogatepass"), oid,
+                                  self._get(_record_key(oid))))
+            yield from items
+
+    def count_keys(self) -> int:
+        with self._reading():
+            return self._get_int(_KEY_COUNT)
+
+    # -- transactions -----------------------------------------------------------------------
+
+    def begin(self) -> None:
+        if self.read_only:
+            raise ReadOnlyError(self.path, "write")
+        if self._closed:
+            raise ClosedError(self.path)
+        self._lock(self._write_lock)
+        try:
+            if os.path.exists(self._journal_path):  # left by a writer that died
+                self._recover()
+            self._refresh()
+        except BaseException:
+            self._write_lock.release()
+            raise
+        self._tx = {}
+
+    def commit(self) -> None:
+        changes, self._tx = self._tx, None
+        try:
+            if changes:
+                # The commit point: once the journal is complete, the transaction is
+                # applied, by this process now or by the next one to find it.
+                journal.write(self._journal_path, changes, fsync=self._fsync)
+                self._apply(changes)
+                self._own_commits += 1
+        finally:
+            if changes is not None:
+                self._write_lock.release()
+
+    def rollback(self) -> None:
+        if self._tx is not None:
+            self._tx = None
+            self._write_lock.release()
+
+    def _recover(self) -> None:
+        """Finish a dead writer's journal: apply it if complete, else discard it.
+
+        The caller holds the write lock.
+        """
+        changes = journal.read(self._journal_path)
+        if changes is None:     # its writer died before the commit point
+            journal.remove(self._journal_path, fsync=self._fsync)
+        else:
+            self._apply(changes)
+
+    def _apply(self, changes: journal.Changes) -> None:
+        """Apply the journal's ``changes`` to the database, then delete the journal.
+
+        The caller holds the write lock. Readers are kept out (exclusive lock on
+        ``.commits``) from before the first change until the journal is gone.
+        Every step may be repeated after a crash: puts and deletes are idempotent.
+        """
+        self._lock(self._apply_lock)
+        try:
+            # Counted first, so that every reader reopens its handle after this apply,
+            # even one interrupted and finished by another process.
+            os.pwrite(self._apply_lock.fileno(),
+                      (self._commit_counter() + 1).to_bytes(8, "big"), 0)
+            self._module.before_apply(self.path, fsync=self._fsync)
+            db = self._module.open(self.path, "w")
+            try:
+                for key, value in changes.items():
+                    if value is not None:
+                        db[key] = value
+                    elif key in db:
+                        del db[key]
+            finally:
+                db.close()
+            if self._fsync:
+                for name in self._module.files(self.path):
+                    if os.path.exists(name):
+                        _fsync_file(name)
+                fsync_directory(self.path)
+            self._module.after_apply(self.path)
+            journal.remove(self._journal_path, fsync=self._fsync)
+        finally:
+            self._apply_lock.release()
+
+    def change_marker(self) -> int:
+        """The number of commits applied by other connections (and recoveries) so far."""
+        if self._closed:
+            raise ClosedError(self.path)
+        self._lock(self._apply_lock, shared=True)
+        try:
+            return self._commit_counter() - self._own_commits
+        finally:
+            self._apply_lock.release()
+
+    # -- maintenance ------------------------------------------------------------------------
+
+    def gc(self) -> int:
+        # Mark: every object id reachable from a key. Memory grows with the live ids
+        # (and the deletions the transaction buffers), never with the records' data.
+        live: set[int] = set()
+        stack: list[int] = []
+        for keys in self._pages():
+            stack.extend(int(self._get(b"k:" + key).split()[0]) for key in keys)
+        while stack:
+            oid = stack.pop()
+            if oid not in live:
+                live.add(oid)
+                stack.extend(_unpack_ints(self._get(_refs_key(oid))))
+        # Sweep: ids are allocated in order, so every record has one below next_oid.
+        deleted = 0
+        for oid in range(1, self._get_int(_NEXT_OID, 1)):
+            if oid not in live and self._get(_record_key(oid)) is not None:
+                self.delete_record(oid)
+                deleted += 1
+        return deleted
+
+    def after_fork(self) -> None:
+        if self._closed:
+            return
+        if self._db is not None:
+            _INHERITED.append(self._db)
+        self._write_lock.abandon()
+        self._apply_lock.abandon()
+        self._make_locks()
+        self._db = None
+        self._tx = None
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.rollback()
+        finally:
+            self._tx = None
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+            self._write_lock.close()
+            self._apply_lock.close()
+
+
+def _fsync_file(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class ShelveReader(Backend):
+    """A read-only view of a file written by the standard library's ``shelve``.
+
+    Open it with ``pstore.open(path, "r", backend="shelve")`` (``"shelve:dbm.dumb"``
+    names the module; by default the one that wrote the file). Keys are the
+    shelve's keys (UTF-8 decoded, as ``shelve`` encodes them); each value is one
+    record, loaded by pstore's own unpickler, so values keep the identity of the
+    objects inside them but no sharing across keys (shelve stores none).
+    ``shelve`` has no locks: do not read a file another process is writing.
+    Any flag but 'r' raises :class:`~pstore.errors.ReadOnlyError`; every write
+    method raises it too. :func:`pstore.convert_shelve` copies a shelve into a
+    pstore store.
+    """
+
+    def __init__(self, path: str, flag: str, *, lock_timeout: float, fsync: bool,
+                 variant: str | None = None) -> None:
+        self.path = path
+        self.read_only = True
+        if flag != "r":
+            raise ReadOnlyError(path, f"open a shelve file with flag {flag!r} (only 'r')")
+        require_existing(path, flag, lambda: dbm.whichdb(path) is not None)
+        self._module = _choose_module(path, flag, variant)
+        self._db: Any = None
+        self._open()
+        if self._db.get(_FORMAT) is not None:
+            self.close()
+            raise FormatError(path, "a pstore store, not a shelve file: open it with "
+                                    "backend='dbm'")
+        # Object ids are handed out as keys are read: the file has none of its own.
+        self._oids: dict[bytes, int] = {}
+        self._keys: list[bytes] = [b""]     # object id -> DBM key; id 0 is never used
+
+    def _open(self) -> None:
+        try:
+            self._db = self._module.open(self.path, "r")
+        except (OSError, ValueError, SyntaxError) as error:
+            raise FormatError(self.path, f"not a readable {self._module.name} database "
+                                         f"({error})") from None
+
+    def _oid(self, key: bytes) -> int:
+        oid = self._oids.get(key)
+        if oid is None:
+            oid = self._oids[key] = len(self._keys)
+            self._keys.append(key)
+        return oid
+
+    def _handle(self) -> Any:
+        if self._db is None:
+            raise ClosedError(self.path)
+        return self._db
+
+    def _refuse(self, *args: object) -> Any:
+        raise ReadOnlyError(self.path, "write to a shelve file")
+
+    new_oid = put_record = delete_record = bind_key = unbind_key = _refuse
+    begin = commit = gc = _refuse
+
+    def get_record(self, oid: int) -> bytes | None:
+        if not 0 < oid < len(self._keys):
+            return None
+        return self._handle().get(self._keys[oid])
+
+    def existing(self, oids: Collection[int]) -> set[int]:
+        return {oid for oid in oids if self.get_record(oid) is not None}
+
+    def is_referenced(self, oid: int) -> bool:
+        return 0 < oid < len(self._keys) and self._keys[oid] in self._handle()
+
+    def reaches(self, sources: Collection[int], target: int) -> bool:
+        return target in sources     # shelve values never refer to one another
+
+    def get_key(self, key: str) -> int | None:
+        encoded = key.encode("utf-8")
+        return self._oid(encoded) if encoded in self._handle() else None
+
+    def get_item(self, key: str) -> tuple[int, bytes | None] | None:
+        encoded = key.encode("utf-8")
+        data = self._handle().get(encoded)
+        return None if data is None else (self._oid(encoded), data)
+
+    def iter_keys(self) -> Iterator[str]:
+        """Every key; streamed where the module can iterate (dbm.dumb, dbm.sqlite3), else listed."""
+        db = self._handle()
+        for key in (iter(db) if hasattr(db, "__iter__") else db.keys()):
+            yield key.decode("utf-8")
+
+    def iter_items(self) -> Iterator[tuple[str, int, bytes | None]]:
+        for key in self.iter_keys():
+            item = self.get_item(key)
+            if item is not None:
+                yield (key, *item)
+
+    def count_keys(self) -> int:
+        return len(self._handle())
+
+    def rollback(self) -> None:
+        """Nothing to roll back: no transaction can be started."""
+
+    def change_marker(self) -> int:
+        return 0
+
+    def after_fork(self) -> None:
+        if self._db is not None:
+            _INHERITED.append(self._db)
+            self._open()
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None

@@ -1,0 +1,364 @@
+"""The SQLite backend: one file, WAL, writers serialized by a sibling lock file.
+
+The tables are described in ``docs/format.md``. Every SQL string is a module
+constant so that ``sqlite3``'s statement cache prepares each one once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import sqlite3
+from collections.abc import Collection, Iterator
+
+from ..errors import FormatError, LockTimeoutError, ReadOnlyError
+from .base import Backend
+from .files import FileLock, create_private, require_existing
+
+__all__ = ["SQLiteBackend", "FORMAT_NAME", "FORMAT_VERSION", "APPLICATION_ID"]
+
+#: What the meta table's 'format' row holds in every pstore file.
+FORMAT_NAME = "pstore"
+#: The newest format version this code reads and the one it writes.
+FORMAT_VERSION = 1
+#: Written into the SQLite header (offset 68) so that tools can tell a pstore file.
+APPLICATION_ID = 0x70537472  # b"pStr"
+
+# Statement by statement: executescript() would commit the transaction it runs in.
+_SCHEMA = (
+    "CREATE TABLE meta (name TEXT PRIMARY KEY, value NOT NULL) WITHOUT ROWID",
+    "CREATE TABLE records (oid INTEGER PRIMARY KEY AUTOINCREMENT, data BLOB NOT NULL)",
+    "CREATE TABLE refs (oid INTEGER NOT NULL, ref INTEGER NOT NULL, PRIMARY KEY (oid, ref))"
+    " WITHOUT ROWID",
+    "CREATE INDEX refs_by_ref ON refs (ref)",
+    "CREATE TABLE keys (key TEXT PRIMARY KEY, oid INTEGER NOT NULL) WITHOUT ROWID",
+    "CREATE INDEX keys_by_oid ON keys (oid)",
+    f"INSERT INTO meta VALUES ('format', '{FORMAT_NAME}'), ('version', {FORMAT_VERSION})",
+    f"PRAGMA application_id = {APPLICATION_ID}",
+)
+
+_GET_RECORD = "SELECT data FROM records WHERE oid = ?"
+_PUT_RECORD = "INSERT OR REPLACE INTO records (oid, data) VALUES (?, ?)"
+_DELETE_RECORD = "DELETE FROM records WHERE oid = ?"
+_DELETE_REFS = "DELETE FROM refs WHERE oid = ?"
+_PUT_REF = "INSERT OR IGNORE INTO refs (oid, ref) VALUES (?, ?)"
+_LAST_OID = "SELECT seq FROM sqlite_sequence WHERE name = 'records'"
+# Lists of ids travel as one JSON array parameter, so no statement is built per call.
+_EXISTING = "SELECT oid FROM records WHERE oid IN (SELECT value FROM json_each(?))"
+_IS_REFERENCED = ("SELECT EXISTS (SELECT 1 FROM keys WHERE oid = ?1)"
+                  " OR EXISTS (SELECT 1 FROM refs WHERE ref = ?1)")
+_REACHES = """
+WITH RECURSIVE reach (oid) AS (
+    SELECT value FROM json_each(?1)
+    UNION SELECT refs.ref FROM refs JOIN reach ON refs.oid = reach.oid)
+SELECT 1 FROM reach WHERE oid = ?2 LIMIT 1
+"""
+_LIVE = """
+WITH RECURSIVE live (oid) AS (
+    SELECT oid FROM keys UNION SELECT refs.ref FROM refs JOIN live ON refs.oid = live.oid)
+SELECT oid FROM live
+"""
+_GC_REFS = f"DELETE FROM refs WHERE oid NOT IN ({_LIVE})"
+_GC_RECORDS = f"DELETE FROM records WHERE oid NOT IN ({_LIVE})"
+_GET_KEY = "SELECT oid FROM keys WHERE key = ?"
+_BIND_KEY = "INSERT OR REPLACE INTO keys (key, oid) VALUES (?, ?)"
+_UNBIND_KEY = "DELETE FROM keys WHERE key = ?"
+_FIRST_KEYS = "SELECT key FROM keys ORDER BY key LIMIT ?"
+_NEXT_KEYS = "SELECT key FROM keys WHERE key > ? ORDER BY key LIMIT ?"
+_ITEMS = "SELECT key, keys.oid, data FROM keys LEFT JOIN records ON records.oid = keys.oid"
+_GET_ITEM = ("SELECT keys.oid, data FROM keys LEFT JOIN records ON records.oid = keys.oid"
+             " WHERE key = ?")
+_FIRST_ITEMS = f"{_ITEMS} ORDER BY key LIMIT ?"
+_NEXT_ITEMS = f"{_ITEMS} WHERE key > ? ORDER BY key LIMIT ?"
+_COUNT_KEYS = "SELECT count(*) FROM keys"
+_DATA_VERSION = "PRAGMA data_version"
+_COUNT_TABLES = "SELECT count(*) FROM sqlite_master"
+_META = "SELECT name, value FROM meta WHERE name IN ('format', 'version')"
+
+#: How many keys one query of :meth:`SQLiteBackend.iter_keys` fetches.
+_KEY_BATCH = 1000
+
+# Connections inherited from a parent process. Kept referenced forever: closing
+# them in the child would act on the parent's (SQLite's POSIX advisory locks
+# belong to the process, and closing any descriptor of the file drops them).
+_INHERITED: list[object] = []
+
+
+class SQLiteBackend(Backend):
+    """A store in one SQLite file (WAL mode while a writer has it open).
+
+    Durability: with ``fsync=False`` (synchronous=NORMAL) a commit that returned
+    survives the process being killed; with ``fsync=True`` (synchronous=FULL) it
+    also survives power loss or an OS crash.
+    """
+
+    def __init__(self, path: str, flag: str, *, lock_timeout: float, fsync: bool) -> None:
+        self.path = path
+        self.read_only = flag == "r"
+        self._lock_timeout = lock_timeout
+        self._fsync = fsync
+        self._next_oid: int | None = None
+        self._fresh: set[int] = set()       # oids allocated by the open transaction
+        self._in_transaction = False
+        self._conn: sqlite3.Connection | None = None
+        if flag == "n":
+            for suffix in ("", "-wal", "-shm", "-journal"):
+                try:
+                    os.unlink(path + suffix)
+                except FileNotFoundError:
+                    pass
+        require_existing(path, flag, lambda: os.path.exists(path))
+        if flag in ("c", "n"):
+            # SQLite gives its -wal and -shm files the permissions of the database file.
+            create_private(path)
+        self._file_lock = self._make_file_lock()
+        try:
+            self._connect(create=flag in ("c", "n"))
+        except BaseException:
+            self._file_lock.close()
+            raise
+
+    # -- opening ----------------------------------------------------------------------------
+
+    def _make_file_lock(self) -> FileLock:
+        return FileLock(self.path + ".lock", self._lock_timeout)
+
+    def _connect(self, create: bool) -> None:
+        if self.read_only:
+            uri = pathlib.Path(self.path).absolute().as_uri() + "?mode=ro"
+            conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+        else:
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._conn = conn
+        try:
+            # Readers wait this long for a checkpoint or WAL recovery instead of failing
+            # with "database is locked"; writers already hold the file lock.
+            conn.execute(f"PRAGMA busy_timeout = {int(self._lock_timeout * 1000)}")
+            if self.read_only:
+                self._check_format()
+            else:
+                # Checked before the first write, so a foreign database is left untouched.
+                self._init_or_check(create)
+                conn.execute("PRAGMA journal_mode = WAL")
+                conn.execute(f"PRAGMA synchronous = {'FULL' if self._fsync else 'NORMAL'}")
+        except sqlite3.OperationalError as error:
+            conn.close()
+            self._conn = None
+            if "locked" in str(error):
+                raise LockTimeoutError(self.path, self._lock_timeout) from error
+            raise   # e.g. no permission: not a question of format
+        except sqlite3.DatabaseError as error:
+            # SQLITE_NOTADB or SQLITE_CORRUPT: random bytes, a text file, ...
+            conn.close()
+            self._conn = None
+            raise FormatError(self.path, f"not an SQLite database ({error})") from None
+        except BaseException:
+            conn.close()
+            self._conn = None
+            raise
+
+    def _init_or_check(self, create: bool) -> None:
+        """Create the schema in an empty database (under the write lock), else check it."""
+        conn = self._require()
+        if conn.execute(_COUNT_TABLES).fetchone()[0]:
+            self._check_format()
+            return
+        if not create:
+            raise FormatError(self.path, "an empty file")
+        self.begin()
+        try:
+            # Another process may have created the schema while this one waited for the lock.
+            if not conn.execute(_COUNT_TABLES).fetchone()[0]:
+                for statement in _SCHEMA:
+                    conn.execute(statement)
+            self.commit()
+        except BaseException:
+            self.rollback()
+            raise
+        self._check_format()
+
+    def _check_format(self) -> None:
+        conn = self._require()
+        try:
+            meta = dict(conn.execute(_META).fetchall())
+        except sqlite3.OperationalError:
+            raise FormatError(self.path, "an SQLite database without pstore's tables") from None
+        if meta.get("format") != FORMAT_NAME or not isinstance(meta.get("version"), int):
+            raise FormatError(self.path, "an SQLite database without pstore's meta rows")
+        if meta["version"] > FORMAT_VERSION:
+            raise FormatError(self.path, f"format version {meta['version']} was written by a "
+                                         f"newer pstore; this one reads up to {FORMAT_VERSION}")
+
+    def _require(self) -> sqlite3.Connection:
+        conn = self._conn
+        if conn is None:
+            raise sqlite3.ProgrammingError("the backend is closed")
+        return conn
+
+    # -- records ----------------------------------------------------------------------------
+
+    def new_oid(self) -> int:
+        if self._next_oid is None:
+            # AUTOINCREMENT's counter never goes back, so ids freed by gc are never reused:
+            # another process may still hold an object under such an id.
+            row = self._require().execute(_LAST_OID).fetchone()
+            self._next_oid = (row[0] if row else 0) + 1
+        oid = self._next_oid
+        self._next_oid = oid + 1
+        self._fresh.add(oid)
+        return oid
+
+    def get_record(self, oid: int) -> bytes | None:
+        row = self._require().execute(_GET_RECORD, (oid,)).fetchone()
+        return None if row is None else row[0]
+
+    def put_record(self, oid: int, data: bytes, refs: Collection[int]) -> None:
+        conn = self._require()
+        conn.execute(_PUT_RECORD, (oid, data))
+        if oid not in self._fresh:      # a record allocated by this transaction has no refs yet
+            conn.execute(_DELETE_REFS, (oid,))
+        if refs:
+            conn.executemany(_PUT_REF, [(oid, ref) for ref in refs])
+
+    def delete_record(self, oid: int) -> None:
+        conn = self._require()
+        conn.execute(_DELETE_RECORD, (oid,))
+        conn.execute(_DELETE_REFS, (oid,))
+
+    def existing(self, oids: Collection[int]) -> set[int]:
+        if not oids:
+            return set()
+        rows = self._require().execute(_EXISTING, (json.dumps(list(oids)),))
+        return {row[0] for row in rows}
+
+    def is_referenced(self, oid: int) -> bool:
+        return bool(self._require().execute(_IS_REFERENCED, (oid,)).fetchone()[0])
+
+    def reaches(self, sources: Collection[int], target: int) -> bool:
+        rows = self._require().execute(_REACHES, (json.dumps(list(sources)), target))
+        return rows.fetchone() is not None
+
+    # -- keys -------------------------------------------------------------------------------
+
+    def get_key(self, key: str) -> int | None:
+        row = self._require().execute(_GET_KEY, (key,)).fetchone()
+        return None if row is None else row[0]
+
+    def get_item(self, key: str) -> tuple[int, bytes | None] | None:
+        return self._require().execute(_GET_ITEM, (key,)).fetchone()
+
+    def bind_key(self, key: str, oid: int) -> int | None:
+        previous = self.get_key(key)
+        if previous != oid:
+            self._require().execute(_BIND_KEY, (key, oid))
+        return previous
+
+    def unbind_key(self, key: str) -> int | None:
+        oid = self.get_key(key)
+        if oid is not None:
+            self._require().execute(_UNBIND_KEY, (key,))
+        return oid
+
+    def iter_keys(self) -> Iterator[str]:
+        # Keyset pagination: each batch is a short statement of its own, so no read
+        # transaction stays open between batches (it would hold back checkpoints) and
+        # writes between batches are allowed.
+        batch = [row[0] for row in self._require().execute(_FIRST_KEYS, (_KEY_BATCH,))]
+        while batch:
+            yield from batch
+            if len(batch) < _KEY_BATCH:
+                return
+            batch = [row[0] for row in
+                     self._require().execute(_NEXT_KEYS, (batch[-1], _KEY_BATCH))]
+
+    def iter_items(self) -> Iterator[tuple[str, int, bytes | None]]:
+        rows = self._require().execute(_FIRST_ITEMS, (_KEY_BATCH,)).fetchall()
+        while rows:
+            yield from rows
+            if len(rows) < _KEY_BATCH:
+                return
+            rows = self._require().execute(_NEXT_ITEMS, (rows[-1][0], _KEY_BATCH)).fetchall()
+
+    def count_keys(self) -> int:
+        return self._require().execute(_COUNT_KEYS).fetchone()[0]
+
+    # -- transactions -----------------------------------------------------------------------
+
+    def begin(self) -> None:
+        if self.read_only:
+            raise ReadOnlyError(self.path, "write")
+        conn = self._require()
+        if not self._file_lock.acquire():
+            raise LockTimeoutError(self.path, self._lock_timeout)
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as error:
+            self._file_lock.release()
+            # Only a process that ignores the lock file (not pstore) can cause this.
+            raise LockTimeoutError(self.path, self._lock_timeout) from error
+        self._in_transaction = True
+
+    def commit(self) -> None:
+        try:
+            self._require().execute("COMMIT")
+        finally:
+            self._end()
+
+    def rollback(self) -> None:
+        try:
+            if self._conn is not None and self._conn.in_transaction:
+                self._conn.execute("ROLLBACK")
+        finally:
+            self._end()
+
+    def _end(self) -> None:
+        self._next_oid = None
+        self._fresh.clear()
+        if self._in_transaction:
+            self._in_transaction = False
+            self._file_lock.release()
+
+    def change_marker(self) -> int:
+        return self._require().execute(_DATA_VERSION).fetchone()[0]
+
+    # -- maintenance ------------------------------------------------------------------------
+
+    def gc(self) -> int:
+        # Both deletes compute the live set with a recursive CTE whose working set is kept
+        # by SQLite (spilling to temporary files), never in Python. Refs first: deleting
+        # refs of unreachable records does not change what is reachable.
+        conn = self._require()
+        conn.execute(_GC_REFS)
+        return conn.execute(_GC_RECORDS).rowcount
+
+    def after_fork(self) -> None:
+        if self._conn is None:
+            return
+        _INHERITED.append(self._conn)
+        self._file_lock.abandon()
+        self._conn = None
+        self._in_transaction = False
+        self._next_oid = None
+        self._file_lock = self._make_file_lock()
+        self._connect(create=False)
+
+    def close(self) -> None:
+        conn = self._conn
+        if conn is None:
+            return
+        try:
+            self.rollback()
+            if not self.read_only:
+                # The last writer to close puts the file back in rollback-journal mode, so
+                # that a later read-only open needs no -wal/-shm files and creates none.
+                # Fails harmlessly (and at once: no busy wait) while others have it open.
+                conn.execute("PRAGMA busy_timeout = 0")
+                try:
+                    conn.execute("PRAGMA journal_mode = DELETE")
+                except sqlite3.OperationalError:
+                    pass
+        finally:
+            self._conn = None
+            self._file_lock.close()
+            conn.close()

@@ -1,0 +1,35 @@
+"""pstore's own implementation of the pickle protocol, versions 0 to 5.
+
+The public API is the standard library's: :class:`Pickler`, :class:`Unpickler`,
+:func:`dump`, :func:`dumps`, :func:`load`, :func:`loads`, the protocol
+constants and the exception classes (which *are* ``pickle``'s, so
+``except pickle.UnpicklingError`` catches ours). For protocols 0 to 5,
+``dumps(obj, protocol)`` writes the same bytes as the running CPython's
+``pickle.dumps``.
+
+Two tools read pickles without running them: :func:`disassemble` and
+:func:`globals_of`.
+
+This module is the one place that picks the implementation, so that a compiled
+accelerator can be put behind it later without touching any caller.
+"""
+
+from __future__ import annotations
+
+import pickle as _stdlib_pickle
+from pickle import PickleBuffer, PickleError, PicklingError, UnpicklingError
+
+from .pickler import Pickler, dump, dumps
+from .unpickler import Unpickler, load, loads
+from .tools import Instruction, disassemble, globals_of, iter_instructions
+
+HIGHEST_PROTOCOL = 5
+#: The running Python's default protocol (4 on Python 3.8 to 3.13).
+DEFAULT_PROTOCOL: int = _stdlib_pickle.DEFAULT_PROTOCOL
+
+__all__ = [
+    "Pickler", "Unpickler", "dump", "dumps", "load", "loads",
+    "HIGHEST_PROTOCOL", "DEFAULT_PROTOCOL", "PickleBuffer",
+    "PickleError", "PicklingError", "UnpicklingError",
+    "disassemble", "globals_of", "iter_instructions", "Instruction",
+]

@@ -1,0 +1,87 @@
+"""The exceptions pstore raises.
+
+Every error pstore raises itself derives from :class:`Error`, and most also
+derive from the built-in exception a user would catch anyway (a missing key is
+a ``KeyError``, a lock timeout a ``TimeoutError``). The engine raises the
+standard library's ``pickle.PicklingError`` and ``pickle.UnpicklingError`` so
+that ``except pickle.UnpicklingError`` keeps working.
+
+Each exception keeps the facts of the failure as attributes (``path``,
+``key``, ``object_id``, ``timeout``) in ``args``, so it pickles and unpickles
+cleanly, and builds its message from them.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "Error",
+    "ClosedError",
+    "ReadOnlyError",
+    "LockTimeoutError",
+    "FormatError",
+    "MissingObjectError",
+]
+
+
+class Error(Exception):
+    """The root of every exception pstore raises itself."""
+
+
+class ClosedError(Error, ValueError):
+    """The store (or the object it belongs to) was closed; reopen it to use it again."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.path = path
+
+    def __str__(self) -> str:
+        return f"store {self.path!r} is closed"
+
+
+class ReadOnlyError(Error, PermissionError):
+    """A write was attempted on a store opened read-only (flag 'r')."""
+
+    def __init__(self, path: str, operation: str) -> None:
+        super().__init__(path, operation)
+        self.path = path
+        self.operation = operation
+
+    def __str__(self) -> str:
+        return f"cannot {self.operation}: store {self.path!r} was opened read-only"
+
+
+class LockTimeoutError(Error, TimeoutError):
+    """Another process held the store's lock for longer than ``lock_timeout``."""
+
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__(path, timeout)
+        self.path = path
+        self.timeout = timeout
+
+    def __str__(self) -> str:
+        return (f"could not lock store {self.path!r}: another process held the lock "
+                f"for the whole {self.timeout:g} s the lock_timeout allows")
+
+
+class FormatError(Error, ValueError):
+    """The file is not a pstore store, or is one of a format version this pstore cannot read."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(path, reason)
+        self.path = path
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"{self.path!r} is not a usable pstore store: {self.reason}"
+
+
+class MissingObjectError(Error, KeyError):
+    """A reference names an object id that has no record (it was removed)."""
+
+    def __init__(self, path: str, object_id: int) -> None:
+        super().__init__(path, object_id)
+        self.path = path
+        self.object_id = object_id
+
+    def __str__(self) -> str:
+        return f"store {self.path!r} has no record with object id {self.object_id}"

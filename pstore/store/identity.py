@@ -1,0 +1,157 @@
+"""The identity map: which live Python object is which stored record.
+
+Two directions:
+
+* ``id(obj) -> object id``, used when pickling: an object found here is
+  written as a reference. An entry lives exactly as long as its object (the
+  map holds the object, weakly when it can), because ``id()`` values are
+  reused once an object dies and a stale entry would turn an unrelated object
+  into a reference to the wrong record.
+* ``object id -> obj``, used when loading, so that one object id is one
+  Python object. :meth:`IdentityMap.forget_loads` drops this direction alone
+  (another process committed, or a transaction rolled back); the first
+  direction stays, so an object the user still holds and assigns again still
+  rewrites its own record instead of becoming a copy.
+
+Objects that cannot be weakly referenced (dict, list, tuple, ...) are held
+strongly, and :meth:`IdentityMap.sweep` drops those that nobody else
+references any more, so memory is bounded by what the user holds, not by what
+was ever loaded.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+import weakref
+from typing import Any
+
+__all__ = ["IdentityMap", "is_tracked"]
+
+# Values whose identity carries no meaning (immutable atoms, and objects pickled by
+# name): they are never entered in the map, so a record containing ``True`` or ``"a"``
+# never turns into a reference to some other record that happens to hold it.
+_UNTRACKED = (type(None), bool, int, float, complex, str, bytes, range, type,
+              types.FunctionType, types.BuiltinFunctionType, types.ModuleType,
+              type(Ellipsis), type(NotImplemented))
+
+# Below this many strongly held objects no sweep runs.
+_SWEEP_MIN = 1024
+
+
+def is_tracked(obj: Any) -> bool:
+    """Whether ``obj`` can be a record that other records refer to."""
+    return not isinstance(obj, _UNTRACKED)
+
+
+class _Ref(weakref.ref):
+    __slots__ = ("key",)
+    key: int
+
+
+class IdentityMap:
+    """Object ids of live objects, and live objects of object ids."""
+
+    def __init__(self) -> None:
+        self.oid_of: dict[int, int] = {}            # id(obj) -> object id
+        self._weak: dict[int, _Ref] = {}            # id(obj) -> weak reference
+        self._strong: dict[int, Any] = {}           # id(obj) -> obj, for the non-weakref-able
+        self._loaded: dict[int, int] = {}           # object id -> id(obj)
+        self._sweep_at = _SWEEP_MIN
+
+    def __len__(self) -> int:
+        return len(self.oid_of)
+
+    def add(self, obj: Any, oid: int) -> None:
+        """Note that ``obj`` is (the current object of) record ``oid``; ``obj`` must be tracked."""
+        key = id(obj)
+        if key not in self.oid_of:
+            if type(obj).__weakrefoffset__:
+                ref = _Ref(obj, self._died)
+                ref.key = key
+                self._weak[key] = ref
+            else:
+                self._strong[key] = obj
+        self.oid_of[key] = oid
+        self._loaded[oid] = key
+
+    def get(self, oid: int) -> Any:
+        """The live object of record ``oid``, or None."""
+        key = self._loaded.get(oid)
+        if key is None:
+            return None
+        ref = self._weak.get(key)
+        return ref() if ref is not None else self._strong.get(key)
+
+    def remove_oids(self, oids: set[int]) -> None:
+        """Forget every object of the records ``oids`` (they were never committed)."""
+        if oids:
+            # Iterate a copy: a weak reference's callback may remove entries at any
+            # allocation (dict.copy() itself runs no Python code).
+            for key, oid in self.oid_of.copy().items():
+                if oid in oids:
+                    self._drop(key)
+
+    def forget_loads(self, oids: Any = None) -> None:
+        """Make the next load of ``oids`` (default: every record) read the record again."""
+        if oids is None:
+            self._loaded.clear()
+        else:
+            for oid in oids:
+                self._loaded.pop(oid, None)
+
+    def clear(self) -> None:
+        """Forget everything."""
+        for ref in self._weak.copy().values():
+            ref.key = -1    # a late callback must not touch a new entry with a reused id
+        self.oid_of.clear()
+        self._weak.clear()
+        self._strong.clear()
+        self._loaded.clear()
+
+    def maybe_sweep(self) -> None:
+        """Sweep when the strongly held objects doubled since the last sweep (cheap otherwise)."""
+        if len(self._strong) >= self._sweep_at:
+            self.sweep()
+            self._sweep_at = max(_SWEEP_MIN, 2 * len(self._strong))
+
+    def sweep(self) -> None:
+        """Drop the strongly held objects that only this map references.
+
+        Repeats while it drops something: dropping a container may leave the objects
+        it contained referenced by the map alone.
+        """
+        while True:
+            unreferenced = [key for key, count in _refcounts(self._strong)
+                            if count <= _ONLY_THE_MAP]
+            for key in unreferenced:
+                self._drop(key)
+            if not unreferenced:
+                return
+
+    def _drop(self, key: int) -> None:
+        oid = self.oid_of.pop(key, None)
+        self._strong.pop(key, None)
+        ref = self._weak.pop(key, None)
+        if ref is not None:
+            ref.key = -1
+        if oid is not None and self._loaded.get(oid) == key:
+            del self._loaded[oid]
+
+    def _died(self, ref: _Ref) -> None:
+        if self._weak.get(ref.key) is ref:
+            self._drop(ref.key)
+
+
+def _refcounts(held: dict[int, Any]) -> list[tuple[int, int]]:
+    return [(key, sys.getrefcount(obj)) for key, obj in held.items()]
+
+
+def _measure_only_the_map() -> int:
+    """The reference count :meth:`IdentityMap.sweep` sees for an object only the map holds."""
+    probe = IdentityMap()
+    probe.add([], 1)
+    return _refcounts(probe._strong)[0][1]
+
+
+_ONLY_THE_MAP = _measure_only_the_map()

@@ -1,0 +1,542 @@
+"""The Store: a persistent ``MutableMapping[str, object]`` with shared objects kept shared.
+
+Every stored object is a record with an integer object id; keys bind names to
+object ids. A record's pickle refers to any other object already in the store
+(loaded from it, or saved to it, by this Store) by that object's id, through
+the engine's ``persistent_id``/``persistent_load`` hooks, and loading goes
+through an :class:`~pstore.store.identity.IdentityMap`, so within one open
+Store an object id is one Python object. See ``docs/store.md``.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import threading
+import weakref
+from collections.abc import ItemsView, Iterator, MutableMapping, ValuesView
+from contextlib import contextmanager
+from itertools import islice
+from typing import Any
+
+from .. import engine
+from ..backends import Backend, open_backend
+from ..errors import ClosedError, MissingObjectError, ReadOnlyError
+from .identity import IdentityMap, is_tracked
+
+__all__ = ["Store", "open", "DEFAULT_LOCK_TIMEOUT"]
+
+#: Seconds a write waits for another process's write transaction by default.
+DEFAULT_LOCK_TIMEOUT = 60.0
+
+_FLAGS = ("r", "w", "c", "n")
+_END = object()
+
+
+class _RecordPickler(engine.Pickler):
+    """Pickles the records of one Store, one at a time.
+
+    Objects already in the store, except the record's root, become references.
+    One instance serves every record, so that the engine prepares its dump once.
+    """
+
+    def __init__(self, protocol: int, oid_of: dict[int, int]) -> None:
+        self._file = io.BytesIO()
+        super().__init__(self._file, protocol)
+        self._oid_of = oid_of.get
+        self._root: Any = None
+        self._refs: dict[int, Any] = {}
+
+    def persistent_id(self, obj: Any) -> int | None:
+        # Called for every object pickled: one dict lookup on the common path.
+        oid = self._oid_of(id(obj))
+        if oid is None or obj is self._root:
+            return None
+        self._refs[oid] = obj
+        return oid
+
+    def pickle(self, root: Any) -> tuple[bytes, dict[int, Any]]:
+        """The record of ``root``, and {object id: object} of every reference written."""
+        file = self._file
+        file.seek(0)
+        file.truncate()
+        self._root = root
+        self._refs = refs = {}
+        try:
+            self.dump(root)
+        finally:
+            self._root = None
+            self.clear_memo()   # the memo holds the record's objects alive
+        return file.getvalue(), refs
+
+
+class _RecordUnpickler(engine.Unpickler):
+    """Unpickles one record, resolving references through the Store's identity map."""
+
+    def __init__(self, file: Any, load: Any) -> None:
+        super().__init__(file)
+        self._load = load
+
+    def persistent_load(self, pid: Any) -> Any:
+        # Protocol 0 writes persistent ids as text.
+        return self._load(int(pid))
+
+
+class Store(MutableMapping[str, Any]):
+    """A persistent mapping from str keys to picklable objects. Create one with :func:`open`.
+
+    What a user may rely on:
+
+    * ``s[k] = v`` outside :meth:`transaction` is committed when it returns.
+    * An object already in the store (loaded from or saved to it by this Store) is
+      written into other values as a reference, not a copy; after reopening, every
+      reference to it loads as the same object. Assigning such an object to a key
+      rewrites its record, which every reference sees.
+    * ``s[k]`` returns the same object for the same record as long as you hold it,
+      until another process commits (then the next read loads the record again) or
+      a transaction that wrote it rolls back.
+    * A read outside a transaction sees the latest committed state.
+    * Safe to share between threads: calls are serialized, and a transaction holds
+      the Store for its thread until it ends.
+    * After ``close()`` every method raises :class:`~pstore.errors.ClosedError`.
+    """
+
+    def __init__(self, backend: Backend, *, protocol: int, writeback: bool) -> None:
+        self._backend = backend
+        self._path = backend.path
+        self._writeback = writeback and not backend.read_only
+        self._lock = threading.RLock()
+        self._ids = IdentityMap()
+        self._pickler = _RecordPickler(protocol, self._ids.oid_of)
+        self._marker = backend.change_marker()
+        self._closed = False
+        self._depth = 0             # nesting depth of the open transaction (0: none)
+        self._flush_cache = False   # whether the open transaction writes the writeback cache
+        # The open transaction's work, done at commit so that its values may refer to
+        # one another in any order:
+        self._pending: dict[int, tuple[Any, str | None]] = {}   # oid -> (object, key)
+        self._released: set[int] = set()    # oids a key stopped naming
+        self._new_oids: set[int] = set()    # oids allocated by the transaction
+        self._cache: dict[int, Any] = {}    # writeback=True: oid -> object to write back
+        _open_stores[id(self)] = self
+
+    # -- state ------------------------------------------------------------------------------
+
+    @property
+    def path(self) -> str:
+        """The path (or location) the store was opened with."""
+        return self._path
+
+    @property
+    def read_only(self) -> bool:
+        """True when opened with flag 'r'."""
+        return self._backend.read_only
+
+    @property
+    def closed(self) -> bool:
+        """True after :meth:`close`."""
+        return self._closed
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "read-only" if self.read_only else "open"
+        return f"<pstore.Store {self._path!r} {state}>"
+
+    # -- the mapping ------------------------------------------------------------------------
+
+    def __getitem__(self, key: str) -> Any:
+        with self._lock:
+            self._check_key(key)
+            self._start_read()
+            item = self._backend.get_item(key)
+            if item is None:
+                raise KeyError(key)
+            oid, data = item
+            obj = self._load(oid, data)
+            if self._writeback and is_tracked(obj):
+                self._cache[oid] = obj
+            self._ids.maybe_sweep()
+            return obj
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        with self._lock:
+            self._check_key(key)
+            self._check_writable("assign to a key")
+            with self._transaction():
+                self._assign(key, value)
+
+    def __delitem__(self, key: str) -> None:
+        with self._lock:
+            self._check_key(key)
+            self._check_writable("delete a key")
+            with self._transaction():
+                oid = self._backend.unbind_key(key)
+                if oid is None:
+                    raise KeyError(key)
+                self._released.add(oid)
+
+    def __contains__(self, key: object) -> bool:
+        if not isinstance(key, str):
+            return False
+        with self._lock:
+            self._start_read()
+            return self._backend.get_key(key) is not None
+
+    def __len__(self) -> int:
+        with self._lock:
+            self._start_read()
+            return self._backend.count_keys()
+
+    def __iter__(self) -> Iterator[str]:
+        """Stream the keys (in sorted order for the SQLite backend), a batch at a time.
+
+        Outside a transaction, keys bound or unbound while iterating may or may not
+        be seen; inside one, the iteration sees the transaction's state.
+        """
+        with self._lock:
+            self._start_read()
+            keys = self._backend.iter_keys()
+        while True:
+            with self._lock:
+                self._check_open()
+                key = next(keys, _END)
+            if key is _END:
+                return
+            yield key
+
+    def items(self) -> ItemsView[str, Any]:
+        """A view whose iteration streams ``(key, value)`` pairs, a batch of records per query."""
+        return _Items(self)
+
+    def values(self) -> ValuesView[Any]:
+        """A view whose iteration streams the values, a batch of records per query."""
+        return _Values(self)
+
+    def _iter_items(self) -> Iterator[tuple[str, Any]]:
+        with self._lock:
+            self._start_read()
+            rows = self._backend.iter_items()
+        while True:
+            with self._lock:
+                self._check_open()
+                row = next(rows, _END)
+                if row is _END:
+                    return
+                key, oid, data = row
+                value = self._load(oid, data)
+                if self._writeback and is_tracked(value):
+                    self._cache[oid] = value
+                self._ids.maybe_sweep()
+            yield key, value
+
+    def update(self, other: Any = (), /, **kwargs: Any) -> None:
+        """Assign every pair, in one transaction (all or nothing)."""
+        with self.transaction():
+            super().update(other, **kwargs)
+
+    def clear(self) -> None:
+        """Delete every key, in one transaction."""
+        with self.transaction():
+            while True:
+                batch = list(islice(self._backend.iter_keys(), 1000))
+                if not batch:
+                    return
+                for key in batch:
+                    del self[key]
+
+    # -- transactions and lifetime ----------------------------------------------------------
+
+    @contextmanager
+    def transaction(self) -> Iterator[Store]:
+        """Run the block as one transaction: committed if it ends normally, else rolled back.
+
+        The block sees the latest committed state at its start and holds the write
+        lock (other processes' writes wait; their reads do not). Values assigned in
+        it are pickled at commit, so they may refer to one another in any order; a
+        value that cannot be pickled rolls the whole transaction back and raises
+        ``PicklingError`` naming its key. A rollback also restores the Store's
+        memory: objects first stored in the transaction are forgotten, and objects
+        it rewrote load again from their committed state. A nested ``transaction()``
+        joins the outer one: nothing is committed or rolled back until the
+        outermost block ends. With ``writeback=True`` the outermost commit also
+        writes every cached object back.
+        """
+        with self._lock:
+            self._check_writable("start a transaction")
+            with self._transaction(flush_cache=True):
+                yield self
+
+    def sync(self) -> None:
+        """Write back the cached objects (``writeback=True``).
+
+        Every other write is already committed when it returns.
+        """
+        with self._lock:
+            self._check_open()
+            if self._cache and not self._depth:
+                with self._transaction(flush_cache=True):
+                    pass
+
+    def gc(self) -> int:
+        """Delete the records no key reaches; return how many. Other processes keep reading."""
+        with self._lock:
+            self._check_writable("collect garbage")
+            with self._transaction():
+                return self._backend.gc()
+
+    def close(self) -> None:
+        """Write back the cache (``writeback=True``) and close. Idempotent.
+
+        Inside a transaction, the transaction is rolled back instead.
+        """
+        with self._lock:
+            if self._closed:
+                return
+            try:
+                if self._depth:
+                    self._rollback()
+                elif self._cache and not self.read_only:
+                    self.sync()
+            finally:
+                self._closed = True
+                self._cache.clear()
+                self._ids.clear()
+                _open_stores.pop(id(self), None)
+                self._backend.close()
+
+    def __enter__(self) -> Store:
+        self._check_open()
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        """Close; on an exception, first drop the writeback cache instead of writing it."""
+        if exc_type is not None:
+            self._cache.clear()
+        self.close()
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError(self._path)
+
+    def _check_writable(self, operation: str) -> None:
+        self._check_open()
+        if self._backend.read_only:
+            raise ReadOnlyError(self._path, operation)
+
+    @staticmethod
+    def _check_key(key: Any) -> None:
+        if not isinstance(key, str):
+            raise TypeError(f"pstore keys must be str, not {type(key).__name__}")
+
+    def _start_read(self) -> None:
+        """Outside a transaction: drop loaded objects if another process committed since."""
+        self._check_open()
+        if not self._depth:
+            self._see_latest()
+
+    def _see_latest(self) -> None:
+        marker = self._backend.change_marker()
+        if marker != self._marker:
+            self._marker = marker
+            self._ids.forget_loads()
+
+    @contextmanager
+    def _transaction(self, flush_cache: bool = False) -> Iterator[None]:
+        if self._depth:
+            self._depth += 1
+            self._flush_cache = self._flush_cache or flush_cache
+            try:
+                yield
+            finally:
+                self._depth -= 1
+            return
+        self._backend.begin()
+        self._depth = 1
+        self._flush_cache = flush_cache
+        try:
+            self._see_latest()
+            yield
+            self._commit()
+        except BaseException:
+            self._rollback()
+            raise
+        finally:
+            self._depth = 0
+
+    def _assign(self, key: str, value: Any) -> None:
+        oid = self._ids.oid_of.get(id(value))
+        if oid is None:
+            oid = self._backend.new_oid()
+            self._new_oids.add(oid)
+        if is_tracked(value):
+            current = self._ids.get(oid)
+            if current is not None and current is not value:
+                # Two objects for one record (the held one predates another process's
+                # commit): loaded objects may contain the other one, so reload them all.
+                self._ids.forget_loads()
+            self._ids.add(value, oid)
+            if self._writeback:
+                self._cache[oid] = value
+        old = self._backend.bind_key(key, oid)
+        if old is not None and old != oid:
+            self._released.add(old)
+        self._pending[oid] = (value, key)
+
+    def _commit(self) -> None:
+        self._check_open()
+        pending = self._pending
+        if self._flush_cache:
+            for oid, obj in self._cache.items():
+                pending.setdefault(oid, (obj, None))
+        written: dict[int, dict[int, Any]] = {}
+        referenced: dict[int, Any] = {}
+        batch = list(pending.items())
+        while batch:
+            for oid, (obj, key) in batch:
+                data, refs = self._pickle(obj, key, oid)
+                self._backend.put_record(oid, data, refs)
+                written[oid] = refs
+                referenced.update(refs)
+            # A referenced object whose record is gone (deleted by gc() or by releasing
+            # its last key, here or in another process) is written again from memory.
+            unwritten = referenced.keys() - written.keys()
+            missing = unwritten - self._backend.existing(unwritten)
+            batch = [(oid, (referenced[oid], None)) for oid in missing]
+        for oid, refs in written.items():
+            # The committed records form no cycle, so a new one passes through a record
+            # written now that something refers to: a record created by this transaction
+            # can only be referred to by another one written now.
+            may_close_a_cycle = oid in referenced or oid not in self._new_oids
+            if refs and may_close_a_cycle and self._backend.reaches(refs, oid):
+                raise engine.PicklingError(
+                    f"cannot store {self._describe(oid)}: it refers (through other stored "
+                    f"objects) back to itself, and pstore cannot load a cycle of records; "
+                    f"store the objects of the cycle under one key instead")
+        for oid in self._released:
+            if not self._backend.is_referenced(oid):
+                self._backend.delete_record(oid)
+        self._backend.commit()
+        if self._flush_cache:
+            self._cache.clear()
+        self._end_transaction()
+
+    def _rollback(self) -> None:
+        try:
+            self._backend.rollback()
+        finally:
+            self._ids.remove_oids(self._new_oids)
+            self._ids.forget_loads(self._pending)
+            if self._flush_cache:
+                self._cache.clear()
+            self._end_transaction()
+
+    def _end_transaction(self) -> None:
+        self._pending.clear()
+        self._released.clear()
+        self._new_oids.clear()
+        self._flush_cache = False
+        self._ids.maybe_sweep()
+
+    def _describe(self, oid: int) -> str:
+        entry = self._pending.get(oid)
+        if entry is not None and entry[1] is not None:
+            return f"the value of key {entry[1]!r}"
+        return f"object id {oid}"
+
+    def _pickle(self, obj: Any, key: str | None, oid: int) -> tuple[bytes, dict[int, Any]]:
+        try:
+            return self._pickler.pickle(obj)
+        except Exception as error:
+            what = f"the value of key {key!r}" if key is not None else self._describe(oid)
+            raise engine.PicklingError(f"cannot store {what}: {error}") from error
+
+    def _load(self, oid: int, data: bytes | None = None) -> Any:
+        """The object of record ``oid``; ``data``, if given, is the record's (already read)."""
+        entry = self._pending.get(oid)
+        if entry is not None:
+            return entry[0]
+        obj = self._ids.get(oid)
+        if obj is not None:
+            return obj
+        if data is None:
+            data = self._backend.get_record(oid)
+        if data is None:
+            raise MissingObjectError(self._path, oid)
+        obj = _RecordUnpickler(io.BytesIO(data), self._load).load()
+        if is_tracked(obj):
+            self._ids.add(obj, oid)
+        return obj
+
+    def _after_fork(self) -> None:
+        # The parent's lock may have been held by one of its other threads.
+        self._lock = threading.RLock()
+        if self._closed:
+            return
+        self._depth = 0
+        self._end_transaction()
+        try:
+            self._backend.after_fork()
+        except Exception:
+            # Surface the failure at the child's first call, in the calling thread.
+            self._closed = True
+
+
+class _Items(ItemsView):
+    def __iter__(self) -> Iterator[tuple[str, Any]]:
+        return self._mapping._iter_items()
+
+
+class _Values(ValuesView):
+    def __iter__(self) -> Iterator[Any]:
+        return (value for _, value in self._mapping._iter_items())
+
+
+# Keyed by id(): a Store, being a Mapping, is unhashable.
+_open_stores: weakref.WeakValueDictionary[int, Store] = weakref.WeakValueDictionary()
+
+
+def _reopen_in_child() -> None:
+    for store in list(_open_stores.values()):
+        store._after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reopen_in_child)
+
+
+def open(path: str | os.PathLike[str], flag: str = "c", *, backend: str = "sqlite",
+         protocol: int = 5, writeback: bool = False,
+         lock_timeout: float = DEFAULT_LOCK_TIMEOUT, fsync: bool = False) -> Store:
+    """Open the store at ``path`` and return a :class:`Store`.
+
+    ``flag``: 'r' read-only (writes nothing at all, not even to the file's header),
+    'w' read-write on an existing store, 'c' create it if missing (default),
+    'n' always start a new, empty store. A missing file with 'r' or 'w' raises
+    ``FileNotFoundError``; a file that is not a pstore store (or one written by a
+    newer pstore) raises :class:`~pstore.errors.FormatError`. New files are
+    readable by their owner only.
+
+    ``protocol``: the pickle protocol records are written with (0 to 5, -1 for 5).
+    ``writeback``: keep every object read or assigned and write them all back at
+    :meth:`Store.sync`, :meth:`Store.close` and the end of each
+    :meth:`Store.transaction`, so in-place mutations persist (as in ``shelve``).
+    ``lock_timeout``: seconds a write waits for another process's write
+    transaction before :class:`~pstore.errors.LockTimeoutError`.
+    ``fsync``: False (default) -- a commit that returned survives the process being
+    killed; True -- it also survives power loss and OS crashes (slower commits).
+    """
+    if flag not in _FLAGS:
+        raise ValueError(f"flag must be one of 'r', 'w', 'c', 'n', not {flag!r}")
+    if protocol == -1:
+        protocol = engine.HIGHEST_PROTOCOL
+    if not 0 <= protocol <= engine.HIGHEST_PROTOCOL:
+        raise ValueError(f"protocol must be between 0 and {engine.HIGHEST_PROTOCOL}, "
+                         f"not {protocol}")
+    opened = open_backend(backend, os.fspath(path), flag, lock_timeout=lock_timeout,
+                          fsync=fsync)
+    try:
+        return Store(opened, protocol=protocol, writeback=writeback)
+    except BaseException:
+        opened.close()
+        raise

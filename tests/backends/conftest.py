@@ -1,0 +1,40 @@
+"""Fixtures of the backend contract tests: every test runs once per backend in BACKENDS."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from pstore.backends import BACKENDS, Backend, open_backend
+
+
+@pytest.fixture(params=sorted(BACKENDS))
+def backend_name(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def path(tmp_path: os.PathLike) -> str:
+    return os.path.join(tmp_path, "store.db")
+
+
+@pytest.fixture
+def opener(backend_name: str, path: str) -> Iterator:
+    """open(flag="c", **options) -> a Backend on `path`, closed after the test."""
+    opened: list[Backend] = []
+
+    def open_(flag: str = "c", *, lock_timeout: float = 10.0, fsync: bool = False) -> Backend:
+        backend = open_backend(backend_name, path, flag, lock_timeout=lock_timeout, fsync=fsync)
+        opened.append(backend)
+        return backend
+
+    yield open_
+    for backend in opened:
+        backend.close()
+
+
+@pytest.fixture
+def backend(opener) -> Backend:
+    return opener()

@@ -1,0 +1,239 @@
+"""The Backend contract (pstore/backends/base.py), run against every backend."""
+
+from __future__ import annotations
+
+import pytest
+
+from pstore.errors import LockTimeoutError, ReadOnlyError
+
+
+def write(backend, fn):
+    backend.begin()
+    try:
+        result = fn()
+    except BaseException:
+        backend.rollback()
+        raise
+    backend.commit()
+    return result
+
+
+def test_records_round_trip(backend):
+    oid = write(backend, lambda: backend.new_oid())
+    assert oid > 0
+    assert backend.get_record(oid) is None
+
+    def put():
+        backend.put_record(oid, b"\x00data", ())
+    write(backend, put)
+    assert backend.get_record(oid) == b"\x00data"
+    write(backend, lambda: backend.put_record(oid, b"new", ()))
+    assert backend.get_record(oid) == b"new"
+    write(backend, lambda: backend.delete_record(oid))
+    assert backend.get_record(oid) is None
+    write(backend, lambda: backend.delete_record(oid))   # no error
+
+
+def test_new_oids_are_distinct_and_never_reused(backend):
+    def make_two():
+        first, second = backend.new_oid(), backend.new_oid()
+        backend.put_record(first, b"a", ())
+        backend.put_record(second, b"b", ())
+        return first, second
+    first, second = write(backend, make_two)
+    assert first != second
+    write(backend, lambda: backend.gc())   # no key: both are garbage
+    assert backend.get_record(first) is None
+    third = write(backend, lambda: (backend.put_record(oid := backend.new_oid(), b"c", ()), oid)[1])
+    assert third not in (first, second)
+
+
+def test_keys(backend):
+    def setup():
+        oid = backend.new_oid()
+        backend.put_record(oid, b"x", ())
+        backend.bind_key("a", oid)
+        backend.bind_key("b", oid)
+        return oid
+    oid = write(backend, setup)
+    assert backend.get_key("a") == backend.get_key("b") == oid
+    assert backend.get_key("missing") is None
+    assert backend.get_item("a") == (oid, b"x") and backend.get_item("missing") is None
+    assert backend.count_keys() == 2
+    assert sorted(backend.iter_keys()) == ["a", "b"]
+    assert sorted(backend.iter_items()) == [("a", oid, b"x"), ("b", oid, b"x")]
+    assert write(backend, lambda: backend.bind_key("b", oid)) == oid
+    assert write(backend, lambda: backend.bind_key("c", oid)) is None
+    assert write(backend, lambda: backend.unbind_key("c")) == oid
+    assert write(backend, lambda: backend.unbind_key("a")) == oid
+    assert write(backend, lambda: backend.unbind_key("a")) is None
+    assert list(backend.iter_keys()) == ["b"]
+
+
+def test_iter_keys_streams_more_than_one_batch(backend):
+    keys = [f"k{i:05}" for i in range(2500)]
+
+    def setup():
+        oid = backend.new_oid()
+        backend.put_record(oid, b"x", ())
+        for key in keys:
+            backend.bind_key(key, oid)
+    write(backend, setup)
+    assert sorted(backend.iter_keys()) == keys
+    assert [key for key, _, _ in backend.iter_items()] == keys
+    assert backend.count_keys() == len(keys)
+
+
+def test_references(backend):
+    def setup():
+        a, b, c = (backend.new_oid() for _ in range(3))
+        backend.put_record(c, b"c", ())
+        backend.put_record(b, b"b", [c])
+        backend.put_record(a, b"a", [b])
+        backend.bind_key("a", a)
+        return a, b, c
+    a, b, c = write(backend, setup)
+    assert backend.is_referenced(a) and backend.is_referenced(b) and backend.is_referenced(c)
+    assert backend.reaches([a], c) and backend.reaches([b], c) and backend.reaches([c], c)
+    assert not backend.reaches([c], a)
+    assert backend.existing([a, c, 10**9]) == {a, c}
+    assert backend.existing([]) == set()
+    # Replacing a record's refs drops the old ones.
+    write(backend, lambda: backend.put_record(b, b"b2", ()))
+    assert not backend.is_referenced(c)
+    assert not backend.reaches([a], c)
+
+
+def test_gc_frees_exactly_the_unreachable(backend):
+    def setup():
+        ids = {name: backend.new_oid() for name in "abcdexy"}
+        # a -> b -> c (shared by d); e unbound but refers to c; x <-> y is an unreachable cycle.
+        backend.put_record(ids["c"], b"c", ())
+        backend.put_record(ids["b"], b"b", [ids["c"]])
+        backend.put_record(ids["a"], b"a", [ids["b"]])
+        backend.put_record(ids["d"], b"d", [ids["c"]])
+        backend.put_record(ids["e"], b"e", [ids["c"]])
+        backend.put_record(ids["x"], b"x", [ids["y"]])
+        backend.put_record(ids["y"], b"y", [ids["x"]])
+        backend.bind_key("a", ids["a"])
+        backend.bind_key("d", ids["d"])
+        return ids
+    ids = write(backend, setup)
+    assert write(backend, backend.gc) == 3
+    for name in "abcd":
+        assert backend.get_record(ids[name]) == name.encode()
+    for name in "exy":
+        assert backend.get_record(ids[name]) is None
+    assert write(backend, backend.gc) == 0
+
+
+def test_rollback_discards_everything(backend):
+    def setup():
+        oid = backend.new_oid()
+        backend.put_record(oid, b"x", ())
+        backend.bind_key("k", oid)
+        return oid
+    oid = write(backend, setup)
+    backend.begin()
+    backend.put_record(oid, b"changed", ())
+    backend.unbind_key("k")
+    backend.put_record(backend.new_oid(), b"new", ())
+    backend.rollback()
+    assert backend.get_record(oid) == b"x"
+    assert backend.get_key("k") == oid
+    assert backend.count_keys() == 1
+
+
+def test_change_marker_moves_when_another_connection_commits(opener, backend):
+    other = opener()
+    before = backend.change_marker()
+    write(other, lambda: other.bind_key("k", other.new_oid()))
+    after = backend.change_marker()
+    assert after != before
+    assert backend.change_marker() == after
+    assert backend.get_key("k") is not None
+
+
+def test_one_writer_at_a_time(opener, backend):
+    other = opener(lock_timeout=0.2)
+    backend.begin()
+    try:
+        with pytest.raises(LockTimeoutError) as raised:
+            other.begin()
+        assert raised.value.path == backend.path and raised.value.timeout == 0.2
+        assert backend.path in str(raised.value)
+    finally:
+        backend.rollback()
+    other.begin()   # free again
+    other.rollback()
+
+
+def test_readers_are_not_blocked_by_a_writer(opener, backend):
+    oid = write(backend, lambda: (backend.bind_key("k", o := backend.new_oid()),
+                                  backend.put_record(o, b"old", ()), o)[2])
+    reader = opener("r")
+    backend.begin()
+    backend.put_record(oid, b"new", ())
+    assert reader.get_record(oid) == b"old"     # uncommitted write invisible, no wait
+    backend.commit()
+    assert reader.get_record(oid) == b"new"
+
+
+def test_read_only_backend_refuses_to_begin(opener, backend):
+    write(backend, lambda: backend.bind_key("k", backend.new_oid()))
+    reader = opener("r")
+    with pytest.raises(ReadOnlyError):
+        reader.begin()
+    assert reader.get_key("k") is not None
+
+
+def test_missing_file_with_r_or_w(opener):
+    for flag in "rw":
+        with pytest.raises(FileNotFoundError):
+            opener(flag)
+
+
+def test_flag_n_starts_empty(opener, backend):
+    write(backend, lambda: backend.bind_key("k", backend.new_oid()))
+    backend.close()
+    fresh = opener("n")
+    assert fresh.count_keys() == 0
+
+
+def test_close_is_idempotent_and_rolls_back(opener, backend):
+    backend.begin()
+    backend.bind_key("k", backend.new_oid())
+    backend.close()
+    backend.close()
+    again = opener("w", lock_timeout=0.5)
+    assert again.get_key("k") is None
+    again.begin()   # the lock was released by close()
+    again.rollback()
+
+
+def test_reads_inside_a_transaction_see_its_own_changes(backend):
+    def setup():
+        oid = backend.new_oid()
+        backend.put_record(oid, b"old", ())
+        backend.bind_key("old", oid)
+        return oid
+    old = write(backend, setup)
+    backend.begin()
+    try:
+        new = backend.new_oid()
+        backend.put_record(new, b"new", [old])
+        backend.bind_key("new", new)
+        backend.unbind_key("old")
+        assert backend.get_record(new) == b"new"
+        assert backend.get_key("new") == new and backend.get_key("old") is None
+        assert backend.get_item("new") == (new, b"new")
+        assert list(backend.iter_keys()) == ["new"]
+        assert list(backend.iter_items()) == [("new", new, b"new")]
+        assert backend.count_keys() == 1
+        assert backend.existing([old, new]) == {old, new}
+        assert backend.is_referenced(old) and backend.reaches([new], old)
+        backend.delete_record(new)
+        assert backend.get_record(new) is None and backend.existing([new]) == set()
+    finally:
+        backend.rollback()
+    assert backend.get_key("old") == old and backend.get_key("new") is None

@@ -1,0 +1,130 @@
+"""What only the SQLite backend promises: the file format checks, pragmas, and file modes."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sqlite3
+import stat
+
+import pytest
+
+from pstore.backends.sqlite import FORMAT_VERSION, SQLiteBackend
+from pstore.errors import FormatError
+
+
+def open_sqlite(path: str, flag: str = "c", **options) -> SQLiteBackend:
+    options.setdefault("lock_timeout", 5.0)
+    options.setdefault("fsync", False)
+    return SQLiteBackend(path, flag, **options)
+
+
+def snapshot(directory: str) -> dict[str, tuple[int, str]]:
+    """name -> (mtime_ns, digest) of every file in the directory."""
+    result = {}
+    for name in sorted(os.listdir(directory)):
+        full = os.path.join(directory, name)
+        with open(full, "rb") as file:
+            result[name] = (os.stat(full).st_mtime_ns, hashlib.sha256(file.read()).hexdigest())
+    return result
+
+
+def fill(path: str) -> None:
+    backend = open_sqlite(path)
+    backend.begin()
+    oid = backend.new_oid()
+    backend.put_record(oid, b"data", ())
+    backend.bind_key("k", oid)
+    backend.commit()
+    backend.close()
+
+
+@pytest.mark.parametrize("content", [
+    os.urandom(4096),
+    b"this is a text file\n" * 200,
+    b"SQLite format 3\x00" + os.urandom(200),
+])
+@pytest.mark.parametrize("flag", ["r", "w", "c"])
+def test_not_a_database(tmp_path, content, flag):
+    path = str(tmp_path / "file.db")
+    with open(path, "wb") as file:
+        file.write(content)
+    with pytest.raises(FormatError) as raised:
+        open_sqlite(path, flag)
+    assert path in str(raised.value)
+    with open(path, "rb") as file:
+        assert file.read() == content
+
+
+@pytest.mark.parametrize("flag", ["r", "w", "c"])
+def test_foreign_sqlite_database_is_refused_and_left_untouched(tmp_path, flag):
+    path = str(tmp_path / "foreign.db")
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE t (x)")
+    conn.execute("INSERT INTO t VALUES (1)")
+    conn.commit()
+    conn.close()
+    before = snapshot(str(tmp_path))
+    with pytest.raises(FormatError) as raised:
+        open_sqlite(path, flag)
+    assert path in str(raised.value)
+    assert {name: value for name, value in snapshot(str(tmp_path)).items()
+            if not name.endswith(".lock")} == before
+
+
+@pytest.mark.parametrize("flag", ["r", "w"])
+def test_empty_file_is_not_a_store(tmp_path, flag):
+    path = str(tmp_path / "empty.db")
+    open(path, "wb").close()
+    with pytest.raises(FormatError):
+        open_sqlite(path, flag)
+
+
+def test_newer_format_version_is_refused(tmp_path):
+    path = str(tmp_path / "store.db")
+    fill(path)
+    conn = sqlite3.connect(path)
+    conn.execute("UPDATE meta SET value = ? WHERE name = 'version'", (FORMAT_VERSION + 1,))
+    conn.commit()
+    conn.close()
+    for flag in "rwc":
+        with pytest.raises(FormatError, match="newer"):
+            open_sqlite(path, flag)
+
+
+def test_new_files_are_private(tmp_path):
+    path = str(tmp_path / "store.db")
+    os.umask(0o022)
+    backend = open_sqlite(path)
+    backend.begin()
+    backend.bind_key("k", backend.new_oid())
+    backend.commit()
+    names = os.listdir(tmp_path)
+    assert {"store.db", "store.db-wal", "store.db-shm", "store.db.lock"} <= set(names)
+    for name in names:
+        assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == 0o600, name
+    backend.close()
+
+
+def test_read_only_writes_nothing(tmp_path):
+    path = str(tmp_path / "store.db")
+    fill(path)
+    before = snapshot(str(tmp_path))
+    reader = open_sqlite(path, "r")
+    assert reader.get_key("k") is not None
+    assert reader.get_record(reader.get_key("k")) == b"data"
+    assert list(reader.iter_keys()) == ["k"]
+    reader.change_marker()
+    reader.close()
+    assert snapshot(str(tmp_path)) == before
+
+
+def test_pragmas(tmp_path):
+    path = str(tmp_path / "store.db")
+    normal = open_sqlite(path)
+    full = open_sqlite(path, fsync=True)
+    assert normal._conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert normal._conn.execute("PRAGMA synchronous").fetchone()[0] == 1    # NORMAL
+    assert full._conn.execute("PRAGMA synchronous").fetchone()[0] == 2      # FULL
+    normal.close()
+    full.close()

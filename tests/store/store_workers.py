@@ -1,0 +1,79 @@
+"""Functions the multi-process tests run in other processes (started with 'spawn')."""
+
+from __future__ import annotations
+
+import sys
+
+import pstore
+
+from .objects import Config
+
+
+def write_issue_example(backend: str, path: str) -> None:
+    cfg = Config("cfg", size=3)
+    with pstore.open(path, backend=backend) as store:
+        store["config"] = cfg
+        store["run1"] = {"cfg": cfg}
+        store["run2"] = {"cfg": cfg}
+
+
+def check_issue_example(backend: str, path: str) -> bool:
+    with pstore.open(path, "r", backend=backend) as store:
+        return (store["run1"]["cfg"] is store["run2"]["cfg"] is store["config"]
+                and store["config"] == Config("cfg", size=3))
+
+
+def set_key(backend: str, path: str, key: str, value: object) -> None:
+    with pstore.open(path, "w", backend=backend) as store:
+        store[key] = value
+
+
+def rewrite_config(backend: str, path: str, size: int) -> None:
+    with pstore.open(path, "w", backend=backend) as store:
+        cfg = store["config"]
+        cfg.size = size
+        store["config"] = cfg
+
+
+def increment(backend: str, path: str, times: int) -> None:
+    with pstore.open(path, "w", backend=backend, lock_timeout=120) as store:
+        for _ in range(times):
+            with store.transaction():
+                store["counter"] = store["counter"] + 1
+
+
+def hold_transaction(backend: str, path: str, holding, release) -> None:
+    with pstore.open(path, "w", backend=backend) as store:
+        with store.transaction():
+            store["held"] = True
+            holding.set()
+            release.wait(60)
+
+
+def read_while_collecting(backend: str, path: str, rounds: int) -> int:
+    """Read every key `rounds` times; return how many reads returned the expected value."""
+    good = 0
+    with pstore.open(path, "r", backend=backend) as store:
+        for _ in range(rounds):
+            for key in list(store):
+                if key.startswith("keep") and store[key][0]["shared"] is store["shared"]:
+                    good += 1
+    return good
+
+
+def transaction_loop(backend: str, path: str) -> None:
+    """Update 'a' and 'b' together forever; print each acknowledged value."""
+    with pstore.open(path, backend=backend) as store:
+        i = store.get("a", 0)
+        while True:
+            i += 1
+            with store.transaction():
+                store["a"] = i
+                store["big"] = [i] * 1000
+                store["b"] = i
+            sys.stdout.write(f"{i}\n")
+            sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    transaction_loop(sys.argv[1], sys.argv[2])

@@ -1,0 +1,118 @@
+"""transaction(): all or nothing, in the database and in the Store's memory."""
+
+from __future__ import annotations
+
+import pytest
+
+from .objects import Config
+
+
+class Boom(Exception):
+    pass
+
+
+def test_commit_on_clean_exit(opener):
+    store = opener()
+    with store.transaction() as same:
+        assert same is store
+        store["a"] = 1
+        store["b"] = 2
+        assert store["a"] == 1 and len(store) == 2
+    with opener("r") as reader:
+        assert dict(reader.items()) == {"a": 1, "b": 2}
+
+
+def test_rollback_restores_database_and_memory(opener):
+    store = opener()
+    cfg = Config("cfg", size=1)
+    store["cfg"] = cfg
+    store["keep"] = [1]
+    with pytest.raises(Boom):
+        with store.transaction():
+            cfg.size = 99
+            store["cfg"] = cfg          # rewrite of an existing record
+            new = Config("new")
+            store["new"] = new          # a new record
+            store["user"] = {"new": new, "cfg": cfg}
+            del store["keep"]
+            assert store["new"] is new and "keep" not in store
+            raise Boom
+    # Memory: the rewritten object reloads its committed state; new objects are forgotten.
+    assert store["cfg"].size == 1 and store["cfg"] is not cfg
+    assert "new" not in store and "user" not in store and store["keep"] == [1]
+    assert sorted(store) == ["cfg", "keep"]
+    assert id(new) not in store._ids.oid_of
+    # A held object assigned again after the rollback still rewrites its own record.
+    store["cfg"] = cfg
+    store["other"] = [cfg]
+    assert store["other"][0] is store["cfg"]
+    store.close()
+    with opener("r") as reader:
+        assert reader["cfg"].size == 99 and reader["other"][0] is reader["cfg"]
+        # The object first stored in the rolled-back transaction gets a fresh record.
+
+
+def test_object_first_stored_in_a_rolled_back_transaction_is_stored_again(opener):
+    store = opener()
+    new = Config("new")
+    with pytest.raises(Boom):
+        with store.transaction():
+            store["new"] = new
+            raise Boom
+    store["new"] = new
+    store["again"] = [new]
+    store.close()
+    with opener("r") as reader:
+        assert reader["again"][0] is reader["new"]
+
+
+def test_nested_transaction_joins_the_outer(opener):
+    store = opener()
+    with pytest.raises(Boom):
+        with store.transaction():
+            store["outer"] = 1
+            with store.transaction():
+                store["inner"] = 2
+            assert store["inner"] == 2
+            raise Boom
+    assert len(store) == 0
+    with store.transaction():
+        with store.transaction():
+            store["inner"] = 2
+        store["outer"] = 1
+    with opener("r") as reader:
+        assert sorted(reader) == ["inner", "outer"]
+
+
+def test_each_assignment_outside_a_transaction_commits(opener):
+    store = opener()
+    reader = opener("r")
+    store["a"] = 1
+    assert reader["a"] == 1
+    with store.transaction():
+        store["b"] = 2
+        assert "b" not in reader     # not yet committed; the reader is not blocked
+    assert reader["b"] == 2
+
+
+def test_unpicklable_value_in_a_transaction_rolls_it_all_back(store):
+    from pstore import engine
+
+    from .objects import Unpicklable
+    store["a"] = 1
+    with pytest.raises(engine.PicklingError, match="'bad'"):
+        with store.transaction():
+            store["a"] = 2
+            store["bad"] = Unpicklable()
+    assert store["a"] == 1 and "bad" not in store
+
+
+def test_mutation_after_assignment_in_a_transaction_is_committed(opener):
+    # Values are pickled at commit: the transaction stores their final state.
+    store = opener()
+    value = {"v": 1}
+    with store.transaction():
+        store["k"] = value
+        value["v"] = 2
+    with opener("r") as reader:
+        assert reader["k"] == {"v": 2}
