@@ -9,11 +9,12 @@ from __future__ import annotations
 from .errors import (ClosedError, Error, FormatError, LockTimeoutError, MissingObjectError,
                      ReadOnlyError)
 from .store import Store, open
+from .convert import convert_shelve
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "open", "Store",
+    "open", "Store", "convert_shelve",
     "Error", "ClosedError", "ReadOnlyError", "LockTimeoutError", "FormatError",
     "MissingObjectError",
 ]

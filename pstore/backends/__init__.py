@@ -16,7 +16,7 @@ import inspect
 
 from .base import Backend
 
-__all__ = ["Backend", "BACKENDS", "READERS", "open_backend"]
+__all__ = ["BACKENDS", "READERS", "Backend", "open_backend"]
 
 #: backend name -> "module:class" implementing :class:`Backend`.
 BACKENDS: dict[str, str] = {

@@ -25,16 +25,19 @@ from __future__ import annotations
 import dbm
 import importlib
 import os
+import sqlite3
 import struct
+import threading
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
-from typing import Any, Collection, Iterator
+from typing import Any
 
 from ..errors import ClosedError, FormatError, LockTimeoutError, ReadOnlyError
 from . import journal
 from .base import Backend
 from .files import FileLock, fsync_directory, require_existing
 
-__all__ = ["DBMBackend", "ShelveReader", "MODULES", "FORMAT_NAME", "FORMAT_VERSION"]
+__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "MODULES", "DBMBackend", "ShelveReader"]
 
 #: The dbm modules this backend can use, best first: plain ``backend="dbm"`` takes the
 #: first one this Python has (the order of the standard library's own ``dbm.open``).
@@ -115,12 +118,26 @@ _SUFFIXES = {
     "dbm.sqlite3": ["", "-wal", "-shm", "-journal"],
     "dbm.gnu": [""],
     "dbm.ndbm": [".db", ".pag", ".dir"],
-    "dbm.dumb": [".dat", ".dir", ".bak", ".dir.saved"],   # .dir.saved: see _DumbModule
+    # .dir.saved and the .tmp files: see _DumbModule.
+    "dbm.dumb": [".dat", ".dir", ".bak", ".dir.saved", ".dir.tmp", ".dir.saved.tmp"],
 }
 
 
 class _Module:
-    """One dbm module, and what differs between them: flags, file names, crash protection."""
+    """One dbm module, and what differs between them: flags, file names, crash protection.
+
+    How handles are kept differs too. By default (dbm.gnu, dbm.ndbm, whose handles
+    cache file structure) a read-only handle is reopened after every commit, and
+    each apply opens and closes a handle of its own.
+    """
+
+    #: Whether one handle, opened for writing in a writable backend, may serve reads and
+    #: applies, staying valid across this process's own commits.
+    keeps_handle = False
+    #: Whether a handle sees other processes' commits without being reopened.
+    sees_other_commits = False
+    #: Whether a handle may be used only by the thread that opened it.
+    thread_bound = False
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -135,11 +152,81 @@ class _Module:
         """Every file the database at ``path`` may consist of."""
         return [path + suffix for suffix in _SUFFIXES[self.name]]
 
-    def before_apply(self, path: str, *, fsync: bool) -> None:
-        """Called before a journal is applied (or applied again after a crash)."""
+    def before_apply(self, path: str, *, fsync: bool) -> bool:
+        """Called before a journal is applied; True if it changed files open handles cache."""
+        return False
+
+    def write(self, db: Any, changes: journal.Changes) -> None:
+        """Apply ``changes`` to the handle ``db``."""
+        for key, value in changes.items():
+            if value is not None:
+                db[key] = value
+            else:
+                self.delete(db, key)
+
+    def delete(self, db: Any, key: bytes) -> None:
+        """Remove ``key`` from ``db``, if there."""
+        if key in db:
+            del db[key]
+
+    def close(self, db: Any, path: str, *, writable: bool) -> None:
+        """Close the handle ``db`` on ``path`` (opened for writing if ``writable``)."""
+        db.close()
+
+    def sync(self, db: Any) -> None:
+        """Write what ``db`` buffers to the files."""
+        if hasattr(db, "sync"):
+            db.sync()
 
     def after_apply(self, path: str) -> None:
-        """Called once a journal is applied and the database closed."""
+        """Called once a journal is applied and synced."""
+
+
+class _SQLiteModule(_Module):
+    """dbm.sqlite3: each put is an SQLite transaction; connections always see the latest."""
+
+    keeps_handle = True
+    sees_other_commits = True
+    thread_bound = True     # sqlite3's check_same_thread, which dbm.sqlite3 leaves on
+
+    def write(self, db: Any, changes: journal.Changes) -> None:
+        # dbm.sqlite3 makes each put a transaction of its own, synced to disk: a
+        # thousand puts take seconds. One explicit transaction on its connection (not
+        # public; without it, each put stays on its own) takes milliseconds.
+        connection = getattr(db, "_cx", None)
+        if connection is None:
+            super().write(db, changes)
+            return
+        connection.execute("BEGIN")    # autocommit=True: commit() would do nothing
+        try:
+            super().write(db, changes)
+        except BaseException:
+            connection.execute("ROLLBACK")
+            raise
+        connection.execute("COMMIT")
+
+    def close(self, db: Any, path: str, *, writable: bool) -> None:
+        try:
+            db.close()
+        except sqlite3.ProgrammingError:
+            # Opened by another thread of the Store: only that thread may close it. It
+            # is closed when garbage-collected, which follows at once (no cycle).
+            return
+        if not writable:
+            return
+        # As the SQLite backend does: whoever closes last puts the file back in
+        # rollback-journal mode, so that a later read-only open creates no -wal/-shm
+        # files. Fails harmlessly (and at once) while others have it open.
+        try:
+            connection = sqlite3.connect(path, timeout=0)
+        except sqlite3.Error:
+            return
+        try:
+            connection.execute("PRAGMA journal_mode = DELETE")
+        except sqlite3.Error:
+            pass
+        finally:
+            connection.close()
 
 
 class _DumbModule(_Module):
@@ -150,14 +237,33 @@ class _DumbModule(_Module):
     is applied, and put back before the journal is applied again after a crash.
     The data file needs no copy: dumb changes only the values of keys it is given,
     which the journal rewrites anyway, and appends everything else.
+
+    Opening reads and parses the whole index, so one handle is kept and reopened
+    only after another process's commit.
     """
 
-    def before_apply(self, path: str, *, fsync: bool) -> None:
+    keeps_handle = True
+
+    def delete(self, db: Any, key: bytes) -> None:
+        # dumb rewrites its whole index on every delete; an empty value (no value of
+        # the layout is empty) is one append instead. Its space is lost either way.
+        if key in db:
+            db[key] = b""
+
+    def before_apply(self, path: str, *, fsync: bool) -> bool:
         index, saved = path + ".dir", path + ".dir.saved"
         if os.path.exists(saved):       # an earlier apply of this journal was interrupted
             _copy_private(saved, index, fsync=fsync)
-        else:
-            _copy_private(index, saved, fsync=fsync)
+            return True
+        _copy_private(index, saved, fsync=fsync)
+        return False
+
+    def sync(self, db: Any) -> None:
+        db.sync()
+        # Before Python 3.13, sync() leaves the handle marked modified, and closing it
+        # (or its garbage collection) would write its index again, over the index of
+        # any commit made since by another process. 3.13 resets the flag itself.
+        db._modified = False
 
     def after_apply(self, path: str) -> None:
         os.unlink(path + ".dir.saved")
@@ -177,9 +283,21 @@ def _copy_private(source: str, target: str, *, fsync: bool) -> None:
     os.replace(temporary, target)
 
 
+def _whichdb(path: str) -> str | None:
+    """``dbm.whichdb(path)``, also right while a dbm.dumb apply is to be finished.
+
+    A kill during dbm.dumb's index rewrite can leave no index file at all, which
+    ``dbm.whichdb`` then takes for no database; the saved index tells otherwise.
+    """
+    found = dbm.whichdb(path)
+    if found is None and os.path.exists(path + ".dir.saved"):
+        return "dbm.dumb"
+    return found
+
+
 def _load_module(name: str, path: str) -> _Module:
     try:
-        return (_DumbModule if name == "dbm.dumb" else _Module)(name)
+        return {"dbm.dumb": _DumbModule, "dbm.sqlite3": _SQLiteModule}.get(name, _Module)(name)
     except ImportError:
         raise FormatError(path, f"it needs the module {name}, which this Python lacks") from None
 
@@ -188,7 +306,7 @@ def _choose_module(path: str, flag: str, variant: str | None) -> _Module:
     """The module for ``path``: the one named, else the one that wrote it, else the best."""
     if variant is not None and variant not in MODULES:
         raise ValueError(f"unknown dbm module {variant!r}; known: {', '.join(MODULES)}")
-    found = None if flag == "n" else dbm.whichdb(path)
+    found = None if flag == "n" else _whichdb(path)
     if found == "":
         raise FormatError(path, "not a database of any dbm module")
     if found is not None and variant is not None and found != variant:
@@ -227,8 +345,9 @@ class DBMBackend(Backend):
         self._fsync = fsync
         self._journal_path = path + ".journal"
         self._module = _choose_module(path, flag, variant)
-        self._db: Any = None                 # read-only handle, reopened when stale
-        self._db_version: int | None = None  # the commit counter when it was opened
+        self._db: Any = None                 # the handle reads go through
+        self._db_version: int | None = None  # the commit counter it is current with
+        self._db_thread = 0                  # the thread that opened it
         self._tx: dict[bytes, bytes | None] | None = None   # the open transaction's changes
         self._own_commits = 0   # how many of the commit counter's steps are this object's
         self._closed = False
@@ -242,7 +361,7 @@ class DBMBackend(Backend):
                     os.unlink(name)
                 except FileNotFoundError:
                     pass
-        require_existing(path, flag, lambda: dbm.whichdb(path) is not None)
+        require_existing(path, flag, lambda: _whichdb(path) is not None)
         try:
             if flag in ("c", "n"):
                 self._create_database()
@@ -259,12 +378,12 @@ class DBMBackend(Backend):
 
     def _create_database(self) -> None:
         """Create an empty database if there is none, under the write lock."""
-        if dbm.whichdb(self.path) is not None:
+        if _whichdb(self.path) is not None:
             return
         self._lock(self._write_lock)
         try:
-            if dbm.whichdb(self.path) is None:  # another process may have created it
-                self._module.open(self.path, "c").close()
+            if _whichdb(self.path) is None:  # another process may have created it
+                self._module.close(self._module.open(self.path, "c"), self.path, writable=True)
                 for name in self._module.files(self.path):
                     if os.path.exists(name):
                         os.chmod(name, 0o600)
@@ -272,10 +391,21 @@ class DBMBackend(Backend):
             self._write_lock.release()
 
     def _check_format(self, create: bool) -> None:
+        # With a handle of its own, opened read-only: opening a database for writing
+        # may change it already (dbm.sqlite3 switches it to WAL mode), and a foreign
+        # database must be left untouched.
         try:
-            with self._reading():
-                fmt, version = self._get(_FORMAT), self._get(_VERSION)
-                empty = fmt is None and len(self._db) == 0
+            self._lock(self._apply_lock, shared=True)
+            try:
+                self._recover_if_orphaned()
+                db = self._module.open(self.path, "r")
+                try:
+                    fmt, version = db.get(_FORMAT), db.get(_VERSION)
+                    empty = fmt is None and len(db) == 0
+                finally:
+                    self._module.close(db, self.path, writable=False)
+            finally:
+                self._apply_lock.release()
         except LockTimeoutError:
             raise
         except (OSError, ValueError, SyntaxError) as error:   # what the modules raise on junk
@@ -319,36 +449,53 @@ class DBMBackend(Backend):
             return
         self._lock(self._apply_lock, shared=True)
         try:
-            if os.path.exists(self._journal_path) and self._write_lock.acquire(wait=False):
-                # A journal and no writer alive: its writer died, maybe halfway through
-                # applying it. Recover before reading (even a read-only store does, as
-                # SQLite does with a hot journal): only that makes the database whole.
-                self._apply_lock.release()
-                try:
-                    self._recover()
-                finally:
-                    self._write_lock.release()
-                    self._lock(self._apply_lock, shared=True)
-            # With a journal and a writer alive, the writer has not begun applying it
-            # (that needs the lock held here): the database is the last committed state.
+            self._recover_if_orphaned()
             self._refresh()
             yield
         finally:
             self._apply_lock.release()
 
+    def _recover_if_orphaned(self) -> None:
+        """Recover a journal whose writer died; the caller holds the shared lock."""
+        if os.path.exists(self._journal_path) and self._write_lock.acquire(wait=False):
+            # A journal and no writer alive: its writer died, maybe halfway through
+            # applying it. Recover before reading (even a read-only store does, as
+            # SQLite does with a hot journal): only that makes the database whole.
+            self._apply_lock.release()
+            try:
+                self._recover()
+            finally:
+                self._write_lock.release()
+                self._lock(self._apply_lock, shared=True)
+        # With a journal and a writer alive, the writer has not begun applying it (that
+        # needs the lock the caller holds): the database is the last committed state.
+
     def _refresh(self) -> None:
-        """Reopen the read handle if a commit happened since it was opened.
+        """Reopen the handle if it may be stale: a commit happened since it was current.
 
         DBM modules cache (dbm.dumb its whole index) and do not notice other
         processes' writes.
         """
         version = self._commit_counter()
-        if self._db is None or version != self._db_version:
-            if self._db is not None:
-                self._db.close()
-                self._db = None
-            self._db = self._module.open(self.path, "r")
-            self._db_version = version
+        if self._handle_is_current(version):
+            return
+        self._drop_handle()
+        writable = self._module.keeps_handle and not self.read_only
+        self._db = self._module.open(self.path, "w" if writable else "r")
+        self._db_version = version
+        self._db_thread = threading.get_ident()
+
+    def _handle_is_current(self, version: int) -> bool:
+        """Whether the handle may be used now, the commit counter being ``version``."""
+        return (self._db is not None
+                and (version == self._db_version or self._module.sees_other_commits)
+                and not (self._module.thread_bound and self._db_thread != threading.get_ident()))
+
+    def _drop_handle(self) -> None:
+        if self._db is not None:
+            db, self._db = self._db, None
+            self._module.close(db, self.path,
+                               writable=self._module.keeps_handle and not self.read_only)
 
     def _commit_counter(self) -> int:
         return int.from_bytes(os.pread(self._apply_lock.fileno(), 8, 0), "big")
@@ -357,7 +504,7 @@ class DBMBackend(Backend):
         """The value of ``key`` as the open transaction sees it; call inside _reading()."""
         if self._tx is not None and key in self._tx:
             return self._tx[key]
-        return self._db.get(key)
+        return self._db.get(key) or None    # b"": deleted (see _DumbModule.delete)
 
     def _put(self, key: bytes, value: bytes | None) -> None:
         """Set (None: delete) ``key`` in the open transaction."""
@@ -604,20 +751,23 @@ class DBMBackend(Backend):
         """
         self._lock(self._apply_lock)
         try:
+            version = self._commit_counter()
             # Counted first, so that every reader reopens its handle after this apply,
             # even one interrupted and finished by another process.
-            os.pwrite(self._apply_lock.fileno(),
-                      (self._commit_counter() + 1).to_bytes(8, "big"), 0)
-            self._module.before_apply(self.path, fsync=self._fsync)
-            db = self._module.open(self.path, "w")
+            os.pwrite(self._apply_lock.fileno(), (version + 1).to_bytes(8, "big"), 0)
+            if self._module.before_apply(self.path, fsync=self._fsync):
+                self._drop_handle()
+            own = (self._module.keeps_handle and not self.read_only
+                   and self._handle_is_current(version))
+            db = self._db if own else self._module.open(self.path, "w")
             try:
-                for key, value in changes.items():
-                    if value is not None:
-                        db[key] = value
-                    elif key in db:
-                        del db[key]
+                self._module.write(db, changes)
+                self._module.sync(db)
             finally:
-                db.close()
+                if not own:
+                    self._module.close(db, self.path, writable=True)
+            if own:
+                self._db_version = version + 1
             if self._fsync:
                 for name in self._module.files(self.path):
                     if os.path.exists(name):
@@ -679,9 +829,7 @@ class DBMBackend(Backend):
             self.rollback()
         finally:
             self._tx = None
-            if self._db is not None:
-                self._db.close()
-                self._db = None
+            self._drop_handle()
             self._write_lock.close()
             self._apply_lock.close()
 
@@ -714,7 +862,7 @@ class ShelveReader(Backend):
         self.read_only = True
         if flag != "r":
             raise ReadOnlyError(path, f"open a shelve file with flag {flag!r} (only 'r')")
-        require_existing(path, flag, lambda: dbm.whichdb(path) is not None)
+        require_existing(path, flag, lambda: _whichdb(path) is not None)
         self._module = _choose_module(path, flag, variant)
         self._db: Any = None
         self._open()

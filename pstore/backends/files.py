@@ -9,7 +9,7 @@ from __future__ import annotations
 import errno
 import os
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import filelock
 
@@ -18,7 +18,7 @@ try:
 except ImportError:     # Windows
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["FileLock", "create_private", "require_existing", "fsync_directory"]
+__all__ = ["FileLock", "create_private", "fsync_directory", "require_existing"]
 
 
 def require_existing(path: str, flag: str, exists: Callable[[], bool]) -> None:

@@ -19,11 +19,11 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
-from typing import Mapping
+from collections.abc import Mapping
 
 from .files import fsync_directory
 
-__all__ = ["write", "read", "remove"]
+__all__ = ["read", "remove", "write"]
 
 MAGIC = b"pstore-journal 1\n"
 _ENTRY = struct.Struct(">BII")

@@ -28,13 +28,14 @@ APPLICATION_ID = 0x70537472  # b"pStr"
 # Statement by statement: executescript() would commit the transaction it runs in.
 _SCHEMA = (
     "CREATE TABLE meta (name TEXT PRIMARY KEY, value NOT NULL) WITHOUT ROWID",
-    "CREATE TABLE records (oid INTEGER PRIMARY KEY AUTOINCREMENT, data BLOB NOT NULL)",
+    "CREATE TABLE records (oid INTEGER PRIMARY KEY, data BLOB NOT NULL)",
     "CREATE TABLE refs (oid INTEGER NOT NULL, ref INTEGER NOT NULL, PRIMARY KEY (oid, ref))"
     " WITHOUT ROWID",
     "CREATE INDEX refs_by_ref ON refs (ref)",
     "CREATE TABLE keys (key TEXT PRIMARY KEY, oid INTEGER NOT NULL) WITHOUT ROWID",
     "CREATE INDEX keys_by_oid ON keys (oid)",
-    f"INSERT INTO meta VALUES ('format', '{FORMAT_NAME}'), ('version', {FORMAT_VERSION})",
+    f"INSERT INTO meta VALUES ('format', '{FORMAT_NAME}'), ('version', {FORMAT_VERSION}),"
+    " ('next_oid', 1)",
     f"PRAGMA application_id = {APPLICATION_ID}",
 )
 
@@ -43,7 +44,8 @@ _PUT_RECORD = "INSERT OR REPLACE INTO records (oid, data) VALUES (?, ?)"
 _DELETE_RECORD = "DELETE FROM records WHERE oid = ?"
 _DELETE_REFS = "DELETE FROM refs WHERE oid = ?"
 _PUT_REF = "INSERT OR IGNORE INTO refs (oid, ref) VALUES (?, ?)"
-_LAST_OID = "SELECT seq FROM sqlite_sequence WHERE name = 'records'"
+_NEXT_OID = "SELECT value FROM meta WHERE name = 'next_oid'"
+_RESERVE_OIDS = "UPDATE meta SET value = ? WHERE name = 'next_oid'"
 # Lists of ids travel as one JSON array parameter, so no statement is built per call.
 _EXISTING = "SELECT oid FROM records WHERE oid IN (SELECT value FROM json_each(?))"
 _IS_REFERENCED = ("SELECT EXISTS (SELECT 1 FROM keys WHERE oid = ?1)"
@@ -76,6 +78,8 @@ _DATA_VERSION = "PRAGMA data_version"
 _COUNT_TABLES = "SELECT count(*) FROM sqlite_master"
 _META = "SELECT name, value FROM meta WHERE name IN ('format', 'version')"
 
+#: How many object ids :meth:`SQLiteBackend.new_oid` reserves at a time.
+_OID_BLOCK = 1000
 #: How many keys one query of :meth:`SQLiteBackend.iter_keys` fetches.
 _KEY_BATCH = 1000
 
@@ -98,7 +102,10 @@ class SQLiteBackend(Backend):
         self.read_only = flag == "r"
         self._lock_timeout = lock_timeout
         self._fsync = fsync
-        self._next_oid: int | None = None
+        # Object ids are reserved a block at a time (meta 'next_oid' moves past the block in
+        # the transaction that needs it): no write per allocation.
+        self._next_oid = self._block_end = 0
+        self._block_is_committed = False
         self._fresh: set[int] = set()       # oids allocated by the open transaction
         self._in_transaction = False
         self._conn: sqlite3.Connection | None = None
@@ -199,11 +206,14 @@ class SQLiteBackend(Backend):
     # -- records ----------------------------------------------------------------------------
 
     def new_oid(self) -> int:
-        if self._next_oid is None:
-            # AUTOINCREMENT's counter never goes back, so ids freed by gc are never reused:
-            # another process may still hold an object under such an id.
-            row = self._require().execute(_LAST_OID).fetchone()
-            self._next_oid = (row[0] if row else 0) + 1
+        if self._next_oid == self._block_end:
+            conn = self._require()
+            # Ids below meta's next_oid are never allocated again, even after gc() freed
+            # them: another process may still hold an object under such an id.
+            first = conn.execute(_NEXT_OID).fetchone()[0]
+            conn.execute(_RESERVE_OIDS, (first + _OID_BLOCK,))
+            self._next_oid, self._block_end = first, first + _OID_BLOCK
+            self._block_is_committed = False
         oid = self._next_oid
         self._next_oid = oid + 1
         self._fresh.add(oid)
@@ -302,6 +312,7 @@ class SQLiteBackend(Backend):
     def commit(self) -> None:
         try:
             self._require().execute("COMMIT")
+            self._block_is_committed = True
         finally:
             self._end()
 
@@ -313,7 +324,9 @@ class SQLiteBackend(Backend):
             self._end()
 
     def _end(self) -> None:
-        self._next_oid = None
+        if not self._block_is_committed:
+            # The reservation was rolled back: another process may reserve the same block.
+            self._next_oid = self._block_end = 0
         self._fresh.clear()
         if self._in_transaction:
             self._in_transaction = False
@@ -339,7 +352,8 @@ class SQLiteBackend(Backend):
         self._file_lock.abandon()
         self._conn = None
         self._in_transaction = False
-        self._next_oid = None
+        # The parent goes on allocating from its block: the child must not.
+        self._next_oid = self._block_end = 0
         self._file_lock = self._make_file_lock()
         self._connect(create=False)
 

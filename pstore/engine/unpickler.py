@@ -9,23 +9,27 @@ its byte offset from the start of the pickle.
 How it is fast in pure Python
 -----------------------------
 All the work of one ``load`` happens in :meth:`Unpickler._run`: the input is
-one ``bytes`` object read with an integer position kept in a local variable.
-The frequent opcodes are handled inline in one ``if``/``elif`` chain (ordered
-by how often they occur), so they cost no function call; the rest are
-``load_<name>`` functions found in a 256-entry list. Every opcode of
-:mod:`.opcodes` is implemented exactly once, either inline (``_INLINE``) or by
-a handler (``_HANDLERS``).
+one ``bytes`` object read with an integer position kept in a local variable,
+and each opcode costs one call of a plain function, ``load_<name>(unpickler,
+data, pos, stack) -> pos``, found in a 256-entry list (a call costs about as
+much as two failed ``if`` comparisons, so a long ``elif`` chain loses). Only
+the three most frequent opcodes (BINGET, MEMOIZE, SHORT_BINUNICODE) and the
+ones that switch stack levels (MARK, POP, STOP) are handled in the loop itself. Every opcode of
+:mod:`.opcodes` is implemented exactly once: in the loop (``_INLINE``), or by a
+handler in ``_HANDLERS`` or, for opcodes that take the items above a mark,
+``_MARK_HANDLERS``.
 
-The inline code does no bounds or stack checks of its own: reading past the
-data raises ``IndexError``/``struct.error``, popping an empty stack level raises
-``IndexError``, and only when that happens does :func:`_arg_status` work out
-whether the opcode's argument was truncated (or the stack underflowed). Only
-variable-length arguments are checked up front, because slicing past the end
-of ``bytes`` does not fail.
+Fixed-size reads are not bounds-checked: reading past the data raises
+``IndexError``/``struct.error`` and only then does :func:`_arg_status` work
+out which argument was truncated. Variable-length arguments are checked up
+front, because slicing past the end of ``bytes`` does not fail. Handlers read
+their argument before touching anything, so an opcode whose argument was
+incomplete has changed nothing and can be run again once more data is read.
 
 Marks: the stack is a list per mark level. MARK saves the current level on
 ``metastack`` and starts an empty one, so "do not pop below the mark" is
-simply "do not pop an empty list".
+"do not pop an empty list": the loop's own pops need no check (an IndexError
+raised in the loop itself is a stack underflow), handlers check explicitly.
 
 File input: an ``io.BytesIO`` is read in place. Any other file is read into a
 window; when an opcode finds its argument incomplete, the window is refilled
@@ -41,6 +45,7 @@ from __future__ import annotations
 import codecs
 import copyreg
 import io
+import math
 import re
 import struct
 import sys
@@ -67,7 +72,8 @@ _MEMOIZE = BY_NAME["MEMOIZE"].byte
 _MARK = BY_NAME["MARK"].byte
 _POP = BY_NAME["POP"].byte
 _STOP = BY_NAME["STOP"].byte
-_INLINE = frozenset({"BINGET", "MEMOIZE", "MARK", "POP", "STOP"})
+_SHORT_BINUNICODE = BY_NAME["SHORT_BINUNICODE"].byte
+_INLINE = frozenset({"BINGET", "MEMOIZE", "SHORT_BINUNICODE", "MARK", "POP", "STOP"})
 
 #: Opcodes that take the items above the top mark: their handlers get those items and the
 #: level below the mark, instead of the current level.
@@ -120,10 +126,12 @@ def _line(data: bytes, pos: int) -> tuple[bytes, int]:
 
 def _nonempty_line(data: bytes, pos: int) -> tuple[bytes, int]:
     """Like :func:`_line`; an empty line is an error, as the C unpickler has it."""
-    text, pos = _line(data, pos)
-    if not text:
+    nl = data.find(b"\n", pos)
+    if nl <= pos:
+        if nl < 0:
+            raise _Truncated
         raise _Bad(UnpicklingError, "pickle data was truncated (empty argument line)")
-    return text, pos
+    return data[pos:nl], nl + 1
 
 
 def _utf8(raw: bytes) -> str:
@@ -142,6 +150,10 @@ def _c_string(text: bytes) -> bytes:
 
 def _c_int(text: bytes, base: int) -> int:
     """``int(text, base)`` as the C unpickler's PyLong_FromString has it."""
+    try:
+        return int(text, base)  # the same, for text without NUL
+    except ValueError:
+        pass
     text = _c_string(text)
     try:
         return int(text, base)
@@ -162,6 +174,8 @@ _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
 
 def _text_to_int(text: bytes) -> int:
     """Parse INT's text as the C unpickler does: strtol first, then Python's int(text, 0)."""
+    if text.isdigit() and text[0] != 0x30:  # plain decimal: strtol and int() agree
+        return int(text)
     text = _c_string(text)
     if not text:  # strtol of an empty C string converts nothing, ends at the NUL: C takes 0
         return 0
@@ -181,6 +195,15 @@ def _text_to_int(text: bytes) -> int:
 
 def _text_to_float(text: bytes) -> float:
     """Parse FLOAT's text as the C unpickler does (PyOS_string_to_double)."""
+    if not text.translate(None, b"0123456789.eE+-"):
+        # Plain numeric text (what picklers write): float() and strtod agree, but for
+        # overflow, which float() turns into inf and C refuses (left to the full check).
+        try:
+            value = float(text)
+        except ValueError:
+            raise _Bad(ValueError, "could not convert string to float") from None
+        if math.isfinite(value):
+            return value
     text = _c_string(text)
     if not _STRTOD.fullmatch(text):
         raise _Bad(ValueError, "could not convert string to float")
@@ -265,14 +288,6 @@ def load_binint(u: Unpickler, data: bytes, pos: int, stack: list) -> int:
 def load_binfloat(u: Unpickler, data: bytes, pos: int, stack: list) -> int:
     stack.append(_unpack_double(data, pos)[0])
     return pos + 8
-
-
-def load_short_binunicode(u: Unpickler, data: bytes, pos: int, stack: list) -> int:
-    end = pos + 1 + data[pos]
-    if end > len(data):  # not _take: this is the hottest handler, a call costs
-        raise _Truncated
-    stack.append(_utf8(data[pos + 1:end]))
-    return end
 
 
 def load_binunicode(u: Unpickler, data: bytes, pos: int, stack: list) -> int:
@@ -574,17 +589,14 @@ def load_dup(u: Unpickler, data: bytes, pos: int, stack: list) -> int:
 
 def load_get(u: Unpickler, data: bytes, pos: int, stack: list) -> int:
     text, pos = _nonempty_line(data, pos)
-    index = _c_int(text, 10)
-    try:
-        stack.append(u.memo[index])
-    except KeyError:
-        raise _Bad(UnpicklingError, f"Memo value not found at index {index}") from None
+    _memo_get(u, _c_int(text, 10), stack)
     return pos
 
 
 def load_put(u: Unpickler, data: bytes, pos: int, stack: list) -> int:
     text, pos = _nonempty_line(data, pos)
-    _need(stack, 1)  # before the index is parsed, as in C
+    if not stack:  # checked before the index is parsed, as in C
+        raise _Underflow
     index = _c_int(text, 10)
     if index < 0:
         raise _Bad(ValueError, "negative PUT argument")
@@ -596,7 +608,7 @@ def _load_ext(u: Unpickler, code: int, stack: list) -> None:
     if code <= 0:
         raise _Bad(UnpicklingError, "EXT specifies code <= 0")
     # The cache would bypass an overridden find_class, so only the default one may use it.
-    cacheable = type(u).find_class is Unpickler.find_class
+    cacheable = type(u).find_class is Unpickler.find_class and "find_class" not in vars(u)
     if cacheable and code in copyreg._extension_cache:
         stack.append(copyreg._extension_cache[code])
         return
@@ -822,7 +834,7 @@ class Unpickler:
         self.errors = errors
         self._buffers = iter(buffers) if buffers is not None else None
         self.memo: dict[int, Any] = {}
-        #: The protocol the PROTO opcode declared (0 until one does).
+        #: The protocol the current pickle's PROTO opcode declared (0 until one does).
         self.proto = 0
 
     def load(self) -> Any:
@@ -907,10 +919,13 @@ class Unpickler:
         ``origin`` is where the pickle starts in ``data`` (offsets in messages
         count from it). Returns (value, position after STOP, len(data)).
         """
+        self.proto = 0  # each pickle declares its own protocol (or has none: 0)
         memo = self.memo
         stack: list = []
         metastack: list[list] = []
         handlers = _HANDLERS
+        # Local names: cheaper to read in the loop than module globals.
+        BINGET, MEMOIZE, SHORT_BINUNICODE = _BINGET, _MEMOIZE, _SHORT_BINUNICODE
         end = len(data)
         start = pos
         code = -1
@@ -920,17 +935,26 @@ class Unpickler:
                     start = pos
                     code = data[pos]
                     pos += 1
-                    # The two most frequent opcodes first, then one call per opcode: a call
-                    # costs about as much as two failed comparisons.
-                    if code == _BINGET:
+                    # The three most frequent opcodes first, then one call per opcode: a
+                    # call costs about as much as two failed comparisons.
+                    if code == BINGET:
                         try:
                             stack.append(memo[data[pos]])
                         except KeyError:
                             raise _Bad(UnpicklingError,
                                        f"Memo value not found at index {data[pos]}") from None
                         pos += 1
-                    elif code == _MEMOIZE:
+                    elif code == MEMOIZE:
                         memo[len(memo)] = stack[-1]
+                    elif code == SHORT_BINUNICODE:
+                        after = pos + 1 + data[pos]
+                        if after > end:
+                            raise _Truncated
+                        try:
+                            stack.append(data[pos + 1:after].decode())
+                        except UnicodeDecodeError:
+                            stack.append(_utf8(data[pos + 1:after]))
+                        pos = after
                     elif (handler := handlers[code]) is not None:
                         pos = handler(self, data, pos, stack)
                     elif code == _MARK:

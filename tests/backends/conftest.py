@@ -1,16 +1,32 @@
-"""Fixtures of the backend contract tests: every test runs once per backend in BACKENDS."""
+"""Fixtures of the backend contract tests: every test runs once per backend in BACKENDS
+(and once more per other dbm module this Python has)."""
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Iterator
 
 import pytest
 
 from pstore.backends import BACKENDS, Backend, open_backend
+from pstore.backends.dbm import MODULES
 
 
-@pytest.fixture(params=sorted(BACKENDS))
+def available_dbm_modules() -> list[str]:
+    """The dbm modules this Python has, best first (the first is what backend="dbm" uses)."""
+    found = []
+    for name in MODULES:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            continue
+        found.append(name)
+    return found
+
+
+# Every backend, and the DBM backend on each other dbm module this Python has too.
+@pytest.fixture(params=sorted(BACKENDS) + [f"dbm:{name}" for name in available_dbm_modules()[1:]])
 def backend_name(request: pytest.FixtureRequest) -> str:
     return request.param
 

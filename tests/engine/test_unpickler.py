@@ -470,6 +470,14 @@ def test_several_pickles_from_one_file(tmp_path, proto, kind):
         assert file.read() == b"tail"
 
 
+def test_each_pickle_in_a_file_has_its_own_protocol():
+    # fix_imports applies below protocol 3: the second pickle must not inherit the first's.
+    raw = pickle.dumps(1, 3) + b"c__builtin__\nset\n."
+    unpickler = Unpickler(io.BytesIO(raw))
+    assert unpickler.load() == 1
+    assert unpickler.load() is set
+
+
 def test_file_without_read_or_readline():
     with pytest.raises(TypeError):
         Unpickler(object())

@@ -38,8 +38,9 @@ def test_mapping_basics(store):
     assert len(store) == 0
 
 
-def test_values_persist_across_reopen(opener):
-    with opener() as store:
+@pytest.mark.parametrize("fsync", [False, True])
+def test_values_persist_across_reopen(opener, fsync):
+    with opener(fsync=fsync) as store:
         store["k"] = {"nested": [1, 2.5, "three", b"four", None, (5,)]}
         store["empty"] = ""
     with opener("r") as store:

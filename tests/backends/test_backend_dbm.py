@@ -1,0 +1,193 @@
+"""What only the DBM backend promises: module choice, format checks, file modes, shelve files."""
+
+from __future__ import annotations
+
+import dbm
+import hashlib
+import importlib
+import os
+import shelve
+import stat
+
+import pytest
+
+import pstore
+from pstore.backends import open_backend
+from pstore.backends.dbm import FORMAT_VERSION, DBMBackend
+from pstore.errors import FormatError, ReadOnlyError
+
+from .conftest import available_dbm_modules
+
+modules = pytest.mark.parametrize("module", available_dbm_modules())
+
+
+def open_dbm(path: str, flag: str = "c", module: str | None = None) -> DBMBackend:
+    return DBMBackend(path, flag, lock_timeout=5, fsync=False, variant=module)
+
+
+def fill(path: str, module: str | None = None) -> None:
+    backend = open_dbm(path, module=module)
+    backend.begin()
+    oid = backend.new_oid()
+    backend.put_record(oid, b"data", ())
+    backend.bind_key("k", oid)
+    backend.commit()
+    backend.close()
+
+
+def snapshot(directory: str) -> dict[str, tuple[int, str]]:
+    """name -> (mtime_ns, digest) of every file that may hold data.
+
+    Not SQLite's -wal/-shm: dbm.sqlite3 keeps its file in WAL mode, and reading a
+    WAL database creates them (empty of data) if they are missing.
+    """
+    result = {}
+    for name in sorted(os.listdir(directory)):
+        if name.endswith(("-wal", "-shm")):
+            continue
+        full = os.path.join(directory, name)
+        with open(full, "rb") as file:
+            result[name] = (os.stat(full).st_mtime_ns, hashlib.sha256(file.read()).hexdigest())
+    return result
+
+
+def test_plain_dbm_uses_the_best_module_and_then_the_one_that_wrote_the_file(tmp_path):
+    best = available_dbm_modules()[0]
+    fill(str(tmp_path / "best.db"))
+    assert dbm.whichdb(str(tmp_path / "best.db")) == best
+    fill(str(tmp_path / "dumb.db"), "dbm.dumb")
+    with pstore.open(str(tmp_path / "dumb.db"), "r", backend="dbm") as store:
+        assert "k" in store
+
+
+def test_variant_errors(tmp_path):
+    path = str(tmp_path / "store.db")
+    with pytest.raises(ValueError, match="unknown dbm module"):
+        open_dbm(path, module="dbm.nope")
+    with pytest.raises(ValueError, match="no variants"):
+        open_backend("sqlite:x", path, "c", lock_timeout=1, fsync=False)
+    fill(path, "dbm.dumb")
+    others = [name for name in available_dbm_modules() if name != "dbm.dumb"]
+    for other in others:
+        with pytest.raises(FormatError, match="dbm.dumb database"):
+            open_dbm(path, module=other)
+
+
+@modules
+@pytest.mark.parametrize("flag", ["r", "w", "c"])
+def test_foreign_dbm_database_is_refused_and_left_untouched(tmp_path, module, flag):
+    path = str(tmp_path / "foreign.db")
+    foreign = importlib.import_module(module).open(path, "c")
+    foreign[b"some"] = b"thing"
+    foreign.close()
+    before = snapshot(str(tmp_path))
+    with pytest.raises(FormatError) as raised:
+        open_dbm(path, flag, module)
+    assert path in str(raised.value)
+    after = {name: value for name, value in snapshot(str(tmp_path)).items()
+             if not name.endswith((".lock", ".commits"))}
+    assert after == before
+
+
+@pytest.mark.parametrize("flag", ["r", "w", "c"])
+def test_not_a_database(tmp_path, flag):
+    path = str(tmp_path / "file.db")
+    with open(path, "wb") as file:
+        file.write(b"not a database\n" * 100)
+    with pytest.raises(FormatError):
+        open_dbm(path, flag)
+    with open(path, "rb") as file:
+        assert file.read() == b"not a database\n" * 100
+
+
+@modules
+def test_newer_format_version_is_refused(tmp_path, module):
+    path = str(tmp_path / "store.db")
+    fill(path, module)
+    backend = open_dbm(path, module=module)
+    backend.begin()
+    backend._put(b"m:version", b"%d" % (FORMAT_VERSION + 1))
+    backend.commit()
+    backend.close()
+    for flag in "rwc":
+        with pytest.raises(FormatError, match="newer"):
+            open_dbm(path, flag, module)
+
+
+@modules
+def test_new_files_are_private(tmp_path, module):
+    os.umask(0o022)
+    fill(str(tmp_path / "store.db"), module)
+    for name in os.listdir(tmp_path):
+        assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == 0o600, name
+
+
+@modules
+def test_read_only_writes_nothing(tmp_path, module):
+    path = str(tmp_path / "store.db")
+    fill(path, module)
+    before = snapshot(str(tmp_path))
+    reader = open_dbm(path, "r", module)
+    assert reader.get_record(reader.get_key("k")) == b"data"
+    assert list(reader.iter_keys()) == ["k"]
+    reader.change_marker()
+    reader.close()
+    assert snapshot(str(tmp_path)) == before
+
+
+def test_key_pages_stay_dense_as_keys_come_and_go(tmp_path):
+    backend = open_dbm(str(tmp_path / "store.db"))
+    backend.begin()
+    oid = backend.new_oid()
+    for i in range(2000):
+        backend.bind_key(f"k{i}", oid)
+    for i in range(2000):
+        if i % 4:
+            backend.unbind_key(f"k{i}")
+    pages_before = backend._get_int(b"m:pages")
+    for i in range(1000):
+        backend.bind_key(f"new{i}", oid)
+    backend.commit()
+    assert backend._get_int(b"m:pages") == pages_before   # the sparse pages were refilled
+    assert sorted(backend.iter_keys()) == sorted(
+        [f"k{i}" for i in range(0, 2000, 4)] + [f"new{i}" for i in range(1000)])
+    assert backend.count_keys() == 1500
+    backend.close()
+
+
+@modules
+def test_shelve_file_is_read_with_pstores_engine_and_converted(tmp_path, module, monkeypatch):
+    source = str(tmp_path / "old.shelf")
+    shared = [1, 2]
+    with shelve.Shelf(importlib.import_module(module).open(source, "c")) as shelf:
+        shelf["config"] = {"a": shared, "b": shared}
+        shelf["ünïcode"] = 3
+    before = snapshot(str(tmp_path))
+
+    def no_stdlib_unpickling(*args, **kwargs):
+        raise AssertionError("the standard library's pickle was used")
+    monkeypatch.setattr("pickle.loads", no_stdlib_unpickling)
+    monkeypatch.setattr("pickle.Unpickler", no_stdlib_unpickling)
+
+    with pstore.open(source, "r", backend="shelve") as store:
+        assert sorted(store) == ["config", "ünïcode"] and len(store) == 2
+        assert store["config"]["a"] is store["config"]["b"] == [1, 2]
+        assert store["ünïcode"] == 3 and "missing" not in store
+        with pytest.raises(ReadOnlyError):
+            store["x"] = 1
+    for flag in "wcn":
+        with pytest.raises(ReadOnlyError):
+            pstore.open(source, flag, backend="shelve")
+    assert snapshot(str(tmp_path)) == before
+
+    target = str(tmp_path / "new.db")
+    assert pstore.convert_shelve(source, target, batch=1) == 2
+    with pstore.open(target, "r") as store:
+        assert dict(store) == {"config": {"a": [1, 2], "b": [1, 2]}, "ünïcode": 3}
+
+
+def test_shelve_backend_refuses_a_pstore_store(tmp_path):
+    path = str(tmp_path / "store.db")
+    fill(path)
+    with pytest.raises(FormatError, match="backend='dbm'"):
+        pstore.open(path, "r", backend="shelve")

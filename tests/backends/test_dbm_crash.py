@@ -1,0 +1,149 @@
+"""The DBM backend under SIGKILL: real processes, real files, killed at random moments.
+
+A child commits transactions in a loop (two keys and a list updated together) and
+prints each value once its commit returned; the parent kills it at a random
+moment, reopens the store, and checks that the last transaction is all or nothing
+and that every acknowledged commit is there. The journal's recovery paths are
+also driven directly, so that each one is exercised on every run.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import pstore
+from pstore.backends import journal
+from pstore.backends.dbm import DBMBackend
+
+from .conftest import available_dbm_modules
+
+KILLS = 25
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+CHILD = """
+import sys, pstore
+with pstore.open(sys.argv[1], backend=sys.argv[2]) as store:
+    i = store.get("a", 0)
+    while True:
+        i += 1
+        with store.transaction():
+            store["a"] = i
+            store["list"] = [i] * 300
+            store["b"] = i
+        sys.stdout.write(f"{i}\\n")
+        sys.stdout.flush()
+"""
+
+modules = pytest.mark.parametrize("module", available_dbm_modules())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
+@modules
+def test_killed_writer_leaves_every_transaction_all_or_nothing(tmp_path, module):
+    path = str(tmp_path / "store.db")
+    backend = f"dbm:{module}"
+    rng = random.Random(module)
+    acknowledged = 0
+    journals_found = 0
+    started = time.monotonic()
+    for _ in range(KILLS):
+        child = subprocess.Popen([sys.executable, "-c", CHILD, path, backend],
+                                 stdout=subprocess.PIPE, text=True, cwd=ROOT)
+        first = child.stdout.readline()
+        assert first, "the writer died on its own"
+        # Past its first commit the child spends its time committing, so a random
+        # delay lands anywhere in the commit: buffering, journal, apply, cleanup.
+        time.sleep(rng.uniform(0, 0.05))
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        lines = [first, *child.stdout.read().splitlines()]
+        child.stdout.close()
+        acknowledged = max(acknowledged, *(int(line) for line in lines if line.strip()))
+        journals_found += os.path.exists(path + ".journal")
+        with pstore.open(path, "w", backend=backend) as store:
+            a, b = store["a"], store["b"]
+            assert a == b and store["list"] == [a] * 300
+            assert acknowledged <= a <= acknowledged + 1
+            acknowledged = a
+    elapsed = time.monotonic() - started
+    print(f"{module}: {KILLS} kills, last value {acknowledged}, a journal was left by "
+          f"{journals_found} kills, {elapsed:.1f} s")
+    assert elapsed < 60
+
+
+def fill(path: str, module: str) -> DBMBackend:
+    backend = DBMBackend(path, "c", lock_timeout=5, fsync=False, variant=module)
+    backend.begin()
+    oid = backend.new_oid()
+    backend.put_record(oid, b"old", ())
+    backend.bind_key("k", oid)
+    backend.commit()
+    return backend
+
+
+def journal_of_a_rewrite(backend: DBMBackend) -> dict:
+    """The changes of a transaction that rewrites the record of "k", rolled back."""
+    backend.begin()
+    oid = backend.get_key("k")
+    backend.put_record(oid, b"new", ())
+    backend.bind_key("other", oid)
+    changes = dict(backend._tx)
+    backend.rollback()
+    return changes
+
+
+@modules
+def test_complete_journal_is_replayed_by_the_next_reader(tmp_path, module):
+    path = str(tmp_path / "store.db")
+    writer = fill(path, module)
+    journal.write(path + ".journal", journal_of_a_rewrite(writer), fsync=False)
+    reader = DBMBackend(path, "r", lock_timeout=5, fsync=False)
+    assert reader.get_record(reader.get_key("k")) == b"new"
+    assert sorted(reader.iter_keys()) == ["k", "other"]
+    assert not os.path.exists(path + ".journal")
+    assert writer.get_record(writer.get_key("other")) == b"new"    # its handle was refreshed
+    reader.close()
+    writer.close()
+
+
+@modules
+def test_incomplete_journal_is_discarded(tmp_path, module):
+    path = str(tmp_path / "store.db")
+    writer = fill(path, module)
+    journal.write(path + ".journal", journal_of_a_rewrite(writer), fsync=False)
+    with open(path + ".journal", "r+b") as file:
+        file.truncate(os.path.getsize(path + ".journal") - 1)
+    writer.begin()      # a writer recovers first
+    assert writer.get_record(writer.get_key("k")) == b"old"
+    assert writer.get_key("other") is None
+    writer.rollback()
+    assert not os.path.exists(path + ".journal")
+    writer.close()
+
+
+def test_dumb_index_torn_during_apply_is_restored(tmp_path):
+    """dbm.dumb rewrites its index in place; a kill meanwhile leaves it cut short."""
+    path = str(tmp_path / "store.db")
+    writer = fill(path, "dbm.dumb")
+    changes = journal_of_a_rewrite(writer)
+    writer.close()
+    journal.write(path + ".journal", changes, fsync=False)
+    with open(path + ".dir", "rb") as file:
+        index = file.read()
+    with open(path + ".dir.saved", "wb") as file:     # what the apply saved first
+        file.write(index)
+    with open(path + ".dir", "wb") as file:           # then the kill, mid-rewrite
+        file.write(index[:len(index) // 3])
+    reader = DBMBackend(path, "r", lock_timeout=5, fsync=False)
+    assert reader.get_record(reader.get_key("k")) == b"new"
+    assert reader.count_keys() == 2
+    assert not os.path.exists(path + ".dir.saved")
+    reader.close()
