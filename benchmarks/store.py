@@ -93,6 +93,15 @@ class PStore(Peer):
         return self.store.items()
 
 
+class PStoreDBM(PStore):
+    """pstore's DBM backend, on the dbm module the shelve peer uses (dbm.dumb)."""
+
+    name = "pstore-dbm"
+
+    def open(self, directory: str) -> None:
+        self.store = pstore.open(os.path.join(directory, "data"), backend="dbm:dbm.dumb")
+
+
 class Shelve(Peer):
     name = "shelve"
 
@@ -220,7 +229,7 @@ class Zodb(Peer):
 def available_peers(wanted: list[str]) -> list[Peer]:
     """pstore, then each wanted peer whose module is installed."""
     peers: list[Peer] = [PStore()]
-    for module, peer in (("shelve", Shelve), ("sqlitedict", SqliteDict),
+    for module, peer in (("dbm.dumb", PStoreDBM), ("shelve", Shelve), ("sqlitedict", SqliteDict),
                          ("diskcache", DiskCache), ("ZODB", Zodb)):
         if peer.name not in wanted:
             continue
@@ -303,7 +312,7 @@ def run_peer(peer: Peer, sizes: dict[str, int]) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
-    parser.add_argument("--peers", default="shelve,sqlitedict,diskcache,ZODB",
+    parser.add_argument("--peers", default="pstore-dbm,shelve,sqlitedict,diskcache,ZODB",
                         help="comma-separated peers to compare with ('' for pstore alone, "
                              "e.g. under cProfile)")
     parser.add_argument("--repeat", type=int, default=1,

@@ -1,8 +1,11 @@
 """The ``pstore`` command: a demo, and tools to look inside pickles without running them.
 
-    pstore demo [PATH]         store an object graph, reload it in another process, check it
-    pstore dis FILE            disassemble a pickle file (opcodes, arguments, memo indexes)
-    pstore globals FILE        list the module.name pairs a pickle would import
+    pstore demo [PATH]                 store an object graph, reload it in another process
+    pstore dis FILE                    disassemble a pickle file (opcodes, arguments, memo)
+    pstore globals FILE                list the module.name pairs a pickle would import
+    pstore keys STORE                  list a store's keys (opened read-only)
+    pstore gc STORE                    delete the records no key reaches
+    pstore convert-shelve SHELF STORE  copy a stdlib shelve file into a pstore store
 """
 
 from __future__ import annotations
@@ -30,6 +33,31 @@ def cmd_dis(args: argparse.Namespace) -> int:
 def cmd_globals(args: argparse.Namespace) -> int:
     for module, name in engine.globals_of(_read(args.file)):
         print(f"{module}.{name}")
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    import pstore
+
+    with pstore.open(args.store, "r", backend=args.backend) as store:
+        for key in store:
+            print(key)
+    return 0
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    import pstore
+
+    with pstore.open(args.store, "w", backend=args.backend) as store:
+        print(f"deleted {store.gc()} unreachable records")
+    return 0
+
+
+def cmd_convert_shelve(args: argparse.Namespace) -> int:
+    import pstore
+
+    count = pstore.convert_shelve(args.shelf, args.store, backend=args.backend)
+    print(f"copied {count} keys from {args.shelf} into {args.store}")
     return 0
 
 
@@ -86,6 +114,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     names = commands.add_parser("globals", help="list the globals a pickle file would import")
     names.add_argument("file")
     names.set_defaults(run=cmd_globals)
+    for name, run, help_text in [("keys", cmd_keys, "list a store's keys"),
+                                 ("gc", cmd_gc, "delete the records no key reaches")]:
+        command = commands.add_parser(name, help=help_text)
+        command.add_argument("store")
+        command.add_argument("--backend", default="sqlite", help="sqlite (default) or dbm")
+        command.set_defaults(run=run)
+    convert = commands.add_parser("convert-shelve",
+                                  help="copy a stdlib shelve file into a pstore store")
+    convert.add_argument("shelf", help="the shelve file (as given to shelve.open)")
+    convert.add_argument("store", help="the pstore store to create or add to")
+    convert.add_argument("--backend", default="sqlite", help="the store's backend")
+    convert.set_defaults(run=cmd_convert_shelve)
     args = parser.parse_args(argv)
     return args.run(args)
 

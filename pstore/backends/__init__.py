@@ -26,7 +26,7 @@ BACKENDS: dict[str, str] = {
 
 #: Like :data:`BACKENDS`, for backends that only read (flag 'r'): not in the write tests.
 READERS: dict[str, str] = {
-    "shelve": "pstore.backends.dbm:ShelveReader",
+    "shelve": "pstore.backends.shelf:ShelveReader",
 }
 
 

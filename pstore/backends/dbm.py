@@ -10,14 +10,15 @@ nor any locking that works across all of them. This backend adds all three:
 * **Locks**: ``<path>.lock`` serializes writers (held from :meth:`begin` to the
   end of :meth:`commit`); ``<path>.commits`` is held shared by readers for each
   read and exclusively by a writer only while it applies a journal, so readers
-  wait for that apply phase and nothing else, and never see half of it.
+  wait for that apply phase and nothing else, and never see half of it;
+  ``<path>.gate`` keeps a stream of readers from starving an applying writer.
 * **Change detection**: ``<path>.commits`` also holds a counter that every
   apply increments; it is the change marker, and it tells readers when their
   open database handle is stale.
 
 The key-space layout and the journal format are in ``docs/format.md``; when to
-use this backend, in ``docs/backends.md``. :class:`ShelveReader` reads files
-written by the standard library's ``shelve`` (read-only).
+use this backend, in ``docs/backends.md``. Files written by the standard
+library's ``shelve`` are read by :mod:`.shelf`.
 """
 
 from __future__ import annotations
@@ -37,18 +38,20 @@ from . import journal
 from .base import Backend
 from .files import FileLock, fsync_directory, require_existing
 
-__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "MODULES", "DBMBackend", "ShelveReader"]
+__all__ = ["FORMAT_KEY", "FORMAT_NAME", "FORMAT_VERSION", "MODULES", "DBMBackend",
+           "choose_module"]
 
 #: The dbm modules this backend can use, best first: plain ``backend="dbm"`` takes the
 #: first one this Python has (the order of the standard library's own ``dbm.open``).
 MODULES = ("dbm.sqlite3", "dbm.gnu", "dbm.ndbm", "dbm.dumb")
-#: What the ``m:format`` key holds in every pstore DBM store.
+#: The key that marks a pstore DBM store, and what it holds.
+FORMAT_KEY = b"m:format"
 FORMAT_NAME = b"pstore-dbm"
 #: The newest format version this code reads and the one it writes.
 FORMAT_VERSION = 1
 
 # Meta keys (docs/format.md).
-_FORMAT = b"m:format"
+_FORMAT = FORMAT_KEY
 _VERSION = b"m:version"
 _NEXT_OID = b"m:next_oid"
 _KEY_COUNT = b"m:keys"
@@ -152,8 +155,9 @@ class _Module:
         """Every file the database at ``path`` may consist of."""
         return [path + suffix for suffix in _SUFFIXES[self.name]]
 
-    def before_apply(self, path: str, *, fsync: bool) -> bool:
-        """Called before a journal is applied; True if it changed files open handles cache."""
+    def before_apply(self, path: str, *, again: bool, fsync: bool) -> bool:
+        """Called before a journal is applied (``again``: one found on disk, whose apply
+        may have been interrupted); True if it changed files that open handles cache."""
         return False
 
     def write(self, db: Any, changes: journal.Changes) -> None:
@@ -166,11 +170,17 @@ class _Module:
 
     def delete(self, db: Any, key: bytes) -> None:
         """Remove ``key`` from ``db``, if there."""
-        if key in db:
+        try:
             del db[key]
+        except KeyError:
+            pass
 
     def close(self, db: Any, path: str, *, writable: bool) -> None:
         """Close the handle ``db`` on ``path`` (opened for writing if ``writable``)."""
+        db.close()
+
+    def abandon(self, db: Any) -> None:
+        """Close ``db`` without writing anything it buffers."""
         db.close()
 
     def sync(self, db: Any) -> None:
@@ -178,8 +188,8 @@ class _Module:
         if hasattr(db, "sync"):
             db.sync()
 
-    def after_apply(self, path: str) -> None:
-        """Called once a journal is applied and synced."""
+    def after_apply(self, path: str, *, fsync: bool) -> None:
+        """Called once a journal is applied and synced, before the journal is deleted."""
 
 
 class _SQLiteModule(_Module):
@@ -250,9 +260,9 @@ class _DumbModule(_Module):
         if key in db:
             db[key] = b""
 
-    def before_apply(self, path: str, *, fsync: bool) -> bool:
+    def before_apply(self, path: str, *, again: bool, fsync: bool) -> bool:
         index, saved = path + ".dir", path + ".dir.saved"
-        if os.path.exists(saved):       # an earlier apply of this journal was interrupted
+        if again and os.path.exists(saved):     # an apply of this journal was interrupted
             _copy_private(saved, index, fsync=fsync)
             return True
         _copy_private(index, saved, fsync=fsync)
@@ -265,8 +275,14 @@ class _DumbModule(_Module):
         # any commit made since by another process. 3.13 resets the flag itself.
         db._modified = False
 
-    def after_apply(self, path: str) -> None:
+    def abandon(self, db: Any) -> None:
+        db._modified = False    # else close() writes its in-memory index
+        db.close()
+
+    def after_apply(self, path: str, *, fsync: bool) -> None:
         os.unlink(path + ".dir.saved")
+        if fsync:   # gone before the journal is, or a later recovery would restore it
+            fsync_directory(path)
 
 
 def _copy_private(source: str, target: str, *, fsync: bool) -> None:
@@ -302,8 +318,12 @@ def _load_module(name: str, path: str) -> _Module:
         raise FormatError(path, f"it needs the module {name}, which this Python lacks") from None
 
 
-def _choose_module(path: str, flag: str, variant: str | None) -> _Module:
-    """The module for ``path``: the one named, else the one that wrote it, else the best."""
+def choose_module(path: str, flag: str, variant: str | None) -> _Module:
+    """The module for ``path``: the one named, else the one that wrote it, else the best.
+
+    Also used by :mod:`.shelf`. Raises ``ValueError`` for an unknown name and
+    :class:`~pstore.errors.FormatError` for a file of another or no dbm module.
+    """
     if variant is not None and variant not in MODULES:
         raise ValueError(f"unknown dbm module {variant!r}; known: {', '.join(MODULES)}")
     found = None if flag == "n" else _whichdb(path)
@@ -344,11 +364,12 @@ class DBMBackend(Backend):
         self._lock_timeout = lock_timeout
         self._fsync = fsync
         self._journal_path = path + ".journal"
-        self._module = _choose_module(path, flag, variant)
+        self._module = choose_module(path, flag, variant)
         self._db: Any = None                 # the handle reads go through
         self._db_version: int | None = None  # the commit counter it is current with
         self._db_thread = 0                  # the thread that opened it
         self._tx: dict[bytes, bytes | None] | None = None   # the open transaction's changes
+        self._tx_pages: dict[int, list[bytes]] = {}          # and its key pages, decoded
         self._own_commits = 0   # how many of the commit counter's steps are this object's
         self._closed = False
         self._make_locks()
@@ -374,7 +395,35 @@ class DBMBackend(Backend):
 
     def _make_locks(self) -> None:
         self._write_lock = FileLock(self.path + ".lock", self._lock_timeout)
-        self._apply_lock = FileLock(self.path + ".commits", self._lock_timeout)
+        # Held for microseconds (a read) or milliseconds (an apply), very often: a
+        # waiter must retry often to catch the moments it is free.
+        self._apply_lock = FileLock(self.path + ".commits", self._lock_timeout,
+                                    longest_pause=0.0002)
+        # Readers pass it (shared) on their way to the apply lock; an applying writer
+        # holds it (exclusive) so that no new reader slips in while it waits for the
+        # readers already in. Without it, readers back to back starve the writer.
+        self._gate = FileLock(self.path + ".gate", self._lock_timeout, longest_pause=0.0002)
+
+    def _share(self) -> None:
+        """Take the apply lock shared, through the gate."""
+        self._lock(self._gate, shared=True)
+        try:
+            self._lock(self._apply_lock, shared=True)
+        finally:
+            self._gate.release()
+
+    def _exclude(self) -> None:
+        """Take the gate and the apply lock exclusively (release with _unexclude)."""
+        self._lock(self._gate)
+        try:
+            self._lock(self._apply_lock)
+        except BaseException:
+            self._gate.release()
+            raise
+
+    def _unexclude(self) -> None:
+        self._apply_lock.release()
+        self._gate.release()
 
     def _create_database(self) -> None:
         """Create an empty database if there is none, under the write lock."""
@@ -395,7 +444,7 @@ class DBMBackend(Backend):
         # may change it already (dbm.sqlite3 switches it to WAL mode), and a foreign
         # database must be left untouched.
         try:
-            self._lock(self._apply_lock, shared=True)
+            self._share()
             try:
                 self._recover_if_orphaned()
                 db = self._module.open(self.path, "r")
@@ -447,7 +496,7 @@ class DBMBackend(Backend):
         if self._tx is not None:
             yield
             return
-        self._lock(self._apply_lock, shared=True)
+        self._share()
         try:
             self._recover_if_orphaned()
             self._refresh()
@@ -466,7 +515,7 @@ class DBMBackend(Backend):
                 self._recover()
             finally:
                 self._write_lock.release()
-                self._lock(self._apply_lock, shared=True)
+                self._share()
         # With a journal and a writer alive, the writer has not begun applying it (that
         # needs the lock the caller holds): the database is the last committed state.
 
@@ -592,6 +641,13 @@ class DBMBackend(Backend):
         oid, page = value.split()
         return int(oid), int(page)
 
+    def _paged_oid(self, key: bytes) -> int:
+        """The object id of ``key`` (encoded), which a key page lists, so is bound."""
+        value = self._get(b"k:" + key)
+        if value is None:
+            raise FormatError(self.path, f"a key page lists the unbound key {key!r}")
+        return int(value.split()[0])
+
     def get_key(self, key: str) -> int | None:
         with self._reading():
             binding = self._binding(key)
@@ -631,9 +687,27 @@ class DBMBackend(Backend):
     # A key stays in its page while it is bound, so an iteration that reads the pages
     # one by one sees every key that stays bound exactly once.
 
+    def _page(self, number: int) -> list[bytes]:
+        """The keys of page ``number``; in a transaction, the list its changes go to.
+
+        A transaction keeps the pages it touches decoded, and encodes them once, at
+        commit (see _flush_pages): binding many keys costs no page encoding each.
+        """
+        if self._tx is None:
+            return _unpack_page(self._get(_page_key(number)))
+        keys = self._tx_pages.get(number)
+        if keys is None:
+            keys = self._tx_pages[number] = _unpack_page(self._get(_page_key(number)))
+        return keys
+
+    def _flush_pages(self) -> None:
+        for number, keys in self._tx_pages.items():
+            self._put(_page_key(number), _pack_page(keys) if keys else None)
+        self._tx_pages.clear()
+
     def _add_to_page(self, key: bytes) -> int:
         number = self._get_int(_OPEN_PAGE, -1)
-        keys = _unpack_page(self._get(_page_key(number))) if number >= 0 else []
+        keys = self._page(number) if number >= 0 else []
         if number < 0 or len(keys) >= _PAGE_KEYS:
             free = _unpack_ints(self._get(_FREE_PAGES))
             if free:
@@ -643,15 +717,13 @@ class DBMBackend(Backend):
                 number = self._get_int(_PAGE_COUNT)
                 self._put_int(_PAGE_COUNT, number + 1)
             self._put_int(_OPEN_PAGE, number)
-            keys = _unpack_page(self._get(_page_key(number)))
+            keys = self._page(number)
         keys.append(key)
-        self._put(_page_key(number), _pack_page(keys))
         return number
 
     def _remove_from_page(self, number: int, key: bytes) -> None:
-        keys = _unpack_page(self._get(_page_key(number)))
+        keys = self._page(number)
         keys.remove(key)
-        self._put(_page_key(number), _pack_page(keys) if keys else None)
         # A page that falls below half full is filled again later, so that pages
         # stay dense however keys come and go; it crosses half only once before then.
         if len(keys) == _PAGE_KEYS // 2 - 1 and number != self._get_int(_OPEN_PAGE, -1):
@@ -664,7 +736,7 @@ class DBMBackend(Backend):
             count = self._get_int(_PAGE_COUNT)
         for number in range(count):
             with self._reading():
-                keys = _unpack_page(self._get(_page_key(number)))
+                keys = list(self._page(number))     # a copy: the caller may change pages
             if keys:
                 yield keys
 
@@ -686,8 +758,8 @@ class DBMBackend(Backend):
         for number in range(count):
             with self._reading():
                 items = []
-                for key in _unpack_page(self._get(_page_key(number))):
-                    oid = int(self._get(b"k:" + key).split()[0])
+                for key in self._page(number):
+                    oid = self._paged_oid(key)
                     items.append((key.decode("utf-8", "surrogatepass"), oid,
                                   self._get(_record_key(oid))))
             yield from items
@@ -714,19 +786,22 @@ class DBMBackend(Backend):
         self._tx = {}
 
     def commit(self) -> None:
+        if self._tx is not None:
+            self._flush_pages()
         changes, self._tx = self._tx, None
         try:
             if changes:
                 # The commit point: once the journal is complete, the transaction is
                 # applied, by this process now or by the next one to find it.
                 journal.write(self._journal_path, changes, fsync=self._fsync)
-                self._apply(changes)
+                self._apply(changes, again=False)
                 self._own_commits += 1
         finally:
             if changes is not None:
                 self._write_lock.release()
 
     def rollback(self) -> None:
+        self._tx_pages.clear()
         if self._tx is not None:
             self._tx = None
             self._write_lock.release()
@@ -740,22 +815,23 @@ class DBMBackend(Backend):
         if changes is None:     # its writer died before the commit point
             journal.remove(self._journal_path, fsync=self._fsync)
         else:
-            self._apply(changes)
+            self._apply(changes, again=True)
 
-    def _apply(self, changes: journal.Changes) -> None:
+    def _apply(self, changes: journal.Changes, *, again: bool) -> None:
         """Apply the journal's ``changes`` to the database, then delete the journal.
 
-        The caller holds the write lock. Readers are kept out (exclusive lock on
+        ``again``: the journal was found on disk, left by a writer that died. The
+        caller holds the write lock. Readers are kept out (exclusive lock on
         ``.commits``) from before the first change until the journal is gone.
         Every step may be repeated after a crash: puts and deletes are idempotent.
         """
-        self._lock(self._apply_lock)
+        self._exclude()
         try:
             version = self._commit_counter()
             # Counted first, so that every reader reopens its handle after this apply,
             # even one interrupted and finished by another process.
             os.pwrite(self._apply_lock.fileno(), (version + 1).to_bytes(8, "big"), 0)
-            if self._module.before_apply(self.path, fsync=self._fsync):
+            if self._module.before_apply(self.path, again=again, fsync=self._fsync):
                 self._drop_handle()
             own = (self._module.keeps_handle and not self.read_only
                    and self._handle_is_current(version))
@@ -763,6 +839,11 @@ class DBMBackend(Backend):
             try:
                 self._module.write(db, changes)
                 self._module.sync(db)
+            except BaseException:
+                if own:     # half written: never to be written again (recovery will)
+                    self._db = None
+                    self._module.abandon(db)
+                raise
             finally:
                 if not own:
                     self._module.close(db, self.path, writable=True)
@@ -773,16 +854,16 @@ class DBMBackend(Backend):
                     if os.path.exists(name):
                         _fsync_file(name)
                 fsync_directory(self.path)
-            self._module.after_apply(self.path)
+            self._module.after_apply(self.path, fsync=self._fsync)
             journal.remove(self._journal_path, fsync=self._fsync)
         finally:
-            self._apply_lock.release()
+            self._unexclude()
 
     def change_marker(self) -> int:
         """The number of commits applied by other connections (and recoveries) so far."""
         if self._closed:
             raise ClosedError(self.path)
-        self._lock(self._apply_lock, shared=True)
+        self._share()
         try:
             return self._commit_counter() - self._own_commits
         finally:
@@ -796,7 +877,7 @@ class DBMBackend(Backend):
         live: set[int] = set()
         stack: list[int] = []
         for keys in self._pages():
-            stack.extend(int(self._get(b"k:" + key).split()[0]) for key in keys)
+            stack.extend(self._paged_oid(key) for key in keys)
         while stack:
             oid = stack.pop()
             if oid not in live:
@@ -817,9 +898,11 @@ class DBMBackend(Backend):
             _INHERITED.append(self._db)
         self._write_lock.abandon()
         self._apply_lock.abandon()
+        self._gate.abandon()
         self._make_locks()
         self._db = None
         self._tx = None
+        self._tx_pages.clear()
 
     def close(self) -> None:
         if self._closed:
@@ -832,6 +915,7 @@ class DBMBackend(Backend):
             self._drop_handle()
             self._write_lock.close()
             self._apply_lock.close()
+            self._gate.close()
 
 
 def _fsync_file(path: str) -> None:
@@ -841,114 +925,3 @@ def _fsync_file(path: str) -> None:
     finally:
         os.close(fd)
 
-
-class ShelveReader(Backend):
-    """A read-only view of a file written by the standard library's ``shelve``.
-
-    Open it with ``pstore.open(path, "r", backend="shelve")`` (``"shelve:dbm.dumb"``
-    names the module; by default the one that wrote the file). Keys are the
-    shelve's keys (UTF-8 decoded, as ``shelve`` encodes them); each value is one
-    record, loaded by pstore's own unpickler, so values keep the identity of the
-    objects inside them but no sharing across keys (shelve stores none).
-    ``shelve`` has no locks: do not read a file another process is writing.
-    Any flag but 'r' raises :class:`~pstore.errors.ReadOnlyError`; every write
-    method raises it too. :func:`pstore.convert_shelve` copies a shelve into a
-    pstore store.
-    """
-
-    def __init__(self, path: str, flag: str, *, lock_timeout: float, fsync: bool,
-                 variant: str | None = None) -> None:
-        self.path = path
-        self.read_only = True
-        if flag != "r":
-            raise ReadOnlyError(path, f"open a shelve file with flag {flag!r} (only 'r')")
-        require_existing(path, flag, lambda: _whichdb(path) is not None)
-        self._module = _choose_module(path, flag, variant)
-        self._db: Any = None
-        self._open()
-        if self._db.get(_FORMAT) is not None:
-            self.close()
-            raise FormatError(path, "a pstore store, not a shelve file: open it with "
-                                    "backend='dbm'")
-        # Object ids are handed out as keys are read: the file has none of its own.
-        self._oids: dict[bytes, int] = {}
-        self._keys: list[bytes] = [b""]     # object id -> DBM key; id 0 is never used
-
-    def _open(self) -> None:
-        try:
-            self._db = self._module.open(self.path, "r")
-        except (OSError, ValueError, SyntaxError) as error:
-            raise FormatError(self.path, f"not a readable {self._module.name} database "
-                                         f"({error})") from None
-
-    def _oid(self, key: bytes) -> int:
-        oid = self._oids.get(key)
-        if oid is None:
-            oid = self._oids[key] = len(self._keys)
-            self._keys.append(key)
-        return oid
-
-    def _handle(self) -> Any:
-        if self._db is None:
-            raise ClosedError(self.path)
-        return self._db
-
-    def _refuse(self, *args: object) -> Any:
-        raise ReadOnlyError(self.path, "write to a shelve file")
-
-    new_oid = put_record = delete_record = bind_key = unbind_key = _refuse
-    begin = commit = gc = _refuse
-
-    def get_record(self, oid: int) -> bytes | None:
-        if not 0 < oid < len(self._keys):
-            return None
-        return self._handle().get(self._keys[oid])
-
-    def existing(self, oids: Collection[int]) -> set[int]:
-        return {oid for oid in oids if self.get_record(oid) is not None}
-
-    def is_referenced(self, oid: int) -> bool:
-        return 0 < oid < len(self._keys) and self._keys[oid] in self._handle()
-
-    def reaches(self, sources: Collection[int], target: int) -> bool:
-        return target in sources     # shelve values never refer to one another
-
-    def get_key(self, key: str) -> int | None:
-        encoded = key.encode("utf-8")
-        return self._oid(encoded) if encoded in self._handle() else None
-
-    def get_item(self, key: str) -> tuple[int, bytes | None] | None:
-        encoded = key.encode("utf-8")
-        data = self._handle().get(encoded)
-        return None if data is None else (self._oid(encoded), data)
-
-    def iter_keys(self) -> Iterator[str]:
-        """Every key; streamed where the module can iterate (dbm.dumb, dbm.sqlite3), else listed."""
-        db = self._handle()
-        for key in (iter(db) if hasattr(db, "__iter__") else db.keys()):
-            yield key.decode("utf-8")
-
-    def iter_items(self) -> Iterator[tuple[str, int, bytes | None]]:
-        for key in self.iter_keys():
-            item = self.get_item(key)
-            if item is not None:
-                yield (key, *item)
-
-    def count_keys(self) -> int:
-        return len(self._handle())
-
-    def rollback(self) -> None:
-        """Nothing to roll back: no transaction can be started."""
-
-    def change_marker(self) -> int:
-        return 0
-
-    def after_fork(self) -> None:
-        if self._db is not None:
-            _INHERITED.append(self._db)
-            self._open()
-
-    def close(self) -> None:
-        if self._db is not None:
-            self._db.close()
-            self._db = None

@@ -65,15 +65,22 @@ class FileLock:
     holds no data.
     """
 
-    def __init__(self, path: str, timeout: float) -> None:
+    def __init__(self, path: str, timeout: float, *, longest_pause: float = 0.02) -> None:
+        """``longest_pause``: the longest sleep between two attempts while waiting.
+
+        Waiting polls (a blocking ``flock`` cannot time out); locks held only briefly
+        but often need short pauses, or a waiter seldom finds them free.
+        """
         self.path = path
         self._timeout = timeout
+        self._longest_pause = longest_pause
         self._fd: int | None = None
         self._portable = (filelock.FileLock(path, timeout=timeout, mode=0o600,
                                             thread_local=False) if fcntl is None else None)
 
     def fileno(self) -> int:
-        """The descriptor of the lock file (opened read-write), for data kept in it."""
+        """The descriptor of the lock file, for data kept in it (read-only if the user may
+        only read the file: flock works on it, writes to it fail)."""
         if self._fd is None:
             try:
                 self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -95,7 +102,7 @@ class FileLock:
         fd = self.fileno()
         operation = (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB
         deadline = time.monotonic() + (self._timeout if wait else 0)
-        pause = 0.0005
+        pause = min(0.0005, self._longest_pause)
         while True:
             try:
                 fcntl.flock(fd, operation)
@@ -105,7 +112,7 @@ class FileLock:
                 if remaining <= 0:
                     return False
                 time.sleep(min(pause, remaining))
-                pause = min(pause * 2, 0.02)
+                pause = min(pause * 2, self._longest_pause)
 
     def release(self) -> None:
         if self._portable is not None:

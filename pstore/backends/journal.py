@@ -7,6 +7,7 @@ any of them reaches the database. Its layout (also in ``docs/format.md``)::
     entry*      entry = op (1 byte: 1 put, 0 delete) | key length | value length
                         (big-endian u32 each) | key | value (empty for a delete)
     TRAILER     b"END" | number of entries (big-endian u64) | SHA-256 of all the bytes before it
+                (the trailer's first 11 bytes included)
 
 A file whose trailer is missing or whose digest does not match is
 *incomplete*: its writer died before the commit point, and it is discarded.
@@ -27,7 +28,8 @@ __all__ = ["read", "remove", "write"]
 
 MAGIC = b"pstore-journal 1\n"
 _ENTRY = struct.Struct(">BII")
-_TRAILER = struct.Struct(">3sQ32s")
+_COUNT = struct.Struct(">3sQ")     # b"END", number of entries; then the digest
+_DIGEST_SIZE = 32
 _END = b"END"
 
 #: What a journal holds: DBM key -> new value, or None to delete the key.
@@ -48,7 +50,9 @@ def write(path: str, changes: Changes, *, fsync: bool) -> None:
             for part in (header, key, value or b""):
                 digest.update(part)
                 file.write(part)
-        file.write(_TRAILER.pack(_END, len(changes), digest.digest()))
+        count = _COUNT.pack(_END, len(changes))
+        digest.update(count)
+        file.write(count + digest.digest())
         file.flush()
         if fsync:
             os.fsync(file.fileno())
@@ -63,11 +67,14 @@ def read(path: str) -> dict[bytes, bytes | None] | None:
             content = file.read()
     except FileNotFoundError:
         return None
-    body_end = len(content) - _TRAILER.size
+    digest_start = len(content) - _DIGEST_SIZE
+    body_end = digest_start - _COUNT.size
     if body_end < len(MAGIC) or not content.startswith(MAGIC):
         return None
-    end, count, expected = _TRAILER.unpack_from(content, body_end)
-    if end != _END or hashlib.sha256(memoryview(content)[:body_end]).digest() != expected:
+    if hashlib.sha256(memoryview(content)[:digest_start]).digest() != content[digest_start:]:
+        return None
+    end, count = _COUNT.unpack_from(content, body_end)
+    if end != _END:
         return None
     changes: dict[bytes, bytes | None] = {}
     position = len(MAGIC)

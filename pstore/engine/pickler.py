@@ -85,6 +85,21 @@ def _int_to_long_bytes(value: int) -> bytes:
     return data
 
 
+def _sized_header(size: int, short: list[bytes] | None, opcode4: bytes, opcode8: bytes,
+                  framing: bool, what: str) -> bytes:
+    """The opcode and length prefix of a str or bytes argument of ``size`` bytes: the
+    1-byte-length opcode from ``short`` if there is one, else 4-byte, else (protocol 4+)
+    8-byte lengths."""
+    if short is not None and size < 256:
+        return short[size]
+    if size <= 0xFFFFFFFF:
+        return opcode4 + _pack_uint4(size)
+    if framing:
+        return opcode8 + _pack_uint8(size)
+    raise OverflowError(f"serializing a {what} larger than 4 GiB requires pickle protocol 4 "
+                        f"or higher")
+
+
 class Pickler:
     """Write pickles of objects to a binary file, like ``pickle.Pickler``.
 
@@ -348,17 +363,8 @@ def _make_dump(pickler: Pickler, persistent_id: Callable[[Any], Any] | None,
     def save_str(obj):
         if binary:
             data = obj.encode("utf-8", "surrogatepass")
-            size = len(data)
-            if size < 256 and framing:
-                header = _SHORT_BINUNICODE[size]
-            elif size <= 0xFFFFFFFF:
-                header = BINUNICODE + _pack_uint4(size)
-            elif framing:
-                header = BINUNICODE8 + _pack_uint8(size)
-            else:
-                raise OverflowError("serializing a string larger than 4 GiB "
-                                    "requires pickle protocol 4 or higher")
-            write_payload(header, data)
+            write_payload(_sized_header(len(data), _SHORT_BINUNICODE if framing else None,
+                                        BINUNICODE, BINUNICODE8, framing, "string"), data)
         else:
             # UNICODE's argument ends at a newline, so newline (and the characters that
             # raw-unicode-escape would not escape but that text readers trip over) are
@@ -371,17 +377,8 @@ def _make_dump(pickler: Pickler, persistent_id: Callable[[Any], Any] | None,
 
     def save_bytes_data(obj, data):
         """BINBYTES family for ``data`` (bytes or a read-only buffer), memoized as ``obj``."""
-        size = len(data)
-        if size < 256:
-            header = _SHORT_BINBYTES[size]
-        elif size <= 0xFFFFFFFF:
-            header = BINBYTES + _pack_uint4(size)
-        elif framing:
-            header = BINBYTES8 + _pack_uint8(size)
-        else:
-            raise OverflowError("serializing a bytes object larger than 4 GiB "
-                                "requires pickle protocol 4 or higher")
-        write_payload(header, data)
+        write_payload(_sized_header(len(data), _SHORT_BINBYTES, BINBYTES, BINBYTES8, framing,
+                                    "bytes object"), data)
         memo_put(obj)
 
     def save_bytearray_data(obj, data):

@@ -925,7 +925,8 @@ class Unpickler:
         metastack: list[list] = []
         handlers = _HANDLERS
         # Local names: cheaper to read in the loop than module globals.
-        BINGET, MEMOIZE, SHORT_BINUNICODE = _BINGET, _MEMOIZE, _SHORT_BINUNICODE
+        BINGET, MEMOIZE, SHORT_BINUNICODE, MARK = _BINGET, _MEMOIZE, _SHORT_BINUNICODE, _MARK
+        mark_handlers = _MARK_HANDLERS
         end = len(data)
         start = pos
         code = -1
@@ -935,17 +936,18 @@ class Unpickler:
                     start = pos
                     code = data[pos]
                     pos += 1
-                    # The three most frequent opcodes first, then one call per opcode: a
-                    # call costs about as much as two failed comparisons.
-                    if code == BINGET:
+                    # The three most frequent opcodes first (MEMOIZE follows every string and
+                    # container), then one call per opcode: a call costs about as much as two
+                    # failed comparisons.
+                    if code == MEMOIZE:
+                        memo[len(memo)] = stack[-1]
+                    elif code == BINGET:
                         try:
                             stack.append(memo[data[pos]])
                         except KeyError:
                             raise _Bad(UnpicklingError,
                                        f"Memo value not found at index {data[pos]}") from None
                         pos += 1
-                    elif code == MEMOIZE:
-                        memo[len(memo)] = stack[-1]
                     elif code == SHORT_BINUNICODE:
                         after = pos + 1 + data[pos]
                         if after > end:
@@ -957,10 +959,10 @@ class Unpickler:
                         pos = after
                     elif (handler := handlers[code]) is not None:
                         pos = handler(self, data, pos, stack)
-                    elif code == _MARK:
+                    elif code == MARK:
                         metastack.append(stack)
                         stack = []
-                    elif (mark_handler := _MARK_HANDLERS[code]) is not None:
+                    elif (mark_handler := mark_handlers[code]) is not None:
                         if not metastack:
                             raise _Bad(UnpicklingError, "could not find MARK")
                         pos = mark_handler(self, data, pos, stack, metastack[-1])

@@ -85,7 +85,7 @@ def test_foreign_dbm_database_is_refused_and_left_untouched(tmp_path, module, fl
         open_dbm(path, flag, module)
     assert path in str(raised.value)
     after = {name: value for name, value in snapshot(str(tmp_path)).items()
-             if not name.endswith((".lock", ".commits"))}
+             if not name.endswith((".lock", ".commits", ".gate"))}
     assert after == before
 
 
@@ -191,3 +191,26 @@ def test_shelve_backend_refuses_a_pstore_store(tmp_path):
     fill(path)
     with pytest.raises(FormatError, match="backend='dbm'"):
         pstore.open(path, "r", backend="shelve")
+
+
+def test_journal_round_trip_and_every_cut_or_flipped_byte_is_incomplete(tmp_path):
+    from pstore.backends import journal
+    path = str(tmp_path / "journal")
+    changes = {b"r:1": b"data" * 10, b"k:\xc3\xa9": b"1 0", b"c:2": None, b"r:3": b""}
+    journal.write(path, changes, fsync=True)
+    assert journal.read(path) == changes
+    with open(path, "rb") as file:
+        content = file.read()
+    for cut in range(len(content)):
+        with open(path, "wb") as file:
+            file.write(content[:cut])
+        assert journal.read(path) is None, cut
+    for position in range(0, len(content), 7):
+        flipped = bytearray(content)
+        flipped[position] ^= 0x40
+        with open(path, "wb") as file:
+            file.write(flipped)
+        assert journal.read(path) is None, position
+    journal.remove(path, fsync=True)
+    journal.remove(path, fsync=True)     # no error
+    assert journal.read(path) is None

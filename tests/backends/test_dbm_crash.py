@@ -53,6 +53,7 @@ def test_killed_writer_leaves_every_transaction_all_or_nothing(tmp_path, module)
     rng = random.Random(module)
     acknowledged = 0
     journals_found = 0
+    applies_cut = 0     # dbm.dumb only: killed while applying (its index copy still there)
     started = time.monotonic()
     for _ in range(KILLS):
         child = subprocess.Popen([sys.executable, "-c", CHILD, path, backend],
@@ -68,6 +69,7 @@ def test_killed_writer_leaves_every_transaction_all_or_nothing(tmp_path, module)
         child.stdout.close()
         acknowledged = max(acknowledged, *(int(line) for line in lines if line.strip()))
         journals_found += os.path.exists(path + ".journal")
+        applies_cut += os.path.exists(path + ".dir.saved")
         with pstore.open(path, "w", backend=backend) as store:
             a, b = store["a"], store["b"]
             assert a == b and store["list"] == [a] * 300
@@ -75,7 +77,7 @@ def test_killed_writer_leaves_every_transaction_all_or_nothing(tmp_path, module)
             acknowledged = a
     elapsed = time.monotonic() - started
     print(f"{module}: {KILLS} kills, last value {acknowledged}, a journal was left by "
-          f"{journals_found} kills, {elapsed:.1f} s")
+          f"{journals_found} kills ({applies_cut} during dbm.dumb's apply), {elapsed:.1f} s")
     assert elapsed < 60
 
 
@@ -95,6 +97,7 @@ def journal_of_a_rewrite(backend: DBMBackend) -> dict:
     oid = backend.get_key("k")
     backend.put_record(oid, b"new", ())
     backend.bind_key("other", oid)
+    backend._flush_pages()      # what commit() does first
     changes = dict(backend._tx)
     backend.rollback()
     return changes
@@ -147,3 +150,52 @@ def test_dumb_index_torn_during_apply_is_restored(tmp_path):
     assert reader.count_keys() == 2
     assert not os.path.exists(path + ".dir.saved")
     reader.close()
+
+
+REBINDER = """
+import sys
+from pstore.backends.dbm import DBMBackend
+backend = DBMBackend(sys.argv[1], "w", lock_timeout=10, fsync=False)
+old = backend.get_key("a")
+while True:
+    backend.begin()
+    new = backend.new_oid()
+    backend.put_record(new, b"record %d" % new, ())
+    backend.bind_key("a", new)
+    if old is not None:
+        backend.delete_record(old)
+    backend.commit()
+    old = new
+    sys.stdout.write(f"{new}\\n")
+    sys.stdout.flush()
+"""
+
+
+@pytest.mark.slow
+@modules
+def test_readers_never_see_half_a_transaction(tmp_path, module):
+    """Each commit moves "a" to a new record and deletes the old one: a reader that saw
+    half of one would find "a" bound to a record that is not there (yet or any more)."""
+    path = str(tmp_path / "store.db")
+    fill(path, module).close()
+    writer = subprocess.Popen([sys.executable, "-c", REBINDER, path],
+                              stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    reader = DBMBackend(path, "r", lock_timeout=10, fsync=False)
+    try:
+        assert writer.stdout.readline()
+        oids = set()
+        deadline = time.monotonic() + 1.5
+        while time.monotonic() < deadline:
+            oid, data = reader.get_item("a")
+            assert data == b"record %d" % oid
+            [(item_oid, item_data)] = [item[1:] for item in reader.iter_items()
+                                       if item[0] == "a"]
+            assert item_data == b"record %d" % item_oid
+            oids.add(oid)
+        print(f"{module}: the reader saw {len(oids)} distinct commits in 1.5 s")
+        assert len(oids) > 10, "the writer made too few commits to test anything"
+    finally:
+        writer.kill()
+        writer.wait()
+        writer.stdout.close()
+        reader.close()
