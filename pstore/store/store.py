@@ -425,11 +425,16 @@ class Store(MutableMapping[str, Any]):
         try:
             self._backend.rollback()
         finally:
-            self._ids.remove_oids(self._new_oids)
-            self._ids.forget_loads(self._pending)
-            if self._flush_cache:
-                self._cache.clear()
-            self._end_transaction()
+            self._forget_transaction()
+
+    def _forget_transaction(self) -> None:
+        """Undo in memory what the open transaction did: forget the objects it stored first,
+        and make the records it rewrote load again."""
+        self._ids.remove_oids(self._new_oids)
+        self._ids.forget_loads(self._pending)
+        if self._flush_cache:
+            self._cache.clear()
+        self._end_transaction()
 
     def _end_transaction(self) -> None:
         self._pending.clear()
@@ -473,13 +478,24 @@ class Store(MutableMapping[str, Any]):
         self._lock = threading.RLock()
         if self._closed:
             return
+        forked_in_transaction = self._depth > 0
         self._depth = 0
-        self._end_transaction()
+        self._forget_transaction()
+        if forked_in_transaction:
+            # The parent's write transaction is the parent's: SQLite's in-process lock
+            # bookkeeping, copied by fork(), would keep the child from ever writing. The
+            # child's copy is closed (the parent's connection is left alone); reopen it.
+            self._closed = True
+            return
         try:
             self._backend.after_fork()
+            # A change marker means something only to the connection that read it.
+            self._marker = self._backend.change_marker()
         except Exception:
             # Surface the failure at the child's first call, in the calling thread.
             self._closed = True
+            return
+        self._ids.forget_loads()   # the parent may have committed since it loaded them
 
 
 class _Items(ItemsView):

@@ -10,6 +10,8 @@ import sys
 
 import pytest
 
+import pstore
+
 from pstore.errors import LockTimeoutError
 
 from . import store_workers
@@ -133,7 +135,7 @@ def test_store_used_after_fork_reopens_in_the_child(opener):
     pid = os.fork()
     if pid == 0:   # the child: report through the exit code, never return into pytest
         try:
-            ok = store["parent"] is cached
+            ok = store["parent"] == cached
             store["child"] = [2]
             with store.transaction():
                 store["child2"] = store["child"] + [3]
@@ -145,6 +147,53 @@ def test_store_used_after_fork_reopens_in_the_child(opener):
     assert store["child2"] == [2, 3]
     store["after"] = 1     # the parent's connection and lock are intact
     assert store["parent"] == cached
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_child_sees_commits_made_before_and_after_the_fork(opener):
+    store = opener()
+    store["x"] = {"v": 1}
+    store["y"] = {"v": 1}
+    assert store["x"] == store["y"] == {"v": 1}   # loaded (and cached) before the fork
+    with opener() as other:
+        rewritten = other["x"]
+        rewritten["v"] = 2
+        other["x"] = rewritten                     # the same record, rewritten before the fork
+    ready_read, ready_write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.read(ready_read, 1)                 # wait for the commit after the fork
+            os._exit(0 if store["x"] == store["y"] == {"v": 2} else 1)
+        except BaseException:
+            os._exit(2)
+    with opener() as other:
+        rewritten = other["y"]
+        rewritten["v"] = 2
+        other["y"] = rewritten                     # and another, rewritten after the fork
+    os.write(ready_write, b"!")
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, "the child returned a stale object"
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_fork_inside_a_transaction_closes_the_childs_copy(opener):
+    store = opener()
+    with store.transaction():
+        store["before"] = [1]
+        pid = os.fork()
+        if pid == 0:
+            try:
+                store["child"] = 1
+                os._exit(1)
+            except pstore.ClosedError:
+                os._exit(0)
+            except BaseException:
+                os._exit(2)
+        _, status = os.waitpid(pid, 0)
+        store["after"] = [2]
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert store["before"] == [1] and store["after"] == [2] and "child" not in store
 
 
 @pytest.mark.slow
