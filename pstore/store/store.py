@@ -78,8 +78,11 @@ class _RecordUnpickler(engine.Unpickler):
         self._load = load
 
     def persistent_load(self, pid: Any) -> Any:
-        # Protocol 0 writes persistent ids as text.
-        return self._load(int(pid))
+        if type(pid) is int:
+            return self._load(pid)
+        if type(pid) is str and pid.isdigit():   # protocol 0 writes persistent ids as text
+            return self._load(int(pid))
+        raise engine.UnpicklingError(f"a record refers to {pid!r}, which is not an object id")
 
 
 class Store(MutableMapping[str, Any]):
