@@ -27,20 +27,6 @@ from .conftest import available_dbm_modules
 KILLS = 25
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-CHILD = """
-import sys, pstore
-with pstore.open(sys.argv[1], backend=sys.argv[2]) as store:
-    i = store.get("a", 0)
-    while True:
-        i += 1
-        with store.transaction():
-            store["a"] = i
-            store["list"] = [i] * 300
-            store["b"] = i
-        sys.stdout.write(f"{i}\\n")
-        sys.stdout.flush()
-"""
-
 modules = pytest.mark.parametrize("module", available_dbm_modules())
 
 
@@ -56,7 +42,8 @@ def test_killed_writer_leaves_every_transaction_all_or_nothing(tmp_path, module)
     applies_cut = 0     # dbm.dumb only: killed while applying (its index copy still there)
     started = time.monotonic()
     for _ in range(KILLS):
-        child = subprocess.Popen([sys.executable, "-c", CHILD, path, backend],
+        # The same writer as the store's kill test: 'a', 'big' and 'b' updated together.
+        child = subprocess.Popen([sys.executable, "-m", "tests.store.store_workers", backend, path],
                                  stdout=subprocess.PIPE, text=True, cwd=ROOT)
         first = child.stdout.readline()
         assert first, "the writer died on its own"
@@ -72,7 +59,7 @@ def test_killed_writer_leaves_every_transaction_all_or_nothing(tmp_path, module)
         applies_cut += os.path.exists(path + ".dir.saved")
         with pstore.open(path, "w", backend=backend) as store:
             a, b = store["a"], store["b"]
-            assert a == b and store["list"] == [a] * 300
+            assert a == b and store["big"] == [a] * 1000
             assert acknowledged <= a <= acknowledged + 1
             acknowledged = a
     elapsed = time.monotonic() - started
