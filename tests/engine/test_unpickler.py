@@ -168,9 +168,17 @@ def _shape(obj, seen=None):
     if isinstance(obj, float) and obj != obj:
         return ("nan",)
     if type(obj).__module__ == __name__ or isinstance(obj, SimpleNamespace):
-        state = obj.__getstate__() if hasattr(obj, "__getstate__") else vars(obj)
+        state = obj.__getstate__() if hasattr(obj, "__getstate__") else _state_of(obj)
         return (type(obj).__name__, _shape(state, seen))
     return (type(obj).__name__, repr(obj))
+
+
+def _state_of(obj):
+    """``__dict__`` and slot values: what ``object.__getstate__`` (Python 3.11+) returns."""
+    slots = {name: getattr(obj, name) for cls in type(obj).__mro__
+             for name in getattr(cls, "__slots__", ()) if hasattr(obj, name)
+             and name != "__dict__"}
+    return (getattr(obj, "__dict__", None), slots)
 
 
 def assert_same_load(data: bytes, **kwargs) -> None:
