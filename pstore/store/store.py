@@ -21,7 +21,7 @@ from typing import Any
 
 from .. import engine
 from ..backends import Backend, open_backend
-from ..errors import ClosedError, MissingObjectError, ReadOnlyError
+from ..errors import ClosedError, FormatError, MissingObjectError, ReadOnlyError
 from .identity import IdentityMap, is_tracked
 
 __all__ = ["Store", "open", "DEFAULT_LOCK_TIMEOUT"]
@@ -85,6 +85,18 @@ class _RecordUnpickler(engine.Unpickler):
         raise engine.UnpicklingError(f"a record refers to {pid!r}, which is not an object id")
 
 
+#: How deep loads of referenced records may nest before the chain is loaded from its far end.
+_LOAD_DEPTH_LIMIT = 50
+
+
+class _LoadFirst(Exception):
+    """Internal: abandon this nested load; the top-level load loads ``oid`` first."""
+
+    def __init__(self, oid: int) -> None:
+        super().__init__(oid)
+        self.oid = oid
+
+
 class Store(MutableMapping[str, Any]):
     """A persistent mapping from str keys to picklable objects. Create one with :func:`open`.
 
@@ -113,6 +125,7 @@ class Store(MutableMapping[str, Any]):
         self._pickler = _RecordPickler(protocol, self._ids.oid_of)
         self._marker = backend.change_marker()
         self._closed = False
+        self._load_depth = 0        # how many record loads are nested right now
         self._depth = 0             # nesting depth of the open transaction (0: none)
         self._flush_cache = False   # whether the open transaction writes the writeback cache
         # The open transaction's work, done at commit so that its values may refer to
@@ -460,18 +473,52 @@ class Store(MutableMapping[str, Any]):
             raise engine.PicklingError(f"cannot store {what}: {error}") from error
 
     def _load(self, oid: int, data: bytes | None = None) -> Any:
-        """The object of record ``oid``; ``data``, if given, is the record's (already read)."""
+        """The object of record ``oid``; ``data``, if given, is the record's (already read).
+
+        Also the unpickler's ``persistent_load``: a record's references are loaded while
+        it is unpickled, by recursion. So that a chain of records of any length loads,
+        a load nested more than ``_LOAD_DEPTH_LIMIT`` deep is abandoned (nothing of it
+        was registered yet) and the top-level load first loads the record it needed,
+        then tries again: chains load from their far end, a bounded stretch at a time.
+        """
         entry = self._pending.get(oid)
         if entry is not None:
             return entry[0]
         obj = self._ids.get(oid)
         if obj is not None:
             return obj
+        if self._load_depth >= _LOAD_DEPTH_LIMIT:
+            raise _LoadFirst(oid)
+        if self._load_depth:
+            return self._unpickle(oid, None)
+        wanted = [oid]      # records to load, the last one first
+        held = []           # what was loaded, alive until the whole load is done
+        while True:
+            current = wanted[-1]
+            try:
+                obj = self._unpickle(current, data if current == oid else None)
+            except _LoadFirst as deeper:
+                if deeper.oid in wanted:
+                    raise FormatError(self._path, f"its records refer to one another in a "
+                                      f"cycle through object id {deeper.oid}") from None
+                wanted.append(deeper.oid)
+                continue
+            if len(wanted) == 1:
+                return obj
+            held.append(obj)
+            wanted.pop()
+
+    def _unpickle(self, oid: int, data: bytes | None) -> Any:
+        """Unpickle record ``oid`` (reading it unless ``data`` is given) and register it."""
         if data is None:
             data = self._backend.get_record(oid)
         if data is None:
             raise MissingObjectError(self._path, oid)
-        obj = _RecordUnpickler(io.BytesIO(data), self._load).load()
+        self._load_depth += 1
+        try:
+            obj = _RecordUnpickler(io.BytesIO(data), self._load).load()
+        finally:
+            self._load_depth -= 1
         if is_tracked(obj):
             self._ids.add(obj, oid)
         return obj

@@ -129,6 +129,26 @@ def test_cycle_between_records_is_refused(opener):
     assert loaded[0].other is loaded[1]
 
 
+def test_a_long_chain_of_records_loads_without_recursion_limits(opener):
+    # Each node is its own record referring to the previous one: loading the last one
+    # loads the whole chain, far deeper than Python's recursion limit allows recursively.
+    length = 3000
+    with opener() as store, store.transaction():
+        previous = None
+        for i in range(length):
+            node = {"i": i, "previous": previous}
+            store[f"node{i}"] = node
+            previous = node
+    with opener("r") as store:
+        node, seen = store[f"node{length - 1}"], 0
+        while node["previous"] is not None:
+            assert node["previous"]["i"] == node["i"] - 1
+            node, seen = node["previous"], seen + 1
+        assert seen == length - 1
+        assert node is store["node0"]
+        assert store["node1500"]["previous"] is store["node1499"]
+
+
 def test_self_reference_inside_a_record(opener):
     looped = []
     looped.append(looped)
