@@ -21,6 +21,7 @@ was ever loaded.
 
 from __future__ import annotations
 
+import gc
 import sys
 import types
 import weakref
@@ -118,16 +119,36 @@ class IdentityMap:
     def sweep(self) -> None:
         """Drop the strongly held objects that only this map references.
 
-        Repeats while it drops something: dropping a container may leave the objects
-        it contained referenced by the map alone.
+        Dropping one may leave objects it contained referenced by the map alone, so
+        those -- found among its referents -- are checked again, and only those: a
+        dropped chain of records costs time in proportion to its length.
         """
-        while True:
-            unreferenced = [key for key, count in _refcounts(self._strong)
+        candidates: list[int] = list(self._strong)
+        while candidates:
+            unreferenced = [key for key, count in _refcounts(self._strong, candidates)
                             if count <= _ONLY_THE_MAP]
+            candidates = []
             for key in unreferenced:
+                candidates += self._held_inside(self._strong[key])
                 self._drop(key)
-            if not unreferenced:
-                return
+
+    def _held_inside(self, obj: Any) -> list[int]:
+        """The keys of the strongly held objects that ``obj`` contains, directly or through
+        containers and instances of its own (not through classes, modules or functions)."""
+        found: list[int] = []
+        seen = {id(obj)}
+        todo = [obj]
+        while todo:
+            for inner in gc.get_referents(todo.pop()):
+                key = id(inner)
+                if key in seen or isinstance(inner, _NOT_PART_OF_A_VALUE):
+                    continue
+                seen.add(key)
+                if key in self._strong:
+                    found.append(key)
+                else:
+                    todo.append(inner)
+        return found
 
     def _drop(self, key: int) -> None:
         oid = self.oid_of.pop(key, None)
@@ -143,15 +164,21 @@ class IdentityMap:
             self._drop(ref.key)
 
 
-def _refcounts(held: dict[int, Any]) -> list[tuple[int, int]]:
-    return [(key, sys.getrefcount(obj)) for key, obj in held.items()]
+# What a stored value refers to without containing it: the sweep does not look inside.
+_NOT_PART_OF_A_VALUE = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType,
+                        types.MethodType, types.CodeType, types.FrameType)
+
+
+def _refcounts(held: dict[int, Any], keys: list[int]) -> list[tuple[int, int]]:
+    """(key, reference count) of the objects of ``held`` under ``keys`` (missing keys skipped)."""
+    return [(key, sys.getrefcount(held[key])) for key in keys if key in held]
 
 
 def _measure_only_the_map() -> int:
     """The reference count :meth:`IdentityMap.sweep` sees for an object only the map holds."""
     probe = IdentityMap()
     probe.add([], 1)
-    return _refcounts(probe._strong)[0][1]
+    return _refcounts(probe._strong, list(probe._strong))[0][1]
 
 
 _ONLY_THE_MAP = _measure_only_the_map()

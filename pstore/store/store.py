@@ -419,16 +419,12 @@ class Store(MutableMapping[str, Any]):
             unwritten = referenced.keys() - written.keys()
             missing = unwritten - self._backend.existing(unwritten)
             batch = [(oid, (referenced[oid], None)) for oid in missing]
-        for oid, refs in written.items():
-            # The committed records form no cycle, so a new one passes through a record
-            # written now that something refers to: a record created by this transaction
-            # can only be referred to by another one written now.
-            may_close_a_cycle = oid in referenced or oid not in self._new_oids
-            if refs and may_close_a_cycle and self._backend.reaches(refs, oid):
-                raise engine.PicklingError(
-                    f"cannot store {self._describe(oid)}: it refers (through other stored "
-                    f"objects) back to itself, and pstore cannot load a cycle of records; "
-                    f"store the objects of the cycle under one key instead")
+        cyclic = self._closes_a_cycle(written, referenced)
+        if cyclic is not None:
+            raise engine.PicklingError(
+                f"cannot store {self._describe(cyclic)}: it refers (through other stored "
+                f"objects) back to itself, and pstore cannot load a cycle of records; "
+                f"store the objects of the cycle under one key instead")
         for oid in self._released:
             if not self._backend.is_referenced(oid):
                 self._backend.delete_record(oid)
@@ -436,6 +432,24 @@ class Store(MutableMapping[str, Any]):
         if self._flush_cache:
             self._cache.clear()
         self._end_transaction()
+
+    def _closes_a_cycle(self, written: dict[int, dict[int, Any]],
+                        referenced: dict[int, Any]) -> int | None:
+        """A record written now that refers back to itself through references, or None.
+
+        The committed records form no cycle, so a new cycle passes through a record
+        written now. Records created by this transaction can only be referred to by
+        records written now; so when it rewrote no existing record, a cycle lies among
+        the records written now, and one walk of their references in memory finds it.
+        Otherwise each rewritten record asks the backend whether it reaches itself.
+        """
+        if written.keys() <= self._new_oids:
+            return _cycle_among(written)
+        for oid, refs in written.items():
+            may_close_a_cycle = oid in referenced or oid not in self._new_oids
+            if refs and may_close_a_cycle and self._backend.reaches(refs, oid):
+                return oid
+        return None
 
     def _rollback(self) -> None:
         try:
@@ -546,6 +560,33 @@ class Store(MutableMapping[str, Any]):
             self._closed = True
             return
         self._ids.forget_loads()   # the parent may have committed since it loaded them
+
+
+def _cycle_among(graph: dict[int, Any]) -> int | None:
+    """A node of ``graph`` (node -> the nodes it refers to) on a cycle of it, or None.
+
+    Depth first without recursion; references to nodes outside ``graph`` are ignored.
+    """
+    done: set[int] = set()
+    for root in graph:
+        if root in done:
+            continue
+        on_path = {root}
+        path = [(root, iter(graph[root]))]
+        while path:
+            node, refs = path[-1]
+            for ref in refs:
+                if ref in on_path:
+                    return ref
+                if ref in graph and ref not in done:
+                    on_path.add(ref)
+                    path.append((ref, iter(graph[ref])))
+                    break
+            else:
+                path.pop()
+                on_path.discard(node)
+                done.add(node)
+    return None
 
 
 class _Items(ItemsView):
