@@ -34,7 +34,7 @@ from _compat_pickle import REVERSE_IMPORT_MAPPING, REVERSE_NAME_MAPPING
 from functools import partial as _partial
 from itertools import chain, islice
 from types import FunctionType
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterator
 
 from .opcodes import (  # the opcodes, as constants read from the one table
     ADDITEMS, APPEND, APPENDS, BINBYTES, BINBYTES8, BINFLOAT, BINGET, BININT, BININT1, BININT2,

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import os
 from collections.abc import Iterator
@@ -54,3 +55,25 @@ def opener(backend_name: str, path: str) -> Iterator:
 @pytest.fixture
 def backend(opener) -> Backend:
     return opener()
+
+
+def fill(backend: Backend) -> None:
+    """Bind "k" to one record holding b"data", commit, and close the backend."""
+    backend.begin()
+    oid = backend.new_oid()
+    backend.put_record(oid, b"data", ())
+    backend.bind_key("k", oid)
+    backend.commit()
+    backend.close()
+
+
+def snapshot(directory: str, skip: tuple[str, ...] = ()) -> dict[str, tuple[int, str]]:
+    """name -> (mtime_ns, digest) of every file in the directory but names ending in ``skip``."""
+    result = {}
+    for name in sorted(os.listdir(directory)):
+        if skip and name.endswith(skip):
+            continue
+        full = os.path.join(directory, name)
+        with open(full, "rb") as file:
+            result[name] = (os.stat(full).st_mtime_ns, hashlib.sha256(file.read()).hexdigest())
+    return result

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dbm
-import hashlib
 import importlib
 import os
 import shelve
@@ -16,7 +15,7 @@ from pstore.backends import open_backend
 from pstore.backends.dbm import FORMAT_VERSION, DBMBackend
 from pstore.errors import FormatError, ReadOnlyError
 
-from .conftest import available_dbm_modules
+from .conftest import available_dbm_modules, fill, snapshot
 
 modules = pytest.mark.parametrize("module", available_dbm_modules())
 
@@ -25,37 +24,24 @@ def open_dbm(path: str, flag: str = "c", module: str | None = None) -> DBMBacken
     return DBMBackend(path, flag, lock_timeout=5, fsync=False, variant=module)
 
 
-def fill(path: str, module: str | None = None) -> None:
-    backend = open_dbm(path, module=module)
-    backend.begin()
-    oid = backend.new_oid()
-    backend.put_record(oid, b"data", ())
-    backend.bind_key("k", oid)
-    backend.commit()
-    backend.close()
+def fill_dbm(path: str, module: str | None = None) -> None:
+    fill(open_dbm(path, module=module))
 
 
-def snapshot(directory: str) -> dict[str, tuple[int, str]]:
-    """name -> (mtime_ns, digest) of every file that may hold data.
+def data_files(directory: str) -> dict[str, tuple[int, str]]:
+    """:func:`snapshot` of the files that may hold data.
 
     Not SQLite's -wal/-shm: dbm.sqlite3 keeps its file in WAL mode, and reading a
     WAL database creates them (empty of data) if they are missing.
     """
-    result = {}
-    for name in sorted(os.listdir(directory)):
-        if name.endswith(("-wal", "-shm")):
-            continue
-        full = os.path.join(directory, name)
-        with open(full, "rb") as file:
-            result[name] = (os.stat(full).st_mtime_ns, hashlib.sha256(file.read()).hexdigest())
-    return result
+    return snapshot(directory, skip=("-wal", "-shm"))
 
 
 def test_plain_dbm_uses_the_best_module_and_then_the_one_that_wrote_the_file(tmp_path):
     best = available_dbm_modules()[0]
-    fill(str(tmp_path / "best.db"))
+    fill_dbm(str(tmp_path / "best.db"))
     assert dbm.whichdb(str(tmp_path / "best.db")) == best
-    fill(str(tmp_path / "dumb.db"), "dbm.dumb")
+    fill_dbm(str(tmp_path / "dumb.db"), "dbm.dumb")
     with pstore.open(str(tmp_path / "dumb.db"), "r", backend="dbm") as store:
         assert "k" in store
 
@@ -66,7 +52,7 @@ def test_variant_errors(tmp_path):
         open_dbm(path, module="dbm.nope")
     with pytest.raises(ValueError, match="no variants"):
         open_backend("sqlite:x", path, "c", lock_timeout=1, fsync=False)
-    fill(path, "dbm.dumb")
+    fill_dbm(path, "dbm.dumb")
     others = [name for name in available_dbm_modules() if name != "dbm.dumb"]
     for other in others:
         with pytest.raises(FormatError, match="dbm.dumb database"):
@@ -80,11 +66,11 @@ def test_foreign_dbm_database_is_refused_and_left_untouched(tmp_path, module, fl
     foreign = importlib.import_module(module).open(path, "c")
     foreign[b"some"] = b"thing"
     foreign.close()
-    before = snapshot(str(tmp_path))
+    before = data_files(str(tmp_path))
     with pytest.raises(FormatError) as raised:
         open_dbm(path, flag, module)
     assert path in str(raised.value)
-    after = {name: value for name, value in snapshot(str(tmp_path)).items()
+    after = {name: value for name, value in data_files(str(tmp_path)).items()
              if not name.endswith((".lock", ".commits", ".gate"))}
     assert after == before
 
@@ -103,7 +89,7 @@ def test_not_a_database(tmp_path, flag):
 @modules
 def test_newer_format_version_is_refused(tmp_path, module):
     path = str(tmp_path / "store.db")
-    fill(path, module)
+    fill_dbm(path, module)
     backend = open_dbm(path, module=module)
     backend.begin()
     backend._put(b"m:version", b"%d" % (FORMAT_VERSION + 1))
@@ -117,7 +103,7 @@ def test_newer_format_version_is_refused(tmp_path, module):
 @modules
 def test_new_files_are_private(tmp_path, module):
     os.umask(0o022)
-    fill(str(tmp_path / "store.db"), module)
+    fill_dbm(str(tmp_path / "store.db"), module)
     for name in os.listdir(tmp_path):
         assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == 0o600, name
 
@@ -125,14 +111,14 @@ def test_new_files_are_private(tmp_path, module):
 @modules
 def test_read_only_writes_nothing(tmp_path, module):
     path = str(tmp_path / "store.db")
-    fill(path, module)
-    before = snapshot(str(tmp_path))
+    fill_dbm(path, module)
+    before = data_files(str(tmp_path))
     reader = open_dbm(path, "r", module)
     assert reader.get_record(reader.get_key("k")) == b"data"
     assert list(reader.iter_keys()) == ["k"]
     reader.change_marker()
     reader.close()
-    assert snapshot(str(tmp_path)) == before
+    assert data_files(str(tmp_path)) == before
 
 
 def test_key_pages_stay_dense_as_keys_come_and_go(tmp_path):
@@ -162,7 +148,7 @@ def test_shelve_file_is_read_with_pstores_engine_and_converted(tmp_path, module,
     with shelve.Shelf(importlib.import_module(module).open(source, "c")) as shelf:
         shelf["config"] = {"a": shared, "b": shared}
         shelf["ünïcode"] = 3
-    before = snapshot(str(tmp_path))
+    before = data_files(str(tmp_path))
 
     def no_stdlib_unpickling(*args, **kwargs):
         raise AssertionError("the standard library's pickle was used")
@@ -178,7 +164,7 @@ def test_shelve_file_is_read_with_pstores_engine_and_converted(tmp_path, module,
     for flag in "wcn":
         with pytest.raises(ReadOnlyError):
             pstore.open(source, flag, backend="shelve")
-    assert snapshot(str(tmp_path)) == before
+    assert data_files(str(tmp_path)) == before
 
     target = str(tmp_path / "new.db")
     assert pstore.convert_shelve(source, target, batch=1) == 2
@@ -188,7 +174,7 @@ def test_shelve_file_is_read_with_pstores_engine_and_converted(tmp_path, module,
 
 def test_shelve_backend_refuses_a_pstore_store(tmp_path):
     path = str(tmp_path / "store.db")
-    fill(path)
+    fill_dbm(path)
     with pytest.raises(FormatError, match="backend='dbm'"):
         pstore.open(path, "r", backend="shelve")
 

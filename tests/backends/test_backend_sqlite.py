@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import sqlite3
 import stat
@@ -12,31 +11,13 @@ import pytest
 from pstore.backends.sqlite import FORMAT_VERSION, SQLiteBackend
 from pstore.errors import FormatError
 
+from .conftest import fill, snapshot
+
 
 def open_sqlite(path: str, flag: str = "c", **options) -> SQLiteBackend:
     options.setdefault("lock_timeout", 5.0)
     options.setdefault("fsync", False)
     return SQLiteBackend(path, flag, **options)
-
-
-def snapshot(directory: str) -> dict[str, tuple[int, str]]:
-    """name -> (mtime_ns, digest) of every file in the directory."""
-    result = {}
-    for name in sorted(os.listdir(directory)):
-        full = os.path.join(directory, name)
-        with open(full, "rb") as file:
-            result[name] = (os.stat(full).st_mtime_ns, hashlib.sha256(file.read()).hexdigest())
-    return result
-
-
-def fill(path: str) -> None:
-    backend = open_sqlite(path)
-    backend.begin()
-    oid = backend.new_oid()
-    backend.put_record(oid, b"data", ())
-    backend.bind_key("k", oid)
-    backend.commit()
-    backend.close()
 
 
 @pytest.mark.parametrize("content", [
@@ -82,7 +63,7 @@ def test_empty_file_is_not_a_store(tmp_path, flag):
 
 def test_newer_format_version_is_refused(tmp_path):
     path = str(tmp_path / "store.db")
-    fill(path)
+    fill(open_sqlite(path))
     conn = sqlite3.connect(path)
     conn.execute("UPDATE meta SET value = ? WHERE name = 'version'", (FORMAT_VERSION + 1,))
     conn.commit()
@@ -108,7 +89,7 @@ def test_new_files_are_private(tmp_path):
 
 def test_read_only_writes_nothing(tmp_path):
     path = str(tmp_path / "store.db")
-    fill(path)
+    fill(open_sqlite(path))
     before = snapshot(str(tmp_path))
     reader = open_sqlite(path, "r")
     assert reader.get_key("k") is not None
