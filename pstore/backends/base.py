@@ -1,11 +1,15 @@
 """The interface between :mod:`pstore.store` and the storage underneath it.
 
-A backend stores two things, as bytes and integers only; it knows nothing of
-pickling:
+A backend stores three things, as bytes, integers and names only; it knows
+nothing of pickling:
 
-* **records**: ``object id -> (data, refs)``, where ``data`` is the record's
-  bytes and ``refs`` the object ids those bytes refer to (kept so that the
-  backend can find unreachable records on its own);
+* **records**: ``object id -> (data, refs, blobs)``, where ``data`` is the
+  record's bytes, ``refs`` the object ids those bytes refer to and ``blobs``
+  the names of the blobs they use (both kept so that the backend can find
+  unreachable records and blobs on its own);
+* **blobs**: large byte strings (arrays' buffers), written once and named by
+  their content, so equal bytes are kept once; read back mapped into memory
+  where the backend can;
 * **keys**: ``str -> object id`` bindings.
 
 Every method that changes something must be called inside a write transaction
@@ -24,7 +28,8 @@ implement the same methods.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Collection, Hashable, Iterator
+from collections.abc import Collection, Hashable, Iterable, Iterator
+from typing import Any
 
 __all__ = ["Backend"]
 
@@ -62,12 +67,16 @@ class Backend(ABC):
         """The data of record ``oid``, or None if there is no such record."""
 
     @abstractmethod
-    def put_record(self, oid: int, data: bytes, refs: Collection[int]) -> None:
-        """Create record ``oid``, or replace its data and refs if it exists."""
+    def put_record(self, oid: int, data: bytes, refs: Collection[int],
+                   blobs: Collection[str] = ()) -> None:
+        """Create record ``oid``, or replace its data, refs and blobs if it exists.
+
+        ``blobs``: the names (from :meth:`put_blob`) of the blobs ``data`` uses.
+        """
 
     @abstractmethod
     def delete_record(self, oid: int) -> None:
-        """Remove record ``oid`` and its refs; no error if it does not exist."""
+        """Remove record ``oid``, its refs and its blobs' names; no error if it does not exist."""
 
     @abstractmethod
     def existing(self, oids: Collection[int]) -> set[int]:
@@ -80,6 +89,33 @@ class Backend(ABC):
     @abstractmethod
     def reaches(self, sources: Collection[int], target: int) -> bool:
         """Whether ``target`` is one of ``sources`` or reachable from them through refs."""
+
+    # -- blobs ------------------------------------------------------------------------------
+
+    @abstractmethod
+    def put_blob(self, chunks: Iterable[Any]) -> str:
+        """Store the concatenated bytes of the buffers ``chunks`` as a blob; return its name.
+
+        Inside a write transaction. The name is a function of the bytes alone, and
+        storing bytes already stored adds nothing. When this returns the blob is
+        durable, so a record committed later never names a missing or partial
+        blob; if the transaction rolls back, no reader ever sees the blob.
+        """
+
+    @abstractmethod
+    def get_blob(self, name: str, size: int, *, writable: bool) -> Any:
+        """The ``size`` bytes of blob ``name``, as a buffer: mapped into memory if possible.
+
+        ``writable``: the buffer may be written, and writes never reach the store
+        (copy-on-write); else it is read-only. A backend that cannot map reads the
+        bytes once into the buffer it returns. Raises
+        :class:`~pstore.errors.FormatError` naming the blob if it is missing or
+        not ``size`` bytes long.
+        """
+
+    @abstractmethod
+    def read_blob(self, name: str) -> Iterator[bytes]:
+        """The bytes of blob ``name``, streamed in chunks (for blobs stored compressed)."""
 
     # -- keys -------------------------------------------------------------------------------
 
@@ -147,7 +183,8 @@ class Backend(ABC):
     def gc(self) -> int:
         """Delete every record no key reaches through refs; return how many were deleted.
 
-        Inside a write transaction. Readers in other processes are not blocked.
+        Also deletes, when the transaction commits, every blob no remaining record
+        names. Inside a write transaction. Readers in other processes are not blocked.
         """
 
     @abstractmethod

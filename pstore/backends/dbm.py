@@ -26,6 +26,7 @@ from __future__ import annotations
 import dbm
 import importlib
 import os
+import shutil
 import sqlite3
 import struct
 import threading
@@ -36,6 +37,7 @@ from typing import Any
 from ..errors import ClosedError, FormatError, LockTimeoutError, ReadOnlyError
 from . import journal
 from .base import Backend
+from .blobs import BlobStore, LocalBlobs
 from .files import FileLock, fsync_directory, require_existing
 
 __all__ = ["FORMAT_KEY", "FORMAT_NAME", "FORMAT_VERSION", "MODULES", "DBMBackend",
@@ -48,7 +50,7 @@ MODULES = ("dbm.sqlite3", "dbm.gnu", "dbm.ndbm", "dbm.dumb")
 FORMAT_KEY = b"m:format"
 FORMAT_NAME = b"pstore-dbm"
 #: The newest format version this code reads and the one it writes.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 # Meta keys (docs/format.md).
 _FORMAT = FORMAT_KEY
@@ -76,6 +78,10 @@ def _refs_key(oid: int) -> bytes:
     return b"f:%d" % oid
 
 
+def _blobs_key(oid: int) -> bytes:
+    return b"b:%d" % oid
+
+
 def _count_key(oid: int) -> bytes:
     return b"c:%d" % oid
 
@@ -99,6 +105,14 @@ def _pack_ints(values: Collection[int]) -> bytes:
 
 def _unpack_ints(data: bytes | None) -> list[int]:
     return list(struct.unpack(f"<{len(data) // 8}q", data)) if data else []
+
+
+def _pack_names(names: Collection[str]) -> bytes | None:
+    return ",".join(sorted(set(names))).encode("ascii") or None
+
+
+def _unpack_names(data: bytes | None) -> list[str]:
+    return data.decode("ascii").split(",") if data else []
 
 
 def _pack_page(keys: list[bytes]) -> bytes:
@@ -342,7 +356,7 @@ def choose_module(path: str, flag: str, variant: str | None) -> _Module:
     raise AssertionError("dbm.dumb is always importable")
 
 
-class DBMBackend(Backend):
+class DBMBackend(LocalBlobs, Backend):
     """A store in a database of a ``dbm`` module, with the SQLite backend's guarantees.
 
     ``variant`` names the module (``backend="dbm:dbm.dumb"``); without it, an
@@ -372,8 +386,10 @@ class DBMBackend(Backend):
         self._tx_pages: dict[int, list[bytes]] = {}          # and its key pages, decoded
         self._own_commits = 0   # how many of the commit counter's steps are this object's
         self._closed = False
+        self._blobs = BlobStore(path + ".blobs")
         self._make_locks()
         if flag == "n":
+            shutil.rmtree(self._blobs.directory, ignore_errors=True)
             # Every module's files: a leftover of another module would make dbm.whichdb
             # take the new database for one of that module.
             for name in [*(path + suffix for suffixes in _SUFFIXES.values()
@@ -470,6 +486,8 @@ class DBMBackend(Backend):
         elif int(version) > FORMAT_VERSION:
             raise FormatError(self.path, f"format version {int(version)} was written by a "
                                          f"newer pstore; this one reads up to {FORMAT_VERSION}")
+        elif int(version) < FORMAT_VERSION and not self.read_only:
+            self._initialize()      # version 2 added blobs: older stores have none
 
     def _initialize(self) -> None:
         self.begin()
@@ -477,7 +495,7 @@ class DBMBackend(Backend):
             # Another process may have initialized it while this one waited for the lock.
             if self._get(_FORMAT) is None:
                 self._put(_FORMAT, FORMAT_NAME)
-                self._put(_VERSION, b"%d" % FORMAT_VERSION)
+            self._put(_VERSION, b"%d" % FORMAT_VERSION)
             self.commit()
         except BaseException:
             self.rollback()
@@ -585,7 +603,8 @@ class DBMBackend(Backend):
         with self._reading():
             return self._get(_record_key(oid))
 
-    def put_record(self, oid: int, data: bytes, refs: Collection[int]) -> None:
+    def put_record(self, oid: int, data: bytes, refs: Collection[int],
+                   blobs: Collection[str] = ()) -> None:
         old = set(_unpack_ints(self._get(_refs_key(oid))))
         new = set(refs)
         for ref in old - new:
@@ -594,12 +613,15 @@ class DBMBackend(Backend):
             self._add_referrers(ref, 1)
         self._put(_record_key(oid), data)
         self._put(_refs_key(oid), _pack_ints(sorted(new)) if new else None)
+        if blobs or self._get(_blobs_key(oid)) is not None:
+            self._put(_blobs_key(oid), _pack_names(blobs))
 
     def delete_record(self, oid: int) -> None:
         for ref in _unpack_ints(self._get(_refs_key(oid))):
             self._add_referrers(ref, -1)
         self._put(_record_key(oid), None)
         self._put(_refs_key(oid), None)
+        self._put(_blobs_key(oid), None)
 
     def _add_referrers(self, oid: int, delta: int) -> None:
         """Change the number of keys and records referring to ``oid`` by ``delta``.
@@ -789,21 +811,29 @@ class DBMBackend(Backend):
         if self._tx is not None:
             self._flush_pages()
         changes, self._tx = self._tx, None
+        committed = not changes     # nothing to write: committed as it is
         try:
             if changes:
                 # The commit point: once the journal is complete, the transaction is
                 # applied, by this process now or by the next one to find it.
                 journal.write(self._journal_path, changes, fsync=self._fsync)
+                committed = True
                 self._apply(changes, again=False)
                 self._own_commits += 1
         finally:
             if changes is not None:
-                self._write_lock.release()
+                self._end(committed)
 
     def rollback(self) -> None:
         self._tx_pages.clear()
         if self._tx is not None:
             self._tx = None
+            self._end(committed=False)
+
+    def _end(self, committed: bool) -> None:
+        try:
+            self._blobs.end(committed)      # still under the lock: see BlobStore.end
+        finally:
             self._write_lock.release()
 
     def _recover(self) -> None:
@@ -889,6 +919,8 @@ class DBMBackend(Backend):
             if oid not in live and self._get(_record_key(oid)) is not None:
                 self.delete_record(oid)
                 deleted += 1
+        self._blobs.collect({name for oid in live
+                             for name in _unpack_names(self._get(_blobs_key(oid)))})
         return deleted
 
     def after_fork(self) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dbm
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from typing import Any
 
 from ..errors import ClosedError, FormatError, ReadOnlyError
@@ -74,8 +74,18 @@ class ShelveReader(Backend):
     def new_oid(self) -> int:
         raise self._refuse()
 
-    def put_record(self, oid: int, data: bytes, refs: Collection[int]) -> None:
+    def put_record(self, oid: int, data: bytes, refs: Collection[int],
+                   blobs: Collection[str] = ()) -> None:
         raise self._refuse()
+
+    def put_blob(self, chunks: Iterable[Any]) -> str:
+        raise self._refuse()
+
+    def get_blob(self, name: str, size: int, *, writable: bool) -> Any:
+        raise FormatError(self.path, f"a shelve file has no blobs (asked for blob {name})")
+
+    def read_blob(self, name: str) -> Iterator[bytes]:
+        raise FormatError(self.path, f"a shelve file has no blobs (asked for blob {name})")
 
     def delete_record(self, oid: int) -> None:
         raise self._refuse()

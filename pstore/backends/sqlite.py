@@ -9,11 +9,13 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import shutil
 import sqlite3
 from collections.abc import Collection, Iterator
 
 from ..errors import FormatError, LockTimeoutError, ReadOnlyError
 from .base import Backend
+from .blobs import BlobStore, LocalBlobs
 from .files import FileLock, create_private, require_existing
 
 __all__ = ["SQLiteBackend", "FORMAT_NAME", "FORMAT_VERSION", "APPLICATION_ID"]
@@ -21,7 +23,7 @@ __all__ = ["SQLiteBackend", "FORMAT_NAME", "FORMAT_VERSION", "APPLICATION_ID"]
 #: What the meta table's 'format' row holds in every pstore file.
 FORMAT_NAME = "pstore"
 #: The newest format version this code reads and the one it writes.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 #: Written into the SQLite header (offset 68) so that tools can tell a pstore file.
 APPLICATION_ID = 0x70537472  # b"pStr"
 
@@ -34,9 +36,18 @@ _SCHEMA = (
     "CREATE INDEX refs_by_ref ON refs (ref)",
     "CREATE TABLE keys (key TEXT PRIMARY KEY, oid INTEGER NOT NULL) WITHOUT ROWID",
     "CREATE INDEX keys_by_oid ON keys (oid)",
+    "CREATE TABLE blob_refs (oid INTEGER NOT NULL, blob TEXT NOT NULL, PRIMARY KEY (oid, blob))"
+    " WITHOUT ROWID",
     f"INSERT INTO meta VALUES ('format', '{FORMAT_NAME}'), ('version', {FORMAT_VERSION}),"
     " ('next_oid', 1)",
     f"PRAGMA application_id = {APPLICATION_ID}",
+)
+
+# Version 1 files become version 2 when opened for writing: version 2 added blobs.
+_UPGRADE = (
+    "CREATE TABLE IF NOT EXISTS blob_refs (oid INTEGER NOT NULL, blob TEXT NOT NULL,"
+    " PRIMARY KEY (oid, blob)) WITHOUT ROWID",
+    f"UPDATE meta SET value = {FORMAT_VERSION} WHERE name = 'version'",
 )
 
 _GET_RECORD = "SELECT data FROM records WHERE oid = ?"
@@ -44,6 +55,9 @@ _PUT_RECORD = "INSERT OR REPLACE INTO records (oid, data) VALUES (?, ?)"
 _DELETE_RECORD = "DELETE FROM records WHERE oid = ?"
 _DELETE_REFS = "DELETE FROM refs WHERE oid = ?"
 _PUT_REF = "INSERT OR IGNORE INTO refs (oid, ref) VALUES (?, ?)"
+_DELETE_BLOB_REFS = "DELETE FROM blob_refs WHERE oid = ?"
+_PUT_BLOB_REF = "INSERT OR IGNORE INTO blob_refs (oid, blob) VALUES (?, ?)"
+_REFERENCED_BLOBS = "SELECT DISTINCT blob FROM blob_refs"
 _NEXT_OID = "SELECT value FROM meta WHERE name = 'next_oid'"
 _RESERVE_OIDS = "UPDATE meta SET value = ? WHERE name = 'next_oid'"
 # Lists of ids travel as one JSON array parameter, so no statement is built per call.
@@ -63,6 +77,7 @@ SELECT oid FROM live
 """
 _GC_REFS = f"DELETE FROM refs WHERE oid NOT IN ({_LIVE})"
 _GC_RECORDS = f"DELETE FROM records WHERE oid NOT IN ({_LIVE})"
+_GC_BLOB_REFS = "DELETE FROM blob_refs WHERE oid NOT IN (SELECT oid FROM records)"
 _GET_KEY = "SELECT oid FROM keys WHERE key = ?"
 _BIND_KEY = "INSERT OR REPLACE INTO keys (key, oid) VALUES (?, ?)"
 _UNBIND_KEY = "DELETE FROM keys WHERE key = ?"
@@ -89,12 +104,13 @@ _KEY_BATCH = 1000
 _INHERITED: list[object] = []
 
 
-class SQLiteBackend(Backend):
+class SQLiteBackend(LocalBlobs, Backend):
     """A store in one SQLite file (WAL mode while a writer has it open).
 
     Durability: with ``fsync=False`` (synchronous=NORMAL) a commit that returned
     survives the process being killed; with ``fsync=True`` (synchronous=FULL) it
-    also survives power loss or an OS crash.
+    also survives power loss or an OS crash. Blobs are files under ``PATH.blobs/``,
+    always fsynced before the transaction that uses them commits.
     """
 
     def __init__(self, path: str, flag: str, *, lock_timeout: float, fsync: bool) -> None:
@@ -109,7 +125,9 @@ class SQLiteBackend(Backend):
         self._fresh: set[int] = set()       # oids allocated by the open transaction
         self._in_transaction = False
         self._conn: sqlite3.Connection | None = None
+        self._blobs = BlobStore(path + ".blobs")
         if flag == "n":
+            shutil.rmtree(self._blobs.directory, ignore_errors=True)
             for suffix in ("", "-wal", "-shm", "-journal"):
                 try:
                     os.unlink(path + suffix)
@@ -169,7 +187,8 @@ class SQLiteBackend(Backend):
         """Create the schema in an empty database (under the write lock), else check it."""
         conn = self._require()
         if conn.execute(_COUNT_TABLES).fetchone()[0]:
-            self._check_format()
+            if self._check_format() < FORMAT_VERSION:
+                self._upgrade()
             return
         if not create:
             raise FormatError(self.path, "an empty file")
@@ -185,7 +204,19 @@ class SQLiteBackend(Backend):
             raise
         self._check_format()
 
-    def _check_format(self) -> None:
+    def _upgrade(self) -> None:
+        """Bring an older file to the current version (under the write lock)."""
+        self.begin()
+        try:
+            for statement in _UPGRADE:
+                self._require().execute(statement)
+            self.commit()
+        except BaseException:
+            self.rollback()
+            raise
+
+    def _check_format(self) -> int:
+        """Check that the file is a pstore store this code reads; return its version."""
         conn = self._require()
         try:
             meta = dict(conn.execute(_META).fetchall())
@@ -196,6 +227,7 @@ class SQLiteBackend(Backend):
         if meta["version"] > FORMAT_VERSION:
             raise FormatError(self.path, f"format version {meta['version']} was written by a "
                                          f"newer pstore; this one reads up to {FORMAT_VERSION}")
+        return meta["version"]
 
     def _require(self) -> sqlite3.Connection:
         conn = self._conn
@@ -223,18 +255,23 @@ class SQLiteBackend(Backend):
         row = self._require().execute(_GET_RECORD, (oid,)).fetchone()
         return None if row is None else row[0]
 
-    def put_record(self, oid: int, data: bytes, refs: Collection[int]) -> None:
+    def put_record(self, oid: int, data: bytes, refs: Collection[int],
+                   blobs: Collection[str] = ()) -> None:
         conn = self._require()
         conn.execute(_PUT_RECORD, (oid, data))
         if oid not in self._fresh:      # a record allocated by this transaction has no refs yet
             conn.execute(_DELETE_REFS, (oid,))
+            conn.execute(_DELETE_BLOB_REFS, (oid,))
         if refs:
             conn.executemany(_PUT_REF, [(oid, ref) for ref in refs])
+        if blobs:
+            conn.executemany(_PUT_BLOB_REF, [(oid, name) for name in blobs])
 
     def delete_record(self, oid: int) -> None:
         conn = self._require()
         conn.execute(_DELETE_RECORD, (oid,))
         conn.execute(_DELETE_REFS, (oid,))
+        conn.execute(_DELETE_BLOB_REFS, (oid,))
 
     def existing(self, oids: Collection[int]) -> set[int]:
         if not oids:
@@ -310,27 +347,31 @@ class SQLiteBackend(Backend):
         self._in_transaction = True
 
     def commit(self) -> None:
+        committed = False
         try:
             self._require().execute("COMMIT")
-            self._block_is_committed = True
+            committed = self._block_is_committed = True
         finally:
-            self._end()
+            self._end(committed)
 
     def rollback(self) -> None:
         try:
             if self._conn is not None and self._conn.in_transaction:
                 self._conn.execute("ROLLBACK")
         finally:
-            self._end()
+            self._end(committed=False)
 
-    def _end(self) -> None:
+    def _end(self, committed: bool) -> None:
         if not self._block_is_committed:
             # The reservation was rolled back: another process may reserve the same block.
             self._next_oid = self._block_end = 0
         self._fresh.clear()
         if self._in_transaction:
             self._in_transaction = False
-            self._file_lock.release()
+            try:
+                self._blobs.end(committed)      # still under the lock: see BlobStore.end
+            finally:
+                self._file_lock.release()
 
     def change_marker(self) -> int:
         return self._require().execute(_DATA_VERSION).fetchone()[0]
@@ -343,7 +384,10 @@ class SQLiteBackend(Backend):
         # refs of unreachable records does not change what is reachable.
         conn = self._require()
         conn.execute(_GC_REFS)
-        return conn.execute(_GC_RECORDS).rowcount
+        deleted = conn.execute(_GC_RECORDS).rowcount
+        conn.execute(_GC_BLOB_REFS)
+        self._blobs.collect({row[0] for row in conn.execute(_REFERENCED_BLOBS)})
+        return deleted
 
     def after_fork(self) -> None:
         if self._conn is None:

@@ -14,7 +14,7 @@ import io
 import os
 import threading
 import weakref
-from collections.abc import ItemsView, Iterator, MutableMapping, ValuesView
+from collections.abc import Callable, ItemsView, Iterator, MutableMapping, ValuesView
 from contextlib import contextmanager
 from itertools import islice
 from typing import Any
@@ -22,12 +22,15 @@ from typing import Any
 from .. import engine
 from ..backends import Backend, open_backend
 from ..errors import ClosedError, FormatError, MissingObjectError, ReadOnlyError
+from . import records
 from .identity import IdentityMap, is_tracked
 
-__all__ = ["Store", "open", "DEFAULT_LOCK_TIMEOUT"]
+__all__ = ["Store", "open", "DEFAULT_LOCK_TIMEOUT", "DEFAULT_BLOB_THRESHOLD"]
 
 #: Seconds a write waits for another process's write transaction by default.
 DEFAULT_LOCK_TIMEOUT = 60.0
+#: Out-of-band buffers of at least this many bytes are stored as blobs by default.
+DEFAULT_BLOB_THRESHOLD = 64 * 1024
 
 _FLAGS = ("r", "w", "c", "n")
 _END = object()
@@ -37,15 +40,23 @@ class _RecordPickler(engine.Pickler):
     """Pickles the records of one Store, one at a time.
 
     Objects already in the store, except the record's root, become references.
+    Under protocol 5, each out-of-band buffer (``PickleBuffer``) of at least
+    ``blob_threshold`` bytes goes to ``write_blob`` as it is met, so a large
+    array is streamed to its blob and never copied into the pickle.
     One instance serves every record, so that the engine prepares its dump once.
     """
 
-    def __init__(self, protocol: int, oid_of: dict[int, int]) -> None:
+    def __init__(self, protocol: int, oid_of: dict[int, int], blob_threshold: float,
+                 write_blob: Callable[[memoryview], records.BlobRef]) -> None:
         self._file = io.BytesIO()
-        super().__init__(self._file, protocol)
+        super().__init__(self._file, protocol,
+                         buffer_callback=self._out_of_band if protocol >= 5 else None)
         self._oid_of = oid_of.get
+        self._blob_threshold = blob_threshold
+        self._write_blob = write_blob
         self._root: Any = None
         self._refs: dict[int, Any] = {}
+        self._blobs: list[records.BlobRef] = []
 
     def persistent_id(self, obj: Any) -> int | None:
         # Called for every object pickled: one dict lookup on the common path.
@@ -55,26 +66,35 @@ class _RecordPickler(engine.Pickler):
         self._refs[oid] = obj
         return oid
 
-    def pickle(self, root: Any) -> tuple[bytes, dict[int, Any]]:
-        """The record of ``root``, and {object id: object} of every reference written."""
+    def _out_of_band(self, buffer: engine.PickleBuffer) -> bool:
+        raw = buffer.raw()
+        if raw.nbytes < self._blob_threshold:
+            return True     # in-band
+        self._blobs.append(self._write_blob(raw))
+        return False
+
+    def pickle(self, root: Any) -> tuple[bytes, dict[int, Any], list[records.BlobRef]]:
+        """The pickle of ``root``, {object id: object} of every reference written, and
+        the blobs of its out-of-band buffers, in order."""
         file = self._file
         file.seek(0)
         file.truncate()
         self._root = root
         self._refs = refs = {}
+        self._blobs = blobs = []
         try:
             self.dump(root)
         finally:
             self._root = None
             self.clear_memo()   # the memo holds the record's objects alive
-        return file.getvalue(), refs
+        return file.getvalue(), refs, blobs
 
 
 class _RecordUnpickler(engine.Unpickler):
     """Unpickles one record, resolving references through the Store's identity map."""
 
-    def __init__(self, file: Any, load: Any) -> None:
-        super().__init__(file)
+    def __init__(self, file: Any, load: Any, buffers: list[Any] | None) -> None:
+        super().__init__(file, buffers=buffers)
         self._load = load
 
     def persistent_load(self, pid: Any) -> Any:
@@ -116,13 +136,19 @@ class Store(MutableMapping[str, Any]):
     * After ``close()`` every method raises :class:`~pstore.errors.ClosedError`.
     """
 
-    def __init__(self, backend: Backend, *, protocol: int, writeback: bool) -> None:
+    def __init__(self, backend: Backend, *, protocol: int, writeback: bool,
+                 blob_threshold: int | None = DEFAULT_BLOB_THRESHOLD,
+                 compression: str | None = None, readonly_buffers: bool = False) -> None:
         self._backend = backend
         self._path = backend.path
         self._writeback = writeback and not backend.read_only
         self._lock = threading.RLock()
         self._ids = IdentityMap()
-        self._pickler = _RecordPickler(protocol, self._ids.oid_of)
+        self._codec = records.CODECS[compression]
+        self._writable_buffers = not readonly_buffers
+        self._pickler = _RecordPickler(
+            protocol, self._ids.oid_of,
+            float("inf") if blob_threshold is None else blob_threshold, self._write_blob)
         self._marker = backend.change_marker()
         self._closed = False
         self._load_depth = 0        # how many record loads are nested right now
@@ -410,8 +436,8 @@ class Store(MutableMapping[str, Any]):
         batch = list(pending.items())
         while batch:
             for oid, (obj, key) in batch:
-                data, refs = self._pickle(obj, key, oid)
-                self._backend.put_record(oid, data, refs)
+                data, refs, blobs = self._pickle(obj, key, oid)
+                self._backend.put_record(oid, data, refs, [blob.name for blob in blobs])
                 written[oid] = refs
                 referenced.update(refs)
             # A referenced object whose record is gone (deleted by gc() or by releasing
@@ -479,12 +505,29 @@ class Store(MutableMapping[str, Any]):
             return f"the value of key {entry[1]!r}"
         return f"object id {oid}"
 
-    def _pickle(self, obj: Any, key: str | None, oid: int) -> tuple[bytes, dict[int, Any]]:
+    def _pickle(self, obj: Any, key: str | None,
+                oid: int) -> tuple[bytes, dict[int, Any], list[records.BlobRef]]:
+        """The record of ``obj`` (its blobs already written), its references and its blobs."""
         try:
-            return self._pickler.pickle(obj)
+            pickle, refs, blobs = self._pickler.pickle(obj)
         except Exception as error:
             what = f"the value of key {key!r}" if key is not None else self._describe(oid)
             raise engine.PicklingError(f"cannot store {what}: {error}") from error
+        return records.pack(pickle, blobs, self._codec), refs, blobs
+
+    def _write_blob(self, raw: memoryview) -> records.BlobRef:
+        return records.write_blob(self._backend, raw, self._codec)
+
+    def _unwrap(self, oid: int, envelope: bytes) -> tuple[bytes, list[Any]]:
+        """The pickle of record ``oid``'s envelope, and its out-of-band buffers."""
+        try:
+            pickle, blobs = records.unpack(envelope)
+            return pickle, [records.read_blob(self._backend, blob, self._writable_buffers)
+                            for blob in blobs]
+        except FormatError as error:    # a ValueError too: first
+            raise FormatError(self._path, f"record {oid}: {error.reason}") from None
+        except ValueError as error:
+            raise FormatError(self._path, f"record {oid}: {error}") from None
 
     def _load(self, oid: int, data: bytes | None = None) -> Any:
         """The object of record ``oid``; ``data``, if given, is the record's (already read).
@@ -528,9 +571,12 @@ class Store(MutableMapping[str, Any]):
             data = self._backend.get_record(oid)
         if data is None:
             raise MissingObjectError(self._path, oid)
+        buffers = None
+        if records.is_envelope(data):
+            data, buffers = self._unwrap(oid, data)
         self._load_depth += 1
         try:
-            obj = _RecordUnpickler(io.BytesIO(data), self._load).load()
+            obj = _RecordUnpickler(io.BytesIO(data), self._load, buffers).load()
         finally:
             self._load_depth -= 1
         if is_tracked(obj):
@@ -614,7 +660,9 @@ if hasattr(os, "register_at_fork"):
 
 def open(path: str | os.PathLike[str], flag: str = "c", *, backend: str = "sqlite",
          protocol: int = 5, writeback: bool = False,
-         lock_timeout: float = DEFAULT_LOCK_TIMEOUT, fsync: bool = False) -> Store:
+         lock_timeout: float = DEFAULT_LOCK_TIMEOUT, fsync: bool = False,
+         blob_threshold: int | None = DEFAULT_BLOB_THRESHOLD, compression: str | None = None,
+         readonly_buffers: bool = False) -> Store:
     """Open the store at ``path`` and return a :class:`Store`.
 
     ``flag``: 'r' read-only (writes nothing at all, not even to the file's header),
@@ -632,9 +680,24 @@ def open(path: str | os.PathLike[str], flag: str = "c", *, backend: str = "sqlit
     transaction before :class:`~pstore.errors.LockTimeoutError`.
     ``fsync``: False (default) -- a commit that returned survives the process being
     killed; True -- it also survives power loss and OS crashes (slower commits).
+    Blobs are fsynced before their commit either way.
+
+    Large buffers (``docs/datasets.md``): under protocol 5, every out-of-band buffer
+    (``PickleBuffer``: numpy arrays, pandas frames' blocks, ...) of at least
+    ``blob_threshold`` bytes (None: never) is stored once per distinct content as a
+    blob beside the records, and loaded mapped into memory: copy-on-write (arrays
+    come back writable; writes never reach the store) or, with
+    ``readonly_buffers=True``, read-only. ``compression``: None (default),
+    ``"zlib"`` or ``"lzma"``, for the records and blobs this Store writes;
+    compressed blobs are decompressed into memory instead of mapped. Any store
+    reads records and blobs whatever compression wrote them.
     """
     if flag not in _FLAGS:
         raise ValueError(f"flag must be one of 'r', 'w', 'c', 'n', not {flag!r}")
+    if compression not in records.CODECS:
+        raise ValueError(f"compression must be None, 'zlib' or 'lzma', not {compression!r}")
+    if blob_threshold is not None and blob_threshold < 0:
+        raise ValueError(f"blob_threshold must be >= 0 or None, not {blob_threshold}")
     if protocol == -1:
         protocol = engine.HIGHEST_PROTOCOL
     if not 0 <= protocol <= engine.HIGHEST_PROTOCOL:
@@ -643,7 +706,9 @@ def open(path: str | os.PathLike[str], flag: str = "c", *, backend: str = "sqlit
     opened = open_backend(backend, os.fspath(path), flag, lock_timeout=lock_timeout,
                           fsync=fsync)
     try:
-        return Store(opened, protocol=protocol, writeback=writeback)
+        return Store(opened, protocol=protocol, writeback=writeback,
+                     blob_threshold=blob_threshold, compression=compression,
+                     readonly_buffers=readonly_buffers)
     except BaseException:
         opened.close()
         raise

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
-from pstore.errors import LockTimeoutError, ReadOnlyError
+from pstore.errors import FormatError, LockTimeoutError, ReadOnlyError
 
 
 def write(backend, fn):
@@ -237,3 +239,63 @@ def test_reads_inside_a_transaction_see_its_own_changes(backend):
     finally:
         backend.rollback()
     assert backend.get_key("old") == old and backend.get_key("new") is None
+
+
+# -- blobs ----------------------------------------------------------------------------------
+
+def blob_files(backend) -> set[str]:
+    return set(backend._blobs.names())
+
+
+def test_blobs_are_named_by_content_and_stored_once(backend):
+    data = bytes(range(256)) * 1000
+    first = write(backend, lambda: backend.put_blob([data]))
+    # The same bytes in other chunks: the same name, still one file.
+    second = write(backend, lambda: backend.put_blob([data[:1000], memoryview(data)[1000:]]))
+    assert first == second and len(first) == 64
+    assert blob_files(backend) == {first}
+    other = write(backend, lambda: backend.put_blob([data[:-1]]))
+    assert other != first
+    mapped = backend.get_blob(first, len(data), writable=True)
+    assert bytes(mapped) == data
+    mapped[0] = 255     # copy-on-write: the blob itself is unchanged
+    assert bytes(backend.get_blob(first, len(data), writable=False)) == data
+    assert b"".join(backend.read_blob(first)) == data
+
+
+def test_a_rolled_back_blob_leaves_nothing(backend):
+    kept = write(backend, lambda: backend.put_blob([b"kept" * 100]))
+    backend.begin()
+    backend.put_blob([b"dropped" * 100])
+    backend.put_blob([b"kept" * 100])   # existed before the transaction: stays
+    backend.rollback()
+    assert blob_files(backend) == {kept}
+    assert not [name for name in os.listdir(backend._blobs.directory)
+                if name.startswith(".tmp")]
+
+
+def test_a_missing_or_wrong_sized_blob_is_a_format_error(backend):
+    name = write(backend, lambda: backend.put_blob([b"x" * 100]))
+    with pytest.raises(FormatError, match="holds 100 bytes"):
+        backend.get_blob(name, 99, writable=False)
+    os.unlink(backend._blobs.path_of(name))
+    with pytest.raises(FormatError, match=f"blob file .*{name} is missing"):
+        backend.get_blob(name, 100, writable=False)
+
+
+def test_gc_deletes_the_blobs_no_live_record_names(backend):
+    def setup():
+        names = [backend.put_blob([bytes([i]) * 1000]) for i in range(3)]
+        live, dead = backend.new_oid(), backend.new_oid()
+        backend.put_record(live, b"live", (), names[:2])
+        backend.put_record(dead, b"dead", (), names[1:])
+        backend.bind_key("live", live)
+        return names
+    names = write(backend, setup)
+    assert blob_files(backend) == set(names)
+    assert write(backend, backend.gc) == 1
+    assert blob_files(backend) == set(names[:2])
+    # Rewriting the live record without blobs lets gc free them too.
+    write(backend, lambda: backend.put_record(backend.get_key("live"), b"live", ()))
+    write(backend, backend.gc)
+    assert blob_files(backend) == set()
