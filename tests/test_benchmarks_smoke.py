@@ -1,4 +1,5 @@
-"""benchmarks/engine.py runs, and pstore pickles its corpus exactly as the stdlib does.
+"""The benchmarks run: engine.py (and pstore pickles its corpus exactly as the stdlib
+does), and arrays.py on a small dataset (and every library loads the same data).
 
 No timing is checked: a benchmark's numbers are for people to read.
 """
@@ -7,6 +8,8 @@ from __future__ import annotations
 
 import importlib.util
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -56,3 +59,13 @@ def test_one_quick_round_prints_a_table(bench: ModuleType,
                                                                          ["records"],
                                                                          ["payload"])]
     assert len(rows) == 6
+
+
+def test_arrays_benchmark_runs_every_installed_library_on_the_same_data() -> None:
+    script = BENCHMARK.parent / "arrays.py"
+    # It exits with an error if two libraries loaded different data.
+    output = subprocess.run([sys.executable, str(script), "--size-mb", "8"], check=True,
+                            capture_output=True, text=True).stdout
+    rows = {line.split()[0] for line in output.splitlines()[3:] if line.strip()}
+    assert {"pstore", "pickle", "np.save"} <= rows
+    assert "time to first element" in output and "peak RSS while writing" in output

@@ -85,5 +85,30 @@ def transaction_loop(backend: str, path: str) -> None:
             sys.stdout.flush()
 
 
+def array_transaction_loop(backend: str, path: str) -> None:
+    """Store arrays as blobs in transactions forever; print each acknowledged value.
+
+    Each transaction writes two new blobs ('features', 'labels'), reuses one that
+    exists ('same'), and every fifth one also collects garbage, so a kill can land
+    in a blob's write, its fsync, its rename, the commit or a gc's removals.
+    """
+    import numpy as np
+
+    with pstore.open(path, backend=backend, blob_threshold=1024) as store:
+        i = int(store["labels"][0]) if "labels" in store else 0
+        same = np.arange(100_000)
+        while True:
+            i += 1
+            with store.transaction():
+                store["features"] = np.full(200_000, float(i))
+                store["same"] = {"i": i, "array": same}
+                store["labels"] = np.full(50_000, i)
+            if i % 5 == 0:
+                store.gc()
+            sys.stdout.write(f"{i}\n")
+            sys.stdout.flush()
+
+
 if __name__ == "__main__":
-    transaction_loop(sys.argv[1], sys.argv[2])
+    loop = array_transaction_loop if sys.argv[3:] == ["arrays"] else transaction_loop
+    loop(sys.argv[1], sys.argv[2])
