@@ -25,11 +25,10 @@ from typing import Any, NamedTuple
 
 from ..backends import Backend
 
-__all__ = ["BlobRef", "CODECS", "ENVELOPE", "is_envelope", "pack", "unpack", "write_blob",
-           "read_blob"]
+__all__ = ["BlobRef", "CODECS", "ENVELOPE", "pack", "unpack", "write_blob", "read_blob"]
 
 #: The first byte of an envelope; a record starting with any other byte is a plain pickle.
-ENVELOPE = 0xFF
+ENVELOPE = b"\xff"
 _VERSION = 1
 _HEADER = struct.Struct("<BBBI")    # ENVELOPE, version, pickle codec, number of blobs
 _BLOB = struct.Struct("<BQ32s")     # codec, buffer size, digest
@@ -49,10 +48,6 @@ class BlobRef(NamedTuple):
     codec: int      # how the blob file stores them
 
 
-def is_envelope(data: bytes) -> bool:
-    return data[0] == ENVELOPE
-
-
 def pack(pickle: bytes, blobs: list[BlobRef], codec: int) -> bytes:
     """The record of ``pickle`` with out-of-band ``blobs``, compressed with ``codec``.
 
@@ -69,7 +64,7 @@ def pack(pickle: bytes, blobs: list[BlobRef], codec: int) -> bytes:
         codec = 0
     if not blobs and not codec:
         return pickle
-    header = _HEADER.pack(ENVELOPE, _VERSION, codec, len(blobs))
+    header = _HEADER.pack(ENVELOPE[0], _VERSION, codec, len(blobs))
     return b"".join([header, *(_BLOB.pack(blob.codec, blob.size, bytes.fromhex(blob.name))
                                for blob in blobs), pickle])
 

@@ -572,7 +572,7 @@ class Store(MutableMapping[str, Any]):
         if data is None:
             raise MissingObjectError(self._path, oid)
         buffers = None
-        if records.is_envelope(data):
+        if data[:1] == records.ENVELOPE:    # no pickle starts with it
             data, buffers = self._unwrap(oid, data)
         self._load_depth += 1
         try:
