@@ -33,6 +33,8 @@ __all__ = ["BlobStore", "LocalBlobs", "blob_digest", "LEAF_SIZE"]
 LEAF_SIZE = 1 << 24
 _DIGEST_SIZE = 32
 _TEMP_PREFIX = ".tmp-"
+# The data and the size, without the rest of the inode's metadata where the OS can.
+_fdatasync = getattr(os, "fdatasync", os.fsync)
 # mmap keeps a duplicate of the file descriptor unless told not to (Python 3.13+):
 # without it, each loaded array would hold a descriptor open.
 _MMAP_OPTIONS: dict[str, Any] = {"trackfd": False} if sys.version_info >= (3, 13) else {}
@@ -180,7 +182,7 @@ class BlobStore:
                 view = memoryview(chunk).cast("B")
                 hasher.update(view)
                 _write_all(fd, view)
-            os.fsync(fd)
+            _fdatasync(fd)
             name = hasher.digest()
         except BaseException:
             hasher.close()
