@@ -120,13 +120,21 @@ class IdentityMap:
         """Drop the strongly held objects that only this map references.
 
         Dropping one may leave objects it contained referenced by the map alone, so
-        those -- found among its referents -- are checked again, and only those: a
-        dropped chain of records costs time in proportion to its length.
+        they are checked again, pass after pass. When a pass drops at least as many
+        objects as survive it, the next pass checks every survivor (a reference count
+        each: cheaper than looking inside the dropped). Otherwise it checks only what
+        the dropped objects contained, found among their referents, so a dropped chain
+        of records costs time in proportion to its length.
         """
         candidates: list[int] = list(self._strong)
         while candidates:
             unreferenced = [key for key, count in _refcounts(self._strong, candidates)
                             if count <= _ONLY_THE_MAP]
+            if unreferenced and 2 * len(unreferenced) >= len(self._strong):
+                for key in unreferenced:
+                    self._drop(key)
+                candidates = list(self._strong)
+                continue
             candidates = []
             for key in unreferenced:
                 candidates += self._held_inside(self._strong[key])
