@@ -184,6 +184,9 @@ class Store(MutableMapping[str, Any]):
         with self._lock:
             self._check_key(key)
             self._check_writable("assign to a key")
+            if self._depth:     # joins the open transaction: no need for a context of its own
+                self._assign(key, value)
+                return
             with self._transaction():
                 self._assign(key, value)
 
