@@ -427,7 +427,8 @@ def load_setitems(u: Unpickler, data: bytes, pos: int, items: list, outer: list)
     if len(items) & 1:
         raise _Bad(UnpicklingError, "odd number of items for SETITEMS")
     if type(target) is dict:
-        target.update(zip(items[::2], items[1::2]))
+        pairs = iter(items)     # zip of one iterator twice: key, value, with no slice copies
+        target.update(zip(pairs, pairs))
     elif items:
         _set_items(target, items)
     return pos
@@ -457,7 +458,8 @@ def load_list(u: Unpickler, data: bytes, pos: int, items: list, outer: list) -> 
 def load_dict(u: Unpickler, data: bytes, pos: int, items: list, outer: list) -> int:
     if len(items) & 1:
         raise _Bad(UnpicklingError, "odd number of items for DICT")
-    outer.append(dict(zip(items[::2], items[1::2])))
+    pairs = iter(items)
+    outer.append(dict(zip(pairs, pairs)))
     return pos
 
 
