@@ -11,6 +11,7 @@ import os
 import pathlib
 import sqlite3
 from collections.abc import Collection, Iterator
+from typing import NoReturn
 
 from ..errors import FormatError, LockTimeoutError, ReadOnlyError
 from .base import Backend
@@ -93,7 +94,7 @@ class _NoCursor:
     """The cursor of a backend without a connection (closed, or failed to reopen after a
     fork): every statement raises, as on a closed connection."""
 
-    def execute(self, *args: object) -> sqlite3.Cursor:
+    def execute(self, *args: object) -> NoReturn:
         raise sqlite3.ProgrammingError("the backend is closed")
 
     executemany = execute
@@ -122,8 +123,9 @@ class SQLiteBackend(Backend):
         self._fresh: set[int] = set()       # oids allocated by the open transaction
         self._in_transaction = False
         self._conn: sqlite3.Connection | None = None
-        # One cursor for the frequent statements, which read their rows whole: executing on
-        # it spares the cursor that Connection.execute creates each time.
+        # One cursor for the frequent statements, sparing the cursor Connection.execute
+        # makes each time. Each of them has at most one row and reads it, which ends the
+        # statement: one left unfinished would keep its read transaction (and snapshot) open.
         self._cursor: sqlite3.Cursor | _NoCursor = _NO_CURSOR
         if flag == "n":
             for suffix in ("", "-wal", "-shm", "-journal"):
