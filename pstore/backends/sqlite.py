@@ -12,6 +12,7 @@ import pathlib
 import shutil
 import sqlite3
 from collections.abc import Collection, Iterator
+from typing import NoReturn
 
 from ..errors import FormatError, LockTimeoutError, ReadOnlyError
 from .base import Backend
@@ -104,6 +105,19 @@ _KEY_BATCH = 1000
 _INHERITED: list[object] = []
 
 
+class _NoCursor:
+    """The cursor of a backend without a connection (closed, or failed to reopen after a
+    fork): every statement raises, as on a closed connection."""
+
+    def execute(self, *args: object) -> NoReturn:
+        raise sqlite3.ProgrammingError("the backend is closed")
+
+    executemany = execute
+
+
+_NO_CURSOR = _NoCursor()
+
+
 class SQLiteBackend(LocalBlobs, Backend):
     """A store in one SQLite file (WAL mode while a writer has it open).
 
@@ -126,6 +140,10 @@ class SQLiteBackend(LocalBlobs, Backend):
         self._in_transaction = False
         self._conn: sqlite3.Connection | None = None
         self._blobs = BlobStore(path + ".blobs")
+        # One cursor for the frequent statements, sparing the cursor Connection.execute
+        # makes each time. Each of them has at most one row and reads it, which ends the
+        # statement: one left unfinished would keep its read transaction (and snapshot) open.
+        self._cursor: sqlite3.Cursor | _NoCursor = _NO_CURSOR
         if flag == "n":
             shutil.rmtree(self._blobs.directory, ignore_errors=True)
             for suffix in ("", "-wal", "-shm", "-journal"):
@@ -156,6 +174,7 @@ class SQLiteBackend(LocalBlobs, Backend):
         else:
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._conn = conn
+        self._cursor = conn.cursor()
         try:
             # Readers wait this long for a checkpoint or WAL recovery instead of failing
             # with "database is locked"; writers already hold the file lock.
@@ -170,6 +189,7 @@ class SQLiteBackend(LocalBlobs, Backend):
         except sqlite3.OperationalError as error:
             conn.close()
             self._conn = None
+            self._cursor = _NO_CURSOR
             if "locked" in str(error):
                 raise LockTimeoutError(self.path, self._lock_timeout) from error
             raise   # e.g. no permission: not a question of format
@@ -177,10 +197,12 @@ class SQLiteBackend(LocalBlobs, Backend):
             # SQLITE_NOTADB or SQLITE_CORRUPT: random bytes, a text file, ...
             conn.close()
             self._conn = None
+            self._cursor = _NO_CURSOR
             raise FormatError(self.path, f"not an SQLite database ({error})") from None
         except BaseException:
             conn.close()
             self._conn = None
+            self._cursor = _NO_CURSOR
             raise
 
     def _init_or_check(self, create: bool) -> None:
@@ -252,20 +274,20 @@ class SQLiteBackend(LocalBlobs, Backend):
         return oid
 
     def get_record(self, oid: int) -> bytes | None:
-        row = self._require().execute(_GET_RECORD, (oid,)).fetchone()
+        row = self._cursor.execute(_GET_RECORD, (oid,)).fetchone()
         return None if row is None else row[0]
 
     def put_record(self, oid: int, data: bytes, refs: Collection[int],
                    blobs: Collection[str] = ()) -> None:
-        conn = self._require()
-        conn.execute(_PUT_RECORD, (oid, data))
+        cursor = self._cursor
+        cursor.execute(_PUT_RECORD, (oid, data))
         if oid not in self._fresh:      # a record allocated by this transaction has no refs yet
-            conn.execute(_DELETE_REFS, (oid,))
-            conn.execute(_DELETE_BLOB_REFS, (oid,))
+            cursor.execute(_DELETE_REFS, (oid,))
+            cursor.execute(_DELETE_BLOB_REFS, (oid,))
         if refs:
-            conn.executemany(_PUT_REF, [(oid, ref) for ref in refs])
+            cursor.executemany(_PUT_REF, [(oid, ref) for ref in refs])
         if blobs:
-            conn.executemany(_PUT_BLOB_REF, [(oid, name) for name in blobs])
+            cursor.executemany(_PUT_BLOB_REF, [(oid, name) for name in blobs])
 
     def delete_record(self, oid: int) -> None:
         conn = self._require()
@@ -289,22 +311,22 @@ class SQLiteBackend(LocalBlobs, Backend):
     # -- keys -------------------------------------------------------------------------------
 
     def get_key(self, key: str) -> int | None:
-        row = self._require().execute(_GET_KEY, (key,)).fetchone()
+        row = self._cursor.execute(_GET_KEY, (key,)).fetchone()
         return None if row is None else row[0]
 
     def get_item(self, key: str) -> tuple[int, bytes | None] | None:
-        return self._require().execute(_GET_ITEM, (key,)).fetchone()
+        return self._cursor.execute(_GET_ITEM, (key,)).fetchone()
 
     def bind_key(self, key: str, oid: int) -> int | None:
         previous = self.get_key(key)
         if previous != oid:
-            self._require().execute(_BIND_KEY, (key, oid))
+            self._cursor.execute(_BIND_KEY, (key, oid))
         return previous
 
     def unbind_key(self, key: str) -> int | None:
         oid = self.get_key(key)
         if oid is not None:
-            self._require().execute(_UNBIND_KEY, (key,))
+            self._cursor.execute(_UNBIND_KEY, (key,))
         return oid
 
     def iter_keys(self) -> Iterator[str]:
@@ -374,7 +396,7 @@ class SQLiteBackend(LocalBlobs, Backend):
                 self._file_lock.release()
 
     def change_marker(self) -> int:
-        return self._require().execute(_DATA_VERSION).fetchone()[0]
+        return self._cursor.execute(_DATA_VERSION).fetchone()[0]
 
     # -- maintenance ------------------------------------------------------------------------
 
@@ -395,6 +417,7 @@ class SQLiteBackend(LocalBlobs, Backend):
         _INHERITED.append(self._conn)
         self._file_lock.abandon()
         self._conn = None
+        self._cursor = _NO_CURSOR
         self._in_transaction = False
         # The parent goes on allocating from its block: the child must not.
         self._next_oid = self._block_end = 0
@@ -418,5 +441,6 @@ class SQLiteBackend(LocalBlobs, Backend):
                     pass
         finally:
             self._conn = None
+            self._cursor = _NO_CURSOR
             self._file_lock.close()
             conn.close()

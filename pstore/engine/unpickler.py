@@ -14,10 +14,12 @@ and each opcode costs one call of a plain function, ``load_<name>(unpickler,
 data, pos, stack) -> pos``, found in a 256-entry list (a call costs about as
 much as two failed ``if`` comparisons, so a long ``elif`` chain loses). Only
 the three most frequent opcodes (BINGET, MEMOIZE, SHORT_BINUNICODE) and the
-ones that switch stack levels (MARK, POP, STOP) are handled in the loop itself. Every opcode of
+ones that switch stack levels (MARK, POP, STOP) are handled in the loop itself,
+and a MEMOIZE right after a SHORT_BINUNICODE is taken with it. Every opcode of
 :mod:`.opcodes` is implemented exactly once: in the loop (``_INLINE``), or by a
 handler in ``_HANDLERS`` or, for opcodes that take the items above a mark,
-``_MARK_HANDLERS``.
+``_MARK_HANDLERS``. One shortcut: a leading PROTO and FRAME that are valid and
+complete are skipped before the loop starts (else their handlers run, errors and all).
 
 Fixed-size reads are not bounds-checked: reading past the data raises
 ``IndexError``/``struct.error`` and only then does :func:`_arg_status` work
@@ -73,6 +75,8 @@ _MARK = BY_NAME["MARK"].byte
 _POP = BY_NAME["POP"].byte
 _STOP = BY_NAME["STOP"].byte
 _SHORT_BINUNICODE = BY_NAME["SHORT_BINUNICODE"].byte
+_PROTO = BY_NAME["PROTO"].byte
+_FRAME = BY_NAME["FRAME"].byte
 _INLINE = frozenset({"BINGET", "MEMOIZE", "SHORT_BINUNICODE", "MARK", "POP", "STOP"})
 
 #: Opcodes that take the items above the top mark: their handlers get those items and the
@@ -423,7 +427,8 @@ def load_setitems(u: Unpickler, data: bytes, pos: int, items: list, outer: list)
     if len(items) & 1:
         raise _Bad(UnpicklingError, "odd number of items for SETITEMS")
     if type(target) is dict:
-        target.update(zip(items[::2], items[1::2]))
+        pairs = iter(items)     # zip of one iterator twice: key, value, with no slice copies
+        target.update(zip(pairs, pairs))
     elif items:
         _set_items(target, items)
     return pos
@@ -453,7 +458,8 @@ def load_list(u: Unpickler, data: bytes, pos: int, items: list, outer: list) -> 
 def load_dict(u: Unpickler, data: bytes, pos: int, items: list, outer: list) -> int:
     if len(items) & 1:
         raise _Bad(UnpicklingError, "odd number of items for DICT")
-    outer.append(dict(zip(items[::2], items[1::2])))
+    pairs = iter(items)
+    outer.append(dict(zip(pairs, pairs)))
     return pos
 
 
@@ -852,6 +858,23 @@ class Unpickler:
             file.seek(pos - end, io.SEEK_CUR)
         return value
 
+    def load_bytes(self, data: bytes, buffers: Iterable[Any] | None = None) -> Any:
+        """Return the object pickled at the start of ``data``, read in place; the file is not used.
+
+        The pickle is read on its own, as :func:`loads` reads it: with an empty memo, and
+        ``buffers`` as its out-of-band buffers. The unpickler's ``memo``, protocol and
+        buffers are put back afterwards, so the objects of the pickle are not kept alive,
+        and a ``persistent_load`` may call ``load_bytes`` of the same unpickler: one
+        unpickler can serve any number of pickles, nested or not, with no setup per pickle.
+        """
+        saved = self.memo, self.proto, self._buffers
+        self.memo = {}
+        self._buffers = iter(buffers) if buffers is not None else None
+        try:
+            return self._run(data, 0, 0, None)[0]
+        finally:
+            self.memo, self.proto, self._buffers = saved
+
     def find_class(self, module: str, name: str) -> Any:
         """Return the global ``module.name``; every global a pickle names is resolved here.
 
@@ -928,6 +951,14 @@ class Unpickler:
         BINGET, MEMOIZE, SHORT_BINUNICODE, MARK = _BINGET, _MEMOIZE, _SHORT_BINUNICODE, _MARK
         mark_handlers = _MARK_HANDLERS
         end = len(data)
+        # Nearly every pickle opens with PROTO and, from protocol 4 on, a FRAME: when both
+        # are valid and the frame is all there, they are taken here, not by two handler
+        # calls. Anything else is left to the loop, errors included.
+        if pos + 11 <= end and data[pos] == _PROTO and data[pos + 1] <= HIGHEST_PROTOCOL:
+            self.proto = data[pos + 1]
+            pos += 2
+            if data[pos] == _FRAME and pos + 9 + _unpack_uint8(data, pos + 1)[0] <= end:
+                pos += 9
         start = pos
         code = -1
         while True:
@@ -939,7 +970,22 @@ class Unpickler:
                     # The three most frequent opcodes first (MEMOIZE follows every string and
                     # container), then one call per opcode: a call costs about as much as two
                     # failed comparisons.
-                    if code == MEMOIZE:
+                    if code == SHORT_BINUNICODE:
+                        after = pos + 1 + data[pos]
+                        if after > end:
+                            raise _Truncated
+                        try:
+                            value = data[pos + 1:after].decode()
+                        except UnicodeDecodeError:
+                            value = _utf8(data[pos + 1:after])
+                        stack.append(value)
+                        # Protocol 4+ picklers follow nearly every string with MEMOIZE:
+                        # taken here, it costs no turn of the loop.
+                        if after < end and data[after] == MEMOIZE:
+                            memo[len(memo)] = value
+                            after += 1
+                        pos = after
+                    elif code == MEMOIZE:
                         memo[len(memo)] = stack[-1]
                     elif code == BINGET:
                         try:
@@ -948,15 +994,6 @@ class Unpickler:
                             raise _Bad(UnpicklingError,
                                        f"Memo value not found at index {data[pos]}") from None
                         pos += 1
-                    elif code == SHORT_BINUNICODE:
-                        after = pos + 1 + data[pos]
-                        if after > end:
-                            raise _Truncated
-                        try:
-                            stack.append(data[pos + 1:after].decode())
-                        except UnicodeDecodeError:
-                            stack.append(_utf8(data[pos + 1:after]))
-                        pos = after
                     elif (handler := handlers[code]) is not None:
                         pos = handler(self, data, pos, stack)
                     elif code == MARK:

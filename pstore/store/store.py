@@ -91,17 +91,23 @@ class _RecordPickler(engine.Pickler):
 
 
 class _RecordUnpickler(engine.Unpickler):
-    """Unpickles one record, resolving references through the Store's identity map."""
+    """Unpickles the records of one Store, resolving references through its identity map.
 
-    def __init__(self, file: Any, load: Any, buffers: list[Any] | None) -> None:
-        super().__init__(file, buffers=buffers)
-        self._load = load
+    One instance serves every record, nested loads of referenced records included
+    (``load_bytes`` keeps each pickle's state apart), so a record costs no setup.
+    """
+
+    def __init__(self, store: Store) -> None:
+        super().__init__(io.BytesIO())   # records are read with load_bytes, never from the file
+        # A proxy: the Store holds this unpickler, and a cycle would keep a dropped Store
+        # (and its open connection) alive until the garbage collector runs.
+        self._store = weakref.proxy(store)
 
     def persistent_load(self, pid: Any) -> Any:
         if type(pid) is int:
-            return self._load(pid)
+            return self._store._load(pid)
         if type(pid) is str and pid.isdigit():   # protocol 0 writes persistent ids as text
-            return self._load(int(pid))
+            return self._store._load(int(pid))
         raise engine.UnpicklingError(f"a record refers to {pid!r}, which is not an object id")
 
 
@@ -149,6 +155,7 @@ class Store(MutableMapping[str, Any]):
         self._pickler = _RecordPickler(
             protocol, self._ids.oid_of,
             float("inf") if blob_threshold is None else blob_threshold, self._write_blob)
+        self._unpickler = _RecordUnpickler(self)
         self._marker = backend.change_marker()
         self._closed = False
         self._load_depth = 0        # how many record loads are nested right now
@@ -203,6 +210,9 @@ class Store(MutableMapping[str, Any]):
         with self._lock:
             self._check_key(key)
             self._check_writable("assign to a key")
+            if self._depth:     # joins the open transaction: no need for a context of its own
+                self._assign(key, value)
+                return
             with self._transaction():
                 self._assign(key, value)
 
@@ -576,7 +586,7 @@ class Store(MutableMapping[str, Any]):
             data, buffers = self._unwrap(oid, data)
         self._load_depth += 1
         try:
-            obj = _RecordUnpickler(io.BytesIO(data), self._load, buffers).load()
+            obj = self._unpickler.load_bytes(data, buffers)
         finally:
             self._load_depth -= 1
         if is_tracked(obj):

@@ -109,3 +109,15 @@ def test_pragmas(tmp_path):
     assert full._conn.execute("PRAGMA synchronous").fetchone()[0] == 2      # FULL
     normal.close()
     full.close()
+
+
+def test_no_statement_runs_after_close(tmp_path):
+    # The frequent statements share one cursor: it must not outlive the connection.
+    backend = open_sqlite(str(tmp_path / "store.db"))
+    fill(backend)
+    backend.close()
+    for call in (lambda: backend.get_item("k"), lambda: backend.get_key("k"),
+                 lambda: backend.get_record(1), backend.change_marker,
+                 lambda: backend.put_record(1, b"x", [2])):
+        with pytest.raises(sqlite3.ProgrammingError):
+            call()

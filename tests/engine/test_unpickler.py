@@ -497,3 +497,40 @@ def test_loads_accepts_any_bytes_like():
     data = pickle.dumps({"a": [1, 2]}, 5)
     for form in (bytearray(data), memoryview(data)):
         assert loads(form) == {"a": [1, 2]}
+
+
+# -- load_bytes -------------------------------------------------------------------------------
+
+def test_load_bytes_reads_each_pickle_on_its_own():
+    unpickler = Unpickler(io.BytesIO())
+    memo = unpickler.memo
+    for data in CORPUS:
+        assert _shape(unpickler.load_bytes(data)) == _shape(pickle.loads(data))
+        assert unpickler.memo is memo and not memo   # nothing of the pickle is kept
+    data = pickle.dumps([pickle.PickleBuffer(bytearray(b"z" * 100))], 5,
+                        buffer_callback=(buffers := []).append)
+    assert unpickler.load_bytes(data, buffers)[0] is buffers[0]
+    with pytest.raises(pickle.UnpicklingError, match="NEXT_BUFFER at offset"):
+        unpickler.load_bytes(data)
+
+
+def test_load_bytes_nests_through_persistent_load():
+    # The outer pickle (protocol 2) refers to an inner one (protocol 5) loaded by the same
+    # unpickler; afterwards the outer one still has its own memo (the BINGET of `shared`)
+    # and its own protocol (fix_imports maps __builtin__.set only below protocol 3).
+    inner = pickle.dumps({"inner": [1, 2]}, 5)
+
+    class P(pickle.Pickler):
+        def persistent_id(self, obj):
+            return "inner" if obj == "@inner" else None
+
+    class U(Unpickler):
+        def persistent_load(self, pid):
+            return self.load_bytes(inner)
+
+    shared = ["shared"]
+    buf = io.BytesIO()
+    P(buf, 2).dump([shared, "@inner", shared, set])
+    got = U(io.BytesIO()).load_bytes(buf.getvalue())
+    assert got == [shared, {"inner": [1, 2]}, shared, set]
+    assert got[0] is got[2]

@@ -9,6 +9,7 @@ import weakref
 import pytest
 
 from pstore import engine
+from pstore.store.identity import IdentityMap
 
 from .objects import Config
 
@@ -207,3 +208,23 @@ def test_weakly_held_objects_disappear(store):
     python_gc.collect()
     assert ref() is None
     assert store["c"] == Config("c")
+
+
+@pytest.mark.parametrize("held", [0, 100])
+def test_sweep_drops_chains_the_map_alone_holds(held):
+    # A chain of strongly held objects, each inside the next: dropping the outer one leaves
+    # the next one referenced by the map alone. With nothing else in the map the sweep
+    # rechecks every survivor; with many objects held, only what the dropped contained.
+    ids = IdentityMap()
+    kept = [[i] for i in range(held)]
+    for oid, obj in enumerate(kept):
+        ids.add(obj, oid)
+    inner: list = ["end"]
+    for oid in range(1000, 1050):
+        ids.add(inner, oid)
+        inner = [inner]
+    ids.add(inner, 2000)
+    del inner
+    ids.sweep()
+    assert len(ids) == held
+    assert all(ids.get(oid) is obj for oid, obj in enumerate(kept))
