@@ -5,7 +5,8 @@ pickling:
 
 * **records**: ``object id -> (data, refs)``, where ``data`` is the record's
   bytes and ``refs`` the object ids those bytes refer to (kept so that the
-  backend can find unreachable records on its own);
+  backend can find unreachable records on its own), some of them marked
+  *lazy*: references that loading the record does not follow at once;
 * **keys**: ``str -> object id`` bindings.
 
 Every method that changes something must be called inside a write transaction
@@ -62,8 +63,14 @@ class Backend(ABC):
         """The data of record ``oid``, or None if there is no such record."""
 
     @abstractmethod
-    def put_record(self, oid: int, data: bytes, refs: Collection[int]) -> None:
-        """Create record ``oid``, or replace its data and refs if it exists."""
+    def put_record(self, oid: int, data: bytes, refs: Collection[int],
+                   lazy_refs: Collection[int] = ()) -> None:
+        """Create record ``oid``, or replace its data and refs if it exists.
+
+        ``lazy_refs``, a subset of ``refs``, are the references that loading the
+        record does not follow at once (references to Persistent objects); only
+        :meth:`reaches` tells them apart.
+        """
 
     @abstractmethod
     def delete_record(self, oid: int) -> None:
@@ -79,7 +86,8 @@ class Backend(ABC):
 
     @abstractmethod
     def reaches(self, sources: Collection[int], target: int) -> bool:
-        """Whether ``target`` is one of ``sources`` or reachable from them through refs."""
+        """Whether ``target`` is one of ``sources`` or reachable from them through refs
+        that are not lazy."""
 
     # -- keys -------------------------------------------------------------------------------
 

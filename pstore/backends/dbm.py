@@ -47,8 +47,10 @@ MODULES = ("dbm.sqlite3", "dbm.gnu", "dbm.ndbm", "dbm.dumb")
 #: The key that marks a pstore DBM store, and what it holds.
 FORMAT_KEY = b"m:format"
 FORMAT_NAME = b"pstore-dbm"
-#: The newest format version this code reads and the one it writes.
-FORMAT_VERSION = 1
+#: The newest format version this code reads and the one it writes. Version 1 databases
+#: become version 2 when opened for writing: version 2 added lazy refs (``l:<oid>``) and
+#: records of Persistent objects, which version 1 code would misread.
+FORMAT_VERSION = 2
 
 # Meta keys (docs/format.md).
 _FORMAT = FORMAT_KEY
@@ -74,6 +76,10 @@ def _record_key(oid: int) -> bytes:
 
 def _refs_key(oid: int) -> bytes:
     return b"f:%d" % oid
+
+
+def _lazy_key(oid: int) -> bytes:
+    return b"l:%d" % oid
 
 
 def _count_key(oid: int) -> bytes:
@@ -470,6 +476,19 @@ class DBMBackend(Backend):
         elif int(version) > FORMAT_VERSION:
             raise FormatError(self.path, f"format version {int(version)} was written by a "
                                          f"newer pstore; this one reads up to {FORMAT_VERSION}")
+        elif int(version) < FORMAT_VERSION and not self.read_only:
+            self._upgrade()
+
+    def _upgrade(self) -> None:
+        """Mark a version 1 database as the current version: it has no lazy refs, which
+        is what a missing ``l:`` key means."""
+        self.begin()
+        try:
+            self._put(_VERSION, b"%d" % FORMAT_VERSION)
+            self.commit()
+        except BaseException:
+            self.rollback()
+            raise
 
     def _initialize(self) -> None:
         self.begin()
@@ -585,7 +604,8 @@ class DBMBackend(Backend):
         with self._reading():
             return self._get(_record_key(oid))
 
-    def put_record(self, oid: int, data: bytes, refs: Collection[int]) -> None:
+    def put_record(self, oid: int, data: bytes, refs: Collection[int],
+                   lazy_refs: Collection[int] = ()) -> None:
         old = set(_unpack_ints(self._get(_refs_key(oid))))
         new = set(refs)
         for ref in old - new:
@@ -594,12 +614,16 @@ class DBMBackend(Backend):
             self._add_referrers(ref, 1)
         self._put(_record_key(oid), data)
         self._put(_refs_key(oid), _pack_ints(sorted(new)) if new else None)
+        if lazy_refs or self._get(_lazy_key(oid)) is not None:
+            self._put(_lazy_key(oid), _pack_ints(sorted(lazy_refs)) if lazy_refs else None)
 
     def delete_record(self, oid: int) -> None:
         for ref in _unpack_ints(self._get(_refs_key(oid))):
             self._add_referrers(ref, -1)
         self._put(_record_key(oid), None)
         self._put(_refs_key(oid), None)
+        if self._get(_lazy_key(oid)) is not None:
+            self._put(_lazy_key(oid), None)
 
     def _add_referrers(self, oid: int, delta: int) -> None:
         """Change the number of keys and records referring to ``oid`` by ``delta``.
@@ -628,7 +652,9 @@ class DBMBackend(Backend):
                     return True
                 if oid not in seen:
                     seen.add(oid)
-                    stack.extend(_unpack_ints(self._get(_refs_key(oid))))
+                    refs = _unpack_ints(self._get(_refs_key(oid)))
+                    lazy = _unpack_ints(self._get(_lazy_key(oid)))
+                    stack.extend(set(refs).difference(lazy) if lazy else refs)
             return False
 
     # -- keys -------------------------------------------------------------------------------

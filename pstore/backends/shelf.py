@@ -74,7 +74,8 @@ class ShelveReader(Backend):
     def new_oid(self) -> int:
         raise self._refuse()
 
-    def put_record(self, oid: int, data: bytes, refs: Collection[int]) -> None:
+    def put_record(self, oid: int, data: bytes, refs: Collection[int],
+                   lazy_refs: Collection[int] = ()) -> None:
         raise self._refuse()
 
     def delete_record(self, oid: int) -> None:

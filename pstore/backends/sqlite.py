@@ -21,7 +21,7 @@ __all__ = ["SQLiteBackend", "FORMAT_NAME", "FORMAT_VERSION", "APPLICATION_ID"]
 #: What the meta table's 'format' row holds in every pstore file.
 FORMAT_NAME = "pstore"
 #: The newest format version this code reads and the one it writes.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 #: Written into the SQLite header (offset 68) so that tools can tell a pstore file.
 APPLICATION_ID = 0x70537472  # b"pStr"
 
@@ -29,8 +29,8 @@ APPLICATION_ID = 0x70537472  # b"pStr"
 _SCHEMA = (
     "CREATE TABLE meta (name TEXT PRIMARY KEY, value NOT NULL) WITHOUT ROWID",
     "CREATE TABLE records (oid INTEGER PRIMARY KEY, data BLOB NOT NULL)",
-    "CREATE TABLE refs (oid INTEGER NOT NULL, ref INTEGER NOT NULL, PRIMARY KEY (oid, ref))"
-    " WITHOUT ROWID",
+    "CREATE TABLE refs (oid INTEGER NOT NULL, ref INTEGER NOT NULL,"
+    " lazy INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (oid, ref)) WITHOUT ROWID",
     "CREATE INDEX refs_by_ref ON refs (ref)",
     "CREATE TABLE keys (key TEXT PRIMARY KEY, oid INTEGER NOT NULL) WITHOUT ROWID",
     "CREATE INDEX keys_by_oid ON keys (oid)",
@@ -39,11 +39,18 @@ _SCHEMA = (
     f"PRAGMA application_id = {APPLICATION_ID}",
 )
 
+# Version 1 files become version 2 when opened for writing (under the write lock). Version 2
+# added refs.lazy and records of Persistent objects, which version 1 code would misread.
+_UPGRADE = (
+    "ALTER TABLE refs ADD COLUMN lazy INTEGER NOT NULL DEFAULT 0",
+    f"UPDATE meta SET value = {FORMAT_VERSION} WHERE name = 'version'",
+)
+
 _GET_RECORD = "SELECT data FROM records WHERE oid = ?"
 _PUT_RECORD = "INSERT OR REPLACE INTO records (oid, data) VALUES (?, ?)"
 _DELETE_RECORD = "DELETE FROM records WHERE oid = ?"
 _DELETE_REFS = "DELETE FROM refs WHERE oid = ?"
-_PUT_REF = "INSERT OR IGNORE INTO refs (oid, ref) VALUES (?, ?)"
+_PUT_REF = "INSERT OR IGNORE INTO refs (oid, ref, lazy) VALUES (?, ?, ?)"
 _NEXT_OID = "SELECT value FROM meta WHERE name = 'next_oid'"
 _RESERVE_OIDS = "UPDATE meta SET value = ? WHERE name = 'next_oid'"
 # Lists of ids travel as one JSON array parameter, so no statement is built per call.
@@ -53,7 +60,7 @@ _IS_REFERENCED = ("SELECT EXISTS (SELECT 1 FROM keys WHERE oid = ?1)"
 _REACHES = """
 WITH RECURSIVE reach (oid) AS (
     SELECT value FROM json_each(?1)
-    UNION SELECT refs.ref FROM refs JOIN reach ON refs.oid = reach.oid)
+    UNION SELECT refs.ref FROM refs JOIN reach ON refs.oid = reach.oid WHERE NOT refs.lazy)
 SELECT 1 FROM reach WHERE oid = ?2 LIMIT 1
 """
 _LIVE = """
@@ -77,6 +84,7 @@ _COUNT_KEYS = "SELECT count(*) FROM keys"
 _DATA_VERSION = "PRAGMA data_version"
 _COUNT_TABLES = "SELECT count(*) FROM sqlite_master"
 _META = "SELECT name, value FROM meta WHERE name IN ('format', 'version')"
+_VERSION = "SELECT value FROM meta WHERE name = 'version'"
 
 #: How many object ids :meth:`SQLiteBackend.new_oid` reserves at a time.
 _OID_BLOCK = 1000
@@ -169,7 +177,8 @@ class SQLiteBackend(Backend):
         """Create the schema in an empty database (under the write lock), else check it."""
         conn = self._require()
         if conn.execute(_COUNT_TABLES).fetchone()[0]:
-            self._check_format()
+            if self._check_format() < FORMAT_VERSION:
+                self._upgrade()
             return
         if not create:
             raise FormatError(self.path, "an empty file")
@@ -185,7 +194,22 @@ class SQLiteBackend(Backend):
             raise
         self._check_format()
 
-    def _check_format(self) -> None:
+    def _upgrade(self) -> None:
+        """Bring a version 1 file to the current version (under the write lock)."""
+        self.begin()
+        try:
+            conn = self._require()
+            # Another process may have upgraded it while this one waited for the lock.
+            if conn.execute(_VERSION).fetchone()[0] < FORMAT_VERSION:
+                for statement in _UPGRADE:
+                    conn.execute(statement)
+            self.commit()
+        except BaseException:
+            self.rollback()
+            raise
+
+    def _check_format(self) -> int:
+        """Check that the file is a pstore store this code reads; return its version."""
         conn = self._require()
         try:
             meta = dict(conn.execute(_META).fetchall())
@@ -196,6 +220,7 @@ class SQLiteBackend(Backend):
         if meta["version"] > FORMAT_VERSION:
             raise FormatError(self.path, f"format version {meta['version']} was written by a "
                                          f"newer pstore; this one reads up to {FORMAT_VERSION}")
+        return meta["version"]
 
     def _require(self) -> sqlite3.Connection:
         conn = self._conn
@@ -223,13 +248,15 @@ class SQLiteBackend(Backend):
         row = self._require().execute(_GET_RECORD, (oid,)).fetchone()
         return None if row is None else row[0]
 
-    def put_record(self, oid: int, data: bytes, refs: Collection[int]) -> None:
+    def put_record(self, oid: int, data: bytes, refs: Collection[int],
+                   lazy_refs: Collection[int] = ()) -> None:
         conn = self._require()
         conn.execute(_PUT_RECORD, (oid, data))
         if oid not in self._fresh:      # a record allocated by this transaction has no refs yet
             conn.execute(_DELETE_REFS, (oid,))
         if refs:
-            conn.executemany(_PUT_REF, [(oid, ref) for ref in refs])
+            lazy = set(lazy_refs)
+            conn.executemany(_PUT_REF, [(oid, ref, ref in lazy) for ref in refs])
 
     def delete_record(self, oid: int) -> None:
         conn = self._require()
