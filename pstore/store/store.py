@@ -5,7 +5,10 @@ object ids. A record's pickle refers to any other object already in the store
 (loaded from it, or saved to it, by this Store) by that object's id, through
 the engine's ``persistent_id``/``persistent_load`` hooks, and loading goes
 through an :class:`~pstore.store.identity.IdentityMap`, so within one open
-Store an object id is one Python object. See ``docs/store.md``.
+Store an object id is one Python object. Objects of
+:class:`~pstore.store.persistent.Persistent` classes are referred to lazily: a
+reference loads as a placeholder that reads its record when first used. See
+``docs/store.md`` and ``docs/persistent.md``.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import io
 import os
 import threading
 import weakref
-from collections.abc import ItemsView, Iterator, MutableMapping, ValuesView
+from collections.abc import Callable, ItemsView, Iterator, MutableMapping, ValuesView
 from contextlib import contextmanager
 from itertools import islice
 from typing import Any
@@ -23,6 +26,8 @@ from .. import engine
 from ..backends import Backend, open_backend
 from ..errors import ClosedError, FormatError, MissingObjectError, ReadOnlyError
 from .identity import IdentityMap, is_tracked
+from .persistent import (CHANGED, GHOST, SAVED, Persistent, attach, detach, fill, ghostify,
+                         is_ghost, placeholder, set_status, status_of)
 
 __all__ = ["Store", "open", "DEFAULT_LOCK_TIMEOUT"]
 
@@ -36,24 +41,42 @@ _END = object()
 class _RecordPickler(engine.Pickler):
     """Pickles the records of one Store, one at a time.
 
-    Objects already in the store, except the record's root, become references.
-    One instance serves every record, so that the engine prepares its dump once.
+    Objects already in the store, except the record's root, become references:
+    their object id, or ``(object id, class)`` for a Persistent object (so that a
+    placeholder of the right class can be made without reading its record). A
+    Persistent object not yet in the store is given to ``adopt``, which returns
+    its new object id. One instance serves every record, so that the engine
+    prepares its dump once.
     """
 
-    def __init__(self, protocol: int, oid_of: dict[int, int]) -> None:
+    def __init__(self, protocol: int, oid_of: dict[int, int],
+                 adopt: Callable[[Persistent], int]) -> None:
         self._file = io.BytesIO()
         super().__init__(self._file, protocol)
         self._oid_of = oid_of.get
+        self._adopt = adopt
         self._root: Any = None
         self._refs: dict[int, Any] = {}
+        self._class_pickles: dict[type, bytes] = {}     # the first pickle of a Persistent record
 
-    def persistent_id(self, obj: Any) -> int | None:
-        # Called for every object pickled: one dict lookup on the common path.
+    def persistent_id(self, obj: Any) -> Any:
+        # Called for every object pickled: one dict lookup and one type check.
         oid = self._oid_of(id(obj))
-        if oid is None or obj is self._root:
+        if oid is None:
+            if not isinstance(obj, Persistent):
+                return None
+            oid = self._adopt(obj)
+        elif obj is self._root:
             return None
+        elif not isinstance(obj, Persistent):
+            self._refs[oid] = obj
+            return oid
         self._refs[oid] = obj
-        return oid
+        cls = type(obj)
+        if self.bin:
+            return oid, cls
+        # Protocol 0 persistent ids are ASCII text.
+        return f"{oid} {cls.__module__} {cls.__qualname__}"
 
     def pickle(self, root: Any) -> tuple[bytes, dict[int, Any]]:
         """The record of ``root``, and {object id: object} of every reference written."""
@@ -69,19 +92,56 @@ class _RecordPickler(engine.Pickler):
             self.clear_memo()   # the memo holds the record's objects alive
         return file.getvalue(), refs
 
+    def pickle_persistent(self, obj: Persistent) -> tuple[bytes, dict[int, Any]]:
+        """The record of Persistent ``obj`` -- a pickle of its class, then one of its
+        state -- and {object id: object} of every reference written."""
+        file = self._file
+        file.seek(0)
+        file.truncate()
+        self._refs = refs = {}
+        cls = type(obj)
+        try:
+            # A class pickles to the same bytes every time: pickled once per class.
+            head = self._class_pickles.get(cls)
+            if head is None:
+                self.dump(cls)
+                self.clear_memo()
+                self._class_pickles[cls] = file.getvalue()
+            else:
+                file.write(head)
+            self.dump(obj.__getstate__())
+        finally:
+            self.clear_memo()
+        return file.getvalue(), refs
+
 
 class _RecordUnpickler(engine.Unpickler):
-    """Unpickles one record, resolving references through the Store's identity map."""
+    """Unpickles one record, resolving references through the Store's identity map:
+    ``load(oid)`` for a plain record, ``placeholder(oid, cls)`` for a Persistent object."""
 
-    def __init__(self, file: Any, load: Any) -> None:
+    def __init__(self, file: Any, load: Callable[[int], Any],
+                 placeholder: Callable[[int, type], Any]) -> None:
         super().__init__(file)
         self._load = load
+        self._placeholder = placeholder
 
     def persistent_load(self, pid: Any) -> Any:
-        if type(pid) is int:
+        kind = type(pid)
+        if kind is int:
             return self._load(pid)
-        if type(pid) is str and pid.isdigit():   # protocol 0 writes persistent ids as text
-            return self._load(int(pid))
+        if kind is tuple and len(pid) == 2 and type(pid[0]) is int:
+            return self._placeholder(*pid)
+        if kind is str:     # protocol 0 writes persistent ids as text
+            oid, _, cls = pid.partition(" ")
+            if oid.isdigit():
+                if not cls:
+                    return self._load(int(oid))
+                module, _, qualname = cls.partition(" ")
+                head, *attributes = qualname.split(".")
+                found = self.find_class(module, head)
+                for attribute in attributes:
+                    found = getattr(found, attribute)
+                return self._placeholder(int(oid), found)
         raise engine.UnpicklingError(f"a record refers to {pid!r}, which is not an object id")
 
 
@@ -122,7 +182,7 @@ class Store(MutableMapping[str, Any]):
         self._writeback = writeback and not backend.read_only
         self._lock = threading.RLock()
         self._ids = IdentityMap()
-        self._pickler = _RecordPickler(protocol, self._ids.oid_of)
+        self._pickler = _RecordPickler(protocol, self._ids.oid_of, self._adopt)
         self._marker = backend.change_marker()
         self._closed = False
         self._load_depth = 0        # how many record loads are nested right now
@@ -133,7 +193,10 @@ class Store(MutableMapping[str, Any]):
         self._pending: dict[int, tuple[Any, str | None]] = {}   # oid -> (object, key)
         self._released: set[int] = set()    # oids a key stopped naming
         self._new_oids: set[int] = set()    # oids allocated by the transaction
+        self._bound: dict[int, Persistent] = {}     # saved Persistent objects a key was bound to
         self._cache: dict[int, Any] = {}    # writeback=True: oid -> object to write back
+        # Persistent objects changed since they were written, until the next commit:
+        self._changed: dict[int, Persistent] = {}
         _open_stores[id(self)] = self
 
     # -- state ------------------------------------------------------------------------------
@@ -168,8 +231,8 @@ class Store(MutableMapping[str, Any]):
                 raise KeyError(key)
             oid, data = item
             obj = self._load(oid, data)
-            if self._writeback and is_tracked(obj):
-                self._cache[oid] = obj
+            if self._writeback:
+                self._keep(oid, obj)
             self._ids.maybe_sweep()
             return obj
 
@@ -239,8 +302,8 @@ class Store(MutableMapping[str, Any]):
                     return
                 key, oid, data = row
                 value = self._load(oid, data)
-                if self._writeback and is_tracked(value):
-                    self._cache[oid] = value
+                if self._writeback:
+                    self._keep(oid, value)
                 self._ids.maybe_sweep()
             yield key, value
 
@@ -282,15 +345,24 @@ class Store(MutableMapping[str, Any]):
                 yield self
 
     def sync(self) -> None:
-        """Write back the cached objects (``writeback=True``).
+        """Commit the changed Persistent objects and write back the cached objects
+        (``writeback=True``), then see what other processes committed.
 
-        Every other write is already committed when it returns.
+        Every other write is already committed when it returns. Inside a
+        transaction it does nothing (the transaction's end commits).
         """
         with self._lock:
             self._check_open()
-            if self._cache and not self._depth:
-                with self._transaction(flush_cache=True):
-                    pass
+            if self._depth:
+                return
+            self._write_back()
+            self._see_latest()
+
+    def _write_back(self) -> None:
+        """Outside a transaction: commit the changed Persistent objects and the cache."""
+        if self._cache or self._changed:
+            with self._transaction(flush_cache=True):
+                pass
 
     def gc(self) -> int:
         """Delete the records no key reaches; return how many. Other processes keep reading."""
@@ -300,9 +372,12 @@ class Store(MutableMapping[str, Any]):
                 return self._backend.gc()
 
     def close(self) -> None:
-        """Write back the cache (``writeback=True``) and close. Idempotent.
+        """Commit the changed Persistent objects, write back the cache (``writeback=True``)
+        and close. Idempotent.
 
-        Inside a transaction, the transaction is rolled back instead.
+        Inside a transaction, the transaction is rolled back instead. Loaded
+        Persistent objects become objects of no store; placeholders raise
+        :class:`~pstore.errors.ClosedError` when used.
         """
         with self._lock:
             if self._closed:
@@ -310,11 +385,15 @@ class Store(MutableMapping[str, Any]):
             try:
                 if self._depth:
                     self._rollback()
-                elif self._cache and not self.read_only:
-                    self.sync()
+                else:
+                    self._write_back()
             finally:
                 self._closed = True
                 self._cache.clear()
+                self._changed.clear()
+                for obj in self._ids.persistent_objects():
+                    if status_of(obj) != GHOST:
+                        detach(obj)
                 self._ids.clear()
                 _open_stores.pop(id(self), None)
                 self._backend.close()
@@ -324,9 +403,12 @@ class Store(MutableMapping[str, Any]):
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        """Close; on an exception, first drop the writeback cache instead of writing it."""
+        """Close; on an exception, first drop the writeback cache and the changes of
+        Persistent objects instead of writing them."""
         if exc_type is not None:
-            self._cache.clear()
+            with self._lock:
+                self._cache.clear()
+                self._changed.clear()
         self.close()
 
     # -- internals --------------------------------------------------------------------------
@@ -355,7 +437,15 @@ class Store(MutableMapping[str, Any]):
         marker = self._backend.change_marker()
         if marker != self._marker:
             self._marker = marker
-            self._ids.forget_loads()
+            self._invalidate()
+
+    def _invalidate(self) -> None:
+        """Make every record load again: forget the plain objects loaded, and turn the
+        Persistent objects without unsaved changes back into placeholders."""
+        self._ids.forget_loads()
+        for obj in self._ids.persistent_objects():
+            if status_of(obj) == SAVED:
+                ghostify(obj)
 
     @contextmanager
     def _transaction(self, flush_cache: bool = False) -> Iterator[None]:
@@ -382,6 +472,18 @@ class Store(MutableMapping[str, Any]):
 
     def _assign(self, key: str, value: Any) -> None:
         oid = self._ids.oid_of.get(id(value))
+        if isinstance(value, Persistent):
+            if oid is None:
+                oid = self._adopt(value)
+            old = self._backend.bind_key(key, oid)
+            if old is not None and old != oid:
+                self._released.add(old)
+            if oid in self._new_oids:
+                self._pending[oid] = (value, key)
+            else:
+                # Its record is up to date, or it is in _changed and written anyway.
+                self._bound[oid] = value
+            return
         if oid is None:
             oid = self._backend.new_oid()
             self._new_oids.add(oid)
@@ -402,51 +504,66 @@ class Store(MutableMapping[str, Any]):
     def _commit(self) -> None:
         self._check_open()
         pending = self._pending
+        for oid, obj in self._changed.items():
+            pending.setdefault(oid, (obj, None))
         if self._flush_cache:
             for oid, obj in self._cache.items():
                 pending.setdefault(oid, (obj, None))
-        written: dict[int, dict[int, Any]] = {}
-        referenced: dict[int, Any] = {}
+        written: set[int] = set()
+        # Plain records written now -> the records loading them loads at once: references
+        # to Persistent objects are loaded lazily, so a cycle through one is harmless.
+        eager: dict[int, list[int]] = {}
+        referenced: dict[int, Any] = dict(self._bound)
         batch = list(pending.items())
         while batch:
             for oid, (obj, key) in batch:
                 data, refs = self._pickle(obj, key, oid)
-                self._backend.put_record(oid, data, refs)
-                written[oid] = refs
+                written.add(oid)
                 referenced.update(refs)
+                lazy = {ref for ref, target in refs.items() if isinstance(target, Persistent)}
+                self._backend.put_record(oid, data, refs, lazy_refs=lazy)
+                if not isinstance(obj, Persistent):
+                    eager[oid] = [ref for ref in refs if ref not in lazy]
             # A referenced object whose record is gone (deleted by gc() or by releasing
-            # its last key, here or in another process) is written again from memory.
-            unwritten = referenced.keys() - written.keys()
-            missing = unwritten - self._backend.existing(unwritten)
+            # its last key, here or in another process) is written again from memory;
+            # so is a Persistent object first met while pickling (its object id is new).
+            unwritten = referenced.keys() - written
+            new = unwritten & self._new_oids
+            old = unwritten - new
+            missing = new | (old - self._backend.existing(old))
             batch = [(oid, (referenced[oid], None)) for oid in missing]
-        cyclic = self._closes_a_cycle(written, referenced)
+        cyclic = self._closes_a_cycle(eager)
         if cyclic is not None:
             raise engine.PicklingError(
                 f"cannot store {self._describe(cyclic)}: it refers (through other stored "
                 f"objects) back to itself, and pstore cannot load a cycle of records; "
-                f"store the objects of the cycle under one key instead")
+                f"store the objects of the cycle under one key, or make one of them "
+                f"a pstore.Persistent object")
         for oid in self._released:
             if not self._backend.is_referenced(oid):
                 self._backend.delete_record(oid)
         self._backend.commit()
+        self._changed.clear()
         if self._flush_cache:
             self._cache.clear()
         self._end_transaction()
 
-    def _closes_a_cycle(self, written: dict[int, dict[int, Any]],
-                        referenced: dict[int, Any]) -> int | None:
-        """A record written now that refers back to itself through references, or None.
+    def _closes_a_cycle(self, eager: dict[int, list[int]]) -> int | None:
+        """A plain record written now that loading would reach again from itself, or None.
 
-        The committed records form no cycle, so a new cycle passes through a record
-        written now. Records created by this transaction can only be referred to by
-        records written now; so when it rewrote no existing record, a cycle lies among
+        ``eager``: each plain record written now -> the plain records it refers to.
+        The committed plain records form no such cycle (a Persistent object, loaded
+        lazily, never is on one), so a new cycle passes through a record written
+        now. Records created by this transaction can only be referred to by records
+        written now; so when it rewrote no existing plain record, a cycle lies among
         the records written now, and one walk of their references in memory finds it.
         Otherwise each rewritten record asks the backend whether it reaches itself.
         """
-        if written.keys() <= self._new_oids:
-            return _cycle_among(written)
-        for oid, refs in written.items():
-            may_close_a_cycle = oid in referenced or oid not in self._new_oids
+        if eager.keys() <= self._new_oids:
+            return _cycle_among(eager)
+        targets = {ref for refs in eager.values() for ref in refs}
+        for oid, refs in eager.items():
+            may_close_a_cycle = oid in targets or oid not in self._new_oids
             if refs and may_close_a_cycle and self._backend.reaches(refs, oid):
                 return oid
         return None
@@ -459,7 +576,20 @@ class Store(MutableMapping[str, Any]):
 
     def _forget_transaction(self) -> None:
         """Undo in memory what the open transaction did: forget the objects it stored first,
-        and make the records it rewrote load again."""
+        and make the records it rewrote load again.
+
+        Persistent objects it stored first become objects of no store again (with the
+        state they have); those with uncommitted changes become placeholders, so
+        they load their committed state when next used.
+        """
+        for oid in self._new_oids:
+            obj = self._ids.get(oid)
+            if isinstance(obj, Persistent):
+                detach(obj)
+        for obj in self._changed.values():
+            if obj._p_store is self:
+                ghostify(obj)
+        self._changed.clear()
         self._ids.remove_oids(self._new_oids)
         self._ids.forget_loads(self._pending)
         if self._flush_cache:
@@ -468,6 +598,7 @@ class Store(MutableMapping[str, Any]):
 
     def _end_transaction(self) -> None:
         self._pending.clear()
+        self._bound.clear()
         self._released.clear()
         self._new_oids.clear()
         self._flush_cache = False
@@ -481,6 +612,12 @@ class Store(MutableMapping[str, Any]):
 
     def _pickle(self, obj: Any, key: str | None, oid: int) -> tuple[bytes, dict[int, Any]]:
         try:
+            if isinstance(obj, Persistent):
+                # Marked saved before its state is read: a change made from now on
+                # (by another thread) marks it changed again, for the next commit.
+                if status_of(obj) == CHANGED:
+                    set_status(obj, SAVED)
+                return self._pickler.pickle_persistent(obj)
             return self._pickler.pickle(obj)
         except Exception as error:
             what = f"the value of key {key!r}" if key is not None else self._describe(oid)
@@ -499,12 +636,17 @@ class Store(MutableMapping[str, Any]):
         if entry is not None:
             return entry[0]
         obj = self._ids.get(oid)
-        if obj is not None:
+        if obj is not None and (data is None or not is_ghost(obj)):
             return obj
         if self._load_depth >= _LOAD_DEPTH_LIMIT:
             raise _LoadFirst(oid)
         if self._load_depth:
             return self._unpickle(oid, None)
+        return self._load_outermost(oid, data)
+
+    def _load_outermost(self, oid: int, data: bytes | None) -> Any:
+        """Load record ``oid`` (or fill its placeholder) as the outermost load: when a
+        nested load goes too deep, load the record it needed first, then try again."""
         wanted = [oid]      # records to load, the last one first
         held = []           # what was loaded, alive until the whole load is done
         while True:
@@ -530,12 +672,98 @@ class Store(MutableMapping[str, Any]):
             raise MissingObjectError(self._path, oid)
         self._load_depth += 1
         try:
-            obj = _RecordUnpickler(io.BytesIO(data), self._load).load()
+            file = io.BytesIO(data)
+            unpickler = _RecordUnpickler(file, self._load, self._placeholder)
+            obj = unpickler.load()
+            if file.tell() < len(data):     # a Persistent object's record: class, then state
+                return self._load_state(oid, obj, unpickler)
         finally:
             self._load_depth -= 1
         if is_tracked(obj):
             self._ids.add(obj, oid)
         return obj
+
+    # -- Persistent objects ---------------------------------------------------------------
+
+    def _load_state(self, oid: int, cls: Any, unpickler: _RecordUnpickler) -> Persistent:
+        """Load the state of Persistent record ``oid``, whose class ``unpickler`` just read,
+        into its object: its placeholder, or a new object of ``cls``."""
+        obj = self._ids.get(oid)
+        if obj is None:
+            if not (isinstance(cls, type) and issubclass(cls, Persistent)):
+                raise FormatError(self._path, f"record {oid} holds two pickles, but the first "
+                                  f"is {cls!r}, not a pstore.Persistent class")
+            obj = placeholder(cls, self, oid)
+            # In the map before its state loads: the state may refer to the object itself.
+            self._ids.add(obj, oid, persistent=True)
+        elif status_of(obj) != GHOST:
+            return obj
+        unpickler.memo.clear()      # the state is a pickle of its own, as it was written
+        fill(obj, unpickler.load)
+        return obj
+
+    def _placeholder(self, oid: int, cls: Any) -> Any:
+        """The object of a reference to Persistent record ``oid``: the loaded object, or a
+        new placeholder of ``cls`` (its record is not read)."""
+        obj = self._ids.get(oid)
+        if obj is not None:
+            return obj
+        if not (isinstance(cls, type) and issubclass(cls, Persistent)):
+            raise engine.UnpicklingError(f"a record refers to object id {oid} as a {cls!r}, "
+                                         f"which is not a pstore.Persistent class")
+        obj = placeholder(cls, self, oid)
+        self._ids.add(obj, oid, persistent=True)
+        return obj
+
+    def _activate(self, obj: Persistent) -> None:
+        """Load the state of placeholder ``obj`` (called by its first attribute access)."""
+        with self._lock:
+            self._check_open()
+            if status_of(obj) != GHOST:     # another thread loaded it meanwhile
+                return
+            oid = obj._p_oid
+            try:
+                if self._load_depth:
+                    self._unpickle(oid, None)
+                else:
+                    self._load_outermost(oid, None)
+            except MissingObjectError as error:
+                if error.object_id != oid:
+                    raise
+                raise MissingObjectError(
+                    self._path, oid, f"the record of a placeholder of "
+                    f"{type(obj).__module__}.{type(obj).__qualname__}, deleted since the "
+                    f"placeholder was made (by gc() or another process)") from None
+
+    def _note_changed(self, obj: Persistent) -> None:
+        """Called on the first change of ``obj`` since it was written: write it at the next
+        commit. On a read-only store the change stays in memory."""
+        with self._lock:
+            if status_of(obj) == SAVED and not self._closed and not self.read_only:
+                set_status(obj, CHANGED)
+                self._changed[obj._p_oid] = obj
+
+    def _adopt(self, obj: Persistent) -> int:
+        """Make Persistent ``obj``, in no store yet, an object of this one; its record is
+        written by the commit under way (or the transaction's). Returns its object id."""
+        if obj._p_store is not None:
+            raise engine.PicklingError(
+                f"a {type(obj).__qualname__} of store {obj._p_store.path!r} cannot be stored "
+                f"in {self._path!r}: a Persistent object belongs to one store (store a "
+                f"copy.deepcopy of it)")
+        oid = self._backend.new_oid()
+        self._new_oids.add(oid)
+        attach(obj, self, oid)
+        self._ids.add(obj, oid, persistent=True)
+        return oid
+
+    def _keep(self, oid: int, obj: Any) -> None:
+        """writeback=True: keep a value read, to write it back.
+
+        Persistent objects need no cache: they tell the Store when they change.
+        """
+        if is_tracked(obj) and not isinstance(obj, Persistent):
+            self._cache[oid] = obj
 
     def _after_fork(self) -> None:
         # The parent's lock may have been held by one of its other threads.
@@ -559,7 +787,7 @@ class Store(MutableMapping[str, Any]):
             # Surface the failure at the child's first call, in the calling thread.
             self._closed = True
             return
-        self._ids.forget_loads()   # the parent may have committed since it loaded them
+        self._invalidate()   # the parent may have committed since it loaded them
 
 
 def _cycle_among(graph: dict[int, Any]) -> int | None:
