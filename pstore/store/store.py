@@ -195,6 +195,7 @@ class Store(MutableMapping[str, Any]):
         self._new_oids: set[int] = set()    # oids allocated by the transaction
         self._bound: dict[int, Persistent] = {}     # saved Persistent objects a key was bound to
         self._cache: dict[int, Any] = {}    # writeback=True: oid -> object to write back
+        self._baseline: dict[int, bytes] = {}   # writeback=True: oid -> its record as last seen
         # Persistent objects changed since they were written, until the next commit:
         self._changed: dict[int, Persistent] = {}
         _open_stores[id(self)] = self
@@ -232,7 +233,7 @@ class Store(MutableMapping[str, Any]):
             oid, data = item
             obj = self._load(oid, data)
             if self._writeback:
-                self._keep(oid, obj)
+                self._keep(oid, obj, data)
             self._ids.maybe_sweep()
             return obj
 
@@ -303,7 +304,7 @@ class Store(MutableMapping[str, Any]):
                 key, oid, data = row
                 value = self._load(oid, data)
                 if self._writeback:
-                    self._keep(oid, value)
+                    self._keep(oid, value, data)
                 self._ids.maybe_sweep()
             yield key, value
 
@@ -390,6 +391,7 @@ class Store(MutableMapping[str, Any]):
             finally:
                 self._closed = True
                 self._cache.clear()
+                self._baseline.clear()
                 self._changed.clear()
                 for obj in self._ids.persistent_objects():
                     if status_of(obj) != GHOST:
@@ -506,9 +508,12 @@ class Store(MutableMapping[str, Any]):
         pending = self._pending
         for oid, obj in self._changed.items():
             pending.setdefault(oid, (obj, None))
+        write_back: set[int] = set()    # cached objects written only if they changed
         if self._flush_cache:
             for oid, obj in self._cache.items():
-                pending.setdefault(oid, (obj, None))
+                if oid not in pending:
+                    pending[oid] = (obj, None)
+                    write_back.add(oid)
         written: set[int] = set()
         # Plain records written now -> the records loading them loads at once: references
         # to Persistent objects are loaded lazily, so a cycle through one is harmless.
@@ -519,11 +524,15 @@ class Store(MutableMapping[str, Any]):
             for oid, (obj, key) in batch:
                 data, refs = self._pickle(obj, key, oid)
                 written.add(oid)
+                if oid in write_back and self._baseline.get(oid) == data:
+                    continue
                 referenced.update(refs)
                 lazy = {ref for ref, target in refs.items() if isinstance(target, Persistent)}
                 self._backend.put_record(oid, data, refs, lazy_refs=lazy)
                 if not isinstance(obj, Persistent):
                     eager[oid] = [ref for ref in refs if ref not in lazy]
+                if oid in self._cache:
+                    self._baseline[oid] = data
             # A referenced object whose record is gone (deleted by gc() or by releasing
             # its last key, here or in another process) is written again from memory;
             # so is a Persistent object first met while pickling (its object id is new).
@@ -546,6 +555,7 @@ class Store(MutableMapping[str, Any]):
         self._changed.clear()
         if self._flush_cache:
             self._cache.clear()
+            self._baseline.clear()
         self._end_transaction()
 
     def _closes_a_cycle(self, eager: dict[int, list[int]]) -> int | None:
@@ -594,6 +604,7 @@ class Store(MutableMapping[str, Any]):
         self._ids.forget_loads(self._pending)
         if self._flush_cache:
             self._cache.clear()
+            self._baseline.clear()
         self._end_transaction()
 
     def _end_transaction(self) -> None:
@@ -757,13 +768,15 @@ class Store(MutableMapping[str, Any]):
         self._ids.add(obj, oid, persistent=True)
         return oid
 
-    def _keep(self, oid: int, obj: Any) -> None:
-        """writeback=True: keep a value read, to write it back.
+    def _keep(self, oid: int, obj: Any, data: bytes | None) -> None:
+        """writeback=True: keep a value read, and its record's bytes to compare at write-back.
 
         Persistent objects need no cache: they tell the Store when they change.
         """
         if is_tracked(obj) and not isinstance(obj, Persistent):
             self._cache[oid] = obj
+            if data is not None:
+                self._baseline[oid] = data
 
     def _after_fork(self) -> None:
         # The parent's lock may have been held by one of its other threads.
@@ -853,9 +866,10 @@ def open(path: str | os.PathLike[str], flag: str = "c", *, backend: str = "sqlit
     readable by their owner only.
 
     ``protocol``: the pickle protocol records are written with (0 to 5, -1 for 5).
-    ``writeback``: keep every object read or assigned and write them all back at
-    :meth:`Store.sync`, :meth:`Store.close` and the end of each
-    :meth:`Store.transaction`, so in-place mutations persist (as in ``shelve``).
+    ``writeback``: keep every value read or assigned and, at :meth:`Store.sync`,
+    :meth:`Store.close` and the end of each :meth:`Store.transaction`, write back
+    those whose pickle differs from their record's, so in-place mutations persist
+    (as in ``shelve``, which rewrites them all).
     ``lock_timeout``: seconds a write waits for another process's write
     transaction before :class:`~pstore.errors.LockTimeoutError`.
     ``fsync``: False (default) -- a commit that returned survives the process being

@@ -1,4 +1,5 @@
-"""Persistent objects: own records, change tracking, lazy loading, invalidation, rollback."""
+"""Persistent objects: own records, change tracking, lazy loading, invalidation, rollback;
+and writeback that writes only what changed."""
 
 from __future__ import annotations
 
@@ -401,3 +402,42 @@ def test_engine_dumps_matches_the_stdlib_for_persistent_objects():
     node = Node("n", [Node("child")])
     for protocol in range(6):
         assert engine.dumps(node, protocol) == pickle.dumps(node, protocol)
+
+
+# -- writeback -------------------------------------------------------------------------------
+
+def test_writeback_writes_only_the_values_that_changed(counting_opener):
+    with counting_opener() as store:
+        for i in range(10):
+            store[f"k{i}"] = {"i": i, "items": [i]}
+    store = counting_opener(writeback=True)
+    values = [store[f"k{i}"] for i in range(10)]
+    values[2]["items"].append("x")
+    values[7]["i"] = -7
+    store.sync()
+    assert store.counts["writes"] == 2
+    values[2]["items"].append("y")      # the cache is written back once per sync
+    store.close()
+    assert store.counts["writes"] == 2
+    store = counting_opener(writeback=True)
+    assert store["k2"] == {"i": 2, "items": [2, "x"]} and store["k7"]["i"] == -7
+    for _ in store.items():
+        pass
+    store["k1"]["new"] = True
+    store["k3"] = store["k3"]           # an assignment is always written
+    store["k3"]["new"] = True           # and changed after it: written back again
+    store.close()
+    assert store.counts["writes"] == 3
+
+
+def test_writeback_keeps_changes_other_processes_made_to_values_not_changed_here(opener):
+    with opener() as store:
+        store["a"], store["b"] = [1], [1]
+    store = opener(writeback=True)
+    a, b = store["a"], store["b"]
+    with opener() as other:
+        other["b"] = [2]
+    a.append(2)
+    store.close()
+    with opener("r") as reader:
+        assert reader["a"] == [1, 2] and reader["b"] == [2]
