@@ -198,6 +198,7 @@ class Store(MutableMapping[str, Any]):
         self._baseline: dict[int, bytes] = {}   # writeback=True: oid -> its record as last seen
         # Persistent objects changed since they were written, until the next commit:
         self._changed: dict[int, Persistent] = {}
+        self._classes: dict[bytes, type[Persistent]] = {}   # first pickle of a record -> class
         _open_stores[id(self)] = self
 
     # -- state ------------------------------------------------------------------------------
@@ -685,9 +686,11 @@ class Store(MutableMapping[str, Any]):
         try:
             file = io.BytesIO(data)
             unpickler = _RecordUnpickler(file, self._load, self._placeholder)
-            obj = unpickler.load()
+            obj = self._known_class(data, file) if self._classes else None
+            if obj is None:
+                obj = unpickler.load()
             if file.tell() < len(data):     # a Persistent object's record: class, then state
-                return self._load_state(oid, obj, unpickler)
+                return self._load_state(oid, obj, unpickler, data[:file.tell()])
         finally:
             self._load_depth -= 1
         if is_tracked(obj):
@@ -696,14 +699,28 @@ class Store(MutableMapping[str, Any]):
 
     # -- Persistent objects ---------------------------------------------------------------
 
-    def _load_state(self, oid: int, cls: Any, unpickler: _RecordUnpickler) -> Persistent:
-        """Load the state of Persistent record ``oid``, whose class ``unpickler`` just read,
-        into its object: its placeholder, or a new object of ``cls``."""
+    def _known_class(self, data: bytes, file: io.BytesIO) -> type[Persistent] | None:
+        """The class of a Persistent object's record ``data`` whose first pickle this Store
+        has read before (``file`` is then moved past it), or None."""
+        for head, cls in self._classes.items():
+            # A pickle ends where its STOP is: data that starts with a whole pickle has
+            # it as its first pickle.
+            if data.startswith(head) and len(data) > len(head):
+                file.seek(len(head))
+                return cls
+        return None
+
+    def _load_state(self, oid: int, cls: Any, unpickler: _RecordUnpickler,
+                    head: bytes) -> Persistent:
+        """Load the state of Persistent record ``oid`` into its object (its placeholder, or
+        a new object of ``cls``); ``head`` is the record's first pickle, that of ``cls``."""
+        if not (isinstance(cls, type) and issubclass(cls, Persistent)):
+            raise FormatError(self._path, f"record {oid} holds two pickles, but the first "
+                              f"is {cls!r}, not a pstore.Persistent class")
+        # Unpickling the class once per Store is enough: find_class resolved it.
+        self._classes[head] = cls
         obj = self._ids.get(oid)
         if obj is None:
-            if not (isinstance(cls, type) and issubclass(cls, Persistent)):
-                raise FormatError(self._path, f"record {oid} holds two pickles, but the first "
-                                  f"is {cls!r}, not a pstore.Persistent class")
             obj = placeholder(cls, self, oid)
             # In the map before its state loads: the state may refer to the object itself.
             self._ids.add(obj, oid, persistent=True)
