@@ -50,7 +50,8 @@ _GET_RECORD = "SELECT data FROM records WHERE oid = ?"
 _PUT_RECORD = "INSERT OR REPLACE INTO records (oid, data) VALUES (?, ?)"
 _DELETE_RECORD = "DELETE FROM records WHERE oid = ?"
 _DELETE_REFS = "DELETE FROM refs WHERE oid = ?"
-_PUT_REF = "INSERT OR IGNORE INTO refs (oid, ref, lazy) VALUES (?, ?, ?)"
+_PUT_REF = "INSERT OR IGNORE INTO refs (oid, ref) VALUES (?, ?)"
+_PUT_LAZY_REF = "INSERT OR IGNORE INTO refs (oid, ref, lazy) VALUES (?, ?, 1)"
 _NEXT_OID = "SELECT value FROM meta WHERE name = 'next_oid'"
 _RESERVE_OIDS = "UPDATE meta SET value = ? WHERE name = 'next_oid'"
 # Lists of ids travel as one JSON array parameter, so no statement is built per call.
@@ -254,9 +255,12 @@ class SQLiteBackend(Backend):
         conn.execute(_PUT_RECORD, (oid, data))
         if oid not in self._fresh:      # a record allocated by this transaction has no refs yet
             conn.execute(_DELETE_REFS, (oid,))
-        if refs:
+        if lazy_refs:
             lazy = set(lazy_refs)
-            conn.executemany(_PUT_REF, [(oid, ref, ref in lazy) for ref in refs])
+            conn.executemany(_PUT_LAZY_REF, [(oid, ref) for ref in lazy])
+            refs = [ref for ref in refs if ref not in lazy]
+        if refs:
+            conn.executemany(_PUT_REF, [(oid, ref) for ref in refs])
 
     def delete_record(self, oid: int) -> None:
         conn = self._require()

@@ -61,7 +61,7 @@ class IdentityMap:
         self._weak: dict[int, _Ref] = {}            # id(obj) -> weak reference
         self._strong: dict[int, Any] = {}           # id(obj) -> obj, for the non-weakref-able
         self._loaded: dict[int, int] = {}           # object id -> id(obj)
-        self._persistent: set[int] = set()          # id(obj) of the Persistent objects
+        self.persistent: set[int] = set()           # id(obj) of the Persistent objects
         self._sweep_at = _SWEEP_MIN
 
     def __len__(self) -> int:
@@ -81,7 +81,7 @@ class IdentityMap:
             else:
                 self._strong[key] = obj
             if persistent:
-                self._persistent.add(key)
+                self.persistent.add(key)
         self.oid_of[key] = oid
         self._loaded[oid] = key
 
@@ -112,19 +112,19 @@ class IdentityMap:
         if oids is None:
             loaded.clear()
             # A copy: a weak reference's callback may drop entries at any allocation.
-            for key in self._persistent.copy():
+            for key in self.persistent.copy():
                 oid = self.oid_of.get(key)
                 if oid is not None:
                     loaded[oid] = key
         else:
             for oid in oids:
-                if loaded.get(oid) not in self._persistent:
+                if loaded.get(oid) not in self.persistent:
                     loaded.pop(oid, None)
 
     def persistent_objects(self) -> list[Any]:
         """The live Persistent objects of the map."""
         objects = []
-        for key in self._persistent.copy():
+        for key in self.persistent.copy():
             ref = self._weak.get(key)
             obj = ref() if ref is not None else None
             if obj is not None:
@@ -139,7 +139,7 @@ class IdentityMap:
         self._weak.clear()
         self._strong.clear()
         self._loaded.clear()
-        self._persistent.clear()
+        self.persistent.clear()
 
     def maybe_sweep(self) -> None:
         """Sweep when the strongly held objects doubled since the last sweep (cheap otherwise)."""
@@ -184,7 +184,7 @@ class IdentityMap:
     def _drop(self, key: int) -> None:
         oid = self.oid_of.pop(key, None)
         self._strong.pop(key, None)
-        self._persistent.discard(key)
+        self.persistent.discard(key)
         ref = self._weak.pop(key, None)
         if ref is not None:
             ref.key = -1

@@ -17,7 +17,7 @@ import io
 import os
 import threading
 import weakref
-from collections.abc import Callable, ItemsView, Iterator, MutableMapping, ValuesView
+from collections.abc import Callable, Collection, ItemsView, Iterator, MutableMapping, ValuesView
 from contextlib import contextmanager
 from itertools import islice
 from typing import Any
@@ -169,7 +169,8 @@ class Store(MutableMapping[str, Any]):
       rewrites its record, which every reference sees.
     * ``s[k]`` returns the same object for the same record as long as you hold it,
       until another process commits (then the next read loads the record again) or
-      a transaction that wrote it rolls back.
+      a transaction that wrote it rolls back. A :class:`~pstore.Persistent` object
+      stays the object of its record even then: it reloads its state in place.
     * A read outside a transaction sees the latest committed state.
     * Safe to share between threads: calls are serialized, and a transaction holds
       the Store for its thread until it ends.
@@ -516,10 +517,14 @@ class Store(MutableMapping[str, Any]):
                     pending[oid] = (obj, None)
                     write_back.add(oid)
         written: set[int] = set()
-        # Plain records written now -> the records loading them loads at once: references
-        # to Persistent objects are loaded lazily, so a cycle through one is harmless.
-        eager: dict[int, list[int]] = {}
+        # Plain records written now that refer to others -> the records loading them loads
+        # at once: references to Persistent objects load lazily, so a cycle through one is
+        # harmless.
+        eager: dict[int, Collection[int]] = {}
         referenced: dict[int, Any] = dict(self._bound)
+        # Empty while this Store holds no Persistent object: then nothing written is one,
+        # or refers to one.
+        persistent = self._ids.persistent
         batch = list(pending.items())
         while batch:
             for oid, (obj, key) in batch:
@@ -527,11 +532,17 @@ class Store(MutableMapping[str, Any]):
                 written.add(oid)
                 if oid in write_back and self._baseline.get(oid) == data:
                     continue
-                referenced.update(refs)
-                lazy = {ref for ref, target in refs.items() if isinstance(target, Persistent)}
+                lazy: Collection[int] = ()
+                if refs:
+                    referenced.update(refs)
+                    if not persistent:
+                        eager[oid] = refs
+                    else:
+                        lazy = {ref for ref, target in refs.items()
+                                if isinstance(target, Persistent)}
+                        if not isinstance(obj, Persistent):
+                            eager[oid] = [ref for ref in refs if ref not in lazy]
                 self._backend.put_record(oid, data, refs, lazy_refs=lazy)
-                if not isinstance(obj, Persistent):
-                    eager[oid] = [ref for ref in refs if ref not in lazy]
                 if oid in self._cache:
                     self._baseline[oid] = data
             # A referenced object whose record is gone (deleted by gc() or by releasing
@@ -559,10 +570,10 @@ class Store(MutableMapping[str, Any]):
             self._baseline.clear()
         self._end_transaction()
 
-    def _closes_a_cycle(self, eager: dict[int, list[int]]) -> int | None:
+    def _closes_a_cycle(self, eager: dict[int, Collection[int]]) -> int | None:
         """A plain record written now that loading would reach again from itself, or None.
 
-        ``eager``: each plain record written now -> the plain records it refers to.
+        ``eager``: each plain record written now that refers to plain records -> those.
         The committed plain records form no such cycle (a Persistent object, loaded
         lazily, never is on one), so a new cycle passes through a record written
         now. Records created by this transaction can only be referred to by records
