@@ -38,8 +38,8 @@ def test_a_persistent_object_gets_its_own_record_wherever_it_appears(opener):
         store["list"] = [leaf]
         store["dict"] = {"leaf": leaf}
         store["attr"] = holder
-        assert leaf._p_oid is not None and leaf._p_store is store
-        assert leaf._p_oid not in (store._ids.oid_of.get(id(holder)),)
+        assert leaf._p_store is store
+        assert leaf._p_oid not in (None, store._ids.oid_of[id(holder)])
     with opener("r") as store:
         loaded = store["list"][0]
         assert isinstance(loaded, Node) and loaded.name == "leaf"
