@@ -16,7 +16,12 @@ Workloads: (1) single sets of small records, one commit each; (2) single gets
 of those records from a freshly opened store; (3) a bulk set of many records in
 one transaction and (4) their read-back by iterating the items; (5) a graph of
 records sharing one 10 KB object: the time to write it, the bytes on disk, and
-whether the shared object is one object after reopening. Ratios are
+whether the shared object is one object after reopening; (6) a graph of
+Persistent objects (pstore.Persistent, ZODB's persistent.Persistent; the
+libraries that have them) in which most nodes have two parents: the time to
+store it under one key, to open that key in a fresh process state and read
+one attribute (lazy loading: one record), to walk the whole graph from it, and
+to commit a change to 1% of its nodes (writes only those). Ratios are
 ``peer time / pstore time``: above 1 means pstore is faster. Peers that are not
 installed (``pip install pstore[bench]``) are skipped.
 """
@@ -47,6 +52,38 @@ if persistent is not None:
         def __init__(self, size: int) -> None:
             self.payload = b"x" * size
 
+    class ZodbNode(persistent.Persistent):
+        """A node of the Persistent graph workload, for ZODB."""
+
+
+class PStoreNode(pstore.Persistent):
+    """A node of the Persistent graph workload, for pstore."""
+
+
+def build_graph(node_class: type, size: int) -> Any:
+    """``size`` nodes; node i's children are nodes 2i+1, 2i+2 and 3i+1 (those that exist),
+    so that most nodes have two parents. Returns node 0, from which all are reachable."""
+    nodes = [node_class() for _ in range(size)]
+    for i, node in enumerate(nodes):
+        node.number = i
+        node.name = f"node-{i}"
+        node.children = [nodes[j] for j in sorted({2 * i + 1, 2 * i + 2, 3 * i + 1}) if j < size]
+    return nodes[0]
+
+
+def walk_graph(root: Any) -> list[Any]:
+    """Every node reachable from ``root``, each once (depth first)."""
+    seen: set[int] = set()
+    found = []
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        if id(node) not in seen:
+            seen.add(id(node))
+            found.append(node)
+            stack.extend(node.children)
+    return found
+
 
 def small(i: int) -> dict:
     return {"id": i, "name": f"record-{i}", "tags": ["a", "b"], "score": i * 0.5}
@@ -68,9 +105,16 @@ class Peer:
         the same name however this script is run (e.g. under cProfile)."""
         return types.SimpleNamespace(payload=b"x" * size)
 
+    #: The class of the Persistent graph's nodes; None: the library has no Persistent objects.
+    node_class: type | None = None
+
+    def commit(self) -> None:
+        """Commit the changes made to Persistent objects."""
+
 
 class PStore(Peer):
     name = "pstore"
+    node_class = PStoreNode
 
     def open(self, directory: str) -> None:
         self.store = pstore.open(os.path.join(directory, "data.db"))
@@ -91,6 +135,9 @@ class PStore(Peer):
 
     def items(self) -> Any:
         return self.store.items()
+
+    def commit(self) -> None:
+        self.store.sync()
 
 
 class PStoreDBM(PStore):
@@ -225,6 +272,11 @@ class Zodb(Peer):
     def make_shared(self, size: int) -> Any:
         return PersistentBlob(size)
 
+    node_class = ZodbNode if persistent is not None else None
+
+    def commit(self) -> None:
+        self.transaction.commit()
+
 
 def available_peers(wanted: list[str]) -> list[Peer]:
     """pstore, then each wanted peer whose module is installed."""
@@ -306,6 +358,41 @@ def run_peer(peer: Peer, sizes: dict[str, int]) -> dict[str, Any]:
         peer.close()
     finally:
         shutil.rmtree(directory)
+    if peer.node_class is not None:
+        results.update(run_persistent_graph(peer, sizes["persistent"]))
+    return results
+
+
+def run_persistent_graph(peer: Peer, size: int) -> dict[str, Any]:
+    """Workload (6): store a graph of ``size`` Persistent nodes, open it, walk it, change 1%."""
+    results: dict[str, Any] = {}
+    directory = tempfile.mkdtemp(prefix=f"bench-{peer.name}-")
+    try:
+        peer.open(directory)
+        root = build_graph(peer.node_class, size)
+        results["pgraph store"] = timed(lambda: peer.set_one("pgraph", root))
+        peer.close()
+        del root
+        results["pgraph bytes"] = disk_bytes(directory)
+        peer.open(directory)
+        opened: list[Any] = []
+        results["pgraph open"] = timed(lambda: opened.append(peer.get("pgraph").name))
+        nodes: list[Any] = []
+        results["pgraph walk"] = timed(lambda: nodes.extend(walk_graph(peer.get("pgraph"))))
+        assert len(nodes) == size, (peer.name, len(nodes))
+
+        def change_some() -> None:
+            for node in nodes[::100]:
+                node.name += "!"
+            peer.commit()
+        results["pgraph update"] = timed(change_some)
+        peer.close()
+        peer.open(directory)
+        assert sum(node.name.endswith("!") for node in walk_graph(peer.get("pgraph"))) == \
+            len(nodes[::100]), peer.name
+        peer.close()
+    finally:
+        shutil.rmtree(directory)
     return results
 
 
@@ -318,13 +405,15 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1,
                         help="run each library this many times and keep its best times")
     args = parser.parse_args()
-    sizes = ({"single": 200, "bulk": 5_000, "graph": 100} if args.quick else
-             {"single": 2_000, "bulk": 100_000, "graph": 1_000})
+    sizes = ({"single": 200, "bulk": 5_000, "graph": 100, "persistent": 1_000} if args.quick else
+             {"single": 2_000, "bulk": 100_000, "graph": 1_000, "persistent": 10_000})
     print(f"sizes: {sizes['single']} single sets/gets, {sizes['bulk']} bulk records, "
-          f"graph of {sizes['graph']} records sharing a 10 KB object")
+          f"graph of {sizes['graph']} records sharing a 10 KB object, "
+          f"graph of {sizes['persistent']} Persistent objects")
     print("durability: every commit survives the process being killed (see the docstring)\n")
 
-    timings = ["single set", "single get", "bulk set", "bulk read", "graph set"]
+    timings = ["single set", "single get", "bulk set", "bulk read", "graph set", "pgraph store",
+               "pgraph open", "pgraph walk", "pgraph update"]
     peers = available_peers(args.peers.split(","))
     runs: dict[str, list[dict[str, Any]]] = {peer.name: [] for peer in peers}
     # Round after round of every library, so that a busy moment of the machine does not
@@ -333,21 +422,25 @@ def main() -> None:
         for peer in peers:
             runs[peer.name].append(run_peer(peer, sizes))
     table = {name: {**results[0], **{workload: min(run[workload] for run in results)
-                                     for workload in timings}}
+                                     for workload in timings if workload in results[0]}}
              for name, results in runs.items()}
     ours = table["pstore"]
-    header = f"{'':12}" + "".join(f"{name:>18}" for name in table)
+    header = f"{'':13}" + "".join(f"{name:>18}" for name in table)
     print(header)
     for workload in timings:
         cells = []
         for name, results in table.items():
-            seconds = results[workload]
+            seconds = results.get(workload)
+            if seconds is None:     # a library without Persistent objects
+                cells.append("-")
+                continue
             ratio = "" if name == "pstore" else f" ({seconds / ours[workload]:5.1f}x)"
             cells.append(f"{seconds * 1000:9.1f}ms{ratio}")
-        print(f"{workload:12}" + "".join(f"{cell:>18}" for cell in cells))
-    print(f"{'graph bytes':12}" + "".join(f"{results['graph bytes']:>18,}"
-                                          for results in table.values()))
-    print(f"{'shared once':12}" + "".join(f"{str(results['graph shared']):>18}"
+        print(f"{workload:13}" + "".join(f"{cell:>18}" for cell in cells))
+    for label, workload in (("graph bytes", "graph bytes"), ("pgraph bytes", "pgraph bytes")):
+        print(f"{label:13}" + "".join(f"{results[workload]:>18,}" if workload in results
+                                      else f"{'-':>18}" for results in table.values()))
+    print(f"{'shared once':13}" + "".join(f"{str(results['graph shared']):>18}"
                                           for results in table.values()))
     print("\n(x) = peer time / pstore time: above 1 means pstore is faster.")
 

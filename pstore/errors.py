@@ -76,12 +76,15 @@ class FormatError(Error, ValueError):
 
 
 class MissingObjectError(Error, KeyError):
-    """A reference names an object id that has no record (it was removed)."""
+    """A reference, or a placeholder of a Persistent object, names an object id that has
+    no record (it was removed). ``what`` says what needed the record, when known."""
 
-    def __init__(self, path: str, object_id: int) -> None:
-        super().__init__(path, object_id)
+    def __init__(self, path: str, object_id: int, what: str | None = None) -> None:
+        super().__init__(path, object_id, what)
         self.path = path
         self.object_id = object_id
+        self.what = what
 
     def __str__(self) -> str:
-        return f"store {self.path!r} has no record with object id {self.object_id}"
+        message = f"store {self.path!r} has no record with object id {self.object_id}"
+        return message if self.what is None else f"{message}: {self.what}"

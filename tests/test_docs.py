@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -18,7 +20,9 @@ def test_examples_run(page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     if not blocks:
         pytest.skip(f"{page.name} has no python examples")
     monkeypatch.chdir(tmp_path)
-    namespace: dict = {"__name__": f"doc_{page.stem}"}
+    # A module of its own, so that classes an example defines pickle by name.
+    module = types.ModuleType(f"doc_{page.stem}")
+    monkeypatch.setitem(sys.modules, module.__name__, module)
     for number, block in enumerate(blocks, 1):
         code = compile(block, f"{page.name} (example {number})", "exec")
-        exec(code, namespace)
+        exec(code, module.__dict__)

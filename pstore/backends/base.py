@@ -4,9 +4,10 @@ A backend stores three things, as bytes, integers and names only; it knows
 nothing of pickling:
 
 * **records**: ``object id -> (data, refs, blobs)``, where ``data`` is the
-  record's bytes, ``refs`` the object ids those bytes refer to and ``blobs``
-  the names of the blobs they use (both kept so that the backend can find
-  unreachable records and blobs on its own);
+  record's bytes, ``refs`` the object ids those bytes refer to -- some of them
+  marked *lazy*: references that loading the record does not follow at once --
+  and ``blobs`` the names of the blobs they use (refs and blobs kept so that the
+  backend can find unreachable records and blobs on its own);
 * **blobs**: large byte strings (arrays' buffers), written once and named by
   their content, so equal bytes are kept once; read back mapped into memory
   where the backend can;
@@ -68,10 +69,13 @@ class Backend(ABC):
 
     @abstractmethod
     def put_record(self, oid: int, data: bytes, refs: Collection[int],
-                   blobs: Collection[str] = ()) -> None:
+                   *, lazy_refs: Collection[int] = (), blobs: Collection[str] = ()) -> None:
         """Create record ``oid``, or replace its data, refs and blobs if it exists.
 
-        ``blobs``: the names (from :meth:`put_blob`) of the blobs ``data`` uses.
+        ``lazy_refs``, a subset of ``refs``, are the references that loading the
+        record does not follow at once (references to Persistent objects); only
+        :meth:`reaches` tells them apart. ``blobs``: the names (from
+        :meth:`put_blob`) of the blobs ``data`` uses.
         """
 
     @abstractmethod
@@ -88,7 +92,8 @@ class Backend(ABC):
 
     @abstractmethod
     def reaches(self, sources: Collection[int], target: int) -> bool:
-        """Whether ``target`` is one of ``sources`` or reachable from them through refs."""
+        """Whether ``target`` is one of ``sources`` or reachable from them through refs
+        that are not lazy."""
 
     # -- blobs ------------------------------------------------------------------------------
 

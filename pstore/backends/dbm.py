@@ -49,7 +49,9 @@ MODULES = ("dbm.sqlite3", "dbm.gnu", "dbm.ndbm", "dbm.dumb")
 #: The key that marks a pstore DBM store, and what it holds.
 FORMAT_KEY = b"m:format"
 FORMAT_NAME = b"pstore-dbm"
-#: The newest format version this code reads and the one it writes.
+#: The newest format version this code reads and the one it writes. Version 1 databases
+#: become version 2 when opened for writing: version 2 added lazy refs (``l:<oid>``),
+#: records of Persistent objects and blobs (``b:<oid>``), which version 1 code would misread.
 FORMAT_VERSION = 2
 
 # Meta keys (docs/format.md).
@@ -80,6 +82,10 @@ def _refs_key(oid: int) -> bytes:
 
 def _blobs_key(oid: int) -> bytes:
     return b"b:%d" % oid
+
+
+def _lazy_key(oid: int) -> bytes:
+    return b"l:%d" % oid
 
 
 def _count_key(oid: int) -> bytes:
@@ -487,7 +493,18 @@ class DBMBackend(LocalBlobs, Backend):
             raise FormatError(self.path, f"format version {int(version)} was written by a "
                                          f"newer pstore; this one reads up to {FORMAT_VERSION}")
         elif int(version) < FORMAT_VERSION and not self.read_only:
-            self._initialize()      # version 2 added blobs: older stores have none
+            self._upgrade()
+
+    def _upgrade(self) -> None:
+        """Mark a version 1 database as the current version: it has no lazy refs and no
+        blobs, which is what missing ``l:`` and ``b:`` keys mean."""
+        self.begin()
+        try:
+            self._put(_VERSION, b"%d" % FORMAT_VERSION)
+            self.commit()
+        except BaseException:
+            self.rollback()
+            raise
 
     def _initialize(self) -> None:
         self.begin()
@@ -495,7 +512,7 @@ class DBMBackend(LocalBlobs, Backend):
             # Another process may have initialized it while this one waited for the lock.
             if self._get(_FORMAT) is None:
                 self._put(_FORMAT, FORMAT_NAME)
-            self._put(_VERSION, b"%d" % FORMAT_VERSION)
+                self._put(_VERSION, b"%d" % FORMAT_VERSION)
             self.commit()
         except BaseException:
             self.rollback()
@@ -604,7 +621,7 @@ class DBMBackend(LocalBlobs, Backend):
             return self._get(_record_key(oid))
 
     def put_record(self, oid: int, data: bytes, refs: Collection[int],
-                   blobs: Collection[str] = ()) -> None:
+                   *, lazy_refs: Collection[int] = (), blobs: Collection[str] = ()) -> None:
         old = set(_unpack_ints(self._get(_refs_key(oid))))
         new = set(refs)
         for ref in old - new:
@@ -613,6 +630,8 @@ class DBMBackend(LocalBlobs, Backend):
             self._add_referrers(ref, 1)
         self._put(_record_key(oid), data)
         self._put(_refs_key(oid), _pack_ints(sorted(new)) if new else None)
+        if lazy_refs or self._get(_lazy_key(oid)) is not None:
+            self._put(_lazy_key(oid), _pack_ints(sorted(lazy_refs)) if lazy_refs else None)
         if blobs or self._get(_blobs_key(oid)) is not None:
             self._put(_blobs_key(oid), _pack_names(blobs))
 
@@ -622,6 +641,8 @@ class DBMBackend(LocalBlobs, Backend):
         self._put(_record_key(oid), None)
         self._put(_refs_key(oid), None)
         self._put(_blobs_key(oid), None)
+        if self._get(_lazy_key(oid)) is not None:
+            self._put(_lazy_key(oid), None)
 
     def _add_referrers(self, oid: int, delta: int) -> None:
         """Change the number of keys and records referring to ``oid`` by ``delta``.
@@ -650,7 +671,9 @@ class DBMBackend(LocalBlobs, Backend):
                     return True
                 if oid not in seen:
                     seen.add(oid)
-                    stack.extend(_unpack_ints(self._get(_refs_key(oid))))
+                    refs = _unpack_ints(self._get(_refs_key(oid)))
+                    lazy = _unpack_ints(self._get(_lazy_key(oid)))
+                    stack.extend(set(refs).difference(lazy) if lazy else refs)
             return False
 
     # -- keys -------------------------------------------------------------------------------

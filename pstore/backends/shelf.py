@@ -75,7 +75,7 @@ class ShelveReader(Backend):
         raise self._refuse()
 
     def put_record(self, oid: int, data: bytes, refs: Collection[int],
-                   blobs: Collection[str] = ()) -> None:
+                   *, lazy_refs: Collection[int] = (), blobs: Collection[str] = ()) -> None:
         raise self._refuse()
 
     def put_blob(self, chunks: Iterable[Any]) -> str:

@@ -32,8 +32,8 @@ APPLICATION_ID = 0x70537472  # b"pStr"
 _SCHEMA = (
     "CREATE TABLE meta (name TEXT PRIMARY KEY, value NOT NULL) WITHOUT ROWID",
     "CREATE TABLE records (oid INTEGER PRIMARY KEY, data BLOB NOT NULL)",
-    "CREATE TABLE refs (oid INTEGER NOT NULL, ref INTEGER NOT NULL, PRIMARY KEY (oid, ref))"
-    " WITHOUT ROWID",
+    "CREATE TABLE refs (oid INTEGER NOT NULL, ref INTEGER NOT NULL,"
+    " lazy INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (oid, ref)) WITHOUT ROWID",
     "CREATE INDEX refs_by_ref ON refs (ref)",
     "CREATE TABLE keys (key TEXT PRIMARY KEY, oid INTEGER NOT NULL) WITHOUT ROWID",
     "CREATE INDEX keys_by_oid ON keys (oid)",
@@ -44,10 +44,12 @@ _SCHEMA = (
     f"PRAGMA application_id = {APPLICATION_ID}",
 )
 
-# Version 1 files become version 2 when opened for writing: version 2 added blobs.
+# Version 1 files become version 2 when opened for writing (under the write lock). Version 2
+# added refs.lazy, records of Persistent objects and blobs, which version 1 code would misread.
 _UPGRADE = (
-    "CREATE TABLE IF NOT EXISTS blob_refs (oid INTEGER NOT NULL, blob TEXT NOT NULL,"
-    " PRIMARY KEY (oid, blob)) WITHOUT ROWID",
+    "ALTER TABLE refs ADD COLUMN lazy INTEGER NOT NULL DEFAULT 0",
+    "CREATE TABLE blob_refs (oid INTEGER NOT NULL, blob TEXT NOT NULL, PRIMARY KEY (oid, blob))"
+    " WITHOUT ROWID",
     f"UPDATE meta SET value = {FORMAT_VERSION} WHERE name = 'version'",
 )
 
@@ -59,6 +61,7 @@ _PUT_REF = "INSERT OR IGNORE INTO refs (oid, ref) VALUES (?, ?)"
 _DELETE_BLOB_REFS = "DELETE FROM blob_refs WHERE oid = ?"
 _PUT_BLOB_REF = "INSERT OR IGNORE INTO blob_refs (oid, blob) VALUES (?, ?)"
 _REFERENCED_BLOBS = "SELECT DISTINCT blob FROM blob_refs"
+_PUT_LAZY_REF = "INSERT OR IGNORE INTO refs (oid, ref, lazy) VALUES (?, ?, 1)"
 _NEXT_OID = "SELECT value FROM meta WHERE name = 'next_oid'"
 _RESERVE_OIDS = "UPDATE meta SET value = ? WHERE name = 'next_oid'"
 # Lists of ids travel as one JSON array parameter, so no statement is built per call.
@@ -68,7 +71,7 @@ _IS_REFERENCED = ("SELECT EXISTS (SELECT 1 FROM keys WHERE oid = ?1)"
 _REACHES = """
 WITH RECURSIVE reach (oid) AS (
     SELECT value FROM json_each(?1)
-    UNION SELECT refs.ref FROM refs JOIN reach ON refs.oid = reach.oid)
+    UNION SELECT refs.ref FROM refs JOIN reach ON refs.oid = reach.oid WHERE NOT refs.lazy)
 SELECT 1 FROM reach WHERE oid = ?2 LIMIT 1
 """
 _LIVE = """
@@ -93,6 +96,7 @@ _COUNT_KEYS = "SELECT count(*) FROM keys"
 _DATA_VERSION = "PRAGMA data_version"
 _COUNT_TABLES = "SELECT count(*) FROM sqlite_master"
 _META = "SELECT name, value FROM meta WHERE name IN ('format', 'version')"
+_VERSION = "SELECT value FROM meta WHERE name = 'version'"
 
 #: How many object ids :meth:`SQLiteBackend.new_oid` reserves at a time.
 _OID_BLOCK = 1000
@@ -227,11 +231,14 @@ class SQLiteBackend(LocalBlobs, Backend):
         self._check_format()
 
     def _upgrade(self) -> None:
-        """Bring an older file to the current version (under the write lock)."""
+        """Bring a version 1 file to the current version (under the write lock)."""
         self.begin()
         try:
-            for statement in _UPGRADE:
-                self._require().execute(statement)
+            conn = self._require()
+            # Another process may have upgraded it while this one waited for the lock.
+            if conn.execute(_VERSION).fetchone()[0] < FORMAT_VERSION:
+                for statement in _UPGRADE:
+                    conn.execute(statement)
             self.commit()
         except BaseException:
             self.rollback()
@@ -278,12 +285,16 @@ class SQLiteBackend(LocalBlobs, Backend):
         return None if row is None else row[0]
 
     def put_record(self, oid: int, data: bytes, refs: Collection[int],
-                   blobs: Collection[str] = ()) -> None:
+                   *, lazy_refs: Collection[int] = (), blobs: Collection[str] = ()) -> None:
         cursor = self._cursor
         cursor.execute(_PUT_RECORD, (oid, data))
         if oid not in self._fresh:      # a record allocated by this transaction has no refs yet
             cursor.execute(_DELETE_REFS, (oid,))
             cursor.execute(_DELETE_BLOB_REFS, (oid,))
+        if lazy_refs:
+            lazy = set(lazy_refs)
+            cursor.executemany(_PUT_LAZY_REF, [(oid, ref) for ref in lazy])
+            refs = [ref for ref in refs if ref not in lazy]
         if refs:
             cursor.executemany(_PUT_REF, [(oid, ref) for ref in refs])
         if blobs:

@@ -867,11 +867,21 @@ class Unpickler:
         and a ``persistent_load`` may call ``load_bytes`` of the same unpickler: one
         unpickler can serve any number of pickles, nested or not, with no setup per pickle.
         """
+        return self.load_bytes_at(data, 0, buffers)[0]
+
+    def load_bytes_at(self, data: bytes, start: int,
+                      buffers: Iterable[Any] | None = None) -> tuple[Any, int]:
+        """Like :meth:`load_bytes`, for the pickle at offset ``start`` of ``data``.
+
+        Returns the object and the offset just past the pickle's STOP, where a next
+        pickle of ``data`` may start. Offsets in error messages count from ``start``.
+        """
         saved = self.memo, self.proto, self._buffers
         self.memo = {}
         self._buffers = iter(buffers) if buffers is not None else None
         try:
-            return self._run(data, 0, 0, None)[0]
+            value, end, _ = self._run(data, start, start, None)
+            return value, end
         finally:
             self.memo, self.proto, self._buffers = saved
 

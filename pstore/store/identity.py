@@ -11,7 +11,10 @@ Two directions:
   Python object. :meth:`IdentityMap.forget_loads` drops this direction alone
   (another process committed, or a transaction rolled back); the first
   direction stays, so an object the user still holds and assigns again still
-  rewrites its own record instead of becoming a copy.
+  rewrites its own record instead of becoming a copy. Persistent objects
+  (added with ``persistent=True``) keep both directions: the Store turns them
+  back into placeholders instead, so their object id stays one object for as
+  long as it lives.
 
 Objects that cannot be weakly referenced (dict, list, tuple, ...) are held
 strongly, and :meth:`IdentityMap.sweep` drops those that nobody else
@@ -63,13 +66,17 @@ class IdentityMap:
         self._weak: dict[int, _Ref] = {}            # id(obj) -> weak reference
         self._strong: dict[int, Any] = {}           # id(obj) -> obj, for the non-weakref-able
         self._loaded: dict[int, int] = {}           # object id -> id(obj)
+        self.persistent: set[int] = set()           # id(obj) of the Persistent objects
         self._sweep_at = _SWEEP_MIN
 
     def __len__(self) -> int:
         return len(self.oid_of)
 
-    def add(self, obj: Any, oid: int) -> None:
-        """Note that ``obj`` is (the current object of) record ``oid``; ``obj`` must be tracked."""
+    def add(self, obj: Any, oid: int, persistent: bool = False) -> None:
+        """Note that ``obj`` is (the current object of) record ``oid``; ``obj`` must be tracked.
+
+        ``persistent``: ``obj`` is a Persistent object (see :meth:`forget_loads`).
+        """
         key = id(obj)
         if key not in self.oid_of:
             if type(obj).__weakrefoffset__:
@@ -78,6 +85,8 @@ class IdentityMap:
                 self._weak[key] = ref
             else:
                 self._strong[key] = obj
+            if persistent:
+                self.persistent.add(key)
         self.oid_of[key] = oid
         self._loaded[oid] = key
 
@@ -99,12 +108,33 @@ class IdentityMap:
                     self._drop(key)
 
     def forget_loads(self, oids: Any = None) -> None:
-        """Make the next load of ``oids`` (default: every record) read the record again."""
+        """Make the next load of ``oids`` (default: every record) read the record again.
+
+        Persistent objects are kept: the caller empties them instead (they reload
+        their state in place), so that they stay the objects of their records.
+        """
+        loaded = self._loaded
         if oids is None:
-            self._loaded.clear()
+            loaded.clear()
+            # A copy: a weak reference's callback may drop entries at any allocation.
+            for key in self.persistent.copy():
+                oid = self.oid_of.get(key)
+                if oid is not None:
+                    loaded[oid] = key
         else:
             for oid in oids:
-                self._loaded.pop(oid, None)
+                if loaded.get(oid) not in self.persistent:
+                    loaded.pop(oid, None)
+
+    def persistent_objects(self) -> list[Any]:
+        """The live Persistent objects of the map."""
+        objects = []
+        for key in self.persistent.copy():
+            ref = self._weak.get(key)
+            obj = ref() if ref is not None else None
+            if obj is not None:
+                objects.append(obj)
+        return objects
 
     def clear(self) -> None:
         """Forget everything."""
@@ -114,6 +144,7 @@ class IdentityMap:
         self._weak.clear()
         self._strong.clear()
         self._loaded.clear()
+        self.persistent.clear()
 
     def maybe_sweep(self) -> None:
         """Sweep when the strongly held objects doubled since the last sweep (cheap otherwise)."""
@@ -166,6 +197,7 @@ class IdentityMap:
     def _drop(self, key: int) -> None:
         oid = self.oid_of.pop(key, None)
         self._strong.pop(key, None)
+        self.persistent.discard(key)
         ref = self._weak.pop(key, None)
         if ref is not None:
             ref.key = -1

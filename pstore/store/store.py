@@ -5,7 +5,10 @@ object ids. A record's pickle refers to any other object already in the store
 (loaded from it, or saved to it, by this Store) by that object's id, through
 the engine's ``persistent_id``/``persistent_load`` hooks, and loading goes
 through an :class:`~pstore.store.identity.IdentityMap`, so within one open
-Store an object id is one Python object. See ``docs/store.md``.
+Store an object id is one Python object. Objects of
+:class:`~pstore.store.persistent.Persistent` classes are referred to lazily: a
+reference loads as a placeholder that reads its record when first used. See
+``docs/store.md`` and ``docs/persistent.md``.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import io
 import os
 import threading
 import weakref
-from collections.abc import Callable, ItemsView, Iterator, MutableMapping, ValuesView
+from collections.abc import Callable, Collection, ItemsView, Iterator, MutableMapping, ValuesView
 from contextlib import contextmanager
 from itertools import islice
 from typing import Any
@@ -24,6 +27,8 @@ from ..backends import Backend, open_backend
 from ..errors import ClosedError, FormatError, MissingObjectError, ReadOnlyError
 from . import records
 from .identity import IdentityMap, is_tracked
+from .persistent import (CHANGED, GHOST, SAVED, Persistent, attach, detach, fill, ghostify,
+                         is_ghost, placeholder, set_status, status_of)
 
 __all__ = ["Store", "open", "DEFAULT_LOCK_TIMEOUT", "DEFAULT_BLOB_THRESHOLD"]
 
@@ -39,32 +44,49 @@ _END = object()
 class _RecordPickler(engine.Pickler):
     """Pickles the records of one Store, one at a time.
 
-    Objects already in the store, except the record's root, become references.
-    Under protocol 5, each out-of-band buffer (``PickleBuffer``) of at least
-    ``blob_threshold`` bytes goes to ``write_blob`` as it is met, so a large
-    array is streamed to its blob and never copied into the pickle.
-    One instance serves every record, so that the engine prepares its dump once.
+    Objects already in the store, except the record's root, become references:
+    their object id, or ``(object id, class)`` for a Persistent object (so that a
+    placeholder of the right class can be made without reading its record). A
+    Persistent object not yet in the store is given to ``adopt``, which returns
+    its new object id. Under protocol 5, each out-of-band buffer (``PickleBuffer``)
+    of at least ``blob_threshold`` bytes goes to ``write_blob`` as it is met, so a
+    large array is streamed to its blob and never copied into the pickle. One
+    instance serves every record, so that the engine prepares its dump once.
     """
 
-    def __init__(self, protocol: int, oid_of: dict[int, int], blob_threshold: float,
+    def __init__(self, protocol: int, oid_of: dict[int, int],
+                 adopt: Callable[[Persistent], int], blob_threshold: float,
                  write_blob: Callable[[memoryview], records.BlobRef]) -> None:
         self._file = io.BytesIO()
         super().__init__(self._file, protocol,
                          buffer_callback=self._out_of_band if protocol >= 5 else None)
         self._oid_of = oid_of.get
+        self._adopt = adopt
         self._blob_threshold = blob_threshold
         self._write_blob = write_blob
         self._root: Any = None
         self._refs: dict[int, Any] = {}
         self._blobs: list[records.BlobRef] = []
+        self._class_pickles: dict[type, bytes] = {}     # the first pickle of a Persistent record
 
-    def persistent_id(self, obj: Any) -> int | None:
-        # Called for every object pickled: one dict lookup on the common path.
+    def persistent_id(self, obj: Any) -> Any:
+        # Called for every object pickled: one dict lookup and one type check.
         oid = self._oid_of(id(obj))
-        if oid is None or obj is self._root:
+        if oid is None:
+            if not isinstance(obj, Persistent):
+                return None
+            oid = self._adopt(obj)
+        elif obj is self._root:
             return None
+        elif not isinstance(obj, Persistent):
+            self._refs[oid] = obj
+            return oid
         self._refs[oid] = obj
-        return oid
+        cls = type(obj)
+        if self.bin:
+            return oid, cls
+        # Protocol 0 persistent ids are ASCII text.
+        return f"{oid} {cls.__module__} {cls.__qualname__}"
 
     def _out_of_band(self, buffer: engine.PickleBuffer) -> bool:
         raw = buffer.raw()
@@ -89,25 +111,64 @@ class _RecordPickler(engine.Pickler):
             self.clear_memo()   # the memo holds the record's objects alive
         return file.getvalue(), refs, blobs
 
+    def pickle_persistent(self, obj: Persistent
+                          ) -> tuple[bytes, dict[int, Any], list[records.BlobRef]]:
+        """The record of Persistent ``obj`` -- a pickle of its class, then one of its
+        state -- {object id: object} of every reference written, and the blobs of the
+        state's out-of-band buffers, in order."""
+        file = self._file
+        file.seek(0)
+        file.truncate()
+        self._refs = refs = {}
+        self._blobs = blobs = []
+        cls = type(obj)
+        try:
+            # A class pickles to the same bytes every time: pickled once per class.
+            head = self._class_pickles.get(cls)
+            if head is None:
+                self.dump(cls)
+                self.clear_memo()
+                self._class_pickles[cls] = file.getvalue()
+            else:
+                file.write(head)
+            self.dump(obj.__getstate__())
+        finally:
+            self.clear_memo()
+        return file.getvalue(), refs, blobs
+
 
 class _RecordUnpickler(engine.Unpickler):
-    """Unpickles the records of one Store, resolving references through its identity map.
+    """Unpickles the records of one Store, resolving references through its identity
+    map: an object id loads that record, ``(object id, class)`` gives a placeholder of
+    a Persistent object (its record is not read).
 
     One instance serves every record, nested loads of referenced records included
-    (``load_bytes`` keeps each pickle's state apart), so a record costs no setup.
+    (``load_bytes_at`` keeps each pickle's state apart), so a record costs no setup.
     """
 
     def __init__(self, store: Store) -> None:
-        super().__init__(io.BytesIO())   # records are read with load_bytes, never from the file
+        super().__init__(io.BytesIO())   # records are read with load_bytes_at, never from the file
         # A proxy: the Store holds this unpickler, and a cycle would keep a dropped Store
         # (and its open connection) alive until the garbage collector runs.
         self._store = weakref.proxy(store)
 
     def persistent_load(self, pid: Any) -> Any:
-        if type(pid) is int:
+        kind = type(pid)
+        if kind is int:
             return self._store._load(pid)
-        if type(pid) is str and pid.isdigit():   # protocol 0 writes persistent ids as text
-            return self._store._load(int(pid))
+        if kind is tuple and len(pid) == 2 and type(pid[0]) is int:
+            return self._store._placeholder(*pid)
+        if kind is str:     # protocol 0 writes persistent ids as text
+            oid, _, cls = pid.partition(" ")
+            if oid.isdigit():
+                if not cls:
+                    return self._store._load(int(oid))
+                module, _, qualname = cls.partition(" ")
+                head, *attributes = qualname.split(".")
+                found = self.find_class(module, head)
+                for attribute in attributes:
+                    found = getattr(found, attribute)
+                return self._store._placeholder(int(oid), found)
         raise engine.UnpicklingError(f"a record refers to {pid!r}, which is not an object id")
 
 
@@ -135,7 +196,8 @@ class Store(MutableMapping[str, Any]):
       rewrites its record, which every reference sees.
     * ``s[k]`` returns the same object for the same record as long as you hold it,
       until another process commits (then the next read loads the record again) or
-      a transaction that wrote it rolls back.
+      a transaction that wrote it rolls back. A :class:`~pstore.Persistent` object
+      stays the object of its record even then: it reloads its state in place.
     * A read outside a transaction sees the latest committed state.
     * Safe to share between threads: calls are serialized, and a transaction holds
       the Store for its thread until it ends.
@@ -153,7 +215,7 @@ class Store(MutableMapping[str, Any]):
         self._codec = records.CODECS[compression]
         self._writable_buffers = not readonly_buffers
         self._pickler = _RecordPickler(
-            protocol, self._ids.oid_of,
+            protocol, self._ids.oid_of, self._adopt,
             float("inf") if blob_threshold is None else blob_threshold, self._write_blob)
         self._unpickler = _RecordUnpickler(self)
         self._marker = backend.change_marker()
@@ -166,7 +228,12 @@ class Store(MutableMapping[str, Any]):
         self._pending: dict[int, tuple[Any, str | None]] = {}   # oid -> (object, key)
         self._released: set[int] = set()    # oids a key stopped naming
         self._new_oids: set[int] = set()    # oids allocated by the transaction
+        self._bound: dict[int, Persistent] = {}     # saved Persistent objects a key was bound to
         self._cache: dict[int, Any] = {}    # writeback=True: oid -> object to write back
+        self._baseline: dict[int, bytes] = {}   # writeback=True: oid -> its record as last seen
+        # Persistent objects changed since they were written, until the next commit:
+        self._changed: dict[int, Persistent] = {}
+        self._classes: dict[bytes, type[Persistent]] = {}   # first pickle of a record -> class
         _open_stores[id(self)] = self
 
     # -- state ------------------------------------------------------------------------------
@@ -201,8 +268,8 @@ class Store(MutableMapping[str, Any]):
                 raise KeyError(key)
             oid, data = item
             obj = self._load(oid, data)
-            if self._writeback and is_tracked(obj):
-                self._cache[oid] = obj
+            if self._writeback:
+                self._keep(oid, obj, data)
             self._ids.maybe_sweep()
             return obj
 
@@ -275,8 +342,8 @@ class Store(MutableMapping[str, Any]):
                     return
                 key, oid, data = row
                 value = self._load(oid, data)
-                if self._writeback and is_tracked(value):
-                    self._cache[oid] = value
+                if self._writeback:
+                    self._keep(oid, value, data)
                 self._ids.maybe_sweep()
             yield key, value
 
@@ -318,15 +385,24 @@ class Store(MutableMapping[str, Any]):
                 yield self
 
     def sync(self) -> None:
-        """Write back the cached objects (``writeback=True``).
+        """Commit the changed Persistent objects and write back the cached objects
+        (``writeback=True``), then see what other processes committed.
 
-        Every other write is already committed when it returns.
+        Every other write is already committed when it returns. Inside a
+        transaction it does nothing (the transaction's end commits).
         """
         with self._lock:
             self._check_open()
-            if self._cache and not self._depth:
-                with self._transaction(flush_cache=True):
-                    pass
+            if self._depth:
+                return
+            self._write_back()
+            self._see_latest()
+
+    def _write_back(self) -> None:
+        """Outside a transaction: commit the changed Persistent objects and the cache."""
+        if self._cache or self._changed:
+            with self._transaction(flush_cache=True):
+                pass
 
     def gc(self) -> int:
         """Delete the records no key reaches; return how many. Other processes keep reading."""
@@ -336,9 +412,12 @@ class Store(MutableMapping[str, Any]):
                 return self._backend.gc()
 
     def close(self) -> None:
-        """Write back the cache (``writeback=True``) and close. Idempotent.
+        """Commit the changed Persistent objects, write back the cache (``writeback=True``)
+        and close. Idempotent.
 
-        Inside a transaction, the transaction is rolled back instead.
+        Inside a transaction, the transaction is rolled back instead. Loaded
+        Persistent objects become objects of no store; placeholders raise
+        :class:`~pstore.errors.ClosedError` when used.
         """
         with self._lock:
             if self._closed:
@@ -346,11 +425,16 @@ class Store(MutableMapping[str, Any]):
             try:
                 if self._depth:
                     self._rollback()
-                elif self._cache and not self.read_only:
-                    self.sync()
+                else:
+                    self._write_back()
             finally:
                 self._closed = True
                 self._cache.clear()
+                self._baseline.clear()
+                self._changed.clear()
+                for obj in self._ids.persistent_objects():
+                    if status_of(obj) != GHOST:
+                        detach(obj)
                 self._ids.clear()
                 _open_stores.pop(id(self), None)
                 self._backend.close()
@@ -360,9 +444,12 @@ class Store(MutableMapping[str, Any]):
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        """Close; on an exception, first drop the writeback cache instead of writing it."""
+        """Close; on an exception, first drop the writeback cache and the changes of
+        Persistent objects instead of writing them."""
         if exc_type is not None:
-            self._cache.clear()
+            with self._lock:
+                self._cache.clear()
+                self._changed.clear()
         self.close()
 
     # -- internals --------------------------------------------------------------------------
@@ -391,7 +478,15 @@ class Store(MutableMapping[str, Any]):
         marker = self._backend.change_marker()
         if marker != self._marker:
             self._marker = marker
-            self._ids.forget_loads()
+            self._invalidate()
+
+    def _invalidate(self) -> None:
+        """Make every record load again: forget the plain objects loaded, and turn the
+        Persistent objects without unsaved changes back into placeholders."""
+        self._ids.forget_loads()
+        for obj in self._ids.persistent_objects():
+            if status_of(obj) == SAVED:
+                ghostify(obj)
 
     @contextmanager
     def _transaction(self, flush_cache: bool = False) -> Iterator[None]:
@@ -418,6 +513,18 @@ class Store(MutableMapping[str, Any]):
 
     def _assign(self, key: str, value: Any) -> None:
         oid = self._ids.oid_of.get(id(value))
+        if isinstance(value, Persistent):
+            if oid is None:
+                oid = self._adopt(value)
+            old = self._backend.bind_key(key, oid)
+            if old is not None and old != oid:
+                self._released.add(old)
+            if oid in self._new_oids:
+                self._pending[oid] = (value, key)
+            else:
+                # Its record is up to date, or it is in _changed and written anyway.
+                self._bound[oid] = value
+            return
         if oid is None:
             oid = self._backend.new_oid()
             self._new_oids.add(oid)
@@ -438,51 +545,85 @@ class Store(MutableMapping[str, Any]):
     def _commit(self) -> None:
         self._check_open()
         pending = self._pending
+        for oid, obj in self._changed.items():
+            pending.setdefault(oid, (obj, None))
+        write_back: set[int] = set()    # cached objects written only if they changed
         if self._flush_cache:
             for oid, obj in self._cache.items():
-                pending.setdefault(oid, (obj, None))
-        written: dict[int, dict[int, Any]] = {}
-        referenced: dict[int, Any] = {}
+                if oid not in pending:
+                    pending[oid] = (obj, None)
+                    write_back.add(oid)
+        written: set[int] = set()
+        # Plain records written now that refer to others -> the records loading them loads
+        # at once: references to Persistent objects load lazily, so a cycle through one is
+        # harmless.
+        eager: dict[int, Collection[int]] = {}
+        referenced: dict[int, Any] = dict(self._bound)
+        # Empty while this Store holds no Persistent object: then nothing written is one,
+        # or refers to one.
+        persistent = self._ids.persistent
         batch = list(pending.items())
         while batch:
             for oid, (obj, key) in batch:
                 data, refs, blobs = self._pickle(obj, key, oid)
-                self._backend.put_record(oid, data, refs, [blob.name for blob in blobs])
-                written[oid] = refs
-                referenced.update(refs)
+                written.add(oid)
+                if oid in write_back and self._baseline.get(oid) == data:
+                    continue
+                lazy: Collection[int] = ()
+                if refs:
+                    referenced.update(refs)
+                    if not persistent:
+                        eager[oid] = refs
+                    else:
+                        lazy = {ref for ref, target in refs.items()
+                                if isinstance(target, Persistent)}
+                        if not isinstance(obj, Persistent):
+                            eager[oid] = [ref for ref in refs if ref not in lazy]
+                self._backend.put_record(oid, data, refs, lazy_refs=lazy,
+                                         blobs=[blob.name for blob in blobs])
+                if oid in self._cache:
+                    self._baseline[oid] = data
             # A referenced object whose record is gone (deleted by gc() or by releasing
-            # its last key, here or in another process) is written again from memory.
-            unwritten = referenced.keys() - written.keys()
-            missing = unwritten - self._backend.existing(unwritten)
+            # its last key, here or in another process) is written again from memory;
+            # so is a Persistent object first met while pickling (its object id is new).
+            unwritten = referenced.keys() - written
+            new = unwritten & self._new_oids
+            old = unwritten - new
+            missing = new | (old - self._backend.existing(old))
             batch = [(oid, (referenced[oid], None)) for oid in missing]
-        cyclic = self._closes_a_cycle(written, referenced)
+        cyclic = self._closes_a_cycle(eager)
         if cyclic is not None:
             raise engine.PicklingError(
                 f"cannot store {self._describe(cyclic)}: it refers (through other stored "
                 f"objects) back to itself, and pstore cannot load a cycle of records; "
-                f"store the objects of the cycle under one key instead")
+                f"store the objects of the cycle under one key, or make one of them "
+                f"a pstore.Persistent object")
         for oid in self._released:
             if not self._backend.is_referenced(oid):
                 self._backend.delete_record(oid)
         self._backend.commit()
+        self._changed.clear()
         if self._flush_cache:
             self._cache.clear()
+            self._baseline.clear()
         self._end_transaction()
 
-    def _closes_a_cycle(self, written: dict[int, dict[int, Any]],
-                        referenced: dict[int, Any]) -> int | None:
-        """A record written now that refers back to itself through references, or None.
+    def _closes_a_cycle(self, eager: dict[int, Collection[int]]) -> int | None:
+        """A plain record written now that loading would reach again from itself, or None.
 
-        The committed records form no cycle, so a new cycle passes through a record
-        written now. Records created by this transaction can only be referred to by
-        records written now; so when it rewrote no existing record, a cycle lies among
+        ``eager``: each plain record written now that refers to plain records -> those.
+        The committed plain records form no such cycle (a Persistent object, loaded
+        lazily, never is on one), so a new cycle passes through a record written
+        now. Records created by this transaction can only be referred to by records
+        written now; so when it rewrote no existing plain record, a cycle lies among
         the records written now, and one walk of their references in memory finds it.
         Otherwise each rewritten record asks the backend whether it reaches itself.
         """
-        if written.keys() <= self._new_oids:
-            return _cycle_among(written)
-        for oid, refs in written.items():
-            may_close_a_cycle = oid in referenced or oid not in self._new_oids
+        if eager.keys() <= self._new_oids:
+            return _cycle_among(eager)
+        targets = {ref for refs in eager.values() for ref in refs}
+        for oid, refs in eager.items():
+            may_close_a_cycle = oid in targets or oid not in self._new_oids
             if refs and may_close_a_cycle and self._backend.reaches(refs, oid):
                 return oid
         return None
@@ -495,15 +636,30 @@ class Store(MutableMapping[str, Any]):
 
     def _forget_transaction(self) -> None:
         """Undo in memory what the open transaction did: forget the objects it stored first,
-        and make the records it rewrote load again."""
+        and make the records it rewrote load again.
+
+        Persistent objects it stored first become objects of no store again (with the
+        state they have); those with uncommitted changes become placeholders, so
+        they load their committed state when next used.
+        """
+        for oid in self._new_oids:
+            obj = self._ids.get(oid)
+            if isinstance(obj, Persistent):
+                detach(obj)
+        for obj in self._changed.values():
+            if obj._p_store is self:
+                ghostify(obj)
+        self._changed.clear()
         self._ids.remove_oids(self._new_oids)
         self._ids.forget_loads(self._pending)
         if self._flush_cache:
             self._cache.clear()
+            self._baseline.clear()
         self._end_transaction()
 
     def _end_transaction(self) -> None:
         self._pending.clear()
+        self._bound.clear()
         self._released.clear()
         self._new_oids.clear()
         self._flush_cache = False
@@ -519,7 +675,14 @@ class Store(MutableMapping[str, Any]):
                 oid: int) -> tuple[bytes, dict[int, Any], list[records.BlobRef]]:
         """The record of ``obj`` (its blobs already written), its references and its blobs."""
         try:
-            pickle, refs, blobs = self._pickler.pickle(obj)
+            if isinstance(obj, Persistent):
+                # Marked saved before its state is read: a change made from now on
+                # (by another thread) marks it changed again, for the next commit.
+                if status_of(obj) == CHANGED:
+                    set_status(obj, SAVED)
+                pickle, refs, blobs = self._pickler.pickle_persistent(obj)
+            else:
+                pickle, refs, blobs = self._pickler.pickle(obj)
         except Exception as error:
             what = f"the value of key {key!r}" if key is not None else self._describe(oid)
             raise engine.PicklingError(f"cannot store {what}: {error}") from error
@@ -552,12 +715,17 @@ class Store(MutableMapping[str, Any]):
         if entry is not None:
             return entry[0]
         obj = self._ids.get(oid)
-        if obj is not None:
+        if obj is not None and (data is None or not is_ghost(obj)):
             return obj
         if self._load_depth >= _LOAD_DEPTH_LIMIT:
             raise _LoadFirst(oid)
         if self._load_depth:
             return self._unpickle(oid, None)
+        return self._load_outermost(oid, data)
+
+    def _load_outermost(self, oid: int, data: bytes | None) -> Any:
+        """Load record ``oid`` (or fill its placeholder) as the outermost load: when a
+        nested load goes too deep, load the record it needed first, then try again."""
         wanted = [oid]      # records to load, the last one first
         held = []           # what was loaded, alive until the whole load is done
         while True:
@@ -586,12 +754,116 @@ class Store(MutableMapping[str, Any]):
             data, buffers = self._unwrap(oid, data)
         self._load_depth += 1
         try:
-            obj = self._unpickler.load_bytes(data, buffers)
+            unpickler = self._unpickler
+            known = self._known_class(data) if self._classes else None
+            if known is None:
+                obj, end = unpickler.load_bytes_at(data, 0, buffers)
+            else:
+                obj, end = known
+            if end < len(data):     # a Persistent object's record: class, then state
+                return self._load_state(oid, obj, data, end, buffers)
         finally:
             self._load_depth -= 1
         if is_tracked(obj):
             self._ids.add(obj, oid)
         return obj
+
+    # -- Persistent objects ---------------------------------------------------------------
+
+    def _known_class(self, data: bytes) -> tuple[type[Persistent], int] | None:
+        """The class of a Persistent object's record ``data`` whose first pickle this Store
+        has read before, and where that pickle ends; or None."""
+        for head, cls in self._classes.items():
+            # A pickle ends where its STOP is: data that starts with a whole pickle has
+            # it as its first pickle.
+            if data.startswith(head) and len(data) > len(head):
+                return cls, len(head)
+        return None
+
+    def _load_state(self, oid: int, cls: Any, data: bytes, start: int,
+                    buffers: list[Any] | None) -> Persistent:
+        """Load the state of Persistent record ``oid`` into its object (its placeholder, or
+        a new object of ``cls``): the pickle at ``start`` of ``data``, whose first pickle
+        is that of ``cls``; ``buffers`` are the state's out-of-band buffers."""
+        if not (isinstance(cls, type) and issubclass(cls, Persistent)):
+            raise FormatError(self._path, f"record {oid} holds two pickles, but the first "
+                              f"is {cls!r}, not a pstore.Persistent class")
+        # Unpickling the class once per Store is enough: find_class resolved it.
+        self._classes[data[:start]] = cls
+        obj = self._ids.get(oid)
+        if obj is None:
+            obj = placeholder(cls, self, oid)
+            # In the map before its state loads: the state may refer to the object itself.
+            self._ids.add(obj, oid, persistent=True)
+        elif status_of(obj) != GHOST:
+            return obj
+        fill(obj, lambda: self._unpickler.load_bytes_at(data, start, buffers)[0])
+        return obj
+
+    def _placeholder(self, oid: int, cls: Any) -> Any:
+        """The object of a reference to Persistent record ``oid``: the loaded object, or a
+        new placeholder of ``cls`` (its record is not read)."""
+        obj = self._ids.get(oid)
+        if obj is not None:
+            return obj
+        if not (isinstance(cls, type) and issubclass(cls, Persistent)):
+            raise engine.UnpicklingError(f"a record refers to object id {oid} as a {cls!r}, "
+                                         f"which is not a pstore.Persistent class")
+        obj = placeholder(cls, self, oid)
+        self._ids.add(obj, oid, persistent=True)
+        return obj
+
+    def _activate(self, obj: Persistent) -> None:
+        """Load the state of placeholder ``obj`` (called by its first attribute access)."""
+        with self._lock:
+            self._check_open()
+            if status_of(obj) != GHOST:     # another thread loaded it meanwhile
+                return
+            oid = obj._p_oid
+            try:
+                if self._load_depth:
+                    self._unpickle(oid, None)
+                else:
+                    self._load_outermost(oid, None)
+            except MissingObjectError as error:
+                if error.object_id != oid:
+                    raise
+                raise MissingObjectError(
+                    self._path, oid, f"the record of a placeholder of "
+                    f"{type(obj).__module__}.{type(obj).__qualname__}, deleted since the "
+                    f"placeholder was made (by gc() or another process)") from None
+
+    def _note_changed(self, obj: Persistent) -> None:
+        """Called on the first change of ``obj`` since it was written: write it at the next
+        commit. On a read-only store the change stays in memory."""
+        with self._lock:
+            if status_of(obj) == SAVED and not self._closed and not self.read_only:
+                set_status(obj, CHANGED)
+                self._changed[obj._p_oid] = obj
+
+    def _adopt(self, obj: Persistent) -> int:
+        """Make Persistent ``obj``, in no store yet, an object of this one; its record is
+        written by the commit under way (or the transaction's). Returns its object id."""
+        if obj._p_store is not None:
+            raise engine.PicklingError(
+                f"a {type(obj).__qualname__} of store {obj._p_store.path!r} cannot be stored "
+                f"in {self._path!r}: a Persistent object belongs to one store (store a "
+                f"copy.deepcopy of it)")
+        oid = self._backend.new_oid()
+        self._new_oids.add(oid)
+        attach(obj, self, oid)
+        self._ids.add(obj, oid, persistent=True)
+        return oid
+
+    def _keep(self, oid: int, obj: Any, data: bytes | None) -> None:
+        """writeback=True: keep a value read, and its record's bytes to compare at write-back.
+
+        Persistent objects need no cache: they tell the Store when they change.
+        """
+        if is_tracked(obj) and not isinstance(obj, Persistent):
+            self._cache[oid] = obj
+            if data is not None:
+                self._baseline[oid] = data
 
     def _after_fork(self) -> None:
         # The parent's lock may have been held by one of its other threads.
@@ -615,7 +887,7 @@ class Store(MutableMapping[str, Any]):
             # Surface the failure at the child's first call, in the calling thread.
             self._closed = True
             return
-        self._ids.forget_loads()   # the parent may have committed since it loaded them
+        self._invalidate()   # the parent may have committed since it loaded them
 
 
 def _cycle_among(graph: dict[int, Any]) -> int | None:
@@ -683,9 +955,10 @@ def open(path: str | os.PathLike[str], flag: str = "c", *, backend: str = "sqlit
     readable by their owner only.
 
     ``protocol``: the pickle protocol records are written with (0 to 5, -1 for 5).
-    ``writeback``: keep every object read or assigned and write them all back at
-    :meth:`Store.sync`, :meth:`Store.close` and the end of each
-    :meth:`Store.transaction`, so in-place mutations persist (as in ``shelve``).
+    ``writeback``: keep every value read or assigned and, at :meth:`Store.sync`,
+    :meth:`Store.close` and the end of each :meth:`Store.transaction`, write back
+    those whose pickle differs from their record's, so in-place mutations persist
+    (as in ``shelve``, which rewrites them all).
     ``lock_timeout``: seconds a write waits for another process's write
     transaction before :class:`~pstore.errors.LockTimeoutError`.
     ``fsync``: False (default) -- a commit that returned survives the process being

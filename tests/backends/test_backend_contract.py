@@ -106,6 +106,28 @@ def test_references(backend):
     assert not backend.reaches([a], c)
 
 
+def test_lazy_refs_keep_records_alive_but_are_not_followed_by_reaches(backend):
+    def setup():
+        a, b, c = (backend.new_oid() for _ in range(3))
+        backend.put_record(c, b"c", ())
+        backend.put_record(a, b"a", ())
+        backend.put_record(b, b"b", [a, c], lazy_refs=[a, c])     # b -> a, c lazily
+        backend.put_record(a, b"a", [b])                          # a -> b: a cycle through b
+        backend.bind_key("a", a)
+        return a, b, c
+    a, b, c = write(backend, setup)
+    assert backend.reaches([a], b) and not backend.reaches([b], a)
+    assert not backend.reaches([a], c) and backend.is_referenced(c)
+    assert write(backend, backend.gc) == 0
+    write(backend, lambda: backend.put_record(b, b"b2", [a]))     # now eager, and c dropped
+    assert backend.reaches([b], a) and backend.reaches([a], a) and not backend.is_referenced(c)
+    write(backend, lambda: backend.put_record(b, b"b3", [a], lazy_refs=[a]))
+    assert not backend.reaches([b], a)
+    assert write(backend, backend.gc) == 1 and backend.get_record(c) is None
+    write(backend, lambda: backend.delete_record(b))
+    assert not backend.reaches([b], a) and backend.get_record(b) is None
+
+
 def test_gc_frees_exactly_the_unreachable(backend):
     def setup():
         ids = {name: backend.new_oid() for name in "abcdexy"}
@@ -287,8 +309,8 @@ def test_gc_deletes_the_blobs_no_live_record_names(backend):
     def setup():
         names = [backend.put_blob([bytes([i]) * 1000]) for i in range(3)]
         live, dead = backend.new_oid(), backend.new_oid()
-        backend.put_record(live, b"live", (), names[:2])
-        backend.put_record(dead, b"dead", (), names[1:])
+        backend.put_record(live, b"live", (), blobs=names[:2])
+        backend.put_record(dead, b"dead", (), blobs=names[1:])
         backend.bind_key("live", live)
         return names
     names = write(backend, setup)

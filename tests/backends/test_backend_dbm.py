@@ -200,3 +200,28 @@ def test_journal_round_trip_and_every_cut_or_flipped_byte_is_incomplete(tmp_path
     journal.remove(path, fsync=True)
     journal.remove(path, fsync=True)     # no error
     assert journal.read(path) is None
+
+
+@modules
+def test_a_version_1_database_is_read_and_upgraded_when_opened_for_writing(tmp_path, module):
+    # Version 2 only added keys (l:<oid>) that a version 1 database has none of.
+    path = str(tmp_path / "store.db")
+    fill_dbm(path, module)
+    backend = open_dbm(path, module=module)
+    backend.begin()
+    backend._put(b"m:version", b"1")
+    backend.commit()
+    backend.close()
+    before = data_files(str(tmp_path))
+    backend = open_dbm(path, "r", module)
+    assert backend.get_record(backend.get_key("k")) == b"data"
+    with backend._reading():
+        assert backend._get(b"m:version") == b"1"
+    backend.close()
+    assert data_files(str(tmp_path)) == before
+    open_dbm(path, "w", module).close()
+    backend = open_dbm(path, "r", module)
+    with backend._reading():
+        assert backend._get(b"m:version") == b"%d" % FORMAT_VERSION == b"2"
+    assert backend.get_record(backend.get_key("k")) == b"data"
+    backend.close()

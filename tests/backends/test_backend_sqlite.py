@@ -8,6 +8,7 @@ import stat
 
 import pytest
 
+import pstore
 from pstore.backends.sqlite import FORMAT_VERSION, SQLiteBackend
 from pstore.errors import FormatError
 
@@ -121,3 +122,48 @@ def test_no_statement_runs_after_close(tmp_path):
                  lambda: backend.put_record(1, b"x", [2])):
         with pytest.raises(sqlite3.ProgrammingError):
             call()
+
+
+# The tables of format version 1 (docs/format.md before version 2), as pstore 0.1 made them.
+_VERSION_1 = (
+    "CREATE TABLE meta (name TEXT PRIMARY KEY, value NOT NULL) WITHOUT ROWID",
+    "CREATE TABLE records (oid INTEGER PRIMARY KEY, data BLOB NOT NULL)",
+    "CREATE TABLE refs (oid INTEGER NOT NULL, ref INTEGER NOT NULL, PRIMARY KEY (oid, ref))"
+    " WITHOUT ROWID",
+    "CREATE INDEX refs_by_ref ON refs (ref)",
+    "CREATE TABLE keys (key TEXT PRIMARY KEY, oid INTEGER NOT NULL) WITHOUT ROWID",
+    "CREATE INDEX keys_by_oid ON keys (oid)",
+    "INSERT INTO meta VALUES ('format', 'pstore'), ('version', 1), ('next_oid', 3)",
+    "PRAGMA application_id = 1884517490",
+    # "shared" is [1, 2]; "user" is {"shared": <reference to object id 1>}.
+    "INSERT INTO records VALUES (1, X'80059509000000000000005d94284b014b02652e'),"
+    " (2, X'80059510000000000000007d948c06736861726564944b0151732e')",
+    "INSERT INTO refs VALUES (2, 1)",
+    "INSERT INTO keys VALUES ('shared', 1), ('user', 2)",
+)
+
+
+def test_a_version_1_file_is_read_and_upgraded_when_opened_for_writing(tmp_path):
+    path = str(tmp_path / "old.db")
+    conn = sqlite3.connect(path)
+    for statement in _VERSION_1:
+        conn.execute(statement)
+    conn.commit()
+    conn.close()
+    before = snapshot(str(tmp_path))
+    with pstore.open(path, "r") as store:
+        assert store["user"] == {"shared": [1, 2]}
+        assert store["user"]["shared"] is store["shared"]
+    assert snapshot(str(tmp_path)) == before        # read-only: still version 1, untouched
+    with pstore.open(path, "w") as store:
+        assert store["user"]["shared"] is store["shared"]
+        store["node"] = [pstore.PersistentList([store["shared"]])]
+        store["array"] = pstore.engine.PickleBuffer(bytearray(100_000))   # a blob
+    conn = sqlite3.connect(path)
+    assert conn.execute("SELECT value FROM meta WHERE name = 'version'").fetchone() == (2,)
+    assert conn.execute("SELECT oid, ref, lazy FROM refs WHERE oid = 2").fetchall() == [(2, 1, 0)]
+    assert conn.execute("SELECT count(*) FROM blob_refs").fetchone() == (1,)
+    conn.close()
+    with pstore.open(path, "r") as store:
+        assert store["node"][0][0] is store["shared"]
+        assert bytes(store["array"]) == bytes(100_000)

@@ -534,3 +534,15 @@ def test_load_bytes_nests_through_persistent_load():
     got = U(io.BytesIO()).load_bytes(buf.getvalue())
     assert got == [shared, {"inner": [1, 2]}, shared, set]
     assert got[0] is got[2]
+
+
+def test_load_bytes_at_reads_pickles_one_after_the_other():
+    first, second = pickle.dumps([1, "a"], 5), pickle.dumps({"b": (2,)}, 2)
+    data = first + second
+    unpickler = Unpickler(io.BytesIO())
+    value, end = unpickler.load_bytes_at(data, 0)
+    assert value == [1, "a"] and end == len(first)
+    assert unpickler.load_bytes_at(data, end) == ({"b": (2,)}, len(data))
+    # Offsets in messages count from the pickle's start.
+    with pytest.raises(pickle.UnpicklingError, match="offset 0"):
+        unpickler.load_bytes_at(data + b"\xee", len(data))

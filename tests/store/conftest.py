@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Iterator
 
@@ -40,3 +41,50 @@ def opener(backend_name: str, path: str) -> Iterator:
 @pytest.fixture
 def store(opener) -> pstore.Store:
     return opener()
+
+
+@pytest.fixture
+def counting_opener(backend_name: str, path: str) -> Iterator:
+    """open(flag="c", **store_options) -> a Store whose backend counts what it reads and writes.
+
+    ``store.counts`` (the backend's) has "reads" (records read: get_record, get_item,
+    each row of iter_items) and "writes" (put_record calls). A real backend of the
+    test's kind underneath: the subclass only counts.
+    """
+    module_name, class_name = BACKENDS[backend_name].split(":")
+    real = getattr(importlib.import_module(module_name), class_name)
+
+    class Counting(real):
+        def __init__(self, *args, **kwargs) -> None:
+            self.counts = {"reads": 0, "writes": 0}
+            super().__init__(*args, **kwargs)
+
+        def get_record(self, oid):
+            self.counts["reads"] += 1
+            return super().get_record(oid)
+
+        def get_item(self, key):
+            self.counts["reads"] += 1
+            return super().get_item(key)
+
+        def iter_items(self):
+            for row in super().iter_items():
+                self.counts["reads"] += 1
+                yield row
+
+        def put_record(self, *args, **kwargs):
+            self.counts["writes"] += 1
+            return super().put_record(*args, **kwargs)
+
+    opened: list[pstore.Store] = []
+
+    def open_(flag: str = "c", *, protocol: int = 5, writeback: bool = False) -> pstore.Store:
+        backend = Counting(path, flag, lock_timeout=10.0, fsync=False)
+        store = pstore.Store(backend, protocol=protocol, writeback=writeback)
+        store.counts = backend.counts
+        opened.append(store)
+        return store
+
+    yield open_
+    for store in opened:
+        store.close()

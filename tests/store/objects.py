@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pstore
+
 
 class Config:
     def __init__(self, name: str, size: int = 0) -> None:
@@ -17,3 +19,24 @@ class Config:
 class Unpicklable:
     def __reduce__(self):
         raise TypeError("Unpicklable refuses to be pickled")
+
+
+class Node(pstore.Persistent):
+    """A Persistent object with a name, children and whatever else a test gives it."""
+
+    def __init__(self, name: str, children: list | None = None) -> None:
+        self.name = name
+        self.children = [] if children is None else children
+
+
+class Tagged(pstore.Persistent):
+    """Its state is what __getstate__ returns, not its __dict__."""
+
+    def __init__(self, tag: str) -> None:
+        self.tag = tag
+
+    def __getstate__(self) -> tuple:
+        return ("v1", self.tag)
+
+    def __setstate__(self, state: tuple) -> None:
+        self.tag = state[1]

@@ -6,7 +6,7 @@ import sys
 
 import pstore
 
-from .objects import Config
+from .objects import Config, Node
 
 
 def write_issue_example(backend: str, path: str) -> None:
@@ -83,6 +83,32 @@ def transaction_loop(backend: str, path: str) -> None:
                 store["b"] = i
             sys.stdout.write(f"{i}\n")
             sys.stdout.flush()
+
+
+def set_attribute(backend: str, path: str, key: str, name: str, value: object) -> None:
+    """Change an attribute of the Persistent object of ``key`` (committed by close())."""
+    with pstore.open(path, "w", backend=backend) as store:
+        setattr(store[key], name, value)
+
+
+def change_child(backend: str, path: str, key: str, name: str) -> None:
+    """Rename the first child of ``key``'s Persistent object: only the child is written."""
+    with pstore.open(path, "w", backend=backend) as store:
+        store[key].children[0].name = name
+
+
+def build_cycle(backend: str, path: str) -> None:
+    a, b = Node("a"), Node("b")
+    a.other, b.other = b, a
+    with pstore.open(path, backend=backend) as store:
+        store["a"] = a
+        store["b"] = b
+
+
+def check_cycle(backend: str, path: str) -> bool:
+    with pstore.open(path, "r", backend=backend) as store:
+        a, b = store["a"], store["b"]
+        return a.other is b and b.other is a and (a.name, b.name) == ("a", "b")
 
 
 def array_transaction_loop(backend: str, path: str) -> None:

@@ -17,6 +17,8 @@ import pstore
 from pstore.backends.blobs import blob_digest
 from pstore.engine import PickleBuffer
 
+from .objects import Node
+
 pd = pytest.importorskip("pandas")
 
 
@@ -207,23 +209,6 @@ def test_a_malformed_envelope_is_a_format_error(opener, path, backend_name):
         opener("r")["a"]
 
 
-def test_a_version_1_file_reads_and_upgrades_when_opened_for_writing(opener, path,
-                                                                     backend_name):
-    if backend_name != "sqlite":
-        pytest.skip("rewrites the SQLite file directly")
-    with opener() as store:
-        store["old"] = [1, 2]
-    with sqlite3.connect(path) as conn:    # what version 1 wrote: no blob_refs table
-        conn.execute("DROP TABLE blob_refs")
-        conn.execute("UPDATE meta SET value = 1 WHERE name = 'version'")
-    assert opener("r")["old"] == [1, 2]
-    with opener("w") as store:
-        store["new"] = np.ones(100_000)
-    with sqlite3.connect(path) as conn:
-        assert conn.execute("SELECT value FROM meta WHERE name = 'version'").fetchone()[0] == 2
-    np.testing.assert_array_equal(opener("r")["new"], np.ones(100_000))
-
-
 def test_loading_reads_no_page_of_an_array_until_it_is_touched(opener, path, backend_name):
     """RSS of a fresh process: loading 256 MB adds almost nothing; touching it adds it all."""
     with opener() as store:
@@ -249,3 +234,19 @@ def test_loading_reads_no_page_of_an_array_until_it_is_touched(opener, path, bac
     assert total == 32 * 1024 * 1024
     assert on_load < 16 * 1024 * 1024, f"loading made {on_load} bytes resident"
     assert on_touch > 200 * 1024 * 1024, f"touching made only {on_touch} bytes resident"
+
+
+@pytest.mark.parametrize("compression", [None, "zlib"])
+def test_a_persistent_objects_arrays_are_blobs_loaded_with_its_state(opener, path,
+                                                                      compression):
+    model = Node("m")
+    model.weights = np.arange(100_000, dtype=np.float32)
+    with opener(compression=compression) as store:
+        store["model"] = {"best": model}
+    assert len(blob_paths(path)) == 1
+    with opener("w", compression=compression) as store:
+        loaded = store["model"]["best"]    # a placeholder: its record is not read yet
+        np.testing.assert_array_equal(loaded.weights, np.arange(100_000, dtype=np.float32))
+        loaded.weights = loaded.weights * 2     # a change: its record and a new blob
+    np.testing.assert_array_equal(opener("r")["model"]["best"].weights,
+                                  np.arange(100_000, dtype=np.float32) * 2)
