@@ -106,7 +106,8 @@ def joblib_load(directory: str) -> Any:
 
 def diskcache_write(directory: str, dataset: dict) -> None:
     import diskcache
-    with diskcache.Cache(directory) as cache:
+    # Its default size_limit (1 GB) would evict part of the dataset.
+    with diskcache.Cache(directory, size_limit=2 ** 40) as cache:
         with cache.transact():
             for split, arrays in dataset.items():
                 cache[split] = arrays

@@ -15,7 +15,6 @@ use this module; it knows nothing of records, keys or transactions.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import mmap
 import os
 import sys
@@ -68,18 +67,16 @@ def blob_digest(data: Any) -> str:
 class _TreeHasher:
     """:func:`blob_digest` of a stream of chunks.
 
-    A chunk that holds a whole leaf is hashed by two worker threads (hashlib
-    releases the GIL) while the caller goes on writing; others are hashed
-    piecewise in the calling thread. The threads live only until :meth:`digest`.
+    A chunk that holds a whole leaf is hashed by a worker thread (hashlib releases
+    the GIL) while the caller goes on writing; others are hashed piecewise in the
+    calling thread. :meth:`add_worker` adds one more, for when the caller stops
+    using its core (to wait for the disk). The threads live only until :meth:`digest`.
     """
-
-    _WORKERS = 2
 
     def __init__(self) -> None:
         self._size = 0
         self._leaves: list[bytes | None] = []       # digests, None while a worker hashes it
         self._queue: list[tuple[int, memoryview]] = []
-        self._next_task = itertools.count()
         self._queue_lock = threading.Condition()
         self._threads: list[threading.Thread] = []
         self._closed = False
@@ -111,7 +108,12 @@ class _TreeHasher:
             self._queue.append((len(self._leaves), leaf))
             self._leaves.append(None)
             self._queue_lock.notify()
-        if len(self._threads) < self._WORKERS:
+        if not self._threads:
+            self.add_worker()
+
+    def add_worker(self) -> None:
+        """Start one more thread hashing the submitted leaves (none if none were)."""
+        if self._queue:
             thread = threading.Thread(target=self._work, name="pstore-blob-hash", daemon=True)
             thread.start()
             self._threads.append(thread)
@@ -154,8 +156,8 @@ class BlobStore:
 
     The directory is created (mode 0700) by the first :meth:`put`, never by a
     read. A writer must hold its store's write lock around :meth:`put`,
-    :meth:`remove` and :meth:`remove_temporary`: that is what makes a blob file
-    found under its name safe to reuse.
+    :meth:`end` and :meth:`collect`: that is what makes a blob file found under
+    its name safe to reuse.
     """
 
     def __init__(self, directory: str) -> None:
@@ -182,6 +184,9 @@ class BlobStore:
                 view = memoryview(chunk).cast("B")
                 hasher.update(view)
                 _write_all(fd, view)
+            # Writing kept one core busy and a hashing thread the other; waiting for the
+            # disk frees this one.
+            hasher.add_worker()
             _fdatasync(fd)
             name = hasher.digest()
         except BaseException:
