@@ -11,7 +11,7 @@ import os
 import pathlib
 import shutil
 import sqlite3
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from typing import NoReturn
 
 from ..errors import FormatError, LockTimeoutError, ReadOnlyError
@@ -218,27 +218,23 @@ class SQLiteBackend(LocalBlobs, Backend):
             return
         if not create:
             raise FormatError(self.path, "an empty file")
-        self.begin()
-        try:
-            # Another process may have created the schema while this one waited for the lock.
-            if not conn.execute(_COUNT_TABLES).fetchone()[0]:
-                for statement in _SCHEMA:
-                    conn.execute(statement)
-            self.commit()
-        except BaseException:
-            self.rollback()
-            raise
+        self._change_schema(_SCHEMA, lambda: not conn.execute(_COUNT_TABLES).fetchone()[0])
         self._check_format()
 
     def _upgrade(self) -> None:
-        """Bring a version 1 file to the current version (under the write lock)."""
+        """Bring a version 1 file to the current version."""
+        conn = self._require()
+        self._change_schema(_UPGRADE,
+                            lambda: conn.execute(_VERSION).fetchone()[0] < FORMAT_VERSION)
+
+    def _change_schema(self, statements: tuple[str, ...], needed: Callable[[], bool]) -> None:
+        """Run ``statements`` in one write transaction, if ``needed()`` under the write lock:
+        another process may have done it while this one waited for the lock."""
         self.begin()
         try:
-            conn = self._require()
-            # Another process may have upgraded it while this one waited for the lock.
-            if conn.execute(_VERSION).fetchone()[0] < FORMAT_VERSION:
-                for statement in _UPGRADE:
-                    conn.execute(statement)
+            if needed():
+                for statement in statements:
+                    self._require().execute(statement)
             self.commit()
         except BaseException:
             self.rollback()

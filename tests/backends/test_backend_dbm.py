@@ -86,15 +86,20 @@ def test_not_a_database(tmp_path, flag):
         assert file.read() == b"not a database\n" * 100
 
 
-@modules
-def test_newer_format_version_is_refused(tmp_path, module):
-    path = str(tmp_path / "store.db")
+def filled_with_version(path: str, module: str, version: int) -> None:
+    """A filled store at ``path`` whose meta key says format ``version``."""
     fill_dbm(path, module)
     backend = open_dbm(path, module=module)
     backend.begin()
-    backend._put(b"m:version", b"%d" % (FORMAT_VERSION + 1))
+    backend._put(b"m:version", b"%d" % version)
     backend.commit()
     backend.close()
+
+
+@modules
+def test_newer_format_version_is_refused(tmp_path, module):
+    path = str(tmp_path / "store.db")
+    filled_with_version(path, module, FORMAT_VERSION + 1)
     for flag in "rwc":
         with pytest.raises(FormatError, match="newer"):
             open_dbm(path, flag, module)
@@ -206,12 +211,7 @@ def test_journal_round_trip_and_every_cut_or_flipped_byte_is_incomplete(tmp_path
 def test_a_version_1_database_is_read_and_upgraded_when_opened_for_writing(tmp_path, module):
     # Version 2 only added keys (l:<oid>) that a version 1 database has none of.
     path = str(tmp_path / "store.db")
-    fill_dbm(path, module)
-    backend = open_dbm(path, module=module)
-    backend.begin()
-    backend._put(b"m:version", b"1")
-    backend.commit()
-    backend.close()
+    filled_with_version(path, module, 1)
     before = data_files(str(tmp_path))
     backend = open_dbm(path, "r", module)
     assert backend.get_record(backend.get_key("k")) == b"data"
