@@ -301,8 +301,7 @@ class LocalBlobs:
         try:
             return self._blobs.open(name, size, writable=writable)
         except FileNotFoundError:
-            raise FormatError(self.path, f"blob file {self._blobs.path_of(name)} "
-                                         f"is missing") from None
+            raise self._missing(name) from None
         except ValueError as error:
             raise FormatError(self.path, str(error)) from None
 
@@ -310,8 +309,10 @@ class LocalBlobs:
         try:
             yield from self._blobs.read_chunks(name)
         except FileNotFoundError:
-            raise FormatError(self.path, f"blob file {self._blobs.path_of(name)} "
-                                         f"is missing") from None
+            raise self._missing(name) from None
+
+    def _missing(self, name: str) -> FormatError:
+        return FormatError(self.path, f"blob file {self._blobs.path_of(name)} is missing")
 
 
 def _write_all(fd: int, view: memoryview) -> None:

@@ -35,6 +35,7 @@ _BLOB = struct.Struct("<BQ32s")     # codec, buffer size, digest
 
 #: compression name (as :func:`pstore.open` takes it) -> codec number.
 CODECS = {None: 0, "zlib": 1, "lzma": 2}
+_CODEC_NAMES = {number: name for name, number in CODECS.items()}
 #: Records shorter than this are not worth compressing.
 _COMPRESS_MIN = 512
 _CHUNK = 1 << 20
@@ -75,6 +76,8 @@ def unpack(data: bytes) -> tuple[bytes, list[BlobRef]]:
         marker, version, codec, count = _HEADER.unpack_from(data)
         if version != _VERSION:
             raise ValueError(f"an envelope of version {version} (this pstore reads {_VERSION})")
+        if codec not in _CODEC_NAMES:
+            raise ValueError(f"record codec {codec} is unknown")
         blobs = []
         position = _HEADER.size
         for _ in range(count):
@@ -107,8 +110,6 @@ def read_blob(backend: Backend, blob: BlobRef, writable: bool) -> Any:
         raise ValueError(f"blob {blob.name} holds {filled} bytes, its record says {blob.size}")
     return buffer if writable else memoryview(buffer).toreadonly()
 
-
-_CODEC_NAMES = {number: name for name, number in CODECS.items()}
 
 
 def _compressor(codec: int) -> Any:

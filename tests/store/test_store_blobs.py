@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import pstore
-from pstore.backends.blobs import blob_digest
+from pstore.backends.blobs import BlobStore, blob_digest
 from pstore.engine import PickleBuffer
 
 from .objects import Node
@@ -23,11 +23,8 @@ pd = pytest.importorskip("pandas")
 
 
 def blob_paths(path: str) -> list[str]:
-    directory = path + ".blobs"
-    if not os.path.isdir(directory):
-        return []
-    return [os.path.join(directory, fan_out, name) for fan_out in os.listdir(directory)
-            if len(fan_out) == 2 for name in os.listdir(os.path.join(directory, fan_out))]
+    blobs = BlobStore(path + ".blobs")
+    return [blobs.path_of(name) for name in blobs.names()]
 
 
 def round_trip(opener, value, **options):
@@ -250,3 +247,14 @@ def test_a_persistent_objects_arrays_are_blobs_loaded_with_its_state(opener, pat
         loaded.weights = loaded.weights * 2     # a change: its record and a new blob
     np.testing.assert_array_equal(opener("r")["model"]["best"].weights,
                                   np.arange(100_000, dtype=np.float32) * 2)
+
+
+def test_an_envelope_with_an_unknown_codec_is_a_format_error(opener, path, backend_name):
+    if backend_name != "sqlite":
+        pytest.skip("writes the SQLite file directly")
+    with opener() as store:
+        store["a"] = [1, 2, 3]
+    with sqlite3.connect(path) as conn:     # envelope version 1, record codec 9, no blobs
+        conn.execute("UPDATE records SET data = CAST(X'FF010900000000' || data AS BLOB)")
+    with pytest.raises(pstore.FormatError, match="record codec 9 is unknown"):
+        opener("r")["a"]
