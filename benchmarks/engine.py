@@ -27,6 +27,7 @@ from typing import Any, Callable, NamedTuple
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pstore import engine  # noqa: E402  (needs the repository on sys.path)
+from pstore.engine import unpickler  # noqa: E402
 
 #: pstore must be at least this many times faster than the stdlib's pure-Python pickle.
 TARGET_SPEEDUP = 2.0
@@ -193,8 +194,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--repeat must be at least 1")
     corpus = build_corpus(args.quick)
     sizes = ", ".join(f"{name} {count_objects(value):,} objects" for name, value in corpus.items())
+    mode = "pure Python" if unpickler._accelerate is None else "C fast path"
     print(f"Python {sys.version.split()[0]}, protocol {args.protocol}, best of {args.repeat}; "
-          f"{sizes}")
+          f"{sizes}; pstore's unpickler: {mode} (PSTORE_PURE_PYTHON=1: pure Python)")
     print(format_table(measure(corpus, args.protocol, args.repeat)))
     return 0
 

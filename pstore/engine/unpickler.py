@@ -21,6 +21,13 @@ handler in ``_HANDLERS`` or, for opcodes that take the items above a mark,
 ``_MARK_HANDLERS``. One shortcut: a leading PROTO and FRAME that are valid and
 complete are skipped before the loop starts (else their handlers run, errors and all).
 
+The C fast path: where ``_speedups`` is built, ``_run`` first hands the pickle to
+``_speedups.run``, which runs the opcodes that build plain data on the same state
+(``stack``, ``metastack``, ``memo``) and stops before the first opcode it leaves to
+this loop: globals, persistent ids, anything that could run Python code, and any
+error. The loop runs that opcode, errors included, and hands back to C after each
+handler. Results and errors are the same with or without it.
+
 Fixed-size reads are not bounds-checked: reading past the data raises
 ``IndexError``/``struct.error`` and only then does :func:`_arg_status` work
 out which argument was truncated. Variable-length arguments are checked up
@@ -48,6 +55,7 @@ import codecs
 import copyreg
 import io
 import math
+import os
 import re
 import struct
 import sys
@@ -56,6 +64,11 @@ from pickle import UnpicklingError
 from typing import Any, Callable, Iterable
 
 from .opcodes import BY_CODE, BY_NAME, LEN_INT4, LEN_UINT1, LEN_UINT4, LEN_UINT8, LINE, TWO_LINES
+
+try:
+    from . import _speedups
+except ImportError:     # built without a C compiler: the pure-Python loop does all the work
+    _speedups = None
 
 __all__ = ["Unpickler", "load", "loads"]
 
@@ -807,6 +820,15 @@ for _op in BY_CODE.values():
     if _op.name not in _INLINE:
         _table = _MARK_HANDLERS if _op.name in _MARK_CONSUMERS else _HANDLERS
         _table[_op.byte] = globals()[f"load_{_op.name.lower()}"]
+
+#: The C fast path, ``run(data, pos, stack, metastack, memo) -> (pos, stack)``: runs the
+#: data opcodes from ``pos`` and stops before the first one it leaves to the loop (see
+#: _speedups.c). None without the compiled module, or with PSTORE_PURE_PYTHON=1 set.
+_accelerate: Callable[[bytes, int, list, list, dict], tuple[int, list]] | None = None
+if _speedups is not None:
+    _speedups.set_opcodes({op.name: op.byte for op in BY_CODE.values()})
+    if not os.environ.get("PSTORE_PURE_PYTHON"):
+        _accelerate = _speedups.run
 del _op, _table
 
 
@@ -969,6 +991,12 @@ class Unpickler:
             pos += 2
             if data[pos] == _FRAME and pos + 9 + _unpack_uint8(data, pos + 1)[0] <= end:
                 pos += 9
+        accelerate = _accelerate
+        if accelerate is not None:
+            pos, stack = accelerate(data, pos, stack, metastack, memo)
+            # Where C took the whole pickle: its STOP, without a turn of the loop.
+            if pos < end and data[pos] == _STOP and stack:
+                return stack.pop(), pos + 1, end
         start = pos
         code = -1
         while True:
@@ -1006,6 +1034,9 @@ class Unpickler:
                         pos += 1
                     elif (handler := handlers[code]) is not None:
                         pos = handler(self, data, pos, stack)
+                        # Back to C after each opcode it left to this loop.
+                        if accelerate is not None:
+                            pos, stack = accelerate(data, pos, stack, metastack, memo)
                     elif code == MARK:
                         metastack.append(stack)
                         stack = []

@@ -153,6 +153,10 @@ class _RecordUnpickler(engine.Unpickler):
         self._store = weakref.proxy(store)
 
     def persistent_load(self, pid: Any) -> Any:
+        store = self._store
+        if store._check_on_reference:
+            store._check_on_reference = False
+            store._see_latest()
         kind = type(pid)
         if kind is int:
             return self._store._load(pid)
@@ -171,6 +175,8 @@ class _RecordUnpickler(engine.Unpickler):
                 return self._store._placeholder(int(oid), found)
         raise engine.UnpicklingError(f"a record refers to {pid!r}, which is not an object id")
 
+
+_ENVELOPE = records.ENVELOPE
 
 #: How deep loads of referenced records may nest before the chain is loaded from its far end.
 _LOAD_DEPTH_LIMIT = 50
@@ -221,6 +227,9 @@ class Store(MutableMapping[str, Any]):
         self._marker = backend.change_marker()
         self._closed = False
         self._load_depth = 0        # how many record loads are nested right now
+        # Whether the load under way must read the change marker before it resolves a
+        # reference through the identity map (see _load_latest).
+        self._check_on_reference = False
         self._depth = 0             # nesting depth of the open transaction (0: none)
         self._flush_cache = False   # whether the open transaction writes the writeback cache
         # The open transaction's work, done at commit so that its values may refer to
@@ -262,12 +271,15 @@ class Store(MutableMapping[str, Any]):
     def __getitem__(self, key: str) -> Any:
         with self._lock:
             self._check_key(key)
-            self._start_read()
+            self._check_open()
             item = self._backend.get_item(key)
             if item is None:
                 raise KeyError(key)
             oid, data = item
-            obj = self._load(oid, data)
+            if self._depth:     # the transaction saw the latest state when it began
+                obj = self._load(oid, data)
+            else:
+                obj = self._load_latest(oid, data)
             if self._writeback:
                 self._keep(oid, obj, data)
             self._ids.maybe_sweep()
@@ -297,12 +309,14 @@ class Store(MutableMapping[str, Any]):
         if not isinstance(key, str):
             return False
         with self._lock:
-            self._start_read()
+            # Here, in __len__ and in __iter__ the identity map is not used: no need to
+            # look for other processes' commits first.
+            self._check_open()
             return self._backend.get_key(key) is not None
 
     def __len__(self) -> int:
         with self._lock:
-            self._start_read()
+            self._check_open()
             return self._backend.count_keys()
 
     def __iter__(self) -> Iterator[str]:
@@ -312,7 +326,7 @@ class Store(MutableMapping[str, Any]):
         be seen; inside one, the iteration sees the transaction's state.
         """
         with self._lock:
-            self._start_read()
+            self._check_open()
             keys = self._backend.iter_keys()
         while True:
             with self._lock:
@@ -473,6 +487,23 @@ class Store(MutableMapping[str, Any]):
         self._check_open()
         if not self._depth:
             self._see_latest()
+
+    def _load_latest(self, oid: int, data: bytes) -> Any:
+        """Outside a transaction: the object of record ``oid``, whose bytes ``data`` were
+        just read, with the identity map brought up to date before it is used.
+
+        The map is used only when it has an object for ``oid`` or when the record refers
+        to others: only then is the change marker read (a query), so a record that refers
+        to nothing is read with one query. Its bytes are current whatever the marker says.
+        """
+        if self._ids.get(oid) is not None:
+            self._see_latest()
+            return self._load(oid, data)
+        self._check_on_reference = True     # read by _RecordUnpickler.persistent_load
+        try:
+            return self._load(oid, data)
+        finally:
+            self._check_on_reference = False
 
     def _see_latest(self) -> None:
         marker = self._backend.change_marker()
@@ -726,22 +757,28 @@ class Store(MutableMapping[str, Any]):
     def _load_outermost(self, oid: int, data: bytes | None) -> Any:
         """Load record ``oid`` (or fill its placeholder) as the outermost load: when a
         nested load goes too deep, load the record it needed first, then try again."""
+        try:
+            return self._unpickle(oid, data)    # nearly always: no chain is that deep
+        except _LoadFirst as deeper:
+            needed = deeper.oid
         wanted = [oid]      # records to load, the last one first
         held = []           # what was loaded, alive until the whole load is done
         while True:
-            current = wanted[-1]
-            try:
-                obj = self._unpickle(current, data if current == oid else None)
-            except _LoadFirst as deeper:
-                if deeper.oid in wanted:
-                    raise FormatError(self._path, f"its records refer to one another in a "
-                                      f"cycle through object id {deeper.oid}") from None
-                wanted.append(deeper.oid)
-                continue
-            if len(wanted) == 1:
-                return obj
-            held.append(obj)
-            wanted.pop()
+            if needed in wanted:
+                raise FormatError(self._path, f"its records refer to one another in a "
+                                  f"cycle through object id {needed}")
+            wanted.append(needed)
+            while True:
+                current = wanted[-1]
+                try:
+                    obj = self._unpickle(current, data if current == oid else None)
+                except _LoadFirst as deeper:
+                    needed = deeper.oid
+                    break
+                if len(wanted) == 1:
+                    return obj
+                held.append(obj)
+                wanted.pop()
 
     def _unpickle(self, oid: int, data: bytes | None) -> Any:
         """Unpickle record ``oid`` (reading it unless ``data`` is given) and register it."""
@@ -750,7 +787,7 @@ class Store(MutableMapping[str, Any]):
         if data is None:
             raise MissingObjectError(self._path, oid)
         buffers = None
-        if data[:1] == records.ENVELOPE:    # no pickle starts with it
+        if data[:1] == _ENVELOPE:    # no pickle starts with it
             data, buffers = self._unwrap(oid, data)
         self._load_depth += 1
         try:

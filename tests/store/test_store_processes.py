@@ -52,6 +52,40 @@ def test_a_write_is_seen_by_the_next_read_elsewhere(opener, path, backend_name):
 
 
 @pytest.mark.slow
+def test_a_reference_loads_what_another_process_committed(opener, path, backend_name):
+    with opener() as writer:
+        writer["config"] = Config("cfg", size=1)
+        writer["user"] = {"cfg": writer["config"]}
+    store = opener()
+    held = store["config"]      # in this Store's identity map from now on
+    run(store_workers.rewrite_config, backend_name, path, 2)
+    # "user" was never loaded here: its record is read as committed, and its reference
+    # to config must not resolve to the object loaded before the other process's commit.
+    user = store["user"]
+    assert user["cfg"].size == 2
+    assert user["cfg"] is store["config"]
+    assert held.size == 1
+
+
+def test_a_record_without_references_is_read_without_the_change_marker(counting_opener):
+    """The hot path of a read: the change marker (a query on SQLite) is read only when
+    the identity map is about to be used: for references, or for an object already loaded."""
+    with counting_opener() as writer:
+        writer["plain"] = {"x": 1}
+        writer["config"] = Config("cfg", size=1)
+        writer["user"] = {"cfg": writer["config"]}
+    store = counting_opener()
+    before = store.counts["markers"]
+    assert store["plain"] == {"x": 1}
+    assert store.counts["markers"] == before
+    assert store["user"]["cfg"].size == 1
+    assert store.counts["markers"] == before + 1
+    config = store["config"]    # already loaded, through the reference
+    assert store.counts["markers"] == before + 2
+    assert config is store["user"]["cfg"]
+
+
+@pytest.mark.slow
 def test_four_processes_increment_without_losing_an_update(opener, path, backend_name):
     with opener() as store:
         store["counter"] = 0

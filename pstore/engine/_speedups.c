@@ -1,0 +1,524 @@
+/* pstore.engine._speedups: the unpickler's fast path for data opcodes, in C.
+ *
+ * One function, run(data, pos, stack, metastack, memo) -> (pos, stack), executes the
+ * opcodes of `data` from `pos` with the same state the pure-Python loop of
+ * Unpickler._run keeps (the current stack level, the levels below the marks, the
+ * memo), and returns where it stopped and the current level. It stops *before* the
+ * first opcode it does not take, leaving that opcode untouched for the Python loop,
+ * which then calls run() again after its next handler. It takes only opcodes that
+ * build plain data (containers, numbers, strings, bytes, the memo, marks), and it
+ * stops instead of raising: on an opcode it does not know, a truncated argument, a
+ * stack underflow, a missing memo entry, undecodable text, a dict key or set item
+ * that is not a plain atom, or a container that is not exactly a list, dict or set.
+ * The Python loop then runs that opcode, and raises the error it names with its
+ * opcode and offset. So:
+ *
+ *   - results and errors are those of the pure-Python unpickler (the tests run both);
+ *   - this file calls no Python code: no globals are resolved, no persistent ids,
+ *     no __hash__ or __eq__ of user classes, no extend() of user types. Everything
+ *     that could execute someone else's code stays in Python, behind find_class;
+ *   - the only errors it raises are MemoryError and the like.
+ *
+ * Opcode bytes are not written here: set_opcodes() receives them by name from the
+ * table in opcodes.py, the one table of the engine.
+ */
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+enum kind {
+    K_OTHER = 0,    /* left to Python (every byte set_opcodes does not name) */
+    K_MARK, K_FRAME, K_POP, K_DUP,
+    K_NONE, K_NEWTRUE, K_NEWFALSE,
+    K_BININT, K_BININT1, K_BININT2, K_LONG1, K_BINFLOAT,
+    K_SHORT_BINUNICODE, K_BINUNICODE, K_SHORT_BINBYTES, K_BINBYTES,
+    K_EMPTY_LIST, K_EMPTY_DICT, K_EMPTY_TUPLE, K_EMPTY_SET,
+    K_TUPLE1, K_TUPLE2, K_TUPLE3,
+    K_APPEND, K_SETITEM,
+    K_MEMOIZE, K_BINPUT, K_LONG_BINPUT, K_BINGET, K_LONG_BINGET,
+    /* the mark consumers: they take the items above the top mark */
+    K_TUPLE, K_LIST, K_DICT, K_FROZENSET, K_APPENDS, K_SETITEMS, K_ADDITEMS,
+};
+
+static const struct { const char *name; unsigned char kind; } kind_names[] = {
+    {"MARK", K_MARK}, {"FRAME", K_FRAME}, {"POP", K_POP}, {"DUP", K_DUP},
+    {"NONE", K_NONE}, {"NEWTRUE", K_NEWTRUE}, {"NEWFALSE", K_NEWFALSE},
+    {"BININT", K_BININT}, {"BININT1", K_BININT1}, {"BININT2", K_BININT2},
+    {"LONG1", K_LONG1}, {"BINFLOAT", K_BINFLOAT},
+    {"SHORT_BINUNICODE", K_SHORT_BINUNICODE}, {"BINUNICODE", K_BINUNICODE},
+    {"SHORT_BINBYTES", K_SHORT_BINBYTES}, {"BINBYTES", K_BINBYTES},
+    {"EMPTY_LIST", K_EMPTY_LIST}, {"EMPTY_DICT", K_EMPTY_DICT},
+    {"EMPTY_TUPLE", K_EMPTY_TUPLE}, {"EMPTY_SET", K_EMPTY_SET},
+    {"TUPLE1", K_TUPLE1}, {"TUPLE2", K_TUPLE2}, {"TUPLE3", K_TUPLE3},
+    {"APPEND", K_APPEND}, {"SETITEM", K_SETITEM},
+    {"MEMOIZE", K_MEMOIZE}, {"BINPUT", K_BINPUT}, {"LONG_BINPUT", K_LONG_BINPUT},
+    {"BINGET", K_BINGET}, {"LONG_BINGET", K_LONG_BINGET},
+    {"TUPLE", K_TUPLE}, {"LIST", K_LIST}, {"DICT", K_DICT}, {"FROZENSET", K_FROZENSET},
+    {"APPENDS", K_APPENDS}, {"SETITEMS", K_SETITEMS}, {"ADDITEMS", K_ADDITEMS},
+};
+
+#define KIND_COUNT (sizeof(kind_names) / sizeof(kind_names[0]))
+
+/* The kind of each opcode byte; all K_OTHER (so run() takes nothing) until set_opcodes(). */
+static unsigned char kinds[256];
+
+static uint32_t
+read_uint4(const unsigned char *p)
+{
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+
+static uint64_t
+read_uint8(const unsigned char *p)
+{
+    return (uint64_t)read_uint4(p) | (uint64_t)read_uint4(p + 4) << 32;
+}
+
+/* A dict key or set item whose hash and equality run no Python code: an exact str,
+ * int, float or bytes, None, True or False. Anything else is left to Python. */
+static int
+is_plain_atom(PyObject *obj)
+{
+    return PyUnicode_CheckExact(obj) || PyLong_CheckExact(obj) || PyFloat_CheckExact(obj)
+        || PyBytes_CheckExact(obj) || obj == Py_None || obj == Py_True || obj == Py_False;
+}
+
+static int
+all_plain(PyObject *items, Py_ssize_t from, Py_ssize_t step)
+{
+    Py_ssize_t n = PyList_GET_SIZE(items);
+    for (Py_ssize_t i = from; i < n; i += step) {
+        if (!is_plain_atom(PyList_GET_ITEM(items, i)))
+            return 0;
+    }
+    return 1;
+}
+
+/* Text of BINUNICODE*: UTF-8 that may hold lone surrogates. NULL without an error set
+ * means "not decodable": the Python loop raises the UnicodeDecodeError itself. */
+static PyObject *
+decode_text(const unsigned char *p, Py_ssize_t n)
+{
+    PyObject *text = PyUnicode_DecodeUTF8((const char *)p, n, "surrogatepass");
+    if (text == NULL && PyErr_ExceptionMatches(PyExc_UnicodeDecodeError))
+        PyErr_Clear();
+    return text;
+}
+
+static PyObject *
+memo_key_get(PyObject *memo, Py_ssize_t index)
+{
+    PyObject *key = PyLong_FromSsize_t(index);
+    if (key == NULL)
+        return NULL;
+    PyObject *value = PyDict_GetItemWithError(memo, key);   /* borrowed */
+    Py_DECREF(key);
+    return value;
+}
+
+static int
+memo_key_set(PyObject *memo, Py_ssize_t index, PyObject *value)
+{
+    PyObject *key = PyLong_FromSsize_t(index);
+    if (key == NULL)
+        return -1;
+    int status = PyDict_SetItem(memo, key, value);
+    Py_DECREF(key);
+    return status;
+}
+
+PyDoc_STRVAR(run_doc,
+"run(data, pos, stack, metastack, memo) -> (pos, stack)\n\n"
+"Run the data opcodes of bytes `data` from `pos`, on the unpickler state `stack` (the\n"
+"current level), `metastack` (the levels below the marks) and `memo`. Returns the\n"
+"offset of the first opcode not run and the current level.");
+
+static PyObject *
+run(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "run() takes 5 arguments");
+        return NULL;
+    }
+    if (!PyBytes_CheckExact(args[0]) || !PyLong_Check(args[1]) || !PyList_CheckExact(args[2])
+            || !PyList_CheckExact(args[3]) || !PyDict_CheckExact(args[4]))
+        return PyTuple_Pack(2, args[1], args[2]);   /* e.g. a memo set to a non-dict: all Python's */
+    const unsigned char *s = (const unsigned char *)PyBytes_AS_STRING(args[0]);
+    Py_ssize_t end = PyBytes_GET_SIZE(args[0]);
+    Py_ssize_t pos = PyLong_AsSsize_t(args[1]);
+    if (pos == -1 && PyErr_Occurred())
+        return NULL;
+    PyObject *metastack = args[3], *memo = args[4];
+    PyObject *stack = args[2];      /* the current level: a reference of our own */
+    Py_INCREF(stack);
+
+    /* Each case either runs its opcode whole and moves `pos` past it, or leaves `pos`
+     * and everything else as they were and breaks out of the loop ("goto stop"). */
+    while (pos >= 0 && pos < end) {
+        const unsigned char *arg = s + pos + 1;
+        Py_ssize_t avail = end - pos - 1;    /* bytes after the opcode */
+        Py_ssize_t depth = PyList_GET_SIZE(stack);
+        PyObject *value;                     /* a new reference, pushed at "push" */
+        Py_ssize_t next;                     /* where the opcode ends */
+
+        switch (kinds[s[pos]]) {
+        case K_SHORT_BINUNICODE:
+            if (avail < 1 || avail < 1 + arg[0])
+                goto stop;
+            next = pos + 2 + arg[0];
+            value = decode_text(arg + 1, arg[0]);
+            if (value == NULL)
+                goto failed;
+            goto push;
+        case K_BINUNICODE: {
+            if (avail < 4 || (uint64_t)avail - 4 < read_uint4(arg))
+                goto stop;
+            Py_ssize_t n = (Py_ssize_t)read_uint4(arg);
+            next = pos + 5 + n;
+            value = decode_text(arg + 4, n);
+            if (value == NULL)
+                goto failed;
+            goto push;
+        }
+        case K_SHORT_BINBYTES:
+            if (avail < 1 || avail < 1 + arg[0])
+                goto stop;
+            next = pos + 2 + arg[0];
+            value = PyBytes_FromStringAndSize((const char *)arg + 1, arg[0]);
+            goto push;
+        case K_BINBYTES: {
+            if (avail < 4 || (uint64_t)avail - 4 < read_uint4(arg))
+                goto stop;
+            Py_ssize_t n = (Py_ssize_t)read_uint4(arg);
+            next = pos + 5 + n;
+            value = PyBytes_FromStringAndSize((const char *)arg + 4, n);
+            goto push;
+        }
+        case K_BININT1:
+            if (avail < 1)
+                goto stop;
+            next = pos + 2;
+            value = PyLong_FromLong(arg[0]);
+            goto push;
+        case K_BININT2:
+            if (avail < 2)
+                goto stop;
+            next = pos + 3;
+            value = PyLong_FromLong(arg[0] | arg[1] << 8);
+            goto push;
+        case K_BININT:
+            if (avail < 4)
+                goto stop;
+            next = pos + 5;
+            value = PyLong_FromLong((int32_t)read_uint4(arg));
+            goto push;
+        case K_LONG1: {
+            /* Little-endian two's complement; up to 8 bytes here, longer ones in Python. */
+            if (avail < 1 || avail < 1 + arg[0] || arg[0] > 8)
+                goto stop;
+            int n = arg[0];
+            uint64_t bits = 0;
+            for (int i = 0; i < n; i++)
+                bits |= (uint64_t)arg[1 + i] << (8 * i);
+            if (n > 0 && n < 8 && (arg[n] & 0x80))
+                bits |= ~(uint64_t)0 << (8 * n);        /* sign-extend */
+            next = pos + 2 + n;
+            value = PyLong_FromLongLong((long long)(int64_t)bits);
+            goto push;
+        }
+        case K_BINFLOAT: {
+            /* 8 bytes, big-endian IEEE 754, as every platform CPython runs on has them. */
+            if (avail < 8)
+                goto stop;
+            uint64_t bits = 0;
+            for (int i = 0; i < 8; i++)
+                bits = bits << 8 | arg[i];
+            double number;
+            memcpy(&number, &bits, sizeof number);
+            next = pos + 9;
+            value = PyFloat_FromDouble(number);
+            goto push;
+        }
+        case K_NONE:
+            next = pos + 1;
+            value = Py_NewRef(Py_None);
+            goto push;
+        case K_NEWTRUE:
+            next = pos + 1;
+            value = Py_NewRef(Py_True);
+            goto push;
+        case K_NEWFALSE:
+            next = pos + 1;
+            value = Py_NewRef(Py_False);
+            goto push;
+        case K_EMPTY_LIST:
+            next = pos + 1;
+            value = PyList_New(0);
+            goto push;
+        case K_EMPTY_DICT:
+            next = pos + 1;
+            value = PyDict_New();
+            goto push;
+        case K_EMPTY_TUPLE:
+            next = pos + 1;
+            value = PyTuple_New(0);
+            goto push;
+        case K_EMPTY_SET:
+            next = pos + 1;
+            value = PySet_New(NULL);
+            goto push;
+        case K_DUP:
+            if (depth < 1)
+                goto stop;
+            next = pos + 1;
+            value = Py_NewRef(PyList_GET_ITEM(stack, depth - 1));
+            goto push;
+        case K_BINGET:
+        case K_LONG_BINGET: {
+            int wide = kinds[s[pos]] == K_LONG_BINGET;
+            if (avail < (wide ? 4 : 1))
+                goto stop;
+            value = memo_key_get(memo, wide ? (Py_ssize_t)read_uint4(arg) : arg[0]);
+            if (value == NULL) {
+                if (PyErr_Occurred())
+                    goto error;
+                goto stop;          /* not in the memo: Python names the index */
+            }
+            Py_INCREF(value);
+            next = pos + (wide ? 5 : 2);
+            goto push;
+        }
+        case K_MEMOIZE:
+            if (depth < 1)
+                goto stop;
+            if (memo_key_set(memo, PyDict_GET_SIZE(memo), PyList_GET_ITEM(stack, depth - 1)) < 0)
+                goto error;
+            pos += 1;
+            continue;
+        case K_BINPUT:
+        case K_LONG_BINPUT: {
+            int wide = kinds[s[pos]] == K_LONG_BINPUT;
+            if (avail < (wide ? 4 : 1) || depth < 1)
+                goto stop;
+            Py_ssize_t index = wide ? (Py_ssize_t)read_uint4(arg) : arg[0];
+            if (memo_key_set(memo, index, PyList_GET_ITEM(stack, depth - 1)) < 0)
+                goto error;
+            pos += wide ? 5 : 2;
+            continue;
+        }
+        case K_FRAME:
+            /* A frame only promises that its bytes are there. */
+            if (avail < 8 || (uint64_t)avail - 8 < read_uint8(arg))
+                goto stop;
+            pos += 9;
+            continue;
+        case K_POP:
+            if (depth < 1)
+                goto stop;          /* popping the mark itself: Python's */
+            if (PyList_SetSlice(stack, depth - 1, depth, NULL) < 0)
+                goto error;
+            pos += 1;
+            continue;
+        case K_TUPLE1:
+        case K_TUPLE2:
+        case K_TUPLE3: {
+            Py_ssize_t n = kinds[s[pos]] - K_TUPLE1 + 1;
+            if (depth < n)
+                goto stop;
+            PyObject *items = PyList_GetSlice(stack, depth - n, depth);
+            if (items == NULL)
+                goto error;
+            value = PyList_AsTuple(items);
+            Py_DECREF(items);
+            if (value != NULL && PyList_SetSlice(stack, depth - n, depth, NULL) < 0)
+                Py_CLEAR(value);
+            next = pos + 1;
+            goto push;
+        }
+        case K_APPEND: {
+            if (depth < 2 || !PyList_CheckExact(PyList_GET_ITEM(stack, depth - 2)))
+                goto stop;
+            if (PyList_Append(PyList_GET_ITEM(stack, depth - 2),
+                              PyList_GET_ITEM(stack, depth - 1)) < 0
+                    || PyList_SetSlice(stack, depth - 1, depth, NULL) < 0)
+                goto error;
+            pos += 1;
+            continue;
+        }
+        case K_SETITEM: {
+            PyObject *target;
+            if (depth < 3 || !PyDict_CheckExact(target = PyList_GET_ITEM(stack, depth - 3))
+                    || !is_plain_atom(PyList_GET_ITEM(stack, depth - 2)))
+                goto stop;
+            if (PyDict_SetItem(target, PyList_GET_ITEM(stack, depth - 2),
+                               PyList_GET_ITEM(stack, depth - 1)) < 0
+                    || PyList_SetSlice(stack, depth - 2, depth, NULL) < 0)
+                goto error;
+            pos += 1;
+            continue;
+        }
+        case K_MARK: {
+            PyObject *level = PyList_New(0);
+            if (level == NULL)
+                goto error;
+            if (PyList_Append(metastack, stack) < 0) {
+                Py_DECREF(level);
+                goto error;
+            }
+            Py_SETREF(stack, level);
+            pos += 1;
+            continue;
+        }
+        case K_TUPLE:
+        case K_LIST:
+        case K_DICT:
+        case K_FROZENSET:
+        case K_APPENDS:
+        case K_SETITEMS:
+        case K_ADDITEMS: {
+            /* `stack` holds the items above the top mark; `outer` is the level below. */
+            Py_ssize_t levels = PyList_GET_SIZE(metastack);
+            if (levels < 1)
+                goto stop;
+            PyObject *outer = PyList_GET_ITEM(metastack, levels - 1);
+            Py_ssize_t outer_depth = PyList_GET_SIZE(outer);
+            PyObject *target = outer_depth ? PyList_GET_ITEM(outer, outer_depth - 1) : NULL;
+            PyObject *made = NULL;      /* the new object, for the consumers that make one */
+            switch (kinds[s[pos]]) {
+            case K_TUPLE:
+                made = PyList_AsTuple(stack);
+                break;
+            case K_LIST:
+                made = Py_NewRef(stack);
+                break;
+            case K_DICT:
+                if ((depth & 1) || !all_plain(stack, 0, 2))
+                    goto stop;
+                made = PyDict_New();
+                for (Py_ssize_t i = 0; made != NULL && i < depth; i += 2) {
+                    if (PyDict_SetItem(made, PyList_GET_ITEM(stack, i),
+                                       PyList_GET_ITEM(stack, i + 1)) < 0)
+                        Py_CLEAR(made);
+                }
+                break;
+            case K_FROZENSET:
+                if (!all_plain(stack, 0, 1))
+                    goto stop;
+                made = PyFrozenSet_New(stack);
+                break;
+            case K_APPENDS:
+                if (target == NULL || !PyList_CheckExact(target))
+                    goto stop;
+                if (PyList_SetSlice(target, PyList_GET_SIZE(target),
+                                    PyList_GET_SIZE(target), stack) < 0)
+                    goto error;
+                break;
+            case K_SETITEMS:
+                if (target == NULL || !PyDict_CheckExact(target) || (depth & 1)
+                        || !all_plain(stack, 0, 2))
+                    goto stop;
+                for (Py_ssize_t i = 0; i < depth; i += 2) {
+                    if (PyDict_SetItem(target, PyList_GET_ITEM(stack, i),
+                                       PyList_GET_ITEM(stack, i + 1)) < 0)
+                        goto error;
+                }
+                break;
+            case K_ADDITEMS:
+                if (target == NULL || !PySet_CheckExact(target) || !all_plain(stack, 0, 1))
+                    goto stop;
+                for (Py_ssize_t i = 0; i < depth; i++) {
+                    if (PySet_Add(target, PyList_GET_ITEM(stack, i)) < 0)
+                        goto error;
+                }
+                break;
+            }
+            if (made == NULL && PyErr_Occurred())
+                goto error;
+            if (made != NULL) {
+                int status = PyList_Append(outer, made);
+                Py_DECREF(made);
+                if (status < 0)
+                    goto error;
+            }
+            /* Back to the level below the mark. */
+            Py_SETREF(stack, Py_NewRef(outer));
+            if (PyList_SetSlice(metastack, levels - 1, levels, NULL) < 0)
+                goto error;
+            pos += 1;
+            continue;
+        }
+        default:
+            goto stop;
+        }
+
+    push:
+        if (value == NULL)
+            goto error;
+        if (PyList_Append(stack, value) < 0) {
+            Py_DECREF(value);
+            goto error;
+        }
+        Py_DECREF(value);
+        pos = next;
+        continue;
+
+    failed:
+        /* A helper returned NULL: an error to raise, or (none set) an opcode for Python. */
+        if (PyErr_Occurred())
+            goto error;
+        goto stop;
+    }
+stop:
+    return Py_BuildValue("(nN)", pos, stack);      /* N: the tuple takes our reference */
+error:
+    Py_DECREF(stack);
+    return NULL;
+}
+
+PyDoc_STRVAR(set_opcodes_doc,
+"set_opcodes(codes)\n\n"
+"Tell run() the byte of each opcode it takes: `codes` maps opcode names to bytes.");
+
+static PyObject *
+set_opcodes(PyObject *module, PyObject *codes)
+{
+    unsigned char table[256] = {0};
+    for (size_t i = 0; i < KIND_COUNT; i++) {
+        PyObject *code = PyMapping_GetItemString(codes, kind_names[i].name);
+        if (code == NULL)
+            return NULL;
+        long byte = PyLong_AsLong(code);
+        Py_DECREF(code);
+        if (byte == -1 && PyErr_Occurred())
+            return NULL;
+        if (byte < 0 || byte > 255) {
+            PyErr_Format(PyExc_ValueError, "opcode %s has byte %ld", kind_names[i].name, byte);
+            return NULL;
+        }
+        table[byte] = kind_names[i].kind;
+    }
+    memcpy(kinds, table, sizeof kinds);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"run", (PyCFunction)(void (*)(void))run, METH_FASTCALL, run_doc},
+    {"set_opcodes", set_opcodes, METH_O, set_opcodes_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module_def = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "pstore.engine._speedups",
+    .m_doc = "The unpickler's fast path for data opcodes (see Unpickler._run).",
+    .m_size = -1,
+    .m_methods = methods,
+};
+
+PyMODINIT_FUNC
+PyInit__speedups(void)
+{
+    return PyModule_Create(&module_def);
+}

@@ -1,0 +1,135 @@
+"""The unpickler's C fast path, pstore.engine._speedups.
+
+test_unpickler.py and test_corpus.py run every load with and without it (conftest.py),
+against the stdlib: results and errors must not depend on it. Here: that it is built
+wherever a C compiler is, where exactly it stops and leaves an opcode to Python, and
+that it leaks nothing.
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import pickle
+import shutil
+import sysconfig
+import tracemalloc
+
+import pytest
+
+from pstore import engine
+from pstore.engine import unpickler
+
+speedups = unpickler._speedups
+needs_speedups = pytest.mark.skipif(speedups is None, reason="_speedups is not built")
+
+
+def test_built_wherever_a_c_compiler_is() -> None:
+    compiler = (sysconfig.get_config_var("CC") or "cc").split()[0]
+    if shutil.which(compiler) is None:
+        pytest.skip(f"no C compiler ({compiler}): pstore runs in pure Python")
+    assert speedups is not None, "pip install should have built pstore/engine/_speedups.c"
+
+
+def run(data: bytes, stack: list | None = None, metastack: list | None = None,
+        memo: dict | None = None) -> tuple[int, list]:
+    return speedups.run(data, 0, [] if stack is None else stack,
+                        [] if metastack is None else metastack, {} if memo is None else memo)
+
+
+@needs_speedups
+def test_runs_data_opcodes_and_stops_before_stop() -> None:
+    #         BININT1 5  NONE  EMPTY_LIST MEMOIZE MARK BININT1 1 BININT1 2 APPENDS STOP
+    data = b"K\x05" b"N" b"]" b"\x94" b"(" b"K\x01" b"K\x02" b"e" b"."
+    memo: dict = {}
+    assert run(data, memo=memo) == (len(data) - 1, [5, None, [1, 2]])
+    assert memo == {0: [1, 2]}
+
+
+@needs_speedups
+@pytest.mark.parametrize("before, left, why", [
+    (b"", b"cbuiltins\nlen\n", "GLOBAL: globals are Python's (find_class)"),
+    (b"K\x01", b"Q", "BINPERSID: persistent ids are Python's"),
+    (b"", b"X\x05\x00\x00\x00ab", "BINUNICODE: truncated argument"),
+    (b"", b"\x8c\x02\xff\xfe", "SHORT_BINUNICODE: not UTF-8"),
+    (b"", b"\x8a\x09" + bytes(9), "LONG1: longer than 8 bytes"),
+    (b"", b"h\x03", "BINGET: not in the memo"),
+    (b"K\x01", b"\x86", "TUPLE2: one item"),
+    (b"K\x01", b"t", "TUPLE: no mark"),
+    (b"(", b"0", "POP: of the mark itself"),
+    (b"}K\x01K\x02\x86K\x03", b"s", "SETITEM: a tuple key (its hash could be user code)"),
+    (b"}(K\x01", b"u", "SETITEMS: odd number of items"),
+    (b"N(K\x01", b"e", "APPENDS: target is not a list"),
+    (b"", b"\x95\x10" + bytes(7) + b"N", "FRAME: its bytes are not all there"),
+    (b"N", b".", "STOP: the loop's"),
+])
+def test_stops_before_an_opcode_it_leaves_to_python(before: bytes, left: bytes, why: str) -> None:
+    metastack: list = []
+    pos, level = run(before + left, metastack=metastack)
+    # The opcode at pos has not run: the state is that of the opcodes before it.
+    expected_metastack: list = []
+    assert run(before, metastack=expected_metastack) == (pos, level), why
+    assert pos == len(before), why
+    assert metastack == expected_metastack, why
+
+
+@needs_speedups
+def test_leaves_the_rest_to_python_with_the_same_result() -> None:
+    """Values that make C stop mid-pickle (a tuple key, a long int, a subclass, a
+    persistent id, a global) load as the stdlib loads them, in both modes."""
+    class Loader(engine.Unpickler):
+        def persistent_load(self, pid):
+            return ("ref", pid)
+
+    class StdLoader(pickle.Unpickler):
+        def persistent_load(self, pid):
+            return ("ref", pid)
+
+    class Saver(pickle.Pickler):
+        def persistent_id(self, obj):
+            return obj.pid if isinstance(obj, Ref) else None
+
+    value = {"a": [1, 2, {(1, 2): 3}], "big": 2 ** 80, "od": collections.OrderedDict(x=1),
+             "ref": Ref(7), "after": ["still", "data", 1.5, frozenset({1})], "s": {1, "x"}}
+    for protocol in range(6):
+        buffer = io.BytesIO()
+        Saver(buffer, protocol).dump(value)
+        data = buffer.getvalue()
+        expected = StdLoader(io.BytesIO(data)).load()
+        assert Loader(io.BytesIO(data)).load() == expected
+
+
+class Ref:
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+
+
+@needs_speedups
+def test_memo_with_gaps_then_memoize() -> None:
+    #       EMPTY_LIST BINPUT 5   MEMOIZE (key len(memo) == 1)  BINGET 1  BINGET 5  TUPLE2 STOP
+    data = b"\x80\x04]q\x05\x94h\x01h\x05\x86."
+    assert engine.loads(data) == pickle.loads(data)
+    first, second = engine.loads(data)
+    assert first is second
+
+
+@needs_speedups
+def test_leaks_nothing() -> None:
+    value = {"id": 1, "name": "record", "tags": ["a", "b", ("t", 1)], "score": 0.5,
+             "n": None, "flags": [True, False], "big": -2 ** 40, "b": b"bytes",
+             "set": {1, 2}, "frozen": frozenset({"x"}), "nested": [[{}]] * 3,
+             (1, 2): "tuple key: left to Python"}
+    blobs = [pickle.dumps(value, protocol) for protocol in range(1, 6)]
+    for data in blobs:      # warm up: caches, interned strings
+        engine.loads(data)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for _ in range(4000):
+            for data in blobs:
+                engine.loads(data)
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    # One leaked object per load would be 20,000 objects: well over a megabyte.
+    assert grown < 64 * 1024
