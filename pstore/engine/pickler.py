@@ -67,6 +67,8 @@ _SHORT_BINBYTES = [SHORT_BINBYTES + bytes([i]) for i in range(256)]
 _BINPUT = [BINPUT + bytes([i]) for i in range(256)]
 _BINGET = [BINGET + bytes([i]) for i in range(256)]
 _TUPLE_OF_SIZE = {1: TUPLE1, 2: TUPLE2, 3: TUPLE3}
+#: What a pickler with ``persistent_id_for_atoms = False`` asks no persistent id for.
+_ATOMS = frozenset({str, int, float, bool, type(None)})
 
 # The types of the three singletons whose classes protocol 2+ pickles as type(singleton).
 _SINGLETON_TYPES = {type(None): None, type(...): ..., type(NotImplemented): NotImplemented}
@@ -110,6 +112,11 @@ class Pickler:
     :meth:`clear_memo`.
     """
 
+    #: A pstore addition. Set it to False in a subclass whose ``persistent_id`` returns None
+    #: for every ``str``, ``int``, ``float``, ``bool`` and ``None``: it is then not called
+    #: for them (the standard library calls it for every object).
+    persistent_id_for_atoms = True
+
     def __init__(self, file: Any, protocol: int | None = None, *, fix_imports: bool = True,
                  buffer_callback: Callable[[PickleBuffer], Any] | None = None) -> None:
         if protocol is None:
@@ -147,7 +154,8 @@ class Pickler:
         # The hooks are read at every dump, so they may be set or changed at any time; the
         # dump function built for them is kept as long as they stay the same.
         hooks = (self.persistent_id, getattr(self, "reducer_override", None),
-                 getattr(self, "dispatch_table", copyreg.dispatch_table), self.fast)
+                 getattr(self, "dispatch_table", copyreg.dispatch_table), self.fast,
+                 self.persistent_id_for_atoms)
         if hooks != self._hooks:
             self._dump_one = _make_dump(self, *hooks)
             self._hooks = hooks
@@ -156,7 +164,7 @@ class Pickler:
 
 def _make_dump(pickler: Pickler, persistent_id: Callable[[Any], Any] | None,
                reducer_override: Callable[[Any], Any] | None, dispatch_table: Any,
-               fast: bool) -> Callable[[Any], None]:
+               fast: bool, persistent_id_for_atoms: bool) -> Callable[[Any], None]:
     """Make the function that writes one pickle for ``pickler`` with these hooks."""
     proto = pickler.proto
     binary = pickler.bin
@@ -168,6 +176,7 @@ def _make_dump(pickler: Pickler, persistent_id: Callable[[Any], Any] | None,
     memo_lookup = memo.get
     if getattr(persistent_id, "__func__", None) is Pickler.persistent_id:
         persistent_id = None   # the default returns None for everything: skip the call
+    no_persistent_id = frozenset() if persistent_id_for_atoms else _ATOMS
 
     # The bytes of the current frame (protocol 4+), or bytes not yet handed to emit.
     buf = bytearray()
@@ -232,12 +241,12 @@ def _make_dump(pickler: Pickler, persistent_id: Callable[[Any], Any] | None,
         for obj in objects:
             if len(buf) >= FRAME_SIZE_TARGET:
                 commit()
-            if persistent_id is not None and pid_allowed:
+            cls = type(obj)
+            if persistent_id is not None and pid_allowed and cls not in no_persistent_id:
                 pid = persistent_id(obj)
                 if pid is not None:
                     save_persistent_id(pid)
                     continue
-            cls = type(obj)
             if cls is str:
                 memoized = memo_lookup(id(obj))
                 if memoized is not None:

@@ -69,8 +69,11 @@ class _RecordPickler(engine.Pickler):
         self._blobs: list[records.BlobRef] = []
         self._class_pickles: dict[type, bytes] = {}     # the first pickle of a Persistent record
 
+    # Atoms are never in the identity map, nor Persistent: no need to ask about them.
+    persistent_id_for_atoms = False
+
     def persistent_id(self, obj: Any) -> Any:
-        # Called for every object pickled: one dict lookup and one type check.
+        # Called for every object pickled but atoms: one dict lookup and one type check.
         oid = self._oid_of(id(obj))
         if oid is None:
             if not isinstance(obj, Persistent):

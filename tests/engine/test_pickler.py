@@ -127,6 +127,10 @@ class Ref:
         self.key = key
 
 
+class StrSubclass(str):
+    pass
+
+
 def with_persistent_id(base):
     class PersistentPickler(base):
         def persistent_id(self, obj):
@@ -153,6 +157,30 @@ def test_persistent_id(protocol):
     obj = [Ref(1), Ref(2), "by-reference", {"nested": Ref(3)}, "plain"]
     expected = dump_with(with_persistent_id(pickle.Pickler), obj, protocol)
     assert dump_with(with_persistent_id(engine.Pickler), obj, protocol) == expected
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_persistent_id_not_asked_for_atoms_when_told(protocol):
+    """persistent_id_for_atoms = False (a pstore addition): what the stdlib asks about,
+    but str, int, float, bool and None -- and, for a persistent_id that returns None for
+    those, the same bytes."""
+    def asking(base, asked, for_atoms=True):
+        class Asking(with_persistent_id(base)):
+            persistent_id_for_atoms = for_atoms
+
+            def persistent_id(self, obj):
+                asked.append(type(obj))
+                return None if type(obj) is str else super().persistent_id(obj)
+        return Asking
+
+    obj = [Ref(1), "text", 1, 2.5, True, None, (3,), {"k": Ref(2)}, StrSubclass("sub")]
+    stdlib_asked: list = []
+    asked: list = []
+    expected = dump_with(asking(pickle.Pickler, stdlib_asked), obj, protocol, times=1)
+    assert dump_with(asking(engine.Pickler, asked, False), obj, protocol, times=1) == expected
+    atoms = (str, int, float, bool, type(None))
+    assert asked == [kind for kind in stdlib_asked if kind not in atoms]
+    assert StrSubclass in asked and len(asked) < len(stdlib_asked)
 
 
 def test_persistent_id_protocol_0_must_be_ascii():
