@@ -115,11 +115,14 @@ def test_memo_with_gaps_then_memoize() -> None:
 
 @needs_speedups
 def test_leaks_nothing() -> None:
+    # No globals (bytes and sets need some below protocols 3 and 4): an audit hook that
+    # another test added for find_class would keep every event, and look like a leak.
     value = {"id": 1, "name": "record", "tags": ["a", "b", ("t", 1)], "score": 0.5,
-             "n": None, "flags": [True, False], "big": -2 ** 40, "b": b"bytes",
-             "set": {1, 2}, "frozen": frozenset({"x"}), "nested": [[{}]] * 3,
+             "n": None, "flags": [True, False], "big": -2 ** 40, "nested": [[{}]] * 3,
              (1, 2): "tuple key: left to Python"}
-    blobs = [pickle.dumps(value, protocol) for protocol in range(1, 6)]
+    sets = {"b": b"bytes", "set": {1, 2}, "frozen": frozenset({"x"}), "value": value}
+    blobs = [pickle.dumps(value, protocol) for protocol in (1, 2, 3)]
+    blobs += [pickle.dumps(sets, protocol) for protocol in (4, 5)]
     for data in blobs:      # warm up: caches, interned strings
         engine.loads(data)
     tracemalloc.start()
