@@ -14,10 +14,19 @@
  * opcode and offset. So:
  *
  *   - results and errors are those of the pure-Python unpickler (the tests run both);
- *   - this file calls no Python code: no globals are resolved, no persistent ids,
- *     no __hash__ or __eq__ of user classes, no extend() of user types. Everything
- *     that could execute someone else's code stays in Python, behind find_class;
- *   - the only errors it raises are MemoryError and the like.
+ *   - no globals are resolved and no persistent ids: whatever a pickle may import or
+ *     call is decided in Python, by find_class;
+ *   - it calls no user code on purpose (only exact str/int/float/bytes/None/bool are
+ *     hashed as keys, only exact lists, dicts and sets are filled), but user code can
+ *     still run under it: an __eq__ of a user object already in a dict or set that a
+ *     new key collides with, a __del__ of a value it replaces, a finalizer run by the
+ *     garbage collector at any allocation. So every object used across such a call is
+ *     held by a reference of its own, and list sizes are read again after it;
+ *   - an Exception raised by such code (or a BytesWarning under -bb) is cleared and
+ *     run() stops before the opcode: the Python loop runs it again and raises the
+ *     error with its location. Running it again gives the same state, since
+ *     re-inserting the same keys into a dict or set changes nothing. MemoryError and
+ *     non-Exceptions (KeyboardInterrupt, SystemExit) propagate at once.
  *
  * Opcode bytes are not written here: set_opcodes() receives them by name from the
  * table in opcodes.py, the one table of the engine.
@@ -127,6 +136,121 @@ memo_key_set(PyObject *memo, Py_ssize_t index, PyObject *value)
     int status = PyDict_SetItem(memo, key, value);
     Py_DECREF(key);
     return status;
+}
+
+/* memo[index] = the top of `stack` (depth items). */
+static int
+memo_put(PyObject *memo, Py_ssize_t index, PyObject *stack, Py_ssize_t depth)
+{
+    PyObject *top = Py_NewRef(PyList_GET_ITEM(stack, depth - 1));
+    int status = memo_key_set(memo, index, top);
+    Py_DECREF(top);
+    return status;
+}
+
+/* dict[items[0]] = items[1], dict[items[2]] = items[3], ... */
+static int
+insert_pairs(PyObject *dict, PyObject *items)
+{
+    for (Py_ssize_t i = 0; i + 1 < PyList_GET_SIZE(items); i += 2) {
+        PyObject *key = Py_NewRef(PyList_GET_ITEM(items, i));
+        PyObject *value = Py_NewRef(PyList_GET_ITEM(items, i + 1));
+        int status = PyDict_SetItem(dict, key, value);
+        Py_DECREF(key);
+        Py_DECREF(value);
+        if (status < 0)
+            return -1;
+    }
+    return 0;
+}
+
+/* set.add(item) for each of `items`. */
+static int
+add_all(PyObject *set, PyObject *items)
+{
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(items); i++) {
+        PyObject *item = Py_NewRef(PyList_GET_ITEM(items, i));
+        int status = PySet_Add(set, item);
+        Py_DECREF(item);
+        if (status < 0)
+            return -1;
+    }
+    return 0;
+}
+
+/* Fill `target` with `items` by `insert` (insert_pairs or add_all), holding it
+ * meanwhile: an __eq__ that the insertion reaches may drop every other reference. */
+static int
+fill(PyObject *target, PyObject *items, int (*insert)(PyObject *, PyObject *))
+{
+    Py_INCREF(target);
+    int status = insert(target, items);
+    Py_DECREF(target);
+    return status < 0 ? -1 : 1;
+}
+
+/* After a failure with an exception set: 1 (exception cleared) if the opcode is to be
+ * left to Python, which raises it again with its location; 0 if it must propagate. */
+static int
+leave_error_to_python(void)
+{
+    if (!PyErr_ExceptionMatches(PyExc_Exception) || PyErr_ExceptionMatches(PyExc_MemoryError))
+        return 0;
+    PyErr_Clear();
+    return 1;
+}
+
+/* Run the mark consumer `kind` on `items`, the level above the top mark, and `outer`,
+ * the level below it (both held by the caller). Returns 1 when done, 0 to leave the
+ * opcode to Python (nothing was changed), -1 on failure (an exception is set). */
+static int
+consume_mark(int kind, PyObject *items, PyObject *outer)
+{
+    Py_ssize_t n = PyList_GET_SIZE(items);
+    Py_ssize_t outer_depth = PyList_GET_SIZE(outer);
+    PyObject *target = outer_depth ? PyList_GET_ITEM(outer, outer_depth - 1) : NULL;
+    PyObject *made;         /* the new object, for the consumers that make one */
+    int status;
+    switch (kind) {
+    case K_TUPLE:
+        made = PyList_AsTuple(items);
+        break;
+    case K_LIST:
+        made = Py_NewRef(items);
+        break;
+    case K_DICT:
+        if ((n & 1) || !all_plain(items, 0, 2))
+            return 0;
+        made = PyDict_New();
+        if (made != NULL && insert_pairs(made, items) < 0)
+            Py_CLEAR(made);
+        break;
+    case K_FROZENSET:
+        if (!all_plain(items, 0, 1))
+            return 0;
+        made = PyFrozenSet_New(items);
+        break;
+    case K_APPENDS:
+        if (target == NULL || !PyList_CheckExact(target))
+            return 0;
+        /* Appending runs no Python code: `target` stays valid throughout. */
+        return PyList_SetSlice(target, PY_SSIZE_T_MAX, PY_SSIZE_T_MAX, items) < 0 ? -1 : 1;
+    case K_SETITEMS:
+        if (target == NULL || !PyDict_CheckExact(target) || (n & 1) || !all_plain(items, 0, 2))
+            return 0;
+        return fill(target, items, insert_pairs);
+    case K_ADDITEMS:
+        if (target == NULL || !PySet_CheckExact(target) || !all_plain(items, 0, 1))
+            return 0;
+        return fill(target, items, add_all);
+    default:
+        return 0;
+    }
+    if (made == NULL)
+        return -1;
+    status = PyList_Append(outer, made);
+    Py_DECREF(made);
+    return status < 0 ? -1 : 1;
 }
 
 PyDoc_STRVAR(run_doc,
@@ -293,7 +417,7 @@ run(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         case K_MEMOIZE:
             if (depth < 1)
                 goto stop;
-            if (memo_key_set(memo, PyDict_GET_SIZE(memo), PyList_GET_ITEM(stack, depth - 1)) < 0)
+            if (memo_put(memo, PyDict_GET_SIZE(memo), stack, depth) < 0)
                 goto error;
             pos += 1;
             continue;
@@ -303,7 +427,7 @@ run(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             if (avail < (wide ? 4 : 1) || depth < 1)
                 goto stop;
             Py_ssize_t index = wide ? (Py_ssize_t)read_uint4(arg) : arg[0];
-            if (memo_key_set(memo, index, PyList_GET_ITEM(stack, depth - 1)) < 0)
+            if (memo_put(memo, index, stack, depth) < 0)
                 goto error;
             pos += wide ? 5 : 2;
             continue;
@@ -348,13 +472,19 @@ run(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             continue;
         }
         case K_SETITEM: {
-            PyObject *target;
-            if (depth < 3 || !PyDict_CheckExact(target = PyList_GET_ITEM(stack, depth - 3))
+            if (depth < 3 || !PyDict_CheckExact(PyList_GET_ITEM(stack, depth - 3))
                     || !is_plain_atom(PyList_GET_ITEM(stack, depth - 2)))
                 goto stop;
-            if (PyDict_SetItem(target, PyList_GET_ITEM(stack, depth - 2),
-                               PyList_GET_ITEM(stack, depth - 1)) < 0
-                    || PyList_SetSlice(stack, depth - 2, depth, NULL) < 0)
+            PyObject *target = Py_NewRef(PyList_GET_ITEM(stack, depth - 3));
+            PyObject *key = Py_NewRef(PyList_GET_ITEM(stack, depth - 2));
+            PyObject *item = Py_NewRef(PyList_GET_ITEM(stack, depth - 1));
+            int status = PyDict_SetItem(target, key, item);
+            Py_DECREF(target);
+            Py_DECREF(key);
+            Py_DECREF(item);
+            if (status < 0)
+                goto failed;
+            if (PyList_SetSlice(stack, depth - 2, depth, NULL) < 0)
                 goto error;
             pos += 1;
             continue;
@@ -382,69 +512,18 @@ run(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             Py_ssize_t levels = PyList_GET_SIZE(metastack);
             if (levels < 1)
                 goto stop;
-            PyObject *outer = PyList_GET_ITEM(metastack, levels - 1);
-            Py_ssize_t outer_depth = PyList_GET_SIZE(outer);
-            PyObject *target = outer_depth ? PyList_GET_ITEM(outer, outer_depth - 1) : NULL;
-            PyObject *made = NULL;      /* the new object, for the consumers that make one */
-            switch (kinds[s[pos]]) {
-            case K_TUPLE:
-                made = PyList_AsTuple(stack);
-                break;
-            case K_LIST:
-                made = Py_NewRef(stack);
-                break;
-            case K_DICT:
-                if ((depth & 1) || !all_plain(stack, 0, 2))
+            PyObject *outer = Py_NewRef(PyList_GET_ITEM(metastack, levels - 1));
+            int done = consume_mark(kinds[s[pos]], stack, outer);
+            if (done <= 0) {
+                Py_DECREF(outer);
+                if (done == 0)
                     goto stop;
-                made = PyDict_New();
-                for (Py_ssize_t i = 0; made != NULL && i < depth; i += 2) {
-                    if (PyDict_SetItem(made, PyList_GET_ITEM(stack, i),
-                                       PyList_GET_ITEM(stack, i + 1)) < 0)
-                        Py_CLEAR(made);
-                }
-                break;
-            case K_FROZENSET:
-                if (!all_plain(stack, 0, 1))
-                    goto stop;
-                made = PyFrozenSet_New(stack);
-                break;
-            case K_APPENDS:
-                if (target == NULL || !PyList_CheckExact(target))
-                    goto stop;
-                if (PyList_SetSlice(target, PyList_GET_SIZE(target),
-                                    PyList_GET_SIZE(target), stack) < 0)
-                    goto error;
-                break;
-            case K_SETITEMS:
-                if (target == NULL || !PyDict_CheckExact(target) || (depth & 1)
-                        || !all_plain(stack, 0, 2))
-                    goto stop;
-                for (Py_ssize_t i = 0; i < depth; i += 2) {
-                    if (PyDict_SetItem(target, PyList_GET_ITEM(stack, i),
-                                       PyList_GET_ITEM(stack, i + 1)) < 0)
-                        goto error;
-                }
-                break;
-            case K_ADDITEMS:
-                if (target == NULL || !PySet_CheckExact(target) || !all_plain(stack, 0, 1))
-                    goto stop;
-                for (Py_ssize_t i = 0; i < depth; i++) {
-                    if (PySet_Add(target, PyList_GET_ITEM(stack, i)) < 0)
-                        goto error;
-                }
-                break;
+                goto failed;
             }
-            if (made == NULL && PyErr_Occurred())
-                goto error;
-            if (made != NULL) {
-                int status = PyList_Append(outer, made);
-                Py_DECREF(made);
-                if (status < 0)
-                    goto error;
-            }
-            /* Back to the level below the mark. */
-            Py_SETREF(stack, Py_NewRef(outer));
-            if (PyList_SetSlice(metastack, levels - 1, levels, NULL) < 0)
+            /* Back to the level below the mark (read again: user code may have run). */
+            Py_SETREF(stack, outer);
+            levels = PyList_GET_SIZE(metastack);
+            if (levels > 0 && PyList_SetSlice(metastack, levels - 1, levels, NULL) < 0)
                 goto error;
             pos += 1;
             continue;
@@ -465,8 +544,9 @@ run(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         continue;
 
     failed:
-        /* A helper returned NULL: an error to raise, or (none set) an opcode for Python. */
-        if (PyErr_Occurred())
+        /* Nothing made, or an insertion failed: with no exception set (undecodable text)
+         * or one that user code raised, the opcode is Python's; else the error propagates. */
+        if (PyErr_Occurred() && !leave_error_to_python())
             goto error;
         goto stop;
     }

@@ -26,7 +26,7 @@ The C fast path: where ``_speedups`` is built, ``_run`` first hands the pickle t
 (``stack``, ``metastack``, ``memo``) and stops before the first opcode it leaves to
 this loop: globals, persistent ids, anything that could run Python code, and any
 error. The loop runs that opcode, errors included, and hands back to C after each
-handler. Results and errors are the same with or without it.
+handler (and after a refill). Results and errors are the same with or without it.
 
 Fixed-size reads are not bounds-checked: reading past the data raises
 ``IndexError``/``struct.error`` and only then does :func:`_arg_status` work
@@ -992,15 +992,16 @@ class Unpickler:
             if data[pos] == _FRAME and pos + 9 + _unpack_uint8(data, pos + 1)[0] <= end:
                 pos += 9
         accelerate = _accelerate
-        if accelerate is not None:
-            pos, stack = accelerate(data, pos, stack, metastack, memo)
-            # Where C took the whole pickle: its STOP, without a turn of the loop.
-            if pos < end and data[pos] == _STOP and stack:
-                return stack.pop(), pos + 1, end
         start = pos
         code = -1
         while True:
             try:
+                # C first (and again after a refill), then the loop from where it stopped.
+                if accelerate is not None:
+                    pos, stack = accelerate(data, pos, stack, metastack, memo)
+                    # Where C took the whole pickle: its STOP, without a turn of the loop.
+                    if pos < end and data[pos] == _STOP and stack:
+                        return stack.pop(), pos + 1, end
                 while True:
                     start = pos
                     code = data[pos]

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import collections
 import io
+import os
 import pickle
 import shutil
+import subprocess
+import sys
 import sysconfig
 import tracemalloc
 
@@ -136,3 +139,86 @@ def test_leaks_nothing() -> None:
         tracemalloc.stop()
     # One leaked object per load would be 20,000 objects: well over a megabyte.
     assert grown < 64 * 1024
+
+
+# -- User code reached from C: a key's __eq__ when a new key collides with it -------------
+
+class RaisingKey:
+    def __hash__(self) -> int:
+        return 1    # collides with the int key 1
+
+    def __eq__(self, other: object) -> bool:
+        raise ValueError("raised by RaisingKey.__eq__")
+
+
+def dict_with_raising_key() -> dict:
+    return {RaisingKey(): 0}
+
+
+def set_with_raising_key() -> set:
+    return {RaisingKey()}
+
+
+_HERE = f"{__name__}\n".encode()
+
+
+@needs_speedups
+@pytest.mark.parametrize("data", [
+    # a dict made by Python (REDUCE), then SETITEM 1: None, run by C
+    b"\x80\x02c" + _HERE + b"dict_with_raising_key\n)RK\x01Ns.",
+    # the same through SETITEMS, and a set through ADDITEMS
+    b"\x80\x02c" + _HERE + b"dict_with_raising_key\n)R(K\x02NK\x01Nu.",
+    b"\x80\x04c" + _HERE + b"set_with_raising_key\n)R(K\x02K\x01\x90.",
+], ids=["SETITEM", "SETITEMS", "ADDITEMS"])
+def test_an_error_of_user_code_is_raised_as_in_python(data: bytes, monkeypatch) -> None:
+    """C clears it and stops before the opcode: the Python loop raises it, with its location."""
+    raised = []
+    for accelerate in (speedups.run, None):
+        monkeypatch.setattr(unpickler, "_accelerate", accelerate)
+        with pytest.raises(ValueError, match="RaisingKey") as caught:
+            engine.loads(data)
+        raised.append((str(caught.value), getattr(caught.value, "__notes__", None)))
+    assert raised[0] == raised[1]
+
+
+# A key whose __eq__ reaches into Unpickler._run and empties the current stack level:
+# the only other owner of the dict or set C is filling. C must hold its own references.
+HOSTILE = '''
+import sys
+from pstore import engine
+import __main__
+
+class Hostile:
+    def __hash__(self):
+        return 1
+    def __eq__(self, other):
+        frame = sys._getframe(1)
+        while frame is not None and frame.f_code.co_name != "_run":
+            frame = frame.f_back
+        if frame is not None:
+            frame.f_locals["stack"].clear()
+        return False
+
+__main__.make_dict = lambda: {Hostile(): 0}
+__main__.make_set = lambda: {Hostile()}
+pairs = b"".join(b"K" + bytes([i]) + b"N" for i in range(1, 200))
+for data in (b"\\x80\\x02c__main__\\nmake_dict\\n)R(" + pairs + b"u.",
+             b"\\x80\\x02c__main__\\nmake_dict\\n)RK\\x01Ns" + b"K\\x02Ns" * 50 + b".",
+             b"\\x80\\x04c__main__\\nmake_set\\n)R(" + pairs.replace(b"N", b"") + b"\\x90."):
+    try:
+        engine.loads(data)
+    except Exception:
+        pass    # any result or error will do; a crash will not
+print("survived")
+'''
+
+
+@needs_speedups
+def test_user_code_that_drops_references_cannot_crash_it(tmp_path) -> None:
+    script = tmp_path / "hostile.py"
+    script.write_text(HOSTILE)
+    # PYTHONMALLOC=debug: freed memory is overwritten, so a use after free crashes.
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                            env={**os.environ, "PYTHONMALLOC": "debug"}, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "survived"
