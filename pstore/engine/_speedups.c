@@ -285,7 +285,7 @@ run(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         Py_ssize_t avail = end - pos - 1;    /* bytes after the opcode */
         Py_ssize_t depth = PyList_GET_SIZE(stack);
         PyObject *value;                     /* a new reference, pushed at "push" */
-        Py_ssize_t next;                     /* where the opcode ends */
+        Py_ssize_t next = pos + 1;           /* where the opcode ends (if it has no argument) */
 
         switch (kinds[s[pos]]) {
         case K_SHORT_BINUNICODE:
@@ -366,37 +366,29 @@ run(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             goto push;
         }
         case K_NONE:
-            next = pos + 1;
             value = Py_NewRef(Py_None);
             goto push;
         case K_NEWTRUE:
-            next = pos + 1;
             value = Py_NewRef(Py_True);
             goto push;
         case K_NEWFALSE:
-            next = pos + 1;
             value = Py_NewRef(Py_False);
             goto push;
         case K_EMPTY_LIST:
-            next = pos + 1;
             value = PyList_New(0);
             goto push;
         case K_EMPTY_DICT:
-            next = pos + 1;
             value = PyDict_New();
             goto push;
         case K_EMPTY_TUPLE:
-            next = pos + 1;
             value = PyTuple_New(0);
             goto push;
         case K_EMPTY_SET:
-            next = pos + 1;
             value = PySet_New(NULL);
             goto push;
         case K_DUP:
             if (depth < 1)
                 goto stop;
-            next = pos + 1;
             value = Py_NewRef(PyList_GET_ITEM(stack, depth - 1));
             goto push;
         case K_BINGET:
@@ -458,7 +450,6 @@ run(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             Py_DECREF(items);
             if (value != NULL && PyList_SetSlice(stack, depth - n, depth, NULL) < 0)
                 Py_CLEAR(value);
-            next = pos + 1;
             goto push;
         }
         case K_APPEND: {

@@ -162,20 +162,20 @@ class _RecordUnpickler(engine.Unpickler):
             store._see_latest()
         kind = type(pid)
         if kind is int:
-            return self._store._load(pid)
+            return store._load(pid)
         if kind is tuple and len(pid) == 2 and type(pid[0]) is int:
-            return self._store._placeholder(*pid)
+            return store._placeholder(*pid)
         if kind is str:     # protocol 0 writes persistent ids as text
             oid, _, cls = pid.partition(" ")
             if oid.isdigit():
                 if not cls:
-                    return self._store._load(int(oid))
+                    return store._load(int(oid))
                 module, _, qualname = cls.partition(" ")
                 head, *attributes = qualname.split(".")
                 found = self.find_class(module, head)
                 for attribute in attributes:
                     found = getattr(found, attribute)
-                return self._store._placeholder(int(oid), found)
+                return store._placeholder(int(oid), found)
         raise engine.UnpicklingError(f"a record refers to {pid!r}, which is not an object id")
 
 
@@ -760,28 +760,22 @@ class Store(MutableMapping[str, Any]):
     def _load_outermost(self, oid: int, data: bytes | None) -> Any:
         """Load record ``oid`` (or fill its placeholder) as the outermost load: when a
         nested load goes too deep, load the record it needed first, then try again."""
-        try:
-            return self._unpickle(oid, data)    # nearly always: no chain is that deep
-        except _LoadFirst as deeper:
-            needed = deeper.oid
         wanted = [oid]      # records to load, the last one first
         held = []           # what was loaded, alive until the whole load is done
         while True:
-            if needed in wanted:
-                raise FormatError(self._path, f"its records refer to one another in a "
-                                  f"cycle through object id {needed}")
-            wanted.append(needed)
-            while True:
-                current = wanted[-1]
-                try:
-                    obj = self._unpickle(current, data if current == oid else None)
-                except _LoadFirst as deeper:
-                    needed = deeper.oid
-                    break
-                if len(wanted) == 1:
-                    return obj
-                held.append(obj)
-                wanted.pop()
+            current = wanted[-1]
+            try:
+                obj = self._unpickle(current, data if current == oid else None)
+            except _LoadFirst as deeper:
+                if deeper.oid in wanted:
+                    raise FormatError(self._path, f"its records refer to one another in a "
+                                      f"cycle through object id {deeper.oid}") from None
+                wanted.append(deeper.oid)
+                continue
+            if len(wanted) == 1:
+                return obj
+            held.append(obj)
+            wanted.pop()
 
     def _unpickle(self, oid: int, data: bytes | None) -> Any:
         """Unpickle record ``oid`` (reading it unless ``data`` is given) and register it."""
