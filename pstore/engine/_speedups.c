@@ -148,45 +148,47 @@ memo_put(PyObject *memo, Py_ssize_t index, PyObject *stack, Py_ssize_t depth)
     return status;
 }
 
-/* dict[items[0]] = items[1], dict[items[2]] = items[3], ... */
+/* dict[key] = value, all three held meanwhile: an __eq__ that the insertion reaches (a
+ * key already in `dict` that `key` collides with) may drop every other reference. */
+static int
+set_item(PyObject *dict, PyObject *key, PyObject *value)
+{
+    Py_INCREF(dict);
+    Py_INCREF(key);
+    Py_INCREF(value);
+    int status = PyDict_SetItem(dict, key, value);
+    Py_DECREF(dict);
+    Py_DECREF(key);
+    Py_DECREF(value);
+    return status;
+}
+
+/* dict[items[0]] = items[1], dict[items[2]] = items[3], ... (`dict` held throughout;
+ * the size of `items` read again after each insertion, which may have run user code). */
 static int
 insert_pairs(PyObject *dict, PyObject *items)
 {
-    for (Py_ssize_t i = 0; i + 1 < PyList_GET_SIZE(items); i += 2) {
-        PyObject *key = Py_NewRef(PyList_GET_ITEM(items, i));
-        PyObject *value = Py_NewRef(PyList_GET_ITEM(items, i + 1));
-        int status = PyDict_SetItem(dict, key, value);
-        Py_DECREF(key);
-        Py_DECREF(value);
-        if (status < 0)
-            return -1;
-    }
-    return 0;
+    int status = 0;
+    Py_INCREF(dict);
+    for (Py_ssize_t i = 0; status == 0 && i + 1 < PyList_GET_SIZE(items); i += 2)
+        status = set_item(dict, PyList_GET_ITEM(items, i), PyList_GET_ITEM(items, i + 1));
+    Py_DECREF(dict);
+    return status;
 }
 
-/* set.add(item) for each of `items`. */
+/* set.add(item) for each of `items`, holding `set` and each item meanwhile. */
 static int
 add_all(PyObject *set, PyObject *items)
 {
-    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(items); i++) {
+    int status = 0;
+    Py_INCREF(set);
+    for (Py_ssize_t i = 0; status == 0 && i < PyList_GET_SIZE(items); i++) {
         PyObject *item = Py_NewRef(PyList_GET_ITEM(items, i));
-        int status = PySet_Add(set, item);
+        status = PySet_Add(set, item);
         Py_DECREF(item);
-        if (status < 0)
-            return -1;
     }
-    return 0;
-}
-
-/* Fill `target` with `items` by `insert` (insert_pairs or add_all), holding it
- * meanwhile: an __eq__ that the insertion reaches may drop every other reference. */
-static int
-fill(PyObject *target, PyObject *items, int (*insert)(PyObject *, PyObject *))
-{
-    Py_INCREF(target);
-    int status = insert(target, items);
-    Py_DECREF(target);
-    return status < 0 ? -1 : 1;
+    Py_DECREF(set);
+    return status;
 }
 
 /* After a failure with an exception set: 1 (exception cleared) if the opcode is to be
@@ -238,11 +240,11 @@ consume_mark(int kind, PyObject *items, PyObject *outer)
     case K_SETITEMS:
         if (target == NULL || !PyDict_CheckExact(target) || (n & 1) || !all_plain(items, 0, 2))
             return 0;
-        return fill(target, items, insert_pairs);
+        return insert_pairs(target, items) < 0 ? -1 : 1;
     case K_ADDITEMS:
         if (target == NULL || !PySet_CheckExact(target) || !all_plain(items, 0, 1))
             return 0;
-        return fill(target, items, add_all);
+        return add_all(target, items) < 0 ? -1 : 1;
     default:
         return 0;
     }
@@ -466,14 +468,8 @@ run(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             if (depth < 3 || !PyDict_CheckExact(PyList_GET_ITEM(stack, depth - 3))
                     || !is_plain_atom(PyList_GET_ITEM(stack, depth - 2)))
                 goto stop;
-            PyObject *target = Py_NewRef(PyList_GET_ITEM(stack, depth - 3));
-            PyObject *key = Py_NewRef(PyList_GET_ITEM(stack, depth - 2));
-            PyObject *item = Py_NewRef(PyList_GET_ITEM(stack, depth - 1));
-            int status = PyDict_SetItem(target, key, item);
-            Py_DECREF(target);
-            Py_DECREF(key);
-            Py_DECREF(item);
-            if (status < 0)
+            if (set_item(PyList_GET_ITEM(stack, depth - 3), PyList_GET_ITEM(stack, depth - 2),
+                         PyList_GET_ITEM(stack, depth - 1)) < 0)
                 goto failed;
             if (PyList_SetSlice(stack, depth - 2, depth, NULL) < 0)
                 goto error;
