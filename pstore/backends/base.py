@@ -13,8 +13,12 @@ nothing of pickling:
   where the backend can;
 * **keys**: ``str -> object id`` bindings.
 
-Every method that changes something must be called inside a write transaction
-(:meth:`Backend.begin` ... :meth:`Backend.commit` or :meth:`Backend.rollback`).
+The contract has two layers. :class:`ReadableBackend` is what every backend
+implements: reading records, blobs and keys, change detection, fork and close
+-- enough for a read-only view such as the ``shelve`` reader. :class:`Backend`
+adds writing. Every method that changes something must be called inside a
+write transaction (:meth:`Backend.begin` ... :meth:`Backend.commit` or
+:meth:`Backend.rollback`, or the concrete :meth:`Backend.writing` context).
 Reads may be called inside or outside one. Outside, each read sees the latest
 committed state; inside, every read (records, keys, iteration, counts, refs)
 sees the transaction's own changes too -- the store relies on it, e.g. to read
@@ -30,82 +34,45 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Collection, Hashable, Iterable, Iterator
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, ClassVar
 
-__all__ = ["Backend"]
+__all__ = ["ReadableBackend", "Backend"]
 
 
-class Backend(ABC):
-    """One open connection to one store.
+class ReadableBackend(ABC):
+    """One open connection to one store, for reading.
 
-    Subclasses are constructed as ``Backend(path, flag, *, lock_timeout, fsync)``:
-    ``flag`` is one of ``'r'``, ``'w'``, ``'c'``, ``'n'`` with the meaning
-    :func:`pstore.open` documents; ``lock_timeout`` is how long (seconds)
-    :meth:`begin` waits for another process's write transaction before raising
+    Subclasses are constructed as ``Backend(path, flag, *, lock_timeout, fsync)``,
+    plus ``variant=`` when :attr:`takes_variant` is true: ``flag`` is one of
+    ``'r'``, ``'w'``, ``'c'``, ``'n'`` with the meaning :func:`pstore.open`
+    documents; ``lock_timeout`` is how long (seconds) :meth:`Backend.begin` waits
+    for another process's write transaction before raising
     :class:`~pstore.errors.LockTimeoutError`; ``fsync`` asks for commits that
     survive power loss, not only the death of the process. Opening something
     that is not a store of a format this code reads raises
-    :class:`~pstore.errors.FormatError`.
+    :class:`~pstore.errors.FormatError`. A class that implements only this
+    interface is a read-only view: its ``read_only`` is True.
     """
 
     #: The location the store was opened with, for error messages.
     path: str
-    #: True when opened with flag 'r': the backend then writes nothing at all.
+    #: True when opened with flag 'r' (always, for a read-only view): nothing is written.
     read_only: bool
+    #: Whether the class takes ``variant=`` (``pstore.open(..., backend="name:variant")``).
+    takes_variant: ClassVar[bool] = False
 
     # -- records ----------------------------------------------------------------------------
-
-    @abstractmethod
-    def new_oid(self) -> int:
-        """Allocate an object id (> 0) that no record has, had, or will be given by another call.
-
-        Inside a write transaction only; ids allocated in a transaction that is rolled
-        back may be allocated again.
-        """
 
     @abstractmethod
     def get_record(self, oid: int) -> bytes | None:
         """The data of record ``oid``, or None if there is no such record."""
 
     @abstractmethod
-    def put_record(self, oid: int, data: bytes, refs: Collection[int],
-                   *, lazy_refs: Collection[int] = (), blobs: Collection[str] = ()) -> None:
-        """Create record ``oid``, or replace its data, refs and blobs if it exists.
-
-        ``lazy_refs``, a subset of ``refs``, are the references that loading the
-        record does not follow at once (references to Persistent objects); only
-        :meth:`reaches` tells them apart. ``blobs``: the names (from
-        :meth:`put_blob`) of the blobs ``data`` uses.
-        """
-
-    @abstractmethod
-    def delete_record(self, oid: int) -> None:
-        """Remove record ``oid``, its refs and its blobs' names; no error if it does not exist."""
-
-    @abstractmethod
     def existing(self, oids: Collection[int]) -> set[int]:
         """The subset of ``oids`` that have a record."""
 
-    @abstractmethod
-    def is_referenced(self, oid: int) -> bool:
-        """Whether a key is bound to ``oid`` or a record's refs contain it."""
-
-    @abstractmethod
-    def reaches(self, sources: Collection[int], target: int) -> bool:
-        """Whether ``target`` is one of ``sources`` or reachable from them through refs
-        that are not lazy."""
-
     # -- blobs ------------------------------------------------------------------------------
-
-    @abstractmethod
-    def put_blob(self, chunks: Iterable[Any]) -> str:
-        """Store the concatenated bytes of the buffers ``chunks`` as a blob; return its name.
-
-        Inside a write transaction. The name is a function of the bytes alone, and
-        storing bytes already stored adds nothing. When this returns the blob is
-        durable, so a record committed later never names a missing or partial
-        blob; if the transaction rolls back, no reader ever sees the blob.
-        """
 
     @abstractmethod
     def get_blob(self, name: str, size: int, *, writable: bool) -> Any:
@@ -133,14 +100,6 @@ class Backend(ABC):
         """``(object id, record data or None)`` for ``key`` in one step, or None if unbound."""
 
     @abstractmethod
-    def bind_key(self, key: str, oid: int) -> int | None:
-        """Bind ``key`` to ``oid``; return the object id it was bound to before, or None."""
-
-    @abstractmethod
-    def unbind_key(self, key: str) -> int | None:
-        """Remove ``key``; return the object id it was bound to, or None if it was unbound."""
-
-    @abstractmethod
     def iter_keys(self) -> Iterator[str]:
         """Every bound key, each once, streamed: memory does not grow with the number of keys.
 
@@ -156,7 +115,105 @@ class Backend(ABC):
     def count_keys(self) -> int:
         """The number of bound keys."""
 
-    # -- transactions and change detection --------------------------------------------------
+    # -- change detection -----------------------------------------------------------------
+
+    @abstractmethod
+    def change_marker(self) -> Hashable:
+        """A value that differs from the previous call's when another connection committed since.
+
+        This connection's own commits need not change it.
+        """
+
+    # -- lifetime ----------------------------------------------------------------------------
+
+    @abstractmethod
+    def after_fork(self) -> None:
+        """In a child process after ``fork()``: replace every OS resource shared with the parent.
+
+        The parent's connections and locks must be left as they are (closing or
+        unlocking them from the child would act on the parent's).
+        """
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release every resource; a transaction still open is rolled back. Idempotent."""
+
+
+class Backend(ReadableBackend):
+    """One open connection to one store, for reading and writing (constructed as
+    :class:`ReadableBackend` says). Opened with flag 'r', ``read_only`` is True and
+    nothing is written: :meth:`begin` raises :class:`~pstore.errors.ReadOnlyError`.
+    """
+
+    @contextmanager
+    def writing(self) -> Iterator[Backend]:
+        """Run the block in a write transaction: :meth:`begin`, then :meth:`commit` if the
+        block ends normally, else :meth:`rollback` (also when the commit fails)."""
+        self.begin()
+        try:
+            yield self
+            self.commit()
+        except BaseException:
+            self.rollback()
+            raise
+
+    # -- records ----------------------------------------------------------------------------
+
+    @abstractmethod
+    def new_oid(self) -> int:
+        """Allocate an object id (> 0) that no record has, had, or will be given by another call.
+
+        Inside a write transaction only; ids allocated in a transaction that is rolled
+        back may be allocated again.
+        """
+
+    @abstractmethod
+    def put_record(self, oid: int, data: bytes, refs: Collection[int],
+                   *, lazy_refs: Collection[int] = (), blobs: Collection[str] = ()) -> None:
+        """Create record ``oid``, or replace its data, refs and blobs if it exists.
+
+        ``lazy_refs``, a subset of ``refs``, are the references that loading the
+        record does not follow at once (references to Persistent objects); only
+        :meth:`reaches` tells them apart. ``blobs``: the names (from
+        :meth:`put_blob`) of the blobs ``data`` uses.
+        """
+
+    @abstractmethod
+    def delete_record(self, oid: int) -> None:
+        """Remove record ``oid``, its refs and its blobs' names; no error if it does not exist."""
+
+    @abstractmethod
+    def is_referenced(self, oid: int) -> bool:
+        """Whether a key is bound to ``oid`` or a record's refs contain it."""
+
+    @abstractmethod
+    def reaches(self, sources: Collection[int], target: int) -> bool:
+        """Whether ``target`` is one of ``sources`` or reachable from them through refs
+        that are not lazy."""
+
+    # -- blobs ------------------------------------------------------------------------------
+
+    @abstractmethod
+    def put_blob(self, chunks: Iterable[Any]) -> str:
+        """Store the concatenated bytes of the buffers ``chunks`` as a blob; return its name.
+
+        Inside a write transaction. The name is a function of the bytes alone, and
+        storing bytes already stored adds nothing. When this returns the blob is
+        durable, so a record committed later never names a missing or partial
+        blob; if the transaction rolls back, no reader ever sees the blob.
+        """
+
+    # -- keys -------------------------------------------------------------------------------
+
+    @abstractmethod
+    def bind_key(self, key: str, oid: int) -> int | None:
+        """Bind ``key`` to ``oid``; return the object id it was bound to before, or None."""
+
+    @abstractmethod
+    def unbind_key(self, key: str) -> int | None:
+        """Remove ``key``; return the object id it was bound to, or None if it was unbound."""
+
+    # -- transactions -----------------------------------------------------------------------
 
     @abstractmethod
     def begin(self) -> None:
@@ -175,13 +232,6 @@ class Backend(ABC):
     def rollback(self) -> None:
         """Discard the transaction's changes and release the lock."""
 
-    @abstractmethod
-    def change_marker(self) -> Hashable:
-        """A value that differs from the previous call's when another connection committed since.
-
-        This connection's own commits need not change it.
-        """
-
     # -- maintenance ------------------------------------------------------------------------
 
     @abstractmethod
@@ -191,15 +241,3 @@ class Backend(ABC):
         Also deletes, when the transaction commits, every blob no remaining record
         names. Inside a write transaction. Readers in other processes are not blocked.
         """
-
-    @abstractmethod
-    def after_fork(self) -> None:
-        """In a child process after ``fork()``: replace every OS resource shared with the parent.
-
-        The parent's connections and locks must be left as they are (closing or
-        unlocking them from the child would act on the parent's).
-        """
-
-    @abstractmethod
-    def close(self) -> None:
-        """Release every resource; a transaction still open is rolled back. Idempotent."""

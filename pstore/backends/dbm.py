@@ -377,6 +377,8 @@ class DBMBackend(LocalBlobs, Backend):
     from many processes at once.
     """
 
+    takes_variant = True
+
     def __init__(self, path: str, flag: str, *, lock_timeout: float, fsync: bool,
                  variant: str | None = None) -> None:
         self.path = path
