@@ -6,16 +6,19 @@
 
 from __future__ import annotations
 
-from .errors import (ClosedError, Error, FormatError, LockTimeoutError, MissingObjectError,
-                     ReadOnlyError)
+from .errors import (ArgumentError, ClosedError, Error, FormatError, KeyTypeError,
+                     LockTimeoutError, MissingObjectError, PersistentClassError, ReadOnlyError,
+                     ReferenceCycleError, UnstorableError)
 from .store import Store, open
 from .store.persistent import Persistent, PersistentDict, PersistentList
 from .convert import convert_shelve
 
+#: The one place the version is stated (pyproject.toml reads it from here).
 __version__ = "0.1.0"
 
 __all__ = [
     "open", "Store", "convert_shelve", "Persistent", "PersistentList", "PersistentDict",
     "Error", "ClosedError", "ReadOnlyError", "LockTimeoutError", "FormatError",
-    "MissingObjectError",
+    "MissingObjectError", "UnstorableError", "ReferenceCycleError", "ArgumentError",
+    "KeyTypeError", "PersistentClassError",
 ]

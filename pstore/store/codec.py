@@ -27,7 +27,15 @@ from ..backends.base import ReadableBackend
 from ..errors import FormatError, MissingObjectError
 from . import records
 from .identity import IdentityMap, is_referable
-from .persistent import GHOST, DataManager, Persistent, fill, is_ghost, placeholder, status_of
+from .persistent import (
+    GHOST,
+    DataManager,
+    Persistent,
+    fill,
+    is_ghost,
+    placeholder,
+    status_of,
+)
 
 __all__ = ["RecordPickler", "PicklerHost", "RecordUnpickler", "Resolver", "RecordLoader",
            "LOAD_DEPTH_LIMIT"]
@@ -237,7 +245,8 @@ class RecordLoader:
             return self._unpickle(oid, None)
         return self._load_outermost(oid, data)
 
-    def load_fresh(self, oid: int, data: bytes, before_reference: Callable[[], None]) -> Any:
+    def load_fresh(self, oid: int, data: bytes | None,
+                   before_reference: Callable[[], None]) -> Any:
         """:meth:`load`, calling ``before_reference()`` before the first reference the
         record holds is resolved (not at all if it holds none): the Store brings its
         identity map up to date there, so a record that refers to nothing costs no query."""
@@ -365,6 +374,8 @@ class RecordLoader:
         return obj
 
     def _new_placeholder(self, cls: type[Persistent], oid: int) -> Persistent:
-        obj = placeholder(cls, self._manager(), oid)
+        manager = self._manager()
+        assert manager is not None, "a load runs only while its Store is alive"
+        obj = placeholder(cls, manager, oid)
         self._ids.add(obj, oid, persistent=True)
         return obj

@@ -42,8 +42,9 @@ class DataManager(Protocol):
     functions at the end of this module on the object.
     """
 
-    #: The store's location, for error messages.
-    path: str
+    @property
+    def path(self) -> str:
+        """The store's location, for error messages."""
 
     def setstate(self, obj: Persistent) -> None:
         """Load the state of placeholder ``obj`` from its record (called at its first use).

@@ -347,7 +347,7 @@ class Store(MutableMapping[str, Any]):
         if not self._txn.depth:
             self._see_latest()
 
-    def _load_latest(self, oid: int, data: bytes) -> Any:
+    def _load_latest(self, oid: int, data: bytes | None) -> Any:
         """Outside a transaction: the object of record ``oid``, whose bytes ``data`` were
         just read, with the identity map brought up to date before it is used.
 

@@ -23,8 +23,17 @@ from ..errors import ReferenceCycleError, UnstorableError
 from . import records
 from .codec import RecordPickler
 from .identity import IdentityMap, is_referable
-from .persistent import (CHANGED, SAVED, DataManager, Persistent, attach, detach, ghostify,
-                         set_status, status_of)
+from .persistent import (
+    CHANGED,
+    SAVED,
+    DataManager,
+    Persistent,
+    attach,
+    detach,
+    ghostify,
+    set_status,
+    status_of,
+)
 
 __all__ = ["Transaction", "WritebackCache"]
 
@@ -162,6 +171,7 @@ class Transaction:
         """Make Persistent ``obj``, in no store yet, an object of this one; its record is
         written by the commit under way (or the transaction's). Returns its object id."""
         manager = self._manager()
+        assert manager is not None, "a commit runs only while its Store is alive"
         if obj._p_store is not None:
             raise UnstorableError(
                 self._path, f"a {type(obj).__qualname__} of store {obj._p_store.path!r}",
