@@ -283,7 +283,6 @@ class Store(MutableMapping[str, Any]):
             finally:
                 self._closed = True
                 self._txn.discard_unsaved()
-                self._txn.cache.clear()
                 for obj in self._ids.persistent_objects():
                     if status_of(obj) != GHOST:
                         detach(obj)
@@ -384,7 +383,6 @@ class Store(MutableMapping[str, Any]):
         if self._closed:
             return
         forked_in_transaction = self._txn.depth > 0
-        self._txn.depth = 0
         self._txn.forget()
         if forked_in_transaction:
             # The parent's write transaction is the parent's: SQLite's in-process lock

@@ -194,7 +194,7 @@ class Transaction:
 
     def discard_unsaved(self) -> None:
         """Forget the writeback cache and the changes of Persistent objects, unwritten."""
-        self.cache.objects.clear()
+        self.cache.clear()
         self._changed.clear()
 
     # -- commit -----------------------------------------------------------------------------
@@ -322,8 +322,9 @@ class Transaction:
 
         Persistent objects it stored first become objects of no store again (with the
         state they have); those with uncommitted changes become placeholders, so
-        they load their committed state when next used.
+        they load their committed state when next used. Afterwards no transaction is open.
         """
+        self.depth = 0
         manager = self._manager()
         for oid in self._new_oids:
             obj = self._ids.get(oid)
