@@ -170,25 +170,27 @@ class RecordUnpickler(engine.Unpickler):
 
     def __init__(self, resolver: Resolver) -> None:
         super().__init__(io.BytesIO())   # records are read with load_bytes_at, never from the file
-        self._resolve = weakref.proxy(resolver).resolve
+        # A proxy: the resolver holds this unpickler, and a cycle would keep a dropped
+        # resolver (and the backend it reads) alive until the garbage collector runs.
+        self._resolver = weakref.proxy(resolver)
 
     def persistent_load(self, pid: Any) -> Any:
         kind = type(pid)
         if kind is int:
-            return self._resolve(pid, None)
+            return self._resolver.resolve(pid, None)
         if kind is tuple and len(pid) == 2 and type(pid[0]) is int:
-            return self._resolve(*pid)
+            return self._resolver.resolve(*pid)
         if kind is str:     # protocol 0 writes persistent ids as text
             oid, _, cls = pid.partition(" ")
             if oid.isdigit():
                 if not cls:
-                    return self._resolve(int(oid), None)
+                    return self._resolver.resolve(int(oid), None)
                 module, _, qualname = cls.partition(" ")
                 head, *attributes = qualname.split(".")
                 found = self.find_class(module, head)
                 for attribute in attributes:
                     found = getattr(found, attribute)
-                return self._resolve(int(oid), found)
+                return self._resolver.resolve(int(oid), found)
         raise engine.UnpicklingError(f"a record refers to {pid!r}, which is not an object id")
 
 

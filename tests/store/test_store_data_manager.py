@@ -4,9 +4,13 @@ minimal data manager as well as the Store, so the protocol is all the object rel
 
 from __future__ import annotations
 
+import gc
+import weakref
 from typing import Any
 
 import pytest
+
+import pstore
 
 from pstore.store.persistent import DataManager, Persistent, fill, ghostify, placeholder
 from tests.store.objects import Node
@@ -58,3 +62,21 @@ def test_the_store_is_the_data_manager_of_what_it_loads(opener):
     store.close()
     with opener() as store:
         assert store["n"].children[0].name == "renamed"
+
+
+def test_a_dropped_store_is_freed_without_the_garbage_collector(path, backend_name):
+    """The codec, the loader and the transaction refer back to the Store weakly, so that
+    dropping the last reference frees it (and its connection) at once."""
+    store = pstore.open(path, backend=backend_name)
+    store["k"] = [1]
+    store["j"] = [store["k"], Node("n")]
+    store["j"][1].name = "changed"
+    store.sync()
+    rooms = [weakref.ref(store), weakref.ref(store._loader), weakref.ref(store._txn)]
+    store.close()
+    gc.disable()
+    try:
+        del store
+        assert [room() for room in rooms] == [None, None, None]
+    finally:
+        gc.enable()
