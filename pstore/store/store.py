@@ -139,10 +139,8 @@ class Store(MutableMapping[str, Any]):
             self._check_writable("delete a key")
             self._check_key(key)
             with self._transaction():
-                oid = self._writable_backend().unbind_key(key)
-                if oid is None:
+                if not self._txn.unbind(key):
                     raise KeyError(key)
-                self._txn.release(oid)
 
     def __contains__(self, key: object) -> bool:
         with self._lock:
@@ -262,7 +260,7 @@ class Store(MutableMapping[str, Any]):
         with self._lock:
             self._check_writable("collect garbage")
             with self._transaction():
-                return self._writable_backend().gc()
+                return self._txn.collect_garbage()
 
     def close(self) -> None:
         """Commit the changed Persistent objects, write back the cache (``writeback=True``)
@@ -330,10 +328,6 @@ class Store(MutableMapping[str, Any]):
         self._check_open()
         if self._read_only:
             raise ReadOnlyError(self._path, operation)
-
-    def _writable_backend(self) -> Backend:
-        """The backend, once :meth:`_check_writable` passed."""
-        return cast(Backend, self._backend)
 
     @staticmethod
     def _check_key(key: Any) -> None:

@@ -163,9 +163,18 @@ class Transaction:
         if old is not None and old != oid:
             self._released.add(old)
 
-    def release(self, oid: int) -> None:
-        """A key stopped naming record ``oid``: delete it at commit if nothing refers to it."""
+    def unbind(self, key: str) -> bool:
+        """Unbind ``key`` (its record is deleted at commit if nothing refers to it);
+        False if it was not bound."""
+        oid = self._backend.unbind_key(key)
+        if oid is None:
+            return False
         self._released.add(oid)
+        return True
+
+    def collect_garbage(self) -> int:
+        """Delete, in this transaction, the records no key reaches; return how many."""
+        return self._backend.gc()
 
     def adopt(self, obj: Persistent) -> int:
         """Make Persistent ``obj``, in no store yet, an object of this one; its record is
