@@ -20,6 +20,7 @@ __all__ = [
     "LockTimeoutError",
     "FormatError",
     "MissingObjectError",
+    "CorruptionError",
 ]
 
 
@@ -88,3 +89,29 @@ class MissingObjectError(Error, KeyError):
     def __str__(self) -> str:
         message = f"store {self.path!r} has no record with object id {self.object_id}"
         return message if self.what is None else f"{message}: {self.what}"
+
+
+class CorruptionError(Error, ValueError):
+    """Stored bytes or files are damaged (or were tampered with): ``what`` says how, at
+    ``path``; ``key`` and ``object_id`` name the record, when known."""
+
+    def __init__(self, path: str, what: str, *, key: str | None = None,
+                 object_id: int | None = None) -> None:
+        super().__init__(path, what, key, object_id)
+        self.path = path
+        self.what = what
+        self.key = key
+        self.object_id = object_id
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return _corruption_error, self.args
+
+    def __str__(self) -> str:
+        where = "".join([f", key {self.key!r}" if self.key is not None else "",
+                         f", object id {self.object_id}" if self.object_id is not None else ""])
+        return f"store {self.path!r} is damaged{where}: {self.what}"
+
+
+def _corruption_error(path: str, what: str, key: str | None,
+                      object_id: int | None) -> CorruptionError:
+    return CorruptionError(path, what, key=key, object_id=object_id)
