@@ -28,7 +28,7 @@ import warnings
 from collections.abc import Collection, Iterable, Iterator
 from typing import Any, NamedTuple
 
-from ..errors import CorruptionError, FormatError
+from ..errors import ClosedError, CorruptionError, FormatError
 from .files import fsync_directory
 
 __all__ = ["BlobStore", "LocalBlobs", "OddEntry", "blob_digest", "LEAF_SIZE"]
@@ -192,6 +192,12 @@ class BlobStore:
         self.directory = directory
         self._created: list[str] = []   # blobs the open transaction created
         self._doomed: set[str] = set()  # blobs to delete when the open transaction commits
+        #: Set by :meth:`close`: the backend's blob methods then raise ClosedError.
+        self.closed = False
+
+    def close(self) -> None:
+        """Mark the blobs closed with their backend (nothing is held open between calls)."""
+        self.closed = True
 
     def path_of(self, name: str) -> str:
         """The file of blob ``name`` (which must be a digest: 64 hex digits)."""
@@ -509,14 +515,16 @@ class LocalBlobs:
     _blobs: BlobStore
 
     def put_blob(self, chunks: Iterable[Any]) -> str:
+        blobs = self._open_blobs()
         try:
-            return self._blobs.put(chunks)
+            return blobs.put(chunks)
         except CorruptionError as error:
             raise CorruptionError(self.path, error.what) from None
 
     def get_blob(self, name: str, size: int, *, writable: bool) -> Any:
+        blobs = self._open_blobs()
         try:
-            return self._blobs.open(name, size, writable=writable)
+            return blobs.open(name, size, writable=writable)
         except FileNotFoundError:
             raise self._missing(name) from None
         except CorruptionError as error:    # a ValueError too: first
@@ -525,8 +533,9 @@ class LocalBlobs:
             raise FormatError(self.path, str(error)) from None
 
     def read_blob(self, name: str) -> Iterator[bytes]:
+        blobs = self._open_blobs()
         try:
-            yield from self._blobs.read_chunks(name)
+            yield from blobs.read_chunks(name)
         except FileNotFoundError:
             raise self._missing(name) from None
         except CorruptionError as error:
@@ -534,11 +543,16 @@ class LocalBlobs:
 
     def verify_blob(self, name: str) -> str | None:
         """Re-hash blob ``name``: None if its content matches its name, else what is wrong."""
-        return self._blobs.verify(name)
+        return self._open_blobs().verify(name)
 
     def odd_blob_entries(self) -> list[OddEntry]:
         """The entries of the blob folder that are not blobs (left alone by pstore)."""
-        return self._blobs.odd_entries()
+        return self._open_blobs().odd_entries()
+
+    def _open_blobs(self) -> BlobStore:
+        if self._blobs.closed:
+            raise ClosedError(self.path)
+        return self._blobs
 
     def _missing(self, name: str) -> FormatError:
         return FormatError(self.path, f"blob file {self._blobs.path_of(name)} is missing")

@@ -9,12 +9,12 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import shutil
 import sqlite3
+import sys
 from collections.abc import Callable, Collection, Iterator
 from typing import NoReturn
 
-from ..errors import FormatError, LockTimeoutError, ReadOnlyError
+from ..errors import ClosedError, CorruptionError, FormatError, LockTimeoutError, ReadOnlyError
 from .base import Backend
 from .blobs import BlobStore, LocalBlobs
 from .files import FileLock, create_private, require_existing
@@ -51,6 +51,15 @@ _UPGRADE = (
     "CREATE TABLE blob_refs (oid INTEGER NOT NULL, blob TEXT NOT NULL, PRIMARY KEY (oid, blob))"
     " WITHOUT ROWID",
     f"UPDATE meta SET value = {FORMAT_VERSION} WHERE name = 'version'",
+)
+
+# Flag 'n' on an existing store, in one transaction. next_oid stays: another open Store may
+# still hold objects under the ids given out so far.
+_EMPTY = (
+    "DELETE FROM keys",
+    "DELETE FROM refs",
+    "DELETE FROM blob_refs",
+    "DELETE FROM records",
 )
 
 _GET_RECORD = "SELECT data FROM records WHERE oid = ?"
@@ -103,23 +112,48 @@ _OID_BLOCK = 1000
 #: How many keys one query of :meth:`SQLiteBackend.iter_keys` fetches.
 _KEY_BATCH = 1000
 
+# SQLite's primary result codes (an extended code carries its primary one in the low byte).
+_SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_CORRUPT, _SQLITE_NOTADB = 5, 6, 11, 26
+_BUSY = (_SQLITE_BUSY, _SQLITE_LOCKED)
+_DAMAGED = (_SQLITE_CORRUPT, _SQLITE_NOTADB)
+# Python 3.10's sqlite3 exceptions carry no result code, only SQLite's message. For these
+# codes SQLite's message is its fixed English text for the code (sqlite3_errstr), which
+# SQLite has never changed; SQLITE_LOCKED may name the table after a colon. Matching the
+# whole text (not a word in it) keeps, say, a file named "locked" from counting as busy.
+_CODE_OF_MESSAGE = {
+    "database is locked": _SQLITE_BUSY,
+    "database table is locked": _SQLITE_LOCKED,
+    "database schema is locked": _SQLITE_LOCKED,
+    "database disk image is malformed": _SQLITE_CORRUPT,
+    "file is not a database": _SQLITE_NOTADB,
+}
+
+
+def _result_code(error: sqlite3.Error) -> int | None:
+    """The primary SQLite result code of ``error``, when it can be known."""
+    if sys.version_info >= (3, 11):
+        code = getattr(error, "sqlite_errorcode", None)
+        return None if code is None else code & 0xFF
+    return _CODE_OF_MESSAGE.get(str(error).partition(":")[0])
+
+
 # Connections inherited from a parent process. Kept referenced forever: closing
 # them in the child would act on the parent's (SQLite's POSIX advisory locks
 # belong to the process, and closing any descriptor of the file drops them).
 _INHERITED: list[object] = []
 
 
-class _NoCursor:
+class _ClosedCursor:
     """The cursor of a backend without a connection (closed, or failed to reopen after a
-    fork): every statement raises, as on a closed connection."""
+    fork): every statement raises :class:`~pstore.ClosedError`."""
+
+    def __init__(self, path: str) -> None:
+        self._path = path
 
     def execute(self, *args: object) -> NoReturn:
-        raise sqlite3.ProgrammingError("the backend is closed")
+        raise ClosedError(self._path)
 
     executemany = execute
-
-
-_NO_CURSOR = _NoCursor()
 
 
 class SQLiteBackend(LocalBlobs, Backend):
@@ -147,21 +181,15 @@ class SQLiteBackend(LocalBlobs, Backend):
         # One cursor for the frequent statements, sparing the cursor Connection.execute
         # makes each time. Each of them has at most one row and reads it, which ends the
         # statement: one left unfinished would keep its read transaction (and snapshot) open.
-        self._cursor: sqlite3.Cursor | _NoCursor = _NO_CURSOR
-        if flag == "n":
-            shutil.rmtree(self._blobs.directory, ignore_errors=True)
-            for suffix in ("", "-wal", "-shm", "-journal"):
-                try:
-                    os.unlink(path + suffix)
-                except FileNotFoundError:
-                    pass
+        self._closed_cursor = _ClosedCursor(path)
+        self._cursor: sqlite3.Cursor | _ClosedCursor = self._closed_cursor
         require_existing(path, flag, lambda: os.path.exists(path))
         if flag in ("c", "n"):
             # SQLite gives its -wal and -shm files the permissions of the database file.
             create_private(path)
         self._file_lock = self._make_file_lock()
         try:
-            self._connect(create=flag in ("c", "n"))
+            self._connect(create=flag in ("c", "n"), empty=flag == "n")
         except BaseException:
             self._file_lock.close()
             raise
@@ -171,7 +199,7 @@ class SQLiteBackend(LocalBlobs, Backend):
     def _make_file_lock(self) -> FileLock:
         return FileLock(self.path + ".lock", self._lock_timeout)
 
-    def _connect(self, create: bool) -> None:
+    def _connect(self, create: bool, empty: bool = False) -> None:
         if self.read_only:
             uri = pathlib.Path(self.path).absolute().as_uri() + "?mode=ro"
             conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
@@ -187,54 +215,68 @@ class SQLiteBackend(LocalBlobs, Backend):
                 self._check_format()
             else:
                 # Checked before the first write, so a foreign database is left untouched.
-                self._init_or_check(create)
+                self._init_or_check(create, empty)
                 conn.execute("PRAGMA journal_mode = WAL")
                 conn.execute(f"PRAGMA synchronous = {'FULL' if self._fsync else 'NORMAL'}")
-        except sqlite3.OperationalError as error:
-            conn.close()
-            self._conn = None
-            self._cursor = _NO_CURSOR
-            if "locked" in str(error):
-                raise LockTimeoutError(self.path, self._lock_timeout) from error
-            raise   # e.g. no permission: not a question of format
         except sqlite3.DatabaseError as error:
-            # SQLITE_NOTADB or SQLITE_CORRUPT: random bytes, a text file, ...
             conn.close()
             self._conn = None
-            self._cursor = _NO_CURSOR
-            raise FormatError(self.path, f"not an SQLite database ({error})") from None
+            self._cursor = self._closed_cursor
+            code = _result_code(error)
+            if code in _BUSY:
+                raise LockTimeoutError(self.path, self._lock_timeout) from error
+            if code in _DAMAGED or not isinstance(error, sqlite3.OperationalError):
+                # Random bytes, a text file, a damaged header: not a store this can open.
+                raise FormatError(self.path, f"not an SQLite database ({error})") from None
+            raise   # e.g. no permission: not a question of format
         except BaseException:
             conn.close()
             self._conn = None
-            self._cursor = _NO_CURSOR
+            self._cursor = self._closed_cursor
             raise
 
-    def _init_or_check(self, create: bool) -> None:
-        """Create the schema in an empty database (under the write lock), else check it."""
+    def _init_or_check(self, create: bool, empty: bool) -> None:
+        """Create the schema in an empty database (under the write lock), else check it;
+        ``empty``: then remove every key, record and blob of the store (flag 'n')."""
         conn = self._require()
         if conn.execute(_COUNT_TABLES).fetchone()[0]:
             if self._check_format() < FORMAT_VERSION:
                 self._upgrade()
+            if empty:
+                self._write_once(self._empty)
             return
         if not create:
             raise FormatError(self.path, "an empty file")
-        self._change_schema(_SCHEMA, lambda: not conn.execute(_COUNT_TABLES).fetchone()[0])
+        # A brand-new store is empty already: one transaction, as for flag 'c'.
+        self._write_once(lambda: self._run(_SCHEMA),
+                         lambda: not conn.execute(_COUNT_TABLES).fetchone()[0])
         self._check_format()
 
     def _upgrade(self) -> None:
         """Bring a version 1 file to the current version."""
         conn = self._require()
-        self._change_schema(_UPGRADE,
-                            lambda: conn.execute(_VERSION).fetchone()[0] < FORMAT_VERSION)
+        self._write_once(lambda: self._run(_UPGRADE),
+                         lambda: conn.execute(_VERSION).fetchone()[0] < FORMAT_VERSION)
 
-    def _change_schema(self, statements: tuple[str, ...], needed: Callable[[], bool]) -> None:
-        """Run ``statements`` in one write transaction, if ``needed()`` under the write lock:
-        another process may have done it while this one waited for the lock."""
+    def _empty(self) -> None:
+        """Flag 'n' on an existing store: what other Stores see at their next read is an
+        empty store, and what they write later lands in it."""
+        self._run(_EMPTY)
+        self._blobs.collect(())     # deleted when the transaction commits
+
+    def _run(self, statements: tuple[str, ...]) -> None:
+        conn = self._require()
+        for statement in statements:
+            conn.execute(statement)
+
+    def _write_once(self, change: Callable[[], None],
+                    needed: Callable[[], bool] = lambda: True) -> None:
+        """Make ``change`` in one write transaction, if ``needed()`` under the write lock
+        (another process may have done it while this one waited for the lock)."""
         self.begin()
         try:
             if needed():
-                for statement in statements:
-                    self._require().execute(statement)
+                change()
             self.commit()
         except BaseException:
             self.rollback()
@@ -245,7 +287,9 @@ class SQLiteBackend(LocalBlobs, Backend):
         conn = self._require()
         try:
             meta = dict(conn.execute(_META).fetchall())
-        except sqlite3.OperationalError:
+        except sqlite3.OperationalError as error:
+            if _result_code(error) in _BUSY:
+                raise
             raise FormatError(self.path, "an SQLite database without pstore's tables") from None
         if meta.get("format") != FORMAT_NAME or not isinstance(meta.get("version"), int):
             raise FormatError(self.path, "an SQLite database without pstore's meta rows")
@@ -257,8 +301,15 @@ class SQLiteBackend(LocalBlobs, Backend):
     def _require(self) -> sqlite3.Connection:
         conn = self._conn
         if conn is None:
-            raise sqlite3.ProgrammingError("the backend is closed")
+            raise ClosedError(self.path)
         return conn
+
+    def _failed(self, error: sqlite3.DatabaseError) -> NoReturn:
+        """Raise what ``error`` of a statement means: a damaged file (a malformed page)
+        becomes a :class:`~pstore.CorruptionError`, anything else stays as it is."""
+        if _result_code(error) in _DAMAGED:
+            raise CorruptionError(self.path, f"the SQLite file is damaged ({error})") from error
+        raise error
 
     # -- records ----------------------------------------------------------------------------
 
@@ -267,8 +318,11 @@ class SQLiteBackend(LocalBlobs, Backend):
             conn = self._require()
             # Ids below meta's next_oid are never allocated again, even after gc() freed
             # them: another process may still hold an object under such an id.
-            first = conn.execute(_NEXT_OID).fetchone()[0]
-            conn.execute(_RESERVE_OIDS, (first + _OID_BLOCK,))
+            try:
+                first = conn.execute(_NEXT_OID).fetchone()[0]
+                conn.execute(_RESERVE_OIDS, (first + _OID_BLOCK,))
+            except sqlite3.DatabaseError as error:
+                self._failed(error)
             self._next_oid, self._block_end = first, first + _OID_BLOCK
             self._block_is_committed = False
         oid = self._next_oid
@@ -277,7 +331,10 @@ class SQLiteBackend(LocalBlobs, Backend):
         return oid
 
     def get_record(self, oid: int) -> bytes | None:
-        row = self._cursor.execute(_GET_RECORD, (oid,)).fetchone()
+        try:
+            row = self._cursor.execute(_GET_RECORD, (oid,)).fetchone()
+        except sqlite3.DatabaseError as error:
+            self._failed(error)
         return None if row is None else row[0]
 
     def put_record(self, oid: int, data: bytes, refs: Collection[int],
@@ -305,24 +362,39 @@ class SQLiteBackend(LocalBlobs, Backend):
     def existing(self, oids: Collection[int]) -> set[int]:
         if not oids:
             return set()
-        rows = self._require().execute(_EXISTING, (json.dumps(list(oids)),))
-        return {row[0] for row in rows}
+        try:
+            rows = self._require().execute(_EXISTING, (json.dumps(list(oids)),))
+            return {row[0] for row in rows}
+        except sqlite3.DatabaseError as error:
+            self._failed(error)
 
     def is_referenced(self, oid: int) -> bool:
-        return bool(self._require().execute(_IS_REFERENCED, (oid,)).fetchone()[0])
+        try:
+            return bool(self._require().execute(_IS_REFERENCED, (oid,)).fetchone()[0])
+        except sqlite3.DatabaseError as error:
+            self._failed(error)
 
     def reaches(self, sources: Collection[int], target: int) -> bool:
-        rows = self._require().execute(_REACHES, (json.dumps(list(sources)), target))
-        return rows.fetchone() is not None
+        try:
+            rows = self._require().execute(_REACHES, (json.dumps(list(sources)), target))
+            return rows.fetchone() is not None
+        except sqlite3.DatabaseError as error:
+            self._failed(error)
 
     # -- keys -------------------------------------------------------------------------------
 
     def get_key(self, key: str) -> int | None:
-        row = self._cursor.execute(_GET_KEY, (key,)).fetchone()
+        try:
+            row = self._cursor.execute(_GET_KEY, (key,)).fetchone()
+        except sqlite3.DatabaseError as error:
+            self._failed(error)
         return None if row is None else row[0]
 
     def get_item(self, key: str) -> tuple[int, bytes | None] | None:
-        return self._cursor.execute(_GET_ITEM, (key,)).fetchone()
+        try:
+            return self._cursor.execute(_GET_ITEM, (key,)).fetchone()
+        except sqlite3.DatabaseError as error:
+            self._failed(error)
 
     def bind_key(self, key: str, oid: int) -> int | None:
         previous = self.get_key(key)
@@ -340,24 +412,28 @@ class SQLiteBackend(LocalBlobs, Backend):
         # Keyset pagination: each batch is a short statement of its own, so no read
         # transaction stays open between batches (it would hold back checkpoints) and
         # writes between batches are allowed.
-        batch = [row[0] for row in self._require().execute(_FIRST_KEYS, (_KEY_BATCH,))]
-        while batch:
-            yield from batch
-            if len(batch) < _KEY_BATCH:
-                return
-            batch = [row[0] for row in
-                     self._require().execute(_NEXT_KEYS, (batch[-1], _KEY_BATCH))]
+        return (row[0] for row in self._batches(_FIRST_KEYS, _NEXT_KEYS))
 
     def iter_items(self) -> Iterator[tuple[str, int, bytes | None]]:
-        rows = self._require().execute(_FIRST_ITEMS, (_KEY_BATCH,)).fetchall()
-        while rows:
-            yield from rows
-            if len(rows) < _KEY_BATCH:
-                return
-            rows = self._require().execute(_NEXT_ITEMS, (rows[-1][0], _KEY_BATCH)).fetchall()
+        return self._batches(_FIRST_ITEMS, _NEXT_ITEMS)
+
+    def _batches(self, first: str, following: str) -> Iterator[tuple]:
+        """The rows of ``first``, then of ``following`` after the last key, a batch at a time."""
+        try:
+            rows = self._require().execute(first, (_KEY_BATCH,)).fetchall()
+            while rows:
+                yield from rows
+                if len(rows) < _KEY_BATCH:
+                    return
+                rows = self._require().execute(following, (rows[-1][0], _KEY_BATCH)).fetchall()
+        except sqlite3.DatabaseError as error:
+            self._failed(error)
 
     def count_keys(self) -> int:
-        return self._require().execute(_COUNT_KEYS).fetchone()[0]
+        try:
+            return self._require().execute(_COUNT_KEYS).fetchone()[0]
+        except sqlite3.DatabaseError as error:
+            self._failed(error)
 
     # -- transactions -----------------------------------------------------------------------
 
@@ -369,10 +445,12 @@ class SQLiteBackend(LocalBlobs, Backend):
             raise LockTimeoutError(self.path, self._lock_timeout)
         try:
             conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError as error:
+        except sqlite3.DatabaseError as error:
             self._file_lock.release()
-            # Only a process that ignores the lock file (not pstore) can cause this.
-            raise LockTimeoutError(self.path, self._lock_timeout) from error
+            if _result_code(error) in _BUSY:
+                # Only a process that ignores the lock file (not pstore) can cause this.
+                raise LockTimeoutError(self.path, self._lock_timeout) from error
+            self._failed(error)
         self._in_transaction = True
 
     def commit(self) -> None:
@@ -403,7 +481,10 @@ class SQLiteBackend(LocalBlobs, Backend):
                 self._file_lock.release()
 
     def change_marker(self) -> int:
-        return self._cursor.execute(_DATA_VERSION).fetchone()[0]
+        try:
+            return self._cursor.execute(_DATA_VERSION).fetchone()[0]
+        except sqlite3.DatabaseError as error:
+            self._failed(error)
 
     # -- maintenance ------------------------------------------------------------------------
 
@@ -412,10 +493,14 @@ class SQLiteBackend(LocalBlobs, Backend):
         # by SQLite (spilling to temporary files), never in Python. Refs first: deleting
         # refs of unreachable records does not change what is reachable.
         conn = self._require()
-        conn.execute(_GC_REFS)
-        deleted = conn.execute(_GC_RECORDS).rowcount
-        conn.execute(_GC_BLOB_REFS)
-        self._blobs.collect({row[0] for row in conn.execute(_REFERENCED_BLOBS)})
+        try:
+            conn.execute(_GC_REFS)
+            deleted = conn.execute(_GC_RECORDS).rowcount
+            conn.execute(_GC_BLOB_REFS)
+            referenced = {row[0] for row in conn.execute(_REFERENCED_BLOBS)}
+        except sqlite3.DatabaseError as error:
+            self._failed(error)
+        self._blobs.collect(referenced)
         return deleted
 
     def after_fork(self) -> None:
@@ -424,7 +509,7 @@ class SQLiteBackend(LocalBlobs, Backend):
         _INHERITED.append(self._conn)
         self._file_lock.abandon()
         self._conn = None
-        self._cursor = _NO_CURSOR
+        self._cursor = self._closed_cursor
         self._in_transaction = False
         # The parent goes on allocating from its block: the child must not.
         self._next_oid = self._block_end = 0
@@ -448,6 +533,8 @@ class SQLiteBackend(LocalBlobs, Backend):
                     pass
         finally:
             self._conn = None
-            self._cursor = _NO_CURSOR
+            self._cursor = self._closed_cursor
+            self._next_oid = self._block_end = 0    # new_oid then needs the connection
+            self._blobs.close()
             self._file_lock.close()
             conn.close()

@@ -974,7 +974,8 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_reopen_in_child)
 
 
-def open(path: str | os.PathLike[str], flag: str = "c", *, backend: str = "sqlite",
+def open(path: str | bytes | os.PathLike[str] | os.PathLike[bytes], flag: str = "c", *,
+         backend: str = "sqlite",
          protocol: int = 5, writeback: bool = False,
          lock_timeout: float = DEFAULT_LOCK_TIMEOUT, fsync: bool = False,
          blob_threshold: int | None = DEFAULT_BLOB_THRESHOLD, compression: str | None = None,
@@ -983,7 +984,8 @@ def open(path: str | os.PathLike[str], flag: str = "c", *, backend: str = "sqlit
 
     ``flag``: 'r' read-only (writes nothing at all, not even to the file's header),
     'w' read-write on an existing store, 'c' create it if missing (default),
-    'n' always start a new, empty store. A missing file with 'r' or 'w' raises
+    'n' empty the store (in one transaction, under the write lock; a new one if
+    missing). ``path``: a str, bytes or os.PathLike path. A missing file with 'r' or 'w' raises
     ``FileNotFoundError``; a file that is not a pstore store (or one written by a
     newer pstore) raises :class:`~pstore.errors.FormatError`. New files are
     readable by their owner only.
@@ -1020,7 +1022,7 @@ def open(path: str | os.PathLike[str], flag: str = "c", *, backend: str = "sqlit
     if not 0 <= protocol <= engine.HIGHEST_PROTOCOL:
         raise ValueError(f"protocol must be between 0 and {engine.HIGHEST_PROTOCOL}, "
                          f"not {protocol}")
-    opened = open_backend(backend, os.fspath(path), flag, lock_timeout=lock_timeout,
+    opened = open_backend(backend, os.fsdecode(path), flag, lock_timeout=lock_timeout,
                           fsync=fsync)
     try:
         return Store(opened, protocol=protocol, writeback=writeback,

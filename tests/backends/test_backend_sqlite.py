@@ -112,16 +112,41 @@ def test_pragmas(tmp_path):
     full.close()
 
 
-def test_no_statement_runs_after_close(tmp_path):
+def test_every_operation_after_close_raises_closed_error(tmp_path):
     # The frequent statements share one cursor: it must not outlive the connection.
-    backend = open_sqlite(str(tmp_path / "store.db"))
+    path = str(tmp_path / "store.db")
+    backend = open_sqlite(path)
     fill(backend)
-    backend.close()
-    for call in (lambda: backend.get_item("k"), lambda: backend.get_key("k"),
-                 lambda: backend.get_record(1), backend.change_marker,
-                 lambda: backend.put_record(1, b"x", [2])):
-        with pytest.raises(sqlite3.ProgrammingError):
+    other = open_sqlite(path)
+    name = other.put_blob([b"blob"])
+    other.close()
+    calls = {
+        "new_oid": backend.new_oid, "get_record": lambda: backend.get_record(1),
+        "put_record": lambda: backend.put_record(1, b"x", [2]),
+        "delete_record": lambda: backend.delete_record(1),
+        "existing": lambda: backend.existing([1]),
+        "is_referenced": lambda: backend.is_referenced(1),
+        "reaches": lambda: backend.reaches([1], 2),
+        "put_blob": lambda: backend.put_blob([b"x"]),
+        "get_blob": lambda: backend.get_blob(name, 4, writable=False),
+        "read_blob": lambda: list(backend.read_blob(name)),
+        "verify_blob": lambda: backend.verify_blob(name),
+        "odd_blob_entries": backend.odd_blob_entries,
+        "get_key": lambda: backend.get_key("k"), "get_item": lambda: backend.get_item("k"),
+        "bind_key": lambda: backend.bind_key("k", 1),
+        "unbind_key": lambda: backend.unbind_key("k"),
+        "iter_keys": lambda: list(backend.iter_keys()),
+        "iter_items": lambda: list(backend.iter_items()),
+        "count_keys": backend.count_keys, "begin": backend.begin, "commit": backend.commit,
+        "change_marker": backend.change_marker, "gc": backend.gc,
+    }
+    for operation, call in calls.items():
+        with pytest.raises(pstore.ClosedError, match="is closed") as raised:
             call()
+            pytest.fail(f"{operation} ran on a closed backend")
+        assert raised.value.path == path, operation
+    backend.rollback()      # ending nothing, and closing again, are no errors
+    backend.close()
 
 
 # The tables of format version 1 (docs/format.md before version 2), as pstore 0.1 made them.
