@@ -985,7 +985,7 @@ def open(path: str | bytes | os.PathLike[str] | os.PathLike[bytes], flag: str = 
     ``flag``: 'r' read-only (writes nothing at all, not even to the file's header),
     'w' read-write on an existing store, 'c' create it if missing (default),
     'n' empty the store (in one transaction, under the write lock; a new one if
-    missing). ``path``: a str, bytes or os.PathLike path. A missing file with 'r' or 'w' raises
+    missing). ``path``: str, bytes or os.PathLike. A missing file with 'r' or 'w' raises
     ``FileNotFoundError``; a file that is not a pstore store (or one written by a
     newer pstore) raises :class:`~pstore.errors.FormatError`. New files are
     readable by their owner only.
