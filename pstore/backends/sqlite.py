@@ -308,7 +308,7 @@ class SQLiteBackend(LocalBlobs, Backend):
         """Raise what ``error`` of a statement means: a damaged file (a malformed page)
         becomes a :class:`~pstore.CorruptionError`, anything else stays as it is."""
         if _result_code(error) in _DAMAGED:
-            raise CorruptionError(self.path, f"the SQLite file is damaged ({error})") from error
+            raise CorruptionError(self.path, f"SQLite reports: {error}") from error
         raise error
 
     # -- records ----------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import stat
+import sys
 
 import pytest
 
@@ -26,7 +27,7 @@ def open_sqlite(path: str, flag: str = "c", **options) -> SQLiteBackend:
     b"this is a text file\n" * 200,
     b"SQLite format 3\x00" + os.urandom(200),
 ])
-@pytest.mark.parametrize("flag", ["r", "w", "c"])
+@pytest.mark.parametrize("flag", ["r", "w", "c", "n"])
 def test_not_a_database(tmp_path, content, flag):
     path = str(tmp_path / "file.db")
     with open(path, "wb") as file:
@@ -38,7 +39,7 @@ def test_not_a_database(tmp_path, content, flag):
         assert file.read() == content
 
 
-@pytest.mark.parametrize("flag", ["r", "w", "c"])
+@pytest.mark.parametrize("flag", ["r", "w", "c", "n"])
 def test_foreign_sqlite_database_is_refused_and_left_untouched(tmp_path, flag):
     path = str(tmp_path / "foreign.db")
     conn = sqlite3.connect(path)
@@ -192,3 +193,52 @@ def test_a_version_1_file_is_read_and_upgraded_when_opened_for_writing(tmp_path)
     with pstore.open(path, "r") as store:
         assert store["node"][0][0] is store["shared"]
         assert bytes(store["array"]) == bytes(100_000)
+
+
+def test_a_malformed_page_during_a_read_is_a_corruption_error(tmp_path):
+    path = str(tmp_path / "store.db")
+    with pstore.open(path) as store:
+        for index in range(300):
+            store[f"k{index}"] = "v" * 500 + str(index)
+    conn = sqlite3.connect(path)
+    page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+    (root,) = conn.execute("SELECT rootpage FROM sqlite_master WHERE name = 'records'").fetchone()
+    conn.close()
+    with open(path, "r+b") as file:      # the records table's root page loses its header
+        file.seek((root - 1) * page_size)
+        file.write(bytes(8))
+    backend = open_sqlite(path, "r")
+    try:
+        oid = backend.get_key("k1")     # the keys table is intact
+        for read in (lambda: backend.get_record(oid), lambda: backend.get_item("k1"),
+                     lambda: list(backend.iter_items())):
+            with pytest.raises(pstore.CorruptionError) as raised:
+                read()
+            assert raised.value.path == path and path in str(raised.value)
+            assert "malformed" in str(raised.value)
+            assert isinstance(raised.value.__cause__, sqlite3.DatabaseError)
+    finally:
+        backend.close()
+    with pstore.open(path, "r") as store:
+        with pytest.raises(pstore.CorruptionError):
+            store["k1"]
+
+
+def test_busy_is_told_by_sqlites_result_code(tmp_path):
+    # A process that ignores pstore's lock file holds SQLite's write lock.
+    path = str(tmp_path / "store.db")
+    fill(open_sqlite(path))
+    backend = open_sqlite(path, "w", lock_timeout=0.2)
+    other = sqlite3.connect(path, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        with pytest.raises(pstore.LockTimeoutError) as raised:
+            backend.begin()
+        if sys.version_info >= (3, 11):     # 3.10's exceptions carry no result code
+            assert raised.value.__cause__.sqlite_errorname == "SQLITE_BUSY"
+        other.execute("ROLLBACK")
+        backend.begin()     # the pstore lock was released with the failure
+        backend.rollback()
+    finally:
+        other.close()
+        backend.close()
