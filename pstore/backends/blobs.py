@@ -40,10 +40,11 @@ _TEMP_PREFIX = ".tmp-"
 _HEX_DIGITS = frozenset("0123456789abcdef")
 # Opening never follows a symbolic link planted where pstore expects its own folders and
 # files; O_NONBLOCK keeps a planted FIFO from blocking the open (reads of regular files
-# ignore it).
-_DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-_NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+# ignore it). (getattr: Windows has none of these, nor dir_fd; the module still imports.)
+_NO_FOLLOW = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+_DIRECTORY_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _NO_FOLLOW
+_READ_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | _NO_FOLLOW
+_NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NO_FOLLOW
 # The data and the size, without the rest of the inode's metadata where the OS can.
 _fdatasync = getattr(os, "fdatasync", os.fsync)
 # mmap keeps a duplicate of the file descriptor unless told not to (Python 3.13+):
