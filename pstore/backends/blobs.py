@@ -15,7 +15,6 @@ use this module; it knows nothing of records, keys or transactions.
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import itertools
 import mmap
@@ -213,7 +212,7 @@ class BlobStore:
         Raises :class:`~pstore.CorruptionError` if the blob folder, its fan-out
         folder or the blob's own entry is something else than pstore made there.
         """
-        root = self._open_root(create=True)
+        root = self._create_root()
         # A fresh random name, created exclusively: nothing planted under it is followed.
         temporary = f"{_TEMP_PREFIX}{secrets.token_hex(16)}"
         try:
@@ -347,7 +346,7 @@ class BlobStore:
         if not names:
             return
         try:
-            root = self._open_root(create=False)
+            root = self._open_root()
         except CorruptionError as error:    # replaced since: leave it alone
             warnings.warn(str(error), RuntimeWarning, stacklevel=3)
             return
@@ -397,28 +396,35 @@ class BlobStore:
 
     # -- opening without following links ------------------------------------------------------
 
-    def _open_root(self, *, create: bool) -> int | None:
-        """A descriptor of the blob folder; None if it does not exist and not ``create``."""
-        if create:
-            try:
-                os.mkdir(self.directory, 0o700)
-            except FileExistsError:
-                pass
-            else:
-                fsync_directory(self.directory)
+    def _create_root(self) -> int:
+        """A descriptor of the blob folder, created if missing."""
+        try:
+            os.mkdir(self.directory, 0o700)
+        except FileExistsError:
+            pass
+        else:
+            fsync_directory(self.directory)
+        return self._open_existing_root()
+
+    def _open_root(self) -> int | None:
+        """A descriptor of the blob folder; None if there is none."""
+        try:
+            return self._open_existing_root()
+        except FileNotFoundError:
+            return None
+
+    def _open_existing_root(self) -> int:
         try:
             return os.open(self.directory, _DIRECTORY_FLAGS)
         except FileNotFoundError:
-            if create:
-                raise
-            return None
+            raise
         except OSError:     # ELOOP for a symbolic link, ENOTDIR for a file
             raise self._not_a_blob(self.directory, _lstat_mode(self.directory),
                                    "folder") from None
 
     def _open_root_to_walk(self, odd: list[OddEntry]) -> int | None:
         try:
-            return self._open_root(create=False)
+            return self._open_root()
         except CorruptionError as error:
             odd.append(OddEntry(self.directory, error.what))
             return None
@@ -442,9 +448,7 @@ class BlobStore:
 
     def _open_blob(self, name: str) -> int:
         """A descriptor of blob file ``name``, open for reading."""
-        root = self._open_root(create=False)
-        if root is None:
-            raise FileNotFoundError(errno.ENOENT, "no blob folder", self.directory)
+        root = self._open_existing_root()
         try:
             fan_out = self._open_fan_out(root, name[:2], create=False)
         finally:

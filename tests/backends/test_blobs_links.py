@@ -65,7 +65,8 @@ def test_temporary_files_get_fresh_names_and_never_follow_a_link(blobs, tmp_path
     for suffix in ("0", "1", "x", "tmp", "aaaaaaaa"):
         os.symlink(target, os.path.join(blobs.directory, f".tmp-{suffix}"))
     name = put(blobs)
-    assert open(blobs.path_of(name), "rb").read() == DATA
+    with open(blobs.path_of(name), "rb") as file:
+        assert file.read() == DATA
     assert target.read_bytes() == b"keep me"
     assert sorted(entry.path for entry in blobs.odd_entries()) == sorted(
         os.path.join(blobs.directory, f".tmp-{suffix}")
