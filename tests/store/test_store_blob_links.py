@@ -202,3 +202,13 @@ def test_odd_names_and_files_are_skipped_and_listed(opener, path):
     assert len(caught) == len(planted)
     assert all(os.path.lexists(entry) for entry in planted)
     assert list(blobs.names()) == []
+
+
+def test_a_dangling_link_as_the_blob_folder_creates_nothing_at_its_target(opener, path,
+                                                                          tmp_path):
+    target = tmp_path / "would-be-created"
+    os.symlink(target, path + ".blobs")
+    with opener() as store:
+        with pytest.raises(Exception, match="symbolic link"):
+            store["a"] = ARRAY
+    assert not os.path.lexists(target) and os.path.islink(path + ".blobs")
