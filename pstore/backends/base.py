@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Collection, Hashable, Iterable, Iterator
+from contextlib import AbstractContextManager
 from typing import Any
 
 __all__ = ["Backend"]
@@ -181,6 +182,20 @@ class Backend(ABC):
 
         This connection's own commits need not change it.
         """
+
+    # -- coordination -----------------------------------------------------------------------
+
+    def key_lock(self, key: str, timeout: float) -> AbstractContextManager[None]:
+        """A context holding a cross-process lock of its own for ``key``, waiting up to
+        ``timeout`` seconds (``inf``: as long as it takes) before
+        :class:`~pstore.errors.LockTimeoutError`.
+
+        Not the write lock: holding it blocks nobody's reads or writes, only other
+        holders of the same key's lock (compute-once, :mod:`pstore.store.compute`).
+        Outside transactions. The file backends keep one lock file per key; a
+        server database would use its own advisory locks.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no key locks")
 
     # -- maintenance ------------------------------------------------------------------------
 

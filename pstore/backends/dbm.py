@@ -31,14 +31,14 @@ import sqlite3
 import struct
 import threading
 from collections.abc import Collection, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 from ..errors import ClosedError, FormatError, LockTimeoutError, ReadOnlyError
 from . import journal
 from .base import Backend
 from .blobs import BlobStore, LocalBlobs
-from .files import FileLock, fsync_directory, require_existing
+from .files import FileLock, key_lock_file, fsync_directory, require_existing
 
 __all__ = ["FORMAT_KEY", "FORMAT_NAME", "FORMAT_VERSION", "MODULES", "DBMBackend",
            "choose_module"]
@@ -945,6 +945,9 @@ class DBMBackend(LocalBlobs, Backend):
         self._blobs.collect({name for oid in live
                              for name in _unpack_names(self._get(_blobs_key(oid)))})
         return deleted
+
+    def key_lock(self, key: str, timeout: float) -> AbstractContextManager[None]:
+        return key_lock_file(self.path, key, timeout)
 
     def after_fork(self) -> None:
         if self._closed:

@@ -12,12 +12,13 @@ import pathlib
 import shutil
 import sqlite3
 from collections.abc import Callable, Collection, Iterator
+from contextlib import AbstractContextManager
 from typing import NoReturn
 
 from ..errors import FormatError, LockTimeoutError, ReadOnlyError
 from .base import Backend
 from .blobs import BlobStore, LocalBlobs
-from .files import FileLock, create_private, require_existing
+from .files import FileLock, key_lock_file, create_private, require_existing
 
 __all__ = ["SQLiteBackend", "FORMAT_NAME", "FORMAT_VERSION", "APPLICATION_ID"]
 
@@ -417,6 +418,9 @@ class SQLiteBackend(LocalBlobs, Backend):
         conn.execute(_GC_BLOB_REFS)
         self._blobs.collect({row[0] for row in conn.execute(_REFERENCED_BLOBS)})
         return deleted
+
+    def key_lock(self, key: str, timeout: float) -> AbstractContextManager[None]:
+        return key_lock_file(self.path, key, timeout)
 
     def after_fork(self) -> None:
         if self._conn is None:

@@ -25,6 +25,7 @@ from typing import Any
 from .. import engine
 from ..backends import Backend, open_backend
 from ..errors import ClosedError, FormatError, MissingObjectError, ReadOnlyError
+from . import compute as compute_once
 from . import records
 from .identity import IdentityMap, is_tracked
 from .persistent import (CHANGED, GHOST, SAVED, Persistent, attach, detach, fill, ghostify,
@@ -400,6 +401,42 @@ class Store(MutableMapping[str, Any]):
             self._check_writable("start a transaction")
             with self._transaction(flush_cache=True):
                 yield self
+
+    @property
+    def in_transaction(self) -> bool:
+        """True while the calling thread has a :meth:`transaction` of this Store open."""
+        with self._lock:    # another thread's transaction holds it until its end
+            return self._depth > 0
+
+    def get_or_compute(self, key: str, compute: Callable[[], Any], *,
+                       timeout: float | None = None,
+                       valid: Callable[[Any], bool] | None = None) -> Any:
+        """``self[key]``, or, if it is missing, ``compute()``'s result, stored under ``key``.
+
+        Across processes exactly one computes a missing value while the others wait
+        for it (a lock of the key's own, not the write lock: other keys stay
+        writable), then load what it stored; if ``compute`` raises, nothing is stored
+        and the next waiter tries. ``timeout``: seconds to wait for another process's
+        computation (None, the default: as long as it takes). ``valid(value)``
+        returning False makes a stored value count as missing: it is computed again
+        and replaced. Not inside a :meth:`transaction` (its result would stay
+        invisible to the others until the commit). See ``docs/datasets.md``.
+        """
+        return compute_once.get_or_compute(self, key, compute, key_lock=self._backend.key_lock,
+                                           timeout=timeout, valid=valid)
+
+    def memoize(self, func: Callable[..., Any] | None = None, *, name: str | None = None,
+                check_code: bool = True) -> Any:
+        """Decorator: store each distinct call's result, computed once across processes.
+
+        ``@s.memoize`` or ``@s.memoize(name=..., check_code=...)``. A call's key is
+        the function's ``module.qualname`` (or ``name``) and a digest of its bound
+        arguments (:func:`pstore.store.compute.arguments_digest` says when two calls
+        share one); with ``check_code`` (default) a result computed by another
+        version of the function's code counts as missing. The decorated function
+        has ``.key(*args, **kwargs)`` and ``.forget(*args, **kwargs)``.
+        """
+        return compute_once.memoize(self, func, name=name, check_code=check_code)
 
     def sync(self) -> None:
         """Commit the changed Persistent objects and write back the cached objects
