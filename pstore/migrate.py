@@ -29,7 +29,7 @@ from . import engine
 from .errors import Error
 from .store import DEFAULT_LOCK_TIMEOUT, open
 
-__all__ = ["convert", "convert_shelve", "detect_kind", "ConvertError", "ConvertReport", "KINDS"]
+__all__ = ["convert", "convert_shelve", "copy", "detect_kind", "ConvertError", "ConvertReport", "KINDS"]
 
 #: The kinds of source :func:`convert` reads.
 KINDS = ("shelve", "sqlitedict", "diskcache", "zodb")
@@ -550,3 +550,29 @@ _SOURCES: dict[str, Callable[[str, str | None, ConvertReport], _Source]] = {
     "diskcache": _DiskCacheSource,
     "zodb": _ZODBSource,
 }
+
+
+def copy(source: str | os.PathLike[str], target: str | os.PathLike[str], *,
+         backend: str | None = None, flag: str = "c",
+         lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
+         progress: Callable[[int], None] | None = None) -> int:
+    """Copy every key of the store ``source`` into the store ``target``; return how many.
+
+    Any backend to any backend (``source``'s is told from its files; ``backend`` is
+    ``target``'s, as :func:`pstore.open` takes it). Identity is kept: objects shared
+    between values, or between keys, are shared in ``target`` too, and Persistent
+    objects stay Persistent. Arrays' buffers become blobs of ``target`` again. The copy
+    is one transaction of ``target`` (all or nothing), and every value is held in
+    memory until it commits (mapped blobs are not read). ``progress(n)`` is called as
+    keys are copied.
+    """
+    with open(source, "r") as reader, \
+            open(target, flag, backend=backend, lock_timeout=lock_timeout) as writer, \
+            writer.transaction():
+        count = 0
+        for key, value in reader.items():
+            writer[key] = value
+            count += 1
+            if progress is not None:
+                progress(1)
+    return count

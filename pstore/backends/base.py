@@ -31,9 +31,26 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Collection, Hashable, Iterable, Iterator
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Backend"]
+__all__ = ["Backend", "Statistics"]
+
+
+@dataclass(frozen=True)
+class Statistics:
+    """What a backend holds, for :meth:`Store.info <pstore.store.Store.info>`."""
+
+    #: The library underneath, with its version: ``"sqlite3 (SQLite 3.40.1)"``.
+    module: str
+    #: The store's on-disk format version (``docs/format.md``).
+    format_version: int
+    records: int
+    #: Bytes of every record's data, as stored.
+    record_bytes: int
+    blobs: int
+    #: Bytes of every blob, as stored (compressed ones compressed).
+    blob_bytes: int
 
 
 class Backend(ABC):
@@ -49,6 +66,8 @@ class Backend(ABC):
     :class:`~pstore.errors.FormatError`.
     """
 
+    #: The backend's name in :data:`pstore.backends.BACKENDS` (or ``READERS``).
+    name: str
     #: The location the store was opened with, for error messages.
     path: str
     #: True when opened with flag 'r': the backend then writes nothing at all.
@@ -198,6 +217,16 @@ class Backend(ABC):
         raise NotImplementedError(f"{type(self).__name__} has no key locks")
 
     # -- maintenance ------------------------------------------------------------------------
+
+    def statistics(self) -> Statistics:
+        """Counts and sizes of what the store holds. Reads only; outside transactions."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no statistics")
+
+    def vacuum(self) -> int:
+        """Give the space of deleted records and blobs back to the file system (or
+        server), under the write lock, while readers keep working; return how many
+        bytes the store's files shrank by. Outside transactions."""
+        raise NotImplementedError(f"{type(self).__name__} cannot vacuum")
 
     @abstractmethod
     def gc(self) -> int:

@@ -241,6 +241,14 @@ class BlobStore:
             if len(fan_out) == 2:
                 yield from os.listdir(os.path.join(self.directory, fan_out))
 
+    def usage(self) -> tuple[int, int]:
+        """(number of blobs, their bytes on disk)."""
+        count = size = 0
+        for name in self.names():
+            count += 1
+            size += os.lstat(self.path_of(name)).st_size
+        return count, size
+
     def doom(self, names: Iterable[str]) -> None:
         """Delete the blobs ``names`` when the open transaction commits (see :meth:`end`)."""
         self._doomed.update(names)

@@ -16,7 +16,7 @@ from contextlib import AbstractContextManager
 from typing import NoReturn
 
 from ..errors import FormatError, LockTimeoutError, ReadOnlyError
-from .base import Backend
+from .base import Backend, Statistics
 from .blobs import BlobStore, LocalBlobs
 from .files import FileLock, key_lock_file, create_private, require_existing
 
@@ -110,6 +110,20 @@ _KEY_BATCH = 1000
 _INHERITED: list[object] = []
 
 
+_RECORD_TOTALS = "SELECT COUNT(*), COALESCE(SUM(LENGTH(data)), 0) FROM records"
+
+
+def _size_on_disk(path: str) -> int:
+    """Bytes of the database file and its write-ahead log."""
+    total = 0
+    for suffix in ("", "-wal"):
+        try:
+            total += os.stat(path + suffix).st_size
+        except FileNotFoundError:
+            pass
+    return total
+
+
 class _NoCursor:
     """The cursor of a backend without a connection (closed, or failed to reopen after a
     fork): every statement raises, as on a closed connection."""
@@ -131,6 +145,8 @@ class SQLiteBackend(LocalBlobs, Backend):
     also survives power loss or an OS crash. Blobs are files under ``PATH.blobs/``,
     always fsynced before the transaction that uses them commits.
     """
+
+    name = "sqlite"
 
     def __init__(self, path: str, flag: str, *, lock_timeout: float, fsync: bool) -> None:
         self.path = path
@@ -418,6 +434,29 @@ class SQLiteBackend(LocalBlobs, Backend):
         conn.execute(_GC_BLOB_REFS)
         self._blobs.collect({row[0] for row in conn.execute(_REFERENCED_BLOBS)})
         return deleted
+
+    def statistics(self) -> Statistics:
+        records, record_bytes = self._require().execute(_RECORD_TOTALS).fetchone()
+        blobs, blob_bytes = self._blobs.usage()
+        return Statistics(f"sqlite3 (SQLite {sqlite3.sqlite_version})", self._check_format(),
+                          records, record_bytes, blobs, blob_bytes)
+
+    def vacuum(self) -> int:
+        # VACUUM cannot run in a transaction, so the write lock is taken by hand. In
+        # WAL mode it writes the new pages to the log: readers keep their snapshots, and
+        # the file shrinks at the checkpoint after it.
+        if self.read_only:
+            raise ReadOnlyError(self.path, "vacuum")
+        conn = self._require()
+        before = _size_on_disk(self.path)
+        if not self._file_lock.acquire():
+            raise LockTimeoutError(self.path, self._lock_timeout)
+        try:
+            conn.execute("VACUUM")
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        finally:
+            self._file_lock.release()
+        return before - _size_on_disk(self.path)
 
     def key_lock(self, key: str, timeout: float) -> AbstractContextManager[None]:
         return key_lock_file(self.path, key, timeout)

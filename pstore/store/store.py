@@ -13,6 +13,7 @@ reference loads as a placeholder that reads its record when first used. See
 
 from __future__ import annotations
 
+import fnmatch
 import io
 import os
 import threading
@@ -23,10 +24,10 @@ from itertools import islice
 from typing import Any
 
 from .. import engine
-from ..backends import Backend, open_backend
+from ..backends import Backend, detect_backend, open_backend
 from ..errors import ClosedError, FormatError, MissingObjectError, ReadOnlyError
 from . import compute as compute_once
-from . import records
+from . import inspection, records
 from .identity import IdentityMap, is_tracked
 from .persistent import (CHANGED, GHOST, SAVED, Persistent, attach, detach, fill, ghostify,
                          is_ghost, placeholder, set_status, status_of)
@@ -464,6 +465,53 @@ class Store(MutableMapping[str, Any]):
             self._check_writable("collect garbage")
             with self._transaction():
                 return self._backend.gc()
+
+    def vacuum(self) -> int:
+        """Give the space of deleted records back to the file system; return how many bytes
+        the store's files shrank by. Run :meth:`gc` first to delete what no key reaches.
+        Takes the write lock; other processes keep reading. Not inside a transaction."""
+        with self._lock:
+            self._check_writable("vacuum")
+            if self._depth:
+                raise ValueError("vacuum() cannot run inside a transaction")
+            return self._backend.vacuum()
+
+    def info(self) -> inspection.StoreInfo:
+        """Counts and sizes of what the store holds (``pstore info``); reads only."""
+        with self._lock:
+            self._check_open()
+            stats = self._backend.statistics()
+            return inspection.StoreInfo(
+                self._path, self._backend.name, stats.module, stats.format_version,
+                self._backend.count_keys(), stats.records, stats.record_bytes, stats.blobs,
+                stats.blob_bytes)
+
+    def describe(self, pattern: str | None = None) -> Iterator[tuple[str, inspection.RecordInfo]]:
+        """``(key, RecordInfo)`` of each key (matching the glob ``pattern``, if given), read
+        from the records' bytes without unpickling anything (``pstore ls``)."""
+        with self._lock:
+            self._check_open()
+            items = list(self._backend.iter_items())
+        for key, oid, data in items:
+            if pattern is not None and not fnmatch.fnmatchcase(key, pattern):
+                continue
+            if data is None:
+                raise MissingObjectError(self._path, oid, f"the record of key {key!r}")
+            yield key, inspection.describe_record(oid, data)
+
+    def record_bytes(self, key: str) -> bytes:
+        """The stored bytes of the record ``key`` is bound to, as they are: for tools that
+        look at records without loading them (``pstore show``, ``dis``)."""
+        with self._lock:
+            self._check_key(key)
+            self._check_open()
+            item = self._backend.get_item(key)
+            if item is None:
+                raise KeyError(key)
+            oid, data = item
+            if data is None:
+                raise MissingObjectError(self._path, oid, f"the record of key {key!r}")
+            return data
 
     def close(self) -> None:
         """Commit the changed Persistent objects, write back the cache (``writeback=True``)
@@ -1011,7 +1059,7 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_reopen_in_child)
 
 
-def open(path: str | os.PathLike[str], flag: str = "c", *, backend: str = "sqlite",
+def open(path: str | os.PathLike[str], flag: str = "c", *, backend: str | None = None,
          protocol: int = 5, writeback: bool = False,
          lock_timeout: float = DEFAULT_LOCK_TIMEOUT, fsync: bool = False,
          blob_threshold: int | None = DEFAULT_BLOB_THRESHOLD, compression: str | None = None,
@@ -1024,6 +1072,10 @@ def open(path: str | os.PathLike[str], flag: str = "c", *, backend: str = "sqlit
     ``FileNotFoundError``; a file that is not a pstore store (or one written by a
     newer pstore) raises :class:`~pstore.errors.FormatError`. New files are
     readable by their owner only.
+
+    ``backend``: ``"sqlite"``, ``"dbm"`` (``"dbm:dbm.dumb"`` names the module) or
+    ``"shelve"`` (read-only, a stdlib shelve file); None (default): the backend of
+    the store already at ``path``, told from its files, else ``"sqlite"``.
 
     ``protocol``: the pickle protocol records are written with (0 to 5, -1 for 5).
     ``writeback``: keep every value read or assigned and, at :meth:`Store.sync`,
@@ -1057,8 +1109,10 @@ def open(path: str | os.PathLike[str], flag: str = "c", *, backend: str = "sqlit
     if not 0 <= protocol <= engine.HIGHEST_PROTOCOL:
         raise ValueError(f"protocol must be between 0 and {engine.HIGHEST_PROTOCOL}, "
                          f"not {protocol}")
-    opened = open_backend(backend, os.fspath(path), flag, lock_timeout=lock_timeout,
-                          fsync=fsync)
+    location = os.fspath(path)
+    if backend is None:
+        backend = detect_backend(location) or "sqlite"
+    opened = open_backend(backend, location, flag, lock_timeout=lock_timeout, fsync=fsync)
     try:
         return Store(opened, protocol=protocol, writeback=writeback,
                      blob_threshold=blob_threshold, compression=compression,
