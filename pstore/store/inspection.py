@@ -131,7 +131,7 @@ def root_kind(pickle: bytes) -> str:
             module, qualname = glob
             named = _HELPERS.get(glob, qualname if module in ("builtins", "__builtin__")
                                  else f"{module}.{qualname}")
-    if last in _CALLS:
+    if last in _CALLS or last in ("GLOBAL", "STACK_GLOBAL"):     # a call, or a class itself
         return named or "?"
     if last in _FILLS:    # filled after it was made: by a builtin opcode, or by a call
         made = first if first in ("EMPTY_DICT", "DICT", "EMPTY_LIST", "LIST", "EMPTY_SET") \
