@@ -541,6 +541,24 @@ class Store(MutableMapping[str, Any]):
                 _open_stores.pop(id(self), None)
                 self._backend.close()
 
+    #: ``(path, flag, options)`` for :func:`open` to open this store again elsewhere; set
+    #: by :func:`open`. None for a Store made otherwise, which cannot be pickled.
+    reopen_arguments: tuple[str, str, dict[str, Any]] | None = None
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """A Store pickles as "open this store again": sent to another process (a
+        ``spawn`` pool, ``multiprocessing``), it arrives as a Store of its own on the same
+        path with the same options -- flag 'r' stays 'r', any other becomes 'w'."""
+        if self.reopen_arguments is None:
+            raise TypeError("this Store was not made by pstore.open: it cannot be pickled")
+        if self._closed:
+            raise ClosedError(self._path)
+        if self.in_transaction:
+            raise TypeError(f"cannot pickle store {self._path!r} inside a transaction: the "
+                            f"other process would not see what it has not committed")
+        path, flag, options = self.reopen_arguments
+        return _reopen, (path, flag, options)
+
     def __enter__(self) -> Store:
         self._check_open()
         return self
@@ -1050,6 +1068,11 @@ class _Values(ValuesView):
 _open_stores: weakref.WeakValueDictionary[int, Store] = weakref.WeakValueDictionary()
 
 
+def _reopen(path: str, flag: str, options: dict[str, Any]) -> Store:
+    """Unpickle a Store (see :meth:`Store.__reduce__`)."""
+    return open(path, flag, **options)
+
+
 def _reopen_in_child() -> None:
     for store in list(_open_stores.values()):
         store._after_fork()
@@ -1114,9 +1137,16 @@ def open(path: str | os.PathLike[str], flag: str = "c", *, backend: str | None =
         backend = detect_backend(location) or "sqlite"
     opened = open_backend(backend, location, flag, lock_timeout=lock_timeout, fsync=fsync)
     try:
-        return Store(opened, protocol=protocol, writeback=writeback,
-                     blob_threshold=blob_threshold, compression=compression,
-                     readonly_buffers=readonly_buffers)
+        store = Store(opened, protocol=protocol, writeback=writeback,
+                      blob_threshold=blob_threshold, compression=compression,
+                      readonly_buffers=readonly_buffers)
     except BaseException:
         opened.close()
         raise
+    # What another process needs to open the same store the same way (Store.__reduce__):
+    # by then it exists, so 'c' and 'n' reopen as 'w' (never emptying it again).
+    store.reopen_arguments = (location, "r" if flag == "r" else "w", dict(
+        backend=backend, protocol=protocol, writeback=writeback, lock_timeout=lock_timeout,
+        fsync=fsync, blob_threshold=blob_threshold, compression=compression,
+        readonly_buffers=readonly_buffers))
+    return store

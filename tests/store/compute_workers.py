@@ -45,3 +45,10 @@ def compute_until_released(backend: str, path: str, started, release, results) -
 
     with pstore.open(path, "w", backend=backend) as store:
         results.put(store.get_or_compute("slow", build))
+
+
+def read_key_of_a_sent_store(store: pstore.Store, key: str) -> object:
+    """Runs in a spawn pool's worker: the Store arrived pickled."""
+    value = store[key]
+    store[key + "/seen"] = os.getpid()
+    return value
