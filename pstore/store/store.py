@@ -27,7 +27,7 @@ from .. import engine
 from ..backends import Backend, detect_backend, open_backend
 from ..errors import ClosedError, FormatError, MissingObjectError, ReadOnlyError
 from . import compute as compute_once
-from . import inspection, records
+from . import inspection, records, tensors
 from .identity import IdentityMap, is_tracked
 from .persistent import (CHANGED, GHOST, SAVED, Persistent, attach, detach, fill, ghostify,
                          is_ghost, placeholder, set_status, status_of)
@@ -70,6 +70,7 @@ class _RecordPickler(engine.Pickler):
         self._refs: dict[int, Any] = {}
         self._blobs: list[records.BlobRef] = []
         self._class_pickles: dict[type, bytes] = {}     # the first pickle of a Persistent record
+        self._tensors: tensors.TensorReducer | None = None  # once torch is imported
 
     # Atoms are never in the identity map, nor Persistent: no need to ask about them.
     persistent_id_for_atoms = False
@@ -110,11 +111,25 @@ class _RecordPickler(engine.Pickler):
         self._refs = refs = {}
         self._blobs = blobs = []
         try:
-            self.dump(root)
+            self._dump_value(root)
         finally:
             self._root = None
             self.clear_memo()   # the memo holds the record's objects alive
         return file.getvalue(), refs, blobs
+
+    def _dump_value(self, value: Any) -> None:
+        """dump(value), with torch tensors out of band while torch is imported."""
+        if self._tensors is None:
+            torch = tensors.torch_if_imported()
+            if torch is None:
+                self.dump(value)
+                return
+            self._tensors = tensors.TensorReducer(torch)
+            self.reducer_override = self._tensors.reduce
+        try:
+            self.dump(value)
+        finally:
+            self._tensors.clear()
 
     def pickle_persistent(self, obj: Persistent
                           ) -> tuple[bytes, dict[int, Any], list[records.BlobRef]]:
@@ -136,7 +151,7 @@ class _RecordPickler(engine.Pickler):
                 self._class_pickles[cls] = file.getvalue()
             else:
                 file.write(head)
-            self.dump(obj.__getstate__())
+            self._dump_value(obj.__getstate__())
         finally:
             self.clear_memo()
         return file.getvalue(), refs, blobs
