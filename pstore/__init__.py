@@ -10,12 +10,12 @@ from .errors import (ClosedError, CorruptionError, Error, FormatError, LockTimeo
                      MissingObjectError, ReadOnlyError)
 from .store import Store, open
 from .store.persistent import Persistent, PersistentDict, PersistentList
-from .convert import convert_shelve
+from .migrate import convert, convert_shelve, copy
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "open", "Store", "convert_shelve", "Persistent", "PersistentList", "PersistentDict",
+    "open", "Store", "convert", "convert_shelve", "copy", "Persistent", "PersistentList", "PersistentDict",
     "Error", "ClosedError", "ReadOnlyError", "LockTimeoutError", "FormatError",
     "MissingObjectError", "CorruptionError",
 ]

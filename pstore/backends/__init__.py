@@ -16,7 +16,7 @@ import inspect
 
 from .base import Backend
 
-__all__ = ["BACKENDS", "READERS", "Backend", "open_backend"]
+__all__ = ["BACKENDS", "READERS", "Backend", "detect_backend", "open_backend"]
 
 #: backend name -> "module:class" implementing :class:`Backend`.
 BACKENDS: dict[str, str] = {
@@ -28,6 +28,26 @@ BACKENDS: dict[str, str] = {
 READERS: dict[str, str] = {
     "shelve": "pstore.backends.shelf:ShelveReader",
 }
+
+
+def detect_backend(path: str) -> str | None:
+    """The backend whose store is at ``path``, told from its files without opening it as a
+    store; None where there is nothing pstore knows (a new path, another kind of file).
+
+    An SQLite file with pstore's application id is the SQLite backend's; a file of a dbm
+    module (``dbm.whichdb``) the DBM backend's, which itself tells a pstore store from
+    a shelve file.
+    """
+    try:
+        with open(path, "rb") as file:
+            header = file.read(72)
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        header = b""
+    if header[:16] == b"SQLite format 3\0" and header[68:72] == b"pStr":
+        return "sqlite"
+    from .dbm import whichdb
+
+    return "dbm" if whichdb(path) else None
 
 
 def open_backend(name: str, path: str, flag: str, *, lock_timeout: float,

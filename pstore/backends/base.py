@@ -30,9 +30,27 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Collection, Hashable, Iterable, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Backend"]
+__all__ = ["Backend", "Statistics"]
+
+
+@dataclass(frozen=True)
+class Statistics:
+    """What a backend holds, for :meth:`Store.info <pstore.store.Store.info>`."""
+
+    #: The library underneath, with its version: ``"sqlite3 (SQLite 3.40.1)"``.
+    module: str
+    #: The store's on-disk format version (``docs/format.md``).
+    format_version: int
+    records: int
+    #: Bytes of every record's data, as stored.
+    record_bytes: int
+    blobs: int
+    #: Bytes of every blob, as stored (compressed ones compressed).
+    blob_bytes: int
 
 
 class Backend(ABC):
@@ -48,6 +66,8 @@ class Backend(ABC):
     :class:`~pstore.errors.FormatError`.
     """
 
+    #: The backend's name in :data:`pstore.backends.BACKENDS` (or ``READERS``).
+    name: str
     #: The location the store was opened with, for error messages.
     path: str
     #: True when opened with flag 'r': the backend then writes nothing at all.
@@ -182,7 +202,31 @@ class Backend(ABC):
         This connection's own commits need not change it.
         """
 
+    # -- coordination -----------------------------------------------------------------------
+
+    def key_lock(self, key: str, timeout: float) -> AbstractContextManager[None]:
+        """A context holding a cross-process lock of its own for ``key``, waiting up to
+        ``timeout`` seconds (``inf``: as long as it takes) before
+        :class:`~pstore.errors.LockTimeoutError`.
+
+        Not the write lock: holding it blocks nobody's reads or writes, only other
+        holders of the same key's lock (compute-once, :mod:`pstore.store.compute`).
+        Outside transactions. The file backends keep one lock file per key; a
+        server database would use its own advisory locks.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no key locks")
+
     # -- maintenance ------------------------------------------------------------------------
+
+    def statistics(self) -> Statistics:
+        """Counts and sizes of what the store holds. Reads only; outside transactions."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no statistics")
+
+    def vacuum(self) -> int:
+        """Give the space of deleted records and blobs back to the file system (or
+        server), under the write lock, while readers keep working; return how many
+        bytes the store's files shrank by. Outside transactions."""
+        raise NotImplementedError(f"{type(self).__name__} cannot vacuum")
 
     @abstractmethod
     def gc(self) -> int:

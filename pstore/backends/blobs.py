@@ -324,6 +324,14 @@ class BlobStore:
                 os.close(root)
         return odd
 
+    def usage(self) -> tuple[int, int]:
+        """(number of blobs, their bytes on disk)."""
+        count = size = 0
+        for name in self.names():
+            count += 1
+            size += os.lstat(self.path_of(name)).st_size
+        return count, size
+
     def doom(self, names: Iterable[str]) -> None:
         """Delete the blobs ``names`` when the open transaction commits (see :meth:`end`)."""
         self._doomed.update(names)

@@ -31,14 +31,14 @@ import sqlite3
 import struct
 import threading
 from collections.abc import Collection, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 from ..errors import ClosedError, FormatError, LockTimeoutError, ReadOnlyError
 from . import journal
 from .base import Backend
 from .blobs import BlobStore, LocalBlobs
-from .files import FileLock, fsync_directory, require_existing
+from .files import FileLock, key_lock_file, fsync_directory, require_existing
 
 __all__ = ["FORMAT_KEY", "FORMAT_NAME", "FORMAT_VERSION", "MODULES", "DBMBackend",
            "choose_module"]
@@ -319,7 +319,7 @@ def _copy_private(source: str, target: str, *, fsync: bool) -> None:
     os.replace(temporary, target)
 
 
-def _whichdb(path: str) -> str | None:
+def whichdb(path: str) -> str | None:
     """``dbm.whichdb(path)``, also right while a dbm.dumb apply is to be finished.
 
     A kill during dbm.dumb's index rewrite can leave no index file at all, which
@@ -346,7 +346,7 @@ def choose_module(path: str, flag: str, variant: str | None) -> _Module:
     """
     if variant is not None and variant not in MODULES:
         raise ValueError(f"unknown dbm module {variant!r}; known: {', '.join(MODULES)}")
-    found = None if flag == "n" else _whichdb(path)
+    found = None if flag == "n" else whichdb(path)
     if found == "":
         raise FormatError(path, "not a database of any dbm module")
     if found is not None and variant is not None and found != variant:
@@ -377,6 +377,8 @@ class DBMBackend(LocalBlobs, Backend):
     from many processes at once.
     """
 
+    name = "dbm"
+
     def __init__(self, path: str, flag: str, *, lock_timeout: float, fsync: bool,
                  variant: str | None = None) -> None:
         self.path = path
@@ -404,7 +406,7 @@ class DBMBackend(LocalBlobs, Backend):
                     os.unlink(name)
                 except FileNotFoundError:
                     pass
-        require_existing(path, flag, lambda: _whichdb(path) is not None)
+        require_existing(path, flag, lambda: whichdb(path) is not None)
         try:
             if flag in ("c", "n"):
                 self._create_database()
@@ -449,11 +451,11 @@ class DBMBackend(LocalBlobs, Backend):
 
     def _create_database(self) -> None:
         """Create an empty database if there is none, under the write lock."""
-        if _whichdb(self.path) is not None:
+        if whichdb(self.path) is not None:
             return
         self._lock(self._write_lock)
         try:
-            if _whichdb(self.path) is None:  # another process may have created it
+            if whichdb(self.path) is None:  # another process may have created it
                 self._module.close(self._module.open(self.path, "c"), self.path, writable=True)
                 for name in self._module.files(self.path):
                     if os.path.exists(name):
@@ -945,6 +947,9 @@ class DBMBackend(LocalBlobs, Backend):
         self._blobs.collect({name for oid in live
                              for name in _unpack_names(self._get(_blobs_key(oid)))})
         return deleted
+
+    def key_lock(self, key: str, timeout: float) -> AbstractContextManager[None]:
+        return key_lock_file(self.path, key, timeout)
 
     def after_fork(self) -> None:
         if self._closed:

@@ -7,18 +7,23 @@ build on it so that the two backends behave alike where a user can tell.
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
+import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import filelock
+
+from ..errors import LockTimeoutError
 
 try:
     import fcntl
 except ImportError:     # Windows
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["FileLock", "create_private", "fsync_directory", "require_existing"]
+__all__ = ["FileLock", "create_private", "fsync_directory", "key_lock_file", "require_existing"]
 
 
 def require_existing(path: str, flag: str, exists: Callable[[], bool]) -> None:
@@ -134,3 +139,35 @@ class FileLock:
         if self._portable is None and self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+@contextmanager
+def key_lock_file(store_path: str, key: str, timeout: float) -> Iterator[None]:
+    """Hold, across processes, the lock of one key of the store at ``store_path``.
+
+    The file backends' :meth:`~pstore.backends.base.Backend.key_lock`: one lock file
+    per key (named by a digest of the key) in the folder ``PATH.keylocks``, created
+    mode 0700 on first need and refused if it is not a real folder of this user's (a
+    planted symlink is never followed). The files stay: removing a lock file another
+    process may be waiting on would let two processes hold "the" lock at once.
+    """
+    folder = store_path + ".keylocks"
+    try:
+        os.mkdir(folder, 0o700)
+    except FileExistsError:
+        pass
+    info = os.lstat(folder)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
+        raise FileExistsError(errno.EEXIST, "the key-lock folder of a pstore store is not a "
+                              "folder of this user's (a symlink or another file?)", folder)
+    name = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+    lock = FileLock(os.path.join(folder, name), timeout)
+    try:
+        if not lock.acquire():
+            raise LockTimeoutError(store_path, timeout)
+        try:
+            yield
+        finally:
+            lock.release()
+    finally:
+        lock.close()

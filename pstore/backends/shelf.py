@@ -31,6 +31,8 @@ class ShelveReader(Backend):
     pstore store.
     """
 
+    name = "shelve"
+
     def __init__(self, path: str, flag: str, *, lock_timeout: float, fsync: bool,
                  variant: str | None = None) -> None:
         self.path = path

@@ -12,12 +12,13 @@ import pathlib
 import sqlite3
 import sys
 from collections.abc import Callable, Collection, Iterator
+from contextlib import AbstractContextManager
 from typing import NoReturn
 
 from ..errors import ClosedError, CorruptionError, FormatError, LockTimeoutError, ReadOnlyError
-from .base import Backend
+from .base import Backend, Statistics
 from .blobs import BlobStore, LocalBlobs
-from .files import FileLock, create_private, require_existing
+from .files import FileLock, key_lock_file, create_private, require_existing
 
 __all__ = ["SQLiteBackend", "FORMAT_NAME", "FORMAT_VERSION", "APPLICATION_ID"]
 
@@ -143,6 +144,20 @@ def _result_code(error: sqlite3.Error) -> int | None:
 _INHERITED: list[object] = []
 
 
+_RECORD_TOTALS = "SELECT COUNT(*), COALESCE(SUM(LENGTH(data)), 0) FROM records"
+
+
+def _size_on_disk(path: str) -> int:
+    """Bytes of the database file and its write-ahead log."""
+    total = 0
+    for suffix in ("", "-wal"):
+        try:
+            total += os.stat(path + suffix).st_size
+        except FileNotFoundError:
+            pass
+    return total
+
+
 class _ClosedCursor:
     """The cursor of a backend without a connection (closed, or failed to reopen after a
     fork): every statement raises :class:`~pstore.ClosedError`."""
@@ -164,6 +179,8 @@ class SQLiteBackend(LocalBlobs, Backend):
     also survives power loss or an OS crash. Blobs are files under ``PATH.blobs/``,
     always fsynced before the transaction that uses them commits.
     """
+
+    name = "sqlite"
 
     def __init__(self, path: str, flag: str, *, lock_timeout: float, fsync: bool) -> None:
         self.path = path
@@ -502,6 +519,32 @@ class SQLiteBackend(LocalBlobs, Backend):
             self._failed(error)
         self._blobs.collect(referenced)
         return deleted
+
+    def statistics(self) -> Statistics:
+        records, record_bytes = self._require().execute(_RECORD_TOTALS).fetchone()
+        blobs, blob_bytes = self._blobs.usage()
+        return Statistics(f"sqlite3 (SQLite {sqlite3.sqlite_version})", self._check_format(),
+                          records, record_bytes, blobs, blob_bytes)
+
+    def vacuum(self) -> int:
+        # VACUUM cannot run in a transaction, so the write lock is taken by hand. In
+        # WAL mode it writes the new pages to the log: readers keep their snapshots, and
+        # the file shrinks at the checkpoint after it.
+        if self.read_only:
+            raise ReadOnlyError(self.path, "vacuum")
+        conn = self._require()
+        before = _size_on_disk(self.path)
+        if not self._file_lock.acquire():
+            raise LockTimeoutError(self.path, self._lock_timeout)
+        try:
+            conn.execute("VACUUM")
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        finally:
+            self._file_lock.release()
+        return before - _size_on_disk(self.path)
+
+    def key_lock(self, key: str, timeout: float) -> AbstractContextManager[None]:
+        return key_lock_file(self.path, key, timeout)
 
     def after_fork(self) -> None:
         if self._conn is None:

@@ -13,6 +13,7 @@ reference loads as a placeholder that reads its record when first used. See
 
 from __future__ import annotations
 
+import fnmatch
 import io
 import os
 import threading
@@ -23,9 +24,10 @@ from itertools import islice
 from typing import Any
 
 from .. import engine
-from ..backends import Backend, open_backend
+from ..backends import Backend, detect_backend, open_backend
 from ..errors import ClosedError, FormatError, MissingObjectError, ReadOnlyError
-from . import records
+from . import compute as compute_once
+from . import inspection, records, tensors
 from .identity import IdentityMap, is_tracked
 from .persistent import (CHANGED, GHOST, SAVED, Persistent, attach, detach, fill, ghostify,
                          is_ghost, placeholder, set_status, status_of)
@@ -68,6 +70,7 @@ class _RecordPickler(engine.Pickler):
         self._refs: dict[int, Any] = {}
         self._blobs: list[records.BlobRef] = []
         self._class_pickles: dict[type, bytes] = {}     # the first pickle of a Persistent record
+        self._tensors: tensors.TensorReducer | None = None  # once torch is imported
 
     # Atoms are never in the identity map, nor Persistent: no need to ask about them.
     persistent_id_for_atoms = False
@@ -108,11 +111,25 @@ class _RecordPickler(engine.Pickler):
         self._refs = refs = {}
         self._blobs = blobs = []
         try:
-            self.dump(root)
+            self._dump_value(root)
         finally:
             self._root = None
             self.clear_memo()   # the memo holds the record's objects alive
         return file.getvalue(), refs, blobs
+
+    def _dump_value(self, value: Any) -> None:
+        """dump(value), with torch tensors out of band while torch is imported."""
+        if self._tensors is None:
+            torch = tensors.torch_if_imported()
+            if torch is None:
+                self.dump(value)
+                return
+            self._tensors = tensors.TensorReducer(torch)
+            self.reducer_override = self._tensors.reduce
+        try:
+            self.dump(value)
+        finally:
+            self._tensors.clear()
 
     def pickle_persistent(self, obj: Persistent
                           ) -> tuple[bytes, dict[int, Any], list[records.BlobRef]]:
@@ -134,7 +151,7 @@ class _RecordPickler(engine.Pickler):
                 self._class_pickles[cls] = file.getvalue()
             else:
                 file.write(head)
-            self.dump(obj.__getstate__())
+            self._dump_value(obj.__getstate__())
         finally:
             self.clear_memo()
         return file.getvalue(), refs, blobs
@@ -401,6 +418,42 @@ class Store(MutableMapping[str, Any]):
             with self._transaction(flush_cache=True):
                 yield self
 
+    @property
+    def in_transaction(self) -> bool:
+        """True while the calling thread has a :meth:`transaction` of this Store open."""
+        with self._lock:    # another thread's transaction holds it until its end
+            return self._depth > 0
+
+    def get_or_compute(self, key: str, compute: Callable[[], Any], *,
+                       timeout: float | None = None,
+                       valid: Callable[[Any], bool] | None = None) -> Any:
+        """``self[key]``, or, if it is missing, ``compute()``'s result, stored under ``key``.
+
+        Across processes exactly one computes a missing value while the others wait
+        for it (a lock of the key's own, not the write lock: other keys stay
+        writable), then load what it stored; if ``compute`` raises, nothing is stored
+        and the next waiter tries. ``timeout``: seconds to wait for another process's
+        computation (None, the default: as long as it takes). ``valid(value)``
+        returning False makes a stored value count as missing: it is computed again
+        and replaced. Not inside a :meth:`transaction` (its result would stay
+        invisible to the others until the commit). See ``docs/datasets.md``.
+        """
+        return compute_once.get_or_compute(self, key, compute, key_lock=self._backend.key_lock,
+                                           timeout=timeout, valid=valid)
+
+    def memoize(self, func: Callable[..., Any] | None = None, *, name: str | None = None,
+                check_code: bool = True) -> Any:
+        """Decorator: store each distinct call's result, computed once across processes.
+
+        ``@s.memoize`` or ``@s.memoize(name=..., check_code=...)``. A call's key is
+        the function's ``module.qualname`` (or ``name``) and a digest of its bound
+        arguments (:func:`pstore.store.compute.arguments_digest` says when two calls
+        share one); with ``check_code`` (default) a result computed by another
+        version of the function's code counts as missing. The decorated function
+        has ``.key(*args, **kwargs)`` and ``.forget(*args, **kwargs)``.
+        """
+        return compute_once.memoize(self, func, name=name, check_code=check_code)
+
     def sync(self) -> None:
         """Commit the changed Persistent objects and write back the cached objects
         (``writeback=True``), then see what other processes committed.
@@ -427,6 +480,53 @@ class Store(MutableMapping[str, Any]):
             self._check_writable("collect garbage")
             with self._transaction():
                 return self._backend.gc()
+
+    def vacuum(self) -> int:
+        """Give the space of deleted records back to the file system; return how many bytes
+        the store's files shrank by. Run :meth:`gc` first to delete what no key reaches.
+        Takes the write lock; other processes keep reading. Not inside a transaction."""
+        with self._lock:
+            self._check_writable("vacuum")
+            if self._depth:
+                raise ValueError("vacuum() cannot run inside a transaction")
+            return self._backend.vacuum()
+
+    def info(self) -> inspection.StoreInfo:
+        """Counts and sizes of what the store holds (``pstore info``); reads only."""
+        with self._lock:
+            self._check_open()
+            stats = self._backend.statistics()
+            return inspection.StoreInfo(
+                self._path, self._backend.name, stats.module, stats.format_version,
+                self._backend.count_keys(), stats.records, stats.record_bytes, stats.blobs,
+                stats.blob_bytes)
+
+    def describe(self, pattern: str | None = None) -> Iterator[tuple[str, inspection.RecordInfo]]:
+        """``(key, RecordInfo)`` of each key (matching the glob ``pattern``, if given), read
+        from the records' bytes without unpickling anything (``pstore ls``)."""
+        with self._lock:
+            self._check_open()
+            items = list(self._backend.iter_items())
+        for key, oid, data in items:
+            if pattern is not None and not fnmatch.fnmatchcase(key, pattern):
+                continue
+            if data is None:
+                raise MissingObjectError(self._path, oid, f"the record of key {key!r}")
+            yield key, inspection.describe_record(oid, data)
+
+    def record_bytes(self, key: str) -> bytes:
+        """The stored bytes of the record ``key`` is bound to, as they are: for tools that
+        look at records without loading them (``pstore show``, ``dis``)."""
+        with self._lock:
+            self._check_key(key)
+            self._check_open()
+            item = self._backend.get_item(key)
+            if item is None:
+                raise KeyError(key)
+            oid, data = item
+            if data is None:
+                raise MissingObjectError(self._path, oid, f"the record of key {key!r}")
+            return data
 
     def close(self) -> None:
         """Commit the changed Persistent objects, write back the cache (``writeback=True``)
@@ -455,6 +555,24 @@ class Store(MutableMapping[str, Any]):
                 self._ids.clear()
                 _open_stores.pop(id(self), None)
                 self._backend.close()
+
+    #: ``(path, flag, options)`` for :func:`open` to open this store again elsewhere; set
+    #: by :func:`open`. None for a Store made otherwise, which cannot be pickled.
+    reopen_arguments: tuple[str, str, dict[str, Any]] | None = None
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """A Store pickles as "open this store again": sent to another process (a
+        ``spawn`` pool, ``multiprocessing``), it arrives as a Store of its own on the same
+        path with the same options -- flag 'r' stays 'r', any other becomes 'w'."""
+        if self.reopen_arguments is None:
+            raise TypeError("this Store was not made by pstore.open: it cannot be pickled")
+        if self._closed:
+            raise ClosedError(self._path)
+        if self.in_transaction:
+            raise TypeError(f"cannot pickle store {self._path!r} inside a transaction: the "
+                            f"other process would not see what it has not committed")
+        path, flag, options = self.reopen_arguments
+        return _reopen, (path, flag, options)
 
     def __enter__(self) -> Store:
         self._check_open()
@@ -965,6 +1083,11 @@ class _Values(ValuesView):
 _open_stores: weakref.WeakValueDictionary[int, Store] = weakref.WeakValueDictionary()
 
 
+def _reopen(path: str, flag: str, options: dict[str, Any]) -> Store:
+    """Unpickle a Store (see :meth:`Store.__reduce__`)."""
+    return open(path, flag, **options)
+
+
 def _reopen_in_child() -> None:
     for store in list(_open_stores.values()):
         store._after_fork()
@@ -975,7 +1098,7 @@ if hasattr(os, "register_at_fork"):
 
 
 def open(path: str | bytes | os.PathLike[str] | os.PathLike[bytes], flag: str = "c", *,
-         backend: str = "sqlite",
+         backend: str | None = None,
          protocol: int = 5, writeback: bool = False,
          lock_timeout: float = DEFAULT_LOCK_TIMEOUT, fsync: bool = False,
          blob_threshold: int | None = DEFAULT_BLOB_THRESHOLD, compression: str | None = None,
@@ -989,6 +1112,10 @@ def open(path: str | bytes | os.PathLike[str] | os.PathLike[bytes], flag: str = 
     ``FileNotFoundError``; a file that is not a pstore store (or one written by a
     newer pstore) raises :class:`~pstore.errors.FormatError`. New files are
     readable by their owner only.
+
+    ``backend``: ``"sqlite"``, ``"dbm"`` (``"dbm:dbm.dumb"`` names the module) or
+    ``"shelve"`` (read-only, a stdlib shelve file); None (default): the backend of
+    the store already at ``path``, told from its files, else ``"sqlite"``.
 
     ``protocol``: the pickle protocol records are written with (0 to 5, -1 for 5).
     ``writeback``: keep every value read or assigned and, at :meth:`Store.sync`,
@@ -1022,12 +1149,21 @@ def open(path: str | bytes | os.PathLike[str] | os.PathLike[bytes], flag: str = 
     if not 0 <= protocol <= engine.HIGHEST_PROTOCOL:
         raise ValueError(f"protocol must be between 0 and {engine.HIGHEST_PROTOCOL}, "
                          f"not {protocol}")
-    opened = open_backend(backend, os.fsdecode(path), flag, lock_timeout=lock_timeout,
-                          fsync=fsync)
+    location = os.fsdecode(path)
+    if backend is None:
+        backend = detect_backend(location) or "sqlite"
+    opened = open_backend(backend, location, flag, lock_timeout=lock_timeout, fsync=fsync)
     try:
-        return Store(opened, protocol=protocol, writeback=writeback,
-                     blob_threshold=blob_threshold, compression=compression,
-                     readonly_buffers=readonly_buffers)
+        store = Store(opened, protocol=protocol, writeback=writeback,
+                      blob_threshold=blob_threshold, compression=compression,
+                      readonly_buffers=readonly_buffers)
     except BaseException:
         opened.close()
         raise
+    # What another process needs to open the same store the same way (Store.__reduce__):
+    # by then it exists, so 'c' and 'n' reopen as 'w' (never emptying it again).
+    store.reopen_arguments = (location, "r" if flag == "r" else "w", dict(
+        backend=backend, protocol=protocol, writeback=writeback, lock_timeout=lock_timeout,
+        fsync=fsync, blob_threshold=blob_threshold, compression=compression,
+        readonly_buffers=readonly_buffers))
+    return store
