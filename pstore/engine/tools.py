@@ -16,12 +16,11 @@ from __future__ import annotations
 import codecs
 import copyreg
 import struct
-from _compat_pickle import IMPORT_MAPPING, NAME_MAPPING
 from pickle import UnpicklingError
 from typing import Any, Callable, Iterator, NamedTuple
 
 from . import opcodes as op
-from .opcodes import ArgKind, Opcode
+from .opcodes import ArgKind, Opcode, decode_utf8, python3_name
 
 __all__ = ["Instruction", "iter_instructions", "disassemble", "globals_of"]
 
@@ -61,10 +60,6 @@ def _quoted_string(text: bytes) -> bytes:
     return codecs.escape_decode(text[1:-1])[0]
 
 
-def _utf8(data: bytes) -> str:
-    return data.decode("utf-8", "surrogatepass")
-
-
 def _signed_int(data: bytes) -> int:
     return int.from_bytes(data, "little", signed=True)
 
@@ -85,13 +80,14 @@ _DECODE: dict[str, Callable[[bytes], Any]] = {
     "decimalnl_long": _decimal_long,
     "floatnl": float,
     "stringnl": _quoted_string,
-    "stringnl_noescape": _utf8,
-    "stringnl_noescape_pair": _utf8,
+    "stringnl_noescape": decode_utf8,
+    "stringnl_noescape_pair": decode_utf8,
     "unicodestringnl": lambda data: data.decode("raw-unicode-escape"),
     "string1": bytes, "string4": bytes,
     "bytes1": bytes, "bytes4": bytes, "bytes8": bytes,
     "bytearray8": bytearray,
-    "unicodestring1": _utf8, "unicodestring4": _utf8, "unicodestring8": _utf8,
+    "unicodestring1": decode_utf8, "unicodestring4": decode_utf8,
+    "unicodestring8": decode_utf8,
     "long1": _signed_int, "long4": _signed_int,
 }
 #: The kinds whose argument is text (str), and those that are 8-bit strings (bytes).
@@ -266,15 +262,6 @@ _STACK_EFFECTS: dict[str, tuple[int, bool, int]] = {
     opcode.name: _stack_effect(opcode) for opcode in op.OPCODES}
 
 
-def _python3_name(module: str, name: str, proto: int) -> tuple[str, str]:
-    """The global the unpickler imports for (module, name): Python 2 names are mapped below 3."""
-    if proto < 3:
-        if (module, name) in NAME_MAPPING:
-            return NAME_MAPPING[(module, name)]
-        module = IMPORT_MAPPING.get(module, module)
-    return module, name
-
-
 class _Machine:
     """A run of a pickle's stack and memo that keeps constant strings and nothing else.
 
@@ -422,5 +409,6 @@ def globals_of(data: Any) -> list[tuple[str, str]]:
     for instruction in iter_instructions(data):
         named = machine.step(instruction)
         if named is not None:
-            found.setdefault(_python3_name(*named, machine.proto))
+            # As the unpickler's find_class does with fix_imports=True.
+            found.setdefault(python3_name(*named) if machine.proto < 3 else named)
     return list(found)

@@ -59,11 +59,11 @@ import os
 import re
 import struct
 import sys
-from _compat_pickle import IMPORT_MAPPING, NAME_MAPPING
 from pickle import UnpicklingError
 from typing import Any, Callable, Iterable
 
 from .opcodes import BY_CODE, BY_NAME, LEN_INT4, LEN_UINT1, LEN_UINT4, LEN_UINT8, LINE, TWO_LINES
+from .opcodes import HIGHEST_PROTOCOL, decode_utf8, python3_name
 
 try:
     from . import _speedups
@@ -71,8 +71,6 @@ except ImportError:     # built without a C compiler: the pure-Python loop does 
     _speedups = None
 
 __all__ = ["Unpickler", "load", "loads"]
-
-HIGHEST_PROTOCOL = 5
 
 _unpack_int4 = struct.Struct("<i").unpack_from
 _unpack_uint2 = struct.Struct("<H").unpack_from
@@ -149,14 +147,6 @@ def _nonempty_line(data: bytes, pos: int) -> tuple[bytes, int]:
             raise _Truncated
         raise _Bad(UnpicklingError, "pickle data was truncated (empty argument line)")
     return data[pos:nl], nl + 1
-
-
-def _utf8(raw: bytes) -> str:
-    """Decode BINUNICODE* text: UTF-8 that may hold lone surrogates ('surrogatepass')."""
-    try:
-        return raw.decode()  # the strict default is the decoder's fastest path
-    except UnicodeDecodeError:
-        return raw.decode("utf-8", "surrogatepass")
 
 
 def _c_string(text: bytes) -> bytes:
@@ -309,7 +299,7 @@ def load_binfloat(u: Unpickler, data: bytes, pos: int, stack: list) -> int:
 
 def load_binunicode(u: Unpickler, data: bytes, pos: int, stack: list) -> int:
     end = _take(data, pos + 4, _unpack_uint4(data, pos)[0])
-    stack.append(_utf8(data[pos + 4:end]))
+    stack.append(decode_utf8(data[pos + 4:end]))
     return end
 
 
@@ -596,7 +586,7 @@ def load_unicode(u: Unpickler, data: bytes, pos: int, stack: list) -> int:
 
 def load_binunicode8(u: Unpickler, data: bytes, pos: int, stack: list) -> int:
     end = _take(data, pos + 8, _unpack_uint8(data, pos)[0])
-    stack.append(_utf8(data[pos + 8:end]))
+    stack.append(decode_utf8(data[pos + 8:end]))
     return end
 
 
@@ -915,10 +905,7 @@ class Unpickler:
         """
         sys.audit("pickle.find_class", module, name)
         if self.proto < 3 and self.fix_imports:
-            if (module, name) in NAME_MAPPING:
-                module, name = NAME_MAPPING[(module, name)]
-            elif module in IMPORT_MAPPING:
-                module = IMPORT_MAPPING[module]
+            module, name = python3_name(module, name)
         __import__(module)
         obj = sys.modules[module]
         if self.proto < 4:
@@ -1016,7 +1003,7 @@ class Unpickler:
                         try:
                             value = data[pos + 1:after].decode()
                         except UnicodeDecodeError:
-                            value = _utf8(data[pos + 1:after])
+                            value = decode_utf8(data[pos + 1:after])
                         stack.append(value)
                         # Protocol 4+ picklers follow nearly every string with MEMOIZE:
                         # taken here, it costs no turn of the loop.
