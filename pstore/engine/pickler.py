@@ -154,6 +154,9 @@ class Pickler:
 
     def dump(self, obj: Any) -> None:
         """Write a pickle of ``obj`` to the file."""
+        if "_file_write" not in self.__dict__:
+            raise PicklingError(f"Pickler.__init__() was not called by "
+                                f"{type(self).__name__}.__init__()")
         # The hooks are read at every dump, so they may be set or changed at any time; the
         # dump function built for them is kept as long as they stay the same.
         hooks = (self.persistent_id, getattr(self, "reducer_override", None),

@@ -96,6 +96,12 @@ _MARK_CONSUMERS = frozenset({"APPENDS", "SETITEMS", "ADDITEMS", "TUPLE", "LIST",
                              "FROZENSET", "POP_MARK", "OBJ", "INST"})
 
 
+_MISSING = object()  # an attribute the file does not have
+# How find_class refuses a name of a local object (3.13 changed CPython's wording).
+_LOCAL_ATTRIBUTE = ("Can't get local attribute" if sys.version_info >= (3, 13)
+                    else "Can't pickle local attribute")
+
+
 # -- Internal signals from the loop and the handlers to _run's error handling ------------------
 
 class _Truncated(Exception):
@@ -837,11 +843,15 @@ class Unpickler:
 
     def __init__(self, file: Any, *, fix_imports: bool = True, encoding: str = "ASCII",
                  errors: str = "strict", buffers: Iterable[Any] | None = None) -> None:
-        try:
-            self._read = file.read
-            self._readline = file.readline
-        except AttributeError:
-            raise TypeError("file must have 'read' and 'readline' attributes") from None
+        # The file's attributes are looked up as CPython's unpickler looks them up, in its
+        # order and with peek and readinto (which this one does not use): a missing one is
+        # an AttributeError, any other exception raised by the file's attribute propagates.
+        getattr(file, "peek", None)
+        getattr(file, "readinto", None)
+        self._read = getattr(file, "read", _MISSING)
+        self._readline = getattr(file, "readline", _MISSING)
+        if self._read is _MISSING or self._readline is _MISSING:
+            raise TypeError("file must have 'read' and 'readline' attributes")
         self._file = file
         self._setup(fix_imports, encoding, errors, buffers)
 
@@ -857,7 +867,10 @@ class Unpickler:
 
     def load(self) -> Any:
         """Read one pickle from the file and return the object it holds."""
-        file = self._file
+        try:
+            file = self._file
+        except AttributeError:
+            raise _not_initialised(self) from None
         if type(file) is io.BytesIO:
             # getvalue() shares a BytesIO's bytes when it was made from bytes: no copy.
             start = file.tell()
@@ -888,7 +901,10 @@ class Unpickler:
         Returns the object and the offset just past the pickle's STOP, where a next
         pickle of ``data`` may start. Offsets in error messages count from ``start``.
         """
-        saved = self.memo, self.proto, self._buffers
+        try:
+            saved = self.memo, self.proto, self._buffers
+        except AttributeError:
+            raise _not_initialised(self) from None
         self.memo = {}
         self._buffers = iter(buffers) if buffers is not None else None
         try:
@@ -907,14 +923,19 @@ class Unpickler:
         if self.proto < 3 and self.fix_imports:
             module, name = python3_name(module, name)
         __import__(module)
-        obj = sys.modules[module]
-        if self.proto < 4:
-            return getattr(obj, name)
-        for part in name.split("."):  # protocol 4 names are qualified names
-            if part == "<locals>":
-                raise AttributeError(f"Can't get local attribute {name!r} on {obj!r}")
-            obj = getattr(obj, part)
-        return obj
+        found = top = sys.modules[module]
+        if self.proto >= 4:  # protocol 4 names are qualified names
+            path = name.split(".")
+            if "<locals>" in path:
+                raise AttributeError(f"{_LOCAL_ATTRIBUTE} {name!r} on {top!r}")
+        else:
+            path = [name]
+        try:
+            for part in path:
+                found = getattr(found, part)
+        except AttributeError:  # CPython's message, whichever part is missing
+            raise AttributeError(f"Can't get attribute {name!r} on {top!r}") from None
+        return found
 
     def persistent_load(self, pid: Any) -> Any:
         """Return the object for a persistent id; by default, refuse (UnpicklingError)."""
@@ -1076,6 +1097,11 @@ class Unpickler:
             except Exception as exc:
                 _add_location(exc, code, start - origin)
                 raise
+
+
+def _not_initialised(unpickler: Unpickler) -> UnpicklingError:
+    return UnpicklingError(f"Unpickler.__init__() was not called by "
+                           f"{type(unpickler).__name__}.__init__()")
 
 
 def _opname(code: int) -> str:
