@@ -62,8 +62,8 @@ import sys
 from pickle import UnpicklingError
 from typing import Any, Callable, Iterable
 
-from .opcodes import BY_CODE, BY_NAME, LEN_INT4, LEN_UINT1, LEN_UINT4, LEN_UINT8, LINE, TWO_LINES
-from .opcodes import HIGHEST_PROTOCOL, decode_utf8, python3_name
+from .opcodes import (BY_CODE, BY_NAME, HIGHEST_PROTOCOL, LEN_INT4, LEN_UINT1, LEN_UINT4,
+                      LEN_UINT8, LINE, TWO_LINES, decode_utf8, python3_name)
 
 try:
     from . import _speedups
