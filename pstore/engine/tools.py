@@ -19,7 +19,7 @@ import struct
 from pickle import UnpicklingError
 from typing import Any, Callable, Iterator, NamedTuple
 
-from . import opcodes as op
+from . import opcodes
 from .opcodes import ArgKind, Opcode, decode_utf8, python3_name
 
 __all__ = ["Instruction", "iter_instructions", "disassemble", "globals_of"]
@@ -71,8 +71,8 @@ _FIXED: dict[str, struct.Struct] = {
 }
 #: The struct format of the length prefix, for each LEN_* layout.
 _LENGTH_PREFIX: dict[int, struct.Struct] = {
-    op.LEN_UINT1: struct.Struct("<B"), op.LEN_INT4: struct.Struct("<i"),
-    op.LEN_UINT4: struct.Struct("<I"), op.LEN_UINT8: struct.Struct("<Q"),
+    opcodes.LEN_UINT1: struct.Struct("<B"), opcodes.LEN_INT4: struct.Struct("<i"),
+    opcodes.LEN_UINT4: struct.Struct("<I"), opcodes.LEN_UINT8: struct.Struct("<Q"),
 }
 #: How the bytes of a line (without its newline) or of a length-prefixed payload decode.
 _DECODE: dict[str, Callable[[bytes], Any]] = {
@@ -103,10 +103,10 @@ def _read_line(data: bytes, start: int) -> tuple[bytes, int]:
     return data[start:end], end + 1
 
 
-Reader = Callable[[bytes, int], tuple[Any, int]]
+_Reader = Callable[[bytes, int], tuple[Any, int]]
 
 
-def _make_reader(kind: ArgKind) -> Reader:
+def _make_reader(kind: ArgKind) -> _Reader:
     """A function reading an argument of ``kind`` at an offset: (argument, offset after it).
 
     It raises ValueError (or a subclass) if the data is truncated or malformed.
@@ -124,12 +124,12 @@ def _make_reader(kind: ArgKind) -> Reader:
             return unpack(data, start)[0], start + size
         return read_fixed
     decode = _DECODE[kind.name]
-    if size == op.LINE:
+    if size == opcodes.LINE:
         def read_line(data: bytes, start: int) -> tuple[Any, int]:
             line, end = _read_line(data, start)
             return decode(line), end
         return read_line
-    if size == op.TWO_LINES:
+    if size == opcodes.TWO_LINES:
         def read_two_lines(data: bytes, start: int) -> tuple[Any, int]:
             module, middle = _read_line(data, start)
             name, end = _read_line(data, middle)
@@ -152,15 +152,15 @@ def _make_reader(kind: ArgKind) -> Reader:
 
 
 #: For each opcode byte: the opcode, and the reader of its argument.
-_READERS: dict[int, tuple[Opcode, Reader]] = {
-    opcode.byte: (opcode, _make_reader(opcode.arg)) for opcode in op.OPCODES}
+_READERS: dict[int, tuple[Opcode, _Reader]] = {
+    opcode.byte: (opcode, _make_reader(opcode.arg)) for opcode in opcodes.OPCODES}
 
 
 # -- walking the opcodes ----------------------------------------------------------------------
 
-_STOP = op.BY_NAME["STOP"]
-_FRAME = op.BY_NAME["FRAME"]
-_MEMOIZE = op.BY_NAME["MEMOIZE"]
+_STOP = opcodes.BY_NAME["STOP"]
+_FRAME = opcodes.BY_NAME["FRAME"]
+_MEMOIZE = opcodes.BY_NAME["MEMOIZE"]
 # Opcodes are looked up by name: hashing an Opcode hashes all its fields.
 _MEMO_PUTS = frozenset(("PUT", "BINPUT", "LONG_BINPUT"))
 _MEMO_GETS = frozenset(("GET", "BINGET", "LONG_BINGET"))
@@ -203,7 +203,7 @@ def iter_instructions(data: Any) -> Iterator[Instruction]:
 _ARGUMENT_WIDTH = 60
 
 
-def _show(argument: Any) -> str:
+def _shortened_repr(argument: Any) -> str:
     """repr of an argument, shortened past _ARGUMENT_WIDTH characters for long payloads."""
     text = repr(argument)
     if len(text) <= _ARGUMENT_WIDTH or not hasattr(argument, "__len__"):
@@ -226,7 +226,7 @@ def disassemble(data: Any) -> str:
     lines = []
     for instruction in iter_instructions(data):
         opcode = instruction.opcode
-        text = "" if opcode.arg.size == 0 else _show(instruction.argument)
+        text = "" if opcode.arg.size == 0 else _shortened_repr(instruction.argument)
         if opcode is _MEMOIZE or opcode.name in _MEMO_PUTS:
             index = len(memo) if opcode is _MEMOIZE else instruction.argument
             memo.add(index)
@@ -259,7 +259,7 @@ def _stack_effect(opcode: Opcode) -> tuple[int, bool, int]:
 
 #: By opcode name.
 _STACK_EFFECTS: dict[str, tuple[int, bool, int]] = {
-    opcode.name: _stack_effect(opcode) for opcode in op.OPCODES}
+    opcode.name: _stack_effect(opcode) for opcode in opcodes.OPCODES}
 
 
 class _Machine:
@@ -385,7 +385,7 @@ def _handler(opcode: Opcode) -> Callable[[_Machine, Instruction], Any]:
 
 #: By opcode name.
 _HANDLERS: dict[str, Callable[[_Machine, Instruction], Any]] = {
-    opcode.name: _handler(opcode) for opcode in op.OPCODES}
+    opcode.name: _handler(opcode) for opcode in opcodes.OPCODES}
 
 
 def globals_of(data: Any) -> list[tuple[str, str]]:

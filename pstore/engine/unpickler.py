@@ -831,9 +831,12 @@ del _op, _table
 class Unpickler:
     """Read pickles from a binary file, like ``pickle.Unpickler``.
 
-    ``file`` needs ``read`` and ``readline``. After :meth:`load` the file is
-    positioned just after the pickle's STOP, so several pickles can be read
-    one after another. ``encoding``/``errors`` decode Python 2 ``str`` objects
+    ``file`` needs ``read`` and ``readline`` (else TypeError); they are looked up
+    here, as CPython looks them up (``peek`` and ``readinto`` too), so an exception
+    the file's attribute raises, other than AttributeError, propagates as it is.
+    A subclass must call ``Unpickler.__init__``, else loading raises
+    UnpicklingError. After :meth:`load` the file is positioned just after the
+    pickle's STOP, so several pickles can be read one after another. ``encoding``/``errors`` decode Python 2 ``str`` objects
     (``encoding="bytes"`` keeps them as bytes); ``fix_imports`` maps Python 2
     module names for protocols below 3; ``buffers`` supplies, in order, the
     out-of-band buffers of a protocol 5 pickle, which are returned as they are
@@ -916,8 +919,11 @@ class Unpickler:
     def find_class(self, module: str, name: str) -> Any:
         """Return the global ``module.name``; every global a pickle names is resolved here.
 
-        Override it to restrict what a pickle may load. Raises what importing
-        or the attribute lookup raises.
+        Override it to restrict what a pickle may load. From protocol 4 on, ``name``
+        may be a qualified name ("Outer.Inner"), followed one attribute at a time.
+        Raises what importing raises, and AttributeError with CPython's message
+        (naming ``name`` and the module) for a missing attribute or, from protocol 4
+        on, a name of a local object ("<locals>").
         """
         sys.audit("pickle.find_class", module, name)
         if self.proto < 3 and self.fix_imports:
