@@ -96,7 +96,7 @@ _MARK_CONSUMERS = frozenset({"APPENDS", "SETITEMS", "ADDITEMS", "TUPLE", "LIST",
                              "FROZENSET", "POP_MARK", "OBJ", "INST"})
 
 
-_MISSING = object()  # an attribute the file does not have
+_MISSING: Any = object()  # an attribute the file does not have
 # How find_class refuses a name of a local object (3.13 changed CPython's wording).
 _LOCAL_ATTRIBUTE = ("Can't get local attribute" if sys.version_info >= (3, 13)
                     else "Can't pickle local attribute")
@@ -836,7 +836,8 @@ class Unpickler:
     the file's attribute raises, other than AttributeError, propagates as it is.
     A subclass must call ``Unpickler.__init__``, else loading raises
     UnpicklingError. After :meth:`load` the file is positioned just after the
-    pickle's STOP, so several pickles can be read one after another. ``encoding``/``errors`` decode Python 2 ``str`` objects
+    pickle's STOP, so several pickles can be read one after another.
+    ``encoding``/``errors`` decode Python 2 ``str`` objects
     (``encoding="bytes"`` keeps them as bytes); ``fix_imports`` maps Python 2
     module names for protocols below 3; ``buffers`` supplies, in order, the
     out-of-band buffers of a protocol 5 pickle, which are returned as they are
@@ -847,8 +848,8 @@ class Unpickler:
     def __init__(self, file: Any, *, fix_imports: bool = True, encoding: str = "ASCII",
                  errors: str = "strict", buffers: Iterable[Any] | None = None) -> None:
         # The file's attributes are looked up as CPython's unpickler looks them up, in its
-        # order and with peek and readinto (which this one does not use): a missing one is
-        # an AttributeError, any other exception raised by the file's attribute propagates.
+        # order and with peek and readinto (which this one does not use): one that raises
+        # AttributeError is missing, any other exception it raises propagates.
         getattr(file, "peek", None)
         getattr(file, "readinto", None)
         self._read = getattr(file, "read", _MISSING)
