@@ -16,16 +16,12 @@ accelerator can be put behind it later without touching any caller.
 
 from __future__ import annotations
 
-import pickle as _stdlib_pickle
 from pickle import PickleBuffer, PickleError, PicklingError, UnpicklingError
 
+from .opcodes import DEFAULT_PROTOCOL, HIGHEST_PROTOCOL
 from .pickler import Pickler, dump, dumps
 from .unpickler import Unpickler, load, loads
 from .tools import Instruction, disassemble, globals_of, iter_instructions
-
-HIGHEST_PROTOCOL = 5
-#: The running Python's default protocol (4 on Python 3.8 to 3.13).
-DEFAULT_PROTOCOL: int = _stdlib_pickle.DEFAULT_PROTOCOL
 
 __all__ = [
     "Pickler", "Unpickler", "dump", "dumps", "load", "loads",

@@ -26,11 +26,10 @@ from __future__ import annotations
 
 import codecs
 import copyreg
-import pickle as _stdlib_pickle  # constants and exception classes only
+import pickle as _stdlib_pickle  # PicklingError and PickleBuffer only
 import struct
 import sys
 import threading
-from _compat_pickle import REVERSE_IMPORT_MAPPING, REVERSE_NAME_MAPPING
 from functools import partial as _partial
 from itertools import chain, islice
 from types import FunctionType
@@ -46,11 +45,10 @@ from .opcodes import (  # the opcodes, as constants read from the one table
     TUPLE3, UNICODE,
 )
 from .opcodes import BATCH_SIZE, FRAME_SIZE_MIN, FRAME_SIZE_TARGET
+from .opcodes import DEFAULT_PROTOCOL, HIGHEST_PROTOCOL, python2_name
 
 PicklingError = _stdlib_pickle.PicklingError
 PickleBuffer = _stdlib_pickle.PickleBuffer
-HIGHEST_PROTOCOL = 5
-DEFAULT_PROTOCOL: int = _stdlib_pickle.DEFAULT_PROTOCOL
 
 __all__ = ["Pickler", "dump", "dumps"]
 
@@ -72,6 +70,11 @@ _ATOMS = frozenset({str, int, float, bool, type(None)})
 
 # The types of the three singletons whose classes protocol 2+ pickles as type(singleton).
 _SINGLETON_TYPES = {type(None): None, type(...): ..., type(NotImplemented): NotImplemented}
+
+# Below protocol 4, a global with a dotted qualified name ("Outer.Inner") cannot be one GLOBAL.
+# CPython 3.13 writes getattr(getattr(Outer, "Inner"), ...) from the top-level name; earlier
+# versions write getattr(parent, last name), the parent saved as any other object.
+_DOTTED_NAME_AS_GETATTR_CHAIN = sys.version_info >= (3, 13)
 
 
 def _int_to_long_bytes(value: int) -> bytes:
@@ -151,6 +154,9 @@ class Pickler:
 
     def dump(self, obj: Any) -> None:
         """Write a pickle of ``obj`` to the file."""
+        if "_file_write" not in self.__dict__:
+            raise PicklingError(f"Pickler.__init__() was not called by "
+                                f"{type(self).__name__}.__init__()")
         # The hooks are read at every dump, so they may be set or changed at any time; the
         # dump function built for them is kept as long as they stay the same.
         hooks = (self.persistent_id, getattr(self, "reducer_override", None),
@@ -635,24 +641,41 @@ def _make_dump(pickler: Pickler, persistent_id: Callable[[Any], Any] | None,
                 else:
                     write(EXT4 + _pack_int4(code))
                 return
+        if parent is module:
+            # Found as an attribute of its module (through a path like "A.mod.A" too):
+            # CPython names it by the path's last part.
+            name = path[-1]
         if framing:
             save(module_name)
             save(name)
             write(STACK_GLOBAL)
-        elif parent is not module:
-            # GLOBAL cannot name a nested attribute: fetch it with getattr(parent, name).
-            save_reduce(getattr, (parent, path[-1]))
+        elif "." not in name:
+            write_global(module_name, name)
+        elif _DOTTED_NAME_AS_GETATTR_CHAIN:
+            top, *attributes = name.split(".")
+            for _ in attributes:
+                save(getattr)
+                if proto < 2:
+                    write(MARK)
+            write_global(module_name, top)
+            for attribute in attributes:
+                save(attribute)
+                write((TUPLE if proto < 2 else TUPLE2) + REDUCE)
         else:
-            if fix_imports:
-                module_name, name = _python2_name(module_name, name)
-            encoding = "utf-8" if proto >= 3 else "ascii"
-            try:
-                line = (module_name.encode(encoding) + b"\n" + name.encode(encoding) + b"\n")
-            except UnicodeEncodeError:
-                raise PicklingError(f"can't pickle global identifier {module_name}.{name} "
-                                    f"using pickle protocol {proto}") from None
-            write(GLOBAL + line)
+            save_reduce(getattr, (parent, path[-1]))
         memo_put(obj)
+
+    def write_global(module_name, name):
+        """GLOBAL module_name.name, a top-level name (not memoized)."""
+        if fix_imports:
+            module_name, name = python2_name(module_name, name)
+        encoding = "utf-8" if proto >= 3 else "ascii"
+        try:
+            line = (module_name.encode(encoding) + b"\n" + name.encode(encoding) + b"\n")
+        except UnicodeEncodeError:
+            raise PicklingError(f"can't pickle global identifier {module_name}.{name} "
+                                f"using pickle protocol {proto}") from None
+        write(GLOBAL + line)
 
     # -- the reduce protocol ------------------------------------------------------------------
 
@@ -788,14 +811,6 @@ def _which_module(obj: Any, path: list[str]) -> str:
         except AttributeError:
             pass
     return "__main__"
-
-
-def _python2_name(module_name: str, name: str) -> tuple[str, str]:
-    """Map a Python 3 global to the name Python 2 knows it by (fix_imports)."""
-    mapped = REVERSE_NAME_MAPPING.get((module_name, name))
-    if mapped is not None:
-        return mapped
-    return REVERSE_IMPORT_MAPPING.get(module_name, module_name), name
 
 
 class _Chunks:

@@ -59,11 +59,11 @@ import os
 import re
 import struct
 import sys
-from _compat_pickle import IMPORT_MAPPING, NAME_MAPPING
 from pickle import UnpicklingError
 from typing import Any, Callable, Iterable
 
-from .opcodes import BY_CODE, BY_NAME, LEN_INT4, LEN_UINT1, LEN_UINT4, LEN_UINT8, LINE, TWO_LINES
+from .opcodes import (BY_CODE, BY_NAME, HIGHEST_PROTOCOL, LEN_INT4, LEN_UINT1, LEN_UINT4,
+                      LEN_UINT8, LINE, TWO_LINES, decode_utf8, python3_name)
 
 try:
     from . import _speedups
@@ -71,8 +71,6 @@ except ImportError:     # built without a C compiler: the pure-Python loop does 
     _speedups = None
 
 __all__ = ["Unpickler", "load", "loads"]
-
-HIGHEST_PROTOCOL = 5
 
 _unpack_int4 = struct.Struct("<i").unpack_from
 _unpack_uint2 = struct.Struct("<H").unpack_from
@@ -96,6 +94,12 @@ _INLINE = frozenset({"BINGET", "MEMOIZE", "SHORT_BINUNICODE", "MARK", "POP", "ST
 #: level below the mark, instead of the current level.
 _MARK_CONSUMERS = frozenset({"APPENDS", "SETITEMS", "ADDITEMS", "TUPLE", "LIST", "DICT",
                              "FROZENSET", "POP_MARK", "OBJ", "INST"})
+
+
+_MISSING: Any = object()  # an attribute the file does not have
+# How find_class refuses a name of a local object (3.13 changed CPython's wording).
+_LOCAL_ATTRIBUTE = ("Can't get local attribute" if sys.version_info >= (3, 13)
+                    else "Can't pickle local attribute")
 
 
 # -- Internal signals from the loop and the handlers to _run's error handling ------------------
@@ -149,14 +153,6 @@ def _nonempty_line(data: bytes, pos: int) -> tuple[bytes, int]:
             raise _Truncated
         raise _Bad(UnpicklingError, "pickle data was truncated (empty argument line)")
     return data[pos:nl], nl + 1
-
-
-def _utf8(raw: bytes) -> str:
-    """Decode BINUNICODE* text: UTF-8 that may hold lone surrogates ('surrogatepass')."""
-    try:
-        return raw.decode()  # the strict default is the decoder's fastest path
-    except UnicodeDecodeError:
-        return raw.decode("utf-8", "surrogatepass")
 
 
 def _c_string(text: bytes) -> bytes:
@@ -309,7 +305,7 @@ def load_binfloat(u: Unpickler, data: bytes, pos: int, stack: list) -> int:
 
 def load_binunicode(u: Unpickler, data: bytes, pos: int, stack: list) -> int:
     end = _take(data, pos + 4, _unpack_uint4(data, pos)[0])
-    stack.append(_utf8(data[pos + 4:end]))
+    stack.append(decode_utf8(data[pos + 4:end]))
     return end
 
 
@@ -596,7 +592,7 @@ def load_unicode(u: Unpickler, data: bytes, pos: int, stack: list) -> int:
 
 def load_binunicode8(u: Unpickler, data: bytes, pos: int, stack: list) -> int:
     end = _take(data, pos + 8, _unpack_uint8(data, pos)[0])
-    stack.append(_utf8(data[pos + 8:end]))
+    stack.append(decode_utf8(data[pos + 8:end]))
     return end
 
 
@@ -835,9 +831,13 @@ del _op, _table
 class Unpickler:
     """Read pickles from a binary file, like ``pickle.Unpickler``.
 
-    ``file`` needs ``read`` and ``readline``. After :meth:`load` the file is
-    positioned just after the pickle's STOP, so several pickles can be read
-    one after another. ``encoding``/``errors`` decode Python 2 ``str`` objects
+    ``file`` needs ``read`` and ``readline`` (else TypeError); they are looked up
+    here, as CPython looks them up (``peek`` and ``readinto`` too), so an exception
+    the file's attribute raises, other than AttributeError, propagates as it is.
+    A subclass must call ``Unpickler.__init__``, else loading raises
+    UnpicklingError. After :meth:`load` the file is positioned just after the
+    pickle's STOP, so several pickles can be read one after another.
+    ``encoding``/``errors`` decode Python 2 ``str`` objects
     (``encoding="bytes"`` keeps them as bytes); ``fix_imports`` maps Python 2
     module names for protocols below 3; ``buffers`` supplies, in order, the
     out-of-band buffers of a protocol 5 pickle, which are returned as they are
@@ -847,11 +847,15 @@ class Unpickler:
 
     def __init__(self, file: Any, *, fix_imports: bool = True, encoding: str = "ASCII",
                  errors: str = "strict", buffers: Iterable[Any] | None = None) -> None:
-        try:
-            self._read = file.read
-            self._readline = file.readline
-        except AttributeError:
-            raise TypeError("file must have 'read' and 'readline' attributes") from None
+        # The file's attributes are looked up as CPython's unpickler looks them up, in its
+        # order and with peek and readinto (which this one does not use): one that raises
+        # AttributeError is missing, any other exception it raises propagates.
+        getattr(file, "peek", None)
+        getattr(file, "readinto", None)
+        self._read = getattr(file, "read", _MISSING)
+        self._readline = getattr(file, "readline", _MISSING)
+        if self._read is _MISSING or self._readline is _MISSING:
+            raise TypeError("file must have 'read' and 'readline' attributes")
         self._file = file
         self._setup(fix_imports, encoding, errors, buffers)
 
@@ -867,7 +871,10 @@ class Unpickler:
 
     def load(self) -> Any:
         """Read one pickle from the file and return the object it holds."""
-        file = self._file
+        try:
+            file = self._file
+        except AttributeError:
+            raise _not_initialised(self) from None
         if type(file) is io.BytesIO:
             # getvalue() shares a BytesIO's bytes when it was made from bytes: no copy.
             start = file.tell()
@@ -898,7 +905,10 @@ class Unpickler:
         Returns the object and the offset just past the pickle's STOP, where a next
         pickle of ``data`` may start. Offsets in error messages count from ``start``.
         """
-        saved = self.memo, self.proto, self._buffers
+        try:
+            saved = self.memo, self.proto, self._buffers
+        except AttributeError:
+            raise _not_initialised(self) from None
         self.memo = {}
         self._buffers = iter(buffers) if buffers is not None else None
         try:
@@ -910,24 +920,29 @@ class Unpickler:
     def find_class(self, module: str, name: str) -> Any:
         """Return the global ``module.name``; every global a pickle names is resolved here.
 
-        Override it to restrict what a pickle may load. Raises what importing
-        or the attribute lookup raises.
+        Override it to restrict what a pickle may load. From protocol 4 on, ``name``
+        may be a qualified name ("Outer.Inner"), followed one attribute at a time.
+        Raises what importing raises, and AttributeError with CPython's message
+        (naming ``name`` and the module) for a missing attribute or, from protocol 4
+        on, a name of a local object ("<locals>").
         """
         sys.audit("pickle.find_class", module, name)
         if self.proto < 3 and self.fix_imports:
-            if (module, name) in NAME_MAPPING:
-                module, name = NAME_MAPPING[(module, name)]
-            elif module in IMPORT_MAPPING:
-                module = IMPORT_MAPPING[module]
+            module, name = python3_name(module, name)
         __import__(module)
-        obj = sys.modules[module]
-        if self.proto < 4:
-            return getattr(obj, name)
-        for part in name.split("."):  # protocol 4 names are qualified names
-            if part == "<locals>":
-                raise AttributeError(f"Can't get local attribute {name!r} on {obj!r}")
-            obj = getattr(obj, part)
-        return obj
+        found = top = sys.modules[module]
+        if self.proto >= 4:  # protocol 4 names are qualified names
+            path = name.split(".")
+            if "<locals>" in path:
+                raise AttributeError(f"{_LOCAL_ATTRIBUTE} {name!r} on {top!r}")
+        else:
+            path = [name]
+        try:
+            for part in path:
+                found = getattr(found, part)
+        except AttributeError:  # CPython's message, whichever part is missing
+            raise AttributeError(f"Can't get attribute {name!r} on {top!r}") from None
+        return found
 
     def persistent_load(self, pid: Any) -> Any:
         """Return the object for a persistent id; by default, refuse (UnpicklingError)."""
@@ -1016,7 +1031,7 @@ class Unpickler:
                         try:
                             value = data[pos + 1:after].decode()
                         except UnicodeDecodeError:
-                            value = _utf8(data[pos + 1:after])
+                            value = decode_utf8(data[pos + 1:after])
                         stack.append(value)
                         # Protocol 4+ picklers follow nearly every string with MEMOIZE:
                         # taken here, it costs no turn of the loop.
@@ -1089,6 +1104,11 @@ class Unpickler:
             except Exception as exc:
                 _add_location(exc, code, start - origin)
                 raise
+
+
+def _not_initialised(unpickler: Unpickler) -> UnpicklingError:
+    return UnpicklingError(f"Unpickler.__init__() was not called by "
+                           f"{type(unpickler).__name__}.__init__()")
 
 
 def _opname(code: int) -> str:
