@@ -7,18 +7,33 @@ build on it so that the two backends behave alike where a user can tell.
 from __future__ import annotations
 
 import errno
+import json
 import os
+import secrets
+import socket
+import stat
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import filelock
+
+from ..errors import LockTimeoutError, UnsafeFileError
 
 try:
     import fcntl
 except ImportError:     # Windows
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["FileLock", "create_private", "fsync_directory", "require_existing"]
+__all__ = ["INHERITED", "FileLock", "create_private", "fsync_directory", "open_side_file",
+           "remove_files", "replace_file", "require_existing", "store_owner"]
+
+#: Handles (database connections, open files) inherited from a parent process after
+#: ``fork()``. Kept referenced forever: closing them in the child could act on the parent's.
+INHERITED: list[object] = []
+
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 
 
 def require_existing(path: str, flag: str, exists: Callable[[], bool]) -> None:
@@ -34,6 +49,97 @@ def create_private(path: str) -> None:
     except FileExistsError:
         return
     os.close(fd)
+
+
+def store_owner(files: Iterable[str]) -> int:
+    """The uid owning the first of ``files`` that exists (the store's own data files, not
+    followed if a link), else this process's effective uid (a store about to be created)."""
+    for name in files:
+        try:
+            return os.lstat(name).st_uid
+        except FileNotFoundError:
+            continue
+    return os.geteuid() if hasattr(os, "geteuid") else 0
+
+
+def _check_opened(fd: int, path: str, owner: int | None) -> None:
+    """Close ``fd`` and raise UnsafeFileError unless it is a regular file owned by ``owner``."""
+    info = os.fstat(fd)
+    reason = None
+    if not stat.S_ISREG(info.st_mode):
+        reason = "not a regular file"
+    elif owner is not None and info.st_uid != owner:
+        reason = f"owned by uid {info.st_uid}, the store by uid {owner}"
+    if reason is not None:
+        os.close(fd)
+        raise UnsafeFileError(path, reason)
+
+
+def open_side_file(path: str, owner: int | None) -> int:
+    """Open (creating it, mode 0600, if missing) a file beside the store: never through a
+    symbolic link, only a regular file owned by ``owner`` (None: any owner).
+
+    Opened for reading and writing, or for reading only if the user may only read it.
+    Raises :class:`~pstore.errors.UnsafeFileError` naming the file otherwise.
+    """
+    flags = _NOFOLLOW | _CLOEXEC
+    try:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | flags, 0o600)
+        except PermissionError:     # a store the user may only read
+            fd = os.open(path, os.O_RDONLY | flags)
+    except PermissionError:
+        raise UnsafeFileError(path, _who_owns(path) + ", which this user may not read") from None
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise UnsafeFileError(path, "a symbolic link") from None
+        raise
+    _check_opened(fd, path, owner)
+    return fd
+
+
+def _who_owns(path: str) -> str:
+    try:
+        return f"owned by uid {os.lstat(path).st_uid}"
+    except OSError:
+        return "not accessible"
+
+
+def replace_file(path: str, chunks: Iterable[bytes], *, fsync: bool) -> None:
+    """Write ``chunks`` as the new content of ``path`` (mode 0600), atomically.
+
+    Written to a new file under a random name beside it (``O_EXCL|O_NOFOLLOW``: never
+    through a link someone planted), then renamed over ``path``: a symbolic link at
+    ``path`` is replaced, not followed. With ``fsync``, the file and its directory
+    entry are on disk when this returns.
+    """
+    temporary = f"{path}.tmp-{secrets.token_hex(8)}"
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC, 0o600)
+    try:
+        with open(fd, "wb") as file:
+            for chunk in chunks:
+                file.write(chunk)
+            file.flush()
+            if fsync:
+                os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        try:
+            os.unlink(temporary)
+        except FileNotFoundError:
+            pass
+        raise
+    if fsync:
+        fsync_directory(path)
+
+
+def remove_files(names: Iterable[str]) -> None:
+    """Unlink each of ``names`` that exists (a link is removed itself, never followed)."""
+    for name in names:
+        try:
+            os.unlink(name)
+        except FileNotFoundError:
+            pass
 
 
 def fsync_directory(path: str) -> None:
@@ -62,10 +168,16 @@ class FileLock:
     1 ms, where a reader takes the lock for every read.
 
     The file is created (mode 0600) if missing, even by a read-only store: it
-    holds no data.
+    holds no data. It is opened with :func:`open_side_file`: never through a
+    symbolic link, and only if it is a regular file owned by ``owner``.
+
+    With ``names_holder``, an exclusive holder writes who it is (pid, host,
+    program, when it took the lock) into the file, and a
+    :class:`~pstore.errors.LockTimeoutError` raised by :meth:`lock` quotes it.
     """
 
-    def __init__(self, path: str, timeout: float, *, longest_pause: float = 0.02) -> None:
+    def __init__(self, path: str, timeout: float, *, longest_pause: float = 0.02,
+                 owner: int | None = None, names_holder: bool = False) -> None:
         """``longest_pause``: the longest sleep between two attempts while waiting.
 
         Waiting polls (a blocking ``flock`` cannot time out); locks held only briefly
@@ -74,6 +186,8 @@ class FileLock:
         self.path = path
         self._timeout = timeout
         self._longest_pause = longest_pause
+        self._owner = owner
+        self._names_holder = names_holder
         self._fd: int | None = None
         self._portable = (filelock.FileLock(path, timeout=timeout, mode=0o600,
                                             thread_local=False) if fcntl is None else None)
@@ -82,11 +196,36 @@ class FileLock:
         """The descriptor of the lock file, for data kept in it (read-only if the user may
         only read the file: flock works on it, writes to it fail)."""
         if self._fd is None:
-            try:
-                self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            except PermissionError:     # a store the user may only read
-                self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            self._fd = open_side_file(self.path, self._owner)
         return self._fd
+
+    def lock(self, store_path: str, shared: bool = False) -> None:
+        """:meth:`acquire`, raising :class:`~pstore.errors.LockTimeoutError` for the store
+        at ``store_path`` (naming the holder when it wrote itself down) if it times out."""
+        if not self.acquire(shared=shared):
+            raise LockTimeoutError(store_path, self._timeout, self.holder())
+
+    def holder(self) -> str | None:
+        """Who last took the lock exclusively, as it wrote itself down; None if unknown."""
+        if self._fd is None:
+            return None
+        try:
+            facts = json.loads(os.pread(self._fd, 4096, 0).decode("utf-8"))
+            return (f"process {int(facts['pid'])} on {str(facts['host'])!r} "
+                    f"({str(facts['program'])!r}, holding it since {str(facts['since'])})")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return None
+
+    def _write_holder(self, fd: int) -> None:
+        facts = {"pid": os.getpid(), "host": socket.gethostname(),
+                 "program": " ".join(sys.argv)[:200] or sys.executable,
+                 "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        data = json.dumps(facts).encode("utf-8")
+        try:
+            os.pwrite(fd, data, 0)
+            os.ftruncate(fd, len(data))
+        except OSError:     # opened read-only: the lock still works, only unnamed
+            pass
 
     def acquire(self, shared: bool = False, wait: bool = True) -> bool:
         """Take the lock, waiting up to the timeout (not at all if not ``wait``).
@@ -106,6 +245,8 @@ class FileLock:
         while True:
             try:
                 fcntl.flock(fd, operation)
+                if self._names_holder and not shared:
+                    self._write_holder(fd)
                 return True
             except BlockingIOError:
                 remaining = deadline - time.monotonic()
