@@ -8,7 +8,7 @@ nor any locking that works across all of them. This backend adds all three:
   journal left by a killed process is applied by the next writer. A read-only
   store writes nothing: it reads such a journal as an overlay instead.
 * **Locks**: ``<path>.lock`` serializes writers (held from :meth:`begin` to the
-  end of :meth:`commit`); :class:`_ApplyLocks` keeps readers out while a writer
+  end of :meth:`commit`); :class:`ApplyLocks` keeps readers out while a writer
   applies a journal, and nothing else.
 * **Change detection**: ``<path>.commits`` holds a counter that every apply
   increments; it is the change marker, and it tells readers when their open
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import struct
 import threading
 import warnings
 from collections.abc import Collection, Hashable, Iterator
@@ -35,161 +34,17 @@ from ..errors import ClosedError, CorruptionError, FormatError, LockTimeoutError
 from . import journal
 from .base import Backend
 from .blobs import BlobStore, LocalBlobs
-from .dbm_modules import MODULES, SUFFIXES, Module, choose_module, whichdb
-from .files import (INHERITED, FileLock, fsync_directory, remove_files, require_existing,
-                    store_owner)
+from .dbm_layout import (CHECK, CHECKED_META, FORMAT, FORMAT_KEY, FORMAT_NAME, FORMAT_VERSION,
+                         FREE_PAGES, KEY_COUNT, MAX_OID, NEXT_OID, OPEN_PAGE, PAGE_COUNT,
+                         PAGE_KEYS, VERSION, blobs_key, count_key, encode_key, key_key, lazy_key,
+                         pack_ints, pack_names, pack_page, page_key, record_key, refs_key,
+                         unpack_ints, unpack_names, unpack_page)
+from .dbm_modules import MODULES, SUFFIXES, choose_module, whichdb
+from .files import (INHERITED, ApplyLocks, FileLock, fsync_directory, remove_files,
+                    require_existing, store_owner)
 
 __all__ = ["FORMAT_KEY", "FORMAT_NAME", "FORMAT_VERSION", "MODULES", "DBMBackend",
            "choose_module"]
-
-#: The key that marks a pstore DBM store, and what it holds.
-FORMAT_KEY = b"m:format"
-FORMAT_NAME = b"pstore-dbm"
-#: The newest format version this code reads and the one it writes. Version 1 databases
-#: become version 2 when opened for writing: version 2 added lazy refs (``l:<oid>``),
-#: records of Persistent objects and blobs (``b:<oid>``), which version 1 code would misread.
-FORMAT_VERSION = 2
-
-# Meta keys (docs/format.md).
-_FORMAT = FORMAT_KEY
-_VERSION = b"m:version"
-_NEXT_OID = b"m:next_oid"
-_KEY_COUNT = b"m:keys"
-_PAGE_COUNT = b"m:pages"
-_OPEN_PAGE = b"m:open_page"
-_FREE_PAGES = b"m:free_pages"
-#: ``<entries or -> <SHA-256 of the other meta keys>``, written by every commit.
-_CHECK = b"m:check"
-_CHECKED_META = (_FORMAT, _VERSION, _NEXT_OID, _KEY_COUNT, _PAGE_COUNT, _OPEN_PAGE, _FREE_PAGES)
-
-#: At most this many keys per key page: binding a new key rewrites one page.
-_PAGE_KEYS = 256
-_LENGTH = struct.Struct(">I")
-#: Object ids are signed 64-bit integers (as SQLite's).
-_MAX_OID = 2 ** 63 - 1
-
-
-def _record_key(oid: int) -> bytes:
-    return b"r:%d" % oid
-
-
-def _refs_key(oid: int) -> bytes:
-    return b"f:%d" % oid
-
-
-def _blobs_key(oid: int) -> bytes:
-    return b"b:%d" % oid
-
-
-def _lazy_key(oid: int) -> bytes:
-    return b"l:%d" % oid
-
-
-def _count_key(oid: int) -> bytes:
-    return b"c:%d" % oid
-
-
-def _key_key(key: str) -> bytes:
-    return b"k:" + _encode_key(key)
-
-
-def _page_key(number: int) -> bytes:
-    return b"p:%d" % number
-
-
-def _encode_key(key: str) -> bytes:
-    # surrogatepass: any str is a valid key, as it is for the SQLite backend.
-    return key.encode("utf-8", "surrogatepass")
-
-
-def _pack_ints(values: Collection[int]) -> bytes:
-    return struct.pack(f"<{len(values)}q", *values)
-
-
-def _unpack_ints(data: bytes | None) -> list[int]:
-    return list(struct.unpack(f"<{len(data) // 8}q", data)) if data else []
-
-
-def _pack_names(names: Collection[str]) -> bytes | None:
-    return ",".join(sorted(set(names))).encode("ascii") or None
-
-
-def _unpack_names(data: bytes | None) -> list[str]:
-    return data.decode("ascii").split(",") if data else []
-
-
-def _pack_page(keys: list[bytes]) -> bytes:
-    return b"".join(_LENGTH.pack(len(key)) + key for key in keys)
-
-
-def _unpack_page(data: bytes | None) -> list[bytes]:
-    keys = []
-    position = 0
-    while data and position < len(data):
-        (length,) = _LENGTH.unpack_from(data, position)
-        position += _LENGTH.size
-        keys.append(data[position:position + length])
-        position += length
-    return keys
-
-
-class _ApplyLocks:
-    """The gate, the apply lock and the commit counter: readers against an applying writer.
-
-    ``<path>.commits`` is held shared by readers for each read and exclusively by a
-    writer only while it applies a journal, so readers wait for that apply phase and
-    nothing else, and never see half of it. Its first 8 bytes count the applies.
-    ``<path>.gate`` is passed (shared) by readers on their way to the apply lock and
-    held (exclusive) by an applying writer, so that no new reader slips in while it
-    waits for the readers already in: without it, readers back to back starve it.
-    """
-
-    def __init__(self, path: str, timeout: float, owner: int) -> None:
-        self._path = path
-        # Held for microseconds (a read) or milliseconds (an apply), very often: a
-        # waiter must retry often to catch the moments it is free.
-        self._counter = FileLock(path + ".commits", timeout, longest_pause=0.0002, owner=owner)
-        self._gate = FileLock(path + ".gate", timeout, longest_pause=0.0002, owner=owner)
-
-    def share(self) -> None:
-        """Take the apply lock shared, through the gate (release with :meth:`unshare`)."""
-        self._gate.lock(self._path, shared=True)
-        try:
-            self._counter.lock(self._path, shared=True)
-        finally:
-            self._gate.release()
-
-    def unshare(self) -> None:
-        self._counter.release()
-
-    def exclude(self) -> None:
-        """Take the gate and the apply lock exclusively (release with :meth:`unexclude`)."""
-        self._gate.lock(self._path)
-        try:
-            self._counter.lock(self._path)
-        except BaseException:
-            self._gate.release()
-            raise
-
-    def unexclude(self) -> None:
-        self._counter.release()
-        self._gate.release()
-
-    def count(self) -> int:
-        """The number of applies so far."""
-        return int.from_bytes(os.pread(self._counter.fileno(), 8, 0), "big")
-
-    def set_count(self, count: int) -> None:
-        """Record ``count`` applies; called holding the apply lock exclusively."""
-        os.pwrite(self._counter.fileno(), count.to_bytes(8, "big"), 0)
-
-    def abandon(self) -> None:
-        self._counter.abandon()
-        self._gate.abandon()
-
-    def close(self) -> None:
-        self._counter.close()
-        self._gate.close()
 
 
 class DBMBackend(LocalBlobs, Backend):
@@ -254,7 +109,7 @@ class DBMBackend(LocalBlobs, Backend):
     def _make_locks(self) -> None:
         self._write_lock = FileLock(self.path + ".lock", self._lock_timeout, owner=self._owner,
                                     names_holder=not self.read_only)
-        self._locks = _ApplyLocks(self.path, self._lock_timeout, self._owner)
+        self._locks = ApplyLocks(self.path, self._lock_timeout, self._owner)
 
     def _is_pstore(self) -> bool:
         """Whether the database at the path is a pstore store (read without changing it)."""
@@ -263,7 +118,7 @@ class DBMBackend(LocalBlobs, Backend):
         except (OSError, ValueError, SyntaxError):
             return False
         try:
-            return db.get(_FORMAT) == FORMAT_NAME
+            return db.get(FORMAT) == FORMAT_NAME
         finally:
             self._module.close(db, self.path, writable=False)
 
@@ -287,7 +142,7 @@ class DBMBackend(LocalBlobs, Backend):
         self.begin()
         try:
             for key in list(self._db.keys()):
-                if key not in (_FORMAT, _VERSION) and self._get(key) is not None:
+                if key not in (FORMAT, VERSION) and self._get(key) is not None:
                     self._put(key, None)
             self._tx_pages.clear()
             self.collect_blobs(set())
@@ -320,7 +175,7 @@ class DBMBackend(LocalBlobs, Backend):
                 self._recover_if_orphaned()
                 db = self._module.open(self.path, "r")
                 try:
-                    fmt, version = self._overlaid(db, _FORMAT), self._overlaid(db, _VERSION)
+                    fmt, version = self._overlaid(db, FORMAT), self._overlaid(db, VERSION)
                     empty = fmt is None and len(db) == 0
                     if fmt == FORMAT_NAME:
                         self._check_meta(db)
@@ -355,7 +210,7 @@ class DBMBackend(LocalBlobs, Backend):
     def _meta_digest(get: Any) -> bytes:
         """The SHA-256 (hex) of the meta keys' values, each read by ``get``."""
         digest = hashlib.sha256()
-        for key in _CHECKED_META:
+        for key in CHECKED_META:
             value = get(key)
             digest.update(b"-" if value is None else b"%d:%s" % (len(value), value))
         return digest.hexdigest().encode("ascii")
@@ -365,10 +220,10 @@ class DBMBackend(LocalBlobs, Backend):
 
         Stores written before ``m:check`` existed lack it; it is checked when present.
         """
-        next_oid = self._overlaid(db, _NEXT_OID)
-        if next_oid is not None and not (next_oid.isdigit() and 0 < int(next_oid) <= _MAX_OID):
+        next_oid = self._overlaid(db, NEXT_OID)
+        if next_oid is not None and not (next_oid.isdigit() and 0 < int(next_oid) <= MAX_OID):
             raise CorruptionError(self.path, f"meta key m:next_oid holds {next_oid[:40]!r}")
-        stored = self._overlaid(db, _CHECK)
+        stored = self._overlaid(db, CHECK)
         if stored is None:
             return
         count, _, digest = stored.partition(b" ")
@@ -386,7 +241,7 @@ class DBMBackend(LocalBlobs, Backend):
         blobs, which is what missing ``l:`` and ``b:`` keys mean."""
         self.begin()
         try:
-            self._put(_VERSION, b"%d" % FORMAT_VERSION)
+            self._put(VERSION, b"%d" % FORMAT_VERSION)
             self.commit()
         except BaseException:
             self.rollback()
@@ -396,9 +251,9 @@ class DBMBackend(LocalBlobs, Backend):
         self.begin()
         try:
             # Another process may have initialized it while this one waited for the lock.
-            if self._get(_FORMAT) is None:
-                self._put(_FORMAT, FORMAT_NAME)
-                self._put(_VERSION, b"%d" % FORMAT_VERSION)
+            if self._get(FORMAT) is None:
+                self._put(FORMAT, FORMAT_NAME)
+                self._put(VERSION, b"%d" % FORMAT_VERSION)
             self.commit()
         except BaseException:
             self.rollback()
@@ -530,42 +385,42 @@ class DBMBackend(LocalBlobs, Backend):
     def new_oid(self) -> int:
         # The counter never goes back, so ids freed by gc are never reused: another
         # process may still hold an object under such an id.
-        oid = self._get_int(_NEXT_OID, 1)
-        if oid >= _MAX_OID or self._get(_record_key(oid)) is not None:
+        oid = self._get_int(NEXT_OID, 1)
+        if oid >= MAX_OID or self._get(record_key(oid)) is not None:
             # A counter set back (or forward, past the ids there are) by damage:
             # allocating would overwrite a record.
             raise CorruptionError(self.path, f"meta key m:next_oid is {oid}, an id that "
-                                             f"{'is out of range' if oid >= _MAX_OID else 'has a record'}")
-        self._put_int(_NEXT_OID, oid + 1)
+                                             f"{'is out of range' if oid >= MAX_OID else 'has a record'}")
+        self._put_int(NEXT_OID, oid + 1)
         return oid
 
     def get_record(self, oid: int) -> bytes | None:
         with self._reading():
-            return self._get(_record_key(oid))
+            return self._get(record_key(oid))
 
     def put_record(self, oid: int, data: bytes, refs: Collection[int],
                    *, lazy_refs: Collection[int] = (), blobs: Collection[str] = ()) -> None:
-        old = set(_unpack_ints(self._get(_refs_key(oid))))
+        old = set(unpack_ints(self._get(refs_key(oid))))
         new = set(refs)
         for ref in old - new:
             self._add_referrers(ref, -1)
         for ref in new - old:
             self._add_referrers(ref, 1)
-        self._put(_record_key(oid), data)
-        self._put(_refs_key(oid), _pack_ints(sorted(new)) if new else None)
-        if lazy_refs or self._get(_lazy_key(oid)) is not None:
-            self._put(_lazy_key(oid), _pack_ints(sorted(lazy_refs)) if lazy_refs else None)
-        if blobs or self._get(_blobs_key(oid)) is not None:
-            self._put(_blobs_key(oid), _pack_names(blobs))
+        self._put(record_key(oid), data)
+        self._put(refs_key(oid), pack_ints(sorted(new)) if new else None)
+        if lazy_refs or self._get(lazy_key(oid)) is not None:
+            self._put(lazy_key(oid), pack_ints(sorted(lazy_refs)) if lazy_refs else None)
+        if blobs or self._get(blobs_key(oid)) is not None:
+            self._put(blobs_key(oid), pack_names(blobs))
 
     def delete_record(self, oid: int) -> None:
-        for ref in _unpack_ints(self._get(_refs_key(oid))):
+        for ref in unpack_ints(self._get(refs_key(oid))):
             self._add_referrers(ref, -1)
-        self._put(_record_key(oid), None)
-        self._put(_refs_key(oid), None)
-        self._put(_blobs_key(oid), None)
-        if self._get(_lazy_key(oid)) is not None:
-            self._put(_lazy_key(oid), None)
+        self._put(record_key(oid), None)
+        self._put(refs_key(oid), None)
+        self._put(blobs_key(oid), None)
+        if self._get(lazy_key(oid)) is not None:
+            self._put(lazy_key(oid), None)
 
     def _add_referrers(self, oid: int, delta: int) -> None:
         """Change the number of keys and records referring to ``oid`` by ``delta``.
@@ -573,28 +428,28 @@ class DBMBackend(LocalBlobs, Backend):
         The count is what makes :meth:`is_referenced` one lookup: a DBM has no index
         from a ref back to the records holding it.
         """
-        count = self._get_int(_count_key(oid)) + delta
-        self._put(_count_key(oid), b"%d" % count if count else None)
+        count = self._get_int(count_key(oid)) + delta
+        self._put(count_key(oid), b"%d" % count if count else None)
 
     def existing(self, oids: Collection[int]) -> set[int]:
         with self._reading():
-            return {oid for oid in oids if self._get(_record_key(oid)) is not None}
+            return {oid for oid in oids if self._get(record_key(oid)) is not None}
 
     def is_referenced(self, oid: int) -> bool:
         with self._reading():
-            return self._get(_count_key(oid)) is not None
+            return self._get(count_key(oid)) is not None
 
     def refs_of(self, oid: int, *, lazy: bool = True) -> Collection[int]:
         with self._reading():
-            refs = _unpack_ints(self._get(_refs_key(oid)))
+            refs = unpack_ints(self._get(refs_key(oid)))
             if lazy or not refs:
                 return refs
-            lazy_refs = _unpack_ints(self._get(_lazy_key(oid)))
+            lazy_refs = unpack_ints(self._get(lazy_key(oid)))
             return set(refs).difference(lazy_refs) if lazy_refs else refs
 
     def blobs_of(self, oid: int) -> Collection[str]:
         with self._reading():
-            return _unpack_names(self._get(_blobs_key(oid)))
+            return unpack_names(self._get(blobs_key(oid)))
 
     def record_ids(self) -> Iterator[int]:
         """Every record's object id: the database's ``r:`` keys, and the transaction's.
@@ -608,7 +463,7 @@ class DBMBackend(LocalBlobs, Backend):
             keys.update(self._overlay)
             oids = [int(key[2:]) for key in keys
                     if key.startswith(b"r:") and key[2:].isdigit() and self._get(key) is not None]
-            next_oid = self._get_int(_NEXT_OID, 1)
+            next_oid = self._get_int(NEXT_OID, 1)
         for oid in oids:
             if oid >= next_oid:
                 raise CorruptionError(self.path, f"a record has object id {oid}, not below "
@@ -629,7 +484,7 @@ class DBMBackend(LocalBlobs, Backend):
 
     def _binding(self, key: str) -> tuple[int, int] | None:
         """``(object id, key page)`` of ``key``, or None."""
-        value = self._get(_key_key(key))
+        value = self._get(key_key(key))
         if value is None:
             return None
         oid, page = value.split()
@@ -650,20 +505,20 @@ class DBMBackend(LocalBlobs, Backend):
     def get_item(self, key: str) -> tuple[int, bytes | None] | None:
         with self._reading():
             binding = self._binding(key)
-            return None if binding is None else (binding[0], self._get(_record_key(binding[0])))
+            return None if binding is None else (binding[0], self._get(record_key(binding[0])))
 
     def bind_key(self, key: str, oid: int) -> int | None:
         binding = self._binding(key)
         if binding is None:
-            page = self._add_to_page(_encode_key(key))
-            self._put_int(_KEY_COUNT, self._get_int(_KEY_COUNT) + 1)
+            page = self._add_to_page(encode_key(key))
+            self._put_int(KEY_COUNT, self._get_int(KEY_COUNT) + 1)
         else:
             previous, page = binding
             if previous == oid:
                 return previous
             self._add_referrers(previous, -1)
         self._add_referrers(oid, 1)
-        self._put(_key_key(key), b"%d %d" % (oid, page))
+        self._put(key_key(key), b"%d %d" % (oid, page))
         return None if binding is None else binding[0]
 
     def unbind_key(self, key: str) -> int | None:
@@ -671,10 +526,10 @@ class DBMBackend(LocalBlobs, Backend):
         if binding is None:
             return None
         oid, page = binding
-        self._remove_from_page(page, _encode_key(key))
-        self._put_int(_KEY_COUNT, self._get_int(_KEY_COUNT) - 1)
+        self._remove_from_page(page, encode_key(key))
+        self._put_int(KEY_COUNT, self._get_int(KEY_COUNT) - 1)
         self._add_referrers(oid, -1)
-        self._put(_key_key(key), None)
+        self._put(key_key(key), None)
         return oid
 
     # Key pages list the bound keys for iteration, a page at a time; see docs/format.md.
@@ -688,29 +543,29 @@ class DBMBackend(LocalBlobs, Backend):
         commit (see _flush_pages): binding many keys costs no page encoding each.
         """
         if self._tx is None:
-            return _unpack_page(self._get(_page_key(number)))
+            return unpack_page(self._get(page_key(number)))
         keys = self._tx_pages.get(number)
         if keys is None:
-            keys = self._tx_pages[number] = _unpack_page(self._get(_page_key(number)))
+            keys = self._tx_pages[number] = unpack_page(self._get(page_key(number)))
         return keys
 
     def _flush_pages(self) -> None:
         for number, keys in self._tx_pages.items():
-            self._put(_page_key(number), _pack_page(keys) if keys else None)
+            self._put(page_key(number), pack_page(keys) if keys else None)
         self._tx_pages.clear()
 
     def _add_to_page(self, key: bytes) -> int:
-        number = self._get_int(_OPEN_PAGE, -1)
+        number = self._get_int(OPEN_PAGE, -1)
         keys = self._page(number) if number >= 0 else []
-        if number < 0 or len(keys) >= _PAGE_KEYS:
-            free = _unpack_ints(self._get(_FREE_PAGES))
+        if number < 0 or len(keys) >= PAGE_KEYS:
+            free = unpack_ints(self._get(FREE_PAGES))
             if free:
                 number = free.pop()
-                self._put(_FREE_PAGES, _pack_ints(free) if free else None)
+                self._put(FREE_PAGES, pack_ints(free) if free else None)
             else:
-                number = self._get_int(_PAGE_COUNT)
-                self._put_int(_PAGE_COUNT, number + 1)
-            self._put_int(_OPEN_PAGE, number)
+                number = self._get_int(PAGE_COUNT)
+                self._put_int(PAGE_COUNT, number + 1)
+            self._put_int(OPEN_PAGE, number)
             keys = self._page(number)
         keys.append(key)
         return number
@@ -720,14 +575,14 @@ class DBMBackend(LocalBlobs, Backend):
         keys.remove(key)
         # A page that falls below half full is filled again later, so that pages
         # stay dense however keys come and go; it crosses half only once before then.
-        if len(keys) == _PAGE_KEYS // 2 - 1 and number != self._get_int(_OPEN_PAGE, -1):
-            free = _unpack_ints(self._get(_FREE_PAGES))
-            self._put(_FREE_PAGES, _pack_ints([*free, number]))
+        if len(keys) == PAGE_KEYS // 2 - 1 and number != self._get_int(OPEN_PAGE, -1):
+            free = unpack_ints(self._get(FREE_PAGES))
+            self._put(FREE_PAGES, pack_ints([*free, number]))
 
     def _pages(self) -> Iterator[list[bytes]]:
         """The key pages, each read in one locked step; no lock is held between pages."""
         with self._reading():
-            count = self._get_int(_PAGE_COUNT)
+            count = self._get_int(PAGE_COUNT)
         for number in range(count):
             with self._reading():
                 keys = list(self._page(number))     # a copy: the caller may change pages
@@ -748,19 +603,19 @@ class DBMBackend(LocalBlobs, Backend):
 
     def iter_items(self) -> Iterator[tuple[str, int, bytes | None]]:
         with self._reading():
-            count = self._get_int(_PAGE_COUNT)
+            count = self._get_int(PAGE_COUNT)
         for number in range(count):
             with self._reading():
                 items = []
                 for key in self._page(number):
                     oid = self._paged_oid(key)
                     items.append((key.decode("utf-8", "surrogatepass"), oid,
-                                  self._get(_record_key(oid))))
+                                  self._get(record_key(oid))))
             yield from items
 
     def count_keys(self) -> int:
         with self._reading():
-            return self._get_int(_KEY_COUNT)
+            return self._get_int(KEY_COUNT)
 
     # -- transactions -----------------------------------------------------------------------
 
@@ -800,9 +655,9 @@ class DBMBackend(LocalBlobs, Backend):
 
     def _seal(self, changes: dict[bytes, bytes | None]) -> None:
         """Put ``m:check`` (see _check_meta) for the state ``changes`` lead to."""
-        changes[_CHECK] = b""   # counted as an entry of its own
+        changes[CHECK] = b""   # counted as an entry of its own
         entries = self._module.entries_after(self._db, changes)
-        changes[_CHECK] = b"%s %s" % (b"-" if entries is None else b"%d" % entries,
+        changes[CHECK] = b"%s %s" % (b"-" if entries is None else b"%d" % entries,
                                       self._meta_digest(self._get))
 
     def rollback(self) -> None:

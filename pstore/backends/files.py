@@ -25,8 +25,8 @@ try:
 except ImportError:     # Windows
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["INHERITED", "FileLock", "create_private", "fsync_directory", "open_side_file",
-           "remove_files", "replace_file", "require_existing", "store_owner"]
+__all__ = ["INHERITED", "ApplyLocks", "FileLock", "create_private", "fsync_directory",
+           "open_side_file", "remove_files", "replace_file", "require_existing", "store_owner"]
 
 #: Handles (database connections, open files) inherited from a parent process after
 #: ``fork()``. Kept referenced forever: closing them in the child could act on the parent's.
@@ -117,8 +117,7 @@ def replace_file(path: str, chunks: Iterable[bytes], *, fsync: bool) -> None:
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC, 0o600)
     try:
         with open(fd, "wb") as file:
-            for chunk in chunks:
-                file.write(chunk)
+            file.writelines(chunks)
             file.flush()
             if fsync:
                 os.fsync(file.fileno())
@@ -212,7 +211,7 @@ class FileLock:
         try:
             facts = json.loads(os.pread(self._fd, 4096, 0).decode("utf-8"))
             return (f"process {int(facts['pid'])} on {str(facts['host'])!r} "
-                    f"({str(facts['program'])!r}, holding it since {str(facts['since'])})")
+                    f"({str(facts['program'])!r}, holding it since {facts['since']})")
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return None
 
@@ -275,3 +274,64 @@ class FileLock:
         if self._portable is None and self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+class ApplyLocks:
+    """The gate, the apply lock and the commit counter: readers against an applying writer.
+
+    ``<path>.commits`` is held shared by readers for each read and exclusively by a
+    writer only while it applies a journal, so readers wait for that apply phase and
+    nothing else, and never see half of it. Its first 8 bytes count the applies.
+    ``<path>.gate`` is passed (shared) by readers on their way to the apply lock and
+    held (exclusive) by an applying writer, so that no new reader slips in while it
+    waits for the readers already in: without it, readers back to back starve it.
+    """
+
+    def __init__(self, path: str, timeout: float, owner: int) -> None:
+        """``path``: the store's; its ``.commits`` and ``.gate`` files are used, owned by
+        ``owner`` (see :func:`open_side_file`)."""
+        self._path = path
+        # Held for microseconds (a read) or milliseconds (an apply), very often: a
+        # waiter must retry often to catch the moments it is free.
+        self._counter = FileLock(path + ".commits", timeout, longest_pause=0.0002, owner=owner)
+        self._gate = FileLock(path + ".gate", timeout, longest_pause=0.0002, owner=owner)
+
+    def share(self) -> None:
+        """Take the apply lock shared, through the gate (release with :meth:`unshare`)."""
+        self._gate.lock(self._path, shared=True)
+        try:
+            self._counter.lock(self._path, shared=True)
+        finally:
+            self._gate.release()
+
+    def unshare(self) -> None:
+        self._counter.release()
+
+    def exclude(self) -> None:
+        """Take the gate and the apply lock exclusively (release with :meth:`unexclude`)."""
+        self._gate.lock(self._path)
+        try:
+            self._counter.lock(self._path)
+        except BaseException:
+            self._gate.release()
+            raise
+
+    def unexclude(self) -> None:
+        self._counter.release()
+        self._gate.release()
+
+    def count(self) -> int:
+        """The number of applies so far."""
+        return int.from_bytes(os.pread(self._counter.fileno(), 8, 0), "big")
+
+    def set_count(self, count: int) -> None:
+        """Record ``count`` applies; called holding the apply lock exclusively."""
+        os.pwrite(self._counter.fileno(), count.to_bytes(8, "big"), 0)
+
+    def abandon(self) -> None:
+        self._counter.abandon()
+        self._gate.abandon()
+
+    def close(self) -> None:
+        self._counter.close()
+        self._gate.close()

@@ -31,7 +31,7 @@ from collections.abc import Iterator, Mapping
 from ..errors import CorruptionError, UnsafeFileError
 from .files import fsync_directory, replace_file
 
-__all__ = ["Changes", "DAMAGED_INFIX", "move_aside", "read", "remove", "write"]
+__all__ = ["DAMAGED_INFIX", "Changes", "move_aside", "read", "remove", "write"]
 
 MAGIC = b"pstore-journal 1\n"
 _ENTRY = struct.Struct(">BII")

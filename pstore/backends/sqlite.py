@@ -17,7 +17,7 @@ from typing import NoReturn
 from ..errors import FormatError, LockTimeoutError, ReadOnlyError
 from .base import Backend
 from .blobs import BlobStore, LocalBlobs
-from .files import FileLock, create_private, require_existing
+from .files import FileLock, create_private, require_existing, store_owner
 
 __all__ = ["SQLiteBackend", "FORMAT_NAME", "FORMAT_VERSION", "APPLICATION_ID"]
 
@@ -57,6 +57,8 @@ _GET_RECORD = "SELECT data FROM records WHERE oid = ?"
 _PUT_RECORD = "INSERT OR REPLACE INTO records (oid, data) VALUES (?, ?)"
 _DELETE_RECORD = "DELETE FROM records WHERE oid = ?"
 _DELETE_REFS = "DELETE FROM refs WHERE oid = ?"
+_REFS_OF = "SELECT ref FROM refs WHERE oid = ?"
+_EAGER_REFS_OF = "SELECT ref FROM refs WHERE oid = ? AND NOT lazy"
 _PUT_REF = "INSERT OR IGNORE INTO refs (oid, ref) VALUES (?, ?)"
 _DELETE_BLOB_REFS = "DELETE FROM blob_refs WHERE oid = ?"
 _PUT_BLOB_REF = "INSERT OR IGNORE INTO blob_refs (oid, blob) VALUES (?, ?)"
@@ -169,7 +171,8 @@ class SQLiteBackend(LocalBlobs, Backend):
     # -- opening ----------------------------------------------------------------------------
 
     def _make_file_lock(self) -> FileLock:
-        return FileLock(self.path + ".lock", self._lock_timeout)
+        return FileLock(self.path + ".lock", self._lock_timeout, owner=store_owner([self.path]),
+                        names_holder=not self.read_only)
 
     def _connect(self, create: bool) -> None:
         if self.read_only:
@@ -315,6 +318,10 @@ class SQLiteBackend(LocalBlobs, Backend):
         rows = self._require().execute(_REACHES, (json.dumps(list(sources)), target))
         return rows.fetchone() is not None
 
+    def refs_of(self, oid: int, *, lazy: bool = True) -> Collection[int]:
+        rows = self._require().execute(_REFS_OF if lazy else _EAGER_REFS_OF, (oid,))
+        return [row[0] for row in rows]
+
     # -- keys -------------------------------------------------------------------------------
 
     def get_key(self, key: str) -> int | None:
@@ -365,8 +372,7 @@ class SQLiteBackend(LocalBlobs, Backend):
         if self.read_only:
             raise ReadOnlyError(self.path, "write")
         conn = self._require()
-        if not self._file_lock.acquire():
-            raise LockTimeoutError(self.path, self._lock_timeout)
+        self._file_lock.lock(self.path)
         try:
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as error:
