@@ -30,7 +30,7 @@ from collections.abc import Collection, Hashable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from ..errors import ClosedError, CorruptionError, FormatError, LockTimeoutError, ReadOnlyError
+from ..errors import ClosedError, CorruptionError, Error, FormatError, ReadOnlyError
 from . import journal
 from .base import Backend
 from .blobs import BlobStore, LocalBlobs
@@ -183,7 +183,7 @@ class DBMBackend(LocalBlobs, Backend):
                     self._module.close(db, self.path, writable=False)
             finally:
                 self._locks.unshare()
-        except (LockTimeoutError, CorruptionError):
+        except Error:   # pstore's own (a lock timeout, damage, an unsafe side file)
             raise
         except (OSError, ValueError, SyntaxError) as error:   # what the modules raise on junk
             raise FormatError(self.path, f"not a readable {self._module.name} database "

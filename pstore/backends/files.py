@@ -93,6 +93,8 @@ def open_side_file(path: str, owner: int | None) -> int:
     except OSError as error:
         if error.errno == errno.ELOOP:
             raise UnsafeFileError(path, "a symbolic link") from None
+        if error.errno == errno.EISDIR:
+            raise UnsafeFileError(path, "not a regular file (a directory)") from None
         raise
     _check_opened(fd, path, owner)
     return fd
