@@ -311,12 +311,31 @@ class DBMBackend(LocalBlobs, Backend):
         if identity == self._overlay_of:
             return
         try:
-            self._overlay = journal.read(self._journal_path, self._owner) or {}
+            self._overlay = self._read_journal() or {}
         except CorruptionError as error:
             self._overlay = {}
             self._report(f"{error} (ignored by this read-only store; the next writer moves it "
                          f"aside)")
         self._overlay_of = identity
+
+    def _read_journal(self) -> dict[bytes, bytes | None] | None:
+        """The journal's changes, checked: journal.read's checks, and the meta digest the
+        transaction wrote (m:check) matching the meta keys it leads to -- so a journal
+        that changes the metadata as no commit did is refused before it is applied."""
+        changes = journal.read(self._journal_path, self._owner)
+        if changes is None:
+            return None
+        check = changes.get(CHECK)
+        db = self._module.open(self.path, "r")
+        try:
+            digest = self._meta_digest(lambda key: changes[key] if key in changes
+                                       else db.get(key) or None)
+        finally:
+            self._module.close(db, self.path, writable=False)
+        if check is None or check.partition(b" ")[2] != digest:
+            raise CorruptionError(self._journal_path, "the journal's meta keys do not match "
+                                                      "the digest its m:check holds")
+        return changes
 
     def _report(self, problem: str) -> None:
         if problem not in self._problems:
@@ -679,7 +698,7 @@ class DBMBackend(LocalBlobs, Backend):
         The caller holds the write lock.
         """
         try:
-            changes = journal.read(self._journal_path, self._owner)
+            changes = self._read_journal()
         except CorruptionError as error:
             kept = journal.move_aside(self._journal_path, fsync=self._fsync)
             self._report(f"{error}; moved aside, unapplied, to {kept!r}")
