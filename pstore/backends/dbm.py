@@ -22,10 +22,8 @@ read by :mod:`.shelf`.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
-import warnings
 from collections.abc import Collection, Hashable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -34,11 +32,11 @@ from ..errors import ClosedError, CorruptionError, Error, FormatError, ReadOnlyE
 from . import journal
 from .base import Backend
 from .blobs import BlobStore, LocalBlobs
-from .dbm_layout import (CHECK, CHECKED_META, FORMAT, FORMAT_KEY, FORMAT_NAME, FORMAT_VERSION,
-                         FREE_PAGES, KEY_COUNT, MAX_OID, NEXT_OID, OPEN_PAGE, PAGE_COUNT,
-                         PAGE_KEYS, VERSION, blobs_key, count_key, encode_key, key_key, lazy_key,
-                         pack_ints, pack_names, pack_page, page_key, record_key, refs_key,
-                         unpack_ints, unpack_names, unpack_page)
+from .dbm_layout import (CHECK, FORMAT, FORMAT_KEY, FORMAT_NAME, FORMAT_VERSION, FREE_PAGES,
+                         KEY_COUNT, MAX_OID, NEXT_OID, OPEN_PAGE, PAGE_COUNT, PAGE_KEYS, VERSION,
+                         blobs_key, check_meta, count_key, encode_key, key_key, lazy_key,
+                         meta_digest, pack_ints, pack_names, pack_page, page_key, record_key,
+                         refs_key, unpack_ints, unpack_names, unpack_page)
 from .dbm_modules import MODULES, SUFFIXES, choose_module, whichdb
 from .files import (INHERITED, ApplyLocks, FileLock, fsync_directory, remove_files,
                     require_existing, store_owner)
@@ -69,7 +67,6 @@ class DBMBackend(LocalBlobs, Backend):
         self.read_only = flag == "r"
         self._lock_timeout = lock_timeout
         self._fsync = fsync
-        self._journal_path = path + ".journal"
         found = whichdb(path)
         # 'n' on a pstore store of the same module empties it in a transaction; only
         # another module's or a foreign database is replaced (under the write lock).
@@ -77,6 +74,8 @@ class DBMBackend(LocalBlobs, Backend):
             if found and flag == "n" and variant in (None, found) \
             else choose_module(path, flag, variant)
         self._owner = store_owner(self._module.files(path))
+        self._journal = journal.PendingJournal(path + ".journal", self._owner,
+                                               self._validate_journal)
         self._db: Any = None                 # the handle reads go through
         self._db_version: int | None = None  # the commit counter it is current with
         self._db_thread = 0                  # the thread that opened it
@@ -87,8 +86,7 @@ class DBMBackend(LocalBlobs, Backend):
         # Read-only: the changes of a complete journal not yet applied, and what identified
         # the journal file they were read from.
         self._overlay: dict[bytes, bytes | None] = {}
-        self._overlay_of: tuple[int, int, int] | None = None
-        self._problems: list[str] = []
+        self._overlay_of: Hashable = None
         self._blobs = BlobStore(path + ".blobs")
         self._make_locks()
         try:
@@ -129,7 +127,7 @@ class DBMBackend(LocalBlobs, Backend):
         self._write_lock.lock(self.path)
         try:
             remove_files([*(self.path + suffix for suffixes in SUFFIXES.values()
-                            for suffix in suffixes), self._journal_path])
+                            for suffix in suffixes), self._journal.path])
         finally:
             self._write_lock.release()
 
@@ -178,7 +176,9 @@ class DBMBackend(LocalBlobs, Backend):
                     fmt, version = self._overlaid(db, FORMAT), self._overlaid(db, VERSION)
                     empty = fmt is None and len(db) == 0
                     if fmt == FORMAT_NAME:
-                        self._check_meta(db)
+                        check_meta(self.path, lambda key: self._overlaid(db, key),
+                                   None if self._overlay else self._module.entries(db),
+                                   self._module.name)
                 finally:
                     self._module.close(db, self.path, writable=False)
             finally:
@@ -205,36 +205,6 @@ class DBMBackend(LocalBlobs, Backend):
         if key in self._overlay:
             return self._overlay[key]
         return db.get(key) or None
-
-    @staticmethod
-    def _meta_digest(get: Any) -> bytes:
-        """The SHA-256 (hex) of the meta keys' values, each read by ``get``."""
-        digest = hashlib.sha256()
-        for key in CHECKED_META:
-            value = get(key)
-            digest.update(b"-" if value is None else b"%d:%s" % (len(value), value))
-        return digest.hexdigest().encode("ascii")
-
-    def _check_meta(self, db: Any) -> None:
-        """Compare the metadata and (where kept) the entry count with ``m:check``.
-
-        Stores written before ``m:check`` existed lack it; it is checked when present.
-        """
-        next_oid = self._overlaid(db, NEXT_OID)
-        if next_oid is not None and not (next_oid.isdigit() and 0 < int(next_oid) <= MAX_OID):
-            raise CorruptionError(self.path, f"meta key m:next_oid holds {next_oid[:40]!r}")
-        stored = self._overlaid(db, CHECK)
-        if stored is None:
-            return
-        count, _, digest = stored.partition(b" ")
-        if digest != self._meta_digest(lambda key: self._overlaid(db, key)):
-            raise CorruptionError(self.path, "the meta keys do not match their digest in "
-                                             "m:check (a damaged index or database)")
-        entries = None if self._overlay else self._module.entries(db)
-        if entries is not None and count != b"%d" % entries:
-            raise CorruptionError(self.path, f"the database holds {entries} entries, its meta "
-                                             f"key m:check says {count[:20].decode('latin-1')} "
-                                             f"(a truncated or damaged {self._module.name} index)")
 
     def _upgrade(self) -> None:
         """Mark a version 1 database as the current version: it has no lazy refs and no
@@ -289,7 +259,7 @@ class DBMBackend(LocalBlobs, Backend):
         """
         if self.read_only:
             self._load_overlay()
-        elif os.path.exists(self._journal_path) and self._write_lock.acquire(wait=False):
+        elif self._journal.exists() and self._write_lock.acquire(wait=False):
             # A journal and no writer alive: its writer died, maybe halfway through
             # applying it. Recover before reading: only that makes the database whole.
             self._locks.unshare()
@@ -302,54 +272,26 @@ class DBMBackend(LocalBlobs, Backend):
         # needs the lock the caller holds): the database is the last committed state.
 
     def _load_overlay(self) -> None:
-        try:
-            info = os.lstat(self._journal_path)
-        except FileNotFoundError:
-            self._overlay, self._overlay_of = {}, None
-            return
-        identity = (info.st_ino, info.st_size, info.st_mtime_ns)
-        if identity == self._overlay_of:
-            return
-        try:
-            self._overlay = self._read_journal() or {}
-        except CorruptionError as error:
-            self._overlay = {}
-            self._report(f"{error} (ignored by this read-only store; the next writer moves it "
-                         f"aside)")
-        self._overlay_of = identity
+        self._overlay, self._overlay_of = self._journal.overlay()
 
-    def _read_journal(self) -> dict[bytes, bytes | None] | None:
-        """The journal's changes, checked: journal.read's checks, and the meta digest the
-        transaction wrote (m:check) matching the meta keys it leads to -- so a journal
-        that changes the metadata as no commit did is refused before it is applied."""
-        changes = journal.read(self._journal_path, self._owner)
-        if changes is None:
-            return None
-        check = changes.get(CHECK)
+    def _validate_journal(self, changes: journal.Changes) -> None:
+        """Refuse a journal whose meta keys do not match the digest its m:check holds:
+        one that changes the metadata as no commit did is never applied."""
         db = self._module.open(self.path, "r")
         try:
-            digest = self._meta_digest(lambda key: changes[key] if key in changes
-                                       else db.get(key) or None)
+            digest = meta_digest(lambda key: changes[key] if key in changes
+                                 else db.get(key) or None)
         finally:
             self._module.close(db, self.path, writable=False)
+        check = changes.get(CHECK)
         if check is None or check.partition(b" ")[2] != digest:
-            raise CorruptionError(self._journal_path, "the journal's meta keys do not match "
+            raise CorruptionError(self._journal.path, "the journal's meta keys do not match "
                                                       "the digest its m:check holds")
-        return changes
-
-    def _report(self, problem: str) -> None:
-        if problem not in self._problems:
-            self._problems.append(problem)
-            warnings.warn(problem, RuntimeWarning, stacklevel=4)
 
     def problems(self) -> list[str]:
         """What this backend found damaged and set aside, for ``Store.verify()``: journals
         that failed their check (this session's, and every one moved aside earlier)."""
-        folder = os.path.dirname(os.path.abspath(self._journal_path))
-        prefix = os.path.basename(self._journal_path) + journal.DAMAGED_INFIX
-        kept = [f"a damaged journal was kept as {os.path.join(folder, name)!r}"
-                for name in sorted(os.listdir(folder)) if name.startswith(prefix)]
-        return [*self._problems, *(problem for problem in kept if problem not in self._problems)]
+        return self._journal.problems()
 
     def _refresh(self) -> None:
         """Reopen the handle if it may be stale: a commit happened since it was current.
@@ -406,10 +348,11 @@ class DBMBackend(LocalBlobs, Backend):
         # process may still hold an object under such an id.
         oid = self._get_int(NEXT_OID, 1)
         if oid >= MAX_OID or self._get(record_key(oid)) is not None:
-            # A counter set back (or forward, past the ids there are) by damage:
-            # allocating would overwrite a record.
+            # A counter set back (or past the last id) by damage: allocating would
+            # overwrite a record.
+            problem = "is out of range" if oid >= MAX_OID else "has a record"
             raise CorruptionError(self.path, f"meta key m:next_oid is {oid}, an id that "
-                                             f"{'is out of range' if oid >= MAX_OID else 'has a record'}")
+                                             f"{problem}")
         self._put_int(NEXT_OID, oid + 1)
         return oid
 
@@ -645,7 +588,7 @@ class DBMBackend(LocalBlobs, Backend):
             raise ClosedError(self.path)
         self._write_lock.lock(self.path)
         try:
-            if os.path.lexists(self._journal_path):  # left by a writer that died
+            if self._journal.exists():  # left by a writer that died
                 self._recover()
             self._refresh()
         except BaseException:
@@ -664,7 +607,7 @@ class DBMBackend(LocalBlobs, Backend):
             if changes:
                 # The commit point: once the journal is in place, the transaction is
                 # applied, by this process now or by the next writer to find it.
-                journal.write(self._journal_path, changes, fsync=self._fsync)
+                journal.write(self._journal.path, changes, fsync=self._fsync)
                 committed = True
                 self._apply(changes, again=False)
                 self._own_commits += 1
@@ -677,7 +620,7 @@ class DBMBackend(LocalBlobs, Backend):
         changes[CHECK] = b""   # counted as an entry of its own
         entries = self._module.entries_after(self._db, changes)
         changes[CHECK] = b"%s %s" % (b"-" if entries is None else b"%d" % entries,
-                                      self._meta_digest(self._get))
+                                      meta_digest(self._get))
 
     def rollback(self) -> None:
         self._tx_pages.clear()
@@ -698,10 +641,9 @@ class DBMBackend(LocalBlobs, Backend):
         The caller holds the write lock.
         """
         try:
-            changes = self._read_journal()
+            changes = self._journal.read()
         except CorruptionError as error:
-            kept = journal.move_aside(self._journal_path, fsync=self._fsync)
-            self._report(f"{error}; moved aside, unapplied, to {kept!r}")
+            self._journal.set_aside(error, fsync=self._fsync)
             return
         if changes is not None:
             self._apply(changes, again=True)
@@ -744,7 +686,7 @@ class DBMBackend(LocalBlobs, Backend):
                         _fsync_file(name)
                 fsync_directory(self.path)
             self._module.after_apply(self.path, fsync=self._fsync)
-            journal.remove(self._journal_path, fsync=self._fsync)
+            journal.remove(self._journal.path, fsync=self._fsync)
         finally:
             self._locks.unexclude()
 

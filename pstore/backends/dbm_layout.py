@@ -5,8 +5,11 @@ Described in prose in ``docs/format.md``; used by :mod:`.dbm`.
 
 from __future__ import annotations
 
+import hashlib
 import struct
-from collections.abc import Collection
+from collections.abc import Callable, Collection
+
+from ..errors import CorruptionError
 
 __all__ = [
     "CHECK",
@@ -36,7 +39,7 @@ __all__ = [
     "refs_key",
     "unpack_ints",
     "unpack_names",
-    "unpack_page",
+    "unpack_page", "meta_digest", "check_meta",
 ]
 
 #: The key that marks a pstore DBM store, and what it holds.
@@ -129,3 +132,37 @@ def unpack_page(data: bytes | None) -> list[bytes]:
         keys.append(data[position:position + length])
         position += length
     return keys
+
+
+def meta_digest(get: Callable[[bytes], bytes | None]) -> bytes:
+    """The SHA-256 (hex) of the meta keys' values, each read by ``get``: what ``m:check``
+    holds after the entry count."""
+    digest = hashlib.sha256()
+    for key in CHECKED_META:
+        value = get(key)
+        digest.update(b"-" if value is None else b"%d:%s" % (len(value), value))
+    return digest.hexdigest().encode("ascii")
+
+
+def check_meta(path: str, get: Callable[[bytes], bytes | None], entries: int | None,
+               module: str) -> None:
+    """Raise CorruptionError naming ``path`` unless the meta keys (read by ``get``) match
+    ``m:check`` and, if ``entries`` is known, the database holds that many entries.
+
+    Stores written before ``m:check`` existed lack it; it is checked when present.
+    """
+    next_oid = get(NEXT_OID)
+    if next_oid is not None and not (next_oid.isdigit() and 0 < int(next_oid) <= MAX_OID):
+        raise CorruptionError(path, f"meta key m:next_oid holds {next_oid[:40]!r}")
+    stored = get(CHECK)
+    if stored is None:
+        return
+    count, _, digest = stored.partition(b" ")
+    if digest != meta_digest(get):
+        raise CorruptionError(path, "the meta keys do not match their digest in m:check "
+                                    "(a damaged index or database)")
+    if entries is not None and count != b"%d" % entries:
+        raise CorruptionError(path, f"the database holds {entries} entries, its meta key "
+                                    f"m:check says {count[:20].decode('latin-1')} (a truncated "
+                                    f"or damaged {module} index)")
+

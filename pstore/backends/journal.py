@@ -26,12 +26,13 @@ import secrets
 import stat
 import struct
 import time
-from collections.abc import Iterator, Mapping
+import warnings
+from collections.abc import Callable, Hashable, Iterator, Mapping
 
 from ..errors import CorruptionError, UnsafeFileError
 from .files import fsync_directory, replace_file
 
-__all__ = ["DAMAGED_INFIX", "Changes", "move_aside", "read", "remove", "write"]
+__all__ = ["DAMAGED_INFIX", "Changes", "PendingJournal", "move_aside", "read", "remove", "write"]
 
 MAGIC = b"pstore-journal 1\n"
 _ENTRY = struct.Struct(">BII")
@@ -151,3 +152,70 @@ def remove(path: str, *, fsync: bool) -> None:
         return
     if fsync:
         fsync_directory(path)
+
+
+class PendingJournal:
+    """The journal file of one store: found, checked, read as an overlay, moved aside.
+
+    ``validate(changes)`` is the backend's own check of a journal's content (raising
+    :class:`~pstore.errors.CorruptionError`), run after :func:`read`'s. Every journal
+    that fails a check is reported once with a ``RuntimeWarning`` and listed by
+    :meth:`problems`.
+    """
+
+    def __init__(self, path: str, owner: int, validate: Callable[[Changes], None]) -> None:
+        self.path = path
+        self._owner = owner
+        self._validate = validate
+        self._problems: list[str] = []
+        self._overlay: dict[bytes, bytes | None] = {}
+        self._overlay_of: tuple[int, int, int] | None = None  # the file it was read from
+
+    def exists(self) -> bool:
+        return os.path.lexists(self.path)
+
+    def read(self) -> dict[bytes, bytes | None] | None:
+        """The journal's changes, checked (see the class); None if there is none."""
+        changes = read(self.path, self._owner)
+        if changes is not None:
+            self._validate(changes)
+        return changes
+
+    def overlay(self) -> tuple[dict[bytes, bytes | None], Hashable]:
+        """``(changes, identity)`` of the journal there is, for a reader that may not apply
+        it: ``({}, None)`` if there is none, ``({}, identity)`` if it fails its checks
+        (reported). Read again only when the file changed."""
+        try:
+            info = os.lstat(self.path)
+        except FileNotFoundError:
+            self._overlay, self._overlay_of = {}, None
+            return self._overlay, None
+        identity = (info.st_ino, info.st_size, info.st_mtime_ns)
+        if identity != self._overlay_of:
+            try:
+                self._overlay = self.read() or {}
+            except CorruptionError as error:
+                self._overlay = {}
+                self.report(f"{error} (ignored by this read-only store; the next writer "
+                            f"moves it aside)")
+            self._overlay_of = identity
+        return self._overlay, identity
+
+    def set_aside(self, error: CorruptionError, *, fsync: bool) -> None:
+        """Move the journal that failed its check with ``error`` aside, and report it."""
+        kept = move_aside(self.path, fsync=fsync)
+        self.report(f"{error}; moved aside, unapplied, to {kept!r}")
+
+    def report(self, problem: str) -> None:
+        if problem not in self._problems:
+            self._problems.append(problem)
+            warnings.warn(problem, RuntimeWarning, stacklevel=5)
+
+    def problems(self) -> list[str]:
+        """The journals that failed their check: this object's, and every one moved aside
+        before (by any process), which are kept beside the store."""
+        folder = os.path.dirname(os.path.abspath(self.path))
+        prefix = os.path.basename(self.path) + DAMAGED_INFIX
+        kept = [f"a damaged journal was kept as {os.path.join(folder, name)!r}"
+                for name in sorted(os.listdir(folder)) if name.startswith(prefix)]
+        return [*self._problems, *(problem for problem in kept if problem not in self._problems)]
