@@ -221,6 +221,11 @@ class Backend(ABC):
         self.collect_blobs({name for oid in live for name in self.blobs_of(oid)})
         return deleted
 
+    def problems(self) -> list[str]:
+        """Damage this backend found and set aside rather than use (e.g. a journal that
+        failed its check), each a sentence naming the file; for ``Store.verify()``."""
+        return []
+
     # -- the primitives of the default reaches() and gc() -----------------------------------
     # Not abstract: a backend that overrides both (SQLite, with recursive queries) needs
     # only refs_of; one that has no graph of its own (a read-only view) none of them.

@@ -155,6 +155,18 @@ def fsync_directory(path: str) -> None:
         os.close(fd)
 
 
+_FACTS: dict[str, object] = {}
+
+
+def _process_facts() -> dict[str, object]:
+    """pid, host and program of this process, for lock files (worked out once per process:
+    a transaction takes the lock each time)."""
+    if _FACTS.get("pid") != os.getpid():   # first use, or a forked child
+        _FACTS.update(pid=os.getpid(), host=socket.gethostname(),
+                      program=" ".join(sys.argv)[:200] or sys.executable)
+    return _FACTS
+
+
 class FileLock:
     """A cross-process lock on the file ``path``: exclusive, or shared among many holders.
 
@@ -218,10 +230,9 @@ class FileLock:
             return None
 
     def _write_holder(self, fd: int) -> None:
-        facts = {"pid": os.getpid(), "host": socket.gethostname(),
-                 "program": " ".join(sys.argv)[:200] or sys.executable,
-                 "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        data = json.dumps(facts).encode("utf-8")
+        data = json.dumps({**_process_facts(),
+                           "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        data = data.encode("utf-8")
         try:
             os.pwrite(fd, data, 0)
             os.ftruncate(fd, len(data))
