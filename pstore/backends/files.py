@@ -231,8 +231,8 @@ class FileLock:
 
     def _write_holder(self, fd: int) -> None:
         data = json.dumps({**_process_facts(),
-                           "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-        data = data.encode("utf-8")
+                           "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                          ).encode("utf-8")
         try:
             os.pwrite(fd, data, 0)
             os.ftruncate(fd, len(data))

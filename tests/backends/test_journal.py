@@ -8,6 +8,8 @@ import os
 import struct
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import pstore
 from pstore.backends import journal
@@ -192,3 +194,44 @@ def test_a_forged_journal_that_changes_metadata_is_stopped_by_the_meta_digest(tm
     content = forge([(1, b"m:keys", b"99")])
     plant(path, content)
     assert_moved_aside(tmp_path, path, module, content, "m:check")
+
+
+def test_any_damage_to_a_journal_is_refused_or_harmless(tmp_path):
+    path = str(tmp_path / "j")
+
+    @settings(max_examples=300, deadline=None)
+    @given(changes=st.dictionaries(st.binary(max_size=12), st.none() | st.binary(max_size=40),
+                                   max_size=8),
+           position=st.integers(min_value=0), byte=st.integers(0, 255), cut=st.booleans())
+    def check(changes, position, byte, cut):
+        journal.write(path, changes, fsync=False)
+        with open(path, "rb") as file:
+            content = bytearray(file.read())
+        position %= len(content)
+        if cut:
+            del content[position:]
+        else:
+            content[position] = byte
+        with open(path, "wb") as file:
+            file.write(content)
+        try:
+            found = journal.read(path, os.getuid())
+        except CorruptionError as error:
+            assert error.path == path
+        else:   # only a change that changed nothing is read back
+            assert found == changes and not cut
+    check()
+
+
+@modules
+def test_read_only_opens_of_a_store_write_nothing(tmp_path, module):
+    path = filled(tmp_path, module)
+    with pstore.open(path, "w", backend=f"dbm:{module}") as store:
+        store.update({f"k{i}": [i] * i for i in range(1, 600)})
+        del store["k5"]
+    before = every_file(str(tmp_path))
+    with pstore.open(path, "r", backend=f"dbm:{module}") as store:
+        assert len(store) == 599 and store["k7"] == [7] * 7
+        assert sorted(store) == sorted(["k0", *(f"k{i}" for i in range(1, 600) if i != 5)])
+        assert dict(store.items())["k0"] == "original"
+    assert every_file(str(tmp_path)) == before
