@@ -26,7 +26,7 @@ except ImportError:     # Windows
     fcntl = None  # type: ignore[assignment]
 
 __all__ = ["INHERITED", "ApplyLocks", "FileLock", "create_private", "fsync_directory",
-           "open_side_file", "remove_files", "replace_file", "require_existing", "store_owner"]
+           "open_side_file", "owned_by", "remove_files", "replace_file", "require_existing", "store_owner"]
 
 #: Handles (database connections, open files) inherited from a parent process after
 #: ``fork()``. Kept referenced forever: closing them in the child could act on the parent's.
@@ -62,13 +62,19 @@ def store_owner(files: Iterable[str]) -> int:
     return os.geteuid() if hasattr(os, "geteuid") else 0
 
 
+def owned_by(info: os.stat_result, owner: int | None) -> bool:
+    """Whether the file ``info`` describes is ``owner``'s (None: anyone's) or root's:
+    whoever can plant a root-owned file can change the store's own files as well."""
+    return owner is None or info.st_uid in (owner, 0)
+
+
 def _check_opened(fd: int, path: str, owner: int | None) -> None:
     """Close ``fd`` and raise UnsafeFileError unless it is a regular file owned by ``owner``."""
     info = os.fstat(fd)
     reason = None
     if not stat.S_ISREG(info.st_mode):
         reason = "not a regular file"
-    elif owner is not None and info.st_uid != owner:
+    elif not owned_by(info, owner):
         reason = f"owned by uid {info.st_uid}, the store by uid {owner}"
     if reason is not None:
         os.close(fd)
@@ -80,14 +86,20 @@ def open_side_file(path: str, owner: int | None) -> int:
     symbolic link, only a regular file owned by ``owner`` (None: any owner).
 
     Opened for reading and writing, or for reading only if the user may only read it.
-    Raises :class:`~pstore.errors.UnsafeFileError` naming the file otherwise.
+    A file this call creates is this process's, whoever owns the store (root opening
+    a user's store). Raises :class:`~pstore.errors.UnsafeFileError` naming the file
+    otherwise.
     """
     flags = _NOFOLLOW | _CLOEXEC
     try:
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | flags, 0o600)
-        except PermissionError:     # a store the user may only read
-            fd = os.open(path, os.O_RDONLY | flags)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | flags, 0o600)
+            owner = None
+        except FileExistsError:     # (O_EXCL: also a link, dangling or not; refused below)
+            try:
+                fd = os.open(path, os.O_RDWR | flags)
+            except PermissionError:     # a store the user may only read
+                fd = os.open(path, os.O_RDONLY | flags)
     except PermissionError:
         raise UnsafeFileError(path, _who_owns(path) + ", which this user may not read") from None
     except OSError as error:

@@ -30,7 +30,7 @@ import warnings
 from collections.abc import Callable, Hashable, Iterator, Mapping
 
 from ..errors import CorruptionError, UnsafeFileError
-from .files import fsync_directory, replace_file
+from .files import fsync_directory, owned_by, replace_file
 
 __all__ = ["DAMAGED_INFIX", "Changes", "PendingJournal", "move_aside", "read", "remove", "write"]
 
@@ -88,7 +88,7 @@ def read(path: str, owner: int | None) -> dict[bytes, bytes | None] | None:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise CorruptionError(path, "the journal is not a regular file")
-        if owner is not None and info.st_uid != owner:
+        if not owned_by(info, owner):
             raise CorruptionError(path, f"the journal is owned by uid {info.st_uid}, "
                                         f"the store by uid {owner}")
         content = file.read()

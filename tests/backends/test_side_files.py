@@ -244,3 +244,16 @@ def test_a_dbm_backend_refuses_a_journal_link_at_open(tmp_path, outside):
     assert snapshot(str(outside)) == before
     kept = [name for name in os.listdir(os.path.dirname(path)) if ".journal.damaged-" in name]
     assert len(kept) == 1 and os.path.islink(os.path.join(os.path.dirname(path), kept[0]))
+
+
+@root_only
+def test_root_opening_a_users_store_creates_its_missing_lock_files(tmp_path):
+    path = store_in(tmp_path)
+    filled(path, "dbm.dumb")
+    for name in os.listdir(os.path.dirname(path)):
+        os.chown(os.path.join(os.path.dirname(path), name), 12345, 12345)
+    os.unlink(path + ".lock")
+    with pstore.open(path, "w", backend="dbm") as store:
+        store["k"] = "by root"
+    with pstore.open(path, "r", backend="dbm") as store:
+        assert store["k"] == "by root"
