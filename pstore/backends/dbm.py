@@ -38,7 +38,7 @@ from .dbm_layout import (CHECK, FORMAT, FORMAT_KEY, FORMAT_NAME, FORMAT_VERSION,
                          meta_digest, pack_ints, pack_names, pack_page, page_key, record_key,
                          refs_key, unpack_ints, unpack_names, unpack_page)
 from .dbm_modules import MODULES, SUFFIXES, choose_module, whichdb
-from .files import (INHERITED, ApplyLocks, FileLock, fsync_directory, remove_files,
+from .files import (INHERITED, ApplyLocks, FileLock, fsync_directory, fsync_file, remove_files,
                     require_existing, store_owner)
 
 __all__ = ["FORMAT_KEY", "FORMAT_NAME", "FORMAT_VERSION", "MODULES", "DBMBackend",
@@ -91,7 +91,11 @@ class DBMBackend(LocalBlobs, Backend):
         self._make_locks()
         try:
             if flag == "n" and found and (found != self._module.name or not self._is_pstore()):
-                self._replace_foreign()
+                # Another module's database, or not a store: its files go (every module's:
+                # a leftover would make dbm.whichdb misjudge the new database).
+                remove_files([*(path + suffix for suffixes in SUFFIXES.values()
+                                for suffix in suffixes), self._journal.path],
+                             self._write_lock, path)
             require_existing(path, flag, lambda: whichdb(path) is not None)
             if flag in ("c", "n"):
                 self._create_database()
@@ -119,17 +123,6 @@ class DBMBackend(LocalBlobs, Backend):
             return db.get(FORMAT) == FORMAT_NAME
         finally:
             self._module.close(db, self.path, writable=False)
-
-    def _replace_foreign(self) -> None:
-        """Flag 'n' over a database that is not a pstore store of this module: remove its
-        files (every module's: a leftover would make dbm.whichdb misjudge the new one),
-        under the write lock."""
-        self._write_lock.lock(self.path)
-        try:
-            remove_files([*(self.path + suffix for suffixes in SUFFIXES.values()
-                            for suffix in suffixes), self._journal.path])
-        finally:
-            self._write_lock.release()
 
     def _empty(self) -> None:
         """Flag 'n' on a pstore store: delete every record, key and blob in one transaction.
@@ -683,7 +676,7 @@ class DBMBackend(LocalBlobs, Backend):
             if self._fsync:
                 for name in self._module.files(self.path):
                     if os.path.exists(name):
-                        _fsync_file(name)
+                        fsync_file(name)
                 fsync_directory(self.path)
             self._module.after_apply(self.path, fsync=self._fsync)
             journal.remove(self._journal.path, fsync=self._fsync)
@@ -730,10 +723,3 @@ class DBMBackend(LocalBlobs, Backend):
             self._write_lock.close()
             self._locks.close()
 
-
-def _fsync_file(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

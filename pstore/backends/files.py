@@ -26,7 +26,8 @@ except ImportError:     # Windows
     fcntl = None  # type: ignore[assignment]
 
 __all__ = ["INHERITED", "ApplyLocks", "FileLock", "create_private", "fsync_directory",
-           "open_side_file", "owned_by", "remove_files", "replace_file", "require_existing", "store_owner"]
+           "fsync_file", "open_side_file", "owned_by", "remove_files", "replace_file",
+           "require_existing", "store_owner"]
 
 #: Handles (database connections, open files) inherited from a parent process after
 #: ``fork()``. Kept referenced forever: closing them in the child could act on the parent's.
@@ -52,11 +53,12 @@ def create_private(path: str) -> None:
 
 
 def store_owner(files: Iterable[str]) -> int:
-    """The uid owning the first of ``files`` that exists (the store's own data files, not
-    followed if a link), else this process's effective uid (a store about to be created)."""
+    """The uid owning the first of ``files`` that exists (the store's own data files; a
+    link there is the user's choice of place), else this process's effective uid (a
+    store about to be created)."""
     for name in files:
         try:
-            return os.lstat(name).st_uid
+            return os.stat(name).st_uid
         except FileNotFoundError:
             continue
     return os.geteuid() if hasattr(os, "geteuid") else 0
@@ -146,13 +148,27 @@ def replace_file(path: str, chunks: Iterable[bytes], *, fsync: bool) -> None:
         fsync_directory(path)
 
 
-def remove_files(names: Iterable[str]) -> None:
-    """Unlink each of ``names`` that exists (a link is removed itself, never followed)."""
-    for name in names:
-        try:
-            os.unlink(name)
-        except FileNotFoundError:
-            pass
+def remove_files(names: Iterable[str], lock: FileLock, store_path: str) -> None:
+    """Flag 'n' over files that are not a store to empty: unlink each of ``names`` that
+    exists (a link is removed itself, never followed), holding ``lock`` meanwhile."""
+    lock.lock(store_path)
+    try:
+        for name in names:
+            try:
+                os.unlink(name)
+            except FileNotFoundError:
+                pass
+    finally:
+        lock.release()
+
+
+def fsync_file(path: str) -> None:
+    """Make the content of the file ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY | _CLOEXEC)   # the store's own files: a link is the user's
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def fsync_directory(path: str) -> None:
