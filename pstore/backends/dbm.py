@@ -68,11 +68,9 @@ class DBMBackend(LocalBlobs, Backend):
         self._lock_timeout = lock_timeout
         self._fsync = fsync
         found = whichdb(path)
-        # 'n' on a pstore store of the same module empties it in a transaction; only
-        # another module's or a foreign database is replaced (under the write lock).
-        self._module = choose_module(path, "c" if flag == "n" else flag, variant) \
-            if found and flag == "n" and variant in (None, found) \
-            else choose_module(path, flag, variant)
+        # 'n' on a store of the same module empties it in a transaction (see _empty).
+        keeps = flag == "n" and bool(found) and variant in (None, found)
+        self._module = choose_module(path, "c" if keeps else flag, variant)
         self._owner = store_owner(self._module.files(path))
         self._journal = journal.PendingJournal(path + ".journal", self._owner,
                                                self._validate_journal)
@@ -90,16 +88,20 @@ class DBMBackend(LocalBlobs, Backend):
         self._blobs = BlobStore(path + ".blobs")
         self._make_locks()
         try:
-            if flag == "n" and found and (found != self._module.name or not self._is_pstore()):
-                # Another module's database, or not a store: its files go (every module's:
-                # a leftover would make dbm.whichdb misjudge the new database).
-                remove_files([*(path + suffix for suffixes in SUFFIXES.values()
-                                for suffix in suffixes), self._journal.path],
-                             self._write_lock, path)
+            if flag == "n" and found and not keeps:
+                self._replace()
             require_existing(path, flag, lambda: whichdb(path) is not None)
             if flag in ("c", "n"):
                 self._create_database()
-            self._check_format(create=flag in ("c", "n"))
+            try:
+                self._check_format(create=flag in ("c", "n"))
+            except (FormatError, CorruptionError):
+                if flag != "n":
+                    raise
+                # Not a store this code can empty (foreign, newer, damaged): replaced.
+                self._replace()
+                self._create_database()
+                self._check_format(create=True)
             if flag == "n":
                 self._empty()
         except BaseException:
@@ -113,16 +115,12 @@ class DBMBackend(LocalBlobs, Backend):
                                     names_holder=not self.read_only)
         self._locks = ApplyLocks(self.path, self._lock_timeout, self._owner)
 
-    def _is_pstore(self) -> bool:
-        """Whether the database at the path is a pstore store (read without changing it)."""
-        try:
-            db = self._module.open(self.path, "r")
-        except (OSError, ValueError, SyntaxError):
-            return False
-        try:
-            return db.get(FORMAT) == FORMAT_NAME
-        finally:
-            self._module.close(db, self.path, writable=False)
+    def _replace(self) -> None:
+        """Flag 'n' over a database that is not a store to empty: remove its files under
+        the write lock (every module's: a leftover would make dbm.whichdb misjudge the
+        new database)."""
+        remove_files([*(self.path + suffix for suffixes in SUFFIXES.values()
+                        for suffix in suffixes), self._journal.path], self._write_lock, self.path)
 
     def _empty(self) -> None:
         """Flag 'n' on a pstore store: delete every record, key and blob in one transaction.

@@ -124,3 +124,23 @@ def test_n_on_a_foreign_database_replaces_it(tmp_path):
         store["k"] = 1
     with pstore.open(path, "r", backend="dbm:dbm.dumb") as store:
         assert dict(store) == {"k": 1}
+
+
+@pytest.mark.parametrize("damage", ["newer", "garbled"])
+def test_n_replaces_a_store_it_cannot_empty(tmp_path, damage):
+    path = filled(tmp_path, "dbm:dbm.dumb")
+    if damage == "newer":
+        from pstore.backends.dbm import DBMBackend
+        backend = DBMBackend(path, "w", lock_timeout=5, fsync=False)
+        backend.begin()
+        backend._put(b"m:version", b"99")
+        backend.commit()
+        backend.close()
+    else:
+        with open(path + ".dir", "r+b") as file:
+            file.write(b"'\x00(")
+    with pstore.open(path, "n", backend="dbm") as store:
+        assert len(store) == 0
+        store["k"] = 1
+    with pstore.open(path, "r", backend="dbm") as store:
+        assert dict(store) == {"k": 1}
