@@ -21,6 +21,7 @@ __all__ = [
     "FormatError",
     "MissingObjectError",
     "CorruptionError",
+    "UnsafeFileError",
 ]
 
 
@@ -54,13 +55,17 @@ class ReadOnlyError(Error, PermissionError):
 class LockTimeoutError(Error, TimeoutError):
     """Another process held the store's lock for longer than ``lock_timeout``."""
 
-    def __init__(self, path: str, timeout: float) -> None:
-        super().__init__(path, timeout)
+    def __init__(self, path: str, timeout: float, holder: str | None = None) -> None:
+        """``holder``: who holds the lock (pid, host, program, since when), as the holder
+        wrote it into the lock file; None if it wrote nothing readable."""
+        super().__init__(path, timeout, holder)
         self.path = path
         self.timeout = timeout
+        self.holder = holder
 
     def __str__(self) -> str:
-        return (f"could not lock store {self.path!r}: another process held the lock "
+        who = "another process" if self.holder is None else self.holder
+        return (f"could not lock store {self.path!r}: {who} held the lock "
                 f"for the whole {self.timeout:g} s the lock_timeout allows")
 
 
@@ -92,8 +97,11 @@ class MissingObjectError(Error, KeyError):
 
 
 class CorruptionError(Error, ValueError):
-    """Stored bytes or files are damaged (or were tampered with): ``what`` says how, at
-    ``path``; ``key`` and ``object_id`` name the record, when known."""
+    """Stored bytes are damaged: a store file, index, record or journal fails its check.
+
+    ``path`` names the damaged file, ``what`` says what is wrong; ``key`` and
+    ``object_id`` name the record when one is concerned.
+    """
 
     def __init__(self, path: str, what: str, *, key: str | None = None,
                  object_id: int | None = None) -> None:
@@ -104,7 +112,7 @@ class CorruptionError(Error, ValueError):
         self.object_id = object_id
 
     def __reduce__(self) -> tuple[object, ...]:
-        return _corruption_error, self.args
+        return _rebuild_corruption, self.args
 
     def __str__(self) -> str:
         where = "".join([f", key {self.key!r}" if self.key is not None else "",
@@ -112,6 +120,20 @@ class CorruptionError(Error, ValueError):
         return f"store {self.path!r} is damaged{where}: {self.what}"
 
 
-def _corruption_error(path: str, what: str, key: str | None,
-                      object_id: int | None) -> CorruptionError:
+def _rebuild_corruption(path: str, what: str, key: str | None,
+                        object_id: int | None) -> CorruptionError:
     return CorruptionError(path, what, key=key, object_id=object_id)
+
+
+class UnsafeFileError(Error, PermissionError):
+    """A file beside the store (lock, counter, journal) is not what pstore made: a symbolic
+    link, not a regular file, owned by another user than the store, or not accessible.
+    pstore uses no such file and changes nothing through it."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(path, reason)
+        self.path = path
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"refusing to use {self.path!r}: {self.reason}"

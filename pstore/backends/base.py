@@ -110,10 +110,22 @@ class Backend(ABC):
     def is_referenced(self, oid: int) -> bool:
         """Whether a key is bound to ``oid`` or a record's refs contain it."""
 
-    @abstractmethod
     def reaches(self, sources: Collection[int], target: int) -> bool:
         """Whether ``target`` is one of ``sources`` or reachable from them through refs
-        that are not lazy."""
+        that are not lazy.
+
+        The default walks :meth:`refs_of`; memory grows with the records reached.
+        """
+        seen: set[int] = set()
+        stack = list(sources)
+        while stack:
+            oid = stack.pop()
+            if oid == target:
+                return True
+            if oid not in seen:
+                seen.add(oid)
+                stack.extend(self.refs_of(oid, lazy=False))
+        return False
 
     # -- blobs ------------------------------------------------------------------------------
 
@@ -228,13 +240,61 @@ class Backend(ABC):
         bytes the store's files shrank by. Outside transactions."""
         raise NotImplementedError(f"{type(self).__name__} cannot vacuum")
 
-    @abstractmethod
     def gc(self) -> int:
         """Delete every record no key reaches through refs; return how many were deleted.
 
         Also deletes, when the transaction commits, every blob no remaining record
         names. Inside a write transaction. Readers in other processes are not blocked.
+
+        The default marks from :meth:`bound_ids` through :meth:`refs_of` and sweeps
+        :meth:`record_ids` (the records that exist, not a range of ids); memory grows
+        with the number of records (their ids), never with their data.
         """
+        live: set[int] = set()
+        stack = list(self.bound_ids())
+        while stack:
+            oid = stack.pop()
+            if oid not in live:
+                live.add(oid)
+                stack.extend(self.refs_of(oid))
+        deleted = 0
+        for oid in self.record_ids():
+            if oid not in live:
+                self.delete_record(oid)
+                deleted += 1
+        self.collect_blobs({name for oid in live for name in self.blobs_of(oid)})
+        return deleted
+
+    def problems(self) -> list[str]:
+        """Damage this backend found and set aside rather than use (e.g. a journal that
+        failed its check), each a sentence naming the file; for ``Store.verify()``."""
+        return []
+
+    # -- the primitives of the default reaches() and gc() -----------------------------------
+    # Not abstract: a backend that overrides both (SQLite, with recursive queries) needs
+    # only refs_of; one that has no graph of its own (a read-only view) none of them.
+
+    def refs_of(self, oid: int, *, lazy: bool = True) -> Collection[int]:
+        """The object ids record ``oid`` refers to (without its lazy refs if not ``lazy``);
+        empty if there is no such record."""
+        raise NotImplementedError(f"{type(self).__name__}.refs_of")
+
+    def blobs_of(self, oid: int) -> Collection[str]:
+        """The names of the blobs record ``oid`` uses."""
+        raise NotImplementedError(f"{type(self).__name__}.blobs_of")
+
+    def record_ids(self) -> Iterator[int]:
+        """The object id of every record, each once (inside a write transaction: with its
+        changes). The caller may delete records while iterating."""
+        raise NotImplementedError(f"{type(self).__name__}.record_ids")
+
+    def bound_ids(self) -> Iterator[int]:
+        """The object id of every key binding (an id once per key bound to it)."""
+        raise NotImplementedError(f"{type(self).__name__}.bound_ids")
+
+    def collect_blobs(self, referenced: Collection[str]) -> None:
+        """Delete, when the transaction commits, every blob not in ``referenced``."""
+        raise NotImplementedError(f"{type(self).__name__}.collect_blobs")
 
     @abstractmethod
     def after_fork(self) -> None:

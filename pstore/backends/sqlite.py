@@ -18,7 +18,7 @@ from typing import NoReturn
 from ..errors import ClosedError, CorruptionError, FormatError, LockTimeoutError, ReadOnlyError
 from .base import Backend, Statistics
 from .blobs import BlobStore, LocalBlobs
-from .files import FileLock, key_lock_file, create_private, require_existing
+from .files import FileLock, create_private, key_lock_file, require_existing, store_owner
 
 __all__ = ["SQLiteBackend", "FORMAT_NAME", "FORMAT_VERSION", "APPLICATION_ID"]
 
@@ -67,6 +67,8 @@ _GET_RECORD = "SELECT data FROM records WHERE oid = ?"
 _PUT_RECORD = "INSERT OR REPLACE INTO records (oid, data) VALUES (?, ?)"
 _DELETE_RECORD = "DELETE FROM records WHERE oid = ?"
 _DELETE_REFS = "DELETE FROM refs WHERE oid = ?"
+_REFS_OF = "SELECT ref FROM refs WHERE oid = ?"
+_EAGER_REFS_OF = "SELECT ref FROM refs WHERE oid = ? AND NOT lazy"
 _PUT_REF = "INSERT OR IGNORE INTO refs (oid, ref) VALUES (?, ?)"
 _DELETE_BLOB_REFS = "DELETE FROM blob_refs WHERE oid = ?"
 _PUT_BLOB_REF = "INSERT OR IGNORE INTO blob_refs (oid, blob) VALUES (?, ?)"
@@ -214,7 +216,8 @@ class SQLiteBackend(LocalBlobs, Backend):
     # -- opening ----------------------------------------------------------------------------
 
     def _make_file_lock(self) -> FileLock:
-        return FileLock(self.path + ".lock", self._lock_timeout)
+        return FileLock(self.path + ".lock", self._lock_timeout, owner=store_owner([self.path]),
+                        names_holder=not self.read_only)
 
     def _connect(self, create: bool, empty: bool = False) -> None:
         if self.read_only:
@@ -398,6 +401,10 @@ class SQLiteBackend(LocalBlobs, Backend):
         except sqlite3.DatabaseError as error:
             self._failed(error)
 
+    def refs_of(self, oid: int, *, lazy: bool = True) -> Collection[int]:
+        rows = self._require().execute(_REFS_OF if lazy else _EAGER_REFS_OF, (oid,))
+        return [row[0] for row in rows]
+
     # -- keys -------------------------------------------------------------------------------
 
     def get_key(self, key: str) -> int | None:
@@ -458,8 +465,7 @@ class SQLiteBackend(LocalBlobs, Backend):
         if self.read_only:
             raise ReadOnlyError(self.path, "write")
         conn = self._require()
-        if not self._file_lock.acquire():
-            raise LockTimeoutError(self.path, self._lock_timeout)
+        self._file_lock.lock(self.path)
         try:
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.DatabaseError as error:
