@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from .errors import (ClosedError, Error, FormatError, LockTimeoutError, MissingObjectError,
+from .errors import (ClosedError, CorruptionError, Error, FormatError, LockTimeoutError, MissingObjectError,
                      ReadOnlyError)
 from .store import Store, open
 from .store.persistent import Persistent, PersistentDict, PersistentList
@@ -17,5 +17,5 @@ __version__ = "0.1.0"
 __all__ = [
     "open", "Store", "convert_shelve", "Persistent", "PersistentList", "PersistentDict",
     "Error", "ClosedError", "ReadOnlyError", "LockTimeoutError", "FormatError",
-    "MissingObjectError",
+    "CorruptionError", "MissingObjectError",
 ]
