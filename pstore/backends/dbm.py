@@ -34,9 +34,9 @@ from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from ..errors import ClosedError, FormatError, LockTimeoutError, ReadOnlyError
+from ..errors import ClosedError, CorruptionError, FormatError, LockTimeoutError, ReadOnlyError
 from . import journal
-from .base import Backend
+from .base import Backend, binding_seal
 from .blobs import BlobStore, LocalBlobs
 from .files import FileLock, fsync_directory, require_existing
 
@@ -52,7 +52,9 @@ FORMAT_NAME = b"pstore-dbm"
 #: The newest format version this code reads and the one it writes. Version 1 databases
 #: become version 2 when opened for writing: version 2 added lazy refs (``l:<oid>``),
 #: records of Persistent objects and blobs (``b:<oid>``), which version 1 code would misread.
-FORMAT_VERSION = 2
+#: Version 3 added record digests and the seal of each key binding; ``m:digests_from``
+#: is the first object id whose record has a digest (an upgraded store's older ones may not).
+FORMAT_VERSION = 3
 
 # Meta keys (docs/format.md).
 _FORMAT = FORMAT_KEY
@@ -62,6 +64,7 @@ _KEY_COUNT = b"m:keys"
 _PAGE_COUNT = b"m:pages"
 _OPEN_PAGE = b"m:open_page"
 _FREE_PAGES = b"m:free_pages"
+_DIGESTS_FROM = b"m:digests_from"
 
 #: At most this many keys per key page: binding a new key rewrites one page.
 _PAGE_KEYS = 256
@@ -392,6 +395,7 @@ class DBMBackend(LocalBlobs, Backend):
         self._tx_pages: dict[int, list[bytes]] = {}          # and its key pages, decoded
         self._own_commits = 0   # how many of the commit counter's steps are this object's
         self._closed = False
+        self._sealed = True     # whether key bindings carry seals (format version 3)
         self._blobs = BlobStore(path + ".blobs")
         self._make_locks()
         if flag == "n":
@@ -472,6 +476,7 @@ class DBMBackend(LocalBlobs, Backend):
                 db = self._module.open(self.path, "r")
                 try:
                     fmt, version = db.get(_FORMAT), db.get(_VERSION)
+                    digests_from = db.get(_DIGESTS_FROM)
                     empty = fmt is None and len(db) == 0
                 finally:
                     self._module.close(db, self.path, writable=False)
@@ -494,13 +499,29 @@ class DBMBackend(LocalBlobs, Backend):
                                          f"newer pstore; this one reads up to {FORMAT_VERSION}")
         elif int(version) < FORMAT_VERSION and not self.read_only:
             self._upgrade()
+        else:
+            self._sealed = int(version) >= 3
+            if not self._sealed:
+                self.digests_from = 1 << 63     # any record may predate digests
+            elif digests_from is not None and digests_from.isdigit():
+                self.digests_from = int(digests_from)
 
     def _upgrade(self) -> None:
-        """Mark a version 1 database as the current version: it has no lazy refs and no
-        blobs, which is what missing ``l:`` and ``b:`` keys mean."""
+        """Bring an older database to the current version: a version 1 one has no lazy
+        refs and no blobs, which is what missing ``l:`` and ``b:`` keys mean; before
+        version 3 key bindings have no seal (added here) and records no digest (those
+        written from now on have one)."""
         self.begin()
         try:
+            if self._get_int(_VERSION) < 3:
+                for keys in self._pages():
+                    for key in keys:
+                        oid, page = (int(part) for part in self._get(b"k:" + key).split()[:2])
+                        self._put(b"k:" + key, self._binding_value(
+                            key.decode("utf-8", "surrogatepass"), oid, page))
+                self._put(_DIGESTS_FROM, b"%d" % self._get_int(_NEXT_OID, 1))
             self._put(_VERSION, b"%d" % FORMAT_VERSION)
+            self.digests_from = self._get_int(_DIGESTS_FROM, 1)
             self.commit()
         except BaseException:
             self.rollback()
@@ -513,6 +534,7 @@ class DBMBackend(LocalBlobs, Backend):
             if self._get(_FORMAT) is None:
                 self._put(_FORMAT, FORMAT_NAME)
                 self._put(_VERSION, b"%d" % FORMAT_VERSION)
+                self._put(_DIGESTS_FROM, b"1")
             self.commit()
         except BaseException:
             self.rollback()
@@ -678,20 +700,34 @@ class DBMBackend(LocalBlobs, Backend):
 
     # -- keys -------------------------------------------------------------------------------
 
+    @staticmethod
+    def _binding_value(key: str, oid: int, page: int) -> bytes:
+        return b"%d %d %s" % (oid, page, binding_seal(key, oid).hex().encode())
+
+    def _unsealed(self, key: str, value: bytes) -> tuple[int, int]:
+        """``(object id, key page)`` of binding ``value`` of ``key``, its seal checked."""
+        parts = value.split()
+        if len(parts) in (2, 3) and parts[0].isdigit() and parts[1].isdigit():
+            oid, page = int(parts[0]), int(parts[1])
+            if not self._sealed or parts[2:] == [binding_seal(key, oid).hex().encode()]:
+                return oid, page
+            raise CorruptionError(self.path, f"the binding of the key to object id {oid} does "
+                                  f"not match its seal", key=key, object_id=oid)
+        raise CorruptionError(self.path, f"the key's binding is not an object id and a page "
+                              f"({value[:40]!r})", key=key)
+
     def _binding(self, key: str) -> tuple[int, int] | None:
         """``(object id, key page)`` of ``key``, or None."""
         value = self._get(_key_key(key))
-        if value is None:
-            return None
-        oid, page = value.split()
-        return int(oid), int(page)
+        return None if value is None else self._unsealed(key, value)
 
     def _paged_oid(self, key: bytes) -> int:
         """The object id of ``key`` (encoded), which a key page lists, so is bound."""
         value = self._get(b"k:" + key)
         if value is None:
-            raise FormatError(self.path, f"a key page lists the unbound key {key!r}")
-        return int(value.split()[0])
+            raise CorruptionError(self.path, "a key page lists it, but it is unbound",
+                                  key=key.decode("utf-8", "surrogatepass"))
+        return self._unsealed(key.decode("utf-8", "surrogatepass"), value)[0]
 
     def get_key(self, key: str) -> int | None:
         with self._reading():
@@ -714,7 +750,7 @@ class DBMBackend(LocalBlobs, Backend):
                 return previous
             self._add_referrers(previous, -1)
         self._add_referrers(oid, 1)
-        self._put(_key_key(key), b"%d %d" % (oid, page))
+        self._put(_key_key(key), self._binding_value(key, oid, page))
         return None if binding is None else binding[0]
 
     def unbind_key(self, key: str) -> int | None:
@@ -923,6 +959,17 @@ class DBMBackend(LocalBlobs, Backend):
             self._apply_lock.release()
 
     # -- maintenance ------------------------------------------------------------------------
+
+    def iter_records(self) -> Iterator[tuple[int, bytes, list[int]]]:
+        # Ids are allocated in order, so every record has one below next_oid.
+        with self._reading():
+            end = self._get_int(_NEXT_OID, 1)
+        for oid in range(1, end):
+            with self._reading():
+                data = self._get(_record_key(oid))
+                refs = _unpack_ints(self._get(_refs_key(oid))) if data is not None else []
+            if data is not None:
+                yield oid, data, refs
 
     def gc(self) -> int:
         # Mark: every object id reachable from a key. Memory grows with the live ids

@@ -12,7 +12,7 @@ import pathlib
 import shutil
 import sqlite3
 from collections.abc import Callable, Collection, Iterator
-from typing import Any, NoReturn
+from typing import Any, NamedTuple, NoReturn
 
 from ..errors import CorruptionError, FormatError, LockTimeoutError, ReadOnlyError
 from .base import Backend, binding_seal
@@ -92,19 +92,36 @@ SELECT oid FROM live
 _GC_REFS = f"DELETE FROM refs WHERE oid NOT IN ({_LIVE})"
 _GC_RECORDS = f"DELETE FROM records WHERE oid NOT IN ({_LIVE})"
 _GC_BLOB_REFS = "DELETE FROM blob_refs WHERE oid NOT IN (SELECT oid FROM records)"
-_GET_KEY = "SELECT oid, seal FROM keys WHERE key = ?"
 _BIND_KEY = "INSERT OR REPLACE INTO keys (key, oid, seal) VALUES (?, ?, ?)"
 _UNBIND_KEY = "DELETE FROM keys WHERE key = ?"
 _FIRST_KEYS = "SELECT key FROM keys ORDER BY key LIMIT ?"
 _NEXT_KEYS = "SELECT key FROM keys WHERE key > ? ORDER BY key LIMIT ?"
-_ITEMS = ("SELECT key, keys.oid, data, seal FROM keys"
-          " LEFT JOIN records ON records.oid = keys.oid")
-_GET_ITEM = ("SELECT keys.oid, data, seal FROM keys LEFT JOIN records ON records.oid = keys.oid"
-             " WHERE key = ?")
 _RECORDS = "SELECT oid, data FROM records WHERE oid > ? ORDER BY oid LIMIT ?"
 _REFS_OF = "SELECT ref FROM refs WHERE oid = ?"
-_FIRST_ITEMS = f"{_ITEMS} ORDER BY key LIMIT ?"
-_NEXT_ITEMS = f"{_ITEMS} WHERE key > ? ORDER BY key LIMIT ?"
+
+
+class _KeyStatements(NamedTuple):
+    get_key: str
+    get_item: str
+    first_items: str
+    next_items: str
+
+
+def _key_statements(seal: str) -> _KeyStatements:
+    """The statements reading key bindings, with ``seal`` as the seal's column: before
+    version 3 (a file read as it is) there is none."""
+    items = (f"SELECT key, keys.oid, data, {seal} FROM keys"
+             " LEFT JOIN records ON records.oid = keys.oid")
+    return _KeyStatements(
+        f"SELECT oid, {seal} FROM keys WHERE key = ?",
+        f"SELECT keys.oid, data, {seal} FROM keys LEFT JOIN records ON records.oid = keys.oid"
+        " WHERE key = ?",
+        f"{items} ORDER BY key LIMIT ?",
+        f"{items} WHERE key > ? ORDER BY key LIMIT ?")
+
+
+# By whether the file's bindings are sealed (format version 3).
+_KEY_STATEMENTS = {True: _key_statements("seal"), False: _key_statements("NULL")}
 _COUNT_KEYS = "SELECT count(*) FROM keys"
 _DATA_VERSION = "PRAGMA data_version"
 _COUNT_TABLES = "SELECT count(*) FROM sqlite_master"
@@ -156,6 +173,8 @@ class SQLiteBackend(LocalBlobs, Backend):
         self._fresh: set[int] = set()       # oids allocated by the open transaction
         self._in_transaction = False
         self._conn: sqlite3.Connection | None = None
+        self._sealed = True     # whether key bindings carry seals (format version 3)
+        self._keys_sql = _KEY_STATEMENTS[True]
         self._blobs = BlobStore(path + ".blobs")
         # One cursor for the frequent statements, sparing the cursor Connection.execute
         # makes each time. Each of them has at most one row and reads it, which ends the
@@ -270,7 +289,9 @@ class SQLiteBackend(LocalBlobs, Backend):
         if meta["version"] > FORMAT_VERSION:
             raise FormatError(self.path, f"format version {meta['version']} was written by a "
                                          f"newer pstore; this one reads up to {FORMAT_VERSION}")
-        if meta["version"] < 3:
+        self._sealed = meta["version"] >= 3
+        self._keys_sql = _KEY_STATEMENTS[self._sealed]
+        if not self._sealed:
             self.digests_from = 1 << 63     # any record may predate digests
         else:
             row = conn.execute(_DIGESTS_FROM).fetchone()
@@ -345,19 +366,19 @@ class SQLiteBackend(LocalBlobs, Backend):
         if type(key) is not str or type(oid) is not int:    # a damaged row's types
             raise CorruptionError(self.path, f"the keys table holds {key!r} -> {oid!r}, not a "
                                   f"key and an object id", key=str(key))
-        if seal != binding_seal(key, oid):
+        if self._sealed and seal != binding_seal(key, oid):
             raise CorruptionError(self.path, f"the binding of the key to object id {oid} does "
                                   f"not match its seal", key=key, object_id=oid)
 
     def get_key(self, key: str) -> int | None:
-        row = self._cursor.execute(_GET_KEY, (key,)).fetchone()
+        row = self._cursor.execute(self._keys_sql.get_key, (key,)).fetchone()
         if row is None:
             return None
         self._checked(key, *row)
         return row[0]
 
     def get_item(self, key: str) -> tuple[int, bytes | None] | None:
-        row = self._cursor.execute(_GET_ITEM, (key,)).fetchone()
+        row = self._cursor.execute(self._keys_sql.get_item, (key,)).fetchone()
         if row is None:
             return None
         oid, data, seal = row
@@ -389,14 +410,15 @@ class SQLiteBackend(LocalBlobs, Backend):
                      self._require().execute(_NEXT_KEYS, (batch[-1], _KEY_BATCH))]
 
     def iter_items(self) -> Iterator[tuple[str, int, bytes | None]]:
-        rows = self._require().execute(_FIRST_ITEMS, (_KEY_BATCH,)).fetchall()
+        rows = self._require().execute(self._keys_sql.first_items, (_KEY_BATCH,)).fetchall()
         while rows:
             for key, oid, data, seal in rows:
                 self._checked(key, oid, seal)
                 yield key, oid, data
             if len(rows) < _KEY_BATCH:
                 return
-            rows = self._require().execute(_NEXT_ITEMS, (rows[-1][0], _KEY_BATCH)).fetchall()
+            rows = self._require().execute(self._keys_sql.next_items,
+                                           (rows[-1][0], _KEY_BATCH)).fetchall()
 
     def count_keys(self) -> int:
         return self._require().execute(_COUNT_KEYS).fetchone()[0]
