@@ -94,13 +94,13 @@ _GC_RECORDS = f"DELETE FROM records WHERE oid NOT IN ({_LIVE})"
 _GC_BLOB_REFS = "DELETE FROM blob_refs WHERE oid NOT IN (SELECT oid FROM records)"
 _BIND_KEY = "INSERT OR REPLACE INTO keys (key, oid, seal) VALUES (?, ?, ?)"
 _UNBIND_KEY = "DELETE FROM keys WHERE key = ?"
-_FIRST_KEYS = "SELECT key FROM keys ORDER BY key LIMIT ?"
-_NEXT_KEYS = "SELECT key FROM keys WHERE key > ? ORDER BY key LIMIT ?"
 _RECORDS = "SELECT oid, data FROM records WHERE oid > ? ORDER BY oid LIMIT ?"
 _REFS_OF = "SELECT ref FROM refs WHERE oid = ?"
 
 
 class _KeyStatements(NamedTuple):
+    first_keys: str
+    next_keys: str
     get_key: str
     get_item: str
     first_items: str
@@ -113,6 +113,8 @@ def _key_statements(seal: str) -> _KeyStatements:
     items = (f"SELECT key, keys.oid, data, {seal} FROM keys"
              " LEFT JOIN records ON records.oid = keys.oid")
     return _KeyStatements(
+        f"SELECT key, oid, {seal} FROM keys ORDER BY key LIMIT ?",
+        f"SELECT key, oid, {seal} FROM keys WHERE key > ? ORDER BY key LIMIT ?",
         f"SELECT oid, {seal} FROM keys WHERE key = ?",
         f"SELECT keys.oid, data, {seal} FROM keys LEFT JOIN records ON records.oid = keys.oid"
         " WHERE key = ?",
@@ -401,13 +403,16 @@ class SQLiteBackend(LocalBlobs, Backend):
         # Keyset pagination: each batch is a short statement of its own, so no read
         # transaction stays open between batches (it would hold back checkpoints) and
         # writes between batches are allowed.
-        batch = [row[0] for row in self._require().execute(_FIRST_KEYS, (_KEY_BATCH,))]
+        # Each binding's seal is checked: a damaged key would be listed, yet not found.
+        batch = self._require().execute(self._keys_sql.first_keys, (_KEY_BATCH,)).fetchall()
         while batch:
-            yield from batch
+            for key, oid, seal in batch:
+                self._checked(key, oid, seal)
+                yield key
             if len(batch) < _KEY_BATCH:
                 return
-            batch = [row[0] for row in
-                     self._require().execute(_NEXT_KEYS, (batch[-1], _KEY_BATCH))]
+            batch = self._require().execute(self._keys_sql.next_keys,
+                                            (batch[-1][0], _KEY_BATCH)).fetchall()
 
     def iter_items(self) -> Iterator[tuple[str, int, bytes | None]]:
         rows = self._require().execute(self._keys_sql.first_items, (_KEY_BATCH,)).fetchall()
@@ -483,7 +488,9 @@ class SQLiteBackend(LocalBlobs, Backend):
 
     def is_damage(self, error: Exception) -> bool:
         if isinstance(error, sqlite3.OperationalError):
-            return getattr(error, "sqlite_errorcode", 5) & 0xFF not in _NOT_DAMAGE
+            # No code: raised by the sqlite3 module itself, e.g. for text that is not UTF-8.
+            code = getattr(error, "sqlite_errorcode", None)
+            return code is None or code & 0xFF not in _NOT_DAMAGE
         return isinstance(error, sqlite3.DatabaseError) or super().is_damage(error)
 
     def gc(self) -> int:

@@ -342,7 +342,10 @@ class Store(MutableMapping[str, Any]):
         while True:
             with self._lock:
                 self._check_open()
-                key = next(keys, _END)
+                try:
+                    key = next(keys, _END)
+                except Exception as error:
+                    raise load_error(error, self._path, is_damage=self._backend.is_damage)
             if key is _END:
                 return
             yield key

@@ -68,6 +68,13 @@ def load_error(error: Exception, path: str, *, is_damage: Callable[[Exception], 
                 if str(note).startswith(_NOTE) and "for key" not in note:
                     notes[index] = f"{note}, for key {key!r}"
         return error
+    if key is not None and isinstance(error, MissingObjectError) and error.what is None:
+        # Every id a key binds, or a committed record refers to, has a record (the
+        # placeholder of a Persistent object is another matter: its `what` says so).
+        corruption = CorruptionError(path, f"it refers to object id {error.object_id}, which "
+                                     f"has no record", key=key, object_id=error.object_id)
+        corruption.__cause__ = error
+        return corruption
     if isinstance(error, Error) and not (decoded is None and is_damage(error)):
         return error    # pstore's own (a missing object, a closed store, ...)
     if decoded is None:
@@ -195,6 +202,9 @@ def verify(backend: Backend, *, max_record_size: int) -> VerifyReport:
             if oid is not None and oid not in oids:
                 problems.append(Problem(str(MissingObjectError(backend.path, oid)), key=key,
                                         object_id=oid))
+    except CorruptionError as error:     # the listing itself met a damaged binding
+        problems.append(Problem(f"{error.what} (the keys after it were not checked)",
+                                key=error.key, object_id=error.object_id))
     except Exception as error:
         problems.append(Problem(f"the keys cannot be read after {report.keys} "
                                 f"({type(error).__name__}: {error})"))
