@@ -264,9 +264,9 @@ def test_an_error_of_user_code_keeps_its_type_and_gets_a_note(tmp_path):
     with pstore.open(path) as store:
         store["x"] = Fails()
         oid = store._backend.get_key("x")
-    with pstore.open(path, "r") as store:
-        with pytest.raises(RuntimeError, match="__setstate__ failed") as raised:
-            store["x"]
+    with pstore.open(path, "r") as store, pytest.raises(RuntimeError,
+                                                         match="__setstate__ failed") as raised:
+        store["x"]
     [note] = [note for note in raised.value.__notes__ if note.startswith("pstore:")]
     assert f"object id {oid}" in note and "key 'x'" in note and path in note
 
