@@ -323,12 +323,18 @@ class Store(MutableMapping[str, Any]):
             # Here, in __len__ and in __iter__ the identity map is not used: no need to
             # look for other processes' commits first.
             self._check_open()
-            return self._backend.get_key(key) is not None
+            try:
+                return self._backend.get_key(key) is not None
+            except Exception as error:
+                raise load_error(error, self._path, key=key, is_damage=self._backend.is_damage)
 
     def __len__(self) -> int:
         with self._lock:
             self._check_open()
-            return self._backend.count_keys()
+            try:
+                return self._backend.count_keys()
+            except Exception as error:
+                raise load_error(error, self._path, is_damage=self._backend.is_damage)
 
     def __iter__(self) -> Iterator[str]:
         """Stream the keys (in sorted order for the SQLite backend), a batch at a time.
