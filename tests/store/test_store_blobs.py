@@ -189,10 +189,12 @@ def test_a_corrupt_or_missing_blob_names_the_record_and_the_blob(opener, path):
     [blob] = blob_paths(path)
     with open(blob, "r+b") as file:
         file.truncate(1000)
-    with pytest.raises(pstore.CorruptionError, match=r"key 'a', object id \d+.*: blob .* holds 1000 bytes"):
+    with pytest.raises(pstore.CorruptionError,
+                       match=r"key 'a', object id \d+.*: blob .* holds 1000 bytes"):
         opener("r")["a"]
     os.unlink(blob)
-    with pytest.raises(pstore.CorruptionError, match=r"key 'a', object id \d+.*: blob file .* is missing"):
+    with pytest.raises(pstore.CorruptionError,
+                       match=r"key 'a', object id \d+.*: blob file .* is missing"):
         opener("r")["a"]
 
 
