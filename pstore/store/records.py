@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from . import blobio
 from .blobio import CODECS, BlobRef
@@ -68,9 +68,13 @@ def _new_unpacked(fields: tuple[bytes, list[BlobRef], bool]) -> Unpacked:
     return tuple.__new__(Unpacked, fields)
 
 
+def _hasher(oid: int, key: bytes, first: memoryview | bytes) -> Any:
+    return hashlib.blake2b(first, digest_size=DIGEST_SIZE, key=key, person=_PERSON,
+                           salt=_SALT.pack(oid, DIGEST_FORMAT_VERSION))
+
+
 def _digest(oid: int, body: memoryview | bytes, key: bytes) -> bytes:
-    return hashlib.blake2b(body, digest_size=DIGEST_SIZE, key=key, person=_PERSON,
-                           salt=_SALT.pack(oid, DIGEST_FORMAT_VERSION)).digest()
+    return _hasher(oid, key, body).digest()
 
 
 def pack(oid: int, payload: bytes, blobs: list[BlobRef], codec: int, *, key: bytes = b"") -> bytes:
@@ -89,8 +93,9 @@ def pack(oid: int, payload: bytes, blobs: list[BlobRef], codec: int, *, key: byt
     if blobs:
         header += b"".join([_BLOB.pack(blob.codec, blob.size, bytes.fromhex(blob.name))
                             for blob in blobs])
-    body = header + payload
-    return body + _digest(oid, body, key)
+    hasher = _hasher(oid, key, header)
+    hasher.update(payload)      # hashed apart: a large payload is copied once, not twice
+    return b"".join([header, payload, hasher.digest()])
 
 
 def unpack(data: bytes, oid: int, *, key: bytes = b"", digest_required: bool = True,
