@@ -88,11 +88,10 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_show(args: argparse.Namespace) -> int:
     with _open(args) as store:
-        data = store.record_bytes(args.key)
         if args.dis:
             from .store.inspection import disassemble_record
 
-            print(disassemble_record(data), end="")
+            print(disassemble_record(*store.raw_record(args.key)), end="")
             return 0
         print(repr(store.load_restricted(args.key, allow=args.allow)))
     return 0
@@ -106,7 +105,7 @@ def cmd_dis(args: argparse.Namespace) -> int:
 
     args.store = args.file
     with _open(args) as store:
-        print(disassemble_record(store.record_bytes(args.key)), end="")
+        print(disassemble_record(*store.raw_record(args.key)), end="")
     return 0
 
 

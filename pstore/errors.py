@@ -19,6 +19,7 @@ __all__ = [
     "ReadOnlyError",
     "LockTimeoutError",
     "FormatError",
+    "CorruptionError",
     "MissingObjectError",
     "CorruptionError",
     "UnsafeFileError",
@@ -70,7 +71,10 @@ class LockTimeoutError(Error, TimeoutError):
 
 
 class FormatError(Error, ValueError):
-    """The file is not a pstore store, or is one of a format version this pstore cannot read."""
+    """The file is not a pstore store, or is one of a format version this pstore cannot read.
+
+    Only that: damage inside a store pstore can read raises :class:`CorruptionError`.
+    """
 
     def __init__(self, path: str, reason: str) -> None:
         super().__init__(path, reason)
@@ -79,6 +83,42 @@ class FormatError(Error, ValueError):
 
     def __str__(self) -> str:
         return f"{self.path!r} is not a usable pstore store: {self.reason}"
+
+
+class CorruptionError(Error, ValueError):
+    """Stored bytes are damaged: a record whose digest does not match, a malformed
+    database page, an undecodable payload, a blob that is not what its record says.
+
+    ``what`` says what was found; ``key`` and ``object_id`` (either may be None)
+    say which value it hit. The exception that revealed the damage, if any, is the
+    ``__cause__``. The store itself is left as it was.
+    """
+
+    def __init__(self, path: str, what: str, *, key: str | None = None,
+                 object_id: int | None = None) -> None:
+        super().__init__(path, what, key, object_id)
+        self.path = path
+        self.what = what
+        self.key = key
+        self.object_id = object_id
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # The keyword-only arguments are not positional in args: rebuild through a helper.
+        return _corruption_error, self.args, self.__dict__
+
+    def __str__(self) -> str:
+        where = []
+        if self.key is not None:
+            where.append(f"key {self.key!r}")
+        if self.object_id is not None:
+            where.append(f"object id {self.object_id}")
+        place = f" ({', '.join(where)})" if where else ""
+        return f"store {self.path!r} is damaged{place}: {self.what}"
+
+
+def _corruption_error(path: str, what: str, key: str | None,
+                      object_id: int | None) -> CorruptionError:
+    return CorruptionError(path, what, key=key, object_id=object_id)
 
 
 class MissingObjectError(Error, KeyError):

@@ -28,13 +28,31 @@ implement the same methods.
 
 from __future__ import annotations
 
+import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Collection, Hashable, Iterable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Backend", "Statistics"]
+from ..errors import Error, FormatError
+
+__all__ = ["Backend", "SEAL_SIZE", "Statistics", "binding_seal"]
+
+#: Bytes of a key binding's seal.
+SEAL_SIZE = 8
+
+
+def binding_seal(key: str, oid: int) -> bytes:
+    """The check a backend stores with the binding of ``key`` to ``oid`` (format version 3).
+
+    BLAKE2b, 8 bytes, person ``pstore-key``, of the object id as 8 little-endian
+    bytes followed by the key in UTF-8 (lone surrogates allowed). A binding whose
+    seal does not match was damaged: its reader raises
+    :class:`~pstore.errors.CorruptionError` instead of returning another record.
+    """
+    return hashlib.blake2b(oid.to_bytes(8, "little") + key.encode("utf-8", "surrogatepass"),
+                           digest_size=SEAL_SIZE, person=b"pstore-key").digest()
 
 
 @dataclass(frozen=True)
@@ -72,6 +90,9 @@ class Backend(ABC):
     path: str
     #: True when opened with flag 'r': the backend then writes nothing at all.
     read_only: bool
+    #: Every record whose object id is at least this carries a digest (format version 3);
+    #: smaller ids may name records written before the store was upgraded to it.
+    digests_from: int = 1
 
     # -- records ----------------------------------------------------------------------------
 
@@ -239,6 +260,20 @@ class Backend(ABC):
         server), under the write lock, while readers keep working; return how many
         bytes the store's files shrank by. Outside transactions."""
         raise NotImplementedError(f"{type(self).__name__} cannot vacuum")
+
+    def iter_records(self) -> Iterator[tuple[int, bytes, list[int]]]:
+        """``(object id, data, refs)`` of every record, streamed (for verification); by
+        default over :meth:`record_ids`, :meth:`get_record` and :meth:`refs_of`."""
+        for oid in self.record_ids():
+            data = self.get_record(oid)
+            if data is not None:
+                yield oid, data, list(self.refs_of(oid))
+
+    def is_damage(self, error: Exception) -> bool:
+        """Whether ``error``, raised while reading stored bytes, means they are damaged
+        (not that the store is busy, closed or locked). By default every error that is
+        not one of pstore's own, and :class:`~pstore.errors.FormatError`, is."""
+        return not isinstance(error, Error) or isinstance(error, FormatError)
 
     def gc(self) -> int:
         """Delete every record no key reaches through refs; return how many were deleted.

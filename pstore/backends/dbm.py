@@ -31,9 +31,10 @@ from typing import Any
 
 from ..errors import ClosedError, CorruptionError, Error, FormatError, ReadOnlyError
 from . import journal
-from .base import Backend, Statistics
+from .base import Backend, Statistics, binding_seal
 from .blobs import BlobStore, LocalBlobs
-from .dbm_layout import (CHECK, FORMAT, FORMAT_KEY, FORMAT_NAME, FORMAT_VERSION, FREE_PAGES,
+from .dbm_layout import (CHECK, DIGESTS_FROM, FORMAT, FORMAT_KEY, FORMAT_NAME, FORMAT_VERSION,
+                         FREE_PAGES,
                          KEY_COUNT, MAX_OID, NEXT_OID, OPEN_PAGE, PAGE_COUNT, PAGE_KEYS, VERSION,
                          blobs_key, check_meta, count_key, encode_key, key_key, lazy_key,
                          meta_digest, pack_ints, pack_names, pack_page, page_key, record_key,
@@ -89,6 +90,7 @@ class DBMBackend(LocalBlobs, Backend):
         # the journal file they were read from.
         self._overlay: dict[bytes, bytes | None] = {}
         self._overlay_of: Hashable = None
+        self._sealed = True     # whether key bindings carry seals (format version 3)
         self._blobs = BlobStore(path + ".blobs")
         self._make_locks()
         try:
@@ -169,6 +171,7 @@ class DBMBackend(LocalBlobs, Backend):
                 db = self._module.open(self.path, "r")
                 try:
                     fmt, version = self._overlaid(db, FORMAT), self._overlaid(db, VERSION)
+                    digests_from = self._overlaid(db, DIGESTS_FROM)
                     empty = fmt is None and len(db) == 0
                     if fmt == FORMAT_NAME:
                         check_meta(self.path, lambda key: self._overlaid(db, key),
@@ -195,6 +198,12 @@ class DBMBackend(LocalBlobs, Backend):
                                          f"newer pstore; this one reads up to {FORMAT_VERSION}")
         elif int(version) < FORMAT_VERSION and not self.read_only:
             self._upgrade()
+        else:
+            self._sealed = int(version) >= 3
+            if not self._sealed:
+                self.digests_from = 1 << 63     # any record may predate digests
+            elif digests_from is not None and digests_from.isdigit():
+                self.digests_from = int(digests_from)
 
     def _overlaid(self, db: Any, key: bytes) -> bytes | None:
         if key in self._overlay:
@@ -202,11 +211,21 @@ class DBMBackend(LocalBlobs, Backend):
         return db.get(key) or None
 
     def _upgrade(self) -> None:
-        """Mark a version 1 database as the current version: it has no lazy refs and no
-        blobs, which is what missing ``l:`` and ``b:`` keys mean."""
+        """Bring an older database to the current version: a version 1 one has no lazy
+        refs and no blobs, which is what missing ``l:`` and ``b:`` keys mean; before
+        version 3 key bindings have no seal (added here) and records no digest (those
+        written from now on have one)."""
         self.begin()
         try:
+            if self._get_int(VERSION) < 3:
+                for keys in self._pages():
+                    for key in keys:
+                        oid, page = (int(part) for part in self._get(b"k:" + key).split()[:2])
+                        self._put(b"k:" + key, self._binding_value(
+                            key.decode("utf-8", "surrogatepass"), oid, page))
+                self._put(DIGESTS_FROM, b"%d" % self._get_int(NEXT_OID, 1))
             self._put(VERSION, b"%d" % FORMAT_VERSION)
+            self.digests_from = self._get_int(DIGESTS_FROM, 1)
             self.commit()
         except BaseException:
             self.rollback()
@@ -219,6 +238,7 @@ class DBMBackend(LocalBlobs, Backend):
             if self._get(FORMAT) is None:
                 self._put(FORMAT, FORMAT_NAME)
                 self._put(VERSION, b"%d" % FORMAT_VERSION)
+                self._put(DIGESTS_FROM, b"1")
             self.commit()
         except BaseException:
             self.rollback()
@@ -439,20 +459,34 @@ class DBMBackend(LocalBlobs, Backend):
 
     # -- keys -------------------------------------------------------------------------------
 
+    @staticmethod
+    def _binding_value(key: str, oid: int, page: int) -> bytes:
+        return b"%d %d %s" % (oid, page, binding_seal(key, oid).hex().encode())
+
+    def _unsealed(self, key: str, value: bytes) -> tuple[int, int]:
+        """``(object id, key page)`` of binding ``value`` of ``key``, its seal checked."""
+        parts = value.split()
+        if len(parts) in (2, 3) and parts[0].isdigit() and parts[1].isdigit():
+            oid, page = int(parts[0]), int(parts[1])
+            if not self._sealed or parts[2:] == [binding_seal(key, oid).hex().encode()]:
+                return oid, page
+            raise CorruptionError(self.path, f"the binding of the key to object id {oid} does "
+                                  f"not match its seal", key=key, object_id=oid)
+        raise CorruptionError(self.path, f"the key's binding is not an object id and a page "
+                              f"({value[:40]!r})", key=key)
+
     def _binding(self, key: str) -> tuple[int, int] | None:
         """``(object id, key page)`` of ``key``, or None."""
         value = self._get(key_key(key))
-        if value is None:
-            return None
-        oid, page = value.split()
-        return int(oid), int(page)
+        return None if value is None else self._unsealed(key, value)
 
     def _paged_oid(self, key: bytes) -> int:
         """The object id of ``key`` (encoded), which a key page lists, so is bound."""
         value = self._get(b"k:" + key)
         if value is None:
-            raise FormatError(self.path, f"a key page lists the unbound key {key!r}")
-        return int(value.split()[0])
+            raise CorruptionError(self.path, "a key page lists it, but it is unbound",
+                                  key=key.decode("utf-8", "surrogatepass"))
+        return self._unsealed(key.decode("utf-8", "surrogatepass"), value)[0]
 
     def get_key(self, key: str) -> int | None:
         with self._reading():
@@ -475,7 +509,7 @@ class DBMBackend(LocalBlobs, Backend):
                 return previous
             self._add_referrers(previous, -1)
         self._add_referrers(oid, 1)
-        self._put(key_key(key), b"%d %d" % (oid, page))
+        self._put(key_key(key), self._binding_value(key, oid, page))
         return None if binding is None else binding[0]
 
     def unbind_key(self, key: str) -> int | None:

@@ -14,6 +14,7 @@ from ..errors import CorruptionError
 __all__ = [
     "CHECK",
     "CHECKED_META",
+    "DIGESTS_FROM",
     "FORMAT",
     "FORMAT_KEY",
     "FORMAT_NAME",
@@ -48,7 +49,9 @@ FORMAT_NAME = b"pstore-dbm"
 #: The newest format version this code reads and the one it writes. Version 1 databases
 #: become version 2 when opened for writing: version 2 added lazy refs (``l:<oid>``),
 #: records of Persistent objects and blobs (``b:<oid>``), which version 1 code would misread.
-FORMAT_VERSION = 2
+#: Version 3 added record digests and the seal of each key binding; ``m:digests_from``
+#: is the first object id whose record has a digest (an upgraded store's older ones may not).
+FORMAT_VERSION = 3
 
 # Meta keys (docs/format.md).
 FORMAT = FORMAT_KEY
@@ -58,9 +61,11 @@ KEY_COUNT = b"m:keys"
 PAGE_COUNT = b"m:pages"
 OPEN_PAGE = b"m:open_page"
 FREE_PAGES = b"m:free_pages"
+DIGESTS_FROM = b"m:digests_from"
 #: ``<entries or -> <SHA-256 of the other meta keys>``, written by every commit.
 CHECK = b"m:check"
-CHECKED_META = (FORMAT, VERSION, NEXT_OID, KEY_COUNT, PAGE_COUNT, OPEN_PAGE, FREE_PAGES)
+CHECKED_META = (FORMAT, VERSION, NEXT_OID, KEY_COUNT, PAGE_COUNT, OPEN_PAGE, FREE_PAGES,
+                DIGESTS_FROM)
 
 
 #: At most this many keys per key page: binding a new key rewrites one page.

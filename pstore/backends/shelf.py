@@ -32,6 +32,7 @@ class ShelveReader(Backend):
     """
 
     name = "shelve"
+    digests_from = 1 << 63      # a shelve's values are plain pickles, without digests
 
     def __init__(self, path: str, flag: str, *, lock_timeout: float, fsync: bool,
                  variant: str | None = None) -> None:

@@ -13,10 +13,10 @@ import sqlite3
 import sys
 from collections.abc import Callable, Collection, Iterator
 from contextlib import AbstractContextManager
-from typing import NoReturn
+from typing import Any, NamedTuple, NoReturn
 
 from ..errors import ClosedError, CorruptionError, FormatError, LockTimeoutError, ReadOnlyError
-from .base import Backend, Statistics
+from .base import Backend, Statistics, binding_seal
 from .blobs import BlobStore, LocalBlobs
 from .files import FileLock, create_private, key_lock_file, require_existing, store_owner
 
@@ -25,7 +25,7 @@ __all__ = ["SQLiteBackend", "FORMAT_NAME", "FORMAT_VERSION", "APPLICATION_ID"]
 #: What the meta table's 'format' row holds in every pstore file.
 FORMAT_NAME = "pstore"
 #: The newest format version this code reads and the one it writes.
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 #: Written into the SQLite header (offset 68) so that tools can tell a pstore file.
 APPLICATION_ID = 0x70537472  # b"pStr"
 
@@ -36,23 +36,33 @@ _SCHEMA = (
     "CREATE TABLE refs (oid INTEGER NOT NULL, ref INTEGER NOT NULL,"
     " lazy INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (oid, ref)) WITHOUT ROWID",
     "CREATE INDEX refs_by_ref ON refs (ref)",
-    "CREATE TABLE keys (key TEXT PRIMARY KEY, oid INTEGER NOT NULL) WITHOUT ROWID",
+    "CREATE TABLE keys (key TEXT PRIMARY KEY, oid INTEGER NOT NULL, seal BLOB) WITHOUT ROWID",
     "CREATE INDEX keys_by_oid ON keys (oid)",
     "CREATE TABLE blob_refs (oid INTEGER NOT NULL, blob TEXT NOT NULL, PRIMARY KEY (oid, blob))"
     " WITHOUT ROWID",
     f"INSERT INTO meta VALUES ('format', '{FORMAT_NAME}'), ('version', {FORMAT_VERSION}),"
-    " ('next_oid', 1)",
+    " ('next_oid', 1), ('digests_from', 1)",
     f"PRAGMA application_id = {APPLICATION_ID}",
 )
 
-# Version 1 files become version 2 when opened for writing (under the write lock). Version 2
-# added refs.lazy, records of Persistent objects and blobs, which version 1 code would misread.
-_UPGRADE = (
-    "ALTER TABLE refs ADD COLUMN lazy INTEGER NOT NULL DEFAULT 0",
-    "CREATE TABLE blob_refs (oid INTEGER NOT NULL, blob TEXT NOT NULL, PRIMARY KEY (oid, blob))"
-    " WITHOUT ROWID",
-    f"UPDATE meta SET value = {FORMAT_VERSION} WHERE name = 'version'",
-)
+# Older files become the current version when opened for writing (under the write lock):
+# version N runs the statements of every version after it. Version 2 added refs.lazy,
+# records of Persistent objects and blobs, which version 1 code would misread; version 3
+# record digests and key seals (the seals of existing keys computed by pstore_seal), and
+# meta's digests_from: records of smaller ids predate digests.
+_UPGRADES = {
+    1: ("ALTER TABLE refs ADD COLUMN lazy INTEGER NOT NULL DEFAULT 0",
+        "CREATE TABLE blob_refs (oid INTEGER NOT NULL, blob TEXT NOT NULL,"
+        " PRIMARY KEY (oid, blob)) WITHOUT ROWID"),
+    2: ("ALTER TABLE keys ADD COLUMN seal BLOB",
+        "UPDATE keys SET seal = pstore_seal(key, oid)",
+        "INSERT INTO meta SELECT 'digests_from', value FROM meta WHERE name = 'next_oid'"),
+}
+_SET_VERSION = f"UPDATE meta SET value = {FORMAT_VERSION} WHERE name = 'version'"
+# The first record id with a digest; absent before version 3.
+_DIGESTS_FROM = "SELECT value FROM meta WHERE name = 'digests_from'"
+# SQLite's primary result codes that say the database is busy, not damaged.
+_NOT_DAMAGE = {5, 6, 9}     # SQLITE_BUSY, SQLITE_LOCKED, SQLITE_INTERRUPT
 
 # Flag 'n' on an existing store, in one transaction. next_oid stays: another open Store may
 # still hold objects under the ids given out so far.
@@ -94,16 +104,38 @@ SELECT oid FROM live
 _GC_REFS = f"DELETE FROM refs WHERE oid NOT IN ({_LIVE})"
 _GC_RECORDS = f"DELETE FROM records WHERE oid NOT IN ({_LIVE})"
 _GC_BLOB_REFS = "DELETE FROM blob_refs WHERE oid NOT IN (SELECT oid FROM records)"
-_GET_KEY = "SELECT oid FROM keys WHERE key = ?"
-_BIND_KEY = "INSERT OR REPLACE INTO keys (key, oid) VALUES (?, ?)"
+_BIND_KEY = "INSERT OR REPLACE INTO keys (key, oid, seal) VALUES (?, ?, ?)"
 _UNBIND_KEY = "DELETE FROM keys WHERE key = ?"
-_FIRST_KEYS = "SELECT key FROM keys ORDER BY key LIMIT ?"
-_NEXT_KEYS = "SELECT key FROM keys WHERE key > ? ORDER BY key LIMIT ?"
-_ITEMS = "SELECT key, keys.oid, data FROM keys LEFT JOIN records ON records.oid = keys.oid"
-_GET_ITEM = ("SELECT keys.oid, data FROM keys LEFT JOIN records ON records.oid = keys.oid"
-             " WHERE key = ?")
-_FIRST_ITEMS = f"{_ITEMS} ORDER BY key LIMIT ?"
-_NEXT_ITEMS = f"{_ITEMS} WHERE key > ? ORDER BY key LIMIT ?"
+_RECORDS = "SELECT oid, data FROM records WHERE oid > ? ORDER BY oid LIMIT ?"
+_REFS_OF = "SELECT ref FROM refs WHERE oid = ?"
+
+
+class _KeyStatements(NamedTuple):
+    first_keys: str
+    next_keys: str
+    get_key: str
+    get_item: str
+    first_items: str
+    next_items: str
+
+
+def _key_statements(seal: str) -> _KeyStatements:
+    """The statements reading key bindings, with ``seal`` as the seal's column: before
+    version 3 (a file read as it is) there is none."""
+    items = (f"SELECT key, keys.oid, data, {seal} FROM keys"
+             " LEFT JOIN records ON records.oid = keys.oid")
+    return _KeyStatements(
+        f"SELECT key, oid, {seal} FROM keys ORDER BY key LIMIT ?",
+        f"SELECT key, oid, {seal} FROM keys WHERE key > ? ORDER BY key LIMIT ?",
+        f"SELECT oid, {seal} FROM keys WHERE key = ?",
+        f"SELECT keys.oid, data, {seal} FROM keys LEFT JOIN records ON records.oid = keys.oid"
+        " WHERE key = ?",
+        f"{items} ORDER BY key LIMIT ?",
+        f"{items} WHERE key > ? ORDER BY key LIMIT ?")
+
+
+# By whether the file's bindings are sealed (format version 3).
+_KEY_STATEMENTS = {True: _key_statements("seal"), False: _key_statements("NULL")}
 _COUNT_KEYS = "SELECT count(*) FROM keys"
 _DATA_VERSION = "PRAGMA data_version"
 _COUNT_TABLES = "SELECT count(*) FROM sqlite_master"
@@ -196,6 +228,8 @@ class SQLiteBackend(LocalBlobs, Backend):
         self._fresh: set[int] = set()       # oids allocated by the open transaction
         self._in_transaction = False
         self._conn: sqlite3.Connection | None = None
+        self._sealed = True     # whether key bindings carry seals (format version 3)
+        self._keys_sql = _KEY_STATEMENTS[True]
         self._blobs = BlobStore(path + ".blobs")
         # One cursor for the frequent statements, sparing the cursor Connection.execute
         # makes each time. Each of them has at most one row and reads it, which ends the
@@ -262,6 +296,7 @@ class SQLiteBackend(LocalBlobs, Backend):
         if conn.execute(_COUNT_TABLES).fetchone()[0]:
             if self._check_format() < FORMAT_VERSION:
                 self._upgrade()
+                self._check_format()
             if empty:
                 self._write_once(self._empty)
             return
@@ -273,10 +308,14 @@ class SQLiteBackend(LocalBlobs, Backend):
         self._check_format()
 
     def _upgrade(self) -> None:
-        """Bring a version 1 file to the current version."""
+        """Bring a file of an older version to the current version."""
         conn = self._require()
-        self._write_once(lambda: self._run(_UPGRADE),
-                         lambda: conn.execute(_VERSION).fetchone()[0] < FORMAT_VERSION)
+        conn.create_function("pstore_seal", 2, binding_seal, deterministic=True)
+        version = conn.execute(_VERSION).fetchone()[0]
+        statements = [statement for step in range(version, FORMAT_VERSION)
+                      for statement in _UPGRADES[step]]
+        self._write_once(lambda: self._run((*statements, _SET_VERSION)),
+                         lambda: conn.execute(_VERSION).fetchone()[0] == version)
 
     def _empty(self) -> None:
         """Flag 'n' on an existing store: what other Stores see at their next read is an
@@ -316,6 +355,13 @@ class SQLiteBackend(LocalBlobs, Backend):
         if meta["version"] > FORMAT_VERSION:
             raise FormatError(self.path, f"format version {meta['version']} was written by a "
                                          f"newer pstore; this one reads up to {FORMAT_VERSION}")
+        self._sealed = meta["version"] >= 3
+        self._keys_sql = _KEY_STATEMENTS[self._sealed]
+        if not self._sealed:
+            self.digests_from = 1 << 63     # any record may predate digests
+        else:
+            row = conn.execute(_DIGESTS_FROM).fetchone()
+            self.digests_from = row[0] if row is not None and isinstance(row[0], int) else 1
         return meta["version"]
 
     def _require(self) -> sqlite3.Connection:
@@ -407,23 +453,40 @@ class SQLiteBackend(LocalBlobs, Backend):
 
     # -- keys -------------------------------------------------------------------------------
 
+    def _checked(self, key: Any, oid: Any, seal: Any) -> None:
+        """Raise :class:`CorruptionError` unless ``seal`` is that of binding ``key`` -> ``oid``."""
+        if type(key) is not str or type(oid) is not int:    # a damaged row's types
+            raise CorruptionError(self.path, f"the keys table holds {key!r} -> {oid!r}, not a "
+                                  f"key and an object id", key=str(key))
+        if self._sealed and seal != binding_seal(key, oid):
+            raise CorruptionError(self.path, f"the binding of the key to object id {oid} does "
+                                  f"not match its seal", key=key, object_id=oid)
+
     def get_key(self, key: str) -> int | None:
         try:
-            row = self._cursor.execute(_GET_KEY, (key,)).fetchone()
+            row = self._cursor.execute(self._keys_sql.get_key, (key,)).fetchone()
         except sqlite3.DatabaseError as error:
             self._failed(error)
-        return None if row is None else row[0]
+        if row is None:
+            return None
+        self._checked(key, *row)
+        return row[0]
 
     def get_item(self, key: str) -> tuple[int, bytes | None] | None:
         try:
-            return self._cursor.execute(_GET_ITEM, (key,)).fetchone()
+            row = self._cursor.execute(self._keys_sql.get_item, (key,)).fetchone()
         except sqlite3.DatabaseError as error:
             self._failed(error)
+        if row is None:
+            return None
+        oid, data, seal = row
+        self._checked(key, oid, seal)
+        return oid, data
 
     def bind_key(self, key: str, oid: int) -> int | None:
         previous = self.get_key(key)
         if previous != oid:
-            self._cursor.execute(_BIND_KEY, (key, oid))
+            self._cursor.execute(_BIND_KEY, (key, oid, binding_seal(key, oid)))
         return previous
 
     def unbind_key(self, key: str) -> int | None:
@@ -436,12 +499,19 @@ class SQLiteBackend(LocalBlobs, Backend):
         # Keyset pagination: each batch is a short statement of its own, so no read
         # transaction stays open between batches (it would hold back checkpoints) and
         # writes between batches are allowed.
-        return (row[0] for row in self._batches(_FIRST_KEYS, _NEXT_KEYS))
+        # Each binding's seal is checked: a damaged key would be listed, yet not found.
+        for key, oid, seal in self._batches(self._keys_sql.first_keys,
+                                            self._keys_sql.next_keys):
+            self._checked(key, oid, seal)
+            yield key
 
     def iter_items(self) -> Iterator[tuple[str, int, bytes | None]]:
-        return self._batches(_FIRST_ITEMS, _NEXT_ITEMS)
+        for key, oid, data, seal in self._batches(self._keys_sql.first_items,
+                                                  self._keys_sql.next_items):
+            self._checked(key, oid, seal)
+            yield key, oid, data
 
-    def _batches(self, first: str, following: str) -> Iterator[tuple]:
+    def _batches(self, first: str, following: str) -> Iterator[tuple[Any, ...]]:
         """The rows of ``first``, then of ``following`` after the last key, a batch at a time."""
         try:
             rows = self._require().execute(first, (_KEY_BATCH,)).fetchall()
@@ -510,6 +580,23 @@ class SQLiteBackend(LocalBlobs, Backend):
             self._failed(error)
 
     # -- maintenance ------------------------------------------------------------------------
+
+    def iter_records(self) -> Iterator[tuple[int, bytes, list[int]]]:
+        conn = self._require()
+        rows = conn.execute(_RECORDS, (0, _KEY_BATCH)).fetchall()
+        while rows:
+            for oid, data in rows:
+                yield oid, data, [row[0] for row in conn.execute(_REFS_OF, (oid,))]
+            if len(rows) < _KEY_BATCH:
+                return
+            rows = conn.execute(_RECORDS, (rows[-1][0], _KEY_BATCH)).fetchall()
+
+    def is_damage(self, error: Exception) -> bool:
+        if isinstance(error, sqlite3.OperationalError):
+            # No code: raised by the sqlite3 module itself, e.g. for text that is not UTF-8.
+            code = getattr(error, "sqlite_errorcode", None)
+            return code is None or code & 0xFF not in _NOT_DAMAGE
+        return isinstance(error, sqlite3.DatabaseError) or super().is_damage(error)
 
     def gc(self) -> int:
         # Both deletes compute the live set with a recursive CTE whose working set is kept

@@ -48,11 +48,13 @@ class StoreInfo:
     blob_bytes: int
 
 
-def record_pickles(data: bytes) -> tuple[list[bytes], list[records.BlobRef]]:
-    """The pickles of a record -- one, or two (class, then state) for a Persistent
-    object's -- and the blobs its envelope lists. ``pickle.UnpicklingError`` or
-    ``ValueError`` if the bytes are not a record."""
-    pickle, blobs = records.unpack(data) if data[:1] == records.ENVELOPE else (data, [])
+def record_pickles(object_id: int, data: bytes) -> tuple[list[bytes], list[records.BlobRef]]:
+    """The pickles of record ``object_id`` -- one, or two (class, then state) for a
+    Persistent object's -- and the blobs its envelope lists, its digest not checked
+    (nothing is loaded). ``pickle.UnpicklingError`` or ``ValueError`` if the bytes are
+    not a record."""
+    pickle, blobs, _ = records.unpack(data, object_id, digest_required=False,
+                                      check_digest=False)
     pickles = []
     position = 0
     while position < len(pickle):
@@ -142,23 +144,23 @@ def root_kind(pickle: bytes) -> str:
 
 def describe_record(object_id: int, data: bytes) -> RecordInfo:
     """The :class:`RecordInfo` of record ``object_id`` whose bytes are ``data``."""
-    pickles, blobs = record_pickles(data)
+    pickles, blobs = record_pickles(object_id, data)
     kind = root_kind(pickles[0]) if pickles else "?"
     return RecordInfo(object_id, len(data), kind, len(pickles) > 1, len(blobs),
                       sum(blob.size for blob in blobs))
 
 
-def globals_of_record(data: bytes) -> list[tuple[str, str]]:
+def globals_of_record(object_id: int, data: bytes) -> list[tuple[str, str]]:
     """Every (module, name) the pickles of a record would import, each once, nothing run."""
     found: dict[tuple[str, str], None] = {}
-    for pickle in record_pickles(data)[0]:
+    for pickle in record_pickles(object_id, data)[0]:
         found.update(dict.fromkeys(engine.globals_of(pickle)))
     return list(found)
 
 
-def disassemble_record(data: bytes) -> str:
+def disassemble_record(object_id: int, data: bytes) -> str:
     """The disassembly of each pickle of a record, and its blob list."""
-    pickles, blobs = record_pickles(data)
+    pickles, blobs = record_pickles(object_id, data)
     parts = [engine.disassemble(pickle) for pickle in pickles]
     parts += [f"blob {blob.name} ({blob.size} bytes, codec {blob.codec})\n" for blob in blobs]
     return "".join(parts)

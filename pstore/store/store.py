@@ -25,19 +25,23 @@ from typing import Any
 
 from .. import engine
 from ..backends import Backend, detect_backend, open_backend
-from ..errors import ClosedError, FormatError, MissingObjectError, ReadOnlyError
+from ..errors import ClosedError, CorruptionError, MissingObjectError, ReadOnlyError
+from . import blobio, inspection, records, tensors
 from . import compute as compute_once
-from . import inspection, records, tensors
+from .verify import VerifyReport, load_error, verify
 from .identity import IdentityMap, is_tracked
 from .persistent import (CHANGED, GHOST, SAVED, Persistent, attach, detach, fill, ghostify,
                          is_ghost, placeholder, set_status, status_of)
 
-__all__ = ["Store", "open", "DEFAULT_LOCK_TIMEOUT", "DEFAULT_BLOB_THRESHOLD"]
+__all__ = ["Store", "open", "DEFAULT_LOCK_TIMEOUT", "DEFAULT_BLOB_THRESHOLD",
+           "DEFAULT_MAX_RECORD_SIZE"]
 
 #: Seconds a write waits for another process's write transaction by default.
 DEFAULT_LOCK_TIMEOUT = 60.0
 #: Out-of-band buffers of at least this many bytes are stored as blobs by default.
 DEFAULT_BLOB_THRESHOLD = 64 * 1024
+#: A record's payload larger than this (decompressed) is refused by default.
+DEFAULT_MAX_RECORD_SIZE = 1 << 30
 
 _FLAGS = ("r", "w", "c", "n")
 _END = object()
@@ -196,8 +200,6 @@ class _RecordUnpickler(engine.Unpickler):
         raise engine.UnpicklingError(f"a record refers to {pid!r}, which is not an object id")
 
 
-_ENVELOPE = records.ENVELOPE
-
 #: How deep loads of referenced records may nest before the chain is loaded from its far end.
 _LOAD_DEPTH_LIMIT = 50
 
@@ -232,13 +234,15 @@ class Store(MutableMapping[str, Any]):
 
     def __init__(self, backend: Backend, *, protocol: int, writeback: bool,
                  blob_threshold: int | None = DEFAULT_BLOB_THRESHOLD,
-                 compression: str | None = None, readonly_buffers: bool = False) -> None:
+                 compression: str | None = None, readonly_buffers: bool = False,
+                 max_record_size: int = DEFAULT_MAX_RECORD_SIZE) -> None:
         self._backend = backend
+        self._max_record_size = max_record_size
         self._path = backend.path
         self._writeback = writeback and not backend.read_only
         self._lock = threading.RLock()
         self._ids = IdentityMap()
-        self._codec = records.CODECS[compression]
+        self._codec = blobio.CODECS[compression]
         self._writable_buffers = not readonly_buffers
         self._pickler = _RecordPickler(
             protocol, self._ids.oid_of, self._adopt,
@@ -292,14 +296,18 @@ class Store(MutableMapping[str, Any]):
         with self._lock:
             self._check_key(key)
             self._check_open()
-            item = self._backend.get_item(key)
+            try:
+                item = self._backend.get_item(key)
+                if item is not None:
+                    oid, data = item
+                    if self._depth:     # the transaction saw the latest state when it began
+                        obj = self._load(oid, data)
+                    else:
+                        obj = self._load_latest(oid, data)
+            except Exception as error:
+                raise load_error(error, self._path, key=key, is_damage=self._backend.is_damage)
             if item is None:
                 raise KeyError(key)
-            oid, data = item
-            if self._depth:     # the transaction saw the latest state when it began
-                obj = self._load(oid, data)
-            else:
-                obj = self._load_latest(oid, data)
             if self._writeback:
                 self._keep(oid, obj, data)
             self._ids.maybe_sweep()
@@ -332,12 +340,18 @@ class Store(MutableMapping[str, Any]):
             # Here, in __len__ and in __iter__ the identity map is not used: no need to
             # look for other processes' commits first.
             self._check_open()
-            return self._backend.get_key(key) is not None
+            try:
+                return self._backend.get_key(key) is not None
+            except Exception as error:
+                raise load_error(error, self._path, key=key, is_damage=self._backend.is_damage)
 
     def __len__(self) -> int:
         with self._lock:
             self._check_open()
-            return self._backend.count_keys()
+            try:
+                return self._backend.count_keys()
+            except Exception as error:
+                raise load_error(error, self._path, is_damage=self._backend.is_damage)
 
     def __iter__(self) -> Iterator[str]:
         """Stream the keys (in sorted order for the SQLite backend), a batch at a time.
@@ -351,7 +365,10 @@ class Store(MutableMapping[str, Any]):
         while True:
             with self._lock:
                 self._check_open()
-                key = next(keys, _END)
+                try:
+                    key = next(keys, _END)
+                except Exception as error:
+                    raise load_error(error, self._path, is_damage=self._backend.is_damage)
             if key is _END:
                 return
             yield key
@@ -371,11 +388,16 @@ class Store(MutableMapping[str, Any]):
         while True:
             with self._lock:
                 self._check_open()
-                row = next(rows, _END)
-                if row is _END:
-                    return
-                key, oid, data = row
-                value = self._load(oid, data)
+                key = None
+                try:
+                    row = next(rows, _END)
+                    if row is _END:
+                        return
+                    key, oid, data = row
+                    value = self._load(oid, data)
+                except Exception as error:
+                    raise load_error(error, self._path, key=key,
+                                     is_damage=self._backend.is_damage)
                 if self._writeback:
                     self._keep(oid, value, data)
                 self._ids.maybe_sweep()
@@ -514,9 +536,9 @@ class Store(MutableMapping[str, Any]):
                 raise MissingObjectError(self._path, oid, f"the record of key {key!r}")
             yield key, inspection.describe_record(oid, data)
 
-    def record_bytes(self, key: str) -> bytes:
-        """The stored bytes of the record ``key`` is bound to, as they are: for tools that
-        look at records without loading them (``pstore show``, ``dis``)."""
+    def raw_record(self, key: str) -> tuple[int, bytes]:
+        """``(object id, stored bytes)`` of the record ``key`` is bound to, as they are: for
+        tools that look at records without loading them (``pstore show``, ``dis``)."""
         with self._lock:
             self._check_key(key)
             self._check_open()
@@ -526,7 +548,7 @@ class Store(MutableMapping[str, Any]):
             oid, data = item
             if data is None:
                 raise MissingObjectError(self._path, oid, f"the record of key {key!r}")
-            return data
+            return oid, data
 
     def close(self) -> None:
         """Commit the changed Persistent objects, write back the cache (``writeback=True``)
@@ -838,21 +860,35 @@ class Store(MutableMapping[str, Any]):
         except Exception as error:
             what = f"the value of key {key!r}" if key is not None else self._describe(oid)
             raise engine.PicklingError(f"cannot store {what}: {error}") from error
-        return records.pack(pickle, blobs, self._codec), refs, blobs
+        return records.pack(oid, pickle, blobs, self._codec), refs, blobs
 
     def _write_blob(self, raw: memoryview) -> records.BlobRef:
-        return records.write_blob(self._backend, raw, self._codec)
+        return blobio.write_blob(self._backend, raw, self._codec)
 
-    def _unwrap(self, oid: int, envelope: bytes) -> tuple[bytes, list[Any]]:
-        """The pickle of record ``oid``'s envelope, and its out-of-band buffers."""
+    def _unwrap(self, oid: int, data: bytes | None) -> tuple[bytes, list[Any] | None, bool]:
+        """The payload of record ``oid`` (reading it unless ``data`` is given), checked, its
+        out-of-band buffers (or None), and whether a digest verified it."""
+        backend = self._backend
         try:
-            pickle, blobs = records.unpack(envelope)
-            return pickle, [records.read_blob(self._backend, blob, self._writable_buffers)
-                            for blob in blobs]
-        except FormatError as error:    # a ValueError too: first
-            raise FormatError(self._path, f"record {oid}: {error.reason}") from None
-        except ValueError as error:
-            raise FormatError(self._path, f"record {oid}: {error}") from None
+            if data is None:
+                data = backend.get_record(oid)
+            if data is None:
+                raise MissingObjectError(self._path, oid)
+            payload, blobs, verified = records.unpack(
+                data, oid, digest_required=oid >= backend.digests_from,
+                max_size=self._max_record_size)
+            buffers = [blobio.read_blob(backend, blob, self._writable_buffers)
+                       for blob in blobs] if blobs else None
+        except Exception as error:
+            raise load_error(error, self._path, object_id=oid, is_damage=backend.is_damage)
+        return payload, buffers, verified
+
+    def verify(self) -> VerifyReport:
+        """Check every record's digest, reference, key binding and blob (its contents
+        hashed again), unpickling nothing; return what was found (``report.ok``)."""
+        with self._lock:
+            self._check_open()
+            return verify(self._backend, max_record_size=self._max_record_size)
 
     def _load(self, oid: int, data: bytes | None = None) -> Any:
         """The object of record ``oid``; ``data``, if given, is the record's (already read).
@@ -886,8 +922,8 @@ class Store(MutableMapping[str, Any]):
                 obj = self._unpickle(current, data if current == oid else None)
             except _LoadFirst as deeper:
                 if deeper.oid in wanted:
-                    raise FormatError(self._path, f"its records refer to one another in a "
-                                      f"cycle through object id {deeper.oid}") from None
+                    raise CorruptionError(self._path, "its records refer to one another in "
+                                          "a cycle", object_id=deeper.oid) from None
                 wanted.append(deeper.oid)
                 continue
             if len(wanted) == 1:
@@ -897,13 +933,7 @@ class Store(MutableMapping[str, Any]):
 
     def _unpickle(self, oid: int, data: bytes | None) -> Any:
         """Unpickle record ``oid`` (reading it unless ``data`` is given) and register it."""
-        if data is None:
-            data = self._backend.get_record(oid)
-        if data is None:
-            raise MissingObjectError(self._path, oid)
-        buffers = None
-        if data[:1] == _ENVELOPE:    # no pickle starts with it
-            data, buffers = self._unwrap(oid, data)
+        data, buffers, verified = self._unwrap(oid, data)
         self._load_depth += 1
         try:
             unpickler = self._unpickler
@@ -914,6 +944,11 @@ class Store(MutableMapping[str, Any]):
                 obj, end = known
             if end < len(data):     # a Persistent object's record: class, then state
                 return self._load_state(oid, obj, data, end, buffers)
+        except _LoadFirst:
+            raise
+        except Exception as error:
+            raise load_error(error, self._path, object_id=oid, decoded=verified,
+                             is_damage=self._backend.is_damage)
         finally:
             self._load_depth -= 1
         if is_tracked(obj):
@@ -938,8 +973,8 @@ class Store(MutableMapping[str, Any]):
         a new object of ``cls``): the pickle at ``start`` of ``data``, whose first pickle
         is that of ``cls``; ``buffers`` are the state's out-of-band buffers."""
         if not (isinstance(cls, type) and issubclass(cls, Persistent)):
-            raise FormatError(self._path, f"record {oid} holds two pickles, but the first "
-                              f"is {cls!r}, not a pstore.Persistent class")
+            raise CorruptionError(self._path, f"the record holds two pickles, but the first "
+                                  f"is {cls!r}, not a pstore.Persistent class", object_id=oid)
         # Unpickling the class once per Store is enough: find_class resolved it.
         self._classes[data[:start]] = cls
         obj = self._ids.get(oid)
@@ -1102,7 +1137,8 @@ def open(path: str | bytes | os.PathLike[str] | os.PathLike[bytes], flag: str = 
          protocol: int = 5, writeback: bool = False,
          lock_timeout: float = DEFAULT_LOCK_TIMEOUT, fsync: bool = False,
          blob_threshold: int | None = DEFAULT_BLOB_THRESHOLD, compression: str | None = None,
-         readonly_buffers: bool = False) -> Store:
+         readonly_buffers: bool = False,
+         max_record_size: int = DEFAULT_MAX_RECORD_SIZE) -> Store:
     """Open the store at ``path`` and return a :class:`Store`.
 
     ``flag``: 'r' read-only (writes nothing at all, not even to the file's header),
@@ -1137,10 +1173,15 @@ def open(path: str | bytes | os.PathLike[str] | os.PathLike[bytes], flag: str = 
     ``"zlib"`` or ``"lzma"``, for the records and blobs this Store writes;
     compressed blobs are decompressed into memory instead of mapped. Any store
     reads records and blobs whatever compression wrote them.
+    ``max_record_size``: a record whose payload (decompressed) is larger is refused
+    with :class:`~pstore.errors.CorruptionError`, before it is decompressed.
+
+    Every record carries a digest checked on every read: damaged bytes raise
+    :class:`~pstore.errors.CorruptionError` naming the key or object id.
     """
     if flag not in _FLAGS:
         raise ValueError(f"flag must be one of 'r', 'w', 'c', 'n', not {flag!r}")
-    if compression not in records.CODECS:
+    if compression not in blobio.CODECS:
         raise ValueError(f"compression must be None, 'zlib' or 'lzma', not {compression!r}")
     if blob_threshold is not None and blob_threshold < 0:
         raise ValueError(f"blob_threshold must be >= 0 or None, not {blob_threshold}")
@@ -1156,7 +1197,7 @@ def open(path: str | bytes | os.PathLike[str] | os.PathLike[bytes], flag: str = 
     try:
         store = Store(opened, protocol=protocol, writeback=writeback,
                       blob_threshold=blob_threshold, compression=compression,
-                      readonly_buffers=readonly_buffers)
+                      readonly_buffers=readonly_buffers, max_record_size=max_record_size)
     except BaseException:
         opened.close()
         raise
@@ -1165,5 +1206,5 @@ def open(path: str | bytes | os.PathLike[str] | os.PathLike[bytes], flag: str = 
     store.reopen_arguments = (location, "r" if flag == "r" else "w", dict(
         backend=backend, protocol=protocol, writeback=writeback, lock_timeout=lock_timeout,
         fsync=fsync, blob_threshold=blob_threshold, compression=compression,
-        readonly_buffers=readonly_buffers))
+        readonly_buffers=readonly_buffers, max_record_size=max_record_size))
     return store
