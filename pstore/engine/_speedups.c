@@ -1,6 +1,6 @@
 /* pstore.engine._speedups: the unpickler's fast path for data opcodes, in C.
  *
- * One function, run(data, pos, stack, metastack, memo) -> (pos, stack), executes the
+ * One function, run(data, pos, stack, metastack, memo[, mark_limit]) -> (pos, stack), runs the
  * opcodes of `data` from `pos` with the same state the pure-Python loop of
  * Unpickler._run keeps (the current stack level, the levels below the marks, the
  * memo), and returns where it stopped and the current level. It stops *before* the
@@ -256,17 +256,26 @@ consume_mark(int kind, PyObject *items, PyObject *outer)
 }
 
 PyDoc_STRVAR(run_doc,
-"run(data, pos, stack, metastack, memo) -> (pos, stack)\n\n"
+"run(data, pos, stack, metastack, memo[, mark_limit]) -> (pos, stack)\n\n"
 "Run the data opcodes of bytes `data` from `pos`, on the unpickler state `stack` (the\n"
 "current level), `metastack` (the levels below the marks) and `memo`. Returns the\n"
-"offset of the first opcode not run and the current level.");
+"offset of the first opcode not run and the current level. A MARK that would open\n"
+"more than `mark_limit` marks is not run.");
 
 static PyObject *
 run(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 5) {
-        PyErr_SetString(PyExc_TypeError, "run() takes 5 arguments");
+    if (nargs != 5 && nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "run() takes 5 or 6 arguments");
         return NULL;
+    }
+    /* At most this many marks open at once: a MARK beyond it is left to Python, which
+     * refuses it (the restricted unpickler's budget). */
+    Py_ssize_t mark_limit = PY_SSIZE_T_MAX;
+    if (nargs == 6) {
+        mark_limit = PyLong_AsSsize_t(args[5]);
+        if (mark_limit == -1 && PyErr_Occurred())
+            return NULL;
     }
     if (!PyBytes_CheckExact(args[0]) || !PyLong_Check(args[1]) || !PyList_CheckExact(args[2])
             || !PyList_CheckExact(args[3]) || !PyDict_CheckExact(args[4]))
@@ -477,6 +486,8 @@ run(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             continue;
         }
         case K_MARK: {
+            if (PyList_GET_SIZE(metastack) >= mark_limit)
+                goto stop;
             PyObject *level = PyList_New(0);
             if (level == NULL)
                 goto error;
