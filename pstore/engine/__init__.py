@@ -8,7 +8,8 @@ constants and the exception classes (which *are* ``pickle``'s, so
 ``pickle.dumps``.
 
 Two tools read pickles without running them: :func:`disassemble` and
-:func:`globals_of`.
+:func:`globals_of`. :class:`RestrictedUnpickler` and :func:`restricted_loads` load
+pickles one does not trust as data only (docs/safety.md).
 
 This module is the one place that picks the implementation, so that a compiled
 accelerator can be put behind it later without touching any caller.
@@ -22,6 +23,7 @@ from pickle import PickleBuffer, PickleError, PicklingError, UnpicklingError
 from .pickler import Pickler, dump, dumps
 from .unpickler import Unpickler, load, loads
 from .tools import Instruction, disassemble, globals_of, iter_instructions
+from .restricted import RestrictedUnpickler, RestrictedUnpicklingError, restricted_loads
 
 HIGHEST_PROTOCOL = 5
 #: The running Python's default protocol (4 on Python 3.8 to 3.13).
@@ -32,4 +34,5 @@ __all__ = [
     "HIGHEST_PROTOCOL", "DEFAULT_PROTOCOL", "PickleBuffer",
     "PickleError", "PicklingError", "UnpicklingError",
     "disassemble", "globals_of", "iter_instructions", "Instruction",
+    "RestrictedUnpickler", "RestrictedUnpicklingError", "restricted_loads",
 ]
