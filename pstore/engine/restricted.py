@@ -235,9 +235,11 @@ def _parse_allow(allow: str | Iterable[str]) -> tuple[bool, frozenset[str], froz
         raise TypeError(f"allow must be '*' or a list of names, not the string {allow!r}")
     names, modules = set(), set()
     for entry in allow:
-        if not isinstance(entry, str) or "." not in entry.strip("."):
+        parts = entry.split(".") if isinstance(entry, str) else []
+        if len(parts) < 2 or not all(part.isidentifier() for part in parts[:-1]) \
+                or not (parts[-1].isidentifier() or parts[-1] == "*"):
             raise ValueError(f"allow entries are 'pkg.mod.Name' or 'pkg.mod.*', not {entry!r}")
-        if entry.endswith(".*"):
+        if parts[-1] == "*":
             modules.add(entry[:-2])
         else:
             names.add(entry)
