@@ -46,14 +46,15 @@ _ATOMS = frozenset({str, int, float, bytes, bool, type(None), complex})
 class RestrictedUnpicklingError(UnpicklingError):
     """Restricted loading refused something: a global, a call, a BUILD, or the budget.
 
-    ``args`` is ``(reason, global_name, opcode, offset)``: ``global_name`` is the
-    ``"module.name"`` refused or called (None for a budget), ``opcode`` and ``offset`` say
-    where in the pickle (None when raised outside a load, e.g. by ``find_class``).
+    ``args`` is ``(reason, module, name, opcode, offset)``: ``module`` and ``name`` are
+    the global refused or called (None for a budget or a non-global), ``opcode`` and
+    ``offset`` say where in the pickle (None when raised outside a load, e.g. by
+    ``find_class``).
     """
 
-    def __init__(self, reason: str, global_name: str | None = None,
+    def __init__(self, reason: str, module: str | None = None, name: str | None = None,
                  opcode: str | None = None, offset: int | None = None) -> None:
-        super().__init__(reason, global_name, opcode, offset)
+        super().__init__(reason, module, name, opcode, offset)
 
     @property
     def reason(self) -> str:
@@ -61,23 +62,28 @@ class RestrictedUnpicklingError(UnpicklingError):
 
     @property
     def global_name(self) -> str | None:
-        return self.args[1]
+        """``"module.name"`` of the global concerned, or None."""
+        return None if self.args[1] is None else f"{self.args[1]}.{self.args[2]}"
 
     @property
     def opcode(self) -> str | None:
-        return self.args[2]
+        return self.args[3]
 
     @property
     def offset(self) -> int | None:
-        return self.args[3]
+        return self.args[4]
+
+    def at(self, opcode: str, offset: int) -> RestrictedUnpicklingError:
+        """The same refusal, located at ``opcode`` and ``offset``."""
+        return type(self)(*self.args[:3], opcode, offset)
 
     def __str__(self) -> str:
-        reason, name, opcode, offset = self.args
+        reason, module, _, opcode, offset = self.args
+        name = self.global_name
         text = f"{name}: {reason}" if name else reason
         if opcode is not None:
             text += f" ({opcode} at offset {offset})"
         if name and reason == _NOT_ALLOWED:
-            module = name.rpartition(".")[0]
             text += (f"; to load it, allow={[name]!r} or allow={[module + '.*']!r}"
                      " if you trust the code it names")
         return text
@@ -94,8 +100,7 @@ class _Located(_Bad):
         self.error = error
 
     def located(self, code: int, offset: int) -> BaseException:
-        return RestrictedUnpicklingError(self.error.reason, self.error.global_name,
-                                         _opname(code), offset)
+        return self.error.at(_opname(code), offset)
 
 
 def _locating(handler: Callable) -> Callable:
@@ -206,10 +211,13 @@ def _restricted_tables() -> tuple[list, list]:
 _RESTRICTED_HANDLERS, _RESTRICTED_MARK_HANDLERS = _restricted_tables()
 
 
-def _node_count(key: Any, limit: int) -> int:
+def _node_count(key: Any, limit: int, counts: dict[int, int], keep: list) -> int:
     """How many objects hashing ``key`` visits (tuples and frozensets hash their items
-    again at every reference), counted over its distinct nodes; stops above ``limit``."""
-    counts: dict[int, int] = {}
+    again at every reference), counted over its distinct nodes; stops above ``limit``.
+
+    ``counts`` (by id) holds what earlier calls counted: tuples and frozensets cannot
+    change, and ``keep`` holds each one counted, so that its id stays its own.
+    """
     todo: list[tuple[Any, bool]] = [(key, False)]
     while todo:
         node, children_counted = todo.pop()
@@ -218,6 +226,7 @@ def _node_count(key: Any, limit: int) -> int:
             if total > limit:
                 return total
             counts[id(node)] = total
+            keep.append(node)
         elif id(node) not in counts:
             if isinstance(node, (tuple, frozenset)):
                 todo.append((node, True))
@@ -277,11 +286,13 @@ class RestrictedUnpickler(Unpickler):
                          buffers=buffers)
         self._unrestricted, self._allowed_names, self._allowed_modules = _parse_allow(allow)
         self._mark_limit = self.mark_limit
-        #: id -> (object, "module.name", its rule or None for a name the caller allowed),
+        #: id -> (object, (module, name), its rule or None for a name the caller allowed),
         #: for every global resolved: calls and BUILDs act only on these.
-        self._resolved: dict[int, tuple[Any, str, Rule | None]] = {}
+        self._resolved: dict[int, tuple[Any, tuple[str, str], Rule | None]] = {}
         self._work = 0
         self._work_limit = self.work_base
+        self._node_counts: dict[int, int] = {}
+        self._counted: list[Any] = []
 
     # -- globals -----------------------------------------------------------------------------
 
@@ -303,15 +314,15 @@ class RestrictedUnpickler(Unpickler):
         rule = POLICY.get((module, name))
         if rule is None and qualified not in self._allowed_names \
                 and module not in self._allowed_modules:
-            raise RestrictedUnpicklingError(_NOT_ALLOWED, qualified)
+            raise RestrictedUnpicklingError(_NOT_ALLOWED, module, name)
         obj: Any = importlib.import_module(module)
         for part in name.split(".") if rule is None else (name,):
             if part == "<locals>":
-                raise RestrictedUnpicklingError("a local name cannot be loaded", qualified)
+                raise RestrictedUnpicklingError("a local name cannot be loaded", module, name)
             obj = getattr(obj, part)
         known = self._resolved.get(id(obj))
         if known is None or known[2] is None:     # a policy rule wins over a plain allow
-            self._resolved[id(obj)] = (obj, qualified, rule)
+            self._resolved[id(obj)] = (obj, (module, name), rule)
         return obj
 
     def persistent_load(self, pid: Any) -> Any:
@@ -320,7 +331,7 @@ class RestrictedUnpickler(Unpickler):
 
     # -- checks the restricted handlers and the policy's rules call ---------------------------
 
-    def _known(self, obj: Any, action: str) -> tuple[str, Rule | None]:
+    def _known(self, obj: Any, action: str) -> tuple[tuple[str, str], Rule | None]:
         entry = self._resolved.get(id(obj))
         if entry is None or entry[0] is not obj:
             raise RestrictedUnpicklingError(
@@ -336,7 +347,7 @@ class RestrictedUnpickler(Unpickler):
             return
         if rule.use is Use.CONSTANT or (rule.use is Use.TYPE and (args or kwargs)):
             raise RestrictedUnpicklingError(f"may not be called ({rule.use.value} of the policy)",
-                                            name)
+                                            *name)
         self._apply(rule, name, args, kwargs)
 
     def check_new(self, cls: Any, args: tuple, kwargs: dict) -> None:
@@ -348,19 +359,19 @@ class RestrictedUnpickler(Unpickler):
             return
         if rule.use is Use.TYPE:
             if args or kwargs:
-                raise RestrictedUnpicklingError("may be created only without arguments", name)
+                raise RestrictedUnpicklingError("may be created only without arguments", *name)
         elif rule.use is Use.CLASS:
             self._apply(rule, name, args, kwargs)
         else:
             raise RestrictedUnpicklingError(f"is not a class of the policy ({rule.use.value})",
-                                            name)
+                                            *name)
 
-    def _apply(self, rule: Rule, name: str, args: tuple, kwargs: dict) -> None:
+    def _apply(self, rule: Rule, name: tuple[str, str], args: tuple, kwargs: dict) -> None:
         if rule.check is not None:
             try:
                 rule.check(self, args, kwargs)
             except ValueError as exc:
-                raise RestrictedUnpicklingError(f"arguments refused: {exc}", name) from None
+                raise RestrictedUnpicklingError(f"arguments refused: {exc}", *name) from None
 
     def require_class(self, obj: Any, role: str) -> None:
         """Raise ValueError unless ``obj`` is a class resolved as allowed in this load."""
@@ -394,7 +405,8 @@ class RestrictedUnpickler(Unpickler):
         if type(key) in _ATOMS:
             return
         if isinstance(key, (tuple, frozenset)):
-            self.charge(_node_count(key, self._work_limit - self._work))
+            self.charge(_node_count(key, self._work_limit - self._work, self._node_counts,
+                                    self._counted))
         else:
             self.charge(1)
 
@@ -402,13 +414,15 @@ class RestrictedUnpickler(Unpickler):
 
     def _run(self, data: bytes, pos: int, origin: int,
              refill: Callable[[int], bytes] | None) -> tuple[Any, int, int]:
-        saved = self._work, self._work_limit      # a persistent_load may load nested pickles
+        # A persistent_load may load nested pickles: each has its own budget.
+        saved = self._work, self._work_limit, self._node_counts, self._counted
         self._work = 0
         self._work_limit = self.work_base + self.work_per_byte * (len(data) - pos)
+        self._node_counts, self._counted = {}, []
         try:
             return super()._run(data, pos, origin, refill)
         finally:
-            self._work, self._work_limit = saved
+            self._work, self._work_limit, self._node_counts, self._counted = saved
 
 
 def _describe(obj: Any) -> str:

@@ -105,7 +105,15 @@ def test_find_class_alone_refuses_without_a_location() -> None:
     assert unpickler.find_class("builtins", "set") is set
     with pytest.raises(RestrictedUnpicklingError) as refused:
         unpickler.find_class("builtins", "eval")
-    assert refused.value.args == (refused.value.reason, "builtins.eval", None, None)
+    assert refused.value.args == (refused.value.reason, "builtins", "eval", None, None)
+
+
+def test_the_hint_for_a_nested_name_names_its_module() -> None:
+    data = b"\x80\x04\x8c\x08builtins\x8c\x0cset.__init__\x93."
+    with pytest.raises(RestrictedUnpicklingError) as refused:
+        restricted_loads(data)
+    assert refused.value.global_name == "builtins.set.__init__"
+    assert "allow=['builtins.*']" in str(refused.value)
 
 
 def test_python2_names_are_mapped_before_the_policy_is_consulted() -> None:
