@@ -9,7 +9,8 @@
  * build plain data (containers, numbers, strings, bytes, the memo, marks), and it
  * stops instead of raising: on an opcode it does not know, a truncated argument, a
  * stack underflow, a missing memo entry, undecodable text, a dict key or set item
- * that is not a plain atom, or a container that is not exactly a list, dict or set.
+ * that is not a plain atom (or a short tuple of them), or a container that is not
+ * exactly a list, dict or set.
  * The Python loop then runs that opcode, and raises the error it names with its
  * opcode and offset. So:
  *
@@ -94,12 +95,32 @@ is_plain_atom(PyObject *obj)
         || PyBytes_CheckExact(obj) || obj == Py_None || obj == Py_True || obj == Py_False;
 }
 
+/* Tuples of at most this many plain atoms are plain keys too: hashing one runs no Python
+ * code and visits a bounded number of objects, so even a key inserted again and again
+ * through the memo costs work proportional to the pickle (the restricted unpickler's
+ * budget counts on that). */
+#define PLAIN_TUPLE_MAX 8
+
+static int
+is_plain_key(PyObject *obj)
+{
+    if (is_plain_atom(obj))
+        return 1;
+    if (!PyTuple_CheckExact(obj) || PyTuple_GET_SIZE(obj) > PLAIN_TUPLE_MAX)
+        return 0;
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(obj); i++) {
+        if (!is_plain_atom(PyTuple_GET_ITEM(obj, i)))
+            return 0;
+    }
+    return 1;
+}
+
 static int
 all_plain(PyObject *items, Py_ssize_t from, Py_ssize_t step)
 {
     Py_ssize_t n = PyList_GET_SIZE(items);
     for (Py_ssize_t i = from; i < n; i += step) {
-        if (!is_plain_atom(PyList_GET_ITEM(items, i)))
+        if (!is_plain_key(PyList_GET_ITEM(items, i)))
             return 0;
     }
     return 1;
@@ -475,7 +496,7 @@ run(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         }
         case K_SETITEM: {
             if (depth < 3 || !PyDict_CheckExact(PyList_GET_ITEM(stack, depth - 3))
-                    || !is_plain_atom(PyList_GET_ITEM(stack, depth - 2)))
+                    || !is_plain_key(PyList_GET_ITEM(stack, depth - 2)))
                 goto stop;
             if (set_item(PyList_GET_ITEM(stack, depth - 3), PyList_GET_ITEM(stack, depth - 2),
                          PyList_GET_ITEM(stack, depth - 1)) < 0)

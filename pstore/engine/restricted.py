@@ -27,7 +27,6 @@ unrestricted. Plain data still runs on the C fast path.
 from __future__ import annotations
 
 import importlib
-import io
 import sys
 from _compat_pickle import IMPORT_MAPPING, NAME_MAPPING
 from pickle import UnpicklingError
@@ -175,9 +174,16 @@ def _keys_then(handler: Callable, step: int) -> Callable:
     """A mark consumer that hashes every ``step``-th item: their hashes are charged first."""
     def checked(u: RestrictedUnpickler, data: bytes, pos: int, items: list, outer: list) -> int:
         check_key = u.check_key
+        flat = 0    # the work of tuples of atoms, the common non-atomic key, charged at once
         for key in items[::step]:
-            if type(key) not in _ATOMS:
+            kind = type(key)
+            if kind in _ATOMS:
+                continue
+            if kind is tuple and _ATOMS.issuperset(map(type, key)):
+                flat += len(key) + 1
+            else:
                 check_key(key)
+        u.charge(flat)
         return handler(u, data, pos, items, outer)
     checked.__name__ = handler.__name__
     return checked
@@ -284,6 +290,9 @@ class RestrictedUnpickler(Unpickler):
                  buffers: Iterable[Any] | None = None) -> None:
         super().__init__(file, fix_imports=fix_imports, encoding=encoding, errors=errors,
                          buffers=buffers)
+        self._restrict(allow)
+
+    def _restrict(self, allow: str | Iterable[str]) -> None:
         self._unrestricted, self._allowed_names, self._allowed_modules = _parse_allow(allow)
         self._mark_limit = self.mark_limit
         #: id -> (object, (module, name), its rule or None for a name the caller allowed),
@@ -434,8 +443,12 @@ def _describe(obj: Any) -> str:
 def restricted_loads(data: Any, /, *, allow: str | Iterable[str] = (), fix_imports: bool = True,
                      encoding: str = "ASCII", errors: str = "strict",
                      buffers: Iterable[Any] | None = None) -> Any:
-    """Return the object pickled in ``data`` (bytes-like), loaded as :class:`RestrictedUnpickler` does."""
+    """Return the object pickled in ``data`` (bytes-like), loaded as :class:`RestrictedUnpickler`
+    does; data after the STOP opcode is ignored."""
     if type(data) is not bytes:
         data = bytes(memoryview(data))
-    return RestrictedUnpickler(io.BytesIO(data), allow=allow, fix_imports=fix_imports,
-                               encoding=encoding, errors=errors, buffers=buffers).load()
+    # As loads() does: no file, the bytes read in place.
+    unpickler = RestrictedUnpickler.__new__(RestrictedUnpickler)
+    unpickler._setup(fix_imports, encoding, errors, buffers)
+    unpickler._restrict(allow)
+    return unpickler._run(data, 0, 0, None)[0]
