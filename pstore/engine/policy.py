@@ -15,10 +15,11 @@ pstore itself imports neither.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
-__all__ = ["Use", "Rule", "Guard", "POLICY", "MAX_INT_BITS"]
+__all__ = ["MAX_INT_BITS", "POLICY", "Guard", "Rule", "Use"]
 
 
 class Use(enum.Enum):

@@ -29,8 +29,9 @@ from __future__ import annotations
 import importlib
 import sys
 from _compat_pickle import IMPORT_MAPPING, NAME_MAPPING
+from collections.abc import Callable, Iterable
 from pickle import UnpicklingError
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from . import unpickler as _base
 from .policy import POLICY, Rule, Use
@@ -74,7 +75,8 @@ class RestrictedUnpicklingError(UnpicklingError):
 
     def at(self, opcode: str, offset: int) -> RestrictedUnpicklingError:
         """The same refusal, located at ``opcode`` and ``offset``."""
-        return type(self)(*self.args[:3], opcode, offset)
+        reason, module, name = self.args[:3]
+        return type(self)(reason, module, name, opcode, offset)
 
     def __str__(self) -> str:
         reason, module, _, opcode, offset = self.args
@@ -189,15 +191,15 @@ def _keys_then(handler: Callable, step: int) -> Callable:
     return checked
 
 
-def _restricted_tables() -> tuple[list, list]:
-    handlers = list(_base._HANDLERS)
-    mark_handlers = list(_base._MARK_HANDLERS)
+def _restricted_tables() -> tuple[list[Any], list[Any]]:
+    handlers: list[Any] = list(_base._HANDLERS)
+    mark_handlers: list[Any] = list(_base._MARK_HANDLERS)
     byte = {op.name: op.byte for op in _base.BY_CODE.values()}
-    replaced = {"REDUCE": _reduce, "NEWOBJ": _newobj, "NEWOBJ_EX": _newobj_ex, "BUILD": _build,
+    replaced: dict[str, Callable[..., int]] = {"REDUCE": _reduce, "NEWOBJ": _newobj, "NEWOBJ_EX": _newobj_ex, "BUILD": _build,
                 "SETITEM": _setitem}
     for name, handler in replaced.items():
         handlers[byte[name]] = handler
-    mark_replaced = {"OBJ": _obj, "INST": _inst,
+    mark_replaced: dict[str, Callable[..., int]] = {"OBJ": _obj, "INST": _inst,
                      "SETITEMS": _keys_then(_base.load_setitems, 2),
                      "DICT": _keys_then(_base.load_dict, 2),
                      "ADDITEMS": _keys_then(_base.load_additems, 1),
@@ -242,8 +244,13 @@ def _node_count(key: Any, limit: int, counts: dict[int, int], keep: list) -> int
     return counts[id(key)]
 
 
+_NOTHING_ALLOWED: tuple[bool, frozenset[str], frozenset[str]] = (False, frozenset(), frozenset())
+
+
 def _parse_allow(allow: str | Iterable[str]) -> tuple[bool, frozenset[str], frozenset[str]]:
     """``allow`` as (everything?, exact "module.name"s, modules allowed whole)."""
+    if allow == ():
+        return _NOTHING_ALLOWED
     if allow == "*":
         return True, frozenset(), frozenset()
     if isinstance(allow, str):

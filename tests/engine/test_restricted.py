@@ -10,8 +10,13 @@ from typing import Any
 
 import pytest
 
-from pstore.engine import (RestrictedUnpickler, RestrictedUnpicklingError, dumps, globals_of,
-                           restricted_loads)
+from pstore.engine import (
+    RestrictedUnpickler,
+    RestrictedUnpicklingError,
+    dumps,
+    globals_of,
+    restricted_loads,
+)
 from pstore.engine.policy import POLICY, Use
 
 from . import samples

@@ -9,12 +9,19 @@ import io
 import pickle
 import struct
 import sys
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any, ClassVar
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from pstore.engine import RestrictedUnpickler, RestrictedUnpicklingError, loads, restricted_loads
+from pstore.engine import (
+    RestrictedUnpickler,
+    RestrictedUnpicklingError,
+    loads,
+    restricted_loads,
+)
 
 pytestmark = pytest.mark.usefixtures("unpickler_mode")
 
@@ -49,7 +56,7 @@ def watched(load: Any, *args: Any, **kwargs: Any) -> tuple[Any, BaseException | 
     _recording.append(events)
     try:
         return load(*args, **kwargs), None, events
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 -- any error is an outcome the caller checks
         return None, exc, events
     finally:
         _recording.pop()
@@ -157,7 +164,7 @@ def test_os_system_is_named_with_its_opcode(name: str, extension_os_system: None
 class Payload:
     """A class whose __setstate__ a pickle would use to run a command."""
 
-    ran: list[Any] = []
+    ran: ClassVar[list[Any]] = []
 
     def __setstate__(self, state: Any) -> None:
         Payload.ran.append(state)
