@@ -228,10 +228,20 @@ def _empty_shape(guard: Guard, args: tuple, kwargs: dict) -> None:
         raise ValueError("takes (subtype, shape holding a 0, dtype)")
 
 
+def _no_tz_files(guard: Guard, args: tuple, kwargs: dict) -> None:
+    """pandas reads a time zone named "dateutil/<path>" (in a tz or a dtype) from that file:
+    a pickle may not name one (a path like /dev/stdin would block the load)."""
+    values = [*args, *kwargs.values()]
+    values += [value for arg in args if type(arg) is dict for value in arg.values()]
+    if any(type(value) is str and "dateutil" in value for value in values):
+        raise ValueError("names a dateutil time zone file")
+
+
 def _index(guard: Guard, args: tuple, kwargs: dict) -> None:
     """pandas' _new_Index(cls, d): ``cls.__new__(cls, **d)``; a list of tuples as data becomes
     a MultiIndex, which hashes every tuple: those hashes are charged first."""
     _class_first(guard, args, kwargs)
+    _no_tz_files(guard, args, kwargs)
     if len(args) != 2 or type(args[1]) is not dict:
         raise ValueError("takes (cls, dict of its arguments)")
     for value in args[1].values():
@@ -247,6 +257,11 @@ def _block_manager(guard: Guard, args: tuple, kwargs: dict) -> None:
     if len(args) < 2 or type(args[0]) not in (list, tuple) or type(args[1]) not in (list, tuple):
         raise ValueError("takes (blocks, axes)")
     guard.charge(len(args[0]) + len(args[1]))
+
+
+def _datetime_index(guard: Guard, args: tuple, kwargs: dict) -> None:
+    _class_first(guard, args, kwargs)
+    _no_tz_files(guard, args, kwargs)
 
 
 def _dtype(guard: Guard, args: tuple, kwargs: dict) -> None:
@@ -348,7 +363,8 @@ POLICY.update({
         Use.FUNCTION, "cls.__new__(cls, **d) for an allowed index class (the hashes of "
         "a list of tuples as its data charged)", _index),
     ("pandas.core.indexes.datetimes", "_new_DatetimeIndex"): Rule(
-        Use.FUNCTION, "a DatetimeIndex of an allowed class from its data", _class_first),
+        Use.FUNCTION, "a DatetimeIndex of an allowed class from its data (no tz file)",
+        _datetime_index),
     ("pandas", "Categorical"): Rule(Use.TYPE, "only the class argument of the array unpickler"),
     ("pandas.arrays", "StringArray"): Rule(Use.TYPE, "only the class argument of the array unpickler"),
     ("pandas.arrays", "DatetimeArray"): Rule(Use.TYPE, "only the class argument of the array "
@@ -357,10 +373,13 @@ POLICY.update({
         Use.FUNCTION, "cls.__new__(cls) and its __setstate__ for an allowed array class",
         _class_first),
     ("pandas", "CategoricalDtype"): Rule(Use.TYPE, _NEW_ONLY),
+    ("pandas", "DatetimeTZDtype"): Rule(Use.TYPE, _NEW_ONLY + " (a fixed-offset tz object; "
+                                        "named zones need allow=)"),
     ("pandas", "StringDtype"): Rule(Use.CLASS, "stores a storage name and a missing-value marker"),
     ("pandas._libs.tslibs.offsets", "Day"): Rule(Use.CLASS, "a day offset from an int and a flag"),
     ("pandas._libs.tslibs.timestamps", "_unpickle_timestamp"): Rule(
-        Use.FUNCTION, "a Timestamp from an int, a frequency, a tz and a resolution"),
+        Use.FUNCTION, "a Timestamp from an int, a frequency, a tz (no tz file) and a resolution",
+        _no_tz_files),
     ("pandas._libs.tslibs.timedeltas", "_timedelta_unpickle"): Rule(
         Use.FUNCTION, "a Timedelta from an int and a resolution"),
 })

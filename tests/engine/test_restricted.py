@@ -168,6 +168,7 @@ def pandas_values() -> list[Any]:
             pd.Series([1.0, 2.0], index=["a", "b"], name="n"), pd.Index([1, 2, 3]),
             pd.Index(["p", "q"]), pd.Categorical(["a", "b", "a"]), pd.RangeIndex(5),
             pd.date_range("2020", periods=3), pd.Timestamp("2020-01-01"), pd.Timedelta(1),
+            pd.date_range("2020", periods=3, tz="UTC"), pd.Timestamp("2020-01-01", tz="UTC"),
             pd.DataFrame({"x": range(1000)}, index=pd.date_range("2000", periods=1000))]
 
 
@@ -203,6 +204,18 @@ def test_out_of_band_buffers_load_equal_and_are_not_copied() -> None:
     data = pickle.dumps(array, 5, buffer_callback=buffers.append)
     loaded = restricted_loads(data, buffers=buffers)
     assert np.shares_memory(loaded, array)
+
+
+def test_a_time_zone_file_is_not_named() -> None:
+    pytest.importorskip("pandas")
+    # _unpickle_timestamp(0, None, "dateutil//dev/stdin", 9): pandas would read the "zone file".
+    def text(value: str) -> bytes:
+        return b"\x8c" + bytes([len(value)]) + value.encode()
+    hostile = (b"\x80\x04" + text("pandas._libs.tslibs.timestamps")
+               + text("_unpickle_timestamp") + b"\x93(J\x00\x00\x00\x00N"
+               + text("dateutil//dev/stdin") + b"K\ttR.")
+    with pytest.raises(RestrictedUnpicklingError, match="dateutil"):
+        restricted_loads(hostile)
 
 
 def test_numpy_refuses_a_shape_the_pickle_did_not_pay_for() -> None:
