@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import types
 from _compat_pickle import IMPORT_MAPPING, NAME_MAPPING
 from collections.abc import Callable, Iterable
 from pickle import UnpicklingError
@@ -219,9 +220,19 @@ def _restricted_tables() -> tuple[list[Any], list[Any]]:
 _RESTRICTED_HANDLERS, _RESTRICTED_MARK_HANDLERS = _restricted_tables()
 
 
+def _parts(node: Any) -> Any:
+    """What hashing ``node`` hashes in turn (None for a leaf): the items of a tuple or
+    frozenset, the bounds of a slice (hashable from Python 3.12 on)."""
+    if isinstance(node, (tuple, frozenset)):
+        return node
+    if type(node) is slice:
+        return (node.start, node.stop, node.step)
+    return None
+
+
 def _node_count(key: Any, limit: int, counts: dict[int, int], keep: list) -> int:
-    """How many objects hashing ``key`` visits (tuples and frozensets hash their items
-    again at every reference), counted over its distinct nodes; stops above ``limit``.
+    """How many objects hashing ``key`` visits (tuples, frozensets and slices hash their
+    parts again at every reference), counted over its distinct nodes; stops above ``limit``.
 
     ``counts`` (by id) holds what earlier calls counted: tuples and frozensets cannot
     change, and ``keep`` holds each one counted, so that its id stays its own.
@@ -230,17 +241,19 @@ def _node_count(key: Any, limit: int, counts: dict[int, int], keep: list) -> int
     while todo:
         node, children_counted = todo.pop()
         if children_counted:
-            total = 1 + sum(counts[id(child)] for child in node)
+            total = 1 + sum(counts[id(child)] for child in _parts(node))
             if total > limit:
                 return total
             counts[id(node)] = total
             keep.append(node)
         elif id(node) not in counts:
-            if isinstance(node, (tuple, frozenset)):
+            parts = _parts(node)
+            if parts is not None:
                 todo.append((node, True))
-                todo.extend((child, False) for child in node if id(child) not in counts)
+                todo.extend((child, False) for child in parts if id(child) not in counts)
             else:
                 counts[id(node)] = 1
+                keep.append(node)
     return counts[id(key)]
 
 
@@ -333,9 +346,15 @@ class RestrictedUnpickler(Unpickler):
             raise RestrictedUnpicklingError(_NOT_ALLOWED, module, name)
         obj: Any = importlib.import_module(module)
         for part in name.split(".") if rule is None else (name,):
-            if part == "<locals>":
-                raise RestrictedUnpicklingError("a local name cannot be loaded", module, name)
+            # An allowed module's globals are its classes and functions: not what another
+            # module it imported holds, nor what lies behind a dunder (__globals__...).
+            if rule is None and (part == "<locals>" or part[:2] == part[-2:] == "__"):
+                raise RestrictedUnpicklingError("a local or special name cannot be loaded",
+                                                module, name)
             obj = getattr(obj, part)
+            if isinstance(obj, types.ModuleType):
+                raise RestrictedUnpicklingError("names a module, not a global of it", module,
+                                                name)
         known = self._resolved.get(id(obj))
         if known is None or known[2] is None:     # a policy rule wins over a plain allow
             self._resolved[id(obj)] = (obj, (module, name), rule)
@@ -420,7 +439,7 @@ class RestrictedUnpickler(Unpickler):
         """Charge hashing ``key``, before it is hashed; refuse it if that would exceed the budget."""
         if type(key) in _ATOMS:
             return
-        if isinstance(key, (tuple, frozenset)):
+        if _parts(key) is not None:
             self.charge(_node_count(key, self._work_limit - self._work, self._node_counts,
                                     self._counted))
         else:

@@ -122,6 +122,14 @@ def test_the_hint_for_a_nested_name_names_its_module() -> None:
     assert "allow=['builtins.*']" in str(refused.value)
 
 
+def test_copyreg_newobj_loads_over_an_allowed_class() -> None:
+    data = b"ccopyreg\n__newobj__\n(cbuiltins\nfrozenset\n(lp0\nI1\natR."
+    assert restricted_loads(data) == pickle.loads(data) == frozenset({1})
+    hostile = data.replace(b"(lp0\nI1\na", b"cbuiltins\nrange\n(I0\nI99999999999\ntR")
+    with pytest.raises(RestrictedUnpicklingError, match="range"):
+        restricted_loads(hostile)
+
+
 def test_python2_names_are_mapped_before_the_policy_is_consulted() -> None:
     assert restricted_loads(b"c__builtin__\nset\n((lp0\nI1\natR.") == {1}
     assert restricted_loads(b"c__builtin__\nxrange\n(I0\nI3\nI1\ntR.") == range(3)
@@ -229,3 +237,23 @@ def test_numpy_refuses_a_shape_the_pickle_did_not_pay_for() -> None:
     with pytest.raises(RestrictedUnpicklingError, match="shape") as refused:
         restricted_loads(hostile)
     assert refused.value.opcode == "REDUCE"
+
+
+def test_an_allowed_module_does_not_lend_its_imports() -> None:
+    # samples imports collections, copyreg, re...: "samples.*" allows none of their globals.
+    for name in ["copyreg._reconstructor", "re.compile", "collections", "Plain.__init__.__globals__"]:
+        data = b"\x80\x04\x8c\x14tests.engine.samples" + b"\x8c" + bytes([len(name)]) \
+            + name.encode() + b"\x93."
+        with pytest.raises(RestrictedUnpicklingError, match="module|special"):
+            restricted_loads(data, allow=["tests.engine.samples.*"])
+
+
+def test_a_nested_restricted_load_keeps_the_outer_budget() -> None:
+    inner = dumps({(1, 2, 3): [1]}, 4)
+
+    class Nested(RestrictedUnpickler):
+        def persistent_load(self, pid: Any) -> Any:
+            return self.load_bytes(inner)
+
+    data = b"\x80\x04(" + b"\x8c\x01xQ" * 3 + b"l."
+    assert Nested(io.BytesIO(data)).load() == [{(1, 2, 3): [1]}] * 3
