@@ -230,31 +230,29 @@ def _parts(node: Any) -> Any:
     return None
 
 
-def _node_count(key: Any, limit: int, counts: dict[int, int], keep: list) -> int:
+def _node_count(key: Any, limit: int, counts: dict[int, tuple[int, Any]]) -> int:
     """How many objects hashing ``key`` visits (tuples, frozensets and slices hash their
     parts again at every reference), counted over its distinct nodes; stops above ``limit``.
 
-    ``counts`` (by id) holds what earlier calls counted: tuples and frozensets cannot
-    change, and ``keep`` holds each one counted, so that its id stays its own.
+    ``counts`` maps the id of each node earlier calls counted to (its count, the node):
+    tuples, frozensets and slices cannot change, and holding the node keeps its id its own.
     """
     todo: list[tuple[Any, bool]] = [(key, False)]
     while todo:
         node, children_counted = todo.pop()
         if children_counted:
-            total = 1 + sum(counts[id(child)] for child in _parts(node))
+            total = 1 + sum(counts[id(child)][0] for child in _parts(node))
             if total > limit:
                 return total
-            counts[id(node)] = total
-            keep.append(node)
+            counts[id(node)] = (total, node)
         elif id(node) not in counts:
             parts = _parts(node)
             if parts is not None:
                 todo.append((node, True))
                 todo.extend((child, False) for child in parts if id(child) not in counts)
             else:
-                counts[id(node)] = 1
-                keep.append(node)
-    return counts[id(key)]
+                counts[id(node)] = (1, node)
+    return counts[id(key)][0]
 
 
 _NOTHING_ALLOWED: tuple[bool, frozenset[str], frozenset[str]] = (False, frozenset(), frozenset())
@@ -320,8 +318,7 @@ class RestrictedUnpickler(Unpickler):
         self._resolved: dict[int, tuple[Any, tuple[str, str], Rule | None]] = {}
         self._work = 0
         self._work_limit = self.work_base
-        self._node_counts: dict[int, int] = {}
-        self._counted: list[Any] = []
+        self._node_counts: dict[int, tuple[int, Any]] | None = None
 
     # -- globals -----------------------------------------------------------------------------
 
@@ -440,8 +437,9 @@ class RestrictedUnpickler(Unpickler):
         if type(key) in _ATOMS:
             return
         if _parts(key) is not None:
-            self.charge(_node_count(key, self._work_limit - self._work, self._node_counts,
-                                    self._counted))
+            if self._node_counts is None:
+                self._node_counts = {}
+            self.charge(_node_count(key, self._work_limit - self._work, self._node_counts))
         else:
             self.charge(1)
 
@@ -450,14 +448,14 @@ class RestrictedUnpickler(Unpickler):
     def _run(self, data: bytes, pos: int, origin: int,
              refill: Callable[[int], bytes] | None) -> tuple[Any, int, int]:
         # A persistent_load may load nested pickles: each has its own budget.
-        saved = self._work, self._work_limit, self._node_counts, self._counted
+        saved = self._work, self._work_limit, self._node_counts
         self._work = 0
         self._work_limit = self.work_base + self.work_per_byte * (len(data) - pos)
-        self._node_counts, self._counted = {}, []
+        self._node_counts = None    # made by the first key that needs counting
         try:
             return super()._run(data, pos, origin, refill)
         finally:
-            self._work, self._work_limit, self._node_counts, self._counted = saved
+            self._work, self._work_limit, self._node_counts = saved
 
 
 def _describe(obj: Any) -> str:
