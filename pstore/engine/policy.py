@@ -113,7 +113,8 @@ def _mapping(guard: Guard, args: tuple, kwargs: dict) -> None:
         _sized(guard, arg)
         for item in arg:
             # dict(pairs) hashes each pair's first item; Counter(iterable) each item.
-            key = item[0] if type(arg) is not dict and type(item) in (tuple, list) and item else item
+            pair = type(arg) is not dict and type(item) in (tuple, list) and item
+            key = item[0] if pair else item
             guard.check_key(key)
 
 
@@ -146,7 +147,8 @@ def _bytes_source(guard: Guard, args: tuple, kwargs: dict) -> None:
 
 def _text_codec(encoding: tuple) -> None:
     # Looking a codec up by name may import encodings.<name>: only codecs already loaded.
-    if len(encoding) != 1 or type(encoding[0]) is not str or encoding[0].lower() not in _TEXT_CODECS:
+    if len(encoding) != 1 or type(encoding[0]) is not str \
+            or encoding[0].lower() not in _TEXT_CODECS:
         raise ValueError(f"encoding must be one of {sorted(_TEXT_CODECS)}")
 
 
@@ -283,8 +285,8 @@ POLICY: dict[tuple[str, str], Rule] = {
     ("builtins", "frozenset"): Rule(Use.CLASS, "as set", _hashed_collection),
     ("builtins", "list"): Rule(Use.CLASS, "a copy of a sized container", _collection),
     ("builtins", "tuple"): Rule(Use.CLASS, "a copy of a sized container", _collection),
-    ("builtins", "dict"): Rule(Use.CLASS, "a dict from a mapping or pairs (each key's hash charged)",
-                               _mapping),
+    ("builtins", "dict"): Rule(Use.CLASS, "a dict from a mapping or pairs (each key's hash "
+                               "charged)", _mapping),
     ("builtins", "bytearray"): Rule(Use.CLASS, "a copy of bytes, ints or latin-1/ASCII/UTF-8 text; "
                                     "never an int size", _bytes_source),
     ("builtins", "bytes"): Rule(Use.CLASS, "as bytearray", _bytes_source),
@@ -366,7 +368,8 @@ POLICY.update({
         Use.FUNCTION, "a DatetimeIndex of an allowed class from its data (no tz file)",
         _datetime_index),
     ("pandas", "Categorical"): Rule(Use.TYPE, "only the class argument of the array unpickler"),
-    ("pandas.arrays", "StringArray"): Rule(Use.TYPE, "only the class argument of the array unpickler"),
+    ("pandas.arrays", "StringArray"): Rule(Use.TYPE, "only the class argument of the array "
+                                           "unpickler"),
     ("pandas.arrays", "DatetimeArray"): Rule(Use.TYPE, "only the class argument of the array "
                                              "unpickler"),
     ("pandas._libs.arrays", "__pyx_unpickle_NDArrayBacked"): Rule(

@@ -196,15 +196,16 @@ def _restricted_tables() -> tuple[list[Any], list[Any]]:
     handlers: list[Any] = list(_base._HANDLERS)
     mark_handlers: list[Any] = list(_base._MARK_HANDLERS)
     byte = {op.name: op.byte for op in _base.BY_CODE.values()}
-    replaced: dict[str, Callable[..., int]] = {"REDUCE": _reduce, "NEWOBJ": _newobj, "NEWOBJ_EX": _newobj_ex, "BUILD": _build,
-                "SETITEM": _setitem}
+    replaced: dict[str, Callable[..., int]] = {
+        "REDUCE": _reduce, "NEWOBJ": _newobj, "NEWOBJ_EX": _newobj_ex, "BUILD": _build,
+        "SETITEM": _setitem}
     for name, handler in replaced.items():
         handlers[byte[name]] = handler
-    mark_replaced: dict[str, Callable[..., int]] = {"OBJ": _obj, "INST": _inst,
-                     "SETITEMS": _keys_then(_base.load_setitems, 2),
-                     "DICT": _keys_then(_base.load_dict, 2),
-                     "ADDITEMS": _keys_then(_base.load_additems, 1),
-                     "FROZENSET": _keys_then(_base.load_frozenset, 1)}
+    mark_replaced: dict[str, Callable[..., int]] = {
+        "OBJ": _obj, "INST": _inst,
+        "SETITEMS": _keys_then(_base.load_setitems, 2), "DICT": _keys_then(_base.load_dict, 2),
+        "ADDITEMS": _keys_then(_base.load_additems, 1),
+        "FROZENSET": _keys_then(_base.load_frozenset, 1)}
     for name, handler in mark_replaced.items():
         mark_handlers[byte[name]] = handler
     # Everything that may refuse (these, and the handlers that resolve globals or
@@ -433,7 +434,7 @@ class RestrictedUnpickler(Unpickler):
                 f"load budget of {self._work_limit} exceeded (hashing and copying)")
 
     def check_key(self, key: Any) -> None:
-        """Charge hashing ``key``, before it is hashed; refuse it if that would exceed the budget."""
+        """Charge hashing ``key`` before it is hashed: refused if that would exceed the budget."""
         if type(key) in _ATOMS:
             return
         if _parts(key) is not None:

@@ -241,7 +241,8 @@ def test_numpy_refuses_a_shape_the_pickle_did_not_pay_for() -> None:
 
 def test_an_allowed_module_does_not_lend_its_imports() -> None:
     # samples imports collections, copyreg, re...: "samples.*" allows none of their globals.
-    for name in ["copyreg._reconstructor", "re.compile", "collections", "Plain.__init__.__globals__"]:
+    for name in ["copyreg._reconstructor", "re.compile", "collections",
+                 "Plain.__init__.__globals__"]:
         data = b"\x80\x04\x8c\x14tests.engine.samples" + b"\x8c" + bytes([len(name)]) \
             + name.encode() + b"\x93."
         with pytest.raises(RestrictedUnpicklingError, match="module|special"):

@@ -25,7 +25,8 @@ CASES = {
     "DAG as a dict key": "data = b'\\x80\\x04}' + dag(60) + b'N' + b's.'",
     "DAG in a frozenset": "data = b'\\x80\\x04(' + dag(60) + b'\\x91.'",
     "DAG as a DICT key": "data = b'\\x80\\x04(' + dag(60) + b'Nd.'",
-    "DAG through builtins.set": "data = b'\\x80\\x04cbuiltins\\nset\\n' + dag(60) + b'\\x85\\x85R.'",
+    "DAG through builtins.set": "data = b'\\x80\\x04cbuiltins\\nset\\n' + dag(60)"
+                                " + b'\\x85\\x85R.'",
     "DAG through collections.Counter": "data = b'\\x80\\x04ccollections\\nCounter\\n' + dag(60)"
                                        " + b'\\x85\\x85R.'",
     # A key of 2**20 nodes, shared, put into a set a million times: 2**40 node visits.
@@ -60,7 +61,8 @@ def run_child(case: str, mode: str) -> dict:
     if mode == "python":
         env["PSTORE_PURE_PYTHON"] = "1"
     completed = subprocess.run([sys.executable, "-c", CHILD % CASES[case]], env=env,
-                               capture_output=True, text=True, timeout=WATCHDOG_SECONDS, check=False)
+                               capture_output=True, text=True, timeout=WATCHDOG_SECONDS,
+                               check=False)
     assert completed.returncode == 0, completed.stderr
     return json.loads(completed.stdout)
 
