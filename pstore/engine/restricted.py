@@ -141,7 +141,7 @@ def _newobj_ex(u: RestrictedUnpickler, data: bytes, pos: int, stack: list) -> in
 
 def _build(u: RestrictedUnpickler, data: bytes, pos: int, stack: list) -> int:
     _need(stack, 2)
-    u.check_build(stack[-2])
+    u.check_build(stack[-2], stack[-1])
     return _base.load_build(u, data, pos, stack)
 
 
@@ -413,15 +413,20 @@ class RestrictedUnpickler(Unpickler):
                 (entry[2] is not None and entry[2].use not in (Use.CLASS, Use.TYPE)):
             raise ValueError(f"the {role} must be an allowed class, not {_describe(obj)}")
 
-    def check_build(self, inst: Any) -> None:
+    def check_build(self, inst: Any, state: Any) -> None:
         """Refuse BUILD (``__setstate__`` or attribute updates) unless ``inst``'s class, or a
-        base of it, is an allowed class."""
+        base of it, is an allowed class. On a class of the policy without ``__setstate__``,
+        only its ``__dict__`` may be updated: no setattr of slots (a defaultdict's factory)."""
         if self._unrestricted:
             return
         for cls in type(inst).__mro__[:-1]:
             entry = self._resolved.get(id(cls))
             if entry is not None and entry[0] is cls and \
                     (entry[2] is None or entry[2].use in (Use.CLASS, Use.TYPE)):
+                if entry[2] is not None and type(state) is tuple \
+                        and getattr(inst, "__setstate__", None) is None:
+                    raise RestrictedUnpicklingError("BUILD may not set slots of a class of the "
+                                                    "policy", *entry[1])
                 return
         raise RestrictedUnpicklingError(
             f"BUILD acts only on instances of allowed classes, not on {_describe(type(inst))}")

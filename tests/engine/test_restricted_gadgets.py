@@ -116,6 +116,8 @@ GADGETS: dict[str, bytes] = {
     "calling a constant": b"cbuiltins\nEllipsis\n)R.",
     "BUILD on a dict": b"}(S'__setstate__'\nI1\ndb.",
     "BUILD with slot state on a list": b"](N}S'append'\nI1\nstb.",
+    "BUILD setting a defaultdict's factory": b"ccollections\ndefaultdict\n)R(N}S'default_factory'\n"
+                                              b"c_codecs\nencode\nstb.",
     "codecs.encode with an arbitrary codec": b"c_codecs\nencode\n(S'x'\nS'uu'\ntR.",
     "bytes of an int size": b"cbuiltins\nbytearray\n(I100000000000\ntR.",
     "set of an unsized iterable": b"cbuiltins\nset\n(cbuiltins\nrange\n(I0\nI99999999999\ntRtR.",
