@@ -8,7 +8,8 @@ constants and the exception classes (which *are* ``pickle``'s, so
 ``pickle.dumps``.
 
 Two tools read pickles without running them: :func:`disassemble` and
-:func:`globals_of`.
+:func:`globals_of`. :class:`RestrictedUnpickler` and :func:`restricted_loads` load
+pickles one does not trust as data only (docs/safety.md).
 
 This module is the one place that picks the implementation, so that a compiled
 accelerator can be put behind it later without touching any caller.
@@ -22,10 +23,12 @@ from .opcodes import DEFAULT_PROTOCOL, HIGHEST_PROTOCOL
 from .pickler import Pickler, dump, dumps
 from .unpickler import Unpickler, load, loads
 from .tools import Instruction, disassemble, globals_of, iter_instructions
+from .restricted import RestrictedUnpickler, RestrictedUnpicklingError, restricted_loads
 
 __all__ = [
     "Pickler", "Unpickler", "dump", "dumps", "load", "loads",
     "HIGHEST_PROTOCOL", "DEFAULT_PROTOCOL", "PickleBuffer",
     "PickleError", "PicklingError", "UnpicklingError",
     "disassemble", "globals_of", "iter_instructions", "Instruction",
+    "RestrictedUnpickler", "RestrictedUnpicklingError", "restricted_loads",
 ]

@@ -120,6 +120,10 @@ class _Bad(Exception):
         self.kind = kind
         self.message = message
 
+    def located(self, code: int, offset: int) -> BaseException:
+        """The exception to raise, now that the opcode and its offset are known."""
+        return self.kind(_located(self.message, code, offset))
+
 
 def _need(stack: list, n: int) -> None:
     """Raise _Underflow unless the current stack level holds at least ``n`` items."""
@@ -817,10 +821,10 @@ for _op in BY_CODE.values():
         _table = _MARK_HANDLERS if _op.name in _MARK_CONSUMERS else _HANDLERS
         _table[_op.byte] = globals()[f"load_{_op.name.lower()}"]
 
-#: The C fast path, ``run(data, pos, stack, metastack, memo) -> (pos, stack)``: runs the
-#: data opcodes from ``pos`` and stops before the first one it leaves to the loop (see
+#: The C fast path, ``run(data, pos, stack, metastack, memo, mark_limit) -> (pos, stack)``:
+#: runs the data opcodes from ``pos`` and stops before the first one it leaves to the loop (see
 #: _speedups.c). None without the compiled module, or with PSTORE_PURE_PYTHON=1 set.
-_accelerate: Callable[[bytes, int, list, list, dict], tuple[int, list]] | None = None
+_accelerate: Callable[[bytes, int, list, list, dict, int], tuple[int, list]] | None = None
 if _speedups is not None:
     _speedups.set_opcodes({op.name: op.byte for op in BY_CODE.values()})
     if not os.environ.get("PSTORE_PURE_PYTHON"):
@@ -844,6 +848,12 @@ class Unpickler:
     (no copy). Subclasses may override :meth:`find_class` (every global goes
     through it) and :meth:`persistent_load`. ``memo`` persists across loads.
     """
+
+    # The opcode handlers _run calls, and how many marks may be open at once: a
+    # subclass (the restricted unpickler) replaces them, the loop itself is shared.
+    _handlers: list[Handler | None] = _HANDLERS
+    _mark_handlers: list[MarkHandler | None] = _MARK_HANDLERS
+    _mark_limit: int = sys.maxsize
 
     def __init__(self, file: Any, *, fix_imports: bool = True, encoding: str = "ASCII",
                  errors: str = "strict", buffers: Iterable[Any] | None = None) -> None:
@@ -993,10 +1003,11 @@ class Unpickler:
         memo = self.memo
         stack: list = []
         metastack: list[list] = []
-        handlers = _HANDLERS
+        handlers = self._handlers
         # Local names: cheaper to read in the loop than module globals.
         BINGET, MEMOIZE, SHORT_BINUNICODE, MARK = _BINGET, _MEMOIZE, _SHORT_BINUNICODE, _MARK
-        mark_handlers = _MARK_HANDLERS
+        mark_handlers = self._mark_handlers
+        mark_limit = self._mark_limit
         end = len(data)
         # Nearly every pickle opens with PROTO and, from protocol 4 on, a FRAME: when both
         # are valid and the frame is all there, they are taken here, not by two handler
@@ -1013,7 +1024,7 @@ class Unpickler:
             try:
                 # C first (and again after a refill), then the loop from where it stopped.
                 if accelerate is not None:
-                    pos, stack = accelerate(data, pos, stack, metastack, memo)
+                    pos, stack = accelerate(data, pos, stack, metastack, memo, mark_limit)
                     # Where C took the whole pickle: its STOP, without a turn of the loop.
                     if pos < end and data[pos] == _STOP and stack:
                         return stack.pop(), pos + 1, end
@@ -1052,8 +1063,10 @@ class Unpickler:
                         pos = handler(self, data, pos, stack)
                         # Back to C after each opcode it left to this loop.
                         if accelerate is not None:
-                            pos, stack = accelerate(data, pos, stack, metastack, memo)
+                            pos, stack = accelerate(data, pos, stack, metastack, memo, mark_limit)
                     elif code == MARK:
+                        if len(metastack) >= mark_limit:
+                            raise _Bad(UnpicklingError, f"more than {mark_limit} nested marks")
                         metastack.append(stack)
                         stack = []
                     elif (mark_handler := mark_handlers[code]) is not None:
@@ -1100,7 +1113,7 @@ class Unpickler:
                 pos = 0
                 end = len(data)
             except _Bad as exc:
-                raise exc.kind(_located(exc.message, code, start - origin)) from None
+                raise exc.located(code, start - origin) from None
             except Exception as exc:
                 _add_location(exc, code, start - origin)
                 raise
