@@ -16,18 +16,28 @@ import inspect
 
 from .base import Backend
 
-__all__ = ["BACKENDS", "READERS", "Backend", "open_backend"]
+__all__ = ["BACKENDS", "READERS", "SCHEMES", "Backend", "open_backend", "backend_for"]
 
 #: backend name -> "module:class" implementing :class:`Backend`.
 BACKENDS: dict[str, str] = {
     "sqlite": "pstore.backends.sqlite:SQLiteBackend",
     "dbm": "pstore.backends.dbm:DBMBackend",
+    "postgresql": "pstore.backends.postgresql:PostgreSQLBackend",
 }
+
+#: URL scheme -> the backend a location of that scheme implies.
+SCHEMES: dict[str, str] = {"postgresql": "postgresql", "postgres": "postgresql"}
 
 #: Like :data:`BACKENDS`, for backends that only read (flag 'r'): not in the write tests.
 READERS: dict[str, str] = {
     "shelve": "pstore.backends.shelf:ShelveReader",
 }
+
+
+def backend_for(location: str, default: str) -> str:
+    """The backend a location implies by its URL scheme (``postgresql://...``), else ``default``."""
+    scheme, colon, _ = location.partition("://")
+    return SCHEMES.get(scheme.lower(), default) if colon else default
 
 
 def open_backend(name: str, path: str, flag: str, *, lock_timeout: float,

@@ -23,7 +23,7 @@ from itertools import islice
 from typing import Any
 
 from .. import engine
-from ..backends import Backend, open_backend
+from ..backends import Backend, backend_for, open_backend
 from ..errors import ClosedError, FormatError, MissingObjectError, ReadOnlyError
 from . import records
 from .identity import IdentityMap, is_tracked
@@ -974,7 +974,7 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_reopen_in_child)
 
 
-def open(path: str | os.PathLike[str], flag: str = "c", *, backend: str = "sqlite",
+def open(path: str | os.PathLike[str], flag: str = "c", *, backend: str | None = None,
          protocol: int = 5, writeback: bool = False,
          lock_timeout: float = DEFAULT_LOCK_TIMEOUT, fsync: bool = False,
          blob_threshold: int | None = DEFAULT_BLOB_THRESHOLD, compression: str | None = None,
@@ -987,6 +987,9 @@ def open(path: str | os.PathLike[str], flag: str = "c", *, backend: str = "sqlit
     ``FileNotFoundError``; a file that is not a pstore store (or one written by a
     newer pstore) raises :class:`~pstore.errors.FormatError`. New files are
     readable by their owner only.
+
+    ``backend``: "sqlite" (default), "dbm", "postgresql", ...; a ``postgresql://``
+    URL implies "postgresql" (``docs/backends.md``).
 
     ``protocol``: the pickle protocol records are written with (0 to 5, -1 for 5).
     ``writeback``: keep every value read or assigned and, at :meth:`Store.sync`,
@@ -1020,8 +1023,9 @@ def open(path: str | os.PathLike[str], flag: str = "c", *, backend: str = "sqlit
     if not 0 <= protocol <= engine.HIGHEST_PROTOCOL:
         raise ValueError(f"protocol must be between 0 and {engine.HIGHEST_PROTOCOL}, "
                          f"not {protocol}")
-    opened = open_backend(backend, os.fspath(path), flag, lock_timeout=lock_timeout,
-                          fsync=fsync)
+    location = os.fspath(path)
+    opened = open_backend(backend or backend_for(location, "sqlite"), location, flag,
+                          lock_timeout=lock_timeout, fsync=fsync)
     try:
         return Store(opened, protocol=protocol, writeback=writeback,
                      blob_threshold=blob_threshold, compression=compression,

@@ -8,8 +8,14 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.pg import skip_local_file_tests
+
 import pstore
 from pstore.backends import BACKENDS
+
+
+#: Tests about the files of a store (PostgreSQL's equivalents: tests/backends).
+LOCAL_FILE_TESTS: dict[str, str] = {}
 
 
 @pytest.fixture(params=sorted(BACKENDS))
@@ -18,8 +24,18 @@ def backend_name(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def path(tmp_path: os.PathLike) -> str:
+def path(tmp_path: os.PathLike, request: pytest.FixtureRequest) -> str:
+    """A new store's location: a file in the test's folder, or a fresh store on the
+    session's PostgreSQL server."""
+    if ("backend_name" in request.fixturenames
+            and request.getfixturevalue("backend_name") == "postgresql"):
+        return request.getfixturevalue("pg_server").location()
     return os.path.join(tmp_path, "store.db")
+
+
+@pytest.fixture(autouse=True)
+def _skip_local_file_tests(request: pytest.FixtureRequest) -> None:
+    skip_local_file_tests(request, LOCAL_FILE_TESTS)
 
 
 @pytest.fixture
