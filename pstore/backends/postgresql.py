@@ -362,9 +362,10 @@ class PostgreSQLBackend(Backend):
     # -- opening ----------------------------------------------------------------------------
 
     def _open_store(self, flag: str) -> None:
-        if flag in ("c", "n"):
+        if flag == "n" or (flag == "c" and not self._exists()):
             self._lock("lock")    # the counter may not exist yet: not begin()
             try:
+                # Again under the lock: another process may have created it meanwhile.
                 if not self._exists():
                     self._script("create")
                 elif flag == "n":
@@ -373,7 +374,7 @@ class PostgreSQLBackend(Backend):
             except BaseException:
                 self.rollback()
                 raise
-        elif not self._exists():
+        elif flag in ("r", "w") and not self._exists():
             raise FileNotFoundError(errno.ENOENT, f"no pstore store {self.store_name!r} in "
                                                   "this database", self.path)
 
