@@ -33,7 +33,8 @@ def _bindir() -> str | None:
     """The folder of initdb and pg_ctl: pg_config's answer, else PATH's."""
     pg_config = shutil.which("pg_config")
     if pg_config:
-        result = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True)
+        result = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True,
+                                check=False)
         folder = result.stdout.strip()
         if result.returncode == 0 and os.path.exists(os.path.join(folder, "initdb")):
             return folder
@@ -54,9 +55,13 @@ class PostgresServer:
     def run(self, program: str, *args: str) -> None:
         """Run one of the server's programs as the server's user; raise with its output."""
         command = [*self._run_as, os.path.join(self.bindir, program), *args]
-        result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        result = subprocess.run(command, capture_output=True, text=True, timeout=120,
+                                check=False)
         if result.returncode:
-            log = open(self.log).read()[-2000:] if os.path.exists(self.log) else ""
+            log = ""
+            if os.path.exists(self.log):
+                with open(self.log) as file:
+                    log = file.read()[-2000:]
             raise RuntimeError(f"{' '.join(command)} failed ({result.returncode}):\n"
                                f"{result.stdout}{result.stderr}\n{log}")
 

@@ -41,7 +41,7 @@ import hashlib
 import re
 from collections.abc import Collection, Iterable, Iterator
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from ..errors import (ClosedError, ConnectionLostError, FormatError, LockTimeoutError,
                       ReadOnlyError, ServerLockTimeoutError)
@@ -201,8 +201,8 @@ def parse_location(location: str) -> tuple[dict[str, str], str, str]:
     if not _STORE_NAME.fullmatch(store) or store.startswith("pg_"):
         raise ValueError(f"store name {store!r} in {_redact(parts)!r}: use 1 to 63 lowercase "
                          "letters, digits and underscores, not starting with a digit or pg_")
-    rest = urlunsplit(parts._replace(query=urlencode(
-        [(name, value) for name, value in query if name != "store"])))
+    rest = _unsplit(parts, parts.netloc, [(name, value) for name, value in query
+                                          if name != "store"])
     try:
         params = psycopg.conninfo.conninfo_to_dict(rest)
     except psycopg.ProgrammingError as error:
@@ -224,7 +224,14 @@ def _redact(parts: Any) -> str:
         netloc = f"{user.partition(':')[0]}@{host}"
     query = [(name, value) for name, value in parse_qsl(parts.query, keep_blank_values=True)
              if name != "password"]
-    return urlunsplit(parts._replace(netloc=netloc, query=urlencode(query, safe="/")))
+    return _unsplit(parts, netloc, query)
+
+
+def _unsplit(parts: Any, netloc: str, query: list[tuple[str, str]]) -> str:
+    """``parts`` as a URL again, with ``netloc`` and ``query``; "//" kept when netloc is empty."""
+    encoded = urlencode(query, safe="/")
+    return (f"{parts.scheme}://{netloc}{parts.path}" + (f"?{encoded}" if encoded else "")
+            + (f"#{parts.fragment}" if parts.fragment else ""))
 
 
 def _scrub(message: str, password: str | None) -> str:

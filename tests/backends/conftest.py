@@ -10,10 +10,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.pg import skip_local_file_tests
-
 from pstore.backends import BACKENDS, Backend, open_backend
 from pstore.backends.dbm import MODULES
+from tests.pg import skip_local_file_tests
 
 
 def available_dbm_modules() -> list[str]:

@@ -8,11 +8,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.pg import skip_local_file_tests
-
 import pstore
 from pstore.backends import BACKENDS
-
+from tests.pg import skip_local_file_tests
 
 #: Tests about the files of a store (PostgreSQL's equivalents: tests/backends).
 _COUNTS_BLOB_FILES = "counts or reads the blob files under PATH.blobs"
