@@ -18,10 +18,13 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import pytest
 
-__all__ = ["PostgresServer", "pg_server", "skip_local_file_tests"]
+__all__ = ["ClusterUnavailable", "PostgresServer", "pg_server", "skip_local_file_tests",
+           "throwaway_cluster"]
 
 #: The superuser initdb creates; the tests connect as it (trust authentication, socket only).
 SUPERUSER = "postgres"
@@ -44,6 +47,8 @@ def _bindir() -> str | None:
 
 class PostgresServer:
     """A running cluster: ``location()`` names a fresh store on it."""
+
+    port = _PORT
 
     def __init__(self, bindir: str, directory: str, run_as: list[str]) -> None:
         self.bindir = bindir
@@ -88,6 +93,15 @@ class PostgresServer:
         """A libpq URI of the server's database ``postgres``, without a store."""
         return f"postgresql://{SUPERUSER}@/postgres?host={self.directory}&port={_PORT}"
 
+    def query(self, statement: str, params: Any = ()) -> Any:
+        """The first column of the first row of ``statement`` (None without rows), run on a
+        connection of its own as the superuser."""
+        import psycopg
+        with psycopg.connect(self.conninfo(), autocommit=True) as conn:
+            cursor = conn.execute(statement, params)
+            row = cursor.fetchone() if cursor.description else None
+            return None if row is None else row[0]
+
     def location(self, store: str | None = None) -> str:
         """The URL of a store on this server: ``store``, or a name no other test used."""
         if store is None:
@@ -95,41 +109,58 @@ class PostgresServer:
         return f"{self.conninfo()}&store={store}"
 
 
-@pytest.fixture(scope="session")
-def pg_server() -> Iterator[PostgresServer]:
-    """The session's PostgreSQL cluster (started at first use, stopped at the end)."""
+class ClusterUnavailable(Exception):
+    """No cluster can be started here; the message says why."""
+
+
+@contextmanager
+def throwaway_cluster() -> Iterator[PostgresServer]:
+    """A cluster in a new temporary folder, running while the context lasts, then deleted.
+
+    Raises :class:`ClusterUnavailable` without the binaries or psycopg, or as root
+    without a ``postgres`` user to run the server.
+    """
     try:
         import psycopg  # noqa: F401
     except ImportError:
-        pytest.skip("psycopg is not installed (pip install pstore[postgresql])")
+        raise ClusterUnavailable("psycopg is not installed (pip install pstore[postgresql])") \
+            from None
     bindir = _bindir()
     if bindir is None:
-        pytest.skip("no PostgreSQL server binaries (initdb, pg_ctl) through pg_config or PATH")
+        raise ClusterUnavailable("no PostgreSQL server binaries (initdb, pg_ctl) through "
+                                 "pg_config or PATH")
     run_as: list[str] = []
     owner = None
     if os.geteuid() == 0:      # initdb refuses root
         try:
             owner = pwd.getpwnam(SUPERUSER)
         except KeyError:
-            pytest.skip(f"running as root and there is no {SUPERUSER!r} user to run the server")
+            raise ClusterUnavailable(f"running as root and there is no {SUPERUSER!r} user to "
+                                     "run the server") from None
         run_as = ["runuser", "-u", SUPERUSER, "--"]
     directory = tempfile.mkdtemp(prefix="pstore-pg-")
-    if owner is not None:
-        os.chown(directory, owner.pw_uid, owner.pw_gid)
-    server = PostgresServer(bindir, directory, run_as)
     try:
+        if owner is not None:
+            os.chown(directory, owner.pw_uid, owner.pw_gid)
+        server = PostgresServer(bindir, directory, run_as)
         server.initdb()
         server.start()
-    except BaseException:
-        shutil.rmtree(directory, ignore_errors=True)
-        raise
-    try:
-        yield server
-    finally:
         try:
-            server.stop("immediate")
+            yield server
         finally:
-            shutil.rmtree(directory, ignore_errors=True)
+            server.stop("immediate")
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PostgresServer]:
+    """The session's PostgreSQL cluster (started at first use, stopped at the end)."""
+    try:
+        with throwaway_cluster() as server:
+            yield server
+    except ClusterUnavailable as reason:     # raised only before the yield
+        pytest.skip(str(reason))
 
 
 def skip_local_file_tests(request: pytest.FixtureRequest, names: dict[str, str]) -> None:

@@ -72,6 +72,9 @@ LOCK_CLASS = 0x70537472
 BLOB_CHUNK = 1 << 20
 #: How many object ids one call of the sequence reserves (its increment).
 OID_BLOCK = 1000
+#: put_record queues up to this many records, or this many bytes of them, before sending them.
+QUEUE_RECORDS = 1000
+QUEUE_BYTES = 8 << 20
 #: How many keys one query of iter_keys / iter_items fetches.
 KEY_BATCH = 1000
 
@@ -109,7 +112,7 @@ _META = "SELECT name, value FROM {s}.meta WHERE name IN ('format', 'version')"
 # Taking the lock and reading the counter: one round trip, in the simple query protocol.
 _BEGIN = "BEGIN; SELECT pg_advisory_xact_lock({lock_class}, {lock_key}); SELECT commits FROM {s}.state"
 _LOCK = "BEGIN; SELECT pg_advisory_xact_lock({lock_class}, {lock_key})"
-_COMMIT = "UPDATE {s}.state SET commits = commits + 1; COMMIT"
+_COUNT_COMMIT = "UPDATE {s}.state SET commits = commits + 1"
 _COMMITS = "SELECT commits FROM {s}.state"
 _LOCK_HOLDER = """
 SELECT a.pid, a.application_name, a.client_addr::text FROM pg_locks l
@@ -289,6 +292,8 @@ class PostgreSQLBackend(Backend):
         self._in_transaction = False
         self._next_oid = self._block_end = 0
         self._fresh: set[int] = set()
+        self._queued: list[tuple[Any, ...]] = []    # put_record rows not sent yet
+        self._queued_bytes = 0
         # change_marker() = the commit counter minus this connection's own commits.
         self._own_commits = 0
         self._commits_at_begin = 0
@@ -339,27 +344,37 @@ class PostgreSQLBackend(Backend):
             conn.close()
         self._in_transaction = False
         self._fresh.clear()
+        self._queued.clear()
         return ConnectionLostError(self.path, self._reason(error))
 
-    def _execute(self, name: str, params: Any = None) -> Any:
-        """Run statement ``name`` with ``params``; return the cursor holding its rows."""
+    def _call(self, action: Any) -> Any:
+        """``action()`` on the open connection; a lost connection becomes ConnectionLostError."""
         conn = self._connection()
         try:
-            return self._cursor.execute(self._sql[name], params)
+            return action()
         except (psycopg.OperationalError, psycopg.InterfaceError) as error:
             if conn.broken or conn.closed:
                 raise self._lost(error) from None
             raise
+
+    def _execute(self, name: str, params: Any = None) -> Any:
+        """Run statement ``name`` with ``params``; return the cursor holding its rows.
+
+        The queued records are sent first if the statement reads or changes records.
+        """
+        if self._queued and name in _SEES_RECORDS:
+            self._flush()
+        return self._call(lambda: self._cursor.execute(self._sql[name], params))
+
+    def _flush(self) -> None:
+        """Send the queued records (executemany pipelines them: one round trip)."""
+        rows, self._queued = self._queued, []
+        self._queued_bytes = 0
+        self._call(lambda: self._cursor.executemany(self._sql["put_record"], rows))
 
     def _script(self, name: str) -> Any:
         """Run the statements ``name`` (no parameters) in one round trip; return the cursor."""
-        conn = self._connection()
-        try:
-            return self._cursor.execute(self._sql[name], prepare=False)
-        except (psycopg.OperationalError, psycopg.InterfaceError) as error:
-            if conn.broken or conn.closed:
-                raise self._lost(error) from None
-            raise
+        return self._call(lambda: self._cursor.execute(self._sql[name], prepare=False))
 
     def _one(self, name: str, params: Any = None) -> Any:
         """The first column of the first row of statement ``name``, or None without a row."""
@@ -424,8 +439,13 @@ class PostgreSQLBackend(Backend):
 
     def put_record(self, oid: int, data: bytes, refs: Collection[int],
                    *, lazy_refs: Collection[int] = (), blobs: Collection[str] = ()) -> None:
-        self._execute("put_record", (oid, data, list(dict.fromkeys(refs)),
-                                     list(dict.fromkeys(lazy_refs)), list(dict.fromkeys(blobs))))
+        # Queued, and sent many at a time (one pipelined round trip) when a statement that
+        # sees records runs, at commit, or when the queue is full.
+        self._queued.append((oid, data, list(dict.fromkeys(refs)),
+                             list(dict.fromkeys(lazy_refs)), list(dict.fromkeys(blobs))))
+        self._queued_bytes += len(data)
+        if len(self._queued) >= QUEUE_RECORDS or self._queued_bytes >= QUEUE_BYTES:
+            self._flush()
 
     def delete_record(self, oid: int) -> None:
         self._execute("delete_record", (oid,))
@@ -605,8 +625,18 @@ class PostgreSQLBackend(Backend):
                                       address or "local socket")
 
     def commit(self) -> None:
+        rows, self._queued = self._queued, []
+        self._queued_bytes = 0
+
+        def send() -> None:
+            # The queued records, the counter and COMMIT: one round trip.
+            with self._conn.pipeline():
+                if rows:
+                    self._cursor.executemany(self._sql["put_record"], rows)
+                self._cursor.execute(self._sql["count_commit"])
+                self._cursor.execute("COMMIT")
         try:
-            self._script("commit")
+            self._call(send)
         except BaseException:
             self.rollback()     # a failed statement leaves the transaction open, aborted
             raise
@@ -616,6 +646,7 @@ class PostgreSQLBackend(Backend):
 
     def rollback(self) -> None:
         self._fresh.clear()
+        self._queued.clear()
         if not self._in_transaction:
             return
         self._in_transaction = False
@@ -642,6 +673,7 @@ class PostgreSQLBackend(Backend):
         self._conn = None
         self._in_transaction = False
         self._fresh.clear()
+        self._queued.clear()
         self._next_oid = self._block_end = 0
         if not self._closed:
             self._connect()
@@ -665,7 +697,8 @@ class PostgreSQLBackend(Backend):
 
 _STATEMENTS = {
     "create": _SCHEMA, "empty": _EMPTY, "find": _FIND, "schema_tables": _SCHEMA_TABLES,
-    "meta": _META, "begin": _BEGIN, "lock": _LOCK, "commit": _COMMIT, "rollback": "ROLLBACK",
+    "meta": _META, "begin": _BEGIN, "lock": _LOCK,
+    "count_commit": _COUNT_COMMIT, "rollback": "ROLLBACK",
     "commits": _COMMITS, "lock_holder": _LOCK_HOLDER, "next_oids": _NEXT_OIDS,
     "get_record": _GET_RECORD, "put_record": _PUT_RECORD, "delete_record": _DELETE_RECORD,
     "existing": _EXISTING, "is_referenced": _IS_REFERENCED, "refs_of": _REFS_OF,
@@ -677,6 +710,11 @@ _STATEMENTS = {
     "unbind_key": _UNBIND_KEY, "first_keys": _FIRST_KEYS, "next_keys": _NEXT_KEYS,
     "first_items": _FIRST_ITEMS, "next_items": _NEXT_ITEMS, "count_keys": _COUNT_KEYS,
 }
+
+# The statements that read or change records: queued records are sent before them.
+_SEES_RECORDS = frozenset([
+    "get_record", "delete_record", "existing", "is_referenced", "refs_of", "reaches",
+    "gc_records", "gc_blobs", "get_item", "first_items", "next_items"])
 
 # Connections inherited from a parent process, kept referenced forever: closing one in the
 # child would send the server a terminate message for the parent's session.
