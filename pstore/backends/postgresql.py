@@ -21,9 +21,11 @@ Choices, and why:
   commit's own round trip, is the change marker; this connection's own commits
   are subtracted, so only another connection's commit changes it. Inside a write
   transaction the marker is known without a query (no one else can commit).
-* **Refs as arrays in the record's row** (``refs``, ``lazy``, ``blobs``): writing
-  a record is one statement, one round trip; a GIN index answers "is this object
-  referenced"; reachability and gc are recursive queries run by the server.
+* **Refs as arrays in the record's row** (``refs``, ``lazy``, ``blobs``): a record is
+  written by one statement, queued and sent pipelined with the others of its
+  transaction (with the commit, if nothing reads records before); a GIN index
+  answers "is this object referenced"; reachability and gc are recursive queries
+  run by the server.
 * **Blobs as chunked bytea rows** (``blob_chunks``, 1 MiB each, stored
   uncompressed), not large objects: they live in the store's schema (dropped,
   granted and dumped with it, no orphan large objects to unlink), are
@@ -186,7 +188,7 @@ _NEXT_ITEMS = _ITEMS + " WHERE k.key > %b ORDER BY k.key LIMIT %s"
 _COUNT_KEYS = "SELECT count(*) FROM {s}.keys"
 
 
-def parse_location(location: str) -> tuple[dict[str, str], str, str]:
+def parse_location(location: str) -> tuple[dict[str, Any], str, str]:
     """Split a store URL into (libpq connection parameters, store name, the URL to show).
 
     The URL to show is ``location`` with any password removed, for ``path``,
@@ -282,16 +284,15 @@ class PostgreSQLBackend(Backend):
         schema = psycopg.sql.Identifier(self.store_name).as_string(None)
         self._schema = schema
         lock_key = _lock_key(self.store_name)
-        self._lock_objid = lock_key & 0xFFFFFFFF    # as pg_locks shows it (an oid)
         self._sql = {name: statement.format(
-            s=schema, lock_class=LOCK_CLASS, lock_key=lock_key, lock_objid=self._lock_objid,
+            # lock_objid: the key as pg_locks shows it (an oid, unsigned)
+            s=schema, lock_class=LOCK_CLASS, lock_key=lock_key, lock_objid=lock_key & 0xFFFFFFFF,
             oid_block=OID_BLOCK, format_name=FORMAT_NAME, format_version=FORMAT_VERSION)
             for name, statement in _STATEMENTS.items()}
         self._conn: Any = None
         self._closed = False
         self._in_transaction = False
         self._next_oid = self._block_end = 0
-        self._fresh: set[int] = set()
         self._queued: list[tuple[Any, ...]] = []    # put_record rows not sent yet
         self._queued_bytes = 0
         # change_marker() = the commit counter minus this connection's own commits.
@@ -321,7 +322,8 @@ class PostgreSQLBackend(Backend):
             settings.append("-c synchronous_commit=on")
         params["options"] = " ".join(filter(None, [params.get("options"), *settings]))
         try:
-            self._conn = psycopg.connect(autocommit=True, prepare_threshold=0, **params)
+            self._conn = psycopg.connect(psycopg.conninfo.make_conninfo("", **params),
+                                         autocommit=True, prepare_threshold=0)
         except psycopg.OperationalError as error:
             raise ConnectionLostError(self.path, self._reason(error)) from None
         self._cursor = self._conn.cursor()
@@ -343,7 +345,6 @@ class PostgreSQLBackend(Backend):
         if conn is not None:
             conn.close()
         self._in_transaction = False
-        self._fresh.clear()
         self._queued.clear()
         return ConnectionLostError(self.path, self._reason(error))
 
@@ -431,7 +432,6 @@ class PostgreSQLBackend(Backend):
             self._next_oid, self._block_end = first, first + OID_BLOCK
         oid = self._next_oid
         self._next_oid = oid + 1
-        self._fresh.add(oid)
         return oid
 
     def get_record(self, oid: int) -> bytes | None:
@@ -640,12 +640,10 @@ class PostgreSQLBackend(Backend):
         except BaseException:
             self.rollback()     # a failed statement leaves the transaction open, aborted
             raise
-        self._fresh.clear()
         self._in_transaction = False
         self._own_commits += 1
 
     def rollback(self) -> None:
-        self._fresh.clear()
         self._queued.clear()
         if not self._in_transaction:
             return
@@ -672,7 +670,6 @@ class PostgreSQLBackend(Backend):
             _INHERITED.append(self._conn)
         self._conn = None
         self._in_transaction = False
-        self._fresh.clear()
         self._queued.clear()
         self._next_oid = self._block_end = 0
         if not self._closed:
