@@ -23,6 +23,8 @@ __all__ = [
     "MissingObjectError",
     "CorruptionError",
     "UnsafeFileError",
+    "ConnectionLostError",
+    "ServerLockTimeoutError",
 ]
 
 
@@ -169,6 +171,10 @@ class UnsafeFileError(Error, PermissionError):
     """A file beside the store (lock, counter, journal) is not what pstore made: a symbolic
     link, not a regular file, owned by another user than the store, or not accessible.
     pstore uses no such file and changes nothing through it."""
+class ConnectionLostError(Error, ConnectionError):
+    """The connection to the store's database server failed or was lost; ``reason`` is the
+    server's or the client library's word for it (never with a password). The next call
+    connects again; a transaction under way was rolled back by the server."""
 
     def __init__(self, path: str, reason: str) -> None:
         super().__init__(path, reason)
@@ -177,3 +183,21 @@ class UnsafeFileError(Error, PermissionError):
 
     def __str__(self) -> str:
         return f"refusing to use {self.path!r}: {self.reason}"
+        return f"lost the connection to the server of store {self.path!r}: {self.reason}"
+
+
+class ServerLockTimeoutError(LockTimeoutError):
+    """A :class:`LockTimeoutError` on a database server, naming the session that held the
+    lock: its server process id ``pid``, ``application_name`` and client ``address``."""
+
+    def __init__(self, path: str, timeout: float, pid: int, application_name: str,
+                 address: str) -> None:
+        super().__init__(path, timeout)
+        self.args = (path, timeout, pid, application_name, address)
+        self.pid = pid
+        self.application_name = application_name
+        self.address = address
+
+    def __str__(self) -> str:
+        return (f"{super().__str__()} (held by server process {self.pid}, application "
+                f"{self.application_name!r}, client {self.address})")

@@ -16,13 +16,17 @@ import inspect
 
 from .base import Backend
 
-__all__ = ["BACKENDS", "READERS", "Backend", "detect_backend", "open_backend"]
+__all__ = ["BACKENDS", "READERS", "SCHEMES", "Backend", "detect_backend", "open_backend"]
 
 #: backend name -> "module:class" implementing :class:`Backend`.
 BACKENDS: dict[str, str] = {
     "sqlite": "pstore.backends.sqlite:SQLiteBackend",
     "dbm": "pstore.backends.dbm:DBMBackend",
+    "postgresql": "pstore.backends.postgresql:PostgreSQLBackend",
 }
+
+#: URL scheme -> the backend a location of that scheme implies.
+SCHEMES: dict[str, str] = {"postgresql": "postgresql", "postgres": "postgresql"}
 
 #: Like :data:`BACKENDS`, for backends that only read (flag 'r'): not in the write tests.
 READERS: dict[str, str] = {
@@ -30,16 +34,20 @@ READERS: dict[str, str] = {
 }
 
 
-def detect_backend(path: str) -> str | None:
-    """The backend whose store is at ``path``, told from its files without opening it as a
-    store; None where there is nothing pstore knows (a new path, another kind of file).
+def detect_backend(location: str) -> str | None:
+    """The backend of the store at ``location``, told without opening it as a store:
+    the one its URL scheme names (``postgresql://...``), else the one whose files are
+    there; None where there is nothing pstore knows (a new path, another kind of file).
 
     An SQLite file with pstore's application id is the SQLite backend's; a file of a dbm
     module (``dbm.whichdb``) the DBM backend's, which itself tells a pstore store from
     a shelve file.
     """
+    scheme, colon, _ = location.partition("://")
+    if colon:
+        return SCHEMES.get(scheme.lower())
     try:
-        with open(path, "rb") as file:
+        with open(location, "rb") as file:
             header = file.read(72)
     except (FileNotFoundError, IsADirectoryError, PermissionError):
         header = b""
@@ -47,7 +55,7 @@ def detect_backend(path: str) -> str | None:
         return "sqlite"
     from .dbm import whichdb
 
-    return "dbm" if whichdb(path) else None
+    return "dbm" if whichdb(location) else None
 
 
 def open_backend(name: str, path: str, flag: str, *, lock_timeout: float,

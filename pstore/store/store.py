@@ -1149,9 +1149,10 @@ def open(path: str | bytes | os.PathLike[str] | os.PathLike[bytes], flag: str = 
     newer pstore) raises :class:`~pstore.errors.FormatError`. New files are
     readable by their owner only.
 
-    ``backend``: ``"sqlite"``, ``"dbm"`` (``"dbm:dbm.dumb"`` names the module) or
-    ``"shelve"`` (read-only, a stdlib shelve file); None (default): the backend of
-    the store already at ``path``, told from its files, else ``"sqlite"``.
+    ``backend``: ``"sqlite"``, ``"dbm"`` (``"dbm:dbm.dumb"`` names the module),
+    ``"postgresql"`` or ``"shelve"`` (read-only, a stdlib shelve file); None
+    (default): the one a ``postgresql://`` URL names, else that of the store already
+    at ``path``, told from its files, else ``"sqlite"`` (``docs/backends.md``).
 
     ``protocol``: the pickle protocol records are written with (0 to 5, -1 for 5).
     ``writeback``: keep every value read or assigned and, at :meth:`Store.sync`,
