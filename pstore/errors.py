@@ -21,7 +21,6 @@ __all__ = [
     "FormatError",
     "CorruptionError",
     "MissingObjectError",
-    "CorruptionError",
     "UnsafeFileError",
     "ConnectionLostError",
     "ServerLockTimeoutError",
@@ -171,6 +170,16 @@ class UnsafeFileError(Error, PermissionError):
     """A file beside the store (lock, counter, journal) is not what pstore made: a symbolic
     link, not a regular file, owned by another user than the store, or not accessible.
     pstore uses no such file and changes nothing through it."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(path, reason)
+        self.path = path
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"refusing to use {self.path!r}: {self.reason}"
+
+
 class ConnectionLostError(Error, ConnectionError):
     """The connection to the store's database server failed or was lost; ``reason`` is the
     server's or the client library's word for it (never with a password). The next call
@@ -182,7 +191,6 @@ class ConnectionLostError(Error, ConnectionError):
         self.reason = reason
 
     def __str__(self) -> str:
-        return f"refusing to use {self.path!r}: {self.reason}"
         return f"lost the connection to the server of store {self.path!r}: {self.reason}"
 
 

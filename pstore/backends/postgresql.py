@@ -42,6 +42,7 @@ import errno
 import hashlib
 import re
 from collections.abc import Collection, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
@@ -655,6 +656,36 @@ class PostgreSQLBackend(Backend):
         if self._in_transaction:    # the write lock is held: no one else commits
             return self._commits_at_begin - self._own_commits
         return self._one("commits") - self._own_commits
+
+    # -- coordination -----------------------------------------------------------------------
+
+    @contextmanager
+    def key_lock(self, key: str, timeout: float) -> Iterator[None]:
+        """A session-level advisory lock on a 64-bit digest of the store and the key, on a
+        connection of its own (so the store's connection stays free): the server releases
+        it when that connection ends, a killed holder included."""
+        if self._closed:
+            raise ClosedError(self.path)
+        digest = hashlib.blake2b(f"{self.store_name}\0{key}".encode("utf-8", "surrogatepass"),
+                                 digest_size=8, person=b"pstore-keylock").digest()
+        params = dict(self._params)
+        params.setdefault("application_name", "pstore key lock")
+        waits = 0 if timeout == float("inf") else max(1, round(timeout * 1000))
+        params["options"] = " ".join(filter(None, [params.get("options"),
+                                                   f"-c lock_timeout={waits}"]))
+        try:
+            conn = psycopg.connect(psycopg.conninfo.make_conninfo("", **params), autocommit=True)
+        except psycopg.OperationalError as error:
+            raise ConnectionLostError(self.path, self._reason(error)) from None
+        try:
+            try:
+                conn.execute("SELECT pg_advisory_lock(%s)",
+                             (int.from_bytes(digest, "big", signed=True),))
+            except pg_errors.LockNotAvailable:
+                raise LockTimeoutError(self.path, timeout) from None
+            yield
+        finally:
+            conn.close()
 
     # -- maintenance ------------------------------------------------------------------------
 

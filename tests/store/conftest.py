@@ -32,6 +32,16 @@ LOCAL_FILE_TESTS = {
         "blobs are read into memory, not mapped from a file",
     "test_read_only_store_refuses_writes_and_writes_nothing": "snapshots the store's files",
     "test_not_a_store_raises_format_error_naming_the_file": "writes a file that is not a store",
+    **dict.fromkeys([
+        "test_a_symlinked_fan_out_folder_is_neither_followed_nor_emptied",
+        "test_a_fan_out_folder_replaced_by_a_link_is_refused_at_load_and_write",
+        "test_a_symlinked_blob_folder_is_refused_and_left_alone",
+        "test_a_folder_where_a_blob_file_belongs_is_reported_not_an_isadirectoryerror",
+        "test_a_blob_file_replaced_by_a_symlink_is_refused_at_load",
+        "test_a_stray_temporary_symlink_is_left_alone",
+        "test_odd_names_and_files_are_skipped_and_listed",
+        "test_a_dangling_link_as_the_blob_folder_creates_nothing_at_its_target"],
+        "plants links and files in the blob folder PATH.blobs"),
 }
 
 
