@@ -23,7 +23,7 @@ import pytest
 from pstore import engine
 from pstore.engine import unpickler
 
-speedups = unpickler._speedups
+speedups = engine._unpickler_speedups
 needs_speedups = pytest.mark.skipif(speedups is None, reason="_speedups is not built")
 
 
