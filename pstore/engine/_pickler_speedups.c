@@ -67,12 +67,347 @@ static int configured = 0;
 static Py_ssize_t batch_size = 1000;
 static Py_ssize_t frame_size_target = 64 * 1024;
 
+/* -- the Memo: id(obj) -> (index, obj), as a table of pointers ----------------------------- */
+
+/* The pickler's memo. To Python it is a mapping from id(obj) to (memo index, obj), like
+ * the dict the pure-Python pickler uses; C finds and adds entries by the object's address
+ * with no Python object made. An open-addressing table (linear probing, at most half
+ * full) of (object, index) pairs; each entry holds a reference to its object, so that
+ * its address is not reused while it is in the memo. */
+
+typedef struct {
+    PyObject *obj;          /* NULL: an empty slot */
+    Py_ssize_t index;
+} MemoEntry;
+
+typedef struct {
+    PyObject_HEAD
+    MemoEntry *table;
+    size_t mask;            /* table size - 1; the size is a power of 2 */
+    Py_ssize_t count;
+} Memo;
+
+static PyTypeObject MemoType;
+
+#define MEMO_MIN_SIZE 64
+
+static inline size_t
+memo_slot(const Memo *m, const void *obj)
+{
+    /* Fibonacci hashing: the multiplication moves the address's varying bits up (its
+     * low bits are alignment zeros), and the top bits pick the slot. */
+    uint64_t h = (uint64_t)(uintptr_t)obj * 0x9E3779B97F4A7C15ull;
+    return (size_t)(h >> 32) & m->mask;
+}
+
+/* The entry of obj, or NULL. */
+static inline MemoEntry *
+memo_find(const Memo *m, const PyObject *obj)
+{
+    size_t i = memo_slot(m, obj);
+    for (;;) {
+        MemoEntry *entry = &m->table[i];
+        if (entry->obj == obj)
+            return entry;
+        if (entry->obj == NULL)
+            return NULL;
+        i = (i + 1) & m->mask;
+    }
+}
+
+static int
+memo_resize(Memo *m, size_t size)
+{
+    MemoEntry *table = PyMem_Calloc(size, sizeof(MemoEntry));
+    if (table == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    MemoEntry *old = m->table;
+    size_t old_size = old == NULL ? 0 : m->mask + 1;
+    m->table = table;
+    m->mask = size - 1;
+    for (size_t i = 0; i < old_size; i++) {
+        if (old[i].obj != NULL) {
+            size_t j = memo_slot(m, old[i].obj);
+            while (table[j].obj != NULL)
+                j = (j + 1) & m->mask;
+            table[j] = old[i];
+        }
+    }
+    PyMem_Free(old);
+    return 0;
+}
+
+/* Enter obj at index (replacing an entry of the same object). */
+static int
+memo_set(Memo *m, PyObject *obj, Py_ssize_t index)
+{
+    MemoEntry *entry = memo_find(m, obj);
+    if (entry != NULL) {
+        entry->index = index;
+        return 0;
+    }
+    if ((size_t)(m->count + 1) * 2 > m->mask + 1 && memo_resize(m, (m->mask + 1) * 2) < 0)
+        return -1;
+    size_t i = memo_slot(m, obj);
+    while (m->table[i].obj != NULL)
+        i = (i + 1) & m->mask;
+    m->table[i].obj = Py_NewRef(obj);
+    m->table[i].index = index;
+    m->count++;
+    return 0;
+}
+
+/* Empty the memo, dropping its references only after it is consistent again (a
+ * __del__ run by a drop may use it). */
+static int
+memo_clear(Memo *m)
+{
+    MemoEntry *old = m->table;
+    size_t old_size = m->mask + 1;
+    m->table = NULL;
+    m->count = 0;
+    if (memo_resize(m, MEMO_MIN_SIZE) < 0) {
+        m->table = old;
+        return -1;
+    }
+    for (size_t i = 0; i < old_size; i++)
+        Py_XDECREF(old[i].obj);
+    PyMem_Free(old);
+    return 0;
+}
+
+/* The object an id names, for a lookup: NULL (no error) if `key` is not an int. */
+static int
+memo_key(PyObject *key, void **address)
+{
+    if (!PyLong_Check(key)) {
+        *address = NULL;
+        return 0;
+    }
+    *address = PyLong_AsVoidPtr(key);
+    if (*address == NULL && PyErr_Occurred()) {
+        if (!PyErr_ExceptionMatches(PyExc_OverflowError))
+            return -1;
+        PyErr_Clear();      /* no object has that id */
+    }
+    return 0;
+}
+
+static PyObject *
+memo_entry_tuple(const MemoEntry *entry)
+{
+    return Py_BuildValue("(nO)", entry->index, entry->obj);
+}
+
+/* The entry for the id `key`, or NULL with no error when there is none. */
+static MemoEntry *
+memo_lookup_key(Memo *m, PyObject *key, int *error)
+{
+    void *address;
+    *error = memo_key(key, &address);
+    if (*error < 0 || address == NULL)
+        return NULL;
+    return memo_find(m, address);
+}
+
+static PyObject *
+memo_get(Memo *m, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs < 1 || nargs > 2) {
+        PyErr_SetString(PyExc_TypeError, "get(key, default=None)");
+        return NULL;
+    }
+    int error;
+    MemoEntry *entry = memo_lookup_key(m, args[0], &error);
+    if (error < 0)
+        return NULL;
+    if (entry == NULL)
+        return Py_NewRef(nargs == 2 ? args[1] : Py_None);
+    return memo_entry_tuple(entry);
+}
+
+static PyObject *
+memo_subscript(Memo *m, PyObject *key)
+{
+    int error;
+    MemoEntry *entry = memo_lookup_key(m, key, &error);
+    if (error < 0)
+        return NULL;
+    if (entry == NULL) {
+        PyErr_SetObject(PyExc_KeyError, key);
+        return NULL;
+    }
+    return memo_entry_tuple(entry);
+}
+
+static int
+memo_ass_subscript(Memo *m, PyObject *key, PyObject *value)
+{
+    if (value == NULL) {
+        PyErr_SetString(PyExc_TypeError, "the pickler memo does not delete entries: "
+                        "clear() empties it");
+        return -1;
+    }
+    if (!PyTuple_Check(value) || PyTuple_GET_SIZE(value) != 2) {
+        PyErr_SetString(PyExc_TypeError, "a pickler memo entry is an (index, object) tuple");
+        return -1;
+    }
+    PyObject *obj = PyTuple_GET_ITEM(value, 1);
+    Py_ssize_t index = PyLong_AsSsize_t(PyTuple_GET_ITEM(value, 0));
+    if (index == -1 && PyErr_Occurred())
+        return -1;
+    PyObject *id = PyLong_FromVoidPtr(obj);
+    if (id == NULL)
+        return -1;
+    int same = PyObject_RichCompareBool(id, key, Py_EQ);
+    Py_DECREF(id);
+    if (same < 0)
+        return -1;
+    if (!same || index < 0) {
+        PyErr_SetString(PyExc_ValueError,
+                        "a pickler memo entry is memo[id(obj)] = (index >= 0, obj)");
+        return -1;
+    }
+    return memo_set(m, obj, index);
+}
+
+static Py_ssize_t
+memo_length(Memo *m)
+{
+    return m->count;
+}
+
+static int
+memo_contains(Memo *m, PyObject *key)
+{
+    int error;
+    MemoEntry *entry = memo_lookup_key(m, key, &error);
+    return error < 0 ? -1 : entry != NULL;
+}
+
+static PyObject *
+memo_clear_method(Memo *m, PyObject *unused)
+{
+    if (memo_clear(m) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+memo_copy(Memo *m, PyObject *unused)
+{
+    PyObject *copy = PyDict_New();
+    if (copy == NULL)
+        return NULL;
+    for (size_t i = 0; i <= m->mask; i++) {
+        MemoEntry *entry = &m->table[i];
+        if (entry->obj == NULL)
+            continue;
+        PyObject *key = PyLong_FromVoidPtr(entry->obj);
+        PyObject *value = key == NULL ? NULL : memo_entry_tuple(entry);
+        if (value == NULL || PyDict_SetItem(copy, key, value) < 0) {
+            Py_XDECREF(key);
+            Py_XDECREF(value);
+            Py_DECREF(copy);
+            return NULL;
+        }
+        Py_DECREF(key);
+        Py_DECREF(value);
+    }
+    return copy;
+}
+
+static int
+memo_traverse(Memo *m, visitproc visit, void *arg)
+{
+    for (size_t i = 0; m->table != NULL && i <= m->mask; i++)
+        Py_VISIT(m->table[i].obj);
+    return 0;
+}
+
+static int
+memo_tp_clear(Memo *m)
+{
+    return m->table == NULL ? 0 : memo_clear(m);
+}
+
+static void
+memo_dealloc(Memo *m)
+{
+    PyObject_GC_UnTrack(m);
+    MemoEntry *table = m->table;
+    size_t size = table == NULL ? 0 : m->mask + 1;
+    m->table = NULL;
+    for (size_t i = 0; i < size; i++)
+        Py_XDECREF(table[i].obj);
+    PyMem_Free(table);
+    Py_TYPE(m)->tp_free((PyObject *)m);
+}
+
+static PyObject *
+memo_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    if (PyTuple_GET_SIZE(args) != 0 || (kwargs != NULL && PyDict_GET_SIZE(kwargs) != 0)) {
+        PyErr_SetString(PyExc_TypeError, "Memo() takes no arguments");
+        return NULL;
+    }
+    Memo *m = (Memo *)type->tp_alloc(type, 0);
+    if (m == NULL)
+        return NULL;
+    if (memo_resize(m, MEMO_MIN_SIZE) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return (PyObject *)m;
+}
+
+static PyMethodDef memo_methods[] = {
+    {"get", (PyCFunction)(void (*)(void))memo_get, METH_FASTCALL,
+     "get(id, default=None): the (index, obj) entry of the object with this id."},
+    {"clear", (PyCFunction)memo_clear_method, METH_NOARGS, "clear(): forget every entry."},
+    {"copy", (PyCFunction)memo_copy, METH_NOARGS,
+     "copy(): the entries as a dict {id(obj): (index, obj)}."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyMappingMethods memo_as_mapping = {
+    .mp_length = (lenfunc)memo_length,
+    .mp_subscript = (binaryfunc)memo_subscript,
+    .mp_ass_subscript = (objobjargproc)memo_ass_subscript,
+};
+
+static PySequenceMethods memo_as_sequence = {
+    .sq_contains = (objobjproc)memo_contains,
+};
+
+PyDoc_STRVAR(memo_doc,
+"Memo()\n\n"
+"A pickler's memo: memo[id(obj)] = (index, obj), get, len, `in`, clear and copy, as a\n"
+"dict would; entries are not deleted one by one.");
+
+static PyTypeObject MemoType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "pstore.engine._pickler_speedups.Memo",
+    .tp_basicsize = sizeof(Memo),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = memo_doc,
+    .tp_new = memo_new,
+    .tp_dealloc = (destructor)memo_dealloc,
+    .tp_traverse = (traverseproc)memo_traverse,
+    .tp_clear = (inquiry)memo_tp_clear,
+    .tp_methods = memo_methods,
+    .tp_as_mapping = &memo_as_mapping,
+    .tp_as_sequence = &memo_as_sequence,
+};
+
 /* -- the Saver ----------------------------------------------------------------------------- */
 
 typedef struct {
     PyObject_HEAD
     PyObject *buf;                  /* bytearray: the current frame (or unflushed output) */
-    PyObject *memo;                 /* dict: id(obj) -> (index, obj) */
+    Memo *memo;
     PyObject *persistent_id;        /* callable, or NULL when every answer is None */
     PyObject *pid_for_ids;          /* dict, or NULL (see Pickler.persistent_id_for_ids) */
     PyObject *end_frame;            /* end_frame() */
@@ -137,17 +472,12 @@ put_memo_get(Saver *s, Py_ssize_t index)
     return put(s, out, 5);
 }
 
-/* Enter obj in the memo under `key` (its id) and write MEMOIZE or BINPUT/LONG_BINPUT. */
+/* Enter obj in the memo and write MEMOIZE or BINPUT/LONG_BINPUT. */
 static int
-memo_put(Saver *s, PyObject *key, PyObject *obj)
+memo_put(Saver *s, PyObject *obj)
 {
-    Py_ssize_t index = PyDict_GET_SIZE(s->memo);
-    PyObject *entry = Py_BuildValue("(nO)", index, obj);
-    if (entry == NULL)
-        return -1;
-    int status = PyDict_SetItem(s->memo, key, entry);
-    Py_DECREF(entry);
-    if (status < 0)
+    Py_ssize_t index = s->memo->count;
+    if (memo_set(s->memo, obj, index) < 0)
         return -1;
     if (s->proto >= 4)
         return put_op(s, OP_MEMOIZE);
@@ -162,25 +492,12 @@ memo_put(Saver *s, PyObject *key, PyObject *obj)
     return put(s, out, 5);
 }
 
-/* The memo index of the object whose id is `key`: >= 0 if memoized, -1 if not, -2 on error. */
-static Py_ssize_t
-memo_index(Saver *s, PyObject *key)
+/* The memo index of obj, or -1. */
+static inline Py_ssize_t
+memo_index(Saver *s, PyObject *obj)
 {
-    PyObject *entry = PyDict_GetItemWithError(s->memo, key);    /* borrowed */
-    if (entry == NULL)
-        return PyErr_Occurred() ? -2 : -1;
-    if (!PyTuple_Check(entry) || PyTuple_GET_SIZE(entry) < 1) {
-        PyErr_SetString(PyExc_TypeError, "pickler memo entries must be (index, object) tuples");
-        return -2;
-    }
-    Py_ssize_t index = PyLong_AsSsize_t(PyTuple_GET_ITEM(entry, 0));
-    if (index == -1 && PyErr_Occurred())
-        return -2;
-    if (index < 0) {
-        PyErr_SetString(PyExc_ValueError, "negative index in the pickler memo");
-        return -2;
-    }
-    return index;
+    MemoEntry *entry = memo_find(s->memo, obj);
+    return entry == NULL ? -1 : entry->index;
 }
 
 static int
@@ -299,7 +616,7 @@ put_sized(Saver *s, enum op short_op, int has_short, enum op op4, const char *da
 }
 
 static int
-save_str(Saver *s, PyObject *obj, PyObject *key)
+save_str(Saver *s, PyObject *obj)
 {
     PyObject *encoded = NULL;
     const char *data;
@@ -323,24 +640,24 @@ save_str(Saver *s, PyObject *obj, PyObject *key)
     else if (put_sized(s, OP_SHORT_BINUNICODE, s->proto >= 4, OP_BINUNICODE, data, size) < 0)
         status = -1;
     else
-        status = memo_put(s, key, obj);
+        status = memo_put(s, obj);
     Py_XDECREF(encoded);
     return status;
 }
 
 static int
-save_bytes(Saver *s, PyObject *obj, PyObject *key)
+save_bytes(Saver *s, PyObject *obj)
 {
     Py_ssize_t size = PyBytes_GET_SIZE(obj);
     if (s->proto < 3 || size >= frame_size_target)
         return call1(s->save_bytes, obj);
     if (put_sized(s, OP_SHORT_BINBYTES, 1, OP_BINBYTES, PyBytes_AS_STRING(obj), size) < 0)
         return -1;
-    return memo_put(s, key, obj);
+    return memo_put(s, obj);
 }
 
 static int
-save_bytearray(Saver *s, PyObject *obj, PyObject *key)
+save_bytearray(Saver *s, PyObject *obj)
 {
     Py_ssize_t size = PyByteArray_GET_SIZE(obj);
     if (s->proto < 5 || size >= frame_size_target)
@@ -350,7 +667,7 @@ save_bytearray(Saver *s, PyObject *obj, PyObject *key)
     le64(out + 1, (uint64_t)size);
     if (put(s, out, 9) < 0 || put(s, PyByteArray_AS_STRING(obj), size) < 0)
         return -1;
-    return memo_put(s, key, obj);
+    return memo_put(s, obj);
 }
 
 /* Save an item borrowed from a container, holding it across the call. */
@@ -364,7 +681,7 @@ save_held(Saver *s, PyObject *item)
 }
 
 static int
-save_tuple(Saver *s, PyObject *obj, PyObject *key)
+save_tuple(Saver *s, PyObject *obj)
 {
     Py_ssize_t size = PyTuple_GET_SIZE(obj);
     if (size == 0)
@@ -376,9 +693,7 @@ save_tuple(Saver *s, PyObject *obj, PyObject *key)
         if (save_held(s, PyTuple_GET_ITEM(obj, i)) < 0)
             return -1;
     }
-    Py_ssize_t index = memo_index(s, key);
-    if (index == -2)
-        return -1;
+    Py_ssize_t index = memo_index(s, obj);
     if (index >= 0) {
         /* Recursive: saving an item saved the tuple itself. Drop the items just
          * written and use the memoized tuple. */
@@ -395,15 +710,15 @@ save_tuple(Saver *s, PyObject *obj, PyObject *key)
     static const enum op by_size[] = {OP_TUPLE, OP_TUPLE1, OP_TUPLE2, OP_TUPLE3};
     if (put_op(s, small ? by_size[size] : OP_TUPLE) < 0)
         return -1;
-    return memo_put(s, key, obj);
+    return memo_put(s, obj);
 }
 
 /* The items of a list in batches (MARK ... APPENDS), reading its size again after every
  * item, so that a list changed by code run while saving an item is read safely. */
 static int
-save_list(Saver *s, PyObject *obj, PyObject *key)
+save_list(Saver *s, PyObject *obj)
 {
-    if (put_op(s, OP_EMPTY_LIST) < 0 || memo_put(s, key, obj) < 0)
+    if (put_op(s, OP_EMPTY_LIST) < 0 || memo_put(s, obj) < 0)
         return -1;
     if (PyList_GET_SIZE(obj) == 0)
         return 0;
@@ -452,9 +767,9 @@ save_pair(Saver *s, PyObject *key, PyObject *value)
  * (so a size that is a multiple of the batch size ends with an empty batch), with the
  * size checked after each batch. */
 static int
-save_dict(Saver *s, PyObject *obj, PyObject *key)
+save_dict(Saver *s, PyObject *obj)
 {
-    if (put_op(s, OP_EMPTY_DICT) < 0 || memo_put(s, key, obj) < 0)
+    if (put_op(s, OP_EMPTY_DICT) < 0 || memo_put(s, obj) < 0)
         return -1;
     Py_ssize_t size = PyDict_GET_SIZE(obj);
     if (size == 0)
@@ -490,50 +805,45 @@ save_dict(Saver *s, PyObject *obj, PyObject *key)
  * answer None: not for atoms when pid_for_atoms is off, and not for a container whose id
  * is not a key of pid_for_ids when that is set. 1: ask; 0: don't; -1: error. */
 static int
-must_ask(Saver *s, enum kind kind, PyObject *key)
+must_ask(Saver *s, PyObject *obj, enum kind kind)
 {
     if (kind <= K_STR)
         return s->pid_for_atoms;
     if (s->pid_for_ids == NULL)
         return 1;
-    return PyDict_Contains(s->pid_for_ids, key);
+    PyObject *key = PyLong_FromVoidPtr(obj);
+    if (key == NULL)
+        return -1;
+    int found = PyDict_Contains(s->pid_for_ids, key);
+    Py_DECREF(key);
+    return found;
 }
 
 static int
 save_owned(Saver *s, PyObject *obj, enum kind kind, int pid_allowed)
 {
-    PyObject *key = NULL;   /* id(obj): the memo's key, made for all but number atoms */
-    if (kind >= K_STR) {
-        key = PyLong_FromVoidPtr(obj);
-        if (key == NULL)
-            return -1;
-    }
-    int status = -1;
     if (pid_allowed && s->persistent_id != NULL) {
-        int ask = must_ask(s, kind, key);
+        int ask = must_ask(s, obj, kind);
         if (ask < 0)
-            goto done;
+            return -1;
         if (ask) {
             PyObject *pid = PyObject_CallOneArg(s->persistent_id, obj);
             if (pid == NULL)
-                goto done;
+                return -1;
             if (pid != Py_None) {
-                status = call1(s->save_persistent_id, pid);
+                int status = call1(s->save_persistent_id, pid);
                 Py_DECREF(pid);
-                goto done;
+                return status;
             }
             Py_DECREF(pid);
         }
     }
-    if (key != NULL) {
-        Py_ssize_t index = memo_index(s, key);
-        if (index == -2)
-            goto done;
-        if (index >= 0) {
-            status = put_memo_get(s, index);
-            goto done;
-        }
+    if (kind >= K_STR) {
+        Py_ssize_t index = memo_index(s, obj);
+        if (index >= 0)
+            return put_memo_get(s, index);
     }
+    int status = -1;
     switch (kind) {
     case K_NONE:
         status = put_op(s, OP_NONE);
@@ -551,26 +861,24 @@ save_owned(Saver *s, PyObject *obj, enum kind kind, int pid_allowed)
         status = save_float(s, obj);
         break;
     case K_STR:
-        status = save_str(s, obj, key);
+        status = save_str(s, obj);
         break;
     case K_BYTES:
-        status = save_bytes(s, obj, key);
+        status = save_bytes(s, obj);
         break;
     case K_BYTEARRAY:
-        status = save_bytearray(s, obj, key);
+        status = save_bytearray(s, obj);
         break;
     default:    /* the containers: they may nest deeply, and C recursion must stop */
         if (Py_EnterRecursiveCall(" while pickling an object"))
             break;
         Py_INCREF(obj);
-        status = kind == K_DICT ? save_dict(s, obj, key)
-               : kind == K_LIST ? save_list(s, obj, key)
-               : save_tuple(s, obj, key);
+        status = kind == K_DICT ? save_dict(s, obj)
+               : kind == K_LIST ? save_list(s, obj)
+               : save_tuple(s, obj);
         Py_DECREF(obj);
         Py_LeaveRecursiveCall();
     }
-done:
-    Py_XDECREF(key);
     return status;
 }
 
@@ -715,7 +1023,7 @@ saver_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
         return NULL;
     }
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O!O!iOpO(OOOOOOO):Saver", keywords,
-                                     &PyByteArray_Type, &buf, &PyDict_Type, &memo, &proto,
+                                     &PyByteArray_Type, &buf, &MemoType, &memo, &proto,
                                      &persistent_id, &pid_for_atoms, &pid_for_ids,
                                      &end_frame, &save_other, &save_persistent_id,
                                      &str_saver, &int_saver, &bytes_saver, &bytearray_saver))
@@ -735,7 +1043,7 @@ saver_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
     s->proto = proto;
     s->pid_for_atoms = pid_for_atoms;
     s->buf = Py_NewRef(buf);
-    s->memo = Py_NewRef(memo);
+    s->memo = (Memo *)Py_NewRef(memo);
     s->persistent_id = persistent_id == Py_None ? NULL : Py_NewRef(persistent_id);
     s->pid_for_ids = pid_for_ids == Py_None ? NULL : Py_NewRef(pid_for_ids);
     s->end_frame = Py_NewRef(end_frame);
@@ -830,7 +1138,7 @@ static struct PyModuleDef module_def = {
 PyMODINIT_FUNC
 PyInit__pickler_speedups(void)
 {
-    if (PyType_Ready(&SaverType) < 0)
+    if (PyType_Ready(&SaverType) < 0 || PyType_Ready(&MemoType) < 0)
         return NULL;
     PyObject *module = PyModule_Create(&module_def);
     if (module == NULL)
@@ -838,6 +1146,12 @@ PyInit__pickler_speedups(void)
     Py_INCREF(&SaverType);
     if (PyModule_AddObject(module, "Saver", (PyObject *)&SaverType) < 0) {
         Py_DECREF(&SaverType);
+        Py_DECREF(module);
+        return NULL;
+    }
+    Py_INCREF(&MemoType);
+    if (PyModule_AddObject(module, "Memo", (PyObject *)&MemoType) < 0) {
+        Py_DECREF(&MemoType);
         Py_DECREF(module);
         return NULL;
     }

@@ -77,6 +77,11 @@ _PLAIN_CONTAINERS = frozenset({dict, list, tuple, set, frozenset, bytes, bytearr
 #: :func:`pstore.engine.use_accelerators`, the one place that picks the implementation.
 _accelerator: Any = None
 
+
+def _memo_type() -> type:
+    """The kind of memo the current implementation uses: C's ``Memo``, or a dict."""
+    return dict if _accelerator is None else _accelerator.Memo
+
 # The types of the three singletons whose classes protocol 2+ pickles as type(singleton).
 _SINGLETON_TYPES = {type(None): None, type(...): ..., type(NotImplemented): NotImplemented}
 
@@ -152,8 +157,9 @@ class Pickler:
         self.fix_imports = fix_imports
         self.fast = False
         self._buffer_callback = buffer_callback
-        #: id(obj) -> (memo index, obj); holding obj keeps its id from being reused.
-        self.memo: dict[int, tuple[int, Any]] = {}
+        #: id(obj) -> (memo index, obj); holding obj keeps its id from being reused. A dict,
+        #: or with the C fast path on, the C ``Memo`` mapping (get, [], len, in, clear, copy).
+        self.memo: Any = _memo_type()()
         self._hooks: tuple | None = None
         self._dump_one: Callable[[Any], None] | None = None
 
@@ -193,6 +199,10 @@ def _make_dump(pickler: Pickler, persistent_id: Callable[[Any], Any] | None,
     buffer_callback = pickler._buffer_callback
     emit = pickler._file_write
     memo = pickler.memo
+    if not memo and type(memo) is not _memo_type():
+        # The implementation was switched since the memo was made: an empty memo is
+        # replaced by one of the current kind (a filled one is kept, and decides).
+        memo = pickler.memo = _memo_type()()
     memo_lookup = memo.get
     if getattr(persistent_id, "__func__", None) is Pickler.persistent_id:
         persistent_id = None   # the default returns None for everything: skip the call
@@ -756,7 +766,7 @@ def _make_dump(pickler: Pickler, persistent_id: Callable[[Any], Any] | None,
                 save(state)
                 write(TUPLE2 + REDUCE + POP)
 
-    if _accelerator is not None and binary and not fast:
+    if _accelerator is not None and binary and not fast and type(memo) is _accelerator.Memo:
         # C takes the plain data (see _pickler_speedups.c) and hands the rest back to the
         # loop above, one object at a time; every other saver reaches C through these names.
         save_each_in_python = save_each
