@@ -376,6 +376,11 @@ for make in (
     lambda: keyed(DropsAll(), "v"),
     lambda: keyed(["mutate", 1, 2], "v"),
     lambda: listed(["mutate", EmptiesList()], "z"),
+    # the hook inside a container C is saving, whose last owner it drops
+    lambda: listed({"k": EmptiesList(), "after": [1, "x"]}, ("t", [DropsAll(), "y"])),
+    lambda: listed([EmptiesList(), "more", {"x": 1}], times=50),
+    lambda: keyed([ClearsDict(), "more", {"x": 1}], ("t", ClearsDict(), [1])),
+    lambda: listed([[DropsAll(), "deep", {"z": [1]}]]),
 ):
     run(make)
 print("survived")
