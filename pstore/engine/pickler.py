@@ -20,6 +20,12 @@ because attribute lookups on ``self`` in the per-object path are what makes a
 pure-Python pickler slow. A pickler keeps its closures from one dump to the
 next while its hooks stay the same, so dumping many small objects with one
 pickler (as the store does) pays for building them once.
+
+The C fast path (``_pickler_speedups.c``, chosen by :func:`pstore.engine.use_accelerators`)
+takes the place of ``save``/``save_each`` for protocols 1 to 5 outside fast mode: it writes
+the plain data (exact None, bool, int, float, str, bytes, bytearray, dict, list, tuple) into
+the same frame buffer with the same memo, and hands every other object back to the Python
+``save_each`` one at a time, resuming after it, so hooks and errors have one implementation.
 """
 
 from __future__ import annotations
