@@ -90,6 +90,7 @@ typedef struct {
 static PyTypeObject MemoType;
 
 #define MEMO_MIN_SIZE 64
+#define MEMO_KEPT_SIZE 65536     /* slots: 1 MiB */
 
 static inline size_t
 memo_slot(const Memo *m, const void *obj)
@@ -160,7 +161,9 @@ memo_set(Memo *m, PyObject *obj, Py_ssize_t index)
 }
 
 /* Empty the memo, dropping its references only after it is consistent again (a
- * __del__ run by a drop may use it). */
+ * __del__ run by a drop may use it). The new table has the old one's size up to
+ * MEMO_KEPT_SIZE, so that a pickler dumping records of similar sizes (cleared after
+ * each, as dumps() and the store do) does not grow its table again each time. */
 static int
 memo_clear(Memo *m)
 {
@@ -168,7 +171,7 @@ memo_clear(Memo *m)
     size_t old_size = m->mask + 1;
     m->table = NULL;
     m->count = 0;
-    if (memo_resize(m, MEMO_MIN_SIZE) < 0) {
+    if (memo_resize(m, old_size < MEMO_KEPT_SIZE ? old_size : MEMO_KEPT_SIZE) < 0) {
         m->table = old;
         return -1;
     }
