@@ -24,11 +24,12 @@ import pickle as _stdlib_pickle
 from pickle import PickleBuffer, PickleError, PicklingError, UnpicklingError
 from types import ModuleType
 
-from . import pickler as _pickler, unpickler as _unpickler
+from . import pickler as _pickler
+from . import unpickler as _unpickler
 from .opcodes import BATCH_SIZE, BY_CODE, FRAME_SIZE_TARGET
 from .pickler import Pickler, dump, dumps
-from .unpickler import Unpickler, load, loads
 from .tools import Instruction, disassemble, globals_of, iter_instructions
+from .unpickler import Unpickler, load, loads
 
 HIGHEST_PROTOCOL = 5
 #: The running Python's default protocol (4 on Python 3.8 to 3.13).

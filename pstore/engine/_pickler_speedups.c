@@ -169,10 +169,12 @@ memo_clear(Memo *m)
 {
     MemoEntry *old = m->table;
     size_t old_size = m->mask + 1;
+    Py_ssize_t old_count = m->count;
     m->table = NULL;
     m->count = 0;
     if (memo_resize(m, old_size < MEMO_KEPT_SIZE ? old_size : MEMO_KEPT_SIZE) < 0) {
-        m->table = old;
+        m->table = old;     /* memo_resize changed nothing else */
+        m->count = old_count;
         return -1;
     }
     for (size_t i = 0; i < old_size; i++)
@@ -624,6 +626,10 @@ save_str(Saver *s, PyObject *obj)
     PyObject *encoded = NULL;
     const char *data;
     Py_ssize_t size;
+#if PY_VERSION_HEX < 0x030C0000
+    if (PyUnicode_READY(obj) < 0)     /* a str made by the legacy Py_UNICODE API */
+        return -1;
+#endif
     if (PyUnicode_IS_ASCII(obj)) {
         data = (const char *)PyUnicode_DATA(obj);
         size = PyUnicode_GET_LENGTH(obj);
