@@ -144,6 +144,50 @@ def test_property_c_python_and_stdlib_agree(value: Any, pool: list, shape: Any,
     assert dumps_both(obj, protocol) == pickle.dumps(obj, protocol)
 
 
+def containers_in(value: Any) -> list[Any]:
+    """Every list, tuple, dict, frozenset and bytes object reachable from value, once each."""
+    found: dict[int, Any] = {}
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if type(item) in (list, tuple, dict, frozenset, bytes, bytearray) and id(item) not in found:
+            found[id(item)] = item
+            if isinstance(item, dict):
+                stack.extend(item.keys())
+                stack.extend(item.values())
+            elif not isinstance(item, (bytes, bytearray)):
+                stack.extend(item)
+    return list(found.values())
+
+
+@needs_speedups
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(plain, st.sets(st.integers(0, 40)), st.sampled_from(list(PROTOCOLS)))
+def test_property_persistent_ids_for_some_containers(value: Any, chosen: set[int],
+                                                     protocol: int) -> None:
+    """persistent_id answers for a random few containers; the engine is told which by
+    persistent_id_for_ids, the stdlib asks about every object: the bytes are the same."""
+    containers = containers_in([value, value])
+    refs = {id(obj): f"ref{index}" for index, obj in enumerate(containers) if index in chosen}
+
+    def persistent_id(self: Any, obj: Any) -> Any:
+        return refs.get(id(obj)) if type(obj) in (list, tuple, dict, frozenset, bytes,
+                                                  bytearray) else None
+
+    class Engine(engine.Pickler):
+        persistent_id_for_atoms = False
+        persistent_id_for_ids = refs
+
+    class Std(pickle.Pickler):
+        pass
+
+    Engine.persistent_id = persistent_id        # type: ignore[method-assign]
+    Std.persistent_id = persistent_id           # type: ignore[method-assign]
+    expected = io.BytesIO()
+    Std(expected, protocol).dump([value, value])
+    assert dumps_both([value, value], protocol, Engine) == expected.getvalue()
+
+
 # -- objects handed back to Python, and the hooks ------------------------------------------
 
 class Point:
