@@ -55,7 +55,6 @@ import codecs
 import copyreg
 import io
 import math
-import os
 import re
 import struct
 import sys
@@ -64,11 +63,6 @@ from typing import Any, Callable, Iterable
 
 from .opcodes import (BY_CODE, BY_NAME, HIGHEST_PROTOCOL, LEN_INT4, LEN_UINT1, LEN_UINT4,
                       LEN_UINT8, LINE, TWO_LINES, decode_utf8, python3_name)
-
-try:
-    from . import _speedups
-except ImportError:     # built without a C compiler: the pure-Python loop does all the work
-    _speedups = None
 
 __all__ = ["Unpickler", "load", "loads"]
 
@@ -822,13 +816,10 @@ for _op in BY_CODE.values():
         _table[_op.byte] = globals()[f"load_{_op.name.lower()}"]
 
 #: The C fast path, ``run(data, pos, stack, metastack, memo, mark_limit) -> (pos, stack)``:
-#: runs the data opcodes from ``pos`` and stops before the first one it leaves to the loop (see
-#: _speedups.c). None without the compiled module, or with PSTORE_PURE_PYTHON=1 set.
+#: runs the data opcodes from ``pos`` and stops before the first one it leaves to the loop
+#: (see _speedups.c), or None: set by :func:`pstore.engine.use_accelerators`, the one place
+#: that picks the implementation.
 _accelerate: Callable[[bytes, int, list, list, dict, int], tuple[int, list]] | None = None
-if _speedups is not None:
-    _speedups.set_opcodes({op.name: op.byte for op in BY_CODE.values()})
-    if not os.environ.get("PSTORE_PURE_PYTHON"):
-        _accelerate = _speedups.run
 del _op, _table
 
 

@@ -67,6 +67,9 @@ class _RecordPickler(engine.Pickler):
         super().__init__(self._file, protocol,
                          buffer_callback=self._out_of_band if protocol >= 5 else None)
         self._oid_of = oid_of.get
+        # A plain container whose id is not in the identity map is not a record: the engine
+        # (in C) takes persistent_id's answer to be None without calling it.
+        self.persistent_id_for_ids = oid_of
         self._adopt = adopt
         self._blob_threshold = blob_threshold
         self._write_blob = write_blob

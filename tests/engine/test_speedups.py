@@ -1,8 +1,8 @@
 """The unpickler's C fast path, pstore.engine._speedups.
 
 test_unpickler.py and test_corpus.py run every load with and without it (conftest.py),
-against the stdlib: results and errors must not depend on it. Here: that it is built
-wherever a C compiler is, where exactly it stops and leaves an opcode to Python, and
+against the stdlib: results and errors must not depend on it. Here: that it (and the
+pickler's, tested in test_pickler_speedups.py) is built wherever a C compiler is, where exactly it stops and leaves an opcode to Python, and
 that it leaks nothing.
 """
 
@@ -23,15 +23,17 @@ import pytest
 from pstore import engine
 from pstore.engine import unpickler
 
-speedups = unpickler._speedups
+speedups = engine._unpickler_speedups
 needs_speedups = pytest.mark.skipif(speedups is None, reason="_speedups is not built")
 
 
-def test_built_wherever_a_c_compiler_is() -> None:
+def test_both_built_wherever_a_c_compiler_is() -> None:
     compiler = (sysconfig.get_config_var("CC") or "cc").split()[0]
     if shutil.which(compiler) is None:
         pytest.skip(f"no C compiler ({compiler}): pstore runs in pure Python")
     assert speedups is not None, "pip install should have built pstore/engine/_speedups.c"
+    assert engine._pickler_speedups is not None, \
+        "pip install should have built pstore/engine/_pickler_speedups.c"
 
 
 def run(data: bytes, stack: list | None = None, metastack: list | None = None,

@@ -21,7 +21,7 @@ from pstore.engine.unpickler import Unpickler, load, loads
 PROTOCOLS = range(6)
 
 # Every test twice: with the C fast path and in pure Python (conftest.py).
-pytestmark = pytest.mark.usefixtures("unpickler_mode")
+pytestmark = pytest.mark.usefixtures("engine_mode")
 
 
 # -- Classes exercising every way an object can be reduced (module level: picklable) ----------
