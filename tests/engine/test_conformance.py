@@ -140,7 +140,7 @@ def _outcome(load: Any, data: bytes) -> Any:
         return (type(error), str(error))
 
 
-@pytest.mark.usefixtures("unpickler_mode")
+@pytest.mark.usefixtures("engine_mode")
 @pytest.mark.parametrize("protocol", [None, *PROTOCOLS])
 @pytest.mark.parametrize(("name", "opcode"), [
     (name, opcode) for name in LOOKED_UP for opcode in ("GLOBAL", "STACK_GLOBAL")

@@ -23,7 +23,7 @@ from pstore.engine.policy import POLICY, Use
 
 from . import samples
 
-pytestmark = pytest.mark.usefixtures("unpickler_mode")
+pytestmark = pytest.mark.usefixtures("engine_mode")
 
 PROTOCOLS = range(pickle.HIGHEST_PROTOCOL + 1)
 

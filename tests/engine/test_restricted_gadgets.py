@@ -23,7 +23,7 @@ from pstore.engine import (
     restricted_loads,
 )
 
-pytestmark = pytest.mark.usefixtures("unpickler_mode")
+pytestmark = pytest.mark.usefixtures("engine_mode")
 
 # The policy's own modules, imported now: restricted loading imports them when a pickle
 # names an allowed global of theirs, which is not what the audit hook looks for.
