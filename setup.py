@@ -1,10 +1,13 @@
-"""Build configuration beyond pyproject.toml: the unpickler's optional C fast path.
+"""Build configuration beyond pyproject.toml: the engine's optional C fast paths.
 
-``optional=True``: where no C compiler is at hand, pstore installs without it and
-the pure-Python unpickler does all the work (same results, slower on small records).
+``optional=True``: where no C compiler is at hand, pstore installs without them and the
+pure-Python pickler and unpickler do all the work (same results, slower).
 """
 
 from setuptools import Extension, setup
 
-setup(ext_modules=[Extension("pstore.engine._speedups", ["pstore/engine/_speedups.c"],
-                             optional=True)])
+setup(ext_modules=[
+    Extension("pstore.engine._speedups", ["pstore/engine/_speedups.c"], optional=True),
+    Extension("pstore.engine._pickler_speedups", ["pstore/engine/_pickler_speedups.c"],
+              optional=True),
+])

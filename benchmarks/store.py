@@ -4,6 +4,8 @@
     python3 benchmarks/store.py --quick    # a smoke run with small sizes
     python3 benchmarks/store.py --repeat 3 # best of three runs of each library
     python3 -m cProfile -s tottime benchmarks/store.py --peers ''   # pstore alone, profiled
+    python3 benchmarks/store.py --backends postgresql   # on a local PostgreSQL server, against
+                                                        # ZODB + RelStorage on the same server
 
 Durability, the same for every library: a commit that returned survives the
 process being killed, not necessarily a power loss. pstore: WAL,
@@ -24,6 +26,13 @@ one attribute (lazy loading: one record), to walk the whole graph from it, and
 to commit a change to 1% of its nodes (writes only those). Ratios are
 ``peer time / pstore time``: above 1 means pstore is faster. Peers that are not
 installed (``pip install pstore[bench]``) are skipped.
+
+``--backends postgresql`` starts a throwaway PostgreSQL cluster (tests/pg.py: Unix
+socket only) and runs the same workloads with pstore's PostgreSQL backend against ZODB
+on RelStorage (history-free, psycopg2) on that server, plus (7) a counter that 4
+processes increment in read-modify-write transactions (pstore: the write lock; ZODB:
+conflicts retried). Both commit to the server's disk (synchronous_commit on; the
+throwaway cluster itself runs with fsync off). It prints the latency of one round trip.
 """
 
 from __future__ import annotations
@@ -240,7 +249,7 @@ class Zodb(Peer):
         # to the OS before returning, which is the durability every peer here runs at.
         ZODB.FileStorage.FileStorage.fsync = None
         self.transaction = transaction
-        self.db = ZODB.DB(ZODB.FileStorage.FileStorage(os.path.join(directory, "data.fs")))
+        self.db = ZODB.DB(self.make_storage(directory))
         self.connection = self.db.open()
         root = self.connection.root()
         if "data" not in root:
@@ -248,6 +257,10 @@ class Zodb(Peer):
             root["data"] = BTrees.OOBTree.OOBTree()
             transaction.commit()
         self.tree = root["data"]
+
+    def make_storage(self, directory: str) -> Any:
+        import ZODB.FileStorage
+        return ZODB.FileStorage.FileStorage(os.path.join(directory, "data.fs"))
 
     def close(self) -> None:
         self.transaction.abort()
@@ -276,6 +289,98 @@ class Zodb(Peer):
 
     def commit(self) -> None:
         self.transaction.commit()
+
+
+def store_name(directory: str) -> str:
+    """A store (or database) name for the run in ``directory``: its folder's name."""
+    return "".join(c if c.isalnum() else "_" for c in os.path.basename(directory).lower())
+
+
+class PStorePostgres(PStore):
+    """pstore's PostgreSQL backend: one store per run directory, on the benchmark's server."""
+
+    def __init__(self, server: Any) -> None:
+        self.server = server
+
+    def open(self, directory: str) -> None:
+        self.store = pstore.open(self.server.location(store_name(directory)))
+
+    def bytes_used(self, directory: str) -> int:
+        return self.server.query(
+            "SELECT sum(pg_total_relation_size(c.oid))::bigint FROM pg_class c"
+            " JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " WHERE n.nspname = %s AND c.relkind IN ('r', 'm')", (store_name(directory),))
+
+    def increment(self, times: int) -> None:
+        for _ in range(times):
+            with self.store.transaction():
+                self.store["counter"] = self.store["counter"] + 1
+
+
+class RelStorage(Zodb):
+    """ZODB on RelStorage (history-free), one database per run directory, on the same server."""
+
+    name = "RelStorage"
+
+    def __init__(self, server: Any) -> None:
+        self.server = server
+
+    def make_storage(self, directory: str) -> Any:
+        from relstorage.adapters.postgresql import PostgreSQLAdapter
+        from relstorage.options import Options
+        from relstorage.storage import RelStorage as Storage
+        database = store_name(directory)
+        if not self.server.query("SELECT count(*) FROM pg_database WHERE datname = %s",
+                                 (database,)):
+            self.server.query(f"CREATE DATABASE {database}")
+        options = Options(keep_history=False)
+        dsn = (f"dbname={database} user=postgres host={self.server.directory} "
+               f"port={self.server.port}")
+        return Storage(PostgreSQLAdapter(dsn=dsn, options=options), options=options)
+
+    def bytes_used(self, directory: str) -> int:
+        return self.server.query("SELECT pg_database_size(%s)", (store_name(directory),))
+
+    def increment(self, times: int) -> None:
+        for _ in range(times):
+            for attempt in self.transaction.manager.attempts(1000):
+                with attempt:
+                    self.tree["counter"] = self.tree["counter"] + 1
+
+
+def _increment_in_process(peer_class: type, server: Any, directory: str, times: int) -> None:
+    peer = peer_class(server)
+    peer.open(directory)
+    try:
+        peer.increment(times)  # type: ignore[attr-defined]
+    finally:
+        peer.close()
+
+
+def run_counter(peer: Peer, processes: int, times: int) -> float:
+    """Workload (7): ``processes`` processes each increment one counter ``times`` times."""
+    import multiprocessing
+    spawn = multiprocessing.get_context("spawn")
+    directory = tempfile.mkdtemp(prefix=f"bench-{peer.name}-")
+    try:
+        peer.open(directory)
+        peer.set_one("counter", 0)
+        peer.close()
+        workers = [spawn.Process(target=_increment_in_process, args=(type(peer), peer.server, directory, times))
+                   for _ in range(processes)]
+        start = time.perf_counter()
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        seconds = time.perf_counter() - start
+        assert [worker.exitcode for worker in workers] == [0] * processes, peer.name
+        peer.open(directory)
+        assert peer.get("counter") == processes * times, (peer.name, peer.get("counter"))
+        peer.close()
+    finally:
+        shutil.rmtree(directory)
+    return seconds
 
 
 def available_peers(wanted: list[str]) -> list[Peer]:
@@ -350,7 +455,7 @@ def run_peer(peer: Peer, sizes: dict[str, int]) -> dict[str, Any]:
             peer.set_many((f"r{i}", {"id": i, "shared": shared}) for i in range(graph))
         results["graph set"] = timed(write_graph)
         peer.close()
-        results["graph bytes"] = disk_bytes(directory)
+        results["graph bytes"] = getattr(peer, "bytes_used", disk_bytes)(directory)
         peer.open(directory)
         first = peer.get("shared")
         results["graph shared"] = all(peer.get(f"r{i}")["shared"] is first
@@ -360,6 +465,8 @@ def run_peer(peer: Peer, sizes: dict[str, int]) -> dict[str, Any]:
         shutil.rmtree(directory)
     if peer.node_class is not None:
         results.update(run_persistent_graph(peer, sizes["persistent"]))
+    if hasattr(peer, "increment"):
+        results["counter x4"] = run_counter(peer, 4, sizes["counter"])
     return results
 
 
@@ -373,7 +480,7 @@ def run_persistent_graph(peer: Peer, size: int) -> dict[str, Any]:
         results["pgraph store"] = timed(lambda: peer.set_one("pgraph", root))
         peer.close()
         del root
-        results["pgraph bytes"] = disk_bytes(directory)
+        results["pgraph bytes"] = getattr(peer, "bytes_used", disk_bytes)(directory)
         peer.open(directory)
         opened: list[Any] = []
         results["pgraph open"] = timed(lambda: opened.append(peer.get("pgraph").name))
@@ -404,37 +511,77 @@ def main() -> None:
                              "e.g. under cProfile)")
     parser.add_argument("--repeat", type=int, default=1,
                         help="run each library this many times and keep its best times")
+    parser.add_argument("--backends", default="sqlite",
+                        help="comma-separated: sqlite (against --peers), postgresql (on a "
+                             "throwaway local server, against ZODB + RelStorage)")
     args = parser.parse_args()
-    sizes = ({"single": 200, "bulk": 5_000, "graph": 100, "persistent": 1_000} if args.quick else
-             {"single": 2_000, "bulk": 100_000, "graph": 1_000, "persistent": 10_000})
+    sizes = ({"single": 200, "bulk": 5_000, "graph": 100, "persistent": 1_000, "counter": 25}
+             if args.quick else
+             {"single": 2_000, "bulk": 100_000, "graph": 1_000, "persistent": 10_000,
+              "counter": 250})
     print(f"sizes: {sizes['single']} single sets/gets, {sizes['bulk']} bulk records, "
           f"graph of {sizes['graph']} records sharing a 10 KB object, "
           f"graph of {sizes['persistent']} Persistent objects")
     print("durability: every commit survives the process being killed (see the docstring)\n")
 
+    for backend in args.backends.split(","):
+        if backend == "sqlite":
+            print_table(available_peers(args.peers.split(",")), sizes, args.repeat)
+        elif backend == "postgresql":
+            run_on_postgresql(sizes, args.repeat)
+        else:
+            parser.error(f"unknown backend {backend!r}")
+
+
+def run_on_postgresql(sizes: dict[str, int], repeat: int) -> None:
+    """The workloads on a throwaway local server: pstore's PostgreSQL backend, RelStorage."""
+    import sys
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from tests.pg import throwaway_cluster
+    with throwaway_cluster() as server:
+        rounds = 2000
+        started = time.perf_counter()
+        import psycopg
+        with psycopg.connect(server.conninfo(), autocommit=True) as conn:
+            for _ in range(rounds):
+                conn.execute("SELECT 1").fetchone()
+        print(f"\npostgresql (local Unix socket): one round trip "
+              f"{(time.perf_counter() - started) / rounds * 1e6:.0f} us")
+        peers: list[Peer] = [PStorePostgres(server)]
+        try:
+            import psycopg2  # noqa: F401
+            import relstorage  # noqa: F401
+            peers.append(RelStorage(server))
+        except ImportError:
+            print("skipping RelStorage: relstorage or psycopg2 is not installed")
+        print_table(peers, sizes, repeat)
+
+
+def print_table(peers: list[Peer], sizes: dict[str, int], repeat: int) -> None:
+    """Run every workload on ``peers`` ``repeat`` times; print the best times, as ratios to
+    the first peer's (pstore)."""
     timings = ["single set", "single get", "bulk set", "bulk read", "graph set", "pgraph store",
-               "pgraph open", "pgraph walk", "pgraph update"]
-    peers = available_peers(args.peers.split(","))
+               "pgraph open", "pgraph walk", "pgraph update", "counter x4"]
     runs: dict[str, list[dict[str, Any]]] = {peer.name: [] for peer in peers}
     # Round after round of every library, so that a busy moment of the machine does not
     # fall on one library's runs only; each keeps its best time per workload.
-    for _ in range(args.repeat):
+    for _ in range(repeat):
         for peer in peers:
             runs[peer.name].append(run_peer(peer, sizes))
     table = {name: {**results[0], **{workload: min(run[workload] for run in results)
                                      for workload in timings if workload in results[0]}}
              for name, results in runs.items()}
-    ours = table["pstore"]
+    ours = table[peers[0].name]
     header = f"{'':13}" + "".join(f"{name:>18}" for name in table)
     print(header)
     for workload in timings:
         cells = []
         for name, results in table.items():
             seconds = results.get(workload)
-            if seconds is None:     # a library without Persistent objects
+            if seconds is None:     # a library without Persistent objects, or one process
                 cells.append("-")
                 continue
-            ratio = "" if name == "pstore" else f" ({seconds / ours[workload]:5.1f}x)"
+            ratio = "" if name == peers[0].name else f" ({seconds / ours[workload]:5.1f}x)"
             cells.append(f"{seconds * 1000:9.1f}ms{ratio}")
         print(f"{workload:13}" + "".join(f"{cell:>18}" for cell in cells))
     for label, workload in (("graph bytes", "graph bytes"), ("pgraph bytes", "pgraph bytes")):

@@ -6,19 +6,19 @@
 
 from __future__ import annotations
 
-from .errors import (ArgumentError, ClosedError, Error, FormatError, KeyTypeError,
-                     LockTimeoutError, MissingObjectError, PersistentClassError, ReadOnlyError,
-                     ReferenceCycleError, UnstorableError)
+from .errors import (ArgumentError, ClosedError, CorruptionError, Error, FormatError,
+                     KeyTypeError, LockTimeoutError, MissingObjectError, PersistentClassError,
+                     ReadOnlyError, ReferenceCycleError, UnstorableError)
 from .store import Store, open
 from .store.persistent import Persistent, PersistentDict, PersistentList
-from .convert import convert_shelve
+from .migrate import convert, convert_shelve, copy
 
 #: The one place the version is stated (pyproject.toml reads it from here).
 __version__ = "0.1.0"
 
 __all__ = [
-    "open", "Store", "convert_shelve", "Persistent", "PersistentList", "PersistentDict",
+    "open", "Store", "convert", "convert_shelve", "copy", "Persistent", "PersistentList", "PersistentDict",
     "Error", "ClosedError", "ReadOnlyError", "LockTimeoutError", "FormatError",
-    "MissingObjectError", "UnstorableError", "ReferenceCycleError", "ArgumentError",
-    "KeyTypeError", "PersistentClassError",
+    "MissingObjectError", "CorruptionError", "UnstorableError", "ReferenceCycleError",
+    "ArgumentError", "KeyTypeError", "PersistentClassError",
 ]

@@ -1,11 +1,10 @@
-"""The ``pstore`` command: a demo, and tools to look inside pickles without running them.
+"""The ``pstore`` command: look inside stores and pickles, check, shrink, copy and convert.
 
-    pstore demo [PATH]                 store an object graph, reload it in another process
-    pstore dis FILE                    disassemble a pickle file (opcodes, arguments, memo)
-    pstore globals FILE                list the module.name pairs a pickle would import
-    pstore keys STORE                  list a store's keys (opened read-only)
-    pstore gc STORE                    delete the records no key reaches
-    pstore convert-shelve SHELF STORE  copy a stdlib shelve file into a pstore store
+Every subcommand only reads unless its name says it writes (gc, vacuum, copy,
+convert, demo), and none unpickles a record unless it says so (show loads under
+restricted loading). A store's backend is told from its files (``--backend``
+overrides). Errors are one line on stderr, exit status 1 (2 for a wrong command
+line); ``--debug`` shows the traceback. See docs/cli.md.
 """
 
 from __future__ import annotations
@@ -15,49 +14,171 @@ import os
 import subprocess
 import sys
 import tempfile
-from typing import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
 
 from . import engine
 
+__all__ = ["main"]
 
-def _read(path: str) -> bytes:
+
+def _open(args: argparse.Namespace, flag: str = "r", path: str | None = None) -> Any:
+    import pstore
+
+    return pstore.open(path or args.store, flag, backend=args.backend)
+
+
+def _size(count: int) -> str:
+    """A byte count for people: 1.5 MB."""
+    value = float(count)
+    for unit in ("bytes", "kB", "MB", "GB", "TB"):
+        if value < 1000 or unit == "TB":
+            return f"{count} bytes" if unit == "bytes" else f"{value:.1f} {unit}"
+        value /= 1000
+    raise AssertionError("unreachable")
+
+
+@contextmanager
+def _progress(total: int | None, what: str) -> Iterator[Callable[[int], None]]:
+    """A callback advancing a progress bar (tqdm, on a terminal), or doing nothing."""
+    if not sys.stdout.isatty():
+        yield lambda count: None
+        return
+    try:
+        from tqdm import tqdm
+    except ImportError:     # the extra is not installed: the summary line says it all
+        yield lambda count: None
+        return
+    with tqdm(total=total, desc=what, unit=" keys", leave=False) as bar:
+        yield bar.update
+
+
+def _is_store(path: str) -> bool:
+    from .backends import detect_backend
+
+    return detect_backend(path) is not None
+
+
+# -- subcommands ---------------------------------------------------------------------------
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    with _open(args) as store:
+        rows = [(key, info) for key, info in store.describe(args.pattern)]
+    width = max((len(key) for key, _ in rows), default=3)
+    print(f"{'key':<{width}}  {'oid':>6}  {'bytes':>9}  {'blobs':>9}  kind")
+    for key, info in rows:
+        kind = f"{info.kind} (Persistent)" if info.persistent else info.kind
+        blobs = _size(info.blob_bytes) if info.blobs else "-"
+        print(f"{key:<{width}}  {info.object_id:>6}  {info.size:>9}  {blobs:>9}  {kind}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    with _open(args) as store:
+        info = store.info()
+    print(f"store:          {info.path}")
+    print(f"backend:        {info.backend} -- {info.module}")
+    print(f"format version: {info.format_version}")
+    print(f"keys:           {info.keys}")
+    print(f"records:        {info.records} ({_size(info.record_bytes)})")
+    print(f"blobs:          {info.blobs} ({_size(info.blob_bytes)})")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    with _open(args) as store:
+        if args.dis:
+            from .store.inspection import disassemble_record
+
+            print(disassemble_record(*store.raw_record(args.key)), end="")
+            return 0
+        print(repr(store.load_restricted(args.key, allow=args.allow)))
+    return 0
+
+
+def cmd_dis(args: argparse.Namespace) -> int:
+    if args.key is None:
+        print(engine.disassemble(_read_file(args.file)), end="")
+        return 0
+    from .store.inspection import disassemble_record
+
+    args.store = args.file
+    with _open(args) as store:
+        print(disassemble_record(*store.raw_record(args.key)), end="")
+    return 0
+
+
+def _read_file(path: str) -> bytes:
     with open(path, "rb") as file:
         return file.read()
 
 
-def cmd_dis(args: argparse.Namespace) -> int:
-    print(engine.disassemble(_read(args.file)), end="")
-    return 0
-
-
 def cmd_globals(args: argparse.Namespace) -> int:
-    for module, name in engine.globals_of(_read(args.file)):
-        print(f"{module}.{name}")
+    if args.key is None and not _is_store(args.file):
+        names = [f"{module}.{name}" for module, name in engine.globals_of(_read_file(args.file))]
+    else:
+        args.store = args.file
+        with _open(args) as store:
+            names = store.globals(args.key)
+    for name in names:
+        print(name)
     return 0
 
 
-def cmd_keys(args: argparse.Namespace) -> int:
-    import pstore
-
-    with pstore.open(args.store, "r", backend=args.backend) as store:
-        for key in store:
-            print(key)
-    return 0
+def cmd_verify(args: argparse.Namespace) -> int:
+    with _open(args) as store:
+        report = store.verify()
+    for problem in report.problems:
+        print(problem)
+    print(report.summary())
+    return 0 if report.ok else 1
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
-    import pstore
-
-    with pstore.open(args.store, "w", backend=args.backend) as store:
-        print(f"deleted {store.gc()} unreachable records")
+    with _open(args, "w") as store:
+        before = store.info()
+        deleted = store.gc()
+        after = store.info()
+    print(f"deleted {deleted} unreachable records "
+          f"({_size(before.record_bytes - after.record_bytes)}) and "
+          f"{before.blobs - after.blobs} unused blobs "
+          f"({_size(before.blob_bytes - after.blob_bytes)}); "
+          f"`pstore vacuum` gives the records' space back to the file system")
     return 0
 
 
-def cmd_convert_shelve(args: argparse.Namespace) -> int:
+def cmd_vacuum(args: argparse.Namespace) -> int:
+    with _open(args, "w") as store:
+        freed = store.vacuum()
+    print(f"the store's files shrank by {_size(freed)}")
+    return 0
+
+
+def cmd_copy(args: argparse.Namespace) -> int:
     import pstore
 
-    count = pstore.convert_shelve(args.shelf, args.store, backend=args.backend)
-    print(f"copied {count} keys from {args.shelf} into {args.store}")
+    with _open(args, path=args.source) as source:
+        total = len(source)
+    with _progress(total, "copy") as advance:
+        count = pstore.copy(args.source, args.target, backend=args.target_backend,
+                            flag=args.flag, progress=advance)
+    print(f"copied {count} keys from {args.source} into {args.target}")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    import pstore
+
+    with _progress(None, "convert") as advance:
+        report = pstore.convert(args.source, args.target, kind=args.kind, keys=args.keys,
+                                table=args.table, backend=args.target_backend or "sqlite",
+                                flag=args.flag, progress=advance)
+    print(f"copied {report.copied} keys from the {report.kind} {args.source} into "
+          f"{args.target}" + (f"; left out {report.expired} expired entries"
+                              if report.expired else ""))
+    for note in report.notes:
+        print(note)
     return 0
 
 
@@ -102,32 +223,101 @@ def cmd_demo(args: argparse.Namespace) -> int:
             directory.cleanup()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+# -- the command line ----------------------------------------------------------------------
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pstore", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="store an object graph and reload it elsewhere")
-    demo.add_argument("path", nargs="?", help="where to write the store (default: a temporary file)")
-    demo.set_defaults(run=cmd_demo)
-    dis = commands.add_parser("dis", help="disassemble a pickle file without running it")
-    dis.add_argument("file")
-    dis.set_defaults(run=cmd_dis)
-    names = commands.add_parser("globals", help="list the globals a pickle file would import")
-    names.add_argument("file")
-    names.set_defaults(run=cmd_globals)
-    for name, run, help_text in [("keys", cmd_keys, "list a store's keys"),
-                                 ("gc", cmd_gc, "delete the records no key reaches")]:
-        command = commands.add_parser(name, help=help_text)
-        command.add_argument("store")
-        command.add_argument("--backend", default="sqlite", help="sqlite (default) or dbm")
-        command.set_defaults(run=run)
-    convert = commands.add_parser("convert-shelve",
-                                  help="copy a stdlib shelve file into a pstore store")
-    convert.add_argument("shelf", help="the shelve file (as given to shelve.open)")
-    convert.add_argument("store", help="the pstore store to create or add to")
-    convert.add_argument("--backend", default="sqlite", help="the store's backend")
-    convert.set_defaults(run=cmd_convert_shelve)
-    args = parser.parse_args(argv)
-    return args.run(args)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, run: Callable[[argparse.Namespace], int], help_text: str,
+                *, store: bool = True) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        if store:
+            sub.add_argument("store", help="the store's path")
+            sub.add_argument("--backend", help="the store's backend (default: told from its "
+                                                "files)")
+        sub.set_defaults(run=run)
+        return sub
+
+    ls = command("ls", cmd_ls, "list keys with their record's size, kind and blob bytes "
+                               "(nothing is unpickled)")
+    ls.add_argument("pattern", nargs="?", help="only keys matching this glob pattern")
+    command("info", cmd_info, "backend, format version, key/record/blob counts and bytes")
+    show = command("show", cmd_show, "print one key's value, loaded under restricted loading "
+                                     "(or its disassembly)")
+    show.add_argument("key")
+    show.add_argument("--dis", action="store_true", help="disassemble instead of loading")
+    show.add_argument("--allow", action="append", default=[], metavar="MODULE.NAME",
+                      help="a global restricted loading may resolve too (repeatable)")
+    for name, run, help_text in [
+            ("dis", cmd_dis, "disassemble a pickle file, or one key's record of a store"),
+            ("globals", cmd_globals, "list the module.name globals a pickle file, a store "
+                                     "or one key's records would import (nothing imported)")]:
+        sub = command(name, run, help_text, store=False)
+        sub.add_argument("file", help="a pickle file, or a store")
+        sub.add_argument("key", nargs="?", help="with a store: one key (globals: and what "
+                                                "it refers to)")
+        sub.add_argument("--backend", help="the store's backend (default: told from its files)")
+    command("verify", cmd_verify, "check every record, reference, blob and signature; exit "
+                                  "status 1 if anything is damaged")
+    command("gc", cmd_gc, "delete the records no key reaches and the blobs no record uses "
+                          "(writes)")
+    command("vacuum", cmd_vacuum, "give the space of deleted records back to the file system "
+                                  "(writes)")
+    for name, run, help_text in [
+            ("copy", cmd_copy, "copy a store into a new store, any backend to any backend, "
+                               "keeping identity and blobs (writes DST)"),
+            ("convert", cmd_convert, "copy a shelve file, sqlitedict file, diskcache folder or "
+                                     "ZODB FileStorage into a store (writes DST)")]:
+        sub = command(name, run, help_text, store=False)
+        sub.add_argument("source", metavar="SRC")
+        sub.add_argument("target", metavar="DST")
+        sub.add_argument("--backend", help="SRC's backend (copy; default: told from its files)")
+        sub.add_argument("--target-backend", help="DST's backend (default: sqlite, or DST's "
+                                                  "if it exists)")
+        sub.add_argument("--flag", default="c", choices=["c", "n", "w"],
+                         help="how DST is opened: c (create if missing; default), n (empty "
+                              "it first), w (must exist)")
+    convert = commands.choices["convert"]
+    convert.add_argument("--kind", choices=["shelve", "sqlitedict", "diskcache", "zodb"],
+                         help="SRC's kind (default: told from its files)")
+    convert.add_argument("--keys", choices=["refuse", "repr"], default="refuse",
+                         help="keys that are not str: refuse (default, listing them) or "
+                              "store under repr(key)")
+    convert.add_argument("--table", help="sqlitedict: the one table to copy (default: all)")
+    demo = command("demo", cmd_demo, "store an object graph and reload it in another process",
+                   store=False)
+    demo.add_argument("path", nargs="?", help="where to write the store (default: a "
+                                              "temporary file)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line ``argv``; return the exit status."""
+    args = _parser().parse_args(argv)
+    try:
+        return int(args.run(args))
+    except KeyboardInterrupt:
+        print("pstore: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # one line for the user; the traceback with --debug
+        if args.debug:
+            raise
+        print(f"pstore {args.command}: {_one_line(error)}", file=sys.stderr)
+        return 1
+
+
+def _one_line(error: BaseException) -> str:
+    if type(error) is KeyError and error.args:
+        return f"no key {error.args[0]!r}"
+    message = str(error)
+    if isinstance(error, OSError) and error.filename is not None:
+        message = f"{error.strerror or message}: {error.filename}"
+    text = " ".join(message.split()) or type(error).__name__
+    # pstore's errors and OSErrors say what happened; others need their type to.
+    return text if type(error).__module__.startswith("pstore") or isinstance(error, OSError) \
+        else f"{type(error).__name__}: {text}"
 
 
 if __name__ == "__main__":

@@ -21,12 +21,16 @@ __all__ = [
     "ReadOnlyError",
     "LockTimeoutError",
     "FormatError",
+    "CorruptionError",
     "MissingObjectError",
     "UnstorableError",
     "ReferenceCycleError",
     "ArgumentError",
     "KeyTypeError",
     "PersistentClassError",
+    "UnsafeFileError",
+    "ConnectionLostError",
+    "ServerLockTimeoutError",
 ]
 
 
@@ -60,18 +64,25 @@ class ReadOnlyError(Error, PermissionError):
 class LockTimeoutError(Error, TimeoutError):
     """Another process held the store's lock for longer than ``lock_timeout``."""
 
-    def __init__(self, path: str, timeout: float) -> None:
-        super().__init__(path, timeout)
+    def __init__(self, path: str, timeout: float, holder: str | None = None) -> None:
+        """``holder``: who holds the lock (pid, host, program, since when), as the holder
+        wrote it into the lock file; None if it wrote nothing readable."""
+        super().__init__(path, timeout, holder)
         self.path = path
         self.timeout = timeout
+        self.holder = holder
 
     def __str__(self) -> str:
-        return (f"could not lock store {self.path!r}: another process held the lock "
+        who = "another process" if self.holder is None else self.holder
+        return (f"could not lock store {self.path!r}: {who} held the lock "
                 f"for the whole {self.timeout:g} s the lock_timeout allows")
 
 
 class FormatError(Error, ValueError):
-    """The file is not a pstore store, or is one of a format version this pstore cannot read."""
+    """The file is not a pstore store, or is one of a format version this pstore cannot read.
+
+    Only that: damage inside a store pstore can read raises :class:`CorruptionError`.
+    """
 
     def __init__(self, path: str, reason: str) -> None:
         super().__init__(path, reason)
@@ -80,6 +91,42 @@ class FormatError(Error, ValueError):
 
     def __str__(self) -> str:
         return f"{self.path!r} is not a usable pstore store: {self.reason}"
+
+
+class CorruptionError(Error, ValueError):
+    """Stored bytes are damaged: a record whose digest does not match, a malformed
+    database page, an undecodable payload, a blob that is not what its record says.
+
+    ``what`` says what was found; ``key`` and ``object_id`` (either may be None)
+    say which value it hit. The exception that revealed the damage, if any, is the
+    ``__cause__``. The store itself is left as it was.
+    """
+
+    def __init__(self, path: str, what: str, *, key: str | None = None,
+                 object_id: int | None = None) -> None:
+        super().__init__(path, what, key, object_id)
+        self.path = path
+        self.what = what
+        self.key = key
+        self.object_id = object_id
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # The keyword-only arguments are not positional in args: rebuild through a helper.
+        return _corruption_error, self.args, self.__dict__
+
+    def __str__(self) -> str:
+        where = []
+        if self.key is not None:
+            where.append(f"key {self.key!r}")
+        if self.object_id is not None:
+            where.append(f"object id {self.object_id}")
+        place = f" ({', '.join(where)})" if where else ""
+        return f"store {self.path!r} is damaged{place}: {self.what}"
+
+
+def _corruption_error(path: str, what: str, key: str | None,
+                      object_id: int | None) -> CorruptionError:
+    return CorruptionError(path, what, key=key, object_id=object_id)
 
 
 class MissingObjectError(Error, KeyError):
@@ -161,3 +208,75 @@ class PersistentClassError(Error, TypeError):
 
     def __str__(self) -> str:
         return f"{self.class_name}: {self.reason}"
+class CorruptionError(Error, ValueError):
+    """Stored bytes are damaged: a store file, index, record or journal fails its check.
+
+    ``path`` names the damaged file, ``what`` says what is wrong; ``key`` and
+    ``object_id`` name the record when one is concerned.
+    """
+
+    def __init__(self, path: str, what: str, *, key: str | None = None,
+                 object_id: int | None = None) -> None:
+        super().__init__(path, what, key, object_id)
+        self.path = path
+        self.what = what
+        self.key = key
+        self.object_id = object_id
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return _rebuild_corruption, self.args
+
+    def __str__(self) -> str:
+        where = "".join([f", key {self.key!r}" if self.key is not None else "",
+                         f", object id {self.object_id}" if self.object_id is not None else ""])
+        return f"store {self.path!r} is damaged{where}: {self.what}"
+
+
+def _rebuild_corruption(path: str, what: str, key: str | None,
+                        object_id: int | None) -> CorruptionError:
+    return CorruptionError(path, what, key=key, object_id=object_id)
+
+
+class UnsafeFileError(Error, PermissionError):
+    """A file beside the store (lock, counter, journal) is not what pstore made: a symbolic
+    link, not a regular file, owned by another user than the store, or not accessible.
+    pstore uses no such file and changes nothing through it."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(path, reason)
+        self.path = path
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"refusing to use {self.path!r}: {self.reason}"
+
+
+class ConnectionLostError(Error, ConnectionError):
+    """The connection to the store's database server failed or was lost; ``reason`` is the
+    server's or the client library's word for it (never with a password). The next call
+    connects again; a transaction under way was rolled back by the server."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(path, reason)
+        self.path = path
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"lost the connection to the server of store {self.path!r}: {self.reason}"
+
+
+class ServerLockTimeoutError(LockTimeoutError):
+    """A :class:`LockTimeoutError` on a database server, naming the session that held the
+    lock: its server process id ``pid``, ``application_name`` and client ``address``."""
+
+    def __init__(self, path: str, timeout: float, pid: int, application_name: str,
+                 address: str) -> None:
+        super().__init__(path, timeout)
+        self.args = (path, timeout, pid, application_name, address)
+        self.pid = pid
+        self.application_name = application_name
+        self.address = address
+
+    def __str__(self) -> str:
+        return (f"{super().__str__()} (held by server process {self.pid}, application "
+                f"{self.application_name!r}, client {self.address})")

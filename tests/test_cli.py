@@ -1,42 +1,182 @@
-"""The ``pstore`` command, run as a real process."""
+"""The ``pstore`` command, run as a real process against real files."""
 
 from __future__ import annotations
 
+import collections
+import fcntl
+import os
+import pty
 import shelve
+import struct
 import subprocess
 import sys
+import termios
 from pathlib import Path
+
+import pytest
 
 import pstore
 from pstore import engine
 
+BACKENDS = ["sqlite", "dbm"]
 
-def run(*args: str, cwd: Path) -> str:
+
+def run(*args: str, cwd: Path, status: int = 0) -> subprocess.CompletedProcess[str]:
     done = subprocess.run([sys.executable, "-m", "pstore", *args], cwd=cwd, capture_output=True,
                           text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    return done.stdout
+    assert done.returncode == status, (done.stdout, done.stderr)
+    return done
+
+
+def out(*args: str, cwd: Path) -> str:
+    return run(*args, cwd=cwd).stdout
+
+
+@pytest.fixture(params=BACKENDS)
+def made(request: pytest.FixtureRequest, tmp_path: Path) -> Path:
+    """A store of the test's backend with a dict, an array, a Persistent object and garbage."""
+    np = pytest.importorskip("numpy")
+    path = tmp_path / "s.db"
+    with pstore.open(path, backend=request.param) as store:
+        store["config"] = {"lr": 0.1}
+        store["arr"] = np.arange(100_000)
+        persistent = pstore.PersistentDict()
+        persistent["z"] = 1
+        store["p"] = persistent
+        store["od"] = collections.OrderedDict(a=1)
+        for number in range(50):
+            store[f"junk{number}"] = "x" * 2000
+        for number in range(50):
+            del store[f"junk{number}"]
+    return path
 
 
 def test_demo_stores_and_reloads_a_graph_in_another_process(tmp_path: Path) -> None:
-    out = run("demo", str(tmp_path / "demo.db"), cwd=tmp_path)
-    assert "share one config object: True" in out
-    assert out.rstrip().endswith("demo ok")
+    text = out("demo", str(tmp_path / "demo.db"), cwd=tmp_path)
+    assert "share one config object: True" in text
+    assert text.rstrip().endswith("demo ok")
 
 
-def test_dis_and_globals_read_without_running(tmp_path: Path) -> None:
-    import collections
+def test_dis_and_globals_of_a_pickle_file(tmp_path: Path) -> None:
     (tmp_path / "x.pickle").write_bytes(engine.dumps(collections.OrderedDict(a=1), 2))
-    assert "GLOBAL" in run("dis", "x.pickle", cwd=tmp_path)
-    assert run("globals", "x.pickle", cwd=tmp_path).split() == ["collections.OrderedDict"]
+    assert "GLOBAL" in out("dis", "x.pickle", cwd=tmp_path)
+    assert out("globals", "x.pickle", cwd=tmp_path).split() == ["collections.OrderedDict"]
 
 
-def test_convert_shelve_keys_and_gc(tmp_path: Path) -> None:
+def test_ls_lists_keys_sizes_kinds_and_blobs_without_loading(made: Path) -> None:
+    lines = out("ls", made.name, cwd=made.parent).splitlines()
+    assert lines[0].split() == ["key", "oid", "bytes", "blobs", "kind"]
+    rows = {line.split()[0]: line for line in lines[1:]}
+    assert sorted(rows) == ["arr", "config", "od", "p"]
+    assert rows["config"].endswith(" dict")
+    assert "800.0 kB" in rows["arr"] and rows["arr"].endswith("numpy.ndarray")
+    assert rows["p"].endswith("pstore.store.persistent.PersistentDict (Persistent)")
+    assert rows["od"].endswith("collections.OrderedDict")
+    assert [line.split()[0] for line in out("ls", made.name, "c*", cwd=made.parent)
+            .splitlines()[1:]] == ["config"]
+
+
+def test_info_names_backend_version_and_counts(made: Path) -> None:
+    text = out("info", made.name, cwd=made.parent)
+    backend = "sqlite" if "sqlite3 (SQLite" in text else "dbm"
+    assert f"backend:        {backend}" in text
+    assert "keys:           4" in text
+    assert "blobs:          1 (800.0 kB)" in text
+
+
+def test_dis_of_a_key_shows_its_record_and_blobs(made: Path) -> None:
+    text = out("dis", made.name, "arr", cwd=made.parent)
+    assert "NEXT_BUFFER" in text and "800000 bytes" in text
+
+
+def test_gc_reports_and_vacuum_shrinks(made: Path) -> None:
+    with pstore.open(made, "w") as store:
+        del store["arr"]
+    text = out("gc", made.name, cwd=made.parent)
+    assert "and 1 unused blobs (800.0 kB)" in text
+    if "dbm.dumb" in out("info", made.name, cwd=made.parent):
+        # dbm.dumb cannot give space back in place: the error says what to do instead.
+        refused = run("vacuum", made.name, cwd=made.parent, status=1)
+        assert "pstore copy" in refused.stderr and refused.stderr.count("\n") == 1
+    else:
+        assert "shrank by" in out("vacuum", made.name, cwd=made.parent)
+    with pstore.open(made, "r") as store:
+        assert store["config"] == {"lr": 0.1}
+
+
+def test_errors_are_one_line_with_status_1_and_usage_errors_status_2(tmp_path: Path) -> None:
+    missing = run("ls", "nope.db", cwd=tmp_path, status=1)
+    assert missing.stderr.count("\n") == 1 and "nope.db" in missing.stderr
+    assert "Traceback" not in missing.stderr
+    with pstore.open(tmp_path / "s.db") as store:
+        store["a"] = 1
+    nokey = run("dis", "s.db", "b", cwd=tmp_path, status=1)
+    assert nokey.stderr == "pstore dis: no key 'b'\n"
+    debug = run("--debug", "ls", "nope.db", cwd=tmp_path, status=1)
+    assert "Traceback" in debug.stderr
+    run("ls", cwd=tmp_path, status=2)
+    run("frobnicate", cwd=tmp_path, status=2)
+
+
+def test_convert_from_shelve_sqlitedict_and_zodb(tmp_path: Path) -> None:
+    sqlitedict = pytest.importorskip("sqlitedict")
     with shelve.open(str(tmp_path / "old")) as shelf:
         shelf["a"] = [1, 2]
-        shelf["b"] = {"x": "y"}
-    assert "copied 2 keys" in run("convert-shelve", "old", "new.db", cwd=tmp_path)
-    assert run("keys", "new.db", cwd=tmp_path).split() == ["a", "b"]
+    assert "copied 1 keys from the shelve" in out("convert", "old", "from_shelve.db",
+                                                   cwd=tmp_path)
+    with sqlitedict.SqliteDict(str(tmp_path / "old.sqlite")) as old:
+        old["b"] = {"x": "y"}
+        old.commit()
+    assert "copied 1 keys from the sqlitedict" in out("convert", "old.sqlite", "from_sd.db",
+                                                       "--target-backend", "dbm",
+                                                       cwd=tmp_path)
+    with pstore.open(tmp_path / "from_shelve.db", "r") as store:
+        assert dict(store.items()) == {"a": [1, 2]}
+    with pstore.open(tmp_path / "from_sd.db", "r") as store:   # told to be DBM from its files
+        assert dict(store.items()) == {"b": {"x": "y"}}
+
+
+def test_convert_refuses_tuple_keys_in_one_line_and_maps_them_when_asked(tmp_path: Path) -> None:
+    diskcache = pytest.importorskip("diskcache")
+    with diskcache.Cache(str(tmp_path / "cache")) as cache:
+        cache[("user", 1)] = "u"
+        cache["plain"] = "p"
+    refused = run("convert", "cache", "new.db", cwd=tmp_path, status=1)
+    assert refused.stderr.count("\n") == 1 and "('user', 1)" in refused.stderr
+    out("convert", "cache", "new.db", "--keys", "repr", cwd=tmp_path)
     with pstore.open(tmp_path / "new.db", "r") as store:
-        assert store["a"] == [1, 2] and store["b"] == {"x": "y"}
-    assert "deleted 0" in run("gc", "new.db", cwd=tmp_path)
+        assert dict(store.items()) == {"('user', 1)": "u", "plain": "p"}
+
+
+def run_in_pty(*args: str, cwd: Path) -> str:
+    """Run the command with a terminal as stdout and stderr; return all it wrote."""
+    leader, follower = pty.openpty()
+    # A terminal of 24 rows and 80 columns (a new pty has 0 of each: tqdm draws nothing).
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+    process = subprocess.Popen([sys.executable, "-m", "pstore", *args], cwd=cwd,
+                               stdout=follower, stderr=follower, stdin=subprocess.DEVNULL)
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:     # EIO: the process closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(leader)
+    assert process.wait(60) == 0
+    return b"".join(chunks).decode(errors="replace")
+
+
+def test_a_progress_bar_on_a_terminal_and_none_otherwise(tmp_path: Path) -> None:
+    pytest.importorskip("tqdm")
+    with shelve.open(str(tmp_path / "old")) as shelf:
+        for number in range(50):
+            shelf[f"k{number}"] = number
+    on_terminal = run_in_pty("convert", "old", "a.db", cwd=tmp_path)
+    assert "convert:" in on_terminal and " keys" in on_terminal and "\r" in on_terminal
+    piped = run("convert", "old", "b.db", cwd=tmp_path)
+    assert "convert:" not in piped.stdout + piped.stderr
+    assert piped.stdout.startswith("copied 50 keys")

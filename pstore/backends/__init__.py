@@ -18,19 +18,48 @@ import importlib
 from ..errors import ArgumentError
 from .base import Backend, ReadableBackend
 
-__all__ = ["BACKENDS", "READERS", "Backend", "ReadableBackend", "open_backend"]
+__all__ = ["BACKENDS", "READERS", "SCHEMES", "Backend", "ReadableBackend", "detect_backend",
+           "open_backend"]
 
 #: backend name -> "module:class" implementing :class:`Backend`.
 BACKENDS: dict[str, str] = {
     "sqlite": "pstore.backends.sqlite:SQLiteBackend",
     "dbm": "pstore.backends.dbm:DBMBackend",
+    "postgresql": "pstore.backends.postgresql:PostgreSQLBackend",
 }
+
+#: URL scheme -> the backend a location of that scheme implies.
+SCHEMES: dict[str, str] = {"postgresql": "postgresql", "postgres": "postgresql"}
 
 #: Like :data:`BACKENDS`, for read-only views (flag 'r' only, a
 #: :class:`~pstore.backends.base.ReadableBackend`): not in the write tests.
 READERS: dict[str, str] = {
     "shelve": "pstore.backends.shelf:ShelveReader",
 }
+
+
+def detect_backend(location: str) -> str | None:
+    """The backend of the store at ``location``, told without opening it as a store:
+    the one its URL scheme names (``postgresql://...``), else the one whose files are
+    there; None where there is nothing pstore knows (a new path, another kind of file).
+
+    An SQLite file with pstore's application id is the SQLite backend's; a file of a dbm
+    module (``dbm.whichdb``) the DBM backend's, which itself tells a pstore store from
+    a shelve file.
+    """
+    scheme, colon, _ = location.partition("://")
+    if colon:
+        return SCHEMES.get(scheme.lower())
+    try:
+        with open(location, "rb") as file:
+            header = file.read(72)
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        header = b""
+    if header[:16] == b"SQLite format 3\0" and header[68:72] == b"pStr":
+        return "sqlite"
+    from .dbm import whichdb
+
+    return "dbm" if whichdb(location) else None
 
 
 def open_backend(name: str, path: str, flag: str, *, lock_timeout: float,

@@ -19,6 +19,8 @@ implements: reading records, blobs and keys, change detection, fork and close
 adds writing. Every method that changes something must be called inside a
 write transaction (:meth:`Backend.begin` ... :meth:`Backend.commit` or
 :meth:`Backend.rollback`, or the concrete :meth:`Backend.writing` context).
+Methods that are not abstract have defaults (some raise ``NotImplementedError``
+until a backend that can provides them).
 Reads may be called inside or outside one. Outside, each read sees the latest
 committed state; inside, every read (records, keys, iteration, counts, refs)
 sees the transaction's own changes too -- the store relies on it, e.g. to read
@@ -32,12 +34,47 @@ implement the same methods.
 
 from __future__ import annotations
 
+import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Collection, Hashable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
-__all__ = ["ReadableBackend", "Backend"]
+from ..errors import Error, FormatError
+
+__all__ = ["ReadableBackend", "Backend", "SEAL_SIZE", "Statistics", "binding_seal"]
+
+#: Bytes of a key binding's seal.
+SEAL_SIZE = 8
+
+
+def binding_seal(key: str, oid: int) -> bytes:
+    """The check a backend stores with the binding of ``key`` to ``oid`` (format version 3).
+
+    BLAKE2b, 8 bytes, person ``pstore-key``, of the object id as 8 little-endian
+    bytes followed by the key in UTF-8 (lone surrogates allowed). A binding whose
+    seal does not match was damaged: its reader raises
+    :class:`~pstore.errors.CorruptionError` instead of returning another record.
+    """
+    return hashlib.blake2b(oid.to_bytes(8, "little") + key.encode("utf-8", "surrogatepass"),
+                           digest_size=SEAL_SIZE, person=b"pstore-key").digest()
+
+
+@dataclass(frozen=True)
+class Statistics:
+    """What a backend holds, for :meth:`Store.info <pstore.store.Store.info>`."""
+
+    #: The library underneath, with its version: ``"sqlite3 (SQLite 3.40.1)"``.
+    module: str
+    #: The store's on-disk format version (``docs/format.md``).
+    format_version: int
+    records: int
+    #: Bytes of every record's data, as stored.
+    record_bytes: int
+    blobs: int
+    #: Bytes of every blob, as stored (compressed ones compressed).
+    blob_bytes: int
 
 
 class ReadableBackend(ABC):
@@ -55,14 +92,19 @@ class ReadableBackend(ABC):
     interface is a read-only view: its ``read_only`` is True.
     """
 
+    #: The backend's name in :data:`pstore.backends.BACKENDS` (or ``READERS``).
+    name: str
     #: The location the store was opened with, for error messages.
     path: str
     #: True when opened with flag 'r' (always, for a read-only view): nothing is written.
     read_only: bool
+    #: Every record whose object id is at least this carries a digest (format version 3);
+    #: smaller ids may name records written before the store was upgraded to it.
+    digests_from: int = 1
     #: Whether the class takes ``variant=`` (``pstore.open(..., backend="name:variant")``).
     takes_variant: ClassVar[bool] = False
 
-    # -- records ----------------------------------------------------------------------------
+    # -- records ------------------------------------------------------------------------
 
     @abstractmethod
     def get_record(self, oid: int) -> bytes | None:
@@ -72,7 +114,7 @@ class ReadableBackend(ABC):
     def existing(self, oids: Collection[int]) -> set[int]:
         """The subset of ``oids`` that have a record."""
 
-    # -- blobs ------------------------------------------------------------------------------
+    # -- blobs --------------------------------------------------------------------------
 
     @abstractmethod
     def get_blob(self, name: str, size: int, *, writable: bool) -> Any:
@@ -89,7 +131,7 @@ class ReadableBackend(ABC):
     def read_blob(self, name: str) -> Iterator[bytes]:
         """The bytes of blob ``name``, streamed in chunks (for blobs stored compressed)."""
 
-    # -- keys -------------------------------------------------------------------------------
+    # -- keys ---------------------------------------------------------------------------
 
     @abstractmethod
     def get_key(self, key: str) -> int | None:
@@ -115,7 +157,7 @@ class ReadableBackend(ABC):
     def count_keys(self) -> int:
         """The number of bound keys."""
 
-    # -- change detection -----------------------------------------------------------------
+    # -- change detection ---------------------------------------------------------------
 
     @abstractmethod
     def change_marker(self) -> Hashable:
@@ -124,7 +166,54 @@ class ReadableBackend(ABC):
         This connection's own commits need not change it.
         """
 
-    # -- lifetime ----------------------------------------------------------------------------
+    # -- inspection and damage ----------------------------------------------------------
+
+    def statistics(self) -> Statistics:
+        """Counts and sizes of what the store holds. Reads only; outside transactions."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no statistics")
+
+    def iter_records(self) -> Iterator[tuple[int, bytes, list[int]]]:
+        """``(object id, data, refs)`` of every record, streamed (for verification); by
+        default over :meth:`record_ids`, :meth:`get_record` and :meth:`refs_of`."""
+        for oid in self.record_ids():
+            data = self.get_record(oid)
+            if data is not None:
+                yield oid, data, list(self.refs_of(oid))
+
+    def is_damage(self, error: Exception) -> bool:
+        """Whether ``error``, raised while reading stored bytes, means they are damaged
+        (not that the store is busy, closed or locked). By default every error that is
+        not one of pstore's own, and :class:`~pstore.errors.FormatError`, is."""
+        return not isinstance(error, Error) or isinstance(error, FormatError)
+
+    def problems(self) -> list[str]:
+        """Damage this backend found and set aside rather than use (e.g. a journal that
+        failed its check), each a sentence naming the file; for ``Store.verify()``."""
+        return []
+
+    # -- graph primitives (of the defaults iter_records, Backend.reaches, Backend.gc) --
+    # Not abstract: a backend that overrides those (SQLite, with recursive queries) needs
+    # only refs_of; one that has no graph of its own (a read-only view) none of them.
+
+    def refs_of(self, oid: int, *, lazy: bool = True) -> Collection[int]:
+        """The object ids record ``oid`` refers to (without its lazy refs if not ``lazy``);
+        empty if there is no such record."""
+        raise NotImplementedError(f"{type(self).__name__}.refs_of")
+
+    def blobs_of(self, oid: int) -> Collection[str]:
+        """The names of the blobs record ``oid`` uses."""
+        raise NotImplementedError(f"{type(self).__name__}.blobs_of")
+
+    def record_ids(self) -> Iterator[int]:
+        """The object id of every record, each once (inside a write transaction: with its
+        changes). The caller may delete records while iterating."""
+        raise NotImplementedError(f"{type(self).__name__}.record_ids")
+
+    def bound_ids(self) -> Iterator[int]:
+        """The object id of every key binding (an id once per key bound to it)."""
+        raise NotImplementedError(f"{type(self).__name__}.bound_ids")
+
+    # -- lifetime -----------------------------------------------------------------------
 
     @abstractmethod
     def after_fork(self) -> None:
@@ -157,7 +246,7 @@ class Backend(ReadableBackend):
             self.rollback()
             raise
 
-    # -- records ----------------------------------------------------------------------------
+    # -- records ------------------------------------------------------------------------
 
     @abstractmethod
     def new_oid(self) -> int:
@@ -186,12 +275,24 @@ class Backend(ReadableBackend):
     def is_referenced(self, oid: int) -> bool:
         """Whether a key is bound to ``oid`` or a record's refs contain it."""
 
-    @abstractmethod
     def reaches(self, sources: Collection[int], target: int) -> bool:
         """Whether ``target`` is one of ``sources`` or reachable from them through refs
-        that are not lazy."""
+        that are not lazy.
 
-    # -- blobs ------------------------------------------------------------------------------
+        The default walks :meth:`refs_of`; memory grows with the records reached.
+        """
+        seen: set[int] = set()
+        stack = list(sources)
+        while stack:
+            oid = stack.pop()
+            if oid == target:
+                return True
+            if oid not in seen:
+                seen.add(oid)
+                stack.extend(self.refs_of(oid, lazy=False))
+        return False
+
+    # -- blobs --------------------------------------------------------------------------
 
     @abstractmethod
     def put_blob(self, chunks: Iterable[Any]) -> str:
@@ -203,7 +304,7 @@ class Backend(ReadableBackend):
         blob; if the transaction rolls back, no reader ever sees the blob.
         """
 
-    # -- keys -------------------------------------------------------------------------------
+    # -- keys ---------------------------------------------------------------------------
 
     @abstractmethod
     def bind_key(self, key: str, oid: int) -> int | None:
@@ -213,7 +314,7 @@ class Backend(ReadableBackend):
     def unbind_key(self, key: str) -> int | None:
         """Remove ``key``; return the object id it was bound to, or None if it was unbound."""
 
-    # -- transactions -----------------------------------------------------------------------
+    # -- transactions -------------------------------------------------------------------
 
     @abstractmethod
     def begin(self) -> None:
@@ -232,12 +333,53 @@ class Backend(ReadableBackend):
     def rollback(self) -> None:
         """Discard the transaction's changes and release the lock."""
 
-    # -- maintenance ------------------------------------------------------------------------
+    # -- coordination -------------------------------------------------------------------
 
-    @abstractmethod
+    def key_lock(self, key: str, timeout: float) -> AbstractContextManager[None]:
+        """A context holding a cross-process lock of its own for ``key``, waiting up to
+        ``timeout`` seconds (``inf``: as long as it takes) before
+        :class:`~pstore.errors.LockTimeoutError`.
+
+        Not the write lock: holding it blocks nobody's reads or writes, only other
+        holders of the same key's lock (compute-once, :mod:`pstore.store.compute`).
+        Outside transactions. The file backends keep one lock file per key; a
+        server database would use its own advisory locks.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no key locks")
+
+    # -- maintenance --------------------------------------------------------------------
+
     def gc(self) -> int:
         """Delete every record no key reaches through refs; return how many were deleted.
 
         Also deletes, when the transaction commits, every blob no remaining record
         names. Inside a write transaction. Readers in other processes are not blocked.
+
+        The default marks from :meth:`bound_ids` through :meth:`refs_of` and sweeps
+        :meth:`record_ids` (the records that exist, not a range of ids); memory grows
+        with the number of records (their ids), never with their data.
         """
+        live: set[int] = set()
+        stack = list(self.bound_ids())
+        while stack:
+            oid = stack.pop()
+            if oid not in live:
+                live.add(oid)
+                stack.extend(self.refs_of(oid))
+        deleted = 0
+        for oid in self.record_ids():
+            if oid not in live:
+                self.delete_record(oid)
+                deleted += 1
+        self.collect_blobs({name for oid in live for name in self.blobs_of(oid)})
+        return deleted
+
+    def collect_blobs(self, referenced: Collection[str]) -> None:
+        """Delete, when the transaction commits, every blob not in ``referenced``."""
+        raise NotImplementedError(f"{type(self).__name__}.collect_blobs")
+
+    def vacuum(self) -> int:
+        """Give the space of deleted records and blobs back to the file system (or
+        server), under the write lock, while readers keep working; return how many
+        bytes the store's files shrank by. Outside transactions."""
+        raise NotImplementedError(f"{type(self).__name__} cannot vacuum")

@@ -14,24 +14,36 @@ use this module; it knows nothing of records, keys or transactions.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import itertools
 import mmap
 import os
+import secrets
+import stat
 import sys
-import tempfile
 import threading
+import warnings
 from collections.abc import Collection, Iterable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
-from ..errors import FormatError
+from ..errors import ClosedError, CorruptionError, FormatError
 from .files import fsync_directory
 
-__all__ = ["BlobStore", "LocalBlobs", "blob_digest", "LEAF_SIZE"]
+__all__ = ["BlobStore", "LocalBlobs", "OddEntry", "blob_digest", "LEAF_SIZE"]
 
 #: The digest is a hash tree over leaves of this many bytes (the last one may be shorter).
 LEAF_SIZE = 1 << 24
 _DIGEST_SIZE = 32
 _TEMP_PREFIX = ".tmp-"
+_HEX_DIGITS = frozenset("0123456789abcdef")
+# Opening never follows a symbolic link planted where pstore expects its own folders and
+# files; O_NONBLOCK keeps a planted FIFO from blocking the open (reads of regular files
+# ignore it). (getattr: Windows has none of these, nor dir_fd; the module still imports.)
+_NO_FOLLOW = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+_DIRECTORY_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _NO_FOLLOW
+_READ_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | _NO_FOLLOW
+_NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NO_FOLLOW
 # The data and the size, without the rest of the inode's metadata where the OS can.
 _fdatasync = getattr(os, "fdatasync", os.fsync)
 # mmap keeps a duplicate of the file descriptor unless told not to (Python 3.13+):
@@ -151,6 +163,13 @@ class _TreeHasher:
         return _root_digest(self._size, self._leaves)  # type: ignore[arg-type]
 
 
+class OddEntry(NamedTuple):
+    """An entry of a blob folder that is not a blob: skipped, never followed or removed."""
+
+    path: str
+    problem: str
+
+
 class BlobStore:
     """Blob files under ``directory``: ``directory/ab/abcdef...`` (two-digit fan-out).
 
@@ -158,12 +177,27 @@ class BlobStore:
     read. A writer must hold its store's write lock around :meth:`put`,
     :meth:`end` and :meth:`collect`: that is what makes a blob file found under
     its name safe to reuse.
+
+    Nothing outside the directory is ever touched: the directory and its
+    fan-out folders are opened without following symbolic links, and every file
+    operation works relative to them. Only regular files named by a digest, in
+    the fan-out folder of their first two digits, are blobs; every other entry
+    (a symbolic link, a folder where a file belongs, an odd name) is left alone
+    and listed by :meth:`odd_entries`. A blob file that is not a regular file is
+    refused with a :class:`~pstore.CorruptionError` naming it. POSIX only (it
+    needs ``dir_fd``).
     """
 
     def __init__(self, directory: str) -> None:
         self.directory = directory
         self._created: list[str] = []   # blobs the open transaction created
         self._doomed: set[str] = set()  # blobs to delete when the open transaction commits
+        #: Set by :meth:`close`: the backend's blob methods then raise ClosedError.
+        self.closed = False
+
+    def close(self) -> None:
+        """Mark the blobs closed with their backend (nothing is held open between calls)."""
+        self.closed = True
 
     def path_of(self, name: str) -> str:
         """The file of blob ``name`` (which must be a digest: 64 hex digits)."""
@@ -175,71 +209,128 @@ class BlobStore:
         When a blob of the same bytes exists already, the new copy is discarded.
         When this returns, the blob is durable (fsynced, and its directory entry
         too); if the transaction rolls back, :meth:`end` deletes it again.
+        Raises :class:`~pstore.CorruptionError` if the blob folder, its fan-out
+        folder or the blob's own entry is something else than pstore made there.
         """
-        os.makedirs(self.directory, mode=0o700, exist_ok=True)
-        fd, temporary = tempfile.mkstemp(prefix=_TEMP_PREFIX, dir=self.directory)  # 0600
-        hasher = _TreeHasher()
+        root = self._create_root()
+        # A fresh random name, created exclusively: nothing planted under it is followed.
+        temporary = f"{_TEMP_PREFIX}{secrets.token_hex(16)}"
         try:
-            for chunk in chunks:
-                view = memoryview(chunk).cast("B")
-                hasher.update(view)
-                _write_all(fd, view)
-            # Writing kept one core busy and a hashing thread the other; waiting for the
-            # disk frees this one.
-            hasher.add_worker()
-            _fdatasync(fd)
-            name = hasher.digest()
+            fd = os.open(temporary, _NEW_FILE_FLAGS, 0o600, dir_fd=root)
+            try:
+                name = _write_hashed(fd, chunks)
+            finally:
+                os.close(fd)
+            self._move_into_place(root, temporary, name)
         except BaseException:
-            hasher.close()
-            os.close(fd)
-            os.unlink(temporary)
+            _unlink_regular(temporary, root)
+            os.close(root)
             raise
-        os.close(fd)
-        target = self.path_of(name)
-        if os.path.exists(target):
-            os.unlink(temporary)
-            return name
-        fan_out = os.path.dirname(target)
-        if not os.path.isdir(fan_out):
-            os.mkdir(fan_out, 0o700)
-            fsync_directory(fan_out)
-        os.rename(temporary, target)
-        fsync_directory(target)
-        self._created.append(name)
+        os.close(root)
         return name
+
+    def _move_into_place(self, root: int, temporary: str, name: str) -> None:
+        fan_out = self._open_fan_out(root, name[:2], create=True)
+        try:
+            try:
+                mode: int | None = os.stat(name, dir_fd=fan_out, follow_symlinks=False).st_mode
+            except FileNotFoundError:
+                mode = None
+            if mode is not None:
+                if not stat.S_ISREG(mode):
+                    raise self._not_a_blob(self.path_of(name), mode, "file")
+                os.unlink(temporary, dir_fd=root)   # the same bytes are stored already
+                return
+            os.rename(temporary, name, src_dir_fd=root, dst_dir_fd=fan_out)
+            self._created.append(name)
+            os.fsync(fan_out)
+        finally:
+            os.close(fan_out)
 
     def open(self, name: str, size: int, *, writable: bool) -> Any:
         """The bytes of blob ``name``, mapped: a buffer of ``size`` bytes.
 
         ``writable``: a copy-on-write mapping (writes change this process's pages,
         never the file), else a read-only one. Raises ``FileNotFoundError`` if the
-        blob is missing and ``ValueError`` if its size is not ``size``.
+        blob is missing, ``ValueError`` if its size is not ``size`` and
+        :class:`~pstore.CorruptionError` if its entry is not a regular file.
         """
-        with open(self.path_of(name), "rb") as file:
-            actual = os.fstat(file.fileno()).st_size
+        fd = self._open_blob(name)
+        try:
+            actual = os.fstat(fd).st_size
             if actual != size:
                 raise ValueError(f"blob {self.path_of(name)} holds {actual} bytes, "
                                  f"its record says {size}")
             if size == 0:       # an empty file cannot be mapped
                 return bytearray() if writable else b""
             access = mmap.ACCESS_COPY if writable else mmap.ACCESS_READ
-            return mmap.mmap(file.fileno(), 0, access=access, **_MMAP_OPTIONS)
+            return mmap.mmap(fd, 0, access=access, **_MMAP_OPTIONS)
+        finally:
+            os.close(fd)
 
     def read_chunks(self, name: str, chunk_size: int = 1 << 20) -> Iterator[bytes]:
         """The stored bytes of blob ``name``, a chunk at a time (for compressed blobs)."""
-        with open(self.path_of(name), "rb") as file:
-            while chunk := file.read(chunk_size):
+        fd = self._open_blob(name)
+        try:
+            while chunk := os.read(fd, chunk_size):
                 yield chunk
+        finally:
+            os.close(fd)
+
+    def verify(self, name: str) -> str | None:
+        """Re-hash the content of blob ``name``: None if it matches the name, else what
+        is wrong with it (missing, not a regular file, unreadable, other bytes)."""
+        path = self.path_of(name)
+        try:
+            fd = self._open_blob(name)
+        except FileNotFoundError:
+            return f"blob file {path} is missing"
+        except CorruptionError as error:
+            return error.what
+        except OSError as error:
+            return f"blob file {path} cannot be read ({error.strerror})"
+        try:
+            size = os.fstat(fd).st_size
+            with (mmap.mmap(fd, 0, access=mmap.ACCESS_READ, **_MMAP_OPTIONS) if size
+                  else contextlib.nullcontext(b"")) as content:
+                actual = blob_digest(content)
+        except OSError as error:
+            return f"blob file {path} cannot be read ({error.strerror})"
+        finally:
+            os.close(fd)
+        if actual != name:
+            return f"blob file {path} holds other bytes than its name says (their digest is {actual})"
+        return None
 
     def names(self) -> Iterator[str]:
-        """The name of every blob, in no particular order."""
-        try:
-            fan_outs = os.listdir(self.directory)
-        except FileNotFoundError:
-            return
-        for fan_out in fan_outs:
-            if len(fan_out) == 2:
-                yield from os.listdir(os.path.join(self.directory, fan_out))
+        """The name of every blob, in no particular order (odd entries skipped)."""
+        root = self._open_root_to_walk([])
+        if root is not None:
+            try:
+                yield from self._walk(root, [], [])
+            finally:
+                os.close(root)
+
+    def odd_entries(self) -> list[OddEntry]:
+        """Every entry of the blob folder that is not a blob nor a writer's temporary file
+        (nothing is followed: a symbolic link is listed, not what it points to)."""
+        odd: list[OddEntry] = []
+        root = self._open_root_to_walk(odd)
+        if root is not None:
+            try:
+                for _ in self._walk(root, odd, []):
+                    pass
+            finally:
+                os.close(root)
+        return odd
+
+    def usage(self) -> tuple[int, int]:
+        """(number of blobs, their bytes on disk)."""
+        count = size = 0
+        for name in self.names():
+            count += 1
+            size += os.lstat(self.path_of(name)).st_size
+        return count, size
 
     def doom(self, names: Iterable[str]) -> None:
         """Delete the blobs ``names`` when the open transaction commits (see :meth:`end`)."""
@@ -259,32 +350,174 @@ class BlobStore:
             self._doomed.clear()
 
     def _remove(self, names: Iterable[str]) -> None:
-        removed = None
-        for name in names:
-            removed = self.path_of(name)
-            try:
-                os.unlink(removed)
-            except FileNotFoundError:
-                pass
-        if removed is not None:
-            fsync_directory(removed)
+        names = sorted(names)
+        if not names:
+            return
+        try:
+            root = self._open_root()
+        except CorruptionError as error:    # replaced since: leave it alone
+            warnings.warn(str(error), RuntimeWarning, stacklevel=3)
+            return
+        if root is None:
+            return
+        try:
+            for fan_out_name, group in itertools.groupby(names, key=lambda name: name[:2]):
+                try:
+                    fan_out = self._open_fan_out(root, fan_out_name, create=False)
+                except (FileNotFoundError, CorruptionError):
+                    continue
+                try:
+                    for name in group:
+                        _unlink_regular(name, fan_out)
+                    os.fsync(fan_out)
+                finally:
+                    os.close(fan_out)
+        finally:
+            os.close(root)
 
     def collect(self, referenced: Collection[str]) -> int:
         """Doom every blob not in ``referenced``; return how many.
 
         Also deletes the temporary files of writers killed in the middle of
-        :meth:`put` (the caller holds the write lock: no put is under way).
+        :meth:`put` (the caller holds the write lock: no put is under way). Entries
+        that are not blobs are left alone, each reported by a ``RuntimeWarning``.
         """
-        try:
-            entries = os.listdir(self.directory)
-        except FileNotFoundError:
-            return 0
-        for entry in entries:
-            if entry.startswith(_TEMP_PREFIX):
-                os.unlink(os.path.join(self.directory, entry))
-        unreferenced = [name for name in self.names() if name not in referenced]
+        odd: list[OddEntry] = []
+        temporaries: list[str] = []
+        root = self._open_root_to_walk(odd)
+        unreferenced: list[str] = []
+        if root is not None:
+            try:
+                unreferenced = [name for name in self._walk(root, odd, temporaries)
+                                if name not in referenced]
+                for temporary in temporaries:
+                    _unlink_regular(temporary, root)
+                if temporaries:
+                    os.fsync(root)
+            finally:
+                os.close(root)
+        for entry in odd:
+            warnings.warn(f"blob folder {self.directory}: left alone {entry.path}: "
+                          f"{entry.problem}", RuntimeWarning, stacklevel=2)
         self.doom(unreferenced)
         return len(unreferenced)
+
+    # -- opening without following links ------------------------------------------------------
+
+    def _create_root(self) -> int:
+        """A descriptor of the blob folder, created if missing."""
+        try:
+            os.mkdir(self.directory, 0o700)
+        except FileExistsError:
+            pass
+        else:
+            fsync_directory(self.directory)
+        return self._open_existing_root()
+
+    def _open_root(self) -> int | None:
+        """A descriptor of the blob folder; None if there is none."""
+        try:
+            return self._open_existing_root()
+        except FileNotFoundError:
+            return None
+
+    def _open_existing_root(self) -> int:
+        try:
+            return os.open(self.directory, _DIRECTORY_FLAGS)
+        except FileNotFoundError:
+            raise
+        except OSError:     # ELOOP for a symbolic link, ENOTDIR for a file
+            raise self._not_a_blob(self.directory, _lstat_mode(self.directory),
+                                   "folder") from None
+
+    def _open_root_to_walk(self, odd: list[OddEntry]) -> int | None:
+        try:
+            return self._open_root()
+        except CorruptionError as error:
+            odd.append(OddEntry(self.directory, error.what))
+            return None
+
+    def _open_fan_out(self, root: int, name: str, *, create: bool) -> int:
+        """A descriptor of fan-out folder ``name`` (of the folder ``root``)."""
+        if create:
+            try:
+                os.mkdir(name, 0o700, dir_fd=root)
+            except FileExistsError:
+                pass
+            else:
+                os.fsync(root)
+        try:
+            return os.open(name, _DIRECTORY_FLAGS, dir_fd=root)
+        except FileNotFoundError:
+            raise
+        except OSError:
+            path = os.path.join(self.directory, name)
+            raise self._not_a_blob(path, _lstat_mode(name, root), "folder") from None
+
+    def _open_blob(self, name: str) -> int:
+        """A descriptor of blob file ``name``, open for reading."""
+        root = self._open_existing_root()
+        try:
+            fan_out = self._open_fan_out(root, name[:2], create=False)
+        finally:
+            os.close(root)
+        try:
+            try:
+                fd = os.open(name, _READ_FLAGS, dir_fd=fan_out)
+            except FileNotFoundError:
+                raise
+            except OSError:     # ELOOP: a symbolic link
+                raise self._not_a_blob(self.path_of(name), _lstat_mode(name, fan_out),
+                                       "file") from None
+        finally:
+            os.close(fan_out)
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            os.close(fd)
+            raise self._not_a_blob(self.path_of(name), mode, "file")
+        return fd
+
+    def _walk(self, root: int, odd: list[OddEntry], temporaries: list[str]) -> Iterator[str]:
+        """The blobs under the folder ``root``; what is not a blob goes to ``odd``, the
+        temporary files of writers to ``temporaries``."""
+        with os.scandir(root) as entries:
+            for entry in entries:
+                if entry.name.startswith(_TEMP_PREFIX) and entry.is_file(follow_symlinks=False):
+                    temporaries.append(entry.name)
+                elif _is_fan_out_name(entry.name) and entry.is_dir(follow_symlinks=False):
+                    yield from self._walk_fan_out(root, entry.name, odd)
+                else:
+                    odd.append(self._odd(entry, os.path.join(self.directory, entry.name)))
+
+    def _walk_fan_out(self, root: int, name: str, odd: list[OddEntry]) -> Iterator[str]:
+        try:
+            fan_out = self._open_fan_out(root, name, create=False)
+        except (OSError, CorruptionError) as error:     # replaced since it was listed
+            odd.append(OddEntry(os.path.join(self.directory, name), str(error)))
+            return
+        try:
+            with os.scandir(fan_out) as entries:
+                for entry in entries:
+                    if _is_blob_name(entry.name, name) and entry.is_file(follow_symlinks=False):
+                        yield entry.name
+                    else:
+                        odd.append(self._odd(entry, os.path.join(self.directory, name,
+                                                                 entry.name)))
+        finally:
+            os.close(fan_out)
+
+    @staticmethod
+    def _odd(entry: os.DirEntry[str], path: str) -> OddEntry:
+        try:
+            kind = _kind(entry.stat(follow_symlinks=False).st_mode)
+        except OSError:
+            kind = "an entry that vanished"
+        return OddEntry(path, f"{path} is {kind}, not a blob")
+
+    def _not_a_blob(self, path: str, mode: int | None, expected: str) -> CorruptionError:
+        kind = "gone" if mode is None else _kind(mode)
+        return CorruptionError(self.directory, f"{path} is {kind} where a blob {expected} "
+                                               f"belongs; pstore neither follows nor removes it")
 
 
 class LocalBlobs:
@@ -295,24 +528,98 @@ class LocalBlobs:
     _blobs: BlobStore
 
     def put_blob(self, chunks: Iterable[Any]) -> str:
-        return self._blobs.put(chunks)
+        blobs = self._open_blobs()
+        try:
+            return blobs.put(chunks)
+        except CorruptionError as error:
+            raise CorruptionError(self.path, error.what) from None
 
     def get_blob(self, name: str, size: int, *, writable: bool) -> Any:
+        blobs = self._open_blobs()
         try:
-            return self._blobs.open(name, size, writable=writable)
+            return blobs.open(name, size, writable=writable)
         except FileNotFoundError:
             raise self._missing(name) from None
+        except CorruptionError as error:    # a ValueError too: first
+            raise CorruptionError(self.path, error.what) from None
         except ValueError as error:
             raise FormatError(self.path, str(error)) from None
 
     def read_blob(self, name: str) -> Iterator[bytes]:
+        blobs = self._open_blobs()
         try:
-            yield from self._blobs.read_chunks(name)
+            yield from blobs.read_chunks(name)
         except FileNotFoundError:
             raise self._missing(name) from None
+        except CorruptionError as error:
+            raise CorruptionError(self.path, error.what) from None
+
+    def verify_blob(self, name: str) -> str | None:
+        """Re-hash blob ``name``: None if its content matches its name, else what is wrong."""
+        return self._open_blobs().verify(name)
+
+    def odd_blob_entries(self) -> list[OddEntry]:
+        """The entries of the blob folder that are not blobs (left alone by pstore)."""
+        return self._open_blobs().odd_entries()
+
+    def _open_blobs(self) -> BlobStore:
+        if self._blobs.closed:
+            raise ClosedError(self.path)
+        return self._blobs
 
     def _missing(self, name: str) -> FormatError:
         return FormatError(self.path, f"blob file {self._blobs.path_of(name)} is missing")
+
+
+def _write_hashed(fd: int, chunks: Iterable[Any]) -> str:
+    """Write the buffers of ``chunks`` to ``fd``, make them durable; return their digest."""
+    hasher = _TreeHasher()
+    try:
+        for chunk in chunks:
+            view = memoryview(chunk).cast("B")
+            hasher.update(view)
+            _write_all(fd, view)
+        # Writing kept one core busy and a hashing thread the other; waiting for the
+        # disk frees this one.
+        hasher.add_worker()
+        _fdatasync(fd)
+        return hasher.digest()
+    finally:
+        hasher.close()
+
+
+def _is_fan_out_name(name: str) -> bool:
+    return len(name) == 2 and set(name) <= _HEX_DIGITS
+
+
+def _is_blob_name(name: str, fan_out: str) -> bool:
+    return len(name) == 2 * _DIGEST_SIZE and name[:2] == fan_out and set(name) <= _HEX_DIGITS
+
+
+def _lstat_mode(name: str, dir_fd: int | None = None) -> int | None:
+    try:
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode
+    except OSError:
+        return None
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISLNK(mode):
+        return "a symbolic link"
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if stat.S_ISREG(mode):
+        return "a file"
+    return "a special file"
+
+
+def _unlink_regular(name: str, dir_fd: int) -> None:
+    """Remove ``name`` from the folder ``dir_fd`` if it is a regular file (else leave it)."""
+    if (mode := _lstat_mode(name, dir_fd)) is not None and stat.S_ISREG(mode):
+        try:
+            os.unlink(name, dir_fd=dir_fd)
+        except FileNotFoundError:
+            pass
 
 
 def _write_all(fd: int, view: memoryview) -> None:

@@ -5,361 +5,47 @@ nor any locking that works across all of them. This backend adds all three:
 
 * **Transactions**: changes are buffered in memory, written at commit as one
   redo journal (:mod:`.journal`), and only then applied to the database; a
-  complete journal left by a killed process is replayed, an incomplete one
-  discarded.
+  journal left by a killed process is applied by the next writer. A read-only
+  store writes nothing: it reads such a journal as an overlay instead.
 * **Locks**: ``<path>.lock`` serializes writers (held from :meth:`begin` to the
-  end of :meth:`commit`); ``<path>.commits`` is held shared by readers for each
-  read and exclusively by a writer only while it applies a journal, so readers
-  wait for that apply phase and nothing else, and never see half of it;
-  ``<path>.gate`` keeps a stream of readers from starving an applying writer.
-* **Change detection**: ``<path>.commits`` also holds a counter that every
-  apply increments; it is the change marker, and it tells readers when their
-  open database handle is stale.
+  end of :meth:`commit`); :class:`ApplyLocks` keeps readers out while a writer
+  applies a journal, and nothing else.
+* **Change detection**: ``<path>.commits`` holds a counter that every apply
+  increments; it is the change marker, and it tells readers when their open
+  database handle is stale.
 
-The key-space layout and the journal format are in ``docs/format.md``; when to
-use this backend, in ``docs/backends.md``. Files written by the standard
-library's ``shelve`` are read by :mod:`.shelf`.
+The adapters over the dbm modules are in :mod:`.dbm_modules`; the key-space
+layout and the journal format in ``docs/format.md``; when to use this backend,
+in ``docs/backends.md``. Files written by the standard library's ``shelve`` are
+read by :mod:`.shelf`.
 """
 
 from __future__ import annotations
 
-import dbm
-import importlib
 import os
-import shutil
-import sqlite3
-import struct
+import platform
 import threading
-from collections.abc import Collection, Iterator
-from contextlib import contextmanager
+from collections.abc import Collection, Hashable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
-from ..errors import ClosedError, FormatError, LockTimeoutError, ReadOnlyError
+from ..errors import ClosedError, CorruptionError, Error, FormatError, ReadOnlyError
 from . import journal
-from .base import Backend
+from .base import Backend, Statistics, binding_seal
 from .blobs import BlobStore, LocalBlobs
-from .files import FileLock, fsync_directory, require_existing
+from .dbm_layout import (CHECK, DIGESTS_FROM, FORMAT, FORMAT_KEY, FORMAT_NAME, FORMAT_VERSION,
+                         FREE_PAGES,
+                         KEY_COUNT, MAX_OID, NEXT_OID, OPEN_PAGE, PAGE_COUNT, PAGE_KEYS, VERSION,
+                         blobs_key, check_meta, count_key, encode_key, key_key, lazy_key,
+                         meta_digest, pack_ints, pack_names, pack_page, page_key, record_key,
+                         refs_key, unpack_ints, unpack_names, unpack_page)
+from .dbm_modules import MODULES, SUFFIXES, choose_module, whichdb
+from .files import (INHERITED, ApplyLocks, FileLock, fsync_directory, fsync_file, key_lock_file,
+                    remove_files,
+                    require_existing, store_owner)
 
 __all__ = ["FORMAT_KEY", "FORMAT_NAME", "FORMAT_VERSION", "MODULES", "DBMBackend",
            "choose_module"]
-
-#: The dbm modules this backend can use, best first: plain ``backend="dbm"`` takes the
-#: first one this Python has (the order of the standard library's own ``dbm.open``).
-MODULES = ("dbm.sqlite3", "dbm.gnu", "dbm.ndbm", "dbm.dumb")
-#: The key that marks a pstore DBM store, and what it holds.
-FORMAT_KEY = b"m:format"
-FORMAT_NAME = b"pstore-dbm"
-#: The newest format version this code reads and the one it writes. Version 1 databases
-#: become version 2 when opened for writing: version 2 added lazy refs (``l:<oid>``),
-#: records of Persistent objects and blobs (``b:<oid>``), which version 1 code would misread.
-FORMAT_VERSION = 2
-
-# Meta keys (docs/format.md).
-_FORMAT = FORMAT_KEY
-_VERSION = b"m:version"
-_NEXT_OID = b"m:next_oid"
-_KEY_COUNT = b"m:keys"
-_PAGE_COUNT = b"m:pages"
-_OPEN_PAGE = b"m:open_page"
-_FREE_PAGES = b"m:free_pages"
-
-#: At most this many keys per key page: binding a new key rewrites one page.
-_PAGE_KEYS = 256
-_LENGTH = struct.Struct(">I")
-
-# Database handles inherited from a parent process. Kept referenced forever, as in
-# the SQLite backend: closing them in the child could act on the parent's.
-_INHERITED: list[Any] = []
-
-
-def _record_key(oid: int) -> bytes:
-    return b"r:%d" % oid
-
-
-def _refs_key(oid: int) -> bytes:
-    return b"f:%d" % oid
-
-
-def _blobs_key(oid: int) -> bytes:
-    return b"b:%d" % oid
-
-
-def _lazy_key(oid: int) -> bytes:
-    return b"l:%d" % oid
-
-
-def _count_key(oid: int) -> bytes:
-    return b"c:%d" % oid
-
-
-def _key_key(key: str) -> bytes:
-    return b"k:" + _encode_key(key)
-
-
-def _page_key(number: int) -> bytes:
-    return b"p:%d" % number
-
-
-def _encode_key(key: str) -> bytes:
-    # surrogatepass: any str is a valid key, as it is for the SQLite backend.
-    return key.encode("utf-8", "surrogatepass")
-
-
-def _pack_ints(values: Collection[int]) -> bytes:
-    return struct.pack(f"<{len(values)}q", *values)
-
-
-def _unpack_ints(data: bytes | None) -> list[int]:
-    return list(struct.unpack(f"<{len(data) // 8}q", data)) if data else []
-
-
-def _pack_names(names: Collection[str]) -> bytes | None:
-    return ",".join(sorted(set(names))).encode("ascii") or None
-
-
-def _unpack_names(data: bytes | None) -> list[str]:
-    return data.decode("ascii").split(",") if data else []
-
-
-def _pack_page(keys: list[bytes]) -> bytes:
-    return b"".join(_LENGTH.pack(len(key)) + key for key in keys)
-
-
-def _unpack_page(data: bytes | None) -> list[bytes]:
-    keys = []
-    position = 0
-    while data and position < len(data):
-        (length,) = _LENGTH.unpack_from(data, position)
-        position += _LENGTH.size
-        keys.append(data[position:position + length])
-        position += length
-    return keys
-
-
-#: The file names each module gives a database at ``path``: path + suffix.
-_SUFFIXES = {
-    "dbm.sqlite3": ["", "-wal", "-shm", "-journal"],
-    "dbm.gnu": [""],
-    "dbm.ndbm": [".db", ".pag", ".dir"],
-    # .dir.saved and the .tmp files: see _DumbModule.
-    "dbm.dumb": [".dat", ".dir", ".bak", ".dir.saved", ".dir.tmp", ".dir.saved.tmp"],
-}
-
-
-class _Module:
-    """One dbm module, and what differs between them: flags, file names, crash protection.
-
-    How handles are kept differs too. By default (dbm.gnu, dbm.ndbm, whose handles
-    cache file structure) a read-only handle is reopened after every commit, and
-    each apply opens and closes a handle of its own.
-    """
-
-    #: Whether one handle, opened for writing in a writable backend, may serve reads and
-    #: applies, staying valid across this process's own commits.
-    keeps_handle = False
-    #: Whether a handle sees other processes' commits without being reopened.
-    sees_other_commits = False
-    #: Whether a handle may be used only by the thread that opened it.
-    thread_bound = False
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.module = importlib.import_module(name)
-
-    def open(self, path: str, flag: str) -> Any:
-        # dbm.gnu locks the file itself and would refuse a second opener: 'u' turns that
-        # off, pstore's own locks take its place.
-        return self.module.open(path, flag + ("u" if self.name == "dbm.gnu" else ""), 0o600)
-
-    def files(self, path: str) -> list[str]:
-        """Every file the database at ``path`` may consist of."""
-        return [path + suffix for suffix in _SUFFIXES[self.name]]
-
-    def before_apply(self, path: str, *, again: bool, fsync: bool) -> bool:
-        """Called before a journal is applied (``again``: one found on disk, whose apply
-        may have been interrupted); True if it changed files that open handles cache."""
-        return False
-
-    def write(self, db: Any, changes: journal.Changes) -> None:
-        """Apply ``changes`` to the handle ``db``."""
-        for key, value in changes.items():
-            if value is not None:
-                db[key] = value
-            else:
-                self.delete(db, key)
-
-    def delete(self, db: Any, key: bytes) -> None:
-        """Remove ``key`` from ``db``, if there."""
-        try:
-            del db[key]
-        except KeyError:
-            pass
-
-    def close(self, db: Any, path: str, *, writable: bool) -> None:
-        """Close the handle ``db`` on ``path`` (opened for writing if ``writable``)."""
-        db.close()
-
-    def abandon(self, db: Any) -> None:
-        """Close ``db`` without writing anything it buffers."""
-        db.close()
-
-    def sync(self, db: Any) -> None:
-        """Write what ``db`` buffers to the files."""
-        if hasattr(db, "sync"):
-            db.sync()
-
-    def after_apply(self, path: str, *, fsync: bool) -> None:
-        """Called once a journal is applied and synced, before the journal is deleted."""
-
-
-class _SQLiteModule(_Module):
-    """dbm.sqlite3: each put is an SQLite transaction; connections always see the latest."""
-
-    keeps_handle = True
-    sees_other_commits = True
-    thread_bound = True     # sqlite3's check_same_thread, which dbm.sqlite3 leaves on
-
-    def write(self, db: Any, changes: journal.Changes) -> None:
-        # dbm.sqlite3 makes each put a transaction of its own, synced to disk: a
-        # thousand puts take seconds. One explicit transaction on its connection (not
-        # public; without it, each put stays on its own) takes milliseconds.
-        connection = getattr(db, "_cx", None)
-        if connection is None:
-            super().write(db, changes)
-            return
-        connection.execute("BEGIN")    # autocommit=True: commit() would do nothing
-        try:
-            super().write(db, changes)
-        except BaseException:
-            connection.execute("ROLLBACK")
-            raise
-        connection.execute("COMMIT")
-
-    def close(self, db: Any, path: str, *, writable: bool) -> None:
-        try:
-            db.close()
-        except sqlite3.ProgrammingError:
-            # Opened by another thread of the Store: only that thread may close it. It
-            # is closed when garbage-collected, which follows at once (no cycle).
-            return
-        if not writable:
-            return
-        # As the SQLite backend does: whoever closes last puts the file back in
-        # rollback-journal mode, so that a later read-only open creates no -wal/-shm
-        # files. Fails harmlessly (and at once) while others have it open.
-        try:
-            connection = sqlite3.connect(path, timeout=0)
-        except sqlite3.Error:
-            return
-        try:
-            connection.execute("PRAGMA journal_mode = DELETE")
-        except sqlite3.Error:
-            pass
-        finally:
-            connection.close()
-
-
-class _DumbModule(_Module):
-    """dbm.dumb, which rewrites its index file in place on sync and on every delete.
-
-    A process killed during that rewrite leaves the index truncated, losing keys
-    the journal does not mention. So a copy of the index is taken before a journal
-    is applied, and put back before the journal is applied again after a crash.
-    The data file needs no copy: dumb changes only the values of keys it is given,
-    which the journal rewrites anyway, and appends everything else.
-
-    Opening reads and parses the whole index, so one handle is kept and reopened
-    only after another process's commit.
-    """
-
-    keeps_handle = True
-
-    def delete(self, db: Any, key: bytes) -> None:
-        # dumb rewrites its whole index on every delete; an empty value (no value of
-        # the layout is empty) is one append instead. Its space is lost either way.
-        if key in db:
-            db[key] = b""
-
-    def before_apply(self, path: str, *, again: bool, fsync: bool) -> bool:
-        index, saved = path + ".dir", path + ".dir.saved"
-        if again and os.path.exists(saved):     # an apply of this journal was interrupted
-            _copy_private(saved, index, fsync=fsync)
-            return True
-        _copy_private(index, saved, fsync=fsync)
-        return False
-
-    def sync(self, db: Any) -> None:
-        db.sync()
-        # Before Python 3.13, sync() leaves the handle marked modified, and closing it
-        # (or its garbage collection) would write its index again, over the index of
-        # any commit made since by another process. 3.13 resets the flag itself.
-        db._modified = False
-
-    def abandon(self, db: Any) -> None:
-        db._modified = False    # else close() writes its in-memory index
-        db.close()
-
-    def after_apply(self, path: str, *, fsync: bool) -> None:
-        os.unlink(path + ".dir.saved")
-        if fsync:   # gone before the journal is, or a later recovery would restore it
-            fsync_directory(path)
-
-
-def _copy_private(source: str, target: str, *, fsync: bool) -> None:
-    """Replace ``target`` atomically by a copy of ``source``, mode 0600."""
-    with open(source, "rb") as file:
-        content = file.read()
-    temporary = target + ".tmp"
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    with open(fd, "wb") as file:
-        file.write(content)
-        if fsync:
-            file.flush()
-            os.fsync(file.fileno())
-    os.replace(temporary, target)
-
-
-def _whichdb(path: str) -> str | None:
-    """``dbm.whichdb(path)``, also right while a dbm.dumb apply is to be finished.
-
-    A kill during dbm.dumb's index rewrite can leave no index file at all, which
-    ``dbm.whichdb`` then takes for no database; the saved index tells otherwise.
-    """
-    found = dbm.whichdb(path)
-    if found is None and os.path.exists(path + ".dir.saved"):
-        return "dbm.dumb"
-    return found
-
-
-def _load_module(name: str, path: str) -> _Module:
-    try:
-        return {"dbm.dumb": _DumbModule, "dbm.sqlite3": _SQLiteModule}.get(name, _Module)(name)
-    except ImportError:
-        raise FormatError(path, f"it needs the module {name}, which this Python lacks") from None
-
-
-def choose_module(path: str, flag: str, variant: str | None) -> _Module:
-    """The module for ``path``: the one named, else the one that wrote it, else the best.
-
-    Also used by :mod:`.shelf`. Raises ``ValueError`` for an unknown name and
-    :class:`~pstore.errors.FormatError` for a file of another or no dbm module.
-    """
-    if variant is not None and variant not in MODULES:
-        raise ValueError(f"unknown dbm module {variant!r}; known: {', '.join(MODULES)}")
-    found = None if flag == "n" else _whichdb(path)
-    if found == "":
-        raise FormatError(path, "not a database of any dbm module")
-    if found is not None and variant is not None and found != variant:
-        raise FormatError(path, f"a {found} database, not a {variant} one")
-    name = variant or found
-    if name is not None:
-        return _load_module(name, path)
-    for name in MODULES:
-        try:
-            return _load_module(name, path)
-        except FormatError:
-            continue
-    raise AssertionError("dbm.dumb is always importable")
 
 
 class DBMBackend(LocalBlobs, Backend):
@@ -374,9 +60,11 @@ class DBMBackend(LocalBlobs, Backend):
     process being killed (with ``fsync=True``, also power loss, as far as the
     dbm module's own writes are durable once synced); readers never see part of a
     transaction and wait only while a writer applies one; the store is usable
-    from many processes at once.
+    from many processes at once; flag ``'r'`` writes nothing; flag ``'n'`` empties
+    a store in one transaction, under the write lock.
     """
 
+    name = "dbm"
     takes_variant = True
 
     def __init__(self, path: str, flag: str, *, lock_timeout: float, fsync: bool,
@@ -385,8 +73,13 @@ class DBMBackend(LocalBlobs, Backend):
         self.read_only = flag == "r"
         self._lock_timeout = lock_timeout
         self._fsync = fsync
-        self._journal_path = path + ".journal"
-        self._module = choose_module(path, flag, variant)
+        found = whichdb(path)
+        # 'n' on a store of the same module empties it in a transaction (see _empty).
+        keeps = flag == "n" and bool(found) and variant in (None, found)
+        self._module = choose_module(path, "c" if keeps else flag, variant)
+        self._owner = store_owner(self._module.files(path))
+        self._journal = journal.PendingJournal(path + ".journal", self._owner,
+                                               self._validate_journal)
         self._db: Any = None                 # the handle reads go through
         self._db_version: int | None = None  # the commit counter it is current with
         self._db_thread = 0                  # the thread that opened it
@@ -394,23 +87,30 @@ class DBMBackend(LocalBlobs, Backend):
         self._tx_pages: dict[int, list[bytes]] = {}          # and its key pages, decoded
         self._own_commits = 0   # how many of the commit counter's steps are this object's
         self._closed = False
+        # Read-only: the changes of a complete journal not yet applied, and what identified
+        # the journal file they were read from.
+        self._overlay: dict[bytes, bytes | None] = {}
+        self._overlay_of: Hashable = None
+        self._sealed = True     # whether key bindings carry seals (format version 3)
         self._blobs = BlobStore(path + ".blobs")
         self._make_locks()
-        if flag == "n":
-            shutil.rmtree(self._blobs.directory, ignore_errors=True)
-            # Every module's files: a leftover of another module would make dbm.whichdb
-            # take the new database for one of that module.
-            for name in [*(path + suffix for suffixes in _SUFFIXES.values()
-                           for suffix in suffixes), self._journal_path]:
-                try:
-                    os.unlink(name)
-                except FileNotFoundError:
-                    pass
-        require_existing(path, flag, lambda: _whichdb(path) is not None)
         try:
+            if flag == "n" and found and not keeps:
+                self._replace()
+            require_existing(path, flag, lambda: whichdb(path) is not None)
             if flag in ("c", "n"):
                 self._create_database()
-            self._check_format(create=flag in ("c", "n"))
+            try:
+                self._check_format(create=flag in ("c", "n"))
+            except (FormatError, CorruptionError):
+                if flag != "n":
+                    raise
+                # Not a store this code can empty (foreign, newer, damaged): replaced.
+                self._replace()
+                self._create_database()
+                self._check_format(create=True)
+            if flag == "n":
+                self._empty()
         except BaseException:
             self.close()
             raise
@@ -418,44 +118,42 @@ class DBMBackend(LocalBlobs, Backend):
     # -- opening ----------------------------------------------------------------------------
 
     def _make_locks(self) -> None:
-        self._write_lock = FileLock(self.path + ".lock", self._lock_timeout)
-        # Held for microseconds (a read) or milliseconds (an apply), very often: a
-        # waiter must retry often to catch the moments it is free.
-        self._apply_lock = FileLock(self.path + ".commits", self._lock_timeout,
-                                    longest_pause=0.0002)
-        # Readers pass it (shared) on their way to the apply lock; an applying writer
-        # holds it (exclusive) so that no new reader slips in while it waits for the
-        # readers already in. Without it, readers back to back starve the writer.
-        self._gate = FileLock(self.path + ".gate", self._lock_timeout, longest_pause=0.0002)
+        self._write_lock = FileLock(self.path + ".lock", self._lock_timeout, owner=self._owner,
+                                    names_holder=not self.read_only)
+        self._locks = ApplyLocks(self.path, self._lock_timeout, self._owner)
 
-    def _share(self) -> None:
-        """Take the apply lock shared, through the gate."""
-        self._lock(self._gate, shared=True)
-        try:
-            self._lock(self._apply_lock, shared=True)
-        finally:
-            self._gate.release()
+    def _replace(self) -> None:
+        """Flag 'n' over a database that is not a store to empty: remove its files under
+        the write lock (every module's: a leftover would make dbm.whichdb misjudge the
+        new database)."""
+        remove_files([*(self.path + suffix for suffixes in SUFFIXES.values()
+                        for suffix in suffixes), self._journal.path], self._write_lock, self.path)
 
-    def _exclude(self) -> None:
-        """Take the gate and the apply lock exclusively (release with _unexclude)."""
-        self._lock(self._gate)
+    def _empty(self) -> None:
+        """Flag 'n' on a pstore store: delete every record, key and blob in one transaction.
+
+        Other open stores see an empty store at their next read, and their later writes
+        land in this same database.
+        """
+        self.begin()
         try:
-            self._lock(self._apply_lock)
+            for key in list(self._db.keys()):
+                if key not in (FORMAT, VERSION) and self._get(key) is not None:
+                    self._put(key, None)
+            self._tx_pages.clear()
+            self.collect_blobs(set())
+            self.commit()
         except BaseException:
-            self._gate.release()
+            self.rollback()
             raise
-
-    def _unexclude(self) -> None:
-        self._apply_lock.release()
-        self._gate.release()
 
     def _create_database(self) -> None:
         """Create an empty database if there is none, under the write lock."""
-        if _whichdb(self.path) is not None:
+        if whichdb(self.path) is not None:
             return
-        self._lock(self._write_lock)
+        self._write_lock.lock(self.path)
         try:
-            if _whichdb(self.path) is None:  # another process may have created it
+            if whichdb(self.path) is None:  # another process may have created it
                 self._module.close(self._module.open(self.path, "c"), self.path, writable=True)
                 for name in self._module.files(self.path):
                     if os.path.exists(name):
@@ -468,18 +166,23 @@ class DBMBackend(LocalBlobs, Backend):
         # may change it already (dbm.sqlite3 switches it to WAL mode), and a foreign
         # database must be left untouched.
         try:
-            self._share()
+            self._locks.share()
             try:
                 self._recover_if_orphaned()
                 db = self._module.open(self.path, "r")
                 try:
-                    fmt, version = db.get(_FORMAT), db.get(_VERSION)
+                    fmt, version = self._overlaid(db, FORMAT), self._overlaid(db, VERSION)
+                    digests_from = self._overlaid(db, DIGESTS_FROM)
                     empty = fmt is None and len(db) == 0
+                    if fmt == FORMAT_NAME:
+                        check_meta(self.path, lambda key: self._overlaid(db, key),
+                                   None if self._overlay else self._module.entries(db),
+                                   self._module.name)
                 finally:
                     self._module.close(db, self.path, writable=False)
             finally:
-                self._apply_lock.release()
-        except LockTimeoutError:
+                self._locks.unshare()
+        except Error:   # pstore's own (a lock timeout, damage, an unsafe side file)
             raise
         except (OSError, ValueError, SyntaxError) as error:   # what the modules raise on junk
             raise FormatError(self.path, f"not a readable {self._module.name} database "
@@ -496,13 +199,34 @@ class DBMBackend(LocalBlobs, Backend):
                                          f"newer pstore; this one reads up to {FORMAT_VERSION}")
         elif int(version) < FORMAT_VERSION and not self.read_only:
             self._upgrade()
+        else:
+            self._sealed = int(version) >= 3
+            if not self._sealed:
+                self.digests_from = 1 << 63     # any record may predate digests
+            elif digests_from is not None and digests_from.isdigit():
+                self.digests_from = int(digests_from)
+
+    def _overlaid(self, db: Any, key: bytes) -> bytes | None:
+        if key in self._overlay:
+            return self._overlay[key]
+        return db.get(key) or None
 
     def _upgrade(self) -> None:
-        """Mark a version 1 database as the current version: it has no lazy refs and no
-        blobs, which is what missing ``l:`` and ``b:`` keys mean."""
+        """Bring an older database to the current version: a version 1 one has no lazy
+        refs and no blobs, which is what missing ``l:`` and ``b:`` keys mean; before
+        version 3 key bindings have no seal (added here) and records no digest (those
+        written from now on have one)."""
         self.begin()
         try:
-            self._put(_VERSION, b"%d" % FORMAT_VERSION)
+            if self._get_int(VERSION) < 3:
+                for keys in self._pages():
+                    for key in keys:
+                        oid, page = (int(part) for part in self._get(b"k:" + key).split()[:2])
+                        self._put(b"k:" + key, self._binding_value(
+                            key.decode("utf-8", "surrogatepass"), oid, page))
+                self._put(DIGESTS_FROM, b"%d" % self._get_int(NEXT_OID, 1))
+            self._put(VERSION, b"%d" % FORMAT_VERSION)
+            self.digests_from = self._get_int(DIGESTS_FROM, 1)
             self.commit()
         except BaseException:
             self.rollback()
@@ -512,9 +236,10 @@ class DBMBackend(LocalBlobs, Backend):
         self.begin()
         try:
             # Another process may have initialized it while this one waited for the lock.
-            if self._get(_FORMAT) is None:
-                self._put(_FORMAT, FORMAT_NAME)
-                self._put(_VERSION, b"%d" % FORMAT_VERSION)
+            if self._get(FORMAT) is None:
+                self._put(FORMAT, FORMAT_NAME)
+                self._put(VERSION, b"%d" % FORMAT_VERSION)
+                self._put(DIGESTS_FROM, b"1")
             self.commit()
         except BaseException:
             self.rollback()
@@ -533,28 +258,56 @@ class DBMBackend(LocalBlobs, Backend):
         if self._tx is not None:
             yield
             return
-        self._share()
+        self._locks.share()
         try:
             self._recover_if_orphaned()
             self._refresh()
             yield
         finally:
-            self._apply_lock.release()
+            self._locks.unshare()
 
     def _recover_if_orphaned(self) -> None:
-        """Recover a journal whose writer died; the caller holds the shared lock."""
-        if os.path.exists(self._journal_path) and self._write_lock.acquire(wait=False):
+        """Recover a journal whose writer died; the caller holds the shared lock.
+
+        A read-only store writes nothing: it reads a complete journal as an overlay
+        over the database instead (what the committed transaction says), and leaves
+        applying it to the next writer.
+        """
+        if self.read_only:
+            self._load_overlay()
+        elif self._journal.exists() and self._write_lock.acquire(wait=False):
             # A journal and no writer alive: its writer died, maybe halfway through
-            # applying it. Recover before reading (even a read-only store does, as
-            # SQLite does with a hot journal): only that makes the database whole.
-            self._apply_lock.release()
+            # applying it. Recover before reading: only that makes the database whole.
+            self._locks.unshare()
             try:
                 self._recover()
             finally:
                 self._write_lock.release()
-                self._share()
+                self._locks.share()
         # With a journal and a writer alive, the writer has not begun applying it (that
         # needs the lock the caller holds): the database is the last committed state.
+
+    def _load_overlay(self) -> None:
+        self._overlay, self._overlay_of = self._journal.overlay()
+
+    def _validate_journal(self, changes: journal.Changes) -> None:
+        """Refuse a journal whose meta keys do not match the digest its m:check holds:
+        one that changes the metadata as no commit did is never applied."""
+        db = self._module.open(self.path, "r")
+        try:
+            digest = meta_digest(lambda key: changes[key] if key in changes
+                                 else db.get(key) or None)
+        finally:
+            self._module.close(db, self.path, writable=False)
+        check = changes.get(CHECK)
+        if check is None or check.partition(b" ")[2] != digest:
+            raise CorruptionError(self._journal.path, "the journal's meta keys do not match "
+                                                      "the digest its m:check holds")
+
+    def problems(self) -> list[str]:
+        """What this backend found damaged and set aside, for ``Store.verify()``: journals
+        that failed their check (this session's, and every one moved aside earlier)."""
+        return self._journal.problems()
 
     def _refresh(self) -> None:
         """Reopen the handle if it may be stale: a commit happened since it was current.
@@ -562,7 +315,7 @@ class DBMBackend(LocalBlobs, Backend):
         DBM modules cache (dbm.dumb its whole index) and do not notice other
         processes' writes.
         """
-        version = self._commit_counter()
+        version = self._locks.count()
         if self._handle_is_current(version):
             return
         self._drop_handle()
@@ -583,14 +336,13 @@ class DBMBackend(LocalBlobs, Backend):
             self._module.close(db, self.path,
                                writable=self._module.keeps_handle and not self.read_only)
 
-    def _commit_counter(self) -> int:
-        return int.from_bytes(os.pread(self._apply_lock.fileno(), 8, 0), "big")
-
     def _get(self, key: bytes) -> bytes | None:
         """The value of ``key`` as the open transaction sees it; call inside _reading()."""
         if self._tx is not None and key in self._tx:
             return self._tx[key]
-        return self._db.get(key) or None    # b"": deleted (see _DumbModule.delete)
+        if self._overlay and key in self._overlay:
+            return self._overlay[key]
+        return self._db.get(key) or None    # b"": deleted (see DumbModule.delete)
 
     def _put(self, key: bytes, value: bytes | None) -> None:
         """Set (None: delete) ``key`` in the open transaction."""
@@ -605,46 +357,48 @@ class DBMBackend(LocalBlobs, Backend):
     def _put_int(self, key: bytes, value: int) -> None:
         self._put(key, b"%d" % value)
 
-    def _lock(self, lock: FileLock, shared: bool = False) -> None:
-        if not lock.acquire(shared=shared):
-            raise LockTimeoutError(self.path, self._lock_timeout)
-
     # -- records ----------------------------------------------------------------------------
 
     def new_oid(self) -> int:
         # The counter never goes back, so ids freed by gc are never reused: another
         # process may still hold an object under such an id.
-        oid = self._get_int(_NEXT_OID, 1)
-        self._put_int(_NEXT_OID, oid + 1)
+        oid = self._get_int(NEXT_OID, 1)
+        if oid >= MAX_OID or self._get(record_key(oid)) is not None:
+            # A counter set back (or past the last id) by damage: allocating would
+            # overwrite a record.
+            problem = "is out of range" if oid >= MAX_OID else "has a record"
+            raise CorruptionError(self.path, f"meta key m:next_oid is {oid}, an id that "
+                                             f"{problem}")
+        self._put_int(NEXT_OID, oid + 1)
         return oid
 
     def get_record(self, oid: int) -> bytes | None:
         with self._reading():
-            return self._get(_record_key(oid))
+            return self._get(record_key(oid))
 
     def put_record(self, oid: int, data: bytes, refs: Collection[int],
                    *, lazy_refs: Collection[int] = (), blobs: Collection[str] = ()) -> None:
-        old = set(_unpack_ints(self._get(_refs_key(oid))))
+        old = set(unpack_ints(self._get(refs_key(oid))))
         new = set(refs)
         for ref in old - new:
             self._add_referrers(ref, -1)
         for ref in new - old:
             self._add_referrers(ref, 1)
-        self._put(_record_key(oid), data)
-        self._put(_refs_key(oid), _pack_ints(sorted(new)) if new else None)
-        if lazy_refs or self._get(_lazy_key(oid)) is not None:
-            self._put(_lazy_key(oid), _pack_ints(sorted(lazy_refs)) if lazy_refs else None)
-        if blobs or self._get(_blobs_key(oid)) is not None:
-            self._put(_blobs_key(oid), _pack_names(blobs))
+        self._put(record_key(oid), data)
+        self._put(refs_key(oid), pack_ints(sorted(new)) if new else None)
+        if lazy_refs or self._get(lazy_key(oid)) is not None:
+            self._put(lazy_key(oid), pack_ints(sorted(lazy_refs)) if lazy_refs else None)
+        if blobs or self._get(blobs_key(oid)) is not None:
+            self._put(blobs_key(oid), pack_names(blobs))
 
     def delete_record(self, oid: int) -> None:
-        for ref in _unpack_ints(self._get(_refs_key(oid))):
+        for ref in unpack_ints(self._get(refs_key(oid))):
             self._add_referrers(ref, -1)
-        self._put(_record_key(oid), None)
-        self._put(_refs_key(oid), None)
-        self._put(_blobs_key(oid), None)
-        if self._get(_lazy_key(oid)) is not None:
-            self._put(_lazy_key(oid), None)
+        self._put(record_key(oid), None)
+        self._put(refs_key(oid), None)
+        self._put(blobs_key(oid), None)
+        if self._get(lazy_key(oid)) is not None:
+            self._put(lazy_key(oid), None)
 
     def _add_referrers(self, oid: int, delta: int) -> None:
         """Change the number of keys and records referring to ``oid`` by ``delta``.
@@ -652,48 +406,88 @@ class DBMBackend(LocalBlobs, Backend):
         The count is what makes :meth:`is_referenced` one lookup: a DBM has no index
         from a ref back to the records holding it.
         """
-        count = self._get_int(_count_key(oid)) + delta
-        self._put(_count_key(oid), b"%d" % count if count else None)
+        count = self._get_int(count_key(oid)) + delta
+        self._put(count_key(oid), b"%d" % count if count else None)
 
     def existing(self, oids: Collection[int]) -> set[int]:
         with self._reading():
-            return {oid for oid in oids if self._get(_record_key(oid)) is not None}
+            return {oid for oid in oids if self._get(record_key(oid)) is not None}
 
     def is_referenced(self, oid: int) -> bool:
         with self._reading():
-            return self._get(_count_key(oid)) is not None
+            return self._get(count_key(oid)) is not None
 
-    def reaches(self, sources: Collection[int], target: int) -> bool:
+    def refs_of(self, oid: int, *, lazy: bool = True) -> Collection[int]:
         with self._reading():
-            seen: set[int] = set()
-            stack = list(sources)
-            while stack:
-                oid = stack.pop()
-                if oid == target:
-                    return True
-                if oid not in seen:
-                    seen.add(oid)
-                    refs = _unpack_ints(self._get(_refs_key(oid)))
-                    lazy = _unpack_ints(self._get(_lazy_key(oid)))
-                    stack.extend(set(refs).difference(lazy) if lazy else refs)
-            return False
+            refs = unpack_ints(self._get(refs_key(oid)))
+            if lazy or not refs:
+                return refs
+            lazy_refs = unpack_ints(self._get(lazy_key(oid)))
+            return set(refs).difference(lazy_refs) if lazy_refs else refs
+
+    def blobs_of(self, oid: int) -> Collection[str]:
+        with self._reading():
+            return unpack_names(self._get(blobs_key(oid)))
+
+    def record_ids(self) -> Iterator[int]:
+        """Every record's object id: the database's ``r:`` keys, and the transaction's.
+
+        Reads the module's list of keys at once: memory grows with the number of
+        entries (their keys only), as the live set of :meth:`gc` does.
+        """
+        with self._reading():
+            keys = set(self._db.keys())
+            keys.update(self._tx or ())
+            keys.update(self._overlay)
+            oids = [int(key[2:]) for key in keys
+                    if key.startswith(b"r:") and key[2:].isdigit() and self._get(key) is not None]
+            next_oid = self._get_int(NEXT_OID, 1)
+        for oid in oids:
+            if oid >= next_oid:
+                raise CorruptionError(self.path, f"a record has object id {oid}, not below "
+                                                 f"meta key m:next_oid ({next_oid})",
+                                      object_id=oid)
+        return iter(oids)
+
+    def bound_ids(self) -> Iterator[int]:
+        for keys in self._pages():
+            with self._reading():
+                oids = [self._paged_oid(key) for key in keys]
+            yield from oids
+
+    def collect_blobs(self, referenced: Collection[str]) -> None:
+        self._blobs.collect(referenced)
 
     # -- keys -------------------------------------------------------------------------------
 
+    @staticmethod
+    def _binding_value(key: str, oid: int, page: int) -> bytes:
+        return b"%d %d %s" % (oid, page, binding_seal(key, oid).hex().encode())
+
+    def _unsealed(self, key: str, value: bytes) -> tuple[int, int]:
+        """``(object id, key page)`` of binding ``value`` of ``key``, its seal checked."""
+        parts = value.split()
+        if len(parts) in (2, 3) and parts[0].isdigit() and parts[1].isdigit():
+            oid, page = int(parts[0]), int(parts[1])
+            if not self._sealed or parts[2:] == [binding_seal(key, oid).hex().encode()]:
+                return oid, page
+            raise CorruptionError(self.path, f"the binding of the key to object id {oid} does "
+                                  f"not match its seal", key=key, object_id=oid)
+        raise CorruptionError(self.path, f"the key's binding is not an object id and a page "
+                              f"({value[:40]!r})", key=key)
+
     def _binding(self, key: str) -> tuple[int, int] | None:
         """``(object id, key page)`` of ``key``, or None."""
-        value = self._get(_key_key(key))
-        if value is None:
-            return None
-        oid, page = value.split()
-        return int(oid), int(page)
+        value = self._get(key_key(key))
+        return None if value is None else self._unsealed(key, value)
 
     def _paged_oid(self, key: bytes) -> int:
         """The object id of ``key`` (encoded), which a key page lists, so is bound."""
         value = self._get(b"k:" + key)
         if value is None:
-            raise FormatError(self.path, f"a key page lists the unbound key {key!r}")
-        return int(value.split()[0])
+            raise CorruptionError(self.path, "a key page lists it, but it is unbound",
+                                  key=key.decode("utf-8", "surrogatepass"))
+        return self._unsealed(key.decode("utf-8", "surrogatepass"), value)[0]
 
     def get_key(self, key: str) -> int | None:
         with self._reading():
@@ -703,20 +497,20 @@ class DBMBackend(LocalBlobs, Backend):
     def get_item(self, key: str) -> tuple[int, bytes | None] | None:
         with self._reading():
             binding = self._binding(key)
-            return None if binding is None else (binding[0], self._get(_record_key(binding[0])))
+            return None if binding is None else (binding[0], self._get(record_key(binding[0])))
 
     def bind_key(self, key: str, oid: int) -> int | None:
         binding = self._binding(key)
         if binding is None:
-            page = self._add_to_page(_encode_key(key))
-            self._put_int(_KEY_COUNT, self._get_int(_KEY_COUNT) + 1)
+            page = self._add_to_page(encode_key(key))
+            self._put_int(KEY_COUNT, self._get_int(KEY_COUNT) + 1)
         else:
             previous, page = binding
             if previous == oid:
                 return previous
             self._add_referrers(previous, -1)
         self._add_referrers(oid, 1)
-        self._put(_key_key(key), b"%d %d" % (oid, page))
+        self._put(key_key(key), self._binding_value(key, oid, page))
         return None if binding is None else binding[0]
 
     def unbind_key(self, key: str) -> int | None:
@@ -724,10 +518,10 @@ class DBMBackend(LocalBlobs, Backend):
         if binding is None:
             return None
         oid, page = binding
-        self._remove_from_page(page, _encode_key(key))
-        self._put_int(_KEY_COUNT, self._get_int(_KEY_COUNT) - 1)
+        self._remove_from_page(page, encode_key(key))
+        self._put_int(KEY_COUNT, self._get_int(KEY_COUNT) - 1)
         self._add_referrers(oid, -1)
-        self._put(_key_key(key), None)
+        self._put(key_key(key), None)
         return oid
 
     # Key pages list the bound keys for iteration, a page at a time; see docs/format.md.
@@ -741,29 +535,29 @@ class DBMBackend(LocalBlobs, Backend):
         commit (see _flush_pages): binding many keys costs no page encoding each.
         """
         if self._tx is None:
-            return _unpack_page(self._get(_page_key(number)))
+            return unpack_page(self._get(page_key(number)))
         keys = self._tx_pages.get(number)
         if keys is None:
-            keys = self._tx_pages[number] = _unpack_page(self._get(_page_key(number)))
+            keys = self._tx_pages[number] = unpack_page(self._get(page_key(number)))
         return keys
 
     def _flush_pages(self) -> None:
         for number, keys in self._tx_pages.items():
-            self._put(_page_key(number), _pack_page(keys) if keys else None)
+            self._put(page_key(number), pack_page(keys) if keys else None)
         self._tx_pages.clear()
 
     def _add_to_page(self, key: bytes) -> int:
-        number = self._get_int(_OPEN_PAGE, -1)
+        number = self._get_int(OPEN_PAGE, -1)
         keys = self._page(number) if number >= 0 else []
-        if number < 0 or len(keys) >= _PAGE_KEYS:
-            free = _unpack_ints(self._get(_FREE_PAGES))
+        if number < 0 or len(keys) >= PAGE_KEYS:
+            free = unpack_ints(self._get(FREE_PAGES))
             if free:
                 number = free.pop()
-                self._put(_FREE_PAGES, _pack_ints(free) if free else None)
+                self._put(FREE_PAGES, pack_ints(free) if free else None)
             else:
-                number = self._get_int(_PAGE_COUNT)
-                self._put_int(_PAGE_COUNT, number + 1)
-            self._put_int(_OPEN_PAGE, number)
+                number = self._get_int(PAGE_COUNT)
+                self._put_int(PAGE_COUNT, number + 1)
+            self._put_int(OPEN_PAGE, number)
             keys = self._page(number)
         keys.append(key)
         return number
@@ -773,14 +567,14 @@ class DBMBackend(LocalBlobs, Backend):
         keys.remove(key)
         # A page that falls below half full is filled again later, so that pages
         # stay dense however keys come and go; it crosses half only once before then.
-        if len(keys) == _PAGE_KEYS // 2 - 1 and number != self._get_int(_OPEN_PAGE, -1):
-            free = _unpack_ints(self._get(_FREE_PAGES))
-            self._put(_FREE_PAGES, _pack_ints([*free, number]))
+        if len(keys) == PAGE_KEYS // 2 - 1 and number != self._get_int(OPEN_PAGE, -1):
+            free = unpack_ints(self._get(FREE_PAGES))
+            self._put(FREE_PAGES, pack_ints([*free, number]))
 
     def _pages(self) -> Iterator[list[bytes]]:
         """The key pages, each read in one locked step; no lock is held between pages."""
         with self._reading():
-            count = self._get_int(_PAGE_COUNT)
+            count = self._get_int(PAGE_COUNT)
         for number in range(count):
             with self._reading():
                 keys = list(self._page(number))     # a copy: the caller may change pages
@@ -801,19 +595,19 @@ class DBMBackend(LocalBlobs, Backend):
 
     def iter_items(self) -> Iterator[tuple[str, int, bytes | None]]:
         with self._reading():
-            count = self._get_int(_PAGE_COUNT)
+            count = self._get_int(PAGE_COUNT)
         for number in range(count):
             with self._reading():
                 items = []
                 for key in self._page(number):
                     oid = self._paged_oid(key)
                     items.append((key.decode("utf-8", "surrogatepass"), oid,
-                                  self._get(_record_key(oid))))
+                                  self._get(record_key(oid))))
             yield from items
 
     def count_keys(self) -> int:
         with self._reading():
-            return self._get_int(_KEY_COUNT)
+            return self._get_int(KEY_COUNT)
 
     # -- transactions -----------------------------------------------------------------------
 
@@ -822,9 +616,9 @@ class DBMBackend(LocalBlobs, Backend):
             raise ReadOnlyError(self.path, "write")
         if self._closed:
             raise ClosedError(self.path)
-        self._lock(self._write_lock)
+        self._write_lock.lock(self.path)
         try:
-            if os.path.exists(self._journal_path):  # left by a writer that died
+            if self._journal.exists():  # left by a writer that died
                 self._recover()
             self._refresh()
         except BaseException:
@@ -835,19 +629,28 @@ class DBMBackend(LocalBlobs, Backend):
     def commit(self) -> None:
         if self._tx is not None:
             self._flush_pages()
+            if self._tx:
+                self._seal(self._tx)
         changes, self._tx = self._tx, None
         committed = not changes     # nothing to write: committed as it is
         try:
             if changes:
-                # The commit point: once the journal is complete, the transaction is
-                # applied, by this process now or by the next one to find it.
-                journal.write(self._journal_path, changes, fsync=self._fsync)
+                # The commit point: once the journal is in place, the transaction is
+                # applied, by this process now or by the next writer to find it.
+                journal.write(self._journal.path, changes, fsync=self._fsync)
                 committed = True
                 self._apply(changes, again=False)
                 self._own_commits += 1
         finally:
             if changes is not None:
                 self._end(committed)
+
+    def _seal(self, changes: dict[bytes, bytes | None]) -> None:
+        """Put ``m:check`` (see _check_meta) for the state ``changes`` lead to."""
+        changes[CHECK] = b""   # counted as an entry of its own
+        entries = self._module.entries_after(self._db, changes)
+        changes[CHECK] = b"%s %s" % (b"-" if entries is None else b"%d" % entries,
+                                      meta_digest(self._get))
 
     def rollback(self) -> None:
         self._tx_pages.clear()
@@ -862,30 +665,33 @@ class DBMBackend(LocalBlobs, Backend):
             self._write_lock.release()
 
     def _recover(self) -> None:
-        """Finish a dead writer's journal: apply it if complete, else discard it.
+        """Finish a dead writer's journal: apply it if it passes its checks, else move it
+        aside (kept, reported with a warning and by :meth:`problems`).
 
         The caller holds the write lock.
         """
-        changes = journal.read(self._journal_path)
-        if changes is None:     # its writer died before the commit point
-            journal.remove(self._journal_path, fsync=self._fsync)
-        else:
+        try:
+            changes = self._journal.read()
+        except CorruptionError as error:
+            self._journal.set_aside(error, fsync=self._fsync)
+            return
+        if changes is not None:
             self._apply(changes, again=True)
 
     def _apply(self, changes: journal.Changes, *, again: bool) -> None:
         """Apply the journal's ``changes`` to the database, then delete the journal.
 
         ``again``: the journal was found on disk, left by a writer that died. The
-        caller holds the write lock. Readers are kept out (exclusive lock on
-        ``.commits``) from before the first change until the journal is gone.
-        Every step may be repeated after a crash: puts and deletes are idempotent.
+        caller holds the write lock. Readers are kept out (exclusive apply lock)
+        from before the first change until the journal is gone. Every step may be
+        repeated after a crash: puts and deletes are idempotent.
         """
-        self._exclude()
+        self._locks.exclude()
         try:
-            version = self._commit_counter()
+            version = self._locks.count()
             # Counted first, so that every reader reopens its handle after this apply,
             # even one interrupted and finished by another process.
-            os.pwrite(self._apply_lock.fileno(), (version + 1).to_bytes(8, "big"), 0)
+            self._locks.set_count(version + 1)
             if self._module.before_apply(self.path, again=again, fsync=self._fsync):
                 self._drop_handle()
             own = (self._module.keeps_handle and not self.read_only
@@ -907,55 +713,79 @@ class DBMBackend(LocalBlobs, Backend):
             if self._fsync:
                 for name in self._module.files(self.path):
                     if os.path.exists(name):
-                        _fsync_file(name)
+                        fsync_file(name)
                 fsync_directory(self.path)
             self._module.after_apply(self.path, fsync=self._fsync)
-            journal.remove(self._journal_path, fsync=self._fsync)
+            journal.remove(self._journal.path, fsync=self._fsync)
         finally:
-            self._unexclude()
+            self._locks.unexclude()
 
-    def change_marker(self) -> int:
-        """The number of commits applied by other connections (and recoveries) so far."""
+    def change_marker(self) -> Hashable:
+        """The number of commits applied by other connections (and recoveries) so far;
+        read-only, with the journal read as overlay (a journal appearing is a commit)."""
         if self._closed:
             raise ClosedError(self.path)
-        self._share()
+        self._locks.share()
         try:
-            return self._commit_counter() - self._own_commits
+            if self.read_only:
+                self._load_overlay()
+                return self._locks.count(), self._overlay_of
+            return self._locks.count() - self._own_commits
         finally:
-            self._apply_lock.release()
+            self._locks.unshare()
 
-    # -- maintenance ------------------------------------------------------------------------
+    # -- maintenance: reaches() and gc() are the base's, over refs_of and record_ids ----
 
-    def gc(self) -> int:
-        # Mark: every object id reachable from a key. Memory grows with the live ids
-        # (and the deletions the transaction buffers), never with the records' data.
-        live: set[int] = set()
-        stack: list[int] = []
-        for keys in self._pages():
-            stack.extend(self._paged_oid(key) for key in keys)
-        while stack:
-            oid = stack.pop()
-            if oid not in live:
-                live.add(oid)
-                stack.extend(_unpack_ints(self._get(_refs_key(oid))))
-        # Sweep: ids are allocated in order, so every record has one below next_oid.
-        deleted = 0
-        for oid in range(1, self._get_int(_NEXT_OID, 1)):
-            if oid not in live and self._get(_record_key(oid)) is not None:
-                self.delete_record(oid)
-                deleted += 1
-        self._blobs.collect({name for oid in live
-                             for name in _unpack_names(self._get(_blobs_key(oid)))})
-        return deleted
+    def statistics(self) -> Statistics:
+        records = record_bytes = 0
+        for oid in self.record_ids():
+            data = self.get_record(oid)
+            if data is not None:
+                records += 1
+                record_bytes += len(data)
+        with self._reading():
+            version = int(self._get(VERSION) or 0)
+        blobs, blob_bytes = self._blobs.usage()
+        return Statistics(f"{self._module.name} (Python {platform.python_version()})",
+                          version, records, record_bytes, blobs, blob_bytes)
+
+    def vacuum(self) -> int:
+        """Compacts in place where the module can (dbm.gnu, dbm.sqlite3); dbm.dumb and
+        dbm.ndbm cannot, and raise NotImplementedError: ``pstore copy`` makes a compact
+        copy of such a store."""
+        if self.read_only:
+            raise ReadOnlyError(self.path, "vacuum")
+        names = self._module.files(self.path)
+        before = sum(os.path.getsize(name) for name in names if os.path.exists(name))
+        self.begin()
+        try:
+            self._locks.exclude()   # no reader reads while the files change under it
+            try:
+                self._drop_handle()
+                db = self._module.open(self.path, "w")
+                try:
+                    compacted = self._module.compact(db)
+                finally:
+                    self._module.close(db, self.path, writable=True)
+            finally:
+                self._locks.unexclude()
+        finally:
+            self.rollback()
+        if not compacted:
+            raise NotImplementedError(f"{self._module.name} cannot give space back in place: "
+                                      f"`pstore copy {self.path} NEW` makes a compact copy")
+        return before - sum(os.path.getsize(name) for name in names if os.path.exists(name))
+
+    def key_lock(self, key: str, timeout: float) -> AbstractContextManager[None]:
+        return key_lock_file(self.path, key, timeout)
 
     def after_fork(self) -> None:
         if self._closed:
             return
         if self._db is not None:
-            _INHERITED.append(self._db)
+            INHERITED.append(self._db)
         self._write_lock.abandon()
-        self._apply_lock.abandon()
-        self._gate.abandon()
+        self._locks.abandon()
         self._make_locks()
         self._db = None
         self._tx = None
@@ -971,14 +801,5 @@ class DBMBackend(LocalBlobs, Backend):
             self._tx = None
             self._drop_handle()
             self._write_lock.close()
-            self._apply_lock.close()
-            self._gate.close()
-
-
-def _fsync_file(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+            self._locks.close()
 

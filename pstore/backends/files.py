@@ -7,18 +7,36 @@ build on it so that the two backends behave alike where a user can tell.
 from __future__ import annotations
 
 import errno
+import hashlib
+import json
 import os
+import secrets
+import socket
+import stat
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 
 import filelock
+
+from ..errors import LockTimeoutError, UnsafeFileError
 
 try:
     import fcntl
 except ImportError:     # Windows
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["FileLock", "create_private", "fsync_directory", "require_existing"]
+__all__ = ["INHERITED", "ApplyLocks", "FileLock", "create_private", "fsync_directory", "key_lock_file",
+           "fsync_file", "open_side_file", "owned_by", "remove_files", "replace_file",
+           "require_existing", "store_owner"]
+
+#: Handles (database connections, open files) inherited from a parent process after
+#: ``fork()``. Kept referenced forever: closing them in the child could act on the parent's.
+INHERITED: list[object] = []
+
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 
 
 def require_existing(path: str, flag: str, exists: Callable[[], bool]) -> None:
@@ -36,6 +54,125 @@ def create_private(path: str) -> None:
     os.close(fd)
 
 
+def store_owner(files: Iterable[str]) -> int:
+    """The uid owning the first of ``files`` that exists (the store's own data files; a
+    link there is the user's choice of place), else this process's effective uid (a
+    store about to be created)."""
+    for name in files:
+        try:
+            return os.stat(name).st_uid
+        except FileNotFoundError:
+            continue
+    return os.geteuid() if hasattr(os, "geteuid") else 0
+
+
+def owned_by(info: os.stat_result, owner: int | None) -> bool:
+    """Whether the file ``info`` describes is ``owner``'s (None: anyone's) or root's:
+    whoever can plant a root-owned file can change the store's own files as well."""
+    return owner is None or info.st_uid in (owner, 0)
+
+
+def _check_opened(fd: int, path: str, owner: int | None) -> None:
+    """Close ``fd`` and raise UnsafeFileError unless it is a regular file owned by ``owner``."""
+    info = os.fstat(fd)
+    reason = None
+    if not stat.S_ISREG(info.st_mode):
+        reason = "not a regular file"
+    elif not owned_by(info, owner):
+        reason = f"owned by uid {info.st_uid}, the store by uid {owner}"
+    if reason is not None:
+        os.close(fd)
+        raise UnsafeFileError(path, reason)
+
+
+def open_side_file(path: str, owner: int | None) -> int:
+    """Open (creating it, mode 0600, if missing) a file beside the store: never through a
+    symbolic link, only a regular file owned by ``owner`` (None: any owner).
+
+    Opened for reading and writing, or for reading only if the user may only read it.
+    A file this call creates is this process's, whoever owns the store (root opening
+    a user's store). Raises :class:`~pstore.errors.UnsafeFileError` naming the file
+    otherwise.
+    """
+    flags = _NOFOLLOW | _CLOEXEC
+    try:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | flags, 0o600)
+            owner = None
+        except FileExistsError:     # (O_EXCL: also a link, dangling or not; refused below)
+            try:
+                fd = os.open(path, os.O_RDWR | flags)
+            except PermissionError:     # a store the user may only read
+                fd = os.open(path, os.O_RDONLY | flags)
+    except PermissionError:
+        raise UnsafeFileError(path, _who_owns(path) + ", which this user may not read") from None
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise UnsafeFileError(path, "a symbolic link") from None
+        if error.errno == errno.EISDIR:
+            raise UnsafeFileError(path, "not a regular file (a directory)") from None
+        raise
+    _check_opened(fd, path, owner)
+    return fd
+
+
+def _who_owns(path: str) -> str:
+    try:
+        return f"owned by uid {os.lstat(path).st_uid}"
+    except OSError:
+        return "not accessible"
+
+
+def replace_file(path: str, chunks: Iterable[bytes], *, fsync: bool) -> None:
+    """Write ``chunks`` as the new content of ``path`` (mode 0600), atomically.
+
+    Written to a new file under a random name beside it (``O_EXCL|O_NOFOLLOW``: never
+    through a link someone planted), then renamed over ``path``: a symbolic link at
+    ``path`` is replaced, not followed. With ``fsync``, the file and its directory
+    entry are on disk when this returns.
+    """
+    temporary = f"{path}.tmp-{secrets.token_hex(8)}"
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC, 0o600)
+    try:
+        with open(fd, "wb") as file:
+            file.writelines(chunks)
+            file.flush()
+            if fsync:
+                os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        try:
+            os.unlink(temporary)
+        except FileNotFoundError:
+            pass
+        raise
+    if fsync:
+        fsync_directory(path)
+
+
+def remove_files(names: Iterable[str], lock: FileLock, store_path: str) -> None:
+    """Flag 'n' over files that are not a store to empty: unlink each of ``names`` that
+    exists (a link is removed itself, never followed), holding ``lock`` meanwhile."""
+    lock.lock(store_path)
+    try:
+        for name in names:
+            try:
+                os.unlink(name)
+            except FileNotFoundError:
+                pass
+    finally:
+        lock.release()
+
+
+def fsync_file(path: str) -> None:
+    """Make the content of the file ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY | _CLOEXEC)   # the store's own files: a link is the user's
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def fsync_directory(path: str) -> None:
     """Make the creation, renaming or removal of entries of the directory of ``path`` durable."""
     try:
@@ -46,6 +183,18 @@ def fsync_directory(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+_FACTS: dict[str, object] = {}
+
+
+def _process_facts() -> dict[str, object]:
+    """pid, host and program of this process, for lock files (worked out once per process:
+    a transaction takes the lock each time)."""
+    if _FACTS.get("pid") != os.getpid():   # first use, or a forked child
+        _FACTS.update(pid=os.getpid(), host=socket.gethostname(),
+                      program=" ".join(sys.argv)[:200] or sys.executable)
+    return _FACTS
 
 
 class FileLock:
@@ -62,10 +211,16 @@ class FileLock:
     1 ms, where a reader takes the lock for every read.
 
     The file is created (mode 0600) if missing, even by a read-only store: it
-    holds no data.
+    holds no data. It is opened with :func:`open_side_file`: never through a
+    symbolic link, and only if it is a regular file owned by ``owner``.
+
+    With ``names_holder``, an exclusive holder writes who it is (pid, host,
+    program, when it took the lock) into the file, and a
+    :class:`~pstore.errors.LockTimeoutError` raised by :meth:`lock` quotes it.
     """
 
-    def __init__(self, path: str, timeout: float, *, longest_pause: float = 0.02) -> None:
+    def __init__(self, path: str, timeout: float, *, longest_pause: float = 0.02,
+                 owner: int | None = None, names_holder: bool = False) -> None:
         """``longest_pause``: the longest sleep between two attempts while waiting.
 
         Waiting polls (a blocking ``flock`` cannot time out); locks held only briefly
@@ -74,6 +229,8 @@ class FileLock:
         self.path = path
         self._timeout = timeout
         self._longest_pause = longest_pause
+        self._owner = owner
+        self._names_holder = names_holder
         self._fd: int | None = None
         self._portable = (filelock.FileLock(path, timeout=timeout, mode=0o600,
                                             thread_local=False) if fcntl is None else None)
@@ -82,11 +239,35 @@ class FileLock:
         """The descriptor of the lock file, for data kept in it (read-only if the user may
         only read the file: flock works on it, writes to it fail)."""
         if self._fd is None:
-            try:
-                self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            except PermissionError:     # a store the user may only read
-                self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            self._fd = open_side_file(self.path, self._owner)
         return self._fd
+
+    def lock(self, store_path: str, shared: bool = False) -> None:
+        """:meth:`acquire`, raising :class:`~pstore.errors.LockTimeoutError` for the store
+        at ``store_path`` (naming the holder when it wrote itself down) if it times out."""
+        if not self.acquire(shared=shared):
+            raise LockTimeoutError(store_path, self._timeout, self.holder())
+
+    def holder(self) -> str | None:
+        """Who last took the lock exclusively, as it wrote itself down; None if unknown."""
+        if self._fd is None:
+            return None
+        try:
+            facts = json.loads(os.pread(self._fd, 4096, 0).decode("utf-8"))
+            return (f"process {int(facts['pid'])} on {str(facts['host'])!r} "
+                    f"({str(facts['program'])!r}, holding it since {facts['since']})")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return None
+
+    def _write_holder(self, fd: int) -> None:
+        data = json.dumps({**_process_facts(),
+                           "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                          ).encode("utf-8")
+        try:
+            os.pwrite(fd, data, 0)
+            os.ftruncate(fd, len(data))
+        except OSError:     # opened read-only: the lock still works, only unnamed
+            pass
 
     def acquire(self, shared: bool = False, wait: bool = True) -> bool:
         """Take the lock, waiting up to the timeout (not at all if not ``wait``).
@@ -106,6 +287,8 @@ class FileLock:
         while True:
             try:
                 fcntl.flock(fd, operation)
+                if self._names_holder and not shared:
+                    self._write_holder(fd)
                 return True
             except BlockingIOError:
                 remaining = deadline - time.monotonic()
@@ -134,3 +317,98 @@ class FileLock:
         if self._portable is None and self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+class ApplyLocks:
+    """The gate, the apply lock and the commit counter: readers against an applying writer.
+
+    ``<path>.commits`` is held shared by readers for each read and exclusively by a
+    writer only while it applies a journal, so readers wait for that apply phase and
+    nothing else, and never see half of it. Its first 8 bytes count the applies.
+    ``<path>.gate`` is passed (shared) by readers on their way to the apply lock and
+    held (exclusive) by an applying writer, so that no new reader slips in while it
+    waits for the readers already in: without it, readers back to back starve it.
+    """
+
+    def __init__(self, path: str, timeout: float, owner: int) -> None:
+        """``path``: the store's; its ``.commits`` and ``.gate`` files are used, owned by
+        ``owner`` (see :func:`open_side_file`)."""
+        self._path = path
+        # Held for microseconds (a read) or milliseconds (an apply), very often: a
+        # waiter must retry often to catch the moments it is free.
+        self._counter = FileLock(path + ".commits", timeout, longest_pause=0.0002, owner=owner)
+        self._gate = FileLock(path + ".gate", timeout, longest_pause=0.0002, owner=owner)
+
+    def share(self) -> None:
+        """Take the apply lock shared, through the gate (release with :meth:`unshare`)."""
+        self._gate.lock(self._path, shared=True)
+        try:
+            self._counter.lock(self._path, shared=True)
+        finally:
+            self._gate.release()
+
+    def unshare(self) -> None:
+        self._counter.release()
+
+    def exclude(self) -> None:
+        """Take the gate and the apply lock exclusively (release with :meth:`unexclude`)."""
+        self._gate.lock(self._path)
+        try:
+            self._counter.lock(self._path)
+        except BaseException:
+            self._gate.release()
+            raise
+
+    def unexclude(self) -> None:
+        self._counter.release()
+        self._gate.release()
+
+    def count(self) -> int:
+        """The number of applies so far."""
+        return int.from_bytes(os.pread(self._counter.fileno(), 8, 0), "big")
+
+    def set_count(self, count: int) -> None:
+        """Record ``count`` applies; called holding the apply lock exclusively."""
+        os.pwrite(self._counter.fileno(), count.to_bytes(8, "big"), 0)
+
+    def abandon(self) -> None:
+        self._counter.abandon()
+        self._gate.abandon()
+
+    def close(self) -> None:
+        self._counter.close()
+        self._gate.close()
+
+
+@contextmanager
+def key_lock_file(store_path: str, key: str, timeout: float) -> Iterator[None]:
+    """Hold, across processes, the lock of one key of the store at ``store_path``.
+
+    The file backends' :meth:`~pstore.backends.base.Backend.key_lock`: one lock file
+    per key (named by a digest of the key) in the folder ``PATH.keylocks``, created
+    mode 0700 on first need and refused (:class:`~pstore.errors.UnsafeFileError`) if it
+    is not a real folder of the store's owner: a planted symlink is never followed. The
+    lock files are opened as every side file is (:func:`open_side_file`) and name their
+    holder. They stay: removing a lock file another process may be waiting on would
+    let two processes hold "the" lock at once.
+    """
+    folder = store_path + ".keylocks"
+    owner = store_owner([store_path])
+    try:
+        os.mkdir(folder, 0o700)
+    except FileExistsError:
+        pass
+    info = os.lstat(folder)
+    if not stat.S_ISDIR(info.st_mode) or not owned_by(info, owner):
+        raise UnsafeFileError(folder, "the key-lock folder is not a folder of the store's "
+                                      "owner (a symbolic link, or another file)")
+    name = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+    lock = FileLock(os.path.join(folder, name), timeout, owner=owner, names_holder=True)
+    try:
+        lock.lock(store_path)
+        try:
+            yield
+        finally:
+            lock.release()
+    finally:
+        lock.close()

@@ -32,6 +32,8 @@ class ShelveReader(ReadableBackend):
     into a pstore store.
     """
 
+    name = "shelve"
+    digests_from = 1 << 63      # a shelve's values are plain pickles, without digests
     takes_variant = True
 
     def __init__(self, path: str, flag: str, *, lock_timeout: float, fsync: bool,

@@ -9,22 +9,23 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import shutil
 import sqlite3
+import sys
 from collections.abc import Callable, Collection, Iterator
-from typing import NoReturn
+from contextlib import AbstractContextManager
+from typing import Any, NamedTuple, NoReturn
 
-from ..errors import FormatError, LockTimeoutError, ReadOnlyError
-from .base import Backend
+from ..errors import ClosedError, CorruptionError, FormatError, LockTimeoutError, ReadOnlyError
+from .base import Backend, Statistics, binding_seal
 from .blobs import BlobStore, LocalBlobs
-from .files import FileLock, create_private, require_existing
+from .files import FileLock, create_private, key_lock_file, require_existing, store_owner
 
 __all__ = ["SQLiteBackend", "FORMAT_NAME", "FORMAT_VERSION", "APPLICATION_ID"]
 
 #: What the meta table's 'format' row holds in every pstore file.
 FORMAT_NAME = "pstore"
 #: The newest format version this code reads and the one it writes.
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 #: Written into the SQLite header (offset 68) so that tools can tell a pstore file.
 APPLICATION_ID = 0x70537472  # b"pStr"
 
@@ -35,28 +36,49 @@ _SCHEMA = (
     "CREATE TABLE refs (oid INTEGER NOT NULL, ref INTEGER NOT NULL,"
     " lazy INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (oid, ref)) WITHOUT ROWID",
     "CREATE INDEX refs_by_ref ON refs (ref)",
-    "CREATE TABLE keys (key TEXT PRIMARY KEY, oid INTEGER NOT NULL) WITHOUT ROWID",
+    "CREATE TABLE keys (key TEXT PRIMARY KEY, oid INTEGER NOT NULL, seal BLOB) WITHOUT ROWID",
     "CREATE INDEX keys_by_oid ON keys (oid)",
     "CREATE TABLE blob_refs (oid INTEGER NOT NULL, blob TEXT NOT NULL, PRIMARY KEY (oid, blob))"
     " WITHOUT ROWID",
     f"INSERT INTO meta VALUES ('format', '{FORMAT_NAME}'), ('version', {FORMAT_VERSION}),"
-    " ('next_oid', 1)",
+    " ('next_oid', 1), ('digests_from', 1)",
     f"PRAGMA application_id = {APPLICATION_ID}",
 )
 
-# Version 1 files become version 2 when opened for writing (under the write lock). Version 2
-# added refs.lazy, records of Persistent objects and blobs, which version 1 code would misread.
-_UPGRADE = (
-    "ALTER TABLE refs ADD COLUMN lazy INTEGER NOT NULL DEFAULT 0",
-    "CREATE TABLE blob_refs (oid INTEGER NOT NULL, blob TEXT NOT NULL, PRIMARY KEY (oid, blob))"
-    " WITHOUT ROWID",
-    f"UPDATE meta SET value = {FORMAT_VERSION} WHERE name = 'version'",
+# Older files become the current version when opened for writing (under the write lock):
+# version N runs the statements of every version after it. Version 2 added refs.lazy,
+# records of Persistent objects and blobs, which version 1 code would misread; version 3
+# record digests and key seals (the seals of existing keys computed by pstore_seal), and
+# meta's digests_from: records of smaller ids predate digests.
+_UPGRADES = {
+    1: ("ALTER TABLE refs ADD COLUMN lazy INTEGER NOT NULL DEFAULT 0",
+        "CREATE TABLE blob_refs (oid INTEGER NOT NULL, blob TEXT NOT NULL,"
+        " PRIMARY KEY (oid, blob)) WITHOUT ROWID"),
+    2: ("ALTER TABLE keys ADD COLUMN seal BLOB",
+        "UPDATE keys SET seal = pstore_seal(key, oid)",
+        "INSERT INTO meta SELECT 'digests_from', value FROM meta WHERE name = 'next_oid'"),
+}
+_SET_VERSION = f"UPDATE meta SET value = {FORMAT_VERSION} WHERE name = 'version'"
+# The first record id with a digest; absent before version 3.
+_DIGESTS_FROM = "SELECT value FROM meta WHERE name = 'digests_from'"
+# SQLite's primary result codes that say the database is busy, not damaged.
+_NOT_DAMAGE = {5, 6, 9}     # SQLITE_BUSY, SQLITE_LOCKED, SQLITE_INTERRUPT
+
+# Flag 'n' on an existing store, in one transaction. next_oid stays: another open Store may
+# still hold objects under the ids given out so far.
+_EMPTY = (
+    "DELETE FROM keys",
+    "DELETE FROM refs",
+    "DELETE FROM blob_refs",
+    "DELETE FROM records",
 )
 
 _GET_RECORD = "SELECT data FROM records WHERE oid = ?"
 _PUT_RECORD = "INSERT OR REPLACE INTO records (oid, data) VALUES (?, ?)"
 _DELETE_RECORD = "DELETE FROM records WHERE oid = ?"
 _DELETE_REFS = "DELETE FROM refs WHERE oid = ?"
+_REFS_OF = "SELECT ref FROM refs WHERE oid = ?"
+_EAGER_REFS_OF = "SELECT ref FROM refs WHERE oid = ? AND NOT lazy"
 _PUT_REF = "INSERT OR IGNORE INTO refs (oid, ref) VALUES (?, ?)"
 _DELETE_BLOB_REFS = "DELETE FROM blob_refs WHERE oid = ?"
 _PUT_BLOB_REF = "INSERT OR IGNORE INTO blob_refs (oid, blob) VALUES (?, ?)"
@@ -82,16 +104,38 @@ SELECT oid FROM live
 _GC_REFS = f"DELETE FROM refs WHERE oid NOT IN ({_LIVE})"
 _GC_RECORDS = f"DELETE FROM records WHERE oid NOT IN ({_LIVE})"
 _GC_BLOB_REFS = "DELETE FROM blob_refs WHERE oid NOT IN (SELECT oid FROM records)"
-_GET_KEY = "SELECT oid FROM keys WHERE key = ?"
-_BIND_KEY = "INSERT OR REPLACE INTO keys (key, oid) VALUES (?, ?)"
+_BIND_KEY = "INSERT OR REPLACE INTO keys (key, oid, seal) VALUES (?, ?, ?)"
 _UNBIND_KEY = "DELETE FROM keys WHERE key = ?"
-_FIRST_KEYS = "SELECT key FROM keys ORDER BY key LIMIT ?"
-_NEXT_KEYS = "SELECT key FROM keys WHERE key > ? ORDER BY key LIMIT ?"
-_ITEMS = "SELECT key, keys.oid, data FROM keys LEFT JOIN records ON records.oid = keys.oid"
-_GET_ITEM = ("SELECT keys.oid, data FROM keys LEFT JOIN records ON records.oid = keys.oid"
-             " WHERE key = ?")
-_FIRST_ITEMS = f"{_ITEMS} ORDER BY key LIMIT ?"
-_NEXT_ITEMS = f"{_ITEMS} WHERE key > ? ORDER BY key LIMIT ?"
+_RECORDS = "SELECT oid, data FROM records WHERE oid > ? ORDER BY oid LIMIT ?"
+_REFS_OF = "SELECT ref FROM refs WHERE oid = ?"
+
+
+class _KeyStatements(NamedTuple):
+    first_keys: str
+    next_keys: str
+    get_key: str
+    get_item: str
+    first_items: str
+    next_items: str
+
+
+def _key_statements(seal: str) -> _KeyStatements:
+    """The statements reading key bindings, with ``seal`` as the seal's column: before
+    version 3 (a file read as it is) there is none."""
+    items = (f"SELECT key, keys.oid, data, {seal} FROM keys"
+             " LEFT JOIN records ON records.oid = keys.oid")
+    return _KeyStatements(
+        f"SELECT key, oid, {seal} FROM keys ORDER BY key LIMIT ?",
+        f"SELECT key, oid, {seal} FROM keys WHERE key > ? ORDER BY key LIMIT ?",
+        f"SELECT oid, {seal} FROM keys WHERE key = ?",
+        f"SELECT keys.oid, data, {seal} FROM keys LEFT JOIN records ON records.oid = keys.oid"
+        " WHERE key = ?",
+        f"{items} ORDER BY key LIMIT ?",
+        f"{items} WHERE key > ? ORDER BY key LIMIT ?")
+
+
+# By whether the file's bindings are sealed (format version 3).
+_KEY_STATEMENTS = {True: _key_statements("seal"), False: _key_statements("NULL")}
 _COUNT_KEYS = "SELECT count(*) FROM keys"
 _DATA_VERSION = "PRAGMA data_version"
 _COUNT_TABLES = "SELECT count(*) FROM sqlite_master"
@@ -103,23 +147,62 @@ _OID_BLOCK = 1000
 #: How many keys one query of :meth:`SQLiteBackend.iter_keys` fetches.
 _KEY_BATCH = 1000
 
+# SQLite's primary result codes (an extended code carries its primary one in the low byte).
+_SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_CORRUPT, _SQLITE_NOTADB = 5, 6, 11, 26
+_BUSY = (_SQLITE_BUSY, _SQLITE_LOCKED)
+_DAMAGED = (_SQLITE_CORRUPT, _SQLITE_NOTADB)
+# Python 3.10's sqlite3 exceptions carry no result code, only SQLite's message. For these
+# codes SQLite's message is its fixed English text for the code (sqlite3_errstr), which
+# SQLite has never changed; SQLITE_LOCKED may name the table after a colon. Matching the
+# whole text (not a word in it) keeps, say, a file named "locked" from counting as busy.
+_CODE_OF_MESSAGE = {
+    "database is locked": _SQLITE_BUSY,
+    "database table is locked": _SQLITE_LOCKED,
+    "database schema is locked": _SQLITE_LOCKED,
+    "database disk image is malformed": _SQLITE_CORRUPT,
+    "file is not a database": _SQLITE_NOTADB,
+}
+
+
+def _result_code(error: sqlite3.Error) -> int | None:
+    """The primary SQLite result code of ``error``, when it can be known."""
+    if sys.version_info >= (3, 11):
+        code = getattr(error, "sqlite_errorcode", None)
+        return None if code is None else code & 0xFF
+    return _CODE_OF_MESSAGE.get(str(error).partition(":")[0])
+
+
 # Connections inherited from a parent process. Kept referenced forever: closing
 # them in the child would act on the parent's (SQLite's POSIX advisory locks
 # belong to the process, and closing any descriptor of the file drops them).
 _INHERITED: list[object] = []
 
 
-class _NoCursor:
+_RECORD_TOTALS = "SELECT COUNT(*), COALESCE(SUM(LENGTH(data)), 0) FROM records"
+
+
+def _size_on_disk(path: str) -> int:
+    """Bytes of the database file and its write-ahead log."""
+    total = 0
+    for suffix in ("", "-wal"):
+        try:
+            total += os.stat(path + suffix).st_size
+        except FileNotFoundError:
+            pass
+    return total
+
+
+class _ClosedCursor:
     """The cursor of a backend without a connection (closed, or failed to reopen after a
-    fork): every statement raises, as on a closed connection."""
+    fork): every statement raises :class:`~pstore.ClosedError`."""
+
+    def __init__(self, path: str) -> None:
+        self._path = path
 
     def execute(self, *args: object) -> NoReturn:
-        raise sqlite3.ProgrammingError("the backend is closed")
+        raise ClosedError(self._path)
 
     executemany = execute
-
-
-_NO_CURSOR = _NoCursor()
 
 
 class SQLiteBackend(LocalBlobs, Backend):
@@ -130,6 +213,8 @@ class SQLiteBackend(LocalBlobs, Backend):
     also survives power loss or an OS crash. Blobs are files under ``PATH.blobs/``,
     always fsynced before the transaction that uses them commits.
     """
+
+    name = "sqlite"
 
     def __init__(self, path: str, flag: str, *, lock_timeout: float, fsync: bool) -> None:
         self.path = path
@@ -143,25 +228,21 @@ class SQLiteBackend(LocalBlobs, Backend):
         self._fresh: set[int] = set()       # oids allocated by the open transaction
         self._in_transaction = False
         self._conn: sqlite3.Connection | None = None
+        self._sealed = True     # whether key bindings carry seals (format version 3)
+        self._keys_sql = _KEY_STATEMENTS[True]
         self._blobs = BlobStore(path + ".blobs")
         # One cursor for the frequent statements, sparing the cursor Connection.execute
         # makes each time. Each of them has at most one row and reads it, which ends the
         # statement: one left unfinished would keep its read transaction (and snapshot) open.
-        self._cursor: sqlite3.Cursor | _NoCursor = _NO_CURSOR
-        if flag == "n":
-            shutil.rmtree(self._blobs.directory, ignore_errors=True)
-            for suffix in ("", "-wal", "-shm", "-journal"):
-                try:
-                    os.unlink(path + suffix)
-                except FileNotFoundError:
-                    pass
+        self._closed_cursor = _ClosedCursor(path)
+        self._cursor: sqlite3.Cursor | _ClosedCursor = self._closed_cursor
         require_existing(path, flag, lambda: os.path.exists(path))
         if flag in ("c", "n"):
             # SQLite gives its -wal and -shm files the permissions of the database file.
             create_private(path)
         self._file_lock = self._make_file_lock()
         try:
-            self._connect(create=flag in ("c", "n"))
+            self._connect(create=flag in ("c", "n"), empty=flag == "n")
         except BaseException:
             self._file_lock.close()
             raise
@@ -169,9 +250,10 @@ class SQLiteBackend(LocalBlobs, Backend):
     # -- opening ----------------------------------------------------------------------------
 
     def _make_file_lock(self) -> FileLock:
-        return FileLock(self.path + ".lock", self._lock_timeout)
+        return FileLock(self.path + ".lock", self._lock_timeout, owner=store_owner([self.path]),
+                        names_holder=not self.read_only)
 
-    def _connect(self, create: bool) -> None:
+    def _connect(self, create: bool, empty: bool = False) -> None:
         if self.read_only:
             uri = pathlib.Path(self.path).absolute().as_uri() + "?mode=ro"
             conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
@@ -187,54 +269,73 @@ class SQLiteBackend(LocalBlobs, Backend):
                 self._check_format()
             else:
                 # Checked before the first write, so a foreign database is left untouched.
-                self._init_or_check(create)
+                self._init_or_check(create, empty)
                 conn.execute("PRAGMA journal_mode = WAL")
                 conn.execute(f"PRAGMA synchronous = {'FULL' if self._fsync else 'NORMAL'}")
-        except sqlite3.OperationalError as error:
-            conn.close()
-            self._conn = None
-            self._cursor = _NO_CURSOR
-            if "locked" in str(error):
-                raise LockTimeoutError(self.path, self._lock_timeout) from error
-            raise   # e.g. no permission: not a question of format
         except sqlite3.DatabaseError as error:
-            # SQLITE_NOTADB or SQLITE_CORRUPT: random bytes, a text file, ...
             conn.close()
             self._conn = None
-            self._cursor = _NO_CURSOR
-            raise FormatError(self.path, f"not an SQLite database ({error})") from None
+            self._cursor = self._closed_cursor
+            code = _result_code(error)
+            if code in _BUSY:
+                raise LockTimeoutError(self.path, self._lock_timeout) from error
+            if code in _DAMAGED or not isinstance(error, sqlite3.OperationalError):
+                # Random bytes, a text file, a damaged header: not a store this can open.
+                raise FormatError(self.path, f"not an SQLite database ({error})") from None
+            raise   # e.g. no permission: not a question of format
         except BaseException:
             conn.close()
             self._conn = None
-            self._cursor = _NO_CURSOR
+            self._cursor = self._closed_cursor
             raise
 
-    def _init_or_check(self, create: bool) -> None:
-        """Create the schema in an empty database (under the write lock), else check it."""
+    def _init_or_check(self, create: bool, empty: bool) -> None:
+        """Create the schema in an empty database (under the write lock), else check it;
+        ``empty``: then remove every key, record and blob of the store (flag 'n')."""
         conn = self._require()
         if conn.execute(_COUNT_TABLES).fetchone()[0]:
             if self._check_format() < FORMAT_VERSION:
                 self._upgrade()
+                self._check_format()
+            if empty:
+                self._write_once(self._empty)
             return
         if not create:
             raise FormatError(self.path, "an empty file")
-        self._change_schema(_SCHEMA, lambda: not conn.execute(_COUNT_TABLES).fetchone()[0])
+        # A brand-new store is empty already: one transaction, as for flag 'c'.
+        self._write_once(lambda: self._run(_SCHEMA),
+                         lambda: not conn.execute(_COUNT_TABLES).fetchone()[0])
         self._check_format()
 
     def _upgrade(self) -> None:
-        """Bring a version 1 file to the current version."""
+        """Bring a file of an older version to the current version."""
         conn = self._require()
-        self._change_schema(_UPGRADE,
-                            lambda: conn.execute(_VERSION).fetchone()[0] < FORMAT_VERSION)
+        conn.create_function("pstore_seal", 2, binding_seal, deterministic=True)
+        version = conn.execute(_VERSION).fetchone()[0]
+        statements = [statement for step in range(version, FORMAT_VERSION)
+                      for statement in _UPGRADES[step]]
+        self._write_once(lambda: self._run((*statements, _SET_VERSION)),
+                         lambda: conn.execute(_VERSION).fetchone()[0] == version)
 
-    def _change_schema(self, statements: tuple[str, ...], needed: Callable[[], bool]) -> None:
-        """Run ``statements`` in one write transaction, if ``needed()`` under the write lock:
-        another process may have done it while this one waited for the lock."""
+    def _empty(self) -> None:
+        """Flag 'n' on an existing store: what other Stores see at their next read is an
+        empty store, and what they write later lands in it."""
+        self._run(_EMPTY)
+        self._blobs.collect(())     # deleted when the transaction commits
+
+    def _run(self, statements: tuple[str, ...]) -> None:
+        conn = self._require()
+        for statement in statements:
+            conn.execute(statement)
+
+    def _write_once(self, change: Callable[[], None],
+                    needed: Callable[[], bool] = lambda: True) -> None:
+        """Make ``change`` in one write transaction, if ``needed()`` under the write lock
+        (another process may have done it while this one waited for the lock)."""
         self.begin()
         try:
             if needed():
-                for statement in statements:
-                    self._require().execute(statement)
+                change()
             self.commit()
         except BaseException:
             self.rollback()
@@ -245,20 +346,36 @@ class SQLiteBackend(LocalBlobs, Backend):
         conn = self._require()
         try:
             meta = dict(conn.execute(_META).fetchall())
-        except sqlite3.OperationalError:
+        except sqlite3.OperationalError as error:
+            if _result_code(error) in _BUSY:
+                raise
             raise FormatError(self.path, "an SQLite database without pstore's tables") from None
         if meta.get("format") != FORMAT_NAME or not isinstance(meta.get("version"), int):
             raise FormatError(self.path, "an SQLite database without pstore's meta rows")
         if meta["version"] > FORMAT_VERSION:
             raise FormatError(self.path, f"format version {meta['version']} was written by a "
                                          f"newer pstore; this one reads up to {FORMAT_VERSION}")
+        self._sealed = meta["version"] >= 3
+        self._keys_sql = _KEY_STATEMENTS[self._sealed]
+        if not self._sealed:
+            self.digests_from = 1 << 63     # any record may predate digests
+        else:
+            row = conn.execute(_DIGESTS_FROM).fetchone()
+            self.digests_from = row[0] if row is not None and isinstance(row[0], int) else 1
         return meta["version"]
 
     def _require(self) -> sqlite3.Connection:
         conn = self._conn
         if conn is None:
-            raise sqlite3.ProgrammingError("the backend is closed")
+            raise ClosedError(self.path)
         return conn
+
+    def _failed(self, error: sqlite3.DatabaseError) -> NoReturn:
+        """Raise what ``error`` of a statement means: a damaged file (a malformed page)
+        becomes a :class:`~pstore.CorruptionError`, anything else stays as it is."""
+        if _result_code(error) in _DAMAGED:
+            raise CorruptionError(self.path, f"SQLite reports: {error}") from error
+        raise error
 
     # -- records ----------------------------------------------------------------------------
 
@@ -267,8 +384,11 @@ class SQLiteBackend(LocalBlobs, Backend):
             conn = self._require()
             # Ids below meta's next_oid are never allocated again, even after gc() freed
             # them: another process may still hold an object under such an id.
-            first = conn.execute(_NEXT_OID).fetchone()[0]
-            conn.execute(_RESERVE_OIDS, (first + _OID_BLOCK,))
+            try:
+                first = conn.execute(_NEXT_OID).fetchone()[0]
+                conn.execute(_RESERVE_OIDS, (first + _OID_BLOCK,))
+            except sqlite3.DatabaseError as error:
+                self._failed(error)
             self._next_oid, self._block_end = first, first + _OID_BLOCK
             self._block_is_committed = False
         oid = self._next_oid
@@ -277,7 +397,10 @@ class SQLiteBackend(LocalBlobs, Backend):
         return oid
 
     def get_record(self, oid: int) -> bytes | None:
-        row = self._cursor.execute(_GET_RECORD, (oid,)).fetchone()
+        try:
+            row = self._cursor.execute(_GET_RECORD, (oid,)).fetchone()
+        except sqlite3.DatabaseError as error:
+            self._failed(error)
         return None if row is None else row[0]
 
     def put_record(self, oid: int, data: bytes, refs: Collection[int],
@@ -305,29 +428,65 @@ class SQLiteBackend(LocalBlobs, Backend):
     def existing(self, oids: Collection[int]) -> set[int]:
         if not oids:
             return set()
-        rows = self._require().execute(_EXISTING, (json.dumps(list(oids)),))
-        return {row[0] for row in rows}
+        try:
+            rows = self._require().execute(_EXISTING, (json.dumps(list(oids)),))
+            return {row[0] for row in rows}
+        except sqlite3.DatabaseError as error:
+            self._failed(error)
 
     def is_referenced(self, oid: int) -> bool:
-        return bool(self._require().execute(_IS_REFERENCED, (oid,)).fetchone()[0])
+        try:
+            return bool(self._require().execute(_IS_REFERENCED, (oid,)).fetchone()[0])
+        except sqlite3.DatabaseError as error:
+            self._failed(error)
 
     def reaches(self, sources: Collection[int], target: int) -> bool:
-        rows = self._require().execute(_REACHES, (json.dumps(list(sources)), target))
-        return rows.fetchone() is not None
+        try:
+            rows = self._require().execute(_REACHES, (json.dumps(list(sources)), target))
+            return rows.fetchone() is not None
+        except sqlite3.DatabaseError as error:
+            self._failed(error)
+
+    def refs_of(self, oid: int, *, lazy: bool = True) -> Collection[int]:
+        rows = self._require().execute(_REFS_OF if lazy else _EAGER_REFS_OF, (oid,))
+        return [row[0] for row in rows]
 
     # -- keys -------------------------------------------------------------------------------
 
+    def _checked(self, key: Any, oid: Any, seal: Any) -> None:
+        """Raise :class:`CorruptionError` unless ``seal`` is that of binding ``key`` -> ``oid``."""
+        if type(key) is not str or type(oid) is not int:    # a damaged row's types
+            raise CorruptionError(self.path, f"the keys table holds {key!r} -> {oid!r}, not a "
+                                  f"key and an object id", key=str(key))
+        if self._sealed and seal != binding_seal(key, oid):
+            raise CorruptionError(self.path, f"the binding of the key to object id {oid} does "
+                                  f"not match its seal", key=key, object_id=oid)
+
     def get_key(self, key: str) -> int | None:
-        row = self._cursor.execute(_GET_KEY, (key,)).fetchone()
-        return None if row is None else row[0]
+        try:
+            row = self._cursor.execute(self._keys_sql.get_key, (key,)).fetchone()
+        except sqlite3.DatabaseError as error:
+            self._failed(error)
+        if row is None:
+            return None
+        self._checked(key, *row)
+        return row[0]
 
     def get_item(self, key: str) -> tuple[int, bytes | None] | None:
-        return self._cursor.execute(_GET_ITEM, (key,)).fetchone()
+        try:
+            row = self._cursor.execute(self._keys_sql.get_item, (key,)).fetchone()
+        except sqlite3.DatabaseError as error:
+            self._failed(error)
+        if row is None:
+            return None
+        oid, data, seal = row
+        self._checked(key, oid, seal)
+        return oid, data
 
     def bind_key(self, key: str, oid: int) -> int | None:
         previous = self.get_key(key)
         if previous != oid:
-            self._cursor.execute(_BIND_KEY, (key, oid))
+            self._cursor.execute(_BIND_KEY, (key, oid, binding_seal(key, oid)))
         return previous
 
     def unbind_key(self, key: str) -> int | None:
@@ -340,24 +499,35 @@ class SQLiteBackend(LocalBlobs, Backend):
         # Keyset pagination: each batch is a short statement of its own, so no read
         # transaction stays open between batches (it would hold back checkpoints) and
         # writes between batches are allowed.
-        batch = [row[0] for row in self._require().execute(_FIRST_KEYS, (_KEY_BATCH,))]
-        while batch:
-            yield from batch
-            if len(batch) < _KEY_BATCH:
-                return
-            batch = [row[0] for row in
-                     self._require().execute(_NEXT_KEYS, (batch[-1], _KEY_BATCH))]
+        # Each binding's seal is checked: a damaged key would be listed, yet not found.
+        for key, oid, seal in self._batches(self._keys_sql.first_keys,
+                                            self._keys_sql.next_keys):
+            self._checked(key, oid, seal)
+            yield key
 
     def iter_items(self) -> Iterator[tuple[str, int, bytes | None]]:
-        rows = self._require().execute(_FIRST_ITEMS, (_KEY_BATCH,)).fetchall()
-        while rows:
-            yield from rows
-            if len(rows) < _KEY_BATCH:
-                return
-            rows = self._require().execute(_NEXT_ITEMS, (rows[-1][0], _KEY_BATCH)).fetchall()
+        for key, oid, data, seal in self._batches(self._keys_sql.first_items,
+                                                  self._keys_sql.next_items):
+            self._checked(key, oid, seal)
+            yield key, oid, data
+
+    def _batches(self, first: str, following: str) -> Iterator[tuple[Any, ...]]:
+        """The rows of ``first``, then of ``following`` after the last key, a batch at a time."""
+        try:
+            rows = self._require().execute(first, (_KEY_BATCH,)).fetchall()
+            while rows:
+                yield from rows
+                if len(rows) < _KEY_BATCH:
+                    return
+                rows = self._require().execute(following, (rows[-1][0], _KEY_BATCH)).fetchall()
+        except sqlite3.DatabaseError as error:
+            self._failed(error)
 
     def count_keys(self) -> int:
-        return self._require().execute(_COUNT_KEYS).fetchone()[0]
+        try:
+            return self._require().execute(_COUNT_KEYS).fetchone()[0]
+        except sqlite3.DatabaseError as error:
+            self._failed(error)
 
     # -- transactions -----------------------------------------------------------------------
 
@@ -365,14 +535,15 @@ class SQLiteBackend(LocalBlobs, Backend):
         if self.read_only:
             raise ReadOnlyError(self.path, "write")
         conn = self._require()
-        if not self._file_lock.acquire():
-            raise LockTimeoutError(self.path, self._lock_timeout)
+        self._file_lock.lock(self.path)
         try:
             conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError as error:
+        except sqlite3.DatabaseError as error:
             self._file_lock.release()
-            # Only a process that ignores the lock file (not pstore) can cause this.
-            raise LockTimeoutError(self.path, self._lock_timeout) from error
+            if _result_code(error) in _BUSY:
+                # Only a process that ignores the lock file (not pstore) can cause this.
+                raise LockTimeoutError(self.path, self._lock_timeout) from error
+            self._failed(error)
         self._in_transaction = True
 
     def commit(self) -> None:
@@ -403,20 +574,70 @@ class SQLiteBackend(LocalBlobs, Backend):
                 self._file_lock.release()
 
     def change_marker(self) -> int:
-        return self._cursor.execute(_DATA_VERSION).fetchone()[0]
+        try:
+            return self._cursor.execute(_DATA_VERSION).fetchone()[0]
+        except sqlite3.DatabaseError as error:
+            self._failed(error)
 
     # -- maintenance ------------------------------------------------------------------------
+
+    def iter_records(self) -> Iterator[tuple[int, bytes, list[int]]]:
+        conn = self._require()
+        rows = conn.execute(_RECORDS, (0, _KEY_BATCH)).fetchall()
+        while rows:
+            for oid, data in rows:
+                yield oid, data, [row[0] for row in conn.execute(_REFS_OF, (oid,))]
+            if len(rows) < _KEY_BATCH:
+                return
+            rows = conn.execute(_RECORDS, (rows[-1][0], _KEY_BATCH)).fetchall()
+
+    def is_damage(self, error: Exception) -> bool:
+        if isinstance(error, sqlite3.OperationalError):
+            # No code: raised by the sqlite3 module itself, e.g. for text that is not UTF-8.
+            code = getattr(error, "sqlite_errorcode", None)
+            return code is None or code & 0xFF not in _NOT_DAMAGE
+        return isinstance(error, sqlite3.DatabaseError) or super().is_damage(error)
 
     def gc(self) -> int:
         # Both deletes compute the live set with a recursive CTE whose working set is kept
         # by SQLite (spilling to temporary files), never in Python. Refs first: deleting
         # refs of unreachable records does not change what is reachable.
         conn = self._require()
-        conn.execute(_GC_REFS)
-        deleted = conn.execute(_GC_RECORDS).rowcount
-        conn.execute(_GC_BLOB_REFS)
-        self._blobs.collect({row[0] for row in conn.execute(_REFERENCED_BLOBS)})
+        try:
+            conn.execute(_GC_REFS)
+            deleted = conn.execute(_GC_RECORDS).rowcount
+            conn.execute(_GC_BLOB_REFS)
+            referenced = {row[0] for row in conn.execute(_REFERENCED_BLOBS)}
+        except sqlite3.DatabaseError as error:
+            self._failed(error)
+        self._blobs.collect(referenced)
         return deleted
+
+    def statistics(self) -> Statistics:
+        records, record_bytes = self._require().execute(_RECORD_TOTALS).fetchone()
+        blobs, blob_bytes = self._blobs.usage()
+        return Statistics(f"sqlite3 (SQLite {sqlite3.sqlite_version})", self._check_format(),
+                          records, record_bytes, blobs, blob_bytes)
+
+    def vacuum(self) -> int:
+        # VACUUM cannot run in a transaction, so the write lock is taken by hand. In
+        # WAL mode it writes the new pages to the log: readers keep their snapshots, and
+        # the file shrinks at the checkpoint after it.
+        if self.read_only:
+            raise ReadOnlyError(self.path, "vacuum")
+        conn = self._require()
+        before = _size_on_disk(self.path)
+        if not self._file_lock.acquire():
+            raise LockTimeoutError(self.path, self._lock_timeout)
+        try:
+            conn.execute("VACUUM")
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        finally:
+            self._file_lock.release()
+        return before - _size_on_disk(self.path)
+
+    def key_lock(self, key: str, timeout: float) -> AbstractContextManager[None]:
+        return key_lock_file(self.path, key, timeout)
 
     def after_fork(self) -> None:
         if self._conn is None:
@@ -424,7 +645,7 @@ class SQLiteBackend(LocalBlobs, Backend):
         _INHERITED.append(self._conn)
         self._file_lock.abandon()
         self._conn = None
-        self._cursor = _NO_CURSOR
+        self._cursor = self._closed_cursor
         self._in_transaction = False
         # The parent goes on allocating from its block: the child must not.
         self._next_oid = self._block_end = 0
@@ -448,6 +669,8 @@ class SQLiteBackend(LocalBlobs, Backend):
                     pass
         finally:
             self._conn = None
-            self._cursor = _NO_CURSOR
+            self._cursor = self._closed_cursor
+            self._next_oid = self._block_end = 0    # new_oid then needs the connection
+            self._blobs.close()
             self._file_lock.close()
             conn.close()

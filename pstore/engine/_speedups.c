@@ -1,6 +1,6 @@
 /* pstore.engine._speedups: the unpickler's fast path for data opcodes, in C.
  *
- * One function, run(data, pos, stack, metastack, memo) -> (pos, stack), executes the
+ * One function, run(data, pos, stack, metastack, memo[, mark_limit]) -> (pos, stack), runs the
  * opcodes of `data` from `pos` with the same state the pure-Python loop of
  * Unpickler._run keeps (the current stack level, the levels below the marks, the
  * memo), and returns where it stopped and the current level. It stops *before* the
@@ -9,7 +9,8 @@
  * build plain data (containers, numbers, strings, bytes, the memo, marks), and it
  * stops instead of raising: on an opcode it does not know, a truncated argument, a
  * stack underflow, a missing memo entry, undecodable text, a dict key or set item
- * that is not a plain atom, or a container that is not exactly a list, dict or set.
+ * that is not a plain atom (or a short tuple of them), or a container that is not
+ * exactly a list, dict or set.
  * The Python loop then runs that opcode, and raises the error it names with its
  * opcode and offset. So:
  *
@@ -94,12 +95,32 @@ is_plain_atom(PyObject *obj)
         || PyBytes_CheckExact(obj) || obj == Py_None || obj == Py_True || obj == Py_False;
 }
 
+/* Tuples of at most this many plain atoms are plain keys too: hashing one runs no Python
+ * code and visits a bounded number of objects, so even a key inserted again and again
+ * through the memo costs work proportional to the pickle (the restricted unpickler's
+ * budget counts on that). */
+#define PLAIN_TUPLE_MAX 8
+
+static int
+is_plain_key(PyObject *obj)
+{
+    if (is_plain_atom(obj))
+        return 1;
+    if (!PyTuple_CheckExact(obj) || PyTuple_GET_SIZE(obj) > PLAIN_TUPLE_MAX)
+        return 0;
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(obj); i++) {
+        if (!is_plain_atom(PyTuple_GET_ITEM(obj, i)))
+            return 0;
+    }
+    return 1;
+}
+
 static int
 all_plain(PyObject *items, Py_ssize_t from, Py_ssize_t step)
 {
     Py_ssize_t n = PyList_GET_SIZE(items);
     for (Py_ssize_t i = from; i < n; i += step) {
-        if (!is_plain_atom(PyList_GET_ITEM(items, i)))
+        if (!is_plain_key(PyList_GET_ITEM(items, i)))
             return 0;
     }
     return 1;
@@ -256,17 +277,26 @@ consume_mark(int kind, PyObject *items, PyObject *outer)
 }
 
 PyDoc_STRVAR(run_doc,
-"run(data, pos, stack, metastack, memo) -> (pos, stack)\n\n"
+"run(data, pos, stack, metastack, memo[, mark_limit]) -> (pos, stack)\n\n"
 "Run the data opcodes of bytes `data` from `pos`, on the unpickler state `stack` (the\n"
 "current level), `metastack` (the levels below the marks) and `memo`. Returns the\n"
-"offset of the first opcode not run and the current level.");
+"offset of the first opcode not run and the current level. A MARK that would open\n"
+"more than `mark_limit` marks is not run.");
 
 static PyObject *
 run(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 5) {
-        PyErr_SetString(PyExc_TypeError, "run() takes 5 arguments");
+    if (nargs != 5 && nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "run() takes 5 or 6 arguments");
         return NULL;
+    }
+    /* At most this many marks open at once: a MARK beyond it is left to Python, which
+     * refuses it (the restricted unpickler's budget). */
+    Py_ssize_t mark_limit = PY_SSIZE_T_MAX;
+    if (nargs == 6) {
+        mark_limit = PyLong_AsSsize_t(args[5]);
+        if (mark_limit == -1 && PyErr_Occurred())
+            return NULL;
     }
     if (!PyBytes_CheckExact(args[0]) || !PyLong_Check(args[1]) || !PyList_CheckExact(args[2])
             || !PyList_CheckExact(args[3]) || !PyDict_CheckExact(args[4]))
@@ -466,7 +496,7 @@ run(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         }
         case K_SETITEM: {
             if (depth < 3 || !PyDict_CheckExact(PyList_GET_ITEM(stack, depth - 3))
-                    || !is_plain_atom(PyList_GET_ITEM(stack, depth - 2)))
+                    || !is_plain_key(PyList_GET_ITEM(stack, depth - 2)))
                 goto stop;
             if (set_item(PyList_GET_ITEM(stack, depth - 3), PyList_GET_ITEM(stack, depth - 2),
                          PyList_GET_ITEM(stack, depth - 1)) < 0)
@@ -477,6 +507,8 @@ run(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             continue;
         }
         case K_MARK: {
+            if (PyList_GET_SIZE(metastack) >= mark_limit)
+                goto stop;
             PyObject *level = PyList_New(0);
             if (level == NULL)
                 goto error;

@@ -4,6 +4,10 @@ Everything in :mod:`pstore.engine` that needs to know an opcode reads it from
 :data:`OPCODES`: the module constants below (``MARK``, ``BINUNICODE``, ...), the
 pickler's output, the unpickler's dispatch, the disassembler and the tests.
 
+The facts of the format that go with the table live here too, defined once for the
+pickler, the unpickler and the tools: the protocol constants, how UTF-8 text arguments
+decode, and the Python 2 names of globals in pickles of protocols 0 to 2.
+
 The format is described in PEP 307 (protocol 2), PEP 3154 (protocol 4),
 PEP 574 (protocol 5) and in the opcode documentation of the standard library's
 ``pickletools``; the test suite checks this table against the latter.
@@ -11,10 +15,14 @@ PEP 574 (protocol 5) and in the opcode documentation of the standard library's
 
 from __future__ import annotations
 
+import pickle as _stdlib_pickle  # DEFAULT_PROTOCOL only
+from _compat_pickle import (IMPORT_MAPPING, NAME_MAPPING, REVERSE_IMPORT_MAPPING,
+                            REVERSE_NAME_MAPPING)
 from dataclasses import dataclass
 
-__all__ = ["ArgKind", "Opcode", "OPCODES", "BY_CODE", "BY_NAME", "FRAME_SIZE_TARGET",
-           "FRAME_SIZE_MIN", "BATCH_SIZE"]
+__all__ = ["ArgKind", "Opcode", "OPCODES", "BY_CODE", "BY_NAME", "HIGHEST_PROTOCOL",
+           "DEFAULT_PROTOCOL", "FRAME_SIZE_TARGET", "FRAME_SIZE_MIN", "BATCH_SIZE",
+           "decode_utf8", "python2_name", "python3_name"]
 
 # How an argument's length is found when it is not a fixed number of bytes.
 LINE = -1           # ends at the next b"\n" (the newline is part of the argument)
@@ -213,3 +221,38 @@ FRAME_SIZE_TARGET = 64 * 1024
 FRAME_SIZE_MIN = 4
 #: Items of a list, dict or set are written in batches of this many (APPENDS, SETITEMS, ADDITEMS).
 BATCH_SIZE = 1000
+
+#: The newest protocol: the highest that introduced an opcode of the table (5).
+HIGHEST_PROTOCOL: int = max(op.proto for op in OPCODES)
+#: The running Python's default protocol (4 on Python 3.8 to 3.13), what protocol=None means.
+DEFAULT_PROTOCOL: int = _stdlib_pickle.DEFAULT_PROTOCOL
+
+
+def decode_utf8(raw: bytes) -> str:
+    """The text of a UTF-8 argument (BINUNICODE and the like).
+
+    CPython's pickler writes lone surrogates as they are ('surrogatepass'), so they
+    decode back; anything else that is not UTF-8 raises UnicodeDecodeError.
+    """
+    try:
+        return raw.decode()  # the strict default is the decoder's fastest path
+    except UnicodeDecodeError:
+        return raw.decode("utf-8", "surrogatepass")
+
+
+def python3_name(module: str, name: str) -> tuple[str, str]:
+    """The Python 3 global a Python 2 ``(module, name)`` means (``fix_imports`` when loading
+    protocols 0 to 2); names Python 2 and 3 share come back unchanged."""
+    mapped = NAME_MAPPING.get((module, name))
+    if mapped is not None:
+        return mapped
+    return IMPORT_MAPPING.get(module, module), name
+
+
+def python2_name(module: str, name: str) -> tuple[str, str]:
+    """The name Python 2 knows a Python 3 global by (``fix_imports`` when writing protocols
+    0 to 2): the inverse of :func:`python3_name`."""
+    mapped = REVERSE_NAME_MAPPING.get((module, name))
+    if mapped is not None:
+        return mapped
+    return REVERSE_IMPORT_MAPPING.get(module, module), name

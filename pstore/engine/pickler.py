@@ -20,17 +20,22 @@ because attribute lookups on ``self`` in the per-object path are what makes a
 pure-Python pickler slow. A pickler keeps its closures from one dump to the
 next while its hooks stay the same, so dumping many small objects with one
 pickler (as the store does) pays for building them once.
+
+The C fast path (``_pickler_speedups.c``, chosen by :func:`pstore.engine.use_accelerators`)
+takes the place of ``save``/``save_each`` for protocols 1 to 5 outside fast mode: it writes
+the plain data (exact None, bool, int, float, str, bytes, bytearray, dict, list, tuple) into
+the same frame buffer with the same memo, and hands every other object back to the Python
+``save_each`` one at a time, resuming after it, so hooks and errors have one implementation.
 """
 
 from __future__ import annotations
 
 import codecs
 import copyreg
-import pickle as _stdlib_pickle  # constants and exception classes only
+import pickle as _stdlib_pickle  # PicklingError and PickleBuffer only
 import struct
 import sys
 import threading
-from _compat_pickle import REVERSE_IMPORT_MAPPING, REVERSE_NAME_MAPPING
 from functools import partial as _partial
 from itertools import chain, islice
 from types import FunctionType
@@ -46,11 +51,10 @@ from .opcodes import (  # the opcodes, as constants read from the one table
     TUPLE3, UNICODE,
 )
 from .opcodes import BATCH_SIZE, FRAME_SIZE_MIN, FRAME_SIZE_TARGET
+from .opcodes import DEFAULT_PROTOCOL, HIGHEST_PROTOCOL, python2_name
 
 PicklingError = _stdlib_pickle.PicklingError
 PickleBuffer = _stdlib_pickle.PickleBuffer
-HIGHEST_PROTOCOL = 5
-DEFAULT_PROTOCOL: int = _stdlib_pickle.DEFAULT_PROTOCOL
 
 __all__ = ["Pickler", "dump", "dumps"]
 
@@ -69,9 +73,26 @@ _BINGET = [BINGET + bytes([i]) for i in range(256)]
 _TUPLE_OF_SIZE = {1: TUPLE1, 2: TUPLE2, 3: TUPLE3}
 #: What a pickler with ``persistent_id_for_atoms = False`` asks no persistent id for.
 _ATOMS = frozenset({str, int, float, bool, type(None)})
+#: What ``persistent_id_for_ids`` covers: a persistent id is asked for one of these only if
+#: its id is a key of that dict.
+_PLAIN_CONTAINERS = frozenset({dict, list, tuple, set, frozenset, bytes, bytearray})
+
+#: The C half of the pickler (pstore/engine/_pickler_speedups.c) or None: set by
+#: :func:`pstore.engine.use_accelerators`, the one place that picks the implementation.
+_accelerator: Any = None
+
+
+def _memo_type() -> type:
+    """The kind of memo the current implementation uses: C's ``Memo``, or a dict."""
+    return dict if _accelerator is None else _accelerator.Memo
 
 # The types of the three singletons whose classes protocol 2+ pickles as type(singleton).
 _SINGLETON_TYPES = {type(None): None, type(...): ..., type(NotImplemented): NotImplemented}
+
+# Below protocol 4, a global with a dotted qualified name ("Outer.Inner") cannot be one GLOBAL.
+# CPython 3.13 writes getattr(getattr(Outer, "Inner"), ...) from the top-level name; earlier
+# versions write getattr(parent, last name), the parent saved as any other object.
+_DOTTED_NAME_AS_GETATTR_CHAIN = sys.version_info >= (3, 13)
 
 
 def _int_to_long_bytes(value: int) -> bytes:
@@ -117,6 +138,15 @@ class Pickler:
     #: for them (the standard library calls it for every object).
     persistent_id_for_atoms = True
 
+    #: A pstore addition. None (the default), or a dict keyed by ``id(obj)``: when set,
+    #: ``persistent_id`` is called for an exact ``dict``, ``list``, ``tuple``, ``set``,
+    #: ``frozenset``, ``bytes`` or ``bytearray`` only if its id is a key of the dict; for
+    #: the others the pickler takes the answer to be None. Set it when ``persistent_id``
+    #: can only return an id for objects it has listed by id (the store's pickler sets its
+    #: identity table: "is this container already a record?"). The dict is read as it is at
+    #: each lookup, so it may change between and during dumps.
+    persistent_id_for_ids: dict[int, Any] | None = None
+
     def __init__(self, file: Any, protocol: int | None = None, *, fix_imports: bool = True,
                  buffer_callback: Callable[[PickleBuffer], Any] | None = None) -> None:
         if protocol is None:
@@ -136,8 +166,9 @@ class Pickler:
         self.fix_imports = fix_imports
         self.fast = False
         self._buffer_callback = buffer_callback
-        #: id(obj) -> (memo index, obj); holding obj keeps its id from being reused.
-        self.memo: dict[int, tuple[int, Any]] = {}
+        #: id(obj) -> (memo index, obj); holding obj keeps its id from being reused. A dict,
+        #: or with the C fast path on, the C ``Memo`` mapping (get, [], len, in, clear, copy).
+        self.memo: Any = _memo_type()()
         self._hooks: tuple | None = None
         self._dump_one: Callable[[Any], None] | None = None
 
@@ -151,20 +182,27 @@ class Pickler:
 
     def dump(self, obj: Any) -> None:
         """Write a pickle of ``obj`` to the file."""
+        if "_file_write" not in self.__dict__:
+            raise PicklingError(f"Pickler.__init__() was not called by "
+                                f"{type(self).__name__}.__init__()")
         # The hooks are read at every dump, so they may be set or changed at any time; the
         # dump function built for them is kept as long as they stay the same.
         hooks = (self.persistent_id, getattr(self, "reducer_override", None),
                  getattr(self, "dispatch_table", copyreg.dispatch_table), self.fast,
-                 self.persistent_id_for_atoms)
-        if hooks != self._hooks:
+                 self.persistent_id_for_atoms, self.persistent_id_for_ids)
+        # The dict is compared by identity (it is kept alive by the dump built for it),
+        # and the accelerator that was on when the dump was built, too.
+        key = (*hooks[:-1], id(hooks[-1]), _accelerator)
+        if key != self._hooks:
             self._dump_one = _make_dump(self, *hooks)
-            self._hooks = hooks
+            self._hooks = key
         self._dump_one(obj)
 
 
 def _make_dump(pickler: Pickler, persistent_id: Callable[[Any], Any] | None,
                reducer_override: Callable[[Any], Any] | None, dispatch_table: Any,
-               fast: bool, persistent_id_for_atoms: bool) -> Callable[[Any], None]:
+               fast: bool, persistent_id_for_atoms: bool,
+               persistent_id_for_ids: dict[int, Any] | None) -> Callable[[Any], None]:
     """Make the function that writes one pickle for ``pickler`` with these hooks."""
     proto = pickler.proto
     binary = pickler.bin
@@ -173,6 +211,10 @@ def _make_dump(pickler: Pickler, persistent_id: Callable[[Any], Any] | None,
     buffer_callback = pickler._buffer_callback
     emit = pickler._file_write
     memo = pickler.memo
+    if not memo and type(memo) is not _memo_type():
+        # The implementation was switched since the memo was made: an empty memo is
+        # replaced by one of the current kind (a filled one is kept, and decides).
+        memo = pickler.memo = _memo_type()()
     memo_lookup = memo.get
     if getattr(persistent_id, "__func__", None) is Pickler.persistent_id:
         persistent_id = None   # the default returns None for everything: skip the call
@@ -184,7 +226,7 @@ def _make_dump(pickler: Pickler, persistent_id: Callable[[Any], Any] | None,
     # Containers being saved, when pickler.fast leaves cycles to be detected by us.
     fast_active: set[int] = set()
 
-    def commit():
+    def end_frame():
         """End the current frame: give its bytes, with a FRAME header if worth it, to emit."""
         size = len(buf)
         if size:
@@ -200,12 +242,12 @@ def _make_dump(pickler: Pickler, persistent_id: Callable[[Any], Any] | None,
             emit(PROTO + bytes([proto]))   # outside any frame
         save_each((obj,))
         write(STOP)
-        commit()
+        end_frame()
 
     def write_payload(header, payload):
         """Write an opcode with a bytes-like argument; a large one goes outside any frame."""
         if len(payload) >= FRAME_SIZE_TARGET:
-            commit()
+            end_frame()
             emit(header)
             emit(payload)
         else:
@@ -240,9 +282,11 @@ def _make_dump(pickler: Pickler, persistent_id: Callable[[Any], Any] | None,
         """
         for obj in objects:
             if len(buf) >= FRAME_SIZE_TARGET:
-                commit()
+                end_frame()
             cls = type(obj)
-            if persistent_id is not None and pid_allowed and cls not in no_persistent_id:
+            if (persistent_id is not None and pid_allowed and cls not in no_persistent_id
+                    and (persistent_id_for_ids is None or cls not in _PLAIN_CONTAINERS
+                         or id(obj) in persistent_id_for_ids)):
                 pid = persistent_id(obj)
                 if pid is not None:
                     save_persistent_id(pid)
@@ -635,24 +679,41 @@ def _make_dump(pickler: Pickler, persistent_id: Callable[[Any], Any] | None,
                 else:
                     write(EXT4 + _pack_int4(code))
                 return
+        if parent is module:
+            # Found as an attribute of its module (through a path like "A.mod.A" too):
+            # CPython names it by the path's last part.
+            name = path[-1]
         if framing:
             save(module_name)
             save(name)
             write(STACK_GLOBAL)
-        elif parent is not module:
-            # GLOBAL cannot name a nested attribute: fetch it with getattr(parent, name).
-            save_reduce(getattr, (parent, path[-1]))
+        elif "." not in name:
+            write_global(module_name, name)
+        elif _DOTTED_NAME_AS_GETATTR_CHAIN:
+            top, *attributes = name.split(".")
+            for _ in attributes:
+                save(getattr)
+                if proto < 2:
+                    write(MARK)
+            write_global(module_name, top)
+            for attribute in attributes:
+                save(attribute)
+                write((TUPLE if proto < 2 else TUPLE2) + REDUCE)
         else:
-            if fix_imports:
-                module_name, name = _python2_name(module_name, name)
-            encoding = "utf-8" if proto >= 3 else "ascii"
-            try:
-                line = (module_name.encode(encoding) + b"\n" + name.encode(encoding) + b"\n")
-            except UnicodeEncodeError:
-                raise PicklingError(f"can't pickle global identifier {module_name}.{name} "
-                                    f"using pickle protocol {proto}") from None
-            write(GLOBAL + line)
+            save_reduce(getattr, (parent, path[-1]))
         memo_put(obj)
+
+    def write_global(module_name, name):
+        """GLOBAL module_name.name, a top-level name (not memoized)."""
+        if fix_imports:
+            module_name, name = python2_name(module_name, name)
+        encoding = "utf-8" if proto >= 3 else "ascii"
+        try:
+            line = (module_name.encode(encoding) + b"\n" + name.encode(encoding) + b"\n")
+        except UnicodeEncodeError:
+            raise PicklingError(f"can't pickle global identifier {module_name}.{name} "
+                                f"using pickle protocol {proto}") from None
+        write(GLOBAL + line)
 
     # -- the reduce protocol ------------------------------------------------------------------
 
@@ -734,6 +795,21 @@ def _make_dump(pickler: Pickler, persistent_id: Callable[[Any], Any] | None,
                 save(state)
                 write(TUPLE2 + REDUCE + POP)
 
+    if _accelerator is not None and binary and not fast and type(memo) is _accelerator.Memo:
+        # C takes the plain data (see _pickler_speedups.c) and hands the rest back to the
+        # loop above, one object at a time; every other saver reaches C through these names.
+        save_each_in_python = save_each
+
+        def save_other(obj):
+            save_each_in_python((obj,))
+
+        saver = _accelerator.Saver(
+            buf, memo, proto, persistent_id, persistent_id_for_atoms, persistent_id_for_ids,
+            (end_frame, save_other, save_persistent_id, save_str, save_int, save_bytes,
+             save_bytearray))
+        save_each = saver.save_each
+        save = saver.save
+
     return dump
 
 
@@ -788,14 +864,6 @@ def _which_module(obj: Any, path: list[str]) -> str:
         except AttributeError:
             pass
     return "__main__"
-
-
-def _python2_name(module_name: str, name: str) -> tuple[str, str]:
-    """Map a Python 3 global to the name Python 2 knows it by (fix_imports)."""
-    mapped = REVERSE_NAME_MAPPING.get((module_name, name))
-    if mapped is not None:
-        return mapped
-    return REVERSE_IMPORT_MAPPING.get(module_name, module_name), name
 
 
 class _Chunks:

@@ -16,12 +16,11 @@ from __future__ import annotations
 import codecs
 import copyreg
 import struct
-from _compat_pickle import IMPORT_MAPPING, NAME_MAPPING
 from pickle import UnpicklingError
 from typing import Any, Callable, Iterator, NamedTuple
 
-from . import opcodes as op
-from .opcodes import ArgKind, Opcode
+from . import opcodes
+from .opcodes import ArgKind, Opcode, decode_utf8, python3_name
 
 __all__ = ["Instruction", "iter_instructions", "disassemble", "globals_of"]
 
@@ -61,10 +60,6 @@ def _quoted_string(text: bytes) -> bytes:
     return codecs.escape_decode(text[1:-1])[0]
 
 
-def _utf8(data: bytes) -> str:
-    return data.decode("utf-8", "surrogatepass")
-
-
 def _signed_int(data: bytes) -> int:
     return int.from_bytes(data, "little", signed=True)
 
@@ -76,8 +71,8 @@ _FIXED: dict[str, struct.Struct] = {
 }
 #: The struct format of the length prefix, for each LEN_* layout.
 _LENGTH_PREFIX: dict[int, struct.Struct] = {
-    op.LEN_UINT1: struct.Struct("<B"), op.LEN_INT4: struct.Struct("<i"),
-    op.LEN_UINT4: struct.Struct("<I"), op.LEN_UINT8: struct.Struct("<Q"),
+    opcodes.LEN_UINT1: struct.Struct("<B"), opcodes.LEN_INT4: struct.Struct("<i"),
+    opcodes.LEN_UINT4: struct.Struct("<I"), opcodes.LEN_UINT8: struct.Struct("<Q"),
 }
 #: How the bytes of a line (without its newline) or of a length-prefixed payload decode.
 _DECODE: dict[str, Callable[[bytes], Any]] = {
@@ -85,13 +80,14 @@ _DECODE: dict[str, Callable[[bytes], Any]] = {
     "decimalnl_long": _decimal_long,
     "floatnl": float,
     "stringnl": _quoted_string,
-    "stringnl_noescape": _utf8,
-    "stringnl_noescape_pair": _utf8,
+    "stringnl_noescape": decode_utf8,
+    "stringnl_noescape_pair": decode_utf8,
     "unicodestringnl": lambda data: data.decode("raw-unicode-escape"),
     "string1": bytes, "string4": bytes,
     "bytes1": bytes, "bytes4": bytes, "bytes8": bytes,
     "bytearray8": bytearray,
-    "unicodestring1": _utf8, "unicodestring4": _utf8, "unicodestring8": _utf8,
+    "unicodestring1": decode_utf8, "unicodestring4": decode_utf8,
+    "unicodestring8": decode_utf8,
     "long1": _signed_int, "long4": _signed_int,
 }
 #: The kinds whose argument is text (str), and those that are 8-bit strings (bytes).
@@ -107,10 +103,10 @@ def _read_line(data: bytes, start: int) -> tuple[bytes, int]:
     return data[start:end], end + 1
 
 
-Reader = Callable[[bytes, int], tuple[Any, int]]
+_Reader = Callable[[bytes, int], tuple[Any, int]]
 
 
-def _make_reader(kind: ArgKind) -> Reader:
+def _make_reader(kind: ArgKind) -> _Reader:
     """A function reading an argument of ``kind`` at an offset: (argument, offset after it).
 
     It raises ValueError (or a subclass) if the data is truncated or malformed.
@@ -128,12 +124,12 @@ def _make_reader(kind: ArgKind) -> Reader:
             return unpack(data, start)[0], start + size
         return read_fixed
     decode = _DECODE[kind.name]
-    if size == op.LINE:
+    if size == opcodes.LINE:
         def read_line(data: bytes, start: int) -> tuple[Any, int]:
             line, end = _read_line(data, start)
             return decode(line), end
         return read_line
-    if size == op.TWO_LINES:
+    if size == opcodes.TWO_LINES:
         def read_two_lines(data: bytes, start: int) -> tuple[Any, int]:
             module, middle = _read_line(data, start)
             name, end = _read_line(data, middle)
@@ -156,15 +152,15 @@ def _make_reader(kind: ArgKind) -> Reader:
 
 
 #: For each opcode byte: the opcode, and the reader of its argument.
-_READERS: dict[int, tuple[Opcode, Reader]] = {
-    opcode.byte: (opcode, _make_reader(opcode.arg)) for opcode in op.OPCODES}
+_READERS: dict[int, tuple[Opcode, _Reader]] = {
+    opcode.byte: (opcode, _make_reader(opcode.arg)) for opcode in opcodes.OPCODES}
 
 
 # -- walking the opcodes ----------------------------------------------------------------------
 
-_STOP = op.BY_NAME["STOP"]
-_FRAME = op.BY_NAME["FRAME"]
-_MEMOIZE = op.BY_NAME["MEMOIZE"]
+_STOP = opcodes.BY_NAME["STOP"]
+_FRAME = opcodes.BY_NAME["FRAME"]
+_MEMOIZE = opcodes.BY_NAME["MEMOIZE"]
 # Opcodes are looked up by name: hashing an Opcode hashes all its fields.
 _MEMO_PUTS = frozenset(("PUT", "BINPUT", "LONG_BINPUT"))
 _MEMO_GETS = frozenset(("GET", "BINGET", "LONG_BINGET"))
@@ -207,7 +203,7 @@ def iter_instructions(data: Any) -> Iterator[Instruction]:
 _ARGUMENT_WIDTH = 60
 
 
-def _show(argument: Any) -> str:
+def _shortened_repr(argument: Any) -> str:
     """repr of an argument, shortened past _ARGUMENT_WIDTH characters for long payloads."""
     text = repr(argument)
     if len(text) <= _ARGUMENT_WIDTH or not hasattr(argument, "__len__"):
@@ -230,7 +226,7 @@ def disassemble(data: Any) -> str:
     lines = []
     for instruction in iter_instructions(data):
         opcode = instruction.opcode
-        text = "" if opcode.arg.size == 0 else _show(instruction.argument)
+        text = "" if opcode.arg.size == 0 else _shortened_repr(instruction.argument)
         if opcode is _MEMOIZE or opcode.name in _MEMO_PUTS:
             index = len(memo) if opcode is _MEMOIZE else instruction.argument
             memo.add(index)
@@ -263,16 +259,7 @@ def _stack_effect(opcode: Opcode) -> tuple[int, bool, int]:
 
 #: By opcode name.
 _STACK_EFFECTS: dict[str, tuple[int, bool, int]] = {
-    opcode.name: _stack_effect(opcode) for opcode in op.OPCODES}
-
-
-def _python3_name(module: str, name: str, proto: int) -> tuple[str, str]:
-    """The global the unpickler imports for (module, name): Python 2 names are mapped below 3."""
-    if proto < 3:
-        if (module, name) in NAME_MAPPING:
-            return NAME_MAPPING[(module, name)]
-        module = IMPORT_MAPPING.get(module, module)
-    return module, name
+    opcode.name: _stack_effect(opcode) for opcode in opcodes.OPCODES}
 
 
 class _Machine:
@@ -398,7 +385,7 @@ def _handler(opcode: Opcode) -> Callable[[_Machine, Instruction], Any]:
 
 #: By opcode name.
 _HANDLERS: dict[str, Callable[[_Machine, Instruction], Any]] = {
-    opcode.name: _handler(opcode) for opcode in op.OPCODES}
+    opcode.name: _handler(opcode) for opcode in opcodes.OPCODES}
 
 
 def globals_of(data: Any) -> list[tuple[str, str]]:
@@ -422,5 +409,6 @@ def globals_of(data: Any) -> list[tuple[str, str]]:
     for instruction in iter_instructions(data):
         named = machine.step(instruction)
         if named is not None:
-            found.setdefault(_python3_name(*named, machine.proto))
+            # As the unpickler's find_class does with fix_imports=True.
+            found.setdefault(python3_name(*named) if machine.proto < 3 else named)
     return list(found)

@@ -55,24 +55,16 @@ import codecs
 import copyreg
 import io
 import math
-import os
 import re
 import struct
 import sys
-from _compat_pickle import IMPORT_MAPPING, NAME_MAPPING
 from pickle import UnpicklingError
 from typing import Any, Callable, Iterable
 
-from .opcodes import BY_CODE, BY_NAME, LEN_INT4, LEN_UINT1, LEN_UINT4, LEN_UINT8, LINE, TWO_LINES
-
-try:
-    from . import _speedups
-except ImportError:     # built without a C compiler: the pure-Python loop does all the work
-    _speedups = None
+from .opcodes import (BY_CODE, BY_NAME, HIGHEST_PROTOCOL, LEN_INT4, LEN_UINT1, LEN_UINT4,
+                      LEN_UINT8, LINE, TWO_LINES, decode_utf8, python3_name)
 
 __all__ = ["Unpickler", "load", "loads"]
-
-HIGHEST_PROTOCOL = 5
 
 _unpack_int4 = struct.Struct("<i").unpack_from
 _unpack_uint2 = struct.Struct("<H").unpack_from
@@ -98,6 +90,12 @@ _MARK_CONSUMERS = frozenset({"APPENDS", "SETITEMS", "ADDITEMS", "TUPLE", "LIST",
                              "FROZENSET", "POP_MARK", "OBJ", "INST"})
 
 
+_MISSING: Any = object()  # an attribute the file does not have
+# How find_class refuses a name of a local object (3.13 changed CPython's wording).
+_LOCAL_ATTRIBUTE = ("Can't get local attribute" if sys.version_info >= (3, 13)
+                    else "Can't pickle local attribute")
+
+
 # -- Internal signals from the loop and the handlers to _run's error handling ------------------
 
 class _Truncated(Exception):
@@ -115,6 +113,10 @@ class _Bad(Exception):
         super().__init__(kind, message)
         self.kind = kind
         self.message = message
+
+    def located(self, code: int, offset: int) -> BaseException:
+        """The exception to raise, now that the opcode and its offset are known."""
+        return self.kind(_located(self.message, code, offset))
 
 
 def _need(stack: list, n: int) -> None:
@@ -149,14 +151,6 @@ def _nonempty_line(data: bytes, pos: int) -> tuple[bytes, int]:
             raise _Truncated
         raise _Bad(UnpicklingError, "pickle data was truncated (empty argument line)")
     return data[pos:nl], nl + 1
-
-
-def _utf8(raw: bytes) -> str:
-    """Decode BINUNICODE* text: UTF-8 that may hold lone surrogates ('surrogatepass')."""
-    try:
-        return raw.decode()  # the strict default is the decoder's fastest path
-    except UnicodeDecodeError:
-        return raw.decode("utf-8", "surrogatepass")
 
 
 def _c_string(text: bytes) -> bytes:
@@ -309,7 +303,7 @@ def load_binfloat(u: Unpickler, data: bytes, pos: int, stack: list) -> int:
 
 def load_binunicode(u: Unpickler, data: bytes, pos: int, stack: list) -> int:
     end = _take(data, pos + 4, _unpack_uint4(data, pos)[0])
-    stack.append(_utf8(data[pos + 4:end]))
+    stack.append(decode_utf8(data[pos + 4:end]))
     return end
 
 
@@ -596,7 +590,7 @@ def load_unicode(u: Unpickler, data: bytes, pos: int, stack: list) -> int:
 
 def load_binunicode8(u: Unpickler, data: bytes, pos: int, stack: list) -> int:
     end = _take(data, pos + 8, _unpack_uint8(data, pos)[0])
-    stack.append(_utf8(data[pos + 8:end]))
+    stack.append(decode_utf8(data[pos + 8:end]))
     return end
 
 
@@ -821,23 +815,24 @@ for _op in BY_CODE.values():
         _table = _MARK_HANDLERS if _op.name in _MARK_CONSUMERS else _HANDLERS
         _table[_op.byte] = globals()[f"load_{_op.name.lower()}"]
 
-#: The C fast path, ``run(data, pos, stack, metastack, memo) -> (pos, stack)``: runs the
-#: data opcodes from ``pos`` and stops before the first one it leaves to the loop (see
-#: _speedups.c). None without the compiled module, or with PSTORE_PURE_PYTHON=1 set.
-_accelerate: Callable[[bytes, int, list, list, dict], tuple[int, list]] | None = None
-if _speedups is not None:
-    _speedups.set_opcodes({op.name: op.byte for op in BY_CODE.values()})
-    if not os.environ.get("PSTORE_PURE_PYTHON"):
-        _accelerate = _speedups.run
+#: The C fast path, ``run(data, pos, stack, metastack, memo, mark_limit) -> (pos, stack)``:
+#: runs the data opcodes from ``pos`` and stops before the first one it leaves to the loop
+#: (see _speedups.c), or None: set by :func:`pstore.engine.use_accelerators`, the one place
+#: that picks the implementation.
+_accelerate: Callable[[bytes, int, list, list, dict, int], tuple[int, list]] | None = None
 del _op, _table
 
 
 class Unpickler:
     """Read pickles from a binary file, like ``pickle.Unpickler``.
 
-    ``file`` needs ``read`` and ``readline``. After :meth:`load` the file is
-    positioned just after the pickle's STOP, so several pickles can be read
-    one after another. ``encoding``/``errors`` decode Python 2 ``str`` objects
+    ``file`` needs ``read`` and ``readline`` (else TypeError); they are looked up
+    here, as CPython looks them up (``peek`` and ``readinto`` too), so an exception
+    the file's attribute raises, other than AttributeError, propagates as it is.
+    A subclass must call ``Unpickler.__init__``, else loading raises
+    UnpicklingError. After :meth:`load` the file is positioned just after the
+    pickle's STOP, so several pickles can be read one after another.
+    ``encoding``/``errors`` decode Python 2 ``str`` objects
     (``encoding="bytes"`` keeps them as bytes); ``fix_imports`` maps Python 2
     module names for protocols below 3; ``buffers`` supplies, in order, the
     out-of-band buffers of a protocol 5 pickle, which are returned as they are
@@ -845,13 +840,23 @@ class Unpickler:
     through it) and :meth:`persistent_load`. ``memo`` persists across loads.
     """
 
+    # The opcode handlers _run calls, and how many marks may be open at once: a
+    # subclass (the restricted unpickler) replaces them, the loop itself is shared.
+    _handlers: list[Handler | None] = _HANDLERS
+    _mark_handlers: list[MarkHandler | None] = _MARK_HANDLERS
+    _mark_limit: int = sys.maxsize
+
     def __init__(self, file: Any, *, fix_imports: bool = True, encoding: str = "ASCII",
                  errors: str = "strict", buffers: Iterable[Any] | None = None) -> None:
-        try:
-            self._read = file.read
-            self._readline = file.readline
-        except AttributeError:
-            raise TypeError("file must have 'read' and 'readline' attributes") from None
+        # The file's attributes are looked up as CPython's unpickler looks them up, in its
+        # order and with peek and readinto (which this one does not use): one that raises
+        # AttributeError is missing, any other exception it raises propagates.
+        getattr(file, "peek", None)
+        getattr(file, "readinto", None)
+        self._read = getattr(file, "read", _MISSING)
+        self._readline = getattr(file, "readline", _MISSING)
+        if self._read is _MISSING or self._readline is _MISSING:
+            raise TypeError("file must have 'read' and 'readline' attributes")
         self._file = file
         self._setup(fix_imports, encoding, errors, buffers)
 
@@ -867,7 +872,10 @@ class Unpickler:
 
     def load(self) -> Any:
         """Read one pickle from the file and return the object it holds."""
-        file = self._file
+        try:
+            file = self._file
+        except AttributeError:
+            raise _not_initialised(self) from None
         if type(file) is io.BytesIO:
             # getvalue() shares a BytesIO's bytes when it was made from bytes: no copy.
             start = file.tell()
@@ -898,7 +906,10 @@ class Unpickler:
         Returns the object and the offset just past the pickle's STOP, where a next
         pickle of ``data`` may start. Offsets in error messages count from ``start``.
         """
-        saved = self.memo, self.proto, self._buffers
+        try:
+            saved = self.memo, self.proto, self._buffers
+        except AttributeError:
+            raise _not_initialised(self) from None
         self.memo = {}
         self._buffers = iter(buffers) if buffers is not None else None
         try:
@@ -910,24 +921,29 @@ class Unpickler:
     def find_class(self, module: str, name: str) -> Any:
         """Return the global ``module.name``; every global a pickle names is resolved here.
 
-        Override it to restrict what a pickle may load. Raises what importing
-        or the attribute lookup raises.
+        Override it to restrict what a pickle may load. From protocol 4 on, ``name``
+        may be a qualified name ("Outer.Inner"), followed one attribute at a time.
+        Raises what importing raises, and AttributeError with CPython's message
+        (naming ``name`` and the module) for a missing attribute or, from protocol 4
+        on, a name of a local object ("<locals>").
         """
         sys.audit("pickle.find_class", module, name)
         if self.proto < 3 and self.fix_imports:
-            if (module, name) in NAME_MAPPING:
-                module, name = NAME_MAPPING[(module, name)]
-            elif module in IMPORT_MAPPING:
-                module = IMPORT_MAPPING[module]
+            module, name = python3_name(module, name)
         __import__(module)
-        obj = sys.modules[module]
-        if self.proto < 4:
-            return getattr(obj, name)
-        for part in name.split("."):  # protocol 4 names are qualified names
-            if part == "<locals>":
-                raise AttributeError(f"Can't get local attribute {name!r} on {obj!r}")
-            obj = getattr(obj, part)
-        return obj
+        found = top = sys.modules[module]
+        if self.proto >= 4:  # protocol 4 names are qualified names
+            path = name.split(".")
+            if "<locals>" in path:
+                raise AttributeError(f"{_LOCAL_ATTRIBUTE} {name!r} on {top!r}")
+        else:
+            path = [name]
+        try:
+            for part in path:
+                found = getattr(found, part)
+        except AttributeError:  # CPython's message, whichever part is missing
+            raise AttributeError(f"Can't get attribute {name!r} on {top!r}") from None
+        return found
 
     def persistent_load(self, pid: Any) -> Any:
         """Return the object for a persistent id; by default, refuse (UnpicklingError)."""
@@ -978,10 +994,11 @@ class Unpickler:
         memo = self.memo
         stack: list = []
         metastack: list[list] = []
-        handlers = _HANDLERS
+        handlers = self._handlers
         # Local names: cheaper to read in the loop than module globals.
         BINGET, MEMOIZE, SHORT_BINUNICODE, MARK = _BINGET, _MEMOIZE, _SHORT_BINUNICODE, _MARK
-        mark_handlers = _MARK_HANDLERS
+        mark_handlers = self._mark_handlers
+        mark_limit = self._mark_limit
         end = len(data)
         # Nearly every pickle opens with PROTO and, from protocol 4 on, a FRAME: when both
         # are valid and the frame is all there, they are taken here, not by two handler
@@ -998,7 +1015,7 @@ class Unpickler:
             try:
                 # C first (and again after a refill), then the loop from where it stopped.
                 if accelerate is not None:
-                    pos, stack = accelerate(data, pos, stack, metastack, memo)
+                    pos, stack = accelerate(data, pos, stack, metastack, memo, mark_limit)
                     # Where C took the whole pickle: its STOP, without a turn of the loop.
                     if pos < end and data[pos] == _STOP and stack:
                         return stack.pop(), pos + 1, end
@@ -1016,7 +1033,7 @@ class Unpickler:
                         try:
                             value = data[pos + 1:after].decode()
                         except UnicodeDecodeError:
-                            value = _utf8(data[pos + 1:after])
+                            value = decode_utf8(data[pos + 1:after])
                         stack.append(value)
                         # Protocol 4+ picklers follow nearly every string with MEMOIZE:
                         # taken here, it costs no turn of the loop.
@@ -1037,8 +1054,10 @@ class Unpickler:
                         pos = handler(self, data, pos, stack)
                         # Back to C after each opcode it left to this loop.
                         if accelerate is not None:
-                            pos, stack = accelerate(data, pos, stack, metastack, memo)
+                            pos, stack = accelerate(data, pos, stack, metastack, memo, mark_limit)
                     elif code == MARK:
+                        if len(metastack) >= mark_limit:
+                            raise _Bad(UnpicklingError, f"more than {mark_limit} nested marks")
                         metastack.append(stack)
                         stack = []
                     elif (mark_handler := mark_handlers[code]) is not None:
@@ -1085,10 +1104,15 @@ class Unpickler:
                 pos = 0
                 end = len(data)
             except _Bad as exc:
-                raise exc.kind(_located(exc.message, code, start - origin)) from None
+                raise exc.located(code, start - origin) from None
             except Exception as exc:
                 _add_location(exc, code, start - origin)
                 raise
+
+
+def _not_initialised(unpickler: Unpickler) -> UnpicklingError:
+    return UnpicklingError(f"Unpickler.__init__() was not called by "
+                           f"{type(unpickler).__name__}.__init__()")
 
 
 def _opname(code: int) -> str:

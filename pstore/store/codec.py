@@ -24,26 +24,17 @@ from typing import Any, Protocol
 
 from .. import engine
 from ..backends.base import ReadableBackend
-from ..errors import FormatError, MissingObjectError
-from . import records
+from ..errors import CorruptionError, MissingObjectError
+from . import blobio, records, tensors
 from .identity import IdentityMap, is_referable
-from .persistent import (
-    GHOST,
-    DataManager,
-    Persistent,
-    fill,
-    is_ghost,
-    placeholder,
-    status_of,
-)
+from .persistent import GHOST, DataManager, Persistent, fill, is_ghost, placeholder, status_of
+from .verify import load_error
 
 __all__ = ["RecordPickler", "PicklerHost", "RecordUnpickler", "Resolver", "RecordLoader",
            "LOAD_DEPTH_LIMIT"]
 
 #: How deep loads of referenced records may nest before the chain is loaded from its far end.
 LOAD_DEPTH_LIMIT = 50
-
-_ENVELOPE = records.ENVELOPE
 
 
 class PicklerHost(Protocol):
@@ -74,12 +65,16 @@ class RecordPickler(engine.Pickler):
         super().__init__(self._file, protocol,
                          buffer_callback=self._out_of_band if protocol >= 5 else None)
         self._oid_of = oid_of.get
+        # A plain container whose id is not in the identity map is not a record: the engine
+        # (in C) takes persistent_id's answer to be None without calling it.
+        self.persistent_id_for_ids = oid_of
         self._host = weakref.proxy(host)
         self._blob_threshold = blob_threshold
         self._root: Any = None
         self._refs: dict[int, Any] = {}
         self._blobs: list[records.BlobRef] = []
         self._class_pickles: dict[type, bytes] = {}     # the first pickle of a Persistent record
+        self._tensors: tensors.TensorReducer | None = None  # once torch is imported
 
     # Atoms are never in the identity map, nor Persistent: no need to ask about them.
     persistent_id_for_atoms = False
@@ -120,11 +115,25 @@ class RecordPickler(engine.Pickler):
         self._refs = refs = {}
         self._blobs = blobs = []
         try:
-            self.dump(root)
+            self._dump_value(root)
         finally:
             self._root = None
             self.clear_memo()   # the memo holds the record's objects alive
         return file.getvalue(), refs, blobs
+
+    def _dump_value(self, value: Any) -> None:
+        """dump(value), with torch tensors out of band while torch is imported."""
+        if self._tensors is None:
+            torch = tensors.torch_if_imported()
+            if torch is None:
+                self.dump(value)
+                return
+            self._tensors = tensors.TensorReducer(torch)
+            self.reducer_override = self._tensors.reduce
+        try:
+            self.dump(value)
+        finally:
+            self._tensors.clear()
 
     def pickle_persistent(self, obj: Persistent
                           ) -> tuple[bytes, dict[int, Any], list[records.BlobRef]]:
@@ -146,7 +155,7 @@ class RecordPickler(engine.Pickler):
                 self._class_pickles[cls] = file.getvalue()
             else:
                 file.write(head)
-            self.dump(obj.__getstate__())
+            self._dump_value(obj.__getstate__())
         finally:
             self.clear_memo()
         return file.getvalue(), refs, blobs
@@ -209,17 +218,22 @@ class RecordLoader:
     ``manager`` is the data manager placeholders are made for (held weakly);
     ``pending`` the open transaction's ``object id -> (object, key)`` of values
     not yet written (they load as themselves); ``writable_buffers`` whether blobs
-    load as writable (copy-on-write) buffers.
+    load as writable (copy-on-write) buffers; a record whose payload is larger than
+    ``max_record_size`` is refused before it is decompressed. Every error met while
+    loading a record is translated here, once (:func:`~pstore.store.verify.load_error`):
+    damage becomes :class:`~pstore.errors.CorruptionError` naming the object id.
     """
 
     def __init__(self, manager: DataManager, backend: ReadableBackend, ids: IdentityMap,
-                 pending: Mapping[int, tuple[Any, str | None]], writable_buffers: bool) -> None:
+                 pending: Mapping[int, tuple[Any, str | None]], *, writable_buffers: bool,
+                 max_record_size: int) -> None:
         self._manager = weakref.ref(manager)
         self._backend = backend
         self._path = backend.path
         self._ids = ids
         self._pending = pending
         self._writable_buffers = writable_buffers
+        self._max_record_size = max_record_size
         self._unpickler = RecordUnpickler(self)
         self._depth = 0             # how many record loads are nested right now
         # Called (once) before the load under way resolves its first reference: see load_fresh.
@@ -302,8 +316,8 @@ class RecordLoader:
                 obj = self._unpickle(current, data if current == oid else None)
             except _LoadFirst as deeper:
                 if deeper.oid in wanted:
-                    raise FormatError(self._path, f"its records refer to one another in a "
-                                      f"cycle through object id {deeper.oid}") from None
+                    raise CorruptionError(self._path, "its records refer to one another in "
+                                          "a cycle", object_id=deeper.oid) from None
                 wanted.append(deeper.oid)
                 continue
             if len(wanted) == 1:
@@ -313,13 +327,7 @@ class RecordLoader:
 
     def _unpickle(self, oid: int, data: bytes | None) -> Any:
         """Unpickle record ``oid`` (reading it unless ``data`` is given) and register it."""
-        if data is None:
-            data = self._backend.get_record(oid)
-        if data is None:
-            raise MissingObjectError(self._path, oid)
-        buffers = None
-        if data[:1] == _ENVELOPE:    # no pickle starts with it
-            data, buffers = self._unwrap(oid, data)
+        data, buffers, verified = self._unwrap(oid, data)
         self._depth += 1
         try:
             known = self._known_class(data) if self._classes else None
@@ -329,22 +337,34 @@ class RecordLoader:
                 obj, end = known
             if end < len(data):     # a Persistent object's record: class, then state
                 return self._load_state(oid, obj, data, end, buffers)
+        except _LoadFirst:
+            raise
+        except Exception as error:
+            raise load_error(error, self._path, object_id=oid, decoded=verified,
+                             is_damage=self._backend.is_damage)
         finally:
             self._depth -= 1
         if is_referable(obj):
             self._ids.add(obj, oid)
         return obj
 
-    def _unwrap(self, oid: int, envelope: bytes) -> tuple[bytes, list[Any]]:
-        """The pickle of record ``oid``'s envelope, and its out-of-band buffers."""
+    def _unwrap(self, oid: int, data: bytes | None) -> tuple[bytes, list[Any] | None, bool]:
+        """The payload of record ``oid`` (reading it unless ``data`` is given), checked, its
+        out-of-band buffers (or None), and whether a digest verified it."""
+        backend = self._backend
         try:
-            pickle, blobs = records.unpack(envelope)
-            return pickle, [records.read_blob(self._backend, blob, self._writable_buffers)
-                            for blob in blobs]
-        except FormatError as error:    # a ValueError too: first
-            raise FormatError(self._path, f"record {oid}: {error.reason}") from None
-        except ValueError as error:
-            raise FormatError(self._path, f"record {oid}: {error}") from None
+            if data is None:
+                data = backend.get_record(oid)
+            if data is None:
+                raise MissingObjectError(self._path, oid)
+            payload, blobs, verified = records.unpack(
+                data, oid, digest_required=oid >= backend.digests_from,
+                max_size=self._max_record_size)
+            buffers = [blobio.read_blob(backend, blob, self._writable_buffers)
+                       for blob in blobs] if blobs else None
+        except Exception as error:
+            raise load_error(error, self._path, object_id=oid, is_damage=backend.is_damage)
+        return payload, buffers, verified
 
     def _known_class(self, data: bytes) -> tuple[type[Persistent], int] | None:
         """The class of a Persistent object's record ``data`` whose first pickle was read
@@ -362,8 +382,8 @@ class RecordLoader:
         a new object of ``cls``): the pickle at ``start`` of ``data``, whose first pickle
         is that of ``cls``; ``buffers`` are the state's out-of-band buffers."""
         if not (isinstance(cls, type) and issubclass(cls, Persistent)):
-            raise FormatError(self._path, f"record {oid} holds two pickles, but the first "
-                              f"is {cls!r}, not a pstore.Persistent class")
+            raise CorruptionError(self._path, f"the record holds two pickles, but the first "
+                                  f"is {cls!r}, not a pstore.Persistent class", object_id=oid)
         # Unpickling the class once per Store is enough: find_class resolved it.
         self._classes[data[:start]] = cls
         obj = self._ids.get(oid)

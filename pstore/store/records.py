@@ -1,166 +1,163 @@
-"""A record's bytes: a pickle, or an envelope holding a pickle and the blobs it uses.
+"""A record's bytes: its envelope, holding its payload, its blobs and its digest.
 
-Most records are just the pickle of their root object. A record whose pickle
-has out-of-band buffers (protocol 5) or is compressed is wrapped in an
-envelope (``docs/format.md``, "Record envelopes"):
+Every record of format version 3 is an envelope (``docs/format.md``, "Record
+envelopes"), little-endian:
 
-* byte 0: ``0xFF``, which no pickle starts with;
-* byte 1: the envelope's version (1); byte 2: the pickle's codec;
-* 4 bytes: the number of blobs, then per blob its codec (1 byte), the size of
-  its buffer (8 bytes) and the digest that names it (32 bytes), all little-endian,
-  in the order the pickle's ``NEXT_BUFFER`` opcodes take them;
-* the pickle, compressed with its codec.
+* byte 0: ``0xFF``, which no pickle starts with; byte 1: the envelope's version
+  (2); byte 2: the payload's codec; 4 bytes: the number of blobs; 8 bytes: the
+  payload's size, uncompressed;
+* per blob its codec (1 byte), the size of its buffer (8 bytes) and the digest
+  that names it (32 bytes), in the order the pickle's ``NEXT_BUFFER`` opcodes
+  take them;
+* the payload (one pickle, or a Persistent object's two), compressed with its codec;
+* a 16-byte digest of everything before it: keyed BLAKE2b, whose salt holds the
+  object id and the format version, so a record moved to another id or read as
+  another version does not verify. The key is ``b""`` today; a store's signing
+  key takes its place later without a change of layout.
 
-Codecs: 0 none, 1 zlib, 2 lzma. A blob stored with codec 0 is mapped into
-memory when loaded; a compressed one is decompressed into one buffer.
+Stores of format version 2 hold records without a digest -- a plain pickle, or
+an envelope of version 1 (no payload size, no digest) -- which :func:`unpack`
+still reads when told they may be there.
+
+Codecs: 0 none, 1 zlib, 2 lzma. This module only encodes and decodes bytes;
+blob I/O and compression are in :mod:`.blobio`.
 """
 
 from __future__ import annotations
 
-import lzma
+import hashlib
 import struct
-import zlib
-from collections.abc import Iterable, Iterator
 from typing import Any, NamedTuple
 
-from ..backends import Backend
+from . import blobio
+from .blobio import CODECS, BlobRef
 
-__all__ = ["BlobRef", "CODECS", "ENVELOPE", "pack", "unpack", "write_blob", "read_blob"]
+__all__ = ["BlobRef", "CODECS", "DIGEST_FORMAT_VERSION", "DIGEST_SIZE", "ENVELOPE", "Unpacked",
+           "pack", "unpack"]
 
-#: The first byte of an envelope; a record starting with any other byte is a plain pickle.
+#: The first byte of an envelope; a record starting with any other byte is a plain
+#: pickle (format version 2 only).
 ENVELOPE = b"\xff"
-_VERSION = 1
-_HEADER = struct.Struct("<BBBI")    # ENVELOPE, version, pickle codec, number of blobs
+#: The store format version the digest covers (and the first that has one).
+DIGEST_FORMAT_VERSION = 3
+#: Bytes of a record's digest.
+DIGEST_SIZE = 16
+_VERSION = 2            # the envelope's own version; 1 is format version 2's, without digest
+_OLD_VERSION = 1
+_HEADER = struct.Struct("<BBBIQ")   # ENVELOPE, version, payload codec, blobs, payload size
+_OLD_HEADER = struct.Struct("<BBBI")    # envelope version 1: no payload size
 _BLOB = struct.Struct("<BQ32s")     # codec, buffer size, digest
-
-#: compression name (as :func:`pstore.open` takes it) -> codec number.
-CODECS = {None: 0, "zlib": 1, "lzma": 2}
-_CODEC_NAMES = {number: name for name, number in CODECS.items()}
-#: Records shorter than this are not worth compressing.
+_SALT = struct.Struct("<QB")        # object id, format version (BLAKE2b pads the salt)
+_PERSON = b"pstore-record"
+#: Payloads shorter than this are not worth compressing.
 _COMPRESS_MIN = 512
-_CHUNK = 1 << 20
 
 
-class BlobRef(NamedTuple):
-    """One out-of-band buffer of a record: which blob holds it, how, and its size."""
+class Unpacked(NamedTuple):
+    """What :func:`unpack` found in a record."""
 
-    name: str       # the blob's digest, 64 hex digits
-    size: int       # bytes of the buffer (uncompressed)
-    codec: int      # how the blob file stores them
+    payload: bytes          # the pickle(s), decompressed
+    blobs: list[BlobRef]    # the out-of-band buffers, in order
+    verified: bool          # whether a digest vouched for these bytes (False: format 2)
 
 
-def pack(pickle: bytes, blobs: list[BlobRef], codec: int) -> bytes:
-    """The record of ``pickle`` with out-of-band ``blobs``, compressed with ``codec``.
+_unpack_header = _HEADER.unpack_from
 
-    A plain pickle when there is nothing to wrap (no blobs, and compression
-    not asked for or not worth it).
-    """
-    if codec and len(pickle) >= _COMPRESS_MIN:
-        compressed = _compress(codec, pickle)
-        if len(compressed) < len(pickle):
-            pickle = compressed
+
+def _new_unpacked(fields: tuple[bytes, list[BlobRef], bool]) -> Unpacked:
+    return tuple.__new__(Unpacked, fields)
+
+
+def _hasher(oid: int, key: bytes, first: memoryview | bytes) -> Any:
+    return hashlib.blake2b(first, digest_size=DIGEST_SIZE, key=key, person=_PERSON,
+                           salt=_SALT.pack(oid, DIGEST_FORMAT_VERSION))
+
+
+def _digest(oid: int, body: memoryview | bytes, key: bytes) -> bytes:
+    return _hasher(oid, key, body).digest()
+
+
+def pack(oid: int, payload: bytes, blobs: list[BlobRef], codec: int, *, key: bytes = b"") -> bytes:
+    """The record of object id ``oid``: ``payload`` with out-of-band ``blobs``, compressed
+    with ``codec`` when that makes it smaller, and its digest under ``key``."""
+    size = len(payload)
+    if codec and size >= _COMPRESS_MIN:
+        compressed = blobio.compress(codec, payload)
+        if len(compressed) < size:
+            payload = compressed
         else:
             codec = 0
     else:
         codec = 0
-    if not blobs and not codec:
-        return pickle
-    header = _HEADER.pack(ENVELOPE[0], _VERSION, codec, len(blobs))
-    return b"".join([header, *(_BLOB.pack(blob.codec, blob.size, bytes.fromhex(blob.name))
-                               for blob in blobs), pickle])
+    header = _HEADER.pack(ENVELOPE[0], _VERSION, codec, len(blobs), size)
+    if blobs:
+        header += b"".join([_BLOB.pack(blob.codec, blob.size, bytes.fromhex(blob.name))
+                            for blob in blobs])
+    hasher = _hasher(oid, key, header)
+    hasher.update(payload)      # hashed apart: a large payload is copied once, not twice
+    return b"".join([header, payload, hasher.digest()])
 
 
-def unpack(data: bytes) -> tuple[bytes, list[BlobRef]]:
-    """The pickle of envelope ``data`` and its blobs; ``ValueError`` if it is malformed."""
-    try:
-        marker, version, codec, count = _HEADER.unpack_from(data)
-        if version != _VERSION:
-            raise ValueError(f"an envelope of version {version} (this pstore reads {_VERSION})")
-        if codec not in _CODEC_NAMES:
-            raise ValueError(f"record codec {codec} is unknown")
-        blobs = []
-        position = _HEADER.size
-        for _ in range(count):
-            blob_codec, size, digest = _BLOB.unpack_from(data, position)
-            position += _BLOB.size
-            if blob_codec not in _CODEC_NAMES:
-                raise ValueError(f"blob codec {blob_codec} is unknown")
-            blobs.append(BlobRef(digest.hex(), size, blob_codec))
-        pickle = data[position:]
-        if codec:
-            pickle = _decompress(codec, pickle)
-        return pickle, blobs
-    except (struct.error, zlib.error, lzma.LZMAError) as error:
-        raise ValueError(f"a malformed envelope ({error})") from None
+def unpack(data: bytes, oid: int, *, key: bytes = b"", digest_required: bool = True,
+           max_size: int = 1 << 30, check_digest: bool = True) -> Unpacked:
+    """The payload, blobs and verification of record ``oid`` whose bytes are ``data``.
 
-
-def write_blob(backend: Backend, raw: memoryview, codec: int) -> BlobRef:
-    """Store buffer ``raw`` as a blob with ``codec``, streamed: no copy of it is made."""
-    chunks: Iterable[Any] = (raw,) if not codec else _compressed_chunks(codec, raw)
-    return BlobRef(backend.put_blob(chunks), raw.nbytes, codec)
-
-
-def read_blob(backend: Backend, blob: BlobRef, writable: bool) -> Any:
-    """The buffer of ``blob``: mapped if stored uncompressed, else decompressed once."""
-    if not blob.codec:
-        return backend.get_blob(blob.name, blob.size, writable=writable)
-    buffer = bytearray(blob.size)
-    filled = _decompress_into(blob.codec, backend.read_blob(blob.name), memoryview(buffer))
-    if filled != blob.size:
-        raise ValueError(f"blob {blob.name} holds {filled} bytes, its record says {blob.size}")
-    return buffer if writable else memoryview(buffer).toreadonly()
-
-
-
-def _compressor(codec: int) -> Any:
-    return zlib.compressobj() if codec == 1 else lzma.LZMACompressor()
-
-
-def _compress(codec: int, data: bytes) -> bytes:
-    compressor = _compressor(codec)
-    return compressor.compress(data) + compressor.flush()
-
-
-def _decompress(codec: int, data: bytes) -> bytes:
-    return zlib.decompress(data) if codec == 1 else lzma.decompress(data, lzma.FORMAT_XZ)
-
-
-def _compressed_chunks(codec: int, raw: memoryview) -> Iterator[bytes]:
-    compressor = _compressor(codec)
-    for start in range(0, raw.nbytes, _CHUNK):
-        yield compressor.compress(raw[start:start + _CHUNK])
-    yield compressor.flush()
-
-
-def _decompress_into(codec: int, chunks: Iterable[bytes], out: memoryview) -> int:
-    """Decompress ``chunks`` into ``out``, a bounded piece at a time; return the bytes written.
-
-    Raises ``ValueError`` if the output would not fit: a corrupt or hostile blob
-    cannot make this allocate more than its record announced.
+    ``digest_required``: False only where the record may predate format version 3
+    (then a plain pickle or a version 1 envelope is read unverified).
+    ``check_digest``: False for tools that look at a record's bytes without loading
+    them (``pstore ls``, ``dis``): the digest is not compared, and the result is
+    never ``verified``. A payload
+    larger than it declares, or than ``max_size``, is not decompressed past that.
+    Raises ``ValueError`` saying what is wrong, before any payload byte is trusted.
     """
-    filled = 0
-
-    def put(piece: bytes) -> None:
-        nonlocal filled
-        if filled + len(piece) > len(out):
-            raise ValueError("a compressed blob holds more bytes than its record says")
-        out[filled:filled + len(piece)] = piece
-        filled += len(piece)
-
+    if data[:1] != ENVELOPE:
+        if digest_required:
+            raise ValueError("the record has no envelope (so no digest)")
+        return Unpacked(data, [], False)
     try:
-        if codec == 1:
-            inflater = zlib.decompressobj()
-            for chunk in chunks:
-                while chunk:
-                    put(inflater.decompress(chunk, _CHUNK))
-                    chunk = inflater.unconsumed_tail
-            put(inflater.flush())
+        version = data[1]
+        if version == _VERSION:
+            _, _, codec, count, size = _unpack_header(data)
+            start = _HEADER.size
+            end = len(data) - DIGEST_SIZE
+            if end < start:
+                raise ValueError(f"the record is {len(data)} bytes, shorter than its header")
+            # A small record is cheaper to slice than to view.
+            body = data[:end] if end < 4096 else memoryview(data)[:end]
+            if check_digest and data[end:] != _digest(oid, body, key):
+                raise ValueError("the record's digest does not match its bytes")
+            if not (codec or count):    # the common case: a small plain record
+                if end - start != size:
+                    raise ValueError(f"the payload is {end - start} bytes, its envelope "
+                                     f"says {size}")
+                return _new_unpacked((data[start:end], [], check_digest))
+            verified = check_digest
+        elif version == _OLD_VERSION and not digest_required:
+            _, _, codec, count = _OLD_HEADER.unpack_from(data)
+            start, end, size, verified = _OLD_HEADER.size, len(data), None, False
         else:
-            unxz = lzma.LZMADecompressor(lzma.FORMAT_XZ)
-            for chunk in chunks:
-                put(unxz.decompress(chunk, _CHUNK))
-                while not unxz.needs_input and not unxz.eof:
-                    put(unxz.decompress(b"", _CHUNK))
-    except (zlib.error, lzma.LZMAError) as error:
-        raise ValueError(f"a corrupt compressed blob ({error})") from None
-    return filled
+            raise ValueError(f"an envelope of version {version} (this pstore reads "
+                             f"{_VERSION}{'' if digest_required else f' and {_OLD_VERSION}'})")
+        if codec not in blobio.CODEC_NAMES:
+            raise ValueError(f"payload codec {codec} is unknown")
+        if count * _BLOB.size > end - start:
+            raise ValueError(f"the envelope lists {count} blobs, more than its bytes hold")
+        blobs = []
+        for _ in range(count):
+            blob_codec, blob_size, name = _BLOB.unpack_from(data, start)
+            start += _BLOB.size
+            if blob_codec not in blobio.CODEC_NAMES:
+                raise ValueError(f"blob codec {blob_codec} is unknown")
+            blobs.append(BlobRef(name.hex(), blob_size, blob_codec))
+        payload = data[start:end]
+        if codec:
+            limit = max_size if size is None else size
+            if limit > max_size:
+                raise ValueError(f"the payload declares {size} bytes, more than the store's "
+                                 f"max_record_size ({max_size})")
+            payload = blobio.decompress(codec, payload, limit)
+        if size is not None and len(payload) != size:
+            raise ValueError(f"the payload is {len(payload)} bytes, its envelope says {size}")
+        return _new_unpacked((payload, blobs, verified))
+    except (struct.error, IndexError) as error:
+        raise ValueError(f"a truncated envelope ({error})") from None

@@ -15,29 +15,35 @@ codec is :mod:`pstore.store.codec`, the writing side :mod:`pstore.store.transact
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import threading
 import weakref
-from collections.abc import ItemsView, Iterator, MutableMapping, ValuesView
+from collections.abc import Callable, ItemsView, Iterator, MutableMapping, ValuesView
 from contextlib import AbstractContextManager, contextmanager
 from itertools import islice
 from typing import Any, cast
 
 from .. import engine
-from ..backends import Backend, ReadableBackend, open_backend
-from ..errors import ArgumentError, ClosedError, KeyTypeError, ReadOnlyError
-from . import records
+from ..backends import Backend, ReadableBackend, detect_backend, open_backend
+from ..errors import ArgumentError, ClosedError, KeyTypeError, MissingObjectError, ReadOnlyError
+from . import blobio, inspection
+from . import compute as compute_once
 from .codec import RecordLoader
 from .identity import IdentityMap
 from .persistent import GHOST, SAVED, Persistent, detach, ghostify, status_of
 from .transaction import Transaction
+from .verify import VerifyReport, load_error, verify
 
-__all__ = ["Store", "open", "DEFAULT_LOCK_TIMEOUT", "DEFAULT_BLOB_THRESHOLD"]
+__all__ = ["Store", "open", "DEFAULT_LOCK_TIMEOUT", "DEFAULT_BLOB_THRESHOLD",
+           "DEFAULT_MAX_RECORD_SIZE"]
 
 #: Seconds a write waits for another process's write transaction by default.
 DEFAULT_LOCK_TIMEOUT = 60.0
 #: Out-of-band buffers of at least this many bytes are stored as blobs by default.
 DEFAULT_BLOB_THRESHOLD = 64 * 1024
+#: A record's payload larger than this (decompressed) is refused by default.
+DEFAULT_MAX_RECORD_SIZE = 1 << 30
 
 _FLAGS = ("r", "w", "c", "n")
 _END = object()
@@ -67,8 +73,10 @@ class Store(MutableMapping[str, Any]):
 
     def __init__(self, backend: ReadableBackend, *, protocol: int, writeback: bool,
                  blob_threshold: int | None = DEFAULT_BLOB_THRESHOLD,
-                 compression: str | None = None, readonly_buffers: bool = False) -> None:
+                 compression: str | None = None, readonly_buffers: bool = False,
+                 max_record_size: int = DEFAULT_MAX_RECORD_SIZE) -> None:
         self._backend = backend
+        self._max_record_size = max_record_size
         self._path = backend.path
         self._read_only = backend.read_only or not isinstance(backend, Backend)
         self._lock = threading.RLock()
@@ -77,9 +85,10 @@ class Store(MutableMapping[str, Any]):
         self._txn = Transaction(self, cast(Backend, backend), self._ids, protocol=protocol,
                                 writeback=writeback and not self._read_only,
                                 blob_threshold=float("inf") if blob_threshold is None
-                                else blob_threshold, codec=records.CODECS[compression])
+                                else blob_threshold, codec=blobio.CODECS[compression])
         self._loader = RecordLoader(self, backend, self._ids, self._txn.pending,
-                                    writable_buffers=not readonly_buffers)
+                                    writable_buffers=not readonly_buffers,
+                                    max_record_size=max_record_size)
         self._marker = backend.change_marker()
         self._closed = False
         _open_stores[id(self)] = self
@@ -111,14 +120,18 @@ class Store(MutableMapping[str, Any]):
         with self._lock:
             self._check_open()
             self._check_key(key)
-            item = self._backend.get_item(key)
+            try:
+                item = self._backend.get_item(key)
+                if item is not None:
+                    oid, data = item
+                    if self._txn.depth:     # the transaction saw the latest state when it began
+                        obj = self._loader.load(oid, data)
+                    else:
+                        obj = self._load_latest(oid, data)
+            except Exception as error:
+                raise load_error(error, self._path, key=key, is_damage=self._backend.is_damage)
             if item is None:
                 raise KeyError(key)
-            oid, data = item
-            if self._txn.depth:     # the transaction saw the latest state when it began
-                obj = self._loader.load(oid, data)
-            else:
-                obj = self._load_latest(oid, data)
             if self._txn.writeback:
                 self._txn.cache.keep(oid, obj, data)
             self._ids.maybe_sweep()
@@ -149,12 +162,18 @@ class Store(MutableMapping[str, Any]):
             self._check_open()
             if not isinstance(key, str):
                 return False
-            return self._backend.get_key(key) is not None
+            try:
+                return self._backend.get_key(key) is not None
+            except Exception as error:
+                raise load_error(error, self._path, key=key, is_damage=self._backend.is_damage)
 
     def __len__(self) -> int:
         with self._lock:
             self._check_open()
-            return self._backend.count_keys()
+            try:
+                return self._backend.count_keys()
+            except Exception as error:
+                raise load_error(error, self._path, is_damage=self._backend.is_damage)
 
     def __iter__(self) -> Iterator[str]:
         """Stream the keys (in sorted order for the SQLite backend), a batch at a time.
@@ -168,7 +187,10 @@ class Store(MutableMapping[str, Any]):
         while True:
             with self._lock:
                 self._check_open()
-                key = next(keys, _END)
+                try:
+                    key = next(keys, _END)
+                except Exception as error:
+                    raise load_error(error, self._path, is_damage=self._backend.is_damage)
             if key is _END:
                 return
             yield key
@@ -188,11 +210,16 @@ class Store(MutableMapping[str, Any]):
         while True:
             with self._lock:
                 self._check_open()
-                row = next(rows, _END)
-                if row is _END:
-                    return
-                key, oid, data = row
-                value = self._loader.load(oid, data)
+                key = None
+                try:
+                    row = next(rows, _END)
+                    if row is _END:
+                        return
+                    key, oid, data = row
+                    value = self._loader.load(oid, data)
+                except Exception as error:
+                    raise load_error(error, self._path, key=key,
+                                     is_damage=self._backend.is_damage)
                 if self._txn.writeback:
                     self._txn.cache.keep(oid, value, data)
                 self._ids.maybe_sweep()
@@ -235,6 +262,42 @@ class Store(MutableMapping[str, Any]):
             with self._transaction(flush_cache=True):
                 yield self
 
+    @property
+    def in_transaction(self) -> bool:
+        """True while the calling thread has a :meth:`transaction` of this Store open."""
+        with self._lock:    # another thread's transaction holds it until its end
+            return self._txn.depth > 0
+
+    def get_or_compute(self, key: str, compute: Callable[[], Any], *,
+                       timeout: float | None = None,
+                       valid: Callable[[Any], bool] | None = None) -> Any:
+        """``self[key]``, or, if it is missing, ``compute()``'s result, stored under ``key``.
+
+        Across processes exactly one computes a missing value while the others wait
+        for it (a lock of the key's own, not the write lock: other keys stay
+        writable), then load what it stored; if ``compute`` raises, nothing is stored
+        and the next waiter tries. ``timeout``: seconds to wait for another process's
+        computation (None, the default: as long as it takes). ``valid(value)``
+        returning False makes a stored value count as missing: it is computed again
+        and replaced. Not inside a :meth:`transaction` (its result would stay
+        invisible to the others until the commit). See ``docs/datasets.md``.
+        """
+        return compute_once.get_or_compute(self, key, compute, key_lock=self._key_lock,
+                                           timeout=timeout, valid=valid)
+
+    def memoize(self, func: Callable[..., Any] | None = None, *, name: str | None = None,
+                check_code: bool = True) -> Any:
+        """Decorator: store each distinct call's result, computed once across processes.
+
+        ``@s.memoize`` or ``@s.memoize(name=..., check_code=...)``. A call's key is
+        the function's ``module.qualname`` (or ``name``) and a digest of its bound
+        arguments (:func:`pstore.store.compute.arguments_digest` says when two calls
+        share one); with ``check_code`` (default) a result computed by another
+        version of the function's code counts as missing. The decorated function
+        has ``.key(*args, **kwargs)`` and ``.forget(*args, **kwargs)``.
+        """
+        return compute_once.memoize(self, func, name=name, check_code=check_code)
+
     def sync(self) -> None:
         """Commit the changed Persistent objects and write back the cached objects
         (``writeback=True``), then see what other processes committed.
@@ -262,6 +325,60 @@ class Store(MutableMapping[str, Any]):
             with self._transaction():
                 return self._txn.collect_garbage()
 
+    def vacuum(self) -> int:
+        """Give the space of deleted records back to the file system; return how many bytes
+        the store's files shrank by. Run :meth:`gc` first to delete what no key reaches.
+        Takes the write lock; other processes keep reading. Not inside a transaction."""
+        with self._lock:
+            self._check_writable("vacuum")
+            if self._txn.depth:
+                raise ValueError("vacuum() cannot run inside a transaction")
+            return self._txn.backend.vacuum()
+
+    def info(self) -> inspection.StoreInfo:
+        """Counts and sizes of what the store holds (``pstore info``); reads only."""
+        with self._lock:
+            self._check_open()
+            stats = self._backend.statistics()
+            return inspection.StoreInfo(
+                self._path, self._backend.name, stats.module, stats.format_version,
+                self._backend.count_keys(), stats.records, stats.record_bytes, stats.blobs,
+                stats.blob_bytes)
+
+    def describe(self, pattern: str | None = None) -> Iterator[tuple[str, inspection.RecordInfo]]:
+        """``(key, RecordInfo)`` of each key (matching the glob ``pattern``, if given), read
+        from the records' bytes without unpickling anything (``pstore ls``)."""
+        with self._lock:
+            self._check_open()
+            items = list(self._backend.iter_items())
+        for key, oid, data in items:
+            if pattern is not None and not fnmatch.fnmatchcase(key, pattern):
+                continue
+            if data is None:
+                raise MissingObjectError(self._path, oid, f"the record of key {key!r}")
+            yield key, inspection.describe_record(oid, data)
+
+    def raw_record(self, key: str) -> tuple[int, bytes]:
+        """``(object id, stored bytes)`` of the record ``key`` is bound to, as they are: for
+        tools that look at records without loading them (``pstore show``, ``dis``)."""
+        with self._lock:
+            self._check_key(key)
+            self._check_open()
+            item = self._backend.get_item(key)
+            if item is None:
+                raise KeyError(key)
+            oid, data = item
+            if data is None:
+                raise MissingObjectError(self._path, oid, f"the record of key {key!r}")
+            return oid, data
+
+    def verify(self) -> VerifyReport:
+        """Check every record's digest, reference, key binding and blob (its contents
+        hashed again), unpickling nothing; return what was found (``report.ok``)."""
+        with self._lock:
+            self._check_open()
+            return verify(self._backend, max_record_size=self._max_record_size)
+
     def close(self) -> None:
         """Commit the changed Persistent objects, write back the cache (``writeback=True``)
         and close. Idempotent.
@@ -287,6 +404,24 @@ class Store(MutableMapping[str, Any]):
                 self._ids.clear()
                 _open_stores.pop(id(self), None)
                 self._backend.close()
+
+    #: ``(path, flag, options)`` for :func:`open` to open this store again elsewhere; set
+    #: by :func:`open`. None for a Store made otherwise, which cannot be pickled.
+    reopen_arguments: tuple[str, str, dict[str, Any]] | None = None
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """A Store pickles as "open this store again": sent to another process (a
+        ``spawn`` pool, ``multiprocessing``), it arrives as a Store of its own on the same
+        path with the same options -- flag 'r' stays 'r', any other becomes 'w'."""
+        if self.reopen_arguments is None:
+            raise TypeError("this Store was not made by pstore.open: it cannot be pickled")
+        if self._closed:
+            raise ClosedError(self._path)
+        if self.in_transaction:
+            raise TypeError(f"cannot pickle store {self._path!r} inside a transaction: the "
+                            f"other process would not see what it has not committed")
+        path, flag, options = self.reopen_arguments
+        return _reopen, (path, flag, options)
 
     def __enter__(self) -> Store:
         self._check_open()
@@ -367,6 +502,11 @@ class Store(MutableMapping[str, Any]):
             if status_of(obj) == SAVED:
                 ghostify(obj)
 
+    def _key_lock(self, key: str, timeout: float) -> AbstractContextManager[None]:
+        """The backend's lock of ``key`` (compute-once), asked for only when needed: a
+        read-only view has none."""
+        return self._txn.backend.key_lock(key, timeout)
+
     def _transaction(self, flush_cache: bool = False) -> AbstractContextManager[None]:
         """The write transaction's scope (joined if one is open)."""
         return self._txn.scope(flush_cache, self._see_latest, self._check_open)
@@ -409,6 +549,11 @@ class _Values(ValuesView):
 _open_stores: weakref.WeakValueDictionary[int, Store] = weakref.WeakValueDictionary()
 
 
+def _reopen(path: str, flag: str, options: dict[str, Any]) -> Store:
+    """Unpickle a Store (see :meth:`Store.__reduce__`)."""
+    return open(path, flag, **options)
+
+
 def _reopen_in_child() -> None:
     for store in list(_open_stores.values()):
         store._after_fork()
@@ -418,19 +563,27 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_reopen_in_child)
 
 
-def open(path: str | os.PathLike[str], flag: str = "c", *, backend: str = "sqlite",
+def open(path: str | bytes | os.PathLike[str] | os.PathLike[bytes], flag: str = "c", *,
+         backend: str | None = None,
          protocol: int = 5, writeback: bool = False,
          lock_timeout: float = DEFAULT_LOCK_TIMEOUT, fsync: bool = False,
          blob_threshold: int | None = DEFAULT_BLOB_THRESHOLD, compression: str | None = None,
-         readonly_buffers: bool = False) -> Store:
+         readonly_buffers: bool = False,
+         max_record_size: int = DEFAULT_MAX_RECORD_SIZE) -> Store:
     """Open the store at ``path`` and return a :class:`Store`.
 
     ``flag``: 'r' read-only (writes nothing at all, not even to the file's header),
     'w' read-write on an existing store, 'c' create it if missing (default),
-    'n' always start a new, empty store. A missing file with 'r' or 'w' raises
+    'n' empty the store (in one transaction, under the write lock; a new one if
+    missing). ``path``: str, bytes or os.PathLike. A missing file with 'r' or 'w' raises
     ``FileNotFoundError``; a file that is not a pstore store (or one written by a
     newer pstore) raises :class:`~pstore.errors.FormatError`. New files are
     readable by their owner only.
+
+    ``backend``: ``"sqlite"``, ``"dbm"`` (``"dbm:dbm.dumb"`` names the module),
+    ``"postgresql"`` or ``"shelve"`` (read-only, a stdlib shelve file); None
+    (default): the one a ``postgresql://`` URL names, else that of the store already
+    at ``path``, told from its files, else ``"sqlite"`` (``docs/backends.md``).
 
     ``protocol``: the pickle protocol records are written with (0 to 5, -1 for 5).
     ``writeback``: keep every value read or assigned and, at :meth:`Store.sync`,
@@ -452,10 +605,15 @@ def open(path: str | os.PathLike[str], flag: str = "c", *, backend: str = "sqlit
     ``"zlib"`` or ``"lzma"``, for the records and blobs this Store writes;
     compressed blobs are decompressed into memory instead of mapped. Any store
     reads records and blobs whatever compression wrote them.
+    ``max_record_size``: a record whose payload (decompressed) is larger is refused
+    with :class:`~pstore.errors.CorruptionError`, before it is decompressed.
+
+    Every record carries a digest checked on every read: damaged bytes raise
+    :class:`~pstore.errors.CorruptionError` naming the key or object id.
     """
     if flag not in _FLAGS:
         raise ArgumentError("flag", flag, "one of 'r', 'w', 'c', 'n'")
-    if compression not in records.CODECS:
+    if compression not in blobio.CODECS:
         raise ArgumentError("compression", compression, "None, 'zlib' or 'lzma'")
     if blob_threshold is not None and blob_threshold < 0:
         raise ArgumentError("blob_threshold", blob_threshold, ">= 0 or None")
@@ -464,12 +622,21 @@ def open(path: str | os.PathLike[str], flag: str = "c", *, backend: str = "sqlit
     if not 0 <= protocol <= engine.HIGHEST_PROTOCOL:
         raise ArgumentError("protocol", protocol,
                             f"between 0 and {engine.HIGHEST_PROTOCOL} (or -1)")
-    opened = open_backend(backend, os.fspath(path), flag, lock_timeout=lock_timeout,
-                          fsync=fsync)
+    location = os.fsdecode(path)
+    if backend is None:
+        backend = detect_backend(location) or "sqlite"
+    opened = open_backend(backend, location, flag, lock_timeout=lock_timeout, fsync=fsync)
     try:
-        return Store(opened, protocol=protocol, writeback=writeback,
-                     blob_threshold=blob_threshold, compression=compression,
-                     readonly_buffers=readonly_buffers)
+        store = Store(opened, protocol=protocol, writeback=writeback,
+                      blob_threshold=blob_threshold, compression=compression,
+                      readonly_buffers=readonly_buffers, max_record_size=max_record_size)
     except BaseException:
         opened.close()
         raise
+    # What another process needs to open the same store the same way (Store.__reduce__):
+    # by then it exists, so 'c' and 'n' reopen as 'w' (never emptying it again).
+    store.reopen_arguments = (location, "r" if flag == "r" else "w", dict(
+        backend=backend, protocol=protocol, writeback=writeback, lock_timeout=lock_timeout,
+        fsync=fsync, blob_threshold=blob_threshold, compression=compression,
+        readonly_buffers=readonly_buffers, max_record_size=max_record_size))
+    return store

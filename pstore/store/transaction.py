@@ -20,20 +20,11 @@ from typing import Any
 
 from ..backends.base import Backend
 from ..errors import ReferenceCycleError, UnstorableError
-from . import records
+from . import blobio, records
 from .codec import RecordPickler
 from .identity import IdentityMap, is_referable
-from .persistent import (
-    CHANGED,
-    SAVED,
-    DataManager,
-    Persistent,
-    attach,
-    detach,
-    ghostify,
-    set_status,
-    status_of,
-)
+from .persistent import (CHANGED, SAVED, DataManager, Persistent, attach, detach, ghostify,
+                         set_status, status_of)
 
 __all__ = ["Transaction", "WritebackCache"]
 
@@ -73,7 +64,7 @@ class Transaction:
     def __init__(self, manager: DataManager, backend: Backend, ids: IdentityMap, *,
                  protocol: int, writeback: bool, blob_threshold: float, codec: int) -> None:
         self._manager = weakref.ref(manager)
-        self._backend = backend
+        self.backend = self._backend = backend
         self._path = backend.path
         self._ids = ids
         self._codec = codec
@@ -193,7 +184,7 @@ class Transaction:
 
     def write_blob(self, raw: memoryview) -> records.BlobRef:
         """Store out-of-band buffer ``raw`` as a blob of this transaction."""
-        return records.write_blob(self._backend, raw, self._codec)
+        return blobio.write_blob(self._backend, raw, self._codec)
 
     def note_changed(self, obj: Persistent) -> None:
         """Persistent ``obj`` changed since it was written: write it at the next commit."""
@@ -288,7 +279,7 @@ class Transaction:
             reason = (f"{error.what} in it: {error.reason}"
                       if isinstance(error, UnstorableError) else str(error))
             raise UnstorableError(self._path, what, reason) from error
-        return records.pack(pickle, blobs, self._codec), refs, blobs
+        return records.pack(oid, pickle, blobs, self._codec), refs, blobs
 
     def _describe(self, oid: int) -> str:
         entry = self.pending.get(oid)

@@ -12,6 +12,7 @@ import pytest
 
 from pstore.backends import BACKENDS, Backend, open_backend
 from pstore.backends.dbm import MODULES
+from tests.pg import skip_local_file_tests
 
 
 def available_dbm_modules() -> list[str]:
@@ -26,6 +27,15 @@ def available_dbm_modules() -> list[str]:
     return found
 
 
+#: Tests about the files of a store (PostgreSQL's equivalents: test_backend_postgresql.py).
+LOCAL_FILE_TESTS = {
+    "test_blobs_are_named_by_content_and_stored_once": "counts blob files",
+    "test_a_rolled_back_blob_leaves_nothing": "counts blob files",
+    "test_a_missing_or_wrong_sized_blob_is_a_format_error": "deletes a blob file",
+    "test_gc_deletes_the_blobs_no_live_record_names": "counts blob files",
+}
+
+
 # Every backend, and the DBM backend on each other dbm module this Python has too.
 @pytest.fixture(params=sorted(BACKENDS) + [f"dbm:{name}" for name in available_dbm_modules()[1:]])
 def backend_name(request: pytest.FixtureRequest) -> str:
@@ -33,8 +43,18 @@ def backend_name(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def path(tmp_path: os.PathLike) -> str:
+def path(tmp_path: os.PathLike, request: pytest.FixtureRequest) -> str:
+    """A new store's location: a file in the test's folder, or a fresh store on the
+    session's PostgreSQL server."""
+    if ("backend_name" in request.fixturenames
+            and request.getfixturevalue("backend_name") == "postgresql"):
+        return request.getfixturevalue("pg_server").location()
     return os.path.join(tmp_path, "store.db")
+
+
+@pytest.fixture(autouse=True)
+def _skip_local_file_tests(request: pytest.FixtureRequest) -> None:
+    skip_local_file_tests(request, LOCAL_FILE_TESTS)
 
 
 @pytest.fixture

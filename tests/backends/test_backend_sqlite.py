@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import stat
+import sys
 
 import pytest
 
@@ -26,7 +27,7 @@ def open_sqlite(path: str, flag: str = "c", **options) -> SQLiteBackend:
     b"this is a text file\n" * 200,
     b"SQLite format 3\x00" + os.urandom(200),
 ])
-@pytest.mark.parametrize("flag", ["r", "w", "c"])
+@pytest.mark.parametrize("flag", ["r", "w", "c", "n"])
 def test_not_a_database(tmp_path, content, flag):
     path = str(tmp_path / "file.db")
     with open(path, "wb") as file:
@@ -38,7 +39,7 @@ def test_not_a_database(tmp_path, content, flag):
         assert file.read() == content
 
 
-@pytest.mark.parametrize("flag", ["r", "w", "c"])
+@pytest.mark.parametrize("flag", ["r", "w", "c", "n"])
 def test_foreign_sqlite_database_is_refused_and_left_untouched(tmp_path, flag):
     path = str(tmp_path / "foreign.db")
     conn = sqlite3.connect(path)
@@ -112,16 +113,41 @@ def test_pragmas(tmp_path):
     full.close()
 
 
-def test_no_statement_runs_after_close(tmp_path):
+def test_every_operation_after_close_raises_closed_error(tmp_path):
     # The frequent statements share one cursor: it must not outlive the connection.
-    backend = open_sqlite(str(tmp_path / "store.db"))
+    path = str(tmp_path / "store.db")
+    backend = open_sqlite(path)
     fill(backend)
-    backend.close()
-    for call in (lambda: backend.get_item("k"), lambda: backend.get_key("k"),
-                 lambda: backend.get_record(1), backend.change_marker,
-                 lambda: backend.put_record(1, b"x", [2])):
-        with pytest.raises(sqlite3.ProgrammingError):
+    other = open_sqlite(path)
+    name = other.put_blob([b"blob"])
+    other.close()
+    calls = {
+        "new_oid": backend.new_oid, "get_record": lambda: backend.get_record(1),
+        "put_record": lambda: backend.put_record(1, b"x", [2]),
+        "delete_record": lambda: backend.delete_record(1),
+        "existing": lambda: backend.existing([1]),
+        "is_referenced": lambda: backend.is_referenced(1),
+        "reaches": lambda: backend.reaches([1], 2),
+        "put_blob": lambda: backend.put_blob([b"x"]),
+        "get_blob": lambda: backend.get_blob(name, 4, writable=False),
+        "read_blob": lambda: list(backend.read_blob(name)),
+        "verify_blob": lambda: backend.verify_blob(name),
+        "odd_blob_entries": backend.odd_blob_entries,
+        "get_key": lambda: backend.get_key("k"), "get_item": lambda: backend.get_item("k"),
+        "bind_key": lambda: backend.bind_key("k", 1),
+        "unbind_key": lambda: backend.unbind_key("k"),
+        "iter_keys": lambda: list(backend.iter_keys()),
+        "iter_items": lambda: list(backend.iter_items()),
+        "count_keys": backend.count_keys, "begin": backend.begin, "commit": backend.commit,
+        "change_marker": backend.change_marker, "gc": backend.gc,
+    }
+    for operation, call in calls.items():
+        with pytest.raises(pstore.ClosedError, match="is closed") as raised:
             call()
+            pytest.fail(f"{operation} ran on a closed backend")
+        assert raised.value.path == path, operation
+    backend.rollback()      # ending nothing, and closing again, are no errors
+    backend.close()
 
 
 # The tables of format version 1 (docs/format.md before version 2), as pstore 0.1 made them.
@@ -160,10 +186,60 @@ def test_a_version_1_file_is_read_and_upgraded_when_opened_for_writing(tmp_path)
         store["node"] = [pstore.PersistentList([store["shared"]])]
         store["array"] = pstore.engine.PickleBuffer(bytearray(100_000))   # a blob
     conn = sqlite3.connect(path)
-    assert conn.execute("SELECT value FROM meta WHERE name = 'version'").fetchone() == (2,)
+    assert conn.execute("SELECT value FROM meta WHERE name = 'version'").fetchone() == (3,)
+    assert conn.execute("SELECT count(*) FROM keys WHERE seal IS NULL").fetchone() == (0,)
     assert conn.execute("SELECT oid, ref, lazy FROM refs WHERE oid = 2").fetchall() == [(2, 1, 0)]
     assert conn.execute("SELECT count(*) FROM blob_refs").fetchone() == (1,)
     conn.close()
     with pstore.open(path, "r") as store:
         assert store["node"][0][0] is store["shared"]
         assert bytes(store["array"]) == bytes(100_000)
+
+
+def test_a_malformed_page_during_a_read_is_a_corruption_error(tmp_path):
+    path = str(tmp_path / "store.db")
+    with pstore.open(path) as store:
+        for index in range(300):
+            store[f"k{index}"] = "v" * 500 + str(index)
+    conn = sqlite3.connect(path)
+    page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+    (root,) = conn.execute("SELECT rootpage FROM sqlite_master WHERE name = 'records'").fetchone()
+    conn.close()
+    with open(path, "r+b") as file:      # the records table's root page loses its header
+        file.seek((root - 1) * page_size)
+        file.write(bytes(8))
+    backend = open_sqlite(path, "r")
+    try:
+        oid = backend.get_key("k1")     # the keys table is intact
+        for read in (lambda: backend.get_record(oid), lambda: backend.get_item("k1"),
+                     lambda: list(backend.iter_items())):
+            with pytest.raises(pstore.CorruptionError) as raised:
+                read()
+            assert raised.value.path == path and path in str(raised.value)
+            assert "malformed" in str(raised.value)
+            assert isinstance(raised.value.__cause__, sqlite3.DatabaseError)
+    finally:
+        backend.close()
+    with pstore.open(path, "r") as store:
+        with pytest.raises(pstore.CorruptionError):
+            store["k1"]
+
+
+def test_busy_is_told_by_sqlites_result_code(tmp_path):
+    # A process that ignores pstore's lock file holds SQLite's write lock.
+    path = str(tmp_path / "store.db")
+    fill(open_sqlite(path))
+    backend = open_sqlite(path, "w", lock_timeout=0.2)
+    other = sqlite3.connect(path, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        with pytest.raises(pstore.LockTimeoutError) as raised:
+            backend.begin()
+        if sys.version_info >= (3, 11):     # 3.10's exceptions carry no result code
+            assert raised.value.__cause__.sqlite_errorname == "SQLITE_BUSY"
+        other.execute("ROLLBACK")
+        backend.begin()     # the pstore lock was released with the failure
+        backend.rollback()
+    finally:
+        other.close()
+        backend.close()

@@ -68,6 +68,17 @@ def test_killed_writer_leaves_every_transaction_all_or_nothing(tmp_path, module)
     assert elapsed < 60
 
 
+def files_with_times(folder: str) -> dict[str, tuple[bytes, int]]:
+    """Every file under ``folder``: its bytes and modification time."""
+    found = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            full = os.path.join(root, name)
+            with open(full, "rb") as file:
+                found[full] = (file.read(), os.stat(full).st_mtime_ns)
+    return found
+
+
 def fill(path: str, module: str) -> DBMBackend:
     backend = DBMBackend(path, "c", lock_timeout=5, fsync=False, variant=module)
     backend.begin()
@@ -85,38 +96,53 @@ def journal_of_a_rewrite(backend: DBMBackend) -> dict:
     backend.put_record(oid, b"new", ())
     backend.bind_key("other", oid)
     backend._flush_pages()      # what commit() does first
+    backend._seal(backend._tx)
     changes = dict(backend._tx)
     backend.rollback()
     return changes
 
 
 @modules
-def test_complete_journal_is_replayed_by_the_next_reader(tmp_path, module):
+def test_complete_journal_is_read_by_a_reader_and_replayed_by_the_next_writer(tmp_path, module):
     path = str(tmp_path / "store.db")
     writer = fill(path, module)
     journal.write(path + ".journal", journal_of_a_rewrite(writer), fsync=False)
+    before = files_with_times(str(tmp_path))
     reader = DBMBackend(path, "r", lock_timeout=5, fsync=False)
-    assert reader.get_record(reader.get_key("k")) == b"new"
+    assert reader.get_record(reader.get_key("k")) == b"new"    # the journal as overlay
     assert sorted(reader.iter_keys()) == ["k", "other"]
-    assert not os.path.exists(path + ".journal")
+    assert reader.count_keys() == 2
+    assert files_with_times(str(tmp_path)) == before           # a read-only open writes nothing
     assert writer.get_record(writer.get_key("other")) == b"new"    # its handle was refreshed
+    assert not os.path.exists(path + ".journal")
+    assert reader.get_record(reader.get_key("other")) == b"new"    # now from the database
     reader.close()
     writer.close()
 
 
 @modules
-def test_incomplete_journal_is_discarded(tmp_path, module):
+def test_a_cut_journal_is_moved_aside_reported_and_not_applied(tmp_path, module):
     path = str(tmp_path / "store.db")
     writer = fill(path, module)
     journal.write(path + ".journal", journal_of_a_rewrite(writer), fsync=False)
     with open(path + ".journal", "r+b") as file:
         file.truncate(os.path.getsize(path + ".journal") - 1)
-    writer.begin()      # a writer recovers first
+    with open(path + ".journal", "rb") as file:
+        damaged = file.read()
+    with pytest.warns(RuntimeWarning, match="moved aside"):
+        writer.begin()      # a writer recovers first
     assert writer.get_record(writer.get_key("k")) == b"old"
     assert writer.get_key("other") is None
     writer.rollback()
     assert not os.path.exists(path + ".journal")
+    kept = [name for name in os.listdir(tmp_path) if ".journal.damaged-" in name]
+    assert len(kept) == 1
+    assert (tmp_path / kept[0]).read_bytes() == damaged
+    assert any(kept[0] in problem for problem in writer.problems())
     writer.close()
+    later = DBMBackend(path, "r", lock_timeout=5, fsync=False)
+    assert any(kept[0] in problem for problem in later.problems())     # for Store.verify()
+    later.close()
 
 
 def test_dumb_index_torn_during_apply_is_restored(tmp_path):
@@ -132,11 +158,17 @@ def test_dumb_index_torn_during_apply_is_restored(tmp_path):
         file.write(index)
     with open(path + ".dir", "wb") as file:           # then the kill, mid-rewrite
         file.write(index[:len(index) // 3])
+    before = files_with_times(str(tmp_path))
     reader = DBMBackend(path, "r", lock_timeout=5, fsync=False)
     assert reader.get_record(reader.get_key("k")) == b"new"
     assert reader.count_keys() == 2
-    assert not os.path.exists(path + ".dir.saved")
     reader.close()
+    assert files_with_times(str(tmp_path)) == before     # the reader repaired nothing
+    writer = DBMBackend(path, "w", lock_timeout=5, fsync=False)
+    assert writer.get_record(writer.get_key("other")) == b"new"
+    assert not os.path.exists(path + ".dir.saved")
+    assert not os.path.exists(path + ".journal")
+    writer.close()
 
 
 REBINDER = """

@@ -1,5 +1,7 @@
-"""The unpickler runs in two modes: with its C fast path (pstore/engine/_speedups.c)
-and in pure Python. Modules that use ``unpickler_mode`` run every test in both."""
+"""The engine runs in two modes: with its C fast paths (pstore/engine/_pickler_speedups.c
+for the pickler, pstore/engine/_speedups.c for the unpickler) and in pure Python. Modules
+that use ``engine_mode`` run every test in both, switched by the one function that picks
+the implementation, :func:`pstore.engine.use_accelerators`."""
 
 from __future__ import annotations
 
@@ -7,16 +9,16 @@ from collections.abc import Iterator
 
 import pytest
 
-from pstore.engine import unpickler
+from pstore import engine
 
 
 @pytest.fixture(scope="module", params=["c", "python"])
-def unpickler_mode(request: pytest.FixtureRequest) -> Iterator[str]:
-    if request.param == "c" and unpickler._speedups is None:
-        pytest.skip("pstore.engine._speedups is not built")
-    saved = unpickler._accelerate
-    unpickler._accelerate = unpickler._speedups.run if request.param == "c" else None
+def engine_mode(request: pytest.FixtureRequest) -> Iterator[str]:
+    if request.param == "c" and not engine.use_accelerators(True):
+        engine.use_accelerators()
+        pytest.skip("pstore.engine's C extensions are not built")
+    engine.use_accelerators(request.param == "c")
     try:
         yield request.param
     finally:
-        unpickler._accelerate = saved
+        engine.use_accelerators()

@@ -40,7 +40,7 @@ VERSIONS = {"2.7": 2, "3.6": 4, "3.7": 4, "3.8": 5, "3.9": 5, "3.10": 5, "3.11":
 ENCODINGS = ("ASCII", "latin1", "bytes")
 
 # Every test twice: with the C fast path and in pure Python (conftest.py).
-pytestmark = pytest.mark.usefixtures("unpickler_mode")
+pytestmark = pytest.mark.usefixtures("engine_mode")
 #: Values whose every truncation is checked, at protocols 0, 2 and the highest.
 TRUNCATION_SAMPLE = ("mixed", "recursive_via_tuple", "shared_instance", "with_state",
                      "with_newargs", "old_style", "datetime", "str_escapes", "decimal_special",

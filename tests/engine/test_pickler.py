@@ -15,6 +15,7 @@ from pstore import engine
 from tests.engine import samples
 
 PROTOCOLS = range(engine.HIGHEST_PROTOCOL + 1)
+pytestmark = pytest.mark.usefixtures("engine_mode")   # C fast path and pure Python
 
 
 def expect_same_bytes(obj, protocol, **kwargs):

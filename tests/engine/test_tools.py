@@ -392,33 +392,7 @@ def test_trailing_data_after_stop_is_ignored() -> None:
     assert globals_of(b"N.cos\nsystem\n") == []
 
 
-# -- the opcode table ---------------------------------------------------------------------
-
-# pickletools' ArgumentDescriptor.n for arguments that are not a fixed number of bytes.
-_PICKLETOOLS_SIZE = {opcodes.LINE: pickletools.UP_TO_NEWLINE,
-                     opcodes.TWO_LINES: pickletools.UP_TO_NEWLINE,
-                     opcodes.LEN_UINT1: pickletools.TAKEN_FROM_ARGUMENT1,
-                     opcodes.LEN_INT4: pickletools.TAKEN_FROM_ARGUMENT4,
-                     opcodes.LEN_UINT4: pickletools.TAKEN_FROM_ARGUMENT4U,
-                     opcodes.LEN_UINT8: pickletools.TAKEN_FROM_ARGUMENT8U}
-
-
-def test_opcode_table_matches_pickletools() -> None:
-    theirs = {info.name: info for info in pickletools.opcodes}
-    assert len(opcodes.OPCODES) == len(theirs) == 68
-    assert set(opcodes.BY_NAME) == set(theirs)
-    assert len(opcodes.BY_CODE) == 68
-    for opcode in opcodes.OPCODES:
-        info = theirs[opcode.name]
-        assert opcode.code == info.code.encode("latin-1"), opcode.name
-        assert opcode.proto == info.proto, opcode.name
-        assert getattr(opcodes, opcode.name) == opcode.code
-        if info.arg is None:
-            assert opcode.arg is opcodes.ARG_NONE, opcode.name
-            continue
-        assert opcode.arg.name == info.arg.name, opcode.name
-        assert _PICKLETOOLS_SIZE.get(opcode.arg.size, opcode.arg.size) == info.arg.n, opcode.name
-
+# -- the opcode table's stack effects, as globals_of reads them --------------------------
 
 def test_stack_effects_match_pickletools() -> None:
     """The stack texts of the table, as globals_of reads them, agree with pickletools'."""

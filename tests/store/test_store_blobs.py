@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import pstore
+from pstore.store import records
 from pstore.backends.blobs import BlobStore, blob_digest
 from pstore.engine import PickleBuffer
 
@@ -188,21 +189,23 @@ def test_a_corrupt_or_missing_blob_names_the_record_and_the_blob(opener, path):
     [blob] = blob_paths(path)
     with open(blob, "r+b") as file:
         file.truncate(1000)
-    with pytest.raises(pstore.FormatError, match=r"record \d+: blob .* holds 1000 bytes"):
+    with pytest.raises(pstore.CorruptionError,
+                       match=r"key 'a', object id \d+.*: blob .* holds 1000 bytes"):
         opener("r")["a"]
     os.unlink(blob)
-    with pytest.raises(pstore.FormatError, match=r"record \d+: blob file .* is missing"):
+    with pytest.raises(pstore.CorruptionError,
+                       match=r"key 'a', object id \d+.*: blob file .* is missing"):
         opener("r")["a"]
 
 
-def test_a_malformed_envelope_is_a_format_error(opener, path, backend_name):
+def test_a_malformed_envelope_is_a_corruption_error(opener, path, backend_name):
     if backend_name != "sqlite":
         pytest.skip("writes the SQLite file directly")
     with opener() as store:
         store["a"] = [1, 2, 3]
     with sqlite3.connect(path) as conn:
-        conn.execute("UPDATE records SET data = X'FF0100FFFFFF7F'")
-    with pytest.raises(pstore.FormatError, match="malformed envelope"):
+        conn.execute("UPDATE records SET data = X'FF0200FFFFFF7F'")
+    with pytest.raises(pstore.CorruptionError, match="key 'a'.*truncated envelope"):
         opener("r")["a"]
 
 
@@ -249,12 +252,16 @@ def test_a_persistent_objects_arrays_are_blobs_loaded_with_its_state(opener, pat
                                   np.arange(100_000, dtype=np.float32) * 2)
 
 
-def test_an_envelope_with_an_unknown_codec_is_a_format_error(opener, path, backend_name):
+def test_an_envelope_with_an_unknown_codec_is_a_corruption_error(opener, path, backend_name):
     if backend_name != "sqlite":
         pytest.skip("writes the SQLite file directly")
     with opener() as store:
         store["a"] = [1, 2, 3]
-    with sqlite3.connect(path) as conn:     # envelope version 1, record codec 9, no blobs
-        conn.execute("UPDATE records SET data = CAST(X'FF010900000000' || data AS BLOB)")
-    with pytest.raises(pstore.FormatError, match="record codec 9 is unknown"):
+    with sqlite3.connect(path) as conn:     # payload codec 9, with a digest that matches
+        [(oid, data)] = conn.execute("SELECT oid, data FROM records").fetchall()
+        body = bytearray(data[:-records.DIGEST_SIZE])
+        body[2] = 9
+        forged = bytes(body) + records._digest(oid, bytes(body), b"")
+        conn.execute("UPDATE records SET data = ?", (forged,))
+    with pytest.raises(pstore.CorruptionError, match="key 'a'.*payload codec 9 is unknown"):
         opener("r")["a"]

@@ -35,11 +35,12 @@ class Boom(Exception):
 
 class StoreModel(RuleBasedStateMachine):
     backend = "sqlite"
+    location: str | None = None     # a server store's URL, emptied by flag 'n' each example
 
     @initialize()
     def open_store(self) -> None:
         self.directory = tempfile.mkdtemp()
-        self.path = os.path.join(self.directory, "model.db")
+        self.path = self.location or os.path.join(self.directory, "model.db")
         self.store = pstore.open(self.path, "n", backend=self.backend)
         self.model: dict[str, object] = {}
 
@@ -95,7 +96,9 @@ class StoreModel(RuleBasedStateMachine):
 
 
 @pytest.mark.slow
-def test_store_behaves_like_a_dict(backend_name):
-    machine = type(f"StoreModel_{backend_name}", (StoreModel,), {"backend": backend_name})
+def test_store_behaves_like_a_dict(backend_name, path):
+    location = path if backend_name == "postgresql" else None
+    machine = type(f"StoreModel_{backend_name}", (StoreModel,),
+                   {"backend": backend_name, "location": location})
     run_state_machine_as_test(machine, settings=settings(max_examples=60, deadline=None,
                                                          stateful_step_count=25))

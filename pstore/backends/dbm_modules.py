@@ -1,0 +1,319 @@
+"""Adapters over the standard library's ``dbm`` modules, for :mod:`.dbm` and :mod:`.shelf`.
+
+Each module differs in flags, file names, how long a handle stays valid and how
+it survives a crash; one :class:`Module` object per module says how. Some of it
+needs the modules' private attributes: ``dbm.sqlite3``'s connection ``_cx`` (one
+transaction for a whole apply) and ``dbm.dumb``'s ``_modified`` flag (so that
+closing a synced handle does not write a stale index). Their presence on this
+Python is pinned by tests (tests/backends/test_dbm_modules.py).
+"""
+
+from __future__ import annotations
+
+import dbm
+import importlib
+import os
+import sqlite3
+from typing import Any
+
+from ..errors import CorruptionError, FormatError
+from . import journal
+from .files import fsync_directory, replace_file
+
+__all__ = ["MODULES", "SUFFIXES", "DumbModule", "Module", "SQLiteModule", "choose_module",
+           "load_module", "whichdb"]
+
+#: The dbm modules this backend can use, best first: plain ``backend="dbm"`` takes the
+#: first one this Python has (the order of the standard library's own ``dbm.open``).
+MODULES = ("dbm.sqlite3", "dbm.gnu", "dbm.ndbm", "dbm.dumb")
+
+#: The file names each module gives a database at ``path``: path + suffix.
+SUFFIXES = {
+    "dbm.sqlite3": ["", "-wal", "-shm", "-journal"],
+    "dbm.gnu": [""],
+    "dbm.ndbm": [".db", ".pag", ".dir"],
+    # .dir.saved and the .tmp files: see DumbModule.
+    "dbm.dumb": [".dat", ".dir", ".bak", ".dir.saved", ".dir.tmp", ".dir.saved.tmp"],
+}
+
+
+class Module:
+    """One dbm module, and what differs between them: flags, file names, crash protection.
+
+    How handles are kept differs too. By default (dbm.gnu, dbm.ndbm, whose handles
+    cache file structure) a read-only handle is reopened after every commit, and
+    each apply opens and closes a handle of its own.
+    """
+
+    #: Whether one handle, opened for writing in a writable backend, may serve reads and
+    #: applies, staying valid across this process's own commits.
+    keeps_handle = False
+    #: Whether a handle sees other processes' commits without being reopened.
+    sees_other_commits = False
+    #: Whether a handle may be used only by the thread that opened it.
+    thread_bound = False
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.module = importlib.import_module(name)
+
+    def open(self, path: str, flag: str) -> Any:
+        # dbm.gnu locks the file itself and would refuse a second opener: 'u' turns that
+        # off, pstore's own locks take its place.
+        return self.module.open(path, flag + ("u" if self.name == "dbm.gnu" else ""), 0o600)
+
+    def entries_after(self, db: Any, changes: journal.Changes) -> int | None:
+        """The number of entries ``db`` will have once ``changes`` are written, if it costs
+        no scan of the database (else None: the count is not kept for this module)."""
+        return None
+
+    def entries(self, db: Any) -> int | None:
+        """The number of entries of ``db``, where that costs no scan (as entries_after)."""
+        return None
+
+    def files(self, path: str) -> list[str]:
+        """Every file the database at ``path`` may consist of."""
+        return [path + suffix for suffix in SUFFIXES[self.name]]
+
+    def before_apply(self, path: str, *, again: bool, fsync: bool) -> bool:
+        """Called before a journal is applied (``again``: one found on disk, whose apply
+        may have been interrupted); True if it changed files that open handles cache."""
+        return False
+
+    def write(self, db: Any, changes: journal.Changes) -> None:
+        """Apply ``changes`` to the handle ``db``."""
+        for key, value in changes.items():
+            if value is not None:
+                db[key] = value
+            else:
+                self.delete(db, key)
+
+    def delete(self, db: Any, key: bytes) -> None:
+        """Remove ``key`` from ``db``, if there."""
+        try:
+            del db[key]
+        except KeyError:
+            pass
+
+    def close(self, db: Any, path: str, *, writable: bool) -> None:
+        """Close the handle ``db`` on ``path`` (opened for writing if ``writable``)."""
+        db.close()
+
+    def abandon(self, db: Any) -> None:
+        """Close ``db`` without writing anything it buffers."""
+        db.close()
+
+    def sync(self, db: Any) -> None:
+        """Write what ``db`` buffers to the files."""
+        if hasattr(db, "sync"):
+            db.sync()
+
+    def compact(self, db: Any) -> bool:
+        """Give the free space of the database files back to the file system, in place;
+        False if the module cannot (the caller holds every lock)."""
+        reorganize = getattr(db, "reorganize", None)    # dbm.gnu
+        if reorganize is None:
+            return False
+        reorganize()
+        return True
+
+    def after_apply(self, path: str, *, fsync: bool) -> None:
+        """Called once a journal is applied and synced, before the journal is deleted."""
+
+
+class SQLiteModule(Module):
+    """dbm.sqlite3: each put is an SQLite transaction; connections always see the latest."""
+
+    keeps_handle = True
+    sees_other_commits = True
+    thread_bound = True     # sqlite3's check_same_thread, which dbm.sqlite3 leaves on
+
+    def write(self, db: Any, changes: journal.Changes) -> None:
+        # dbm.sqlite3 makes each put a transaction of its own, synced to disk: a
+        # thousand puts take seconds. One explicit transaction on its connection (not
+        # public; without it, each put stays on its own) takes milliseconds.
+        connection = getattr(db, "_cx", None)
+        if connection is None:
+            super().write(db, changes)
+            return
+        connection.execute("BEGIN")    # autocommit=True: commit() would do nothing
+        try:
+            super().write(db, changes)
+        except BaseException:
+            connection.execute("ROLLBACK")
+            raise
+        connection.execute("COMMIT")
+
+    def compact(self, db: Any) -> bool:
+        connection = getattr(db, "_cx", None)
+        if connection is None:
+            return False
+        connection.execute("VACUUM")
+        return True
+
+    def close(self, db: Any, path: str, *, writable: bool) -> None:
+        try:
+            db.close()
+        except sqlite3.ProgrammingError:
+            # Opened by another thread of the Store: only that thread may close it. It
+            # is closed when garbage-collected, which follows at once (no cycle).
+            return
+        if not writable:
+            return
+        # As the SQLite backend does: whoever closes last puts the file back in
+        # rollback-journal mode, so that a later read-only open creates no -wal/-shm
+        # files. Fails harmlessly (and at once) while others have it open.
+        try:
+            connection = sqlite3.connect(path, timeout=0)
+        except sqlite3.Error:
+            return
+        try:
+            connection.execute("PRAGMA journal_mode = DELETE")
+        except sqlite3.Error:
+            pass
+        finally:
+            connection.close()
+
+
+class DumbModule(Module):
+    """dbm.dumb, which rewrites its index file in place on sync and on every delete.
+
+    A process killed during that rewrite leaves the index truncated, losing keys
+    the journal does not mention. So a copy of the index is taken before a journal
+    is applied, and put back before the journal is applied again after a crash.
+    The data file needs no copy: dumb changes only the values of keys it is given,
+    which the journal rewrites anyway, and appends everything else.
+
+    Opening reads and parses the whole index, so one handle is kept and reopened
+    only after another process's commit.
+    """
+
+    keeps_handle = True
+
+    def open(self, path: str, flag: str) -> Any:
+        index = path + ".dir"
+        if flag != "n" and not os.path.exists(path + ".dir.saved"):
+            data_size = _size(path + ".dat")
+            if data_size and not _size(index):
+                raise CorruptionError(index, f"the dbm.dumb index is missing or empty, while "
+                                             f"its data file holds {data_size} bytes")
+        try:
+            if flag == "r" and os.path.exists(path + ".dir.saved"):
+                # An apply was cut short: its journal is still there, and the index it
+                # saved first is the one the database had before it. A read-only
+                # opener may not put it back (a writer does, in before_apply): it
+                # reads that index instead of the one the apply was rewriting.
+                return _saved_index_database(self.module)(os.fsencode(path), 0o600, "r")
+            return super().open(path, flag)
+        except (SyntaxError, ValueError, TypeError) as error:   # a garbled index line
+            raise CorruptionError(index, f"the dbm.dumb index cannot be read ({error})") \
+                from error
+
+    # The index is in memory: counting costs nothing. The count catches an index cut
+    # short at a line boundary, which still parses.
+    def entries_after(self, db: Any, changes: journal.Changes) -> int | None:
+        return len(db) + sum(1 for key, value in changes.items()
+                             if value is not None and key not in db)
+
+    def entries(self, db: Any) -> int | None:
+        return len(db)
+
+    def delete(self, db: Any, key: bytes) -> None:
+        # dumb rewrites its whole index on every delete; an empty value (no value of
+        # the layout is empty) is one append instead. Its space is lost either way.
+        if key in db:
+            db[key] = b""
+
+    def before_apply(self, path: str, *, again: bool, fsync: bool) -> bool:
+        index, saved = path + ".dir", path + ".dir.saved"
+        if again and os.path.exists(saved):     # an apply of this journal was interrupted
+            _copy_private(saved, index, fsync=fsync)
+            return True
+        _copy_private(index, saved, fsync=fsync)
+        return False
+
+    def sync(self, db: Any) -> None:
+        db.sync()
+        # Before Python 3.13, sync() leaves the handle marked modified, and closing it
+        # (or its garbage collection) would write its index again, over the index of
+        # any commit made since by another process. 3.13 resets the flag itself.
+        db._modified = False
+
+    def abandon(self, db: Any) -> None:
+        db._modified = False    # else close() writes its in-memory index
+        db.close()
+
+    def after_apply(self, path: str, *, fsync: bool) -> None:
+        os.unlink(path + ".dir.saved")
+        if fsync:   # gone before the journal is, or a later recovery would restore it
+            fsync_directory(path)
+
+
+def _saved_index_database(module: Any) -> Any:
+    """A dbm.dumb database class that reads its index from ``.dir.saved``."""
+    class SavedIndexDatabase(module._Database):  # type: ignore[name-defined, misc]
+        def _update(self, flag: str) -> None:
+            self._dirfile: bytes = self._dirfile + b".saved"
+            super()._update(flag)
+    return SavedIndexDatabase
+
+
+def _copy_private(source: str, target: str, *, fsync: bool) -> None:
+    """Replace ``target`` atomically by a copy of ``source``, mode 0600."""
+    with open(source, "rb") as file:
+        content = file.read()
+    replace_file(target, [content], fsync=fsync)
+
+
+def whichdb(path: str) -> str | None:
+    """``dbm.whichdb(path)``, also right while a dbm.dumb apply is to be finished.
+
+    A kill during dbm.dumb's index rewrite can leave no index file at all, which
+    ``dbm.whichdb`` then takes for no database; the saved index tells otherwise. So
+    does a data file whose index was lost: it must not be taken for no store.
+    """
+    found = dbm.whichdb(path)
+    if found is None and (os.path.exists(path + ".dir.saved") or _size(path + ".dat")):
+        return "dbm.dumb"   # a data file without its index: DumbModule.open says so
+    return found
+
+
+def _size(path: str) -> int:
+    """The size of the file ``path``, 0 if there is none."""
+    try:
+        return os.stat(path).st_size
+    except FileNotFoundError:
+        return 0
+
+
+def load_module(name: str, path: str) -> Module:
+    try:
+        return {"dbm.dumb": DumbModule, "dbm.sqlite3": SQLiteModule}.get(name, Module)(name)
+    except ImportError:
+        raise FormatError(path, f"it needs the module {name}, which this Python lacks") from None
+
+
+def choose_module(path: str, flag: str, variant: str | None) -> Module:
+    """The module for ``path``: the one named, else the one that wrote it, else the best.
+
+    Also used by :mod:`.shelf`. Raises ``ValueError`` for an unknown name and
+    :class:`~pstore.errors.FormatError` for a file of another or no dbm module.
+    """
+    if variant is not None and variant not in MODULES:
+        raise ValueError(f"unknown dbm module {variant!r}; known: {', '.join(MODULES)}")
+    found = None if flag == "n" else whichdb(path)
+    if found == "":
+        raise FormatError(path, "not a database of any dbm module")
+    if found is not None and variant is not None and found != variant:
+        raise FormatError(path, f"a {found} database, not a {variant} one")
+    name = variant or found
+    if name is not None:
+        return load_module(name, path)
+    for name in MODULES:
+        try:
+            return load_module(name, path)
+        except FormatError:
+            continue
+    raise AssertionError("dbm.dumb is always importable")
+
+

@@ -1,0 +1,166 @@
+"""Looking at a store's records without loading them: what ``pstore ls``, ``info``,
+``show`` and ``globals`` print.
+
+Nothing here unpickles: records are read as bytes, their envelopes decoded and
+their pickles disassembled by :mod:`pstore.engine.tools`, which imports nothing
+and runs nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from .. import engine
+from . import records
+
+__all__ = ["RecordInfo", "StoreInfo", "describe_record", "record_pickles"]
+
+
+@dataclass(frozen=True)
+class RecordInfo:
+    """What a record holds, read from its bytes: for ``pstore ls``."""
+
+    object_id: int
+    #: Bytes of the record as stored (envelope included, blobs not).
+    size: int
+    #: The type of the record's root object as its pickle names it: ``dict``, ``list``,
+    #: ``str``, ... for builtins, ``module.Qualname`` for other classes.
+    kind: str
+    #: True for the record of a :class:`~pstore.Persistent` object.
+    persistent: bool
+    #: How many out-of-band buffers the record keeps in blobs, and their bytes.
+    blobs: int
+    blob_bytes: int
+
+
+@dataclass(frozen=True)
+class StoreInfo:
+    """What :meth:`Store.info <pstore.store.Store.info>` reports."""
+
+    path: str
+    backend: str
+    #: The library underneath (``sqlite3 (SQLite 3.40.1)``, ``dbm.gnu``...).
+    module: str
+    format_version: int
+    keys: int
+    records: int
+    record_bytes: int
+    blobs: int
+    blob_bytes: int
+
+
+def record_pickles(object_id: int, data: bytes) -> tuple[list[bytes], list[records.BlobRef]]:
+    """The pickles of record ``object_id`` -- one, or two (class, then state) for a
+    Persistent object's -- and the blobs its envelope lists, its digest not checked
+    (nothing is loaded). ``pickle.UnpicklingError`` or ``ValueError`` if the bytes are
+    not a record."""
+    pickle, blobs, _ = records.unpack(data, object_id, digest_required=False,
+                                      check_digest=False)
+    pickles = []
+    position = 0
+    while position < len(pickle):
+        end = position + _pickle_length(pickle, position)
+        pickles.append(pickle[position:end])
+        position = end
+    return pickles, blobs
+
+
+def _pickle_length(data: bytes, start: int) -> int:
+    last = None
+    for last in engine.iter_instructions(memoryview(data)[start:]):
+        pass
+    assert last is not None     # iter_instructions raises where there is no STOP
+    return last.offset + 1
+
+
+# The builtin type an opcode builds, when the root object is the last thing built.
+_BUILDS = {
+    "EMPTY_DICT": "dict", "DICT": "dict", "EMPTY_LIST": "list", "LIST": "list",
+    "EMPTY_TUPLE": "tuple", "TUPLE": "tuple", "TUPLE1": "tuple", "TUPLE2": "tuple",
+    "TUPLE3": "tuple", "EMPTY_SET": "set", "FROZENSET": "frozenset",
+    "NONE": "NoneType", "NEWTRUE": "bool", "NEWFALSE": "bool",
+    "INT": "int", "BININT": "int", "BININT1": "int", "BININT2": "int", "LONG": "int",
+    "LONG1": "int", "LONG4": "int", "FLOAT": "float", "BINFLOAT": "float",
+    "UNICODE": "str", "SHORT_BINUNICODE": "str", "BINUNICODE": "str", "BINUNICODE8": "str",
+    "STRING": "str", "BINSTRING": "str", "SHORT_BINSTRING": "str",
+    "BINBYTES": "bytes", "SHORT_BINBYTES": "bytes", "BINBYTES8": "bytes",
+    "BYTEARRAY8": "bytearray", "NEXT_BUFFER": "PickleBuffer",
+    "PERSID": "reference", "BINPERSID": "reference",
+}
+_NOT_BUILDING = {"MEMOIZE", "PUT", "BINPUT", "LONG_BINPUT", "FRAME", "PROTO", "STOP"}
+_CALLS = {"REDUCE", "NEWOBJ", "NEWOBJ_EX", "OBJ", "INST", "BUILD"}
+_FILLS = {"SETITEM", "SETITEMS", "APPEND", "APPENDS", "ADDITEMS"}
+# Globals a pickle names on the way to its root's class: None, not the class, or the
+# type they build.
+_HELPERS: dict[tuple[str, str], str | None] = {
+    ("copyreg", "_reconstructor"): None, ("copyreg", "__newobj__"): None,
+    ("copyreg", "__newobj_ex__"): None, ("builtins", "getattr"): None,
+    ("copy_reg", "_reconstructor"): None, ("__builtin__", "getattr"): None,
+    ("_codecs", "encode"): "bytes",     # bytes below protocol 3
+    ("numpy.core.multiarray", "_reconstruct"): None,
+    ("numpy._core.multiarray", "_reconstruct"): None,
+    ("numpy.core.numeric", "_frombuffer"): "numpy.ndarray",
+    ("numpy._core.numeric", "_frombuffer"): "numpy.ndarray",
+}
+
+
+def root_kind(pickle: bytes) -> str:
+    """The type of the object ``pickle`` builds, told from its opcodes (best effort).
+
+    The root is what the last building opcode before STOP makes: a builtin for the
+    opcodes that build one (TUPLE2: ``tuple``), the class a call constructs (REDUCE,
+    NEWOBJ, BUILD: the first global that is not a reconstruction helper), or, for a
+    container filled after it was made (SETITEMS), the type of what was made first.
+    ``"?"`` when it cannot be told.
+    """
+    first = last = None
+    named = None        # the first global naming a class, or the type a helper builds
+    strings: list[str] = []     # the operands STACK_GLOBAL takes
+    for instruction in engine.iter_instructions(pickle):
+        name = instruction.opcode.name
+        if name in _NOT_BUILDING:
+            continue
+        if name != "MARK":
+            first = first or name
+        last = name
+        glob = None
+        if name in ("GLOBAL", "INST"):
+            glob = instruction.argument
+        elif name == "STACK_GLOBAL" and len(strings) >= 2:
+            glob = (strings[-2], strings[-1])
+        elif name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8"):
+            strings.append(instruction.argument)
+        if glob is not None and named is None:
+            module, qualname = glob
+            named = _HELPERS.get(glob, qualname if module in ("builtins", "__builtin__")
+                                 else f"{module}.{qualname}")
+    if last in _CALLS or last in ("GLOBAL", "STACK_GLOBAL"):     # a call, or a class itself
+        return named or "?"
+    if last in _FILLS:    # filled after it was made: by a builtin opcode, or by a call
+        made = first if first in ("EMPTY_DICT", "DICT", "EMPTY_LIST", "LIST", "EMPTY_SET") \
+            else None
+        return _BUILDS[made] if made else named or "?"
+    return _BUILDS.get(last or "", "?")
+
+
+def describe_record(object_id: int, data: bytes) -> RecordInfo:
+    """The :class:`RecordInfo` of record ``object_id`` whose bytes are ``data``."""
+    pickles, blobs = record_pickles(object_id, data)
+    kind = root_kind(pickles[0]) if pickles else "?"
+    return RecordInfo(object_id, len(data), kind, len(pickles) > 1, len(blobs),
+                      sum(blob.size for blob in blobs))
+
+
+def globals_of_record(object_id: int, data: bytes) -> list[tuple[str, str]]:
+    """Every (module, name) the pickles of a record would import, each once, nothing run."""
+    found: dict[tuple[str, str], None] = {}
+    for pickle in record_pickles(object_id, data)[0]:
+        found.update(dict.fromkeys(engine.globals_of(pickle)))
+    return list(found)
+
+
+def disassemble_record(object_id: int, data: bytes) -> str:
+    """The disassembly of each pickle of a record, and its blob list."""
+    pickles, blobs = record_pickles(object_id, data)
+    parts = [engine.disassemble(pickle) for pickle in pickles]
+    parts += [f"blob {blob.name} ({blob.size} bytes, codec {blob.codec})\n" for blob in blobs]
+    return "".join(parts)

@@ -1,0 +1,3 @@
+"""Plugins of the whole test suite: the session's PostgreSQL server (tests/pg.py)."""
+
+pytest_plugins = ["tests.pg"]

@@ -1,0 +1,123 @@
+"""The record envelope (pstore.store.records) and the bounded codecs under it (blobio)."""
+
+from __future__ import annotations
+
+import lzma
+import pickle
+import random
+import zlib
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pstore.store import blobio, records
+from pstore.store.records import BlobRef
+
+blob_refs = st.builds(BlobRef, st.binary(min_size=32, max_size=32).map(bytes.hex),
+                      st.integers(0, 2**64 - 1), st.sampled_from([0, 1, 2]))
+oids = st.integers(1, 2**63 - 1)
+codecs = st.sampled_from([0, 1, 2])
+
+
+@settings(max_examples=200, deadline=None)
+@given(oid=oids, payload=st.binary(max_size=3000), blobs=st.lists(blob_refs, max_size=4),
+       codec=codecs)
+def test_unpack_returns_what_pack_was_given(oid, payload, blobs, codec):
+    data = records.pack(oid, payload, blobs, codec)
+    assert data[:1] == records.ENVELOPE
+    assert records.unpack(data, oid) == (payload, blobs, True)
+
+
+@settings(max_examples=200, deadline=None)
+@given(oid=oids, payload=st.binary(max_size=600), blobs=st.lists(blob_refs, max_size=2),
+       codec=codecs, data=st.data())
+def test_any_changed_byte_or_truncation_is_refused(oid, payload, blobs, codec, data):
+    packed = records.pack(oid, payload, blobs, codec)
+    position = data.draw(st.integers(0, len(packed) - 1))
+    flip = data.draw(st.integers(1, 255))
+    damaged = bytearray(packed)
+    damaged[position] ^= flip
+    with pytest.raises(ValueError):
+        records.unpack(bytes(damaged), oid)
+    with pytest.raises(ValueError):
+        records.unpack(packed[:position], oid)
+
+
+@given(oid=oids, other=oids, payload=st.binary(max_size=100))
+def test_a_record_read_under_another_object_id_or_key_is_refused(oid, other, payload):
+    packed = records.pack(oid, payload, [], 0)
+    if other != oid:
+        with pytest.raises(ValueError, match="digest"):
+            records.unpack(packed, other)
+    with pytest.raises(ValueError, match="digest"):
+        records.unpack(packed, oid, key=b"another key")
+    keyed = records.pack(oid, payload, [], 0, key=b"k" * 32)
+    assert records.unpack(keyed, oid, key=b"k" * 32).verified
+    with pytest.raises(ValueError, match="digest"):
+        records.unpack(keyed, oid)
+
+
+def test_compression_is_used_only_when_it_pays():
+    text = b"compressible " * 100
+    assert len(records.pack(1, text, [], 1)) < len(text)
+    assert records.pack(1, text, [], 0)[2] == 0
+    incompressible = bytes(random.Random(1).randbytes(768))
+    assert records.pack(1, incompressible, [], 2)[2] == 0       # xz would make it bigger
+    assert records.pack(1, b"short", [], 1)[2] == 0
+
+
+def test_format_2_records_are_read_unverified_only_when_allowed():
+    plain = pickle.dumps([1, 2], protocol=5)
+    assert records.unpack(plain, 9, digest_required=False) == (plain, [], False)
+    with pytest.raises(ValueError, match="no envelope"):
+        records.unpack(plain, 9)
+    # A version 1 envelope: no payload size, no digest; zlib payload, one blob.
+    name = "ab" * 32
+    old = (records._OLD_HEADER.pack(0xFF, 1, 1, 1) + records._BLOB.pack(0, 10, bytes.fromhex(name))
+           + zlib.compress(plain))
+    assert records.unpack(old, 9, digest_required=False) == (plain, [BlobRef(name, 10, 0)], False)
+    with pytest.raises(ValueError, match="version 1"):
+        records.unpack(old, 9)
+
+
+def _forged(oid: int, codec: int, count: int, declared: int, rest: bytes) -> bytes:
+    body = records._HEADER.pack(0xFF, records._VERSION, codec, count, declared) + rest
+    return body + records._digest(oid, body, b"")
+
+
+@pytest.mark.parametrize("data, message", [
+    (_forged(1, 7, 0, 0, b""), "payload codec 7 is unknown"),
+    (_forged(1, 0, 1, 0, records._BLOB.pack(9, 1, bytes(32))), "blob codec 9 is unknown"),
+    (_forged(1, 0, 2**32 - 1, 0, b""), "lists 4294967295 blobs"),
+    (_forged(1, 0, 0, 5, b"1234"), "payload is 4 bytes, its envelope says 5"),
+    (_forged(1, 1, 0, 10, b"not zlib"), "corrupt compressed stream"),
+    (_forged(1, 1, 0, 10, zlib.compress(b"x" * 11)), "more than the 10 bytes"),
+    (_forged(1, 1, 0, 10, zlib.compress(b"x" * 10)[:-6]), "ends early"),
+    (_forged(1, 2, 0, 2**40, lzma.compress(b"")), "max_record_size"),
+    (b"\xff", "truncated envelope"),
+    (b"\xff\x02\x00", "truncated envelope"),
+    (b"\xff\x09" + bytes(40), "an envelope of version 9"),
+])
+def test_malformed_envelopes_say_what_is_wrong(data, message):
+    with pytest.raises(ValueError, match=message):
+        records.unpack(data, 1)
+
+
+@pytest.mark.parametrize("codec", [1, 2])
+def test_decompression_stops_just_past_the_limit(codec):
+    compressor = zlib.compressobj() if codec == 1 else lzma.LZMACompressor()
+    bomb = b"".join([compressor.compress(bytes(1 << 20)) for _ in range(64)]) + compressor.flush()
+    with pytest.raises(ValueError, match="more than the 1000 bytes"):
+        blobio.decompress(codec, bomb, 1000)
+    assert blobio.decompress(codec, bomb, 64 << 20) == bytes(64 << 20)
+
+
+@settings(max_examples=50, deadline=None)
+@given(payload=st.binary(max_size=5000), codec=st.sampled_from([1, 2]))
+def test_decompress_inverts_compress_at_the_exact_limit(payload, codec):
+    compressed = blobio.compress(codec, payload)
+    assert blobio.decompress(codec, compressed, len(payload)) == payload
+    if payload:
+        with pytest.raises(ValueError, match="more than"):
+            blobio.decompress(codec, compressed, len(payload) - 1)
