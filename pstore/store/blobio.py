@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:   # only for annotations: this module works on any backend
-    from ..backends import Backend
+    from ..backends import Backend, ReadableBackend
 
 __all__ = ["BlobRef", "CODECS", "CODEC_NAMES", "compress", "decompress", "write_blob", "read_blob"]
 
@@ -103,7 +103,7 @@ def write_blob(backend: Backend, raw: memoryview, codec: int) -> BlobRef:
     return BlobRef(backend.put_blob(chunks), raw.nbytes, codec)
 
 
-def read_blob(backend: Backend, blob: BlobRef, writable: bool) -> Any:
+def read_blob(backend: ReadableBackend, blob: BlobRef, writable: bool) -> Any:
     """The buffer of ``blob``: mapped if stored uncompressed, else decompressed as it arrives.
 
     Raises ``ValueError`` if a compressed blob does not hold exactly the bytes its
