@@ -7,8 +7,9 @@
 from __future__ import annotations
 
 from .errors import (ArgumentError, ClosedError, CorruptionError, Error, FormatError,
-                     KeyTypeError, LockTimeoutError, MissingObjectError, PersistentClassError,
-                     ReadOnlyError, ReferenceCycleError, UnstorableError)
+                     InTransactionError, KeyTypeError, LockTimeoutError, MissingObjectError,
+                     PersistentClassError, ReadOnlyError, ReferenceCycleError, StorePicklingError,
+                     UnstorableError)
 from .store import Store, open
 from .store.persistent import Persistent, PersistentDict, PersistentList
 from .migrate import convert, convert_shelve, copy
@@ -20,5 +21,6 @@ __all__ = [
     "open", "Store", "convert", "convert_shelve", "copy", "Persistent", "PersistentList", "PersistentDict",
     "Error", "ClosedError", "ReadOnlyError", "LockTimeoutError", "FormatError",
     "MissingObjectError", "CorruptionError", "UnstorableError", "ReferenceCycleError",
-    "ArgumentError", "KeyTypeError", "PersistentClassError",
+    "ArgumentError", "KeyTypeError", "PersistentClassError", "InTransactionError",
+    "StorePicklingError",
 ]

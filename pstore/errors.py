@@ -31,6 +31,8 @@ __all__ = [
     "ArgumentError",
     "KeyTypeError",
     "PersistentClassError",
+    "InTransactionError",
+    "StorePicklingError",
 ]
 
 
@@ -208,6 +210,30 @@ class PersistentClassError(Error, TypeError):
 
     def __str__(self) -> str:
         return f"{self.class_name}: {self.reason}"
+
+
+class InTransactionError(Error, RuntimeError):
+    """``operation`` cannot run inside a transaction of the store at ``path``."""
+
+    def __init__(self, path: str, operation: str) -> None:
+        super().__init__(path, operation)
+        self.path = path
+        self.operation = operation
+
+    def __str__(self) -> str:
+        return f"cannot {self.operation} inside a transaction of store {self.path!r}"
+
+
+class StorePicklingError(Error, TypeError):
+    """A Store cannot be pickled (sent to another process) now: ``reason`` says why."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(path, reason)
+        self.path = path
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"cannot pickle store {self.path!r}: {self.reason}"
 
 
 class UnsafeFileError(Error, PermissionError):

@@ -26,7 +26,8 @@ from typing import Any, cast
 
 from .. import engine
 from ..backends import Backend, ReadableBackend, detect_backend, open_backend
-from ..errors import ArgumentError, ClosedError, KeyTypeError, MissingObjectError, ReadOnlyError
+from ..errors import (ArgumentError, ClosedError, InTransactionError, KeyTypeError,
+                      MissingObjectError, ReadOnlyError, StorePicklingError)
 from . import blobio, inspection
 from . import compute as compute_once
 from .codec import RecordLoader
@@ -332,7 +333,7 @@ class Store(MutableMapping[str, Any]):
         with self._lock:
             self._check_writable("vacuum")
             if self._txn.depth:
-                raise ValueError("vacuum() cannot run inside a transaction")
+                raise InTransactionError(self._path, "vacuum")
             return self._txn.backend.vacuum()
 
     def info(self) -> inspection.StoreInfo:
@@ -414,12 +415,12 @@ class Store(MutableMapping[str, Any]):
         ``spawn`` pool, ``multiprocessing``), it arrives as a Store of its own on the same
         path with the same options -- flag 'r' stays 'r', any other becomes 'w'."""
         if self.reopen_arguments is None:
-            raise TypeError("this Store was not made by pstore.open: it cannot be pickled")
+            raise StorePicklingError(self._path, "it was not made by pstore.open")
         if self._closed:
             raise ClosedError(self._path)
         if self.in_transaction:
-            raise TypeError(f"cannot pickle store {self._path!r} inside a transaction: the "
-                            f"other process would not see what it has not committed")
+            raise StorePicklingError(self._path, "inside a transaction: the other process "
+                                     "would not see what it has not committed")
         path, flag, options = self.reopen_arguments
         return _reopen, (path, flag, options)
 

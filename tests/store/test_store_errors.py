@@ -9,8 +9,9 @@ import pytest
 
 import pstore
 from pstore import engine
-from pstore.errors import (ArgumentError, ClosedError, Error, KeyTypeError, PersistentClassError,
-                           ReferenceCycleError, UnstorableError)
+from pstore.errors import (ArgumentError, ClosedError, Error, InTransactionError, KeyTypeError,
+                           PersistentClassError, ReferenceCycleError, StorePicklingError,
+                           UnstorableError)
 from tests.store.objects import Config, Node, Unpicklable
 
 ERRORS = [
@@ -19,7 +20,20 @@ ERRORS = [
     (ArgumentError("flag", "x", "one of 'r', 'w', 'c', 'n'"), ValueError),
     (KeyTypeError("tuple"), TypeError),
     (PersistentClassError("Node", "no __slots__"), TypeError),
+    (InTransactionError("/s.db", "vacuum"), RuntimeError),
+    (StorePicklingError("/s.db", "inside a transaction"), TypeError),
 ]
+
+
+def test_vacuum_and_pickling_inside_a_transaction_are_refused_with_pstore_errors(store):
+    store["k"] = [1]
+    with store.transaction():
+        store["k"] = [2]
+        with pytest.raises(InTransactionError, match="vacuum"):
+            store.vacuum()
+        with pytest.raises(StorePicklingError, match="inside a transaction"):
+            pickle.dumps(store)
+    assert store["k"] == [2]
 
 
 @pytest.mark.parametrize(("error", "builtin"), ERRORS, ids=lambda e: type(e).__name__)
