@@ -15,7 +15,6 @@ codec is :mod:`pstore.store.codec`, the writing side :mod:`pstore.store.transact
 
 from __future__ import annotations
 
-import fnmatch
 import os
 import threading
 import weakref
@@ -340,11 +339,7 @@ class Store(MutableMapping[str, Any]):
         """Counts and sizes of what the store holds (``pstore info``); reads only."""
         with self._lock:
             self._check_open()
-            stats = self._backend.statistics()
-            return inspection.StoreInfo(
-                self._path, self._backend.name, stats.module, stats.format_version,
-                self._backend.count_keys(), stats.records, stats.record_bytes, stats.blobs,
-                stats.blob_bytes)
+            return inspection.store_info(self._backend)
 
     def describe(self, pattern: str | None = None) -> Iterator[tuple[str, inspection.RecordInfo]]:
         """``(key, RecordInfo)`` of each key (matching the glob ``pattern``, if given), read
@@ -352,19 +347,14 @@ class Store(MutableMapping[str, Any]):
         with self._lock:
             self._check_open()
             items = list(self._backend.iter_items())
-        for key, oid, data in items:
-            if pattern is not None and not fnmatch.fnmatchcase(key, pattern):
-                continue
-            if data is None:
-                raise MissingObjectError(self._path, oid, f"the record of key {key!r}")
-            yield key, inspection.describe_record(oid, data)
+        yield from inspection.describe_items(self._path, items, pattern)
 
     def raw_record(self, key: str) -> tuple[int, bytes]:
         """``(object id, stored bytes)`` of the record ``key`` is bound to, as they are: for
         tools that look at records without loading them (``pstore show``, ``dis``)."""
         with self._lock:
-            self._check_key(key)
             self._check_open()
+            self._check_key(key)
             item = self._backend.get_item(key)
             if item is None:
                 raise KeyError(key)
