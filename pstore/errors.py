@@ -33,6 +33,7 @@ __all__ = [
     "PersistentClassError",
     "InTransactionError",
     "StorePicklingError",
+    "MissingClassError",
 ]
 
 
@@ -279,3 +280,49 @@ class ServerLockTimeoutError(LockTimeoutError):
     def __str__(self) -> str:
         return (f"{super().__str__()} (held by server process {self.pid}, application "
                 f"{self.application_name!r}, client {self.address})")
+
+
+class MissingClassError(Error, AttributeError):
+    """A record names a global (its class, mostly) that cannot be imported any more: its
+    module or the name in it is gone (renamed or removed).
+
+    ``global_name`` is ``module.name`` as the record names it; ``renamed_to`` the name
+    ``renames=`` mapped it to, if it did; ``reason`` what the import said. ``key`` and
+    ``object_id`` (either may be None) say which value it hit. An ``AttributeError``, as a
+    missing name always was; map the old name to the new one with
+    ``pstore.open(..., renames={"old.module.Name": "new.module.Name"})``.
+    """
+
+    def __init__(self, path: str, global_name: str, reason: str, *,
+                 renamed_to: str | None = None, key: str | None = None,
+                 object_id: int | None = None) -> None:
+        super().__init__(path, global_name, reason, renamed_to, key, object_id)
+        self.path = path
+        self.global_name = global_name
+        self.reason = reason
+        self.renamed_to = renamed_to
+        self.key = key
+        self.object_id = object_id
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # The keyword-only arguments are not positional in args: rebuild through a helper.
+        return _missing_class_error, self.args, self.__dict__
+
+    def __str__(self) -> str:
+        where = []
+        if self.key is not None:
+            where.append(f"key {self.key!r}")
+        if self.object_id is not None:
+            where.append(f"object id {self.object_id}")
+        place = f" ({', '.join(where)})" if where else ""
+        name = self.global_name if self.renamed_to is None else \
+            f"{self.global_name} (renamed to {self.renamed_to})"
+        return (f"store {self.path!r} cannot load a record{place}: it names {name}, which "
+                f"cannot be imported ({self.reason}); if it was renamed, open the store "
+                f"with renames={{{self.global_name!r}: 'its.new.Name'}}")
+
+
+def _missing_class_error(path: str, global_name: str, reason: str, renamed_to: str | None,
+                         key: str | None, object_id: int | None) -> MissingClassError:
+    return MissingClassError(path, global_name, reason, renamed_to=renamed_to, key=key,
+                             object_id=object_id)

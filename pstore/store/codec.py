@@ -24,10 +24,11 @@ from typing import Any, Protocol
 
 from .. import engine
 from ..backends.base import ReadableBackend
-from ..errors import CorruptionError, MissingObjectError
+from ..errors import CorruptionError, MissingClassError, MissingObjectError
 from . import blobio, records, tensors
 from .identity import IdentityMap, is_referable
 from .persistent import GHOST, DataManager, Persistent, fill, is_ghost, placeholder, status_of
+from .renames import Renames
 from .verify import load_error
 
 __all__ = ["RecordPickler", "PicklerHost", "RecordUnpickler", "Resolver", "RecordLoader",
@@ -175,13 +176,29 @@ class RecordUnpickler(engine.Unpickler):
 
     One instance serves every record, nested loads of referenced records included
     (``load_bytes_at`` keeps each pickle's state apart), so a record costs no setup.
+    Every global a record names is looked up under ``renames`` first; one that cannot be
+    imported raises :class:`~pstore.errors.MissingClassError` (of store ``path``).
     """
 
-    def __init__(self, resolver: Resolver) -> None:
+    def __init__(self, resolver: Resolver, path: str = "",
+                 renames: Renames | None = None) -> None:
         super().__init__(io.BytesIO())   # records are read with load_bytes_at, never from the file
         # A proxy: the resolver holds this unpickler, and a cycle would keep a dropped
         # resolver (and the backend it reads) alive until the garbage collector runs.
         self._resolver = weakref.proxy(resolver)
+        self._path = path
+        self._renames = renames
+
+    def find_class(self, module: str, name: str) -> Any:
+        new_module, new_name = (module, name) if self._renames is None else \
+            self._renames.apply(module, name)
+        try:
+            return super().find_class(new_module, new_name)
+        except (ImportError, AttributeError) as error:
+            renamed = (new_module, new_name) != (module, name)
+            raise MissingClassError(self._path, f"{module}.{name}", str(error),
+                                    renamed_to=f"{new_module}.{new_name}" if renamed
+                                    else None) from error
 
     def persistent_load(self, pid: Any) -> Any:
         kind = type(pid)
@@ -219,14 +236,15 @@ class RecordLoader:
     ``pending`` the open transaction's ``object id -> (object, key)`` of values
     not yet written (they load as themselves); ``writable_buffers`` whether blobs
     load as writable (copy-on-write) buffers; a record whose payload is larger than
-    ``max_record_size`` is refused before it is decompressed. Every error met while
+    ``max_record_size`` is refused before it is decompressed; ``renames`` maps the names
+    of globals records name (:class:`RecordUnpickler`). Every error met while
     loading a record is translated here, once (:func:`~pstore.store.verify.load_error`):
     damage becomes :class:`~pstore.errors.CorruptionError` naming the object id.
     """
 
     def __init__(self, manager: DataManager, backend: ReadableBackend, ids: IdentityMap,
                  pending: Mapping[int, tuple[Any, str | None]], *, writable_buffers: bool,
-                 max_record_size: int) -> None:
+                 max_record_size: int, renames: Renames | None = None) -> None:
         self._manager = weakref.ref(manager)
         self._backend = backend
         self._path = backend.path
@@ -234,7 +252,7 @@ class RecordLoader:
         self._pending = pending
         self._writable_buffers = writable_buffers
         self._max_record_size = max_record_size
-        self._unpickler = RecordUnpickler(self)
+        self._unpickler = RecordUnpickler(self, self._path, renames)
         self._depth = 0             # how many record loads are nested right now
         # Called (once) before the load under way resolves its first reference: see load_fresh.
         self._before_reference: Callable[[], None] | None = None

@@ -15,23 +15,25 @@ codec is :mod:`pstore.store.codec`, the writing side :mod:`pstore.store.transact
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 import weakref
-from collections.abc import Callable, ItemsView, Iterator, MutableMapping, ValuesView
+from collections.abc import Callable, ItemsView, Iterator, Mapping, MutableMapping, ValuesView
 from contextlib import AbstractContextManager, contextmanager
 from itertools import islice
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 from .. import engine
 from ..backends import Backend, ReadableBackend, detect_backend, open_backend
 from ..errors import (ArgumentError, ClosedError, InTransactionError, KeyTypeError,
-                      MissingObjectError, ReadOnlyError, StorePicklingError)
+                      MissingClassError, MissingObjectError, ReadOnlyError, StorePicklingError)
 from . import blobio, inspection
 from . import compute as compute_once
 from .codec import RecordLoader
 from .identity import IdentityMap
 from .persistent import GHOST, SAVED, Persistent, detach, ghostify, status_of
+from .renames import Renames
 from .transaction import Transaction
 from .verify import VerifyReport, load_error, verify
 
@@ -46,6 +48,9 @@ DEFAULT_BLOB_THRESHOLD = 64 * 1024
 DEFAULT_MAX_RECORD_SIZE = 1 << 30
 
 _FLAGS = ("r", "w", "c", "n")
+#: What iterating over values does with a record whose class is gone (``errors=``).
+LoadErrors = Literal["raise", "skip", "collect"]
+_LOAD_ERRORS = ("raise", "skip", "collect")
 _END = object()
 
 
@@ -74,8 +79,10 @@ class Store(MutableMapping[str, Any]):
     def __init__(self, backend: ReadableBackend, *, protocol: int, writeback: bool,
                  blob_threshold: int | None = DEFAULT_BLOB_THRESHOLD,
                  compression: str | None = None, readonly_buffers: bool = False,
-                 max_record_size: int = DEFAULT_MAX_RECORD_SIZE) -> None:
+                 max_record_size: int = DEFAULT_MAX_RECORD_SIZE,
+                 renames: Renames | None = None) -> None:
         self._backend = backend
+        self._renames = renames
         self._max_record_size = max_record_size
         self._path = backend.path
         self._read_only = backend.read_only or not isinstance(backend, Backend)
@@ -88,7 +95,7 @@ class Store(MutableMapping[str, Any]):
                                 else blob_threshold, codec=blobio.CODECS[compression])
         self._loader = RecordLoader(self, backend, self._ids, self._txn.pending,
                                     writable_buffers=not readonly_buffers,
-                                    max_record_size=max_record_size)
+                                    max_record_size=max_record_size, renames=renames)
         self._marker = backend.change_marker()
         self._closed = False
         _open_stores[id(self)] = self
@@ -195,15 +202,26 @@ class Store(MutableMapping[str, Any]):
                 return
             yield key
 
-    def items(self) -> ItemsView[str, Any]:
-        """A view whose iteration streams ``(key, value)`` pairs, a batch of records per query."""
-        return _Items(self)
+    def items(self, *, errors: LoadErrors = "raise") -> ItemsView[str, Any]:
+        """A view whose iteration streams ``(key, value)`` pairs, a batch of records per query.
 
-    def values(self) -> ValuesView[Any]:
-        """A view whose iteration streams the values, a batch of records per query."""
-        return _Values(self)
+        ``errors``: what a record whose class (or another global it names) cannot be
+        imported does: ``"raise"`` (default) :class:`~pstore.errors.MissingClassError`,
+        ``"skip"`` its key is left out, ``"collect"`` left out and its error kept in the
+        view's ``skipped`` list (a new one each iteration). Any other error
+        (damage, a failing ``__setstate__``) raises whatever ``errors`` says.
+        """
+        return _Items(self, errors)
 
-    def _iter_items(self) -> Iterator[tuple[str, Any]]:
+    def values(self, *, errors: LoadErrors = "raise") -> ValuesView[Any]:
+        """A view whose iteration streams the values, a batch of records per query;
+        ``errors`` as for :meth:`items`."""
+        return _Values(self, errors)
+
+    def _iter_items(self, skipped: list[MissingClassError] | None = None
+                    ) -> Iterator[tuple[str, Any]]:
+        """``(key, value)`` pairs; with a ``skipped`` list, a record whose class is gone is
+        left out and its error appended."""
         with self._lock:
             self._start_read()
             rows = self._backend.iter_items()
@@ -218,8 +236,12 @@ class Store(MutableMapping[str, Any]):
                     key, oid, data = row
                     value = self._loader.load(oid, data)
                 except Exception as error:
-                    raise load_error(error, self._path, key=key,
-                                     is_damage=self._backend.is_damage)
+                    found = load_error(error, self._path, key=key,
+                                       is_damage=self._backend.is_damage)
+                    if skipped is None or not isinstance(found, MissingClassError):
+                        raise found
+                    skipped.append(found)
+                    continue
                 if self._txn.writeback:
                     self._txn.cache.keep(oid, value, data)
                 self._ids.maybe_sweep()
@@ -347,7 +369,11 @@ class Store(MutableMapping[str, Any]):
         with self._lock:
             self._check_open()
             items = list(self._backend.iter_items())
-        yield from inspection.describe_items(self._path, items, pattern)
+        renames = self._renames
+        for key, info in inspection.describe_items(self._path, items, pattern):
+            # The class a record names, as renames= will load it.
+            yield key, info if renames is None else \
+                dataclasses.replace(info, kind=renames.rename(info.kind))
 
     def raw_record(self, key: str) -> tuple[int, bytes]:
         """``(object id, stored bytes)`` of the record ``key`` is bound to, as they are: for
@@ -526,14 +552,36 @@ class Store(MutableMapping[str, Any]):
         self._invalidate()   # the parent may have committed since it loaded them
 
 
-class _Items(ItemsView):
+class _LoadingView:
+    """What the views of :meth:`Store.items` and :meth:`Store.values` share: ``errors=``."""
+
+    _mapping: Store
+
+    def __init__(self, store: Store, errors: str) -> None:
+        if errors not in _LOAD_ERRORS:
+            raise ArgumentError("errors", errors, "'raise', 'skip' or 'collect'")
+        super().__init__(store)     # the MappingView's
+        self._errors = errors
+        #: With ``errors="collect"``: the errors of the records the last iteration left out.
+        self.skipped: list[MissingClassError] = []
+
+    def _pairs(self) -> Iterator[tuple[str, Any]]:
+        if self._errors == "raise":
+            return self._mapping._iter_items()
+        skipped: list[MissingClassError] = []
+        if self._errors == "collect":
+            self.skipped = skipped
+        return self._mapping._iter_items(skipped)
+
+
+class _Items(_LoadingView, ItemsView[str, Any]):
     def __iter__(self) -> Iterator[tuple[str, Any]]:
-        return self._mapping._iter_items()
+        return self._pairs()
 
 
-class _Values(ValuesView):
+class _Values(_LoadingView, ValuesView[Any]):
     def __iter__(self) -> Iterator[Any]:
-        return (value for _, value in self._mapping._iter_items())
+        return (value for _, value in self._pairs())
 
 
 # Keyed by id(): a Store, being a Mapping, is unhashable.
@@ -560,7 +608,8 @@ def open(path: str | bytes | os.PathLike[str] | os.PathLike[bytes], flag: str = 
          lock_timeout: float = DEFAULT_LOCK_TIMEOUT, fsync: bool = False,
          blob_threshold: int | None = DEFAULT_BLOB_THRESHOLD, compression: str | None = None,
          readonly_buffers: bool = False,
-         max_record_size: int = DEFAULT_MAX_RECORD_SIZE) -> Store:
+         max_record_size: int = DEFAULT_MAX_RECORD_SIZE,
+         renames: Mapping[str, str] | None = None) -> Store:
     """Open the store at ``path`` and return a :class:`Store`.
 
     ``flag``: 'r' read-only (writes nothing at all, not even to the file's header),
@@ -599,6 +648,12 @@ def open(path: str | bytes | os.PathLike[str] | os.PathLike[bytes], flag: str = 
     ``max_record_size``: a record whose payload (decompressed) is larger is refused
     with :class:`~pstore.errors.CorruptionError`, before it is decompressed.
 
+    ``renames``: ``{"old.module.Name": "new.module.Name", "old.module": "new.module"}``,
+    the names records were written with mapped to the ones to import now
+    (:mod:`pstore.store.renames` gives the rules); it changes no record. A record whose
+    class cannot be imported raises :class:`~pstore.errors.MissingClassError` naming the
+    key, object id and ``module.name``; ``s.values(errors="skip")`` leaves such records out.
+
     Every record carries a digest checked on every read: damaged bytes raise
     :class:`~pstore.errors.CorruptionError` naming the key or object id.
     """
@@ -613,6 +668,7 @@ def open(path: str | bytes | os.PathLike[str] | os.PathLike[bytes], flag: str = 
     if not 0 <= protocol <= engine.HIGHEST_PROTOCOL:
         raise ArgumentError("protocol", protocol,
                             f"between 0 and {engine.HIGHEST_PROTOCOL} (or -1)")
+    checked_renames = None if renames is None else Renames(renames)
     location = os.fsdecode(path)
     if backend is None:
         backend = detect_backend(location) or "sqlite"
@@ -620,7 +676,8 @@ def open(path: str | bytes | os.PathLike[str] | os.PathLike[bytes], flag: str = 
     try:
         store = Store(opened, protocol=protocol, writeback=writeback,
                       blob_threshold=blob_threshold, compression=compression,
-                      readonly_buffers=readonly_buffers, max_record_size=max_record_size)
+                      readonly_buffers=readonly_buffers, max_record_size=max_record_size,
+                      renames=checked_renames)
     except BaseException:
         opened.close()
         raise
@@ -629,5 +686,6 @@ def open(path: str | bytes | os.PathLike[str] | os.PathLike[bytes], flag: str = 
     store.reopen_arguments = (location, "r" if flag == "r" else "w", dict(
         backend=backend, protocol=protocol, writeback=writeback, lock_timeout=lock_timeout,
         fsync=fsync, blob_threshold=blob_threshold, compression=compression,
-        readonly_buffers=readonly_buffers, max_record_size=max_record_size))
+        readonly_buffers=readonly_buffers, max_record_size=max_record_size,
+        renames=None if checked_renames is None else checked_renames.mapping))
     return store

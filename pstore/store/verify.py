@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple
 
-from ..errors import CorruptionError, Error, FormatError, MissingObjectError
+from ..errors import CorruptionError, Error, FormatError, MissingClassError, MissingObjectError
 from . import blobio, records
 
 if TYPE_CHECKING:
@@ -52,7 +52,8 @@ def load_error(error: Exception, path: str, *, is_damage: Callable[[Exception], 
     check (False, format version 2): the error keeps its type and gets a note,
     unless it is one garbage raises in an unverified payload. Errors already
     translated by a nested load pass; called again with ``key``, a
-    ``CorruptionError`` gains the key and a note names it too.
+    ``CorruptionError`` gains the key and a note names it too. A
+    :class:`~pstore.errors.MissingClassError` gains the key and object id it lacks.
     """
     if isinstance(error, CorruptionError):
         if key is None or error.key is not None:
@@ -60,6 +61,17 @@ def load_error(error: Exception, path: str, *, is_damage: Callable[[Exception], 
         named = CorruptionError(error.path, error.what, key=key, object_id=error.object_id)
         named.__cause__ = error.__cause__
         return named
+    if isinstance(error, MissingClassError):
+        # The innermost record naming the class keeps its object id; the key is added.
+        if (error.key is not None or key is None) and \
+                (error.object_id is not None or object_id is None):
+            return error
+        found = MissingClassError(
+            error.path, error.global_name, error.reason, renamed_to=error.renamed_to,
+            key=error.key if error.key is not None else key,
+            object_id=error.object_id if error.object_id is not None else object_id)
+        found.__cause__ = error.__cause__
+        return found
     notes = getattr(error, "__notes__", None)
     noted = notes is not None and any(str(note).startswith(_NOTE) for note in notes)
     if noted:
