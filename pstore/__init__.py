@@ -7,7 +7,8 @@
 from __future__ import annotations
 
 from .errors import (ArgumentError, ClosedError, CorruptionError, Error, FormatError,
-                     InTransactionError, KeyTypeError, LockTimeoutError, MissingObjectError,
+                     InTransactionError, KeyTypeError, LockTimeoutError, MissingClassError,
+                     MissingObjectError,
                      PersistentClassError, ReadOnlyError, ReferenceCycleError, StorePicklingError,
                      UnstorableError)
 from .store import Store, open
@@ -18,9 +19,10 @@ from .migrate import convert, convert_shelve, copy
 __version__ = "0.1.0"
 
 __all__ = [
-    "open", "Store", "convert", "convert_shelve", "copy", "Persistent", "PersistentList", "PersistentDict",
+    "open", "Store", "convert", "convert_shelve", "copy",
+    "Persistent", "PersistentList", "PersistentDict",
     "Error", "ClosedError", "ReadOnlyError", "LockTimeoutError", "FormatError",
     "MissingObjectError", "CorruptionError", "UnstorableError", "ReferenceCycleError",
     "ArgumentError", "KeyTypeError", "PersistentClassError", "InTransactionError",
-    "StorePicklingError",
+    "StorePicklingError", "MissingClassError",
 ]
