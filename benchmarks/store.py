@@ -38,6 +38,7 @@ throwaway cluster itself runs with fsync off). It prints the latency of one roun
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import shutil
 import tempfile
@@ -366,7 +367,8 @@ def run_counter(peer: Peer, processes: int, times: int) -> float:
         peer.open(directory)
         peer.set_one("counter", 0)
         peer.close()
-        workers = [spawn.Process(target=_increment_in_process, args=(type(peer), peer.server, directory, times))
+        workers = [spawn.Process(target=_increment_in_process,
+                                 args=(type(peer), peer.server, directory, times))
                    for _ in range(processes)]
         start = time.perf_counter()
         for worker in workers:
@@ -477,7 +479,7 @@ def run_persistent_graph(peer: Peer, size: int) -> dict[str, Any]:
     try:
         peer.open(directory)
         root = build_graph(peer.node_class, size)
-        results["pgraph store"] = timed(lambda: peer.set_one("pgraph", root))
+        results["pgraph store"] = timed(functools.partial(peer.set_one, "pgraph", root))
         peer.close()
         del root
         results["pgraph bytes"] = getattr(peer, "bytes_used", disk_bytes)(directory)

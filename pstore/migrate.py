@@ -29,7 +29,8 @@ from . import engine
 from .errors import Error
 from .store import DEFAULT_LOCK_TIMEOUT, open
 
-__all__ = ["convert", "convert_shelve", "copy", "detect_kind", "ConvertError", "ConvertReport", "KINDS"]
+__all__ = ["convert", "convert_shelve", "copy", "detect_kind", "ConvertError", "ConvertReport",
+           "KINDS"]
 
 #: The kinds of source :func:`convert` reads.
 KINDS = ("shelve", "sqlitedict", "diskcache", "zodb")

@@ -1,4 +1,5 @@
-"""pstore.convert: real sqlitedict, diskcache, ZODB and shelve files, made here by those libraries."""
+"""pstore.convert: real sqlitedict, diskcache, ZODB and shelve files, made here by those
+libraries."""
 
 from __future__ import annotations
 

@@ -299,7 +299,8 @@ class BlobStore:
         finally:
             os.close(fd)
         if actual != name:
-            return f"blob file {path} holds other bytes than its name says (their digest is {actual})"
+            return (f"blob file {path} holds other bytes than its name says "
+                    f"(their digest is {actual})")
         return None
 
     def names(self) -> Iterator[str]:

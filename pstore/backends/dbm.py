@@ -221,7 +221,8 @@ class DBMBackend(LocalBlobs, Backend):
             if self._get_int(VERSION) < 3:
                 for keys in self._pages():
                     for key in keys:
-                        oid, page = (int(part) for part in self._get(b"k:" + key).split()[:2])
+                        binding = self._get(b"k:" + key)    # a listed key has one
+                        oid, page = (int(part) for part in binding.split()[:2])  # type: ignore[union-attr]
                         self._put(b"k:" + key, self._binding_value(
                             key.decode("utf-8", "surrogatepass"), oid, page))
                 self._put(DIGESTS_FROM, b"%d" % self._get_int(NEXT_OID, 1))

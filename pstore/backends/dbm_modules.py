@@ -251,7 +251,7 @@ class DumbModule(Module):
 
 def _saved_index_database(module: Any) -> Any:
     """A dbm.dumb database class that reads its index from ``.dir.saved``."""
-    class SavedIndexDatabase(module._Database):  # type: ignore[name-defined, misc]
+    class SavedIndexDatabase(module._Database):
         def _update(self, flag: str) -> None:
             self._dirfile: bytes = self._dirfile + b".saved"
             super()._update(flag)

@@ -27,7 +27,8 @@ try:
 except ImportError:     # Windows
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["INHERITED", "ApplyLocks", "FileLock", "create_private", "fsync_directory", "key_lock_file",
+__all__ = ["INHERITED", "ApplyLocks", "FileLock", "create_private", "fsync_directory",
+           "key_lock_file",
            "fsync_file", "open_side_file", "owned_by", "remove_files", "replace_file",
            "require_existing", "store_owner"]
 

@@ -62,9 +62,10 @@ def use_accelerators(enabled: bool | None = None) -> bool:
     """Turn the C fast paths of both the pickler and the unpickler on or off.
 
     ``enabled=None`` (what importing pstore does) turns them on unless the environment
-    variable ``PSTORE_PURE_PYTHON`` is set to a non-empty value. It takes effect at the next ``dump`` or ``load``, also of existing picklers and
-    unpicklers. Returns True if both are now on; False if they are off, or not built
-    (where pstore was installed without a C compiler, ``enabled`` changes nothing).
+    variable ``PSTORE_PURE_PYTHON`` is set to a non-empty value. It takes effect at the
+    next ``dump`` or ``load``, also of existing picklers and unpicklers. Returns True if
+    both are now on; False if they are off, or not built (where pstore was installed
+    without a C compiler, ``enabled`` changes nothing).
     """
     if enabled is None:
         enabled = not os.environ.get("PSTORE_PURE_PYTHON")

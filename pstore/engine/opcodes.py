@@ -19,6 +19,7 @@ import pickle as _stdlib_pickle  # DEFAULT_PROTOCOL only
 from _compat_pickle import (IMPORT_MAPPING, NAME_MAPPING, REVERSE_IMPORT_MAPPING,
                             REVERSE_NAME_MAPPING)
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 __all__ = ["ArgKind", "Opcode", "OPCODES", "BY_CODE", "BY_NAME", "HIGHEST_PROTOCOL",
            "DEFAULT_PROTOCOL", "FRAME_SIZE_TARGET", "FRAME_SIZE_MIN", "BATCH_SIZE",
@@ -213,6 +214,9 @@ BY_NAME: dict[str, Opcode] = {op.name: op for op in OPCODES}
 
 # The module constants: MARK = b"(", BINUNICODE = b"X", and so on, one per row.
 globals().update({op.name: op.code for op in OPCODES})
+if TYPE_CHECKING:
+    # For type checkers: the names just made (STOP, MARK, ...) are the opcodes' bytes.
+    def __getattr__(name: str) -> bytes: ...
 __all__ += [op.name for op in OPCODES]
 
 #: The pickler closes a frame at the first opcode boundary past this many bytes.

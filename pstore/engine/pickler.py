@@ -196,7 +196,7 @@ class Pickler:
         if key != self._hooks:
             self._dump_one = _make_dump(self, *hooks)
             self._hooks = key
-        self._dump_one(obj)
+        self._dump_one(obj)  # type: ignore[misc]  # set above: no key equals the first _hooks
 
 
 def _make_dump(pickler: Pickler, persistent_id: Callable[[Any], Any] | None,

@@ -254,7 +254,8 @@ def _arg_status(data: bytes, start: int) -> tuple[int, str]:
         # Lengths read as unsigned, as the C unpickler does (a negative LONG4 is refused earlier).
         length = int.from_bytes(data[pos:pos + header], "little")
         if length > sys.maxsize:
-            raise _Bad(OverflowError, f"length exceeds system's maximum size of {sys.maxsize} bytes")
+            raise _Bad(OverflowError,
+                       f"length exceeds system's maximum size of {sys.maxsize} bytes")
         pos += header
         missing = pos + length - end
         return max(missing, 0), f"declares {length} bytes, {end - pos} remain"
@@ -435,7 +436,7 @@ def load_setitems(u: Unpickler, data: bytes, pos: int, items: list, outer: list)
         raise _Bad(UnpicklingError, "odd number of items for SETITEMS")
     if type(target) is dict:
         pairs = iter(items)     # zip of one iterator twice: key, value, with no slice copies
-        target.update(zip(pairs, pairs))
+        target.update(zip(pairs, pairs, strict=False))
     elif items:
         _set_items(target, items)
     return pos
@@ -466,7 +467,7 @@ def load_dict(u: Unpickler, data: bytes, pos: int, items: list, outer: list) -> 
     if len(items) & 1:
         raise _Bad(UnpicklingError, "odd number of items for DICT")
     pairs = iter(items)
-    outer.append(dict(zip(pairs, pairs)))
+    outer.append(dict(zip(pairs, pairs, strict=False)))
     return pos
 
 
@@ -622,10 +623,11 @@ def _load_ext(u: Unpickler, code: int, stack: list) -> None:
         raise _Bad(UnpicklingError, "EXT specifies code <= 0")
     # The cache would bypass an overridden find_class, so only the default one may use it.
     cacheable = type(u).find_class is Unpickler.find_class and "find_class" not in vars(u)
-    if cacheable and code in copyreg._extension_cache:
-        stack.append(copyreg._extension_cache[code])
+    # copyreg's registry of extension codes: private names, which typeshed does not list.
+    if cacheable and code in copyreg._extension_cache:  # type: ignore[attr-defined]
+        stack.append(copyreg._extension_cache[code])  # type: ignore[attr-defined]
         return
-    key = copyreg._inverted_registry.get(code)
+    key = copyreg._inverted_registry.get(code)  # type: ignore[attr-defined]
     if key is None:
         raise _Bad(ValueError, f"unregistered extension code {code}")
     if not (type(key) is tuple and len(key) == 2
@@ -633,7 +635,7 @@ def _load_ext(u: Unpickler, code: int, stack: list) -> None:
         raise _Bad(UnpicklingError, f"_inverted_registry[{code}] isn't a 2-tuple of strings")
     obj = u.find_class(*key)
     if cacheable:
-        copyreg._extension_cache[code] = obj
+        copyreg._extension_cache[code] = obj  # type: ignore[attr-defined]
     stack.append(obj)
 
 
@@ -746,7 +748,7 @@ def _new(cls: Any, args: Any, kwargs: Any, opname: str) -> Any:
 def _instantiate(cls: Any, args: list) -> Any:
     """INST's and OBJ's object creation: a class with no arguments skips ``__init__``."""
     if not args and isinstance(cls, type) and not hasattr(cls, "__getinitargs__"):
-        return cls.__new__(cls)
+        return cls.__new__(cls)  # type: ignore[call-overload]  # any class's own __new__
     return cls(*args)
 
 
@@ -1084,7 +1086,7 @@ class Unpickler:
                     # means the stack is at fault -- unless the error came from deeper down,
                     # out of code the pickle called.
                     if not isinstance(exc, (_Truncated, _Underflow)) \
-                            and exc.__traceback__.tb_next is not None:
+                            and exc.__traceback__.tb_next is not None:  # type: ignore[union-attr]
                         _add_location(exc, code, start - origin)
                         raise
                     message = "unexpected MARK found" if metastack else "unpickling stack underflow"

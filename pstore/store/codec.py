@@ -113,8 +113,9 @@ class RecordPickler(engine.Pickler):
         file.seek(0)
         file.truncate()
         self._root = root
-        self._refs = refs = {}
-        self._blobs = blobs = []
+        refs: dict[int, Any] = {}
+        blobs: list[records.BlobRef] = []
+        self._refs, self._blobs = refs, blobs
         try:
             self._dump_value(root)
         finally:
@@ -144,8 +145,9 @@ class RecordPickler(engine.Pickler):
         file = self._file
         file.seek(0)
         file.truncate()
-        self._refs = refs = {}
-        self._blobs = blobs = []
+        refs: dict[int, Any] = {}
+        blobs: list[records.BlobRef] = []
+        self._refs, self._blobs = refs, blobs
         cls = type(obj)
         try:
             # A class pickles to the same bytes every time: pickled once per class.

@@ -19,8 +19,9 @@ import hashlib
 import inspect
 import io
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from types import CodeType
-from typing import TYPE_CHECKING, Any, ContextManager, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from .. import engine
 from ..errors import Error, ReadOnlyError
@@ -55,7 +56,7 @@ class ComputeInTransactionError(Error, RuntimeError):
 
 
 def get_or_compute(store: Store, key: str, compute: Callable[[], T], *,
-                   key_lock: Callable[[str, float], ContextManager[None]],
+                   key_lock: Callable[[str, float], AbstractContextManager[None]],
                    timeout: float | None = None,
                    valid: Callable[[Any], bool] | None = None) -> Any:
     """The value of ``key``, or ``compute()``'s result stored under it if it is missing.
@@ -186,7 +187,7 @@ def _canonical_pickle(obj: Any) -> bytes:
     return file.getvalue()
 
 
-class _Sorted(tuple):  # type: ignore[type-arg]
+class _Sorted(tuple):
     """(container type name, its items or members in canonical order): pickled with its
     class's name, so no argument value of a plain type pickles the same."""
 

@@ -72,8 +72,8 @@ def record_pickles(object_id: int, data: bytes) -> tuple[list[bytes], list[recor
 
 def _pickle_length(data: bytes, start: int) -> int:
     last = None
-    for last in engine.iter_instructions(memoryview(data)[start:]):
-        pass
+    for instruction in engine.iter_instructions(memoryview(data)[start:]):
+        last = instruction
     assert last is not None     # iter_instructions raises where there is no STOP
     return last.offset + 1
 

@@ -157,7 +157,7 @@ class Persistent:
 
     def __reduce_ex__(self, protocol: Any) -> tuple:
         # Outside a store: an ordinary object of the same class and state, in no store.
-        return copyreg.__newobj__, (type(self),), self.__getstate__()
+        return copyreg.__newobj__, (type(self),), self.__getstate__()  # type: ignore[attr-defined]
 
 
 _OID = Persistent.__dict__["_p_oid"]

@@ -19,7 +19,8 @@ import dataclasses
 import os
 import threading
 import weakref
-from collections.abc import Callable, ItemsView, Iterator, Mapping, MutableMapping, ValuesView
+from collections.abc import (Callable, ItemsView, Iterator, Mapping, MappingView, MutableMapping,
+                             ValuesView)
 from contextlib import AbstractContextManager, contextmanager
 from itertools import islice
 from typing import Any, Literal, cast
@@ -51,7 +52,6 @@ _FLAGS = ("r", "w", "c", "n")
 #: What iterating over values does with a record whose class is gone (``errors=``).
 LoadErrors = Literal["raise", "skip", "collect"]
 _LOAD_ERRORS = ("raise", "skip", "collect")
-_END = object()
 
 
 class Store(MutableMapping[str, Any]):
@@ -195,10 +195,10 @@ class Store(MutableMapping[str, Any]):
             with self._lock:
                 self._check_open()
                 try:
-                    key = next(keys, _END)
+                    key = next(keys, None)     # keys are str: None is the end
                 except Exception as error:
                     raise load_error(error, self._path, is_damage=self._backend.is_damage)
-            if key is _END:
+            if key is None:
                 return
             yield key
 
@@ -228,10 +228,10 @@ class Store(MutableMapping[str, Any]):
         while True:
             with self._lock:
                 self._check_open()
-                key = None
+                key: Any = None     # the row's key, once it is read
                 try:
-                    row = next(rows, _END)
-                    if row is _END:
+                    row = next(rows, None)     # rows are tuples: None is the end
+                    if row is None:
                         return
                     key, oid, data = row
                     value = self._loader.load(oid, data)
@@ -552,7 +552,7 @@ class Store(MutableMapping[str, Any]):
         self._invalidate()   # the parent may have committed since it loaded them
 
 
-class _LoadingView:
+class _LoadingView(MappingView):
     """What the views of :meth:`Store.items` and :meth:`Store.values` share: ``errors=``."""
 
     _mapping: Store

@@ -118,7 +118,7 @@ def rebuild_tensor(storage: Any, dtype: str, shape: tuple[int, ...], stride: tup
                          f"{stride}, offset {offset}")
     itemsize = torch.empty(0, dtype=element).element_size()
     if 0 not in shape:
-        last = offset + sum((size - 1) * step for size, step in zip(shape, stride))
+        last = offset + sum((size - 1) * step for size, step in zip(shape, stride, strict=True))
         if (last + 1) * itemsize > storage.numel():
             raise ValueError(f"a stored tensor of shape {shape} and stride {stride} at "
                              f"offset {offset} reaches past its storage of "

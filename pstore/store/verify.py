@@ -37,7 +37,7 @@ def _add_note(error: BaseException, note: str) -> None:
     if sys.version_info >= (3, 11):
         error.add_note(note)
     else:   # kept where 3.11 keeps it; 3.10's traceback does not print it
-        error.__notes__ = [*getattr(error, "__notes__", ()), note]
+        error.__notes__ = [*getattr(error, "__notes__", ()), note]  # type: ignore[attr-defined]
 
 
 def load_error(error: Exception, path: str, *, is_damage: Callable[[Exception], bool],
@@ -207,13 +207,13 @@ def verify(backend: ReadableBackend, *, max_record_size: int) -> VerifyReport:
         for key in backend.iter_keys():
             report.keys += 1
             try:
-                oid = backend.get_key(key)
+                bound = backend.get_key(key)
             except CorruptionError as error:
                 problems.append(Problem(error.what, key=key, object_id=error.object_id))
                 continue
-            if oid is not None and oid not in oids:
-                problems.append(Problem(str(MissingObjectError(backend.path, oid)), key=key,
-                                        object_id=oid))
+            if bound is not None and bound not in oids:
+                problems.append(Problem(str(MissingObjectError(backend.path, bound)), key=key,
+                                        object_id=bound))
     except CorruptionError as error:     # the listing itself met a damaged binding
         problems.append(Problem(f"{error.what} (the keys after it were not checked)",
                                 key=error.key, object_id=error.object_id))

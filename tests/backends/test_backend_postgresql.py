@@ -25,7 +25,7 @@ from pstore.errors import (
 )
 
 psycopg = pytest.importorskip("psycopg", reason="psycopg is not installed")
-from pstore.backends.postgresql import BLOB_CHUNK, parse_location
+from pstore.backends.postgresql import BLOB_CHUNK, parse_location  # noqa: E402 (after the skip)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -210,7 +210,7 @@ FILE_ATTRIBUTES = ["peek", "readinto", "read", "readline"]
 
 def _file_class(kinds: tuple[str, ...]) -> type:
     namespace: dict[str, Any] = {}
-    for attribute, kind in zip(FILE_ATTRIBUTES, kinds):
+    for attribute, kind in zip(FILE_ATTRIBUTES, kinds, strict=True):
         if kind == "method":
             namespace[attribute] = _read
         elif kind == "attribute-error":

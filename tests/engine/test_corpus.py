@@ -111,7 +111,7 @@ class _GraphComparer:
         ours, theirs = list(ours), list(theirs)
         if len(ours) != len(theirs):
             raise GraphMismatch(f"{path}: length {len(ours)} != {len(theirs)}")
-        for index, (mine, other) in enumerate(zip(ours, theirs)):
+        for index, (mine, other) in enumerate(zip(ours, theirs, strict=True)):
             self.compare(mine, other, f"{path}[{index}]")
 
     def _children(self, ours: Any, theirs: Any, path: str) -> None:

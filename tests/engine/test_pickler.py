@@ -31,7 +31,7 @@ def expect_same_bytes(obj, protocol, **kwargs):
 
 
 def first_difference(expected: bytes, got: bytes) -> str:
-    at = next((i for i, (a, b) in enumerate(zip(expected, got)) if a != b),
+    at = next((i for i, (a, b) in enumerate(zip(expected, got, strict=False)) if a != b),
               min(len(expected), len(got)))
     return (f"first difference at offset {at} (lengths {len(expected)}, {len(got)}): "
             f"expected {expected[at - 16:at + 16]!r}, got {got[at - 16:at + 16]!r}")

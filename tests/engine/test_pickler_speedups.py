@@ -71,7 +71,7 @@ def test_every_container_length_to_3000() -> None:
 def test_lengths_around_batch_boundaries_c_and_python(protocol: int) -> None:
     for length in [*range(5), *range(997, 1004), *range(1997, 2004), *range(2996, 3001)]:
         items = [str(i) for i in range(length)]
-        for obj in (items, tuple(items), dict(zip(items, range(length))), set(items),
+        for obj in (items, tuple(items), dict(zip(items, range(length), strict=True)), set(items),
                     frozenset(items)):
             assert dumps_both(obj, protocol) == pickle.dumps(obj, protocol), (type(obj), length)
 

@@ -2,8 +2,8 @@
 
 test_unpickler.py and test_corpus.py run every load with and without it (conftest.py),
 against the stdlib: results and errors must not depend on it. Here: that it (and the
-pickler's, tested in test_pickler_speedups.py) is built wherever a C compiler is, where exactly it stops and leaves an opcode to Python, and
-that it leaks nothing.
+pickler's, tested in test_pickler_speedups.py) is built wherever a C compiler is, where
+exactly it stops and leaves an opcode to Python, and that it leaks nothing.
 """
 
 from __future__ import annotations

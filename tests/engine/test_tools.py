@@ -146,7 +146,7 @@ def assert_agrees_with_genops(data: bytes, instructions: list[tools.Instruction]
     expected = [(info.name, pos, arg) for info, arg, pos in pickletools.genops(data)]
     got = [(i.opcode.name, i.offset, _as_pickletools_shows(i)) for i in instructions]
     assert [row[:2] for row in got] == [row[:2] for row in expected]
-    for (name, offset, mine), (_, _, theirs) in zip(got, expected):
+    for (name, offset, mine), (_, _, theirs) in zip(got, expected, strict=True):
         assert _same(mine, theirs), f"{name} at {offset}: {mine!r} != {theirs!r}"
 
 
@@ -184,7 +184,7 @@ def test_disassemble_lists_every_opcode_with_memo_indexes() -> None:
         lines = disassemble(data).splitlines()
         instructions = list(iter_instructions(data))
         assert len(lines) == len(instructions)
-        for line, instruction in zip(lines, instructions):
+        for line, instruction in zip(lines, instructions, strict=True):
             offset, rest = line.split(":", 1)
             assert int(offset) == instruction.offset
             assert rest.split()[0] == instruction.opcode.name
@@ -324,7 +324,7 @@ def test_hostile_pickle_is_inspected_without_running(monkeypatch: pytest.MonkeyP
     ]
     expected = [[("os", "system")], [("os", "system")], [("os", "system")],
                 [("no_such_module_for_pstore", "anything")]]
-    for data, names in zip(hostile, expected):
+    for data, names in zip(hostile, expected, strict=True):
         assert globals_of(data) == names
         assert "system" in disassemble(data) or "anything" in disassemble(data)
     assert "no_such_module_for_pstore" not in sys.modules

@@ -218,7 +218,8 @@ def test_containers_of_every_length(proto):
 # -- Property tests --------------------------------------------------------------------------
 
 _atoms = (st.none() | st.booleans() | st.integers() | st.integers(-2**80, 2**80)
-          | st.floats(allow_nan=False) | st.text() | st.binary() | st.complex_numbers(allow_nan=False))
+          | st.floats(allow_nan=False) | st.text() | st.binary()
+          | st.complex_numbers(allow_nan=False))
 _data = st.recursive(
     _atoms,
     lambda children: (st.lists(children) | st.tuples(children, children)

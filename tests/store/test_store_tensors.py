@@ -73,7 +73,7 @@ def test_offset_non_contiguous_and_empty_tensors(store):
     base = torch.arange(60, dtype=torch.int64).reshape(3, 4, 5)
     value = [base[1:, ::2, 1:4], base.permute(2, 0, 1), torch.empty(0, 3), torch.tensor(7.5)]
     store["odd"] = value
-    for loaded, tensor in zip(store["odd"], value):
+    for loaded, tensor in zip(store["odd"], value, strict=True):
         assert torch.equal(loaded, tensor)
         assert loaded.shape == tensor.shape
 
@@ -94,7 +94,7 @@ def test_requires_grad_parameters_modules_and_optimizer_state(opener):
     reader = opener("r")
     loaded = reader["model"]
     assert isinstance(loaded, torch.nn.Sequential)
-    for mine, theirs in zip(loaded.parameters(), model.parameters()):
+    for mine, theirs in zip(loaded.parameters(), model.parameters(), strict=True):
         assert isinstance(mine, torch.nn.Parameter) and mine.requires_grad
         assert torch.equal(mine, theirs)
     sample_input = torch.randn(2, 8)
