@@ -155,7 +155,7 @@ class Persistent:
         if state:
             _object_getattribute(self, "__dict__").update(state)
 
-    def __reduce_ex__(self, protocol: Any) -> tuple:
+    def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
         # Outside a store: an ordinary object of the same class and state, in no store.
         return copyreg.__newobj__, (type(self),), self.__getstate__()  # type: ignore[attr-defined]
 
@@ -181,7 +181,7 @@ def mark_changed(obj: Persistent) -> None:
             store.register(obj)
 
 
-class PersistentList(Persistent, UserList):
+class PersistentList(Persistent, UserList[Any]):
     """A list (``collections.UserList``) that is Persistent and notices its own mutations.
 
     ``append``, ``extend``, item assignment and deletion, ``sort`` and every other
@@ -190,7 +190,7 @@ class PersistentList(Persistent, UserList):
     """
 
 
-class PersistentDict(Persistent, UserDict):
+class PersistentDict(Persistent, UserDict[Any, Any]):
     """A dict (``collections.UserDict``) that is Persistent and notices its own mutations.
 
     Item assignment and deletion, ``update``, ``pop``, ``setdefault`` and every
