@@ -302,8 +302,11 @@ def test_a_missing_class_keeps_its_type_and_names_the_key(tmp_path):
                      (records.pack(oid, payload, [], 0), oid))
     with pstore.open(path, "r") as store, pytest.raises(AttributeError) as raised:
         store["x"]
-    assert any("key 'x'" in note and f"object id {oid}" in note
-               for note in raised.value.__notes__)
+    # Still an AttributeError: a MissingClassError naming key, object id and the class.
+    assert isinstance(raised.value, pstore.MissingClassError)
+    assert (raised.value.key, raised.value.object_id) == ("x", oid)
+    assert raised.value.global_name.endswith(".Gone!")
+    assert "key 'x'" in str(raised.value) and f"object id {oid}" in str(raised.value)
 
 
 def test_a_malformed_sqlite_page_is_a_corruption_error(tmp_path):
