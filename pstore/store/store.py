@@ -23,7 +23,7 @@ from collections.abc import (Callable, ItemsView, Iterator, Mapping, MappingView
                              ValuesView)
 from contextlib import AbstractContextManager, contextmanager
 from itertools import islice
-from typing import Any, Literal, cast
+from typing import Any, Literal, cast, get_args
 
 from .. import engine
 from ..backends import Backend, ReadableBackend, detect_backend, open_backend
@@ -51,7 +51,7 @@ DEFAULT_MAX_RECORD_SIZE = 1 << 30
 _FLAGS = ("r", "w", "c", "n")
 #: What iterating over values does with a record whose class is gone (``errors=``).
 LoadErrors = Literal["raise", "skip", "collect"]
-_LOAD_ERRORS = ("raise", "skip", "collect")
+_LOAD_ERRORS = get_args(LoadErrors)
 
 
 class Store(MutableMapping[str, Any]):
