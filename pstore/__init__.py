@@ -12,7 +12,6 @@ from .errors import (ArgumentError, ClosedError, CorruptionError, Error, FormatE
                      UnstorableError)
 from .store import Store, open
 from .store.persistent import Persistent, PersistentDict, PersistentList
-from .migrate import convert, convert_shelve, copy
 
 #: The one place the version is stated (pyproject.toml reads it from here).
 __version__ = "0.1.0"
@@ -24,3 +23,21 @@ __all__ = [
     "ArgumentError", "KeyTypeError", "PersistentClassError", "InTransactionError",
     "StorePicklingError",
 ]
+
+# Imported at first use, not by ``import pstore`` (cold start: docs/store.md, "Speed").
+_LAZY = {"convert": "pstore.migrate", "convert_shelve": "pstore.migrate", "copy": "pstore.migrate"}
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pstore' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

@@ -34,13 +34,12 @@ implement the same methods.
 
 from __future__ import annotations
 
-import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Collection, Hashable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
+from .._blake2 import blake2b
 from ..errors import Error, FormatError
 
 __all__ = ["ReadableBackend", "Backend", "SEAL_SIZE", "Statistics", "binding_seal"]
@@ -57,12 +56,11 @@ def binding_seal(key: str, oid: int) -> bytes:
     seal does not match was damaged: its reader raises
     :class:`~pstore.errors.CorruptionError` instead of returning another record.
     """
-    return hashlib.blake2b(oid.to_bytes(8, "little") + key.encode("utf-8", "surrogatepass"),
+    return blake2b(oid.to_bytes(8, "little") + key.encode("utf-8", "surrogatepass"),
                            digest_size=SEAL_SIZE, person=b"pstore-key").digest()
 
 
-@dataclass(frozen=True)
-class Statistics:
+class Statistics(NamedTuple):
     """What a backend holds, for :meth:`Store.info <pstore.store.Store.info>`."""
 
     #: The library underneath, with its version: ``"sqlite3 (SQLite 3.40.1)"``.

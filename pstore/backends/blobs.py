@@ -15,11 +15,9 @@ use this module; it knows nothing of records, keys or transactions.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import itertools
 import mmap
 import os
-import secrets
 import stat
 import sys
 import threading
@@ -27,6 +25,7 @@ import warnings
 from collections.abc import Collection, Iterable, Iterator
 from typing import Any, NamedTuple
 
+from .._blake2 import blake2b
 from ..errors import ClosedError, CorruptionError, FormatError
 from .files import fsync_directory
 
@@ -52,11 +51,11 @@ _MMAP_OPTIONS: dict[str, Any] = {"trackfd": False} if sys.version_info >= (3, 13
 
 
 def _leaf_digest(data: Any) -> bytes:
-    return hashlib.blake2b(data, digest_size=_DIGEST_SIZE, person=b"pstore-leaf").digest()
+    return blake2b(data, digest_size=_DIGEST_SIZE, person=b"pstore-leaf").digest()
 
 
 def _root_digest(size: int, leaves: Iterable[bytes]) -> str:
-    root = hashlib.blake2b(size.to_bytes(8, "little"), digest_size=_DIGEST_SIZE,
+    root = blake2b(size.to_bytes(8, "little"), digest_size=_DIGEST_SIZE,
                            person=b"pstore-blob")
     for leaf in leaves:
         root.update(leaf)
@@ -105,7 +104,7 @@ class _TreeHasher:
                 start += LEAF_SIZE
                 continue
             if self._partial is None:
-                self._partial = hashlib.blake2b(digest_size=_DIGEST_SIZE, person=b"pstore-leaf")
+                self._partial = blake2b(digest_size=_DIGEST_SIZE, person=b"pstore-leaf")
                 self._partial_size = 0
             piece = chunk[start:start + LEAF_SIZE - self._partial_size]
             self._partial.update(piece)
@@ -157,7 +156,7 @@ class _TreeHasher:
         if self._failure is not None:
             raise self._failure
         if self._partial is not None or not self._leaves:
-            self._leaves.append((self._partial or hashlib.blake2b(
+            self._leaves.append((self._partial or blake2b(
                 digest_size=_DIGEST_SIZE, person=b"pstore-leaf")).digest())
             self._partial = None
         return _root_digest(self._size, self._leaves)  # type: ignore[arg-type]
@@ -214,7 +213,7 @@ class BlobStore:
         """
         root = self._create_root()
         # A fresh random name, created exclusively: nothing planted under it is followed.
-        temporary = f"{_TEMP_PREFIX}{secrets.token_hex(16)}"
+        temporary = f"{_TEMP_PREFIX}{os.urandom(16).hex()}"
         try:
             fd = os.open(temporary, _NEW_FILE_FLAGS, 0o600, dir_fd=root)
             try:

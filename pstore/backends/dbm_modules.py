@@ -10,14 +10,13 @@ Python is pinned by tests (tests/backends/test_dbm_modules.py).
 
 from __future__ import annotations
 
-import dbm
 import importlib
 import os
 import sqlite3
 from typing import Any
 
 from ..errors import CorruptionError, FormatError
-from . import journal
+from . import _size, journal, whichdb  # the first two in the package: detect_backend's
 from .files import fsync_directory, replace_file
 
 __all__ = ["MODULES", "SUFFIXES", "DumbModule", "Module", "SQLiteModule", "choose_module",
@@ -263,27 +262,6 @@ def _copy_private(source: str, target: str, *, fsync: bool) -> None:
     with open(source, "rb") as file:
         content = file.read()
     replace_file(target, [content], fsync=fsync)
-
-
-def whichdb(path: str) -> str | None:
-    """``dbm.whichdb(path)``, also right while a dbm.dumb apply is to be finished.
-
-    A kill during dbm.dumb's index rewrite can leave no index file at all, which
-    ``dbm.whichdb`` then takes for no database; the saved index tells otherwise. So
-    does a data file whose index was lost: it must not be taken for no store.
-    """
-    found = dbm.whichdb(path)
-    if found is None and (os.path.exists(path + ".dir.saved") or _size(path + ".dat")):
-        return "dbm.dumb"   # a data file without its index: DumbModule.open says so
-    return found
-
-
-def _size(path: str) -> int:
-    """The size of the file ``path``, 0 if there is none."""
-    try:
-        return os.stat(path).st_size
-    except FileNotFoundError:
-        return 0
 
 
 def load_module(name: str, path: str) -> Module:

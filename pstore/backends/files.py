@@ -7,19 +7,15 @@ build on it so that the two backends behave alike where a user can tell.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
-import secrets
-import socket
 import stat
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
-import filelock
-
+from .._blake2 import blake2b
 from ..errors import LockTimeoutError, UnsafeFileError
 
 try:
@@ -131,7 +127,7 @@ def replace_file(path: str, chunks: Iterable[bytes], *, fsync: bool) -> None:
     ``path`` is replaced, not followed. With ``fsync``, the file and its directory
     entry are on disk when this returns.
     """
-    temporary = f"{path}.tmp-{secrets.token_hex(8)}"
+    temporary = f"{path}.tmp-{os.urandom(8).hex()}"
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC, 0o600)
     try:
         with open(fd, "wb") as file:
@@ -192,6 +188,8 @@ def _process_facts() -> dict[str, object]:
     """pid, host and program of this process, for lock files (worked out once per process:
     a transaction takes the lock each time)."""
     if _FACTS.get("pid") != os.getpid():   # first use, or a forked child
+        import socket  # here: most processes never take a write lock
+
         _FACTS.update(pid=os.getpid(), host=socket.gethostname(),
                       program=" ".join(sys.argv)[:200] or sys.executable)
     return _FACTS
@@ -232,8 +230,12 @@ class FileLock:
         self._owner = owner
         self._names_holder = names_holder
         self._fd: int | None = None
-        self._portable = (filelock.FileLock(path, timeout=timeout, mode=0o600,
-                                            thread_local=False) if fcntl is None else None)
+        self._portable: object | None = None   # a filelock.FileLock
+        if fcntl is None:
+            import filelock  # only where flock is missing
+
+            self._portable = filelock.FileLock(path, timeout=timeout, mode=0o600,
+                                               thread_local=False)
 
     def fileno(self) -> int:
         """The descriptor of the lock file, for data kept in it (read-only if the user may
@@ -275,6 +277,8 @@ class FileLock:
         Returns False if it could not be taken.
         """
         if self._portable is not None:
+            import filelock
+
             try:
                 self._portable.acquire(timeout=self._timeout if wait else 0)
             except filelock.Timeout:
@@ -402,7 +406,7 @@ def key_lock_file(store_path: str, key: str, timeout: float) -> Iterator[None]:
     if not stat.S_ISDIR(info.st_mode) or not owned_by(info, owner):
         raise UnsafeFileError(folder, "the key-lock folder is not a folder of the store's "
                                       "owner (a symbolic link, or another file)")
-    name = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+    name = blake2b(key.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
     lock = FileLock(os.path.join(folder, name), timeout, owner=owner, names_holder=True)
     try:
         lock.lock(store_path)

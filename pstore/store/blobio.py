@@ -9,7 +9,6 @@ declares gigabytes but holds a few bytes costs a few bytes). Errors are
 
 from __future__ import annotations
 
-import lzma
 import zlib
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -34,8 +33,14 @@ class BlobRef(NamedTuple):
     codec: int      # how the blob file stores them
 
 
+def _lzma() -> Any:
+    """The lzma module, imported at first use: most stores never need it (cold start)."""
+    import lzma
+    return lzma
+
+
 def _compressor(codec: int) -> Any:
-    return zlib.compressobj() if codec == 1 else lzma.LZMACompressor()
+    return zlib.compressobj() if codec == 1 else _lzma().LZMACompressor()
 
 
 def compress(codec: int, data: bytes) -> bytes:
@@ -65,6 +70,7 @@ def _decompressed(codec: int, chunks: Iterable[bytes], limit: int) -> bytearray:
             raise ValueError(f"it decompresses to more than the {limit} bytes it declares")
         out.extend(piece)
 
+    corrupt = (zlib.error, EOFError) if codec == 1 else (_lzma().LZMAError, EOFError)
     try:
         if codec == 1:
             inflater = zlib.decompressobj()
@@ -75,6 +81,7 @@ def _decompressed(codec: int, chunks: Iterable[bytes], limit: int) -> bytearray:
             put(inflater.flush())
             finished = inflater.eof
         else:
+            lzma = _lzma()
             unxz = lzma.LZMADecompressor(lzma.FORMAT_XZ)
             for chunk in chunks:
                 if unxz.eof:
@@ -83,7 +90,7 @@ def _decompressed(codec: int, chunks: Iterable[bytes], limit: int) -> bytearray:
                 while not unxz.needs_input and not unxz.eof:
                     put(unxz.decompress(b"", min(_CHUNK, limit - len(out) + 1)))
             finished = unxz.eof
-    except (zlib.error, lzma.LZMAError, EOFError) as error:
+    except corrupt as error:
         raise ValueError(f"a corrupt compressed stream ({error})") from None
     except MemoryError:
         raise ValueError(f"out of memory decompressing it ({len(out)} bytes so far)") from None

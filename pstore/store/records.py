@@ -25,10 +25,10 @@ blob I/O and compression are in :mod:`.blobio`.
 
 from __future__ import annotations
 
-import hashlib
 import struct
 from typing import Any, NamedTuple
 
+from .._blake2 import blake2b
 from . import blobio
 from .blobio import CODECS, BlobRef
 
@@ -69,7 +69,7 @@ def _new_unpacked(fields: tuple[bytes, list[BlobRef], bool]) -> Unpacked:
 
 
 def _hasher(oid: int, key: bytes, first: memoryview | bytes) -> Any:
-    return hashlib.blake2b(first, digest_size=DIGEST_SIZE, key=key, person=_PERSON,
+    return blake2b(first, digest_size=DIGEST_SIZE, key=key, person=_PERSON,
                            salt=_SALT.pack(oid, DIGEST_FORMAT_VERSION))
 
 

@@ -21,19 +21,21 @@ import weakref
 from collections.abc import Callable, ItemsView, Iterator, MutableMapping, ValuesView
 from contextlib import AbstractContextManager, contextmanager
 from itertools import islice
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from .. import engine
 from ..backends import Backend, ReadableBackend, detect_backend, open_backend
 from ..errors import (ArgumentError, ClosedError, InTransactionError, KeyTypeError,
                       MissingObjectError, ReadOnlyError, StorePicklingError)
-from . import blobio, inspection
-from . import compute as compute_once
+from . import blobio
 from .codec import RecordLoader
 from .identity import IdentityMap
 from .persistent import GHOST, SAVED, Persistent, detach, ghostify, status_of
 from .transaction import Transaction
 from .verify import VerifyReport, load_error, verify
+
+if TYPE_CHECKING:   # imported where used: compute-once and inspection are not on every path
+    from . import inspection
 
 __all__ = ["Store", "open", "DEFAULT_LOCK_TIMEOUT", "DEFAULT_BLOB_THRESHOLD",
            "DEFAULT_MAX_RECORD_SIZE"]
@@ -282,6 +284,8 @@ class Store(MutableMapping[str, Any]):
         and replaced. Not inside a :meth:`transaction` (its result would stay
         invisible to the others until the commit). See ``docs/datasets.md``.
         """
+        from . import compute as compute_once
+
         return compute_once.get_or_compute(self, key, compute, key_lock=self._key_lock,
                                            timeout=timeout, valid=valid)
 
@@ -296,6 +300,8 @@ class Store(MutableMapping[str, Any]):
         version of the function's code counts as missing. The decorated function
         has ``.key(*args, **kwargs)`` and ``.forget(*args, **kwargs)``.
         """
+        from . import compute as compute_once
+
         return compute_once.memoize(self, func, name=name, check_code=check_code)
 
     def sync(self) -> None:
@@ -339,6 +345,8 @@ class Store(MutableMapping[str, Any]):
         """Counts and sizes of what the store holds (``pstore info``); reads only."""
         with self._lock:
             self._check_open()
+            from . import inspection
+
             return inspection.store_info(self._backend)
 
     def describe(self, pattern: str | None = None) -> Iterator[tuple[str, inspection.RecordInfo]]:
@@ -347,6 +355,8 @@ class Store(MutableMapping[str, Any]):
         with self._lock:
             self._check_open()
             items = list(self._backend.iter_items())
+        from . import inspection
+
         yield from inspection.describe_items(self._path, items, pattern)
 
     def raw_record(self, key: str) -> tuple[int, bytes]:

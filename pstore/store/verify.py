@@ -14,7 +14,6 @@ import pickle
 import struct
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple
 
 from ..errors import CorruptionError, Error, FormatError, MissingObjectError
@@ -112,7 +111,6 @@ class Problem(NamedTuple):
         return f"{place}: {self.what}" if place else self.what
 
 
-@dataclass
 class VerifyReport:
     """What :meth:`pstore.Store.verify` found.
 
@@ -121,12 +119,21 @@ class VerifyReport:
     format version 3), keys and distinct blobs.
     """
 
-    path: str
-    problems: list[Problem] = field(default_factory=list)
-    records: int = 0
-    unverified: int = 0
-    keys: int = 0
-    blobs: int = 0
+    # A plain class, not a dataclass: importing dataclasses (and inspect) would cost
+    # every ``import pstore`` several milliseconds.
+    def __init__(self, path: str, problems: list[Problem] | None = None, records: int = 0,
+                 unverified: int = 0, keys: int = 0, blobs: int = 0) -> None:
+        self.path = path
+        self.problems: list[Problem] = [] if problems is None else problems
+        self.records = records
+        self.unverified = unverified
+        self.keys = keys
+        self.blobs = blobs
+
+    def __repr__(self) -> str:
+        return (f"VerifyReport(path={self.path!r}, problems={self.problems!r}, "
+                f"records={self.records}, unverified={self.unverified}, keys={self.keys}, "
+                f"blobs={self.blobs})")
 
     @property
     def ok(self) -> bool:
