@@ -42,7 +42,8 @@ from typing import Any, ClassVar, NamedTuple
 from .._blake2 import blake2b
 from ..errors import Error, FormatError
 
-__all__ = ["ReadableBackend", "Backend", "SEAL_SIZE", "Statistics", "binding_seal"]
+__all__ = ["ReadableBackend", "Backend", "SEAL_SIZE", "RecordWrite", "Statistics",
+           "binding_seal"]
 
 #: Bytes of a key binding's seal.
 SEAL_SIZE = 8
@@ -58,6 +59,16 @@ def binding_seal(key: str, oid: int) -> bytes:
     """
     return blake2b(oid.to_bytes(8, "little") + key.encode("utf-8", "surrogatepass"),
                            digest_size=SEAL_SIZE, person=b"pstore-key").digest()
+
+
+class RecordWrite(NamedTuple):
+    """One record for :meth:`Backend.put_records`: :meth:`Backend.put_record`'s arguments."""
+
+    oid: int
+    data: bytes
+    refs: Collection[int]
+    lazy_refs: Collection[int]
+    blobs: Collection[str]
 
 
 class Statistics(NamedTuple):
@@ -264,6 +275,13 @@ class Backend(ReadableBackend):
         :meth:`reaches` tells them apart. ``blobs``: the names (from
         :meth:`put_blob`) of the blobs ``data`` uses.
         """
+
+    def put_records(self, records: Iterable[RecordWrite]) -> None:
+        """:meth:`put_record` of each one, in order. A backend may override it to send
+        many records in one statement (SQLite: ``executemany``); the store calls it with
+        every record of a commit it has pickled so far."""
+        for oid, data, refs, lazy_refs, blobs in records:
+            self.put_record(oid, data, refs, lazy_refs=lazy_refs, blobs=blobs)
 
     @abstractmethod
     def delete_record(self, oid: int) -> None:

@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from .._blake2 import blake2b
 from ..errors import LockTimeoutError, UnsafeFileError
@@ -182,6 +183,10 @@ def fsync_directory(path: str) -> None:
 
 
 _FACTS: dict[str, object] = {}
+#: Bytes every holder writes into a lock file: the JSON padded with spaces, so that a write
+#: always covers the whole previous record and the file is never truncated.
+_HOLDER_SIZE = 4096
+_holder_cache: list[Any] = [None, b""]     # [second, the record written in that second]
 
 
 def _process_facts() -> dict[str, object]:
@@ -192,7 +197,21 @@ def _process_facts() -> dict[str, object]:
 
         _FACTS.update(pid=os.getpid(), host=socket.gethostname(),
                       program=" ".join(sys.argv)[:200] or sys.executable)
+        _holder_cache[0] = None
     return _FACTS
+
+
+def _holder_record() -> bytes:
+    """What a holder writes into a lock file now (made once a second: every commit takes
+    the lock)."""
+    facts = _process_facts()
+    second = int(time.time())
+    if _holder_cache[0] != second:
+        since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(second))
+        # ASCII JSON of a program cut to 200 characters: far below _HOLDER_SIZE.
+        data = json.dumps({**facts, "since": since}).encode("ascii")[:_HOLDER_SIZE]
+        _holder_cache[:] = [second, data.ljust(_HOLDER_SIZE)]
+    return _holder_cache[1]
 
 
 class FileLock:
@@ -255,19 +274,15 @@ class FileLock:
         if self._fd is None:
             return None
         try:
-            facts = json.loads(os.pread(self._fd, 4096, 0).decode("utf-8"))
+            facts = json.loads(os.pread(self._fd, _HOLDER_SIZE, 0).decode("utf-8"))
             return (f"process {int(facts['pid'])} on {str(facts['host'])!r} "
                     f"({str(facts['program'])!r}, holding it since {facts['since']})")
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return None
 
     def _write_holder(self, fd: int) -> None:
-        data = json.dumps({**_process_facts(),
-                           "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-                          ).encode("utf-8")
         try:
-            os.pwrite(fd, data, 0)
-            os.ftruncate(fd, len(data))
+            os.pwrite(fd, _holder_record(), 0)
         except OSError:     # opened read-only: the lock still works, only unnamed
             pass
 

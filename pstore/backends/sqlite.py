@@ -11,12 +11,12 @@ import os
 import pathlib
 import sqlite3
 import sys
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import AbstractContextManager
 from typing import Any, NamedTuple, NoReturn
 
 from ..errors import ClosedError, CorruptionError, FormatError, LockTimeoutError, ReadOnlyError
-from .base import Backend, Statistics, binding_seal
+from .base import Backend, RecordWrite, Statistics, binding_seal
 from .blobs import BlobStore, LocalBlobs
 from .files import FileLock, create_private, key_lock_file, require_existing, store_owner
 
@@ -105,6 +105,7 @@ _GC_REFS = f"DELETE FROM refs WHERE oid NOT IN ({_LIVE})"
 _GC_RECORDS = f"DELETE FROM records WHERE oid NOT IN ({_LIVE})"
 _GC_BLOB_REFS = "DELETE FROM blob_refs WHERE oid NOT IN (SELECT oid FROM records)"
 _BIND_KEY = "INSERT OR REPLACE INTO keys (key, oid, seal) VALUES (?, ?, ?)"
+_BIND_NEW_KEY = "INSERT OR IGNORE INTO keys (key, oid, seal) VALUES (?, ?, ?)"
 _UNBIND_KEY = "DELETE FROM keys WHERE key = ?"
 _RECORDS = "SELECT oid, data FROM records WHERE oid > ? ORDER BY oid LIMIT ?"
 _REFS_OF = "SELECT ref FROM refs WHERE oid = ?"
@@ -405,19 +406,39 @@ class SQLiteBackend(LocalBlobs, Backend):
 
     def put_record(self, oid: int, data: bytes, refs: Collection[int],
                    *, lazy_refs: Collection[int] = (), blobs: Collection[str] = ()) -> None:
+        self.put_records([RecordWrite(oid, data, refs, lazy_refs, blobs)])
+
+    def put_records(self, records: Iterable[RecordWrite]) -> None:
+        # One executemany per statement for the whole batch: the sqlite3 module's cost per
+        # execute() call is most of what writing a small record costs.
+        rows, rewritten, ref_rows, lazy_rows, blob_rows = [], [], [], [], []
+        fresh = self._fresh
+        for oid, data, refs, lazy_refs, blobs in records:
+            rows.append((oid, data))
+            if oid not in fresh:    # a record allocated by this transaction has no refs yet
+                rewritten.append((oid,))
+            if lazy_refs:
+                lazy = set(lazy_refs)
+                lazy_rows += [(oid, ref) for ref in lazy]
+                refs = [ref for ref in refs if ref not in lazy]
+            if refs:
+                ref_rows += [(oid, ref) for ref in refs]
+            if blobs:
+                blob_rows += [(oid, name) for name in blobs]
         cursor = self._cursor
-        cursor.execute(_PUT_RECORD, (oid, data))
-        if oid not in self._fresh:      # a record allocated by this transaction has no refs yet
-            cursor.execute(_DELETE_REFS, (oid,))
-            cursor.execute(_DELETE_BLOB_REFS, (oid,))
-        if lazy_refs:
-            lazy = set(lazy_refs)
-            cursor.executemany(_PUT_LAZY_REF, [(oid, ref) for ref in lazy])
-            refs = [ref for ref in refs if ref not in lazy]
-        if refs:
-            cursor.executemany(_PUT_REF, [(oid, ref) for ref in refs])
-        if blobs:
-            cursor.executemany(_PUT_BLOB_REF, [(oid, name) for name in blobs])
+        try:
+            cursor.executemany(_PUT_RECORD, rows)
+            if rewritten:
+                cursor.executemany(_DELETE_REFS, rewritten)
+                cursor.executemany(_DELETE_BLOB_REFS, rewritten)
+            if lazy_rows:
+                cursor.executemany(_PUT_LAZY_REF, lazy_rows)
+            if ref_rows:
+                cursor.executemany(_PUT_REF, ref_rows)
+            if blob_rows:
+                cursor.executemany(_PUT_BLOB_REF, blob_rows)
+        except sqlite3.DatabaseError as error:
+            self._failed(error)
 
     def delete_record(self, oid: int) -> None:
         conn = self._require()
@@ -484,9 +505,17 @@ class SQLiteBackend(LocalBlobs, Backend):
         return oid, data
 
     def bind_key(self, key: str, oid: int) -> int | None:
+        # A new key costs one statement: the insert, which does nothing if the key is bound.
+        seal = binding_seal(key, oid)
+        cursor = self._cursor
+        try:
+            if cursor.execute(_BIND_NEW_KEY, (key, oid, seal)).rowcount:
+                return None
+        except sqlite3.DatabaseError as error:
+            self._failed(error)
         previous = self.get_key(key)
         if previous != oid:
-            self._cursor.execute(_BIND_KEY, (key, oid, binding_seal(key, oid)))
+            cursor.execute(_BIND_KEY, (key, oid, seal))
         return previous
 
     def unbind_key(self, key: str) -> int | None:
@@ -537,7 +566,7 @@ class SQLiteBackend(LocalBlobs, Backend):
         conn = self._require()
         self._file_lock.lock(self.path)
         try:
-            conn.execute("BEGIN IMMEDIATE")
+            self._cursor.execute("BEGIN IMMEDIATE")
         except sqlite3.DatabaseError as error:
             self._file_lock.release()
             if _result_code(error) in _BUSY:
@@ -549,7 +578,8 @@ class SQLiteBackend(LocalBlobs, Backend):
     def commit(self) -> None:
         committed = False
         try:
-            self._require().execute("COMMIT")
+            self._require()
+            self._cursor.execute("COMMIT")
             committed = self._block_is_committed = True
         finally:
             self._end(committed)

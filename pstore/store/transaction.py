@@ -18,7 +18,7 @@ from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from ..backends.base import Backend
+from ..backends.base import Backend, RecordWrite
 from ..errors import ReferenceCycleError, UnstorableError
 from . import blobio, records
 from .codec import RecordPickler
@@ -222,6 +222,7 @@ class Transaction:
         persistent = self._ids.persistent
         batch = list(pending.items())
         while batch:
+            writes: list[RecordWrite] = []    # sent to the backend together, once pickled
             for oid, (obj, key) in batch:
                 data, refs, blobs = self._pickle(obj, key, oid)
                 written.add(oid)
@@ -237,10 +238,14 @@ class Transaction:
                                 if isinstance(target, Persistent)}
                         if not isinstance(obj, Persistent):
                             eager[oid] = [ref for ref in refs if ref not in lazy]
-                self._backend.put_record(oid, data, refs, lazy_refs=lazy,
-                                         blobs=[blob.name for blob in blobs])
+                writes.append(RecordWrite(oid, data, refs, lazy,
+                                          [blob.name for blob in blobs] if blobs else ()))
                 if oid in cache.objects:
                     cache.baseline[oid] = data
+            if writes:
+                self._backend.put_records(writes)
+            if not referenced:
+                break
             # A referenced object whose record is gone (deleted by gc() or by releasing
             # its last key, here or in another process) is written again from memory;
             # so is a Persistent object first met while pickling (its object id is new).
@@ -249,7 +254,7 @@ class Transaction:
             old = unwritten - new
             missing = new | (old - self._backend.existing(old))
             batch = [(oid, (referenced[oid], None)) for oid in missing]
-        cyclic = self._closes_a_cycle(eager)
+        cyclic = self._closes_a_cycle(eager) if eager else None
         if cyclic is not None:
             raise ReferenceCycleError(self._path, self._describe(cyclic))
         for oid in self._released:
