@@ -30,7 +30,7 @@ from ..errors import (ArgumentError, ClosedError, InTransactionError, KeyTypeErr
 from . import blobio
 from .codec import RecordLoader
 from .identity import IdentityMap
-from .persistent import GHOST, SAVED, Persistent, detach, ghostify, status_of
+from .persistent import GHOST, SAVED, Persistent, detach, ghostify, is_ghost, status_of
 from .transaction import Transaction
 from .verify import VerifyReport, load_error, verify
 
@@ -49,6 +49,8 @@ DEFAULT_MAX_RECORD_SIZE = 1 << 30
 
 _FLAGS = ("r", "w", "c", "n")
 _END = object()
+#: At most this many key bindings are remembered for repeated gets (Store._key_oids).
+_KNOWN_KEYS_MAX = 1 << 16
 
 
 class Store(MutableMapping[str, Any]):
@@ -92,6 +94,10 @@ class Store(MutableMapping[str, Any]):
                                     writable_buffers=not readonly_buffers,
                                     max_record_size=max_record_size)
         self._marker = backend.change_marker()
+        # key -> object id, as read outside a transaction since the change marker was last
+        # seen to change and since this Store last wrote: a repeated get of a key whose
+        # object is still loaded then costs one marker query instead of reading the key.
+        self._key_oids: dict[str, int] = {}
         self._closed = False
         _open_stores[id(self)] = self
 
@@ -122,6 +128,11 @@ class Store(MutableMapping[str, Any]):
         with self._lock:
             self._check_open()
             self._check_key(key)
+            depth = self._txn.depth
+            if not depth and key in self._key_oids:
+                obj = self._get_known(key)
+                if obj is not _END:
+                    return obj
             try:
                 item = self._backend.get_item(key)
                 if item is not None:
@@ -136,8 +147,28 @@ class Store(MutableMapping[str, Any]):
                 raise KeyError(key)
             if self._txn.writeback:
                 self._txn.cache.keep(oid, obj, data)
+            if not depth:
+                if len(self._key_oids) >= _KNOWN_KEYS_MAX:
+                    self._key_oids.clear()
+                self._key_oids[key] = oid
             self._ids.maybe_sweep()
             return obj
+
+    def _get_known(self, key: str) -> Any:
+        """Outside a transaction: the object of ``key`` answered from memory -- its binding
+        read earlier and its object still loaded -- once the change marker (one query)
+        says that no other process committed since; else ``_END``."""
+        try:
+            self._see_latest()      # drops _key_oids if another process committed
+        except Exception as error:
+            raise load_error(error, self._path, key=key, is_damage=self._backend.is_damage)
+        oid = self._key_oids.get(key)
+        obj = self._ids.get(oid) if oid is not None else None
+        if obj is None or is_ghost(obj):
+            return _END
+        if self._txn.writeback:
+            self._txn.cache.keep(oid, obj, None)
+        return obj
 
     def __setitem__(self, key: str, value: Any) -> None:
         with self._lock:
@@ -498,6 +529,7 @@ class Store(MutableMapping[str, Any]):
     def _invalidate(self) -> None:
         """Make every record load again: forget the plain objects loaded, and turn the
         Persistent objects without unsaved changes back into placeholders."""
+        self._key_oids.clear()
         self._ids.forget_loads()
         for obj in self._ids.persistent_objects():
             if status_of(obj) == SAVED:
@@ -510,6 +542,7 @@ class Store(MutableMapping[str, Any]):
 
     def _transaction(self, flush_cache: bool = False) -> AbstractContextManager[None]:
         """The write transaction's scope (joined if one is open)."""
+        self._key_oids.clear()  # the transaction may bind keys anew (or roll back)
         return self._txn.scope(flush_cache, self._see_latest, self._check_open)
 
     def _after_fork(self) -> None:

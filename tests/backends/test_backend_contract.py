@@ -321,3 +321,27 @@ def test_gc_deletes_the_blobs_no_live_record_names(backend):
     write(backend, lambda: backend.put_record(backend.get_key("live"), b"live", ()))
     write(backend, backend.gc)
     assert blob_files(backend) == set()
+
+
+def test_put_records_writes_as_put_record_does_one_at_a_time(backend):
+    from pstore.backends.base import RecordWrite
+
+    def setup():
+        a, b, c = (backend.new_oid() for _ in range(3))
+        backend.put_records([RecordWrite(c, b"c", (), (), ()), RecordWrite(a, b"a", (), (), ())])
+        backend.bind_key("a", a)
+        backend.bind_key("c", c)
+        return a, b, c
+    a, b, c = write(backend, setup)
+    # In a later transaction: a is rewritten (its refs replaced), b is new, refs of both kinds.
+    write(backend, lambda: backend.put_records([
+        RecordWrite(b, b"b", [a, c], [c], ()),      # b -> a, and c lazily
+        RecordWrite(a, b"a2", [b], (), ()),         # a -> b
+    ]))
+    assert [backend.get_record(oid) for oid in (a, b, c)] == [b"a2", b"b", b"c"]
+    assert sorted(backend.refs_of(b)) == sorted([a, c]) and list(backend.refs_of(a)) == [b]
+    assert backend.reaches([a], a) and not backend.reaches([a], c) and backend.is_referenced(c)
+    write(backend, lambda: backend.put_records([RecordWrite(a, b"a3", (), (), ())]))
+    assert list(backend.refs_of(a)) == [] and not backend.reaches([a], b)
+    write(backend, lambda: backend.put_records([]))     # nothing: no error
+    assert backend.get_record(a) == b"a3"
