@@ -230,6 +230,7 @@ class SQLiteBackend(LocalBlobs, Backend):
         self._in_transaction = False
         self._conn: sqlite3.Connection | None = None
         self._sealed = True     # whether key bindings carry seals (format version 3)
+        self._binding_new_keys = True   # whether the last key bound was new (see bind_key)
         self._keys_sql = _KEY_STATEMENTS[True]
         self._blobs = BlobStore(path + ".blobs")
         # One cursor for the frequent statements, sparing the cursor Connection.execute
@@ -441,10 +442,10 @@ class SQLiteBackend(LocalBlobs, Backend):
             self._failed(error)
 
     def delete_record(self, oid: int) -> None:
-        conn = self._require()
-        conn.execute(_DELETE_RECORD, (oid,))
-        conn.execute(_DELETE_REFS, (oid,))
-        conn.execute(_DELETE_BLOB_REFS, (oid,))
+        cursor = self._cursor
+        cursor.execute(_DELETE_RECORD, (oid,))
+        cursor.execute(_DELETE_REFS, (oid,))
+        cursor.execute(_DELETE_BLOB_REFS, (oid,))
 
     def existing(self, oids: Collection[int]) -> set[int]:
         if not oids:
@@ -457,7 +458,7 @@ class SQLiteBackend(LocalBlobs, Backend):
 
     def is_referenced(self, oid: int) -> bool:
         try:
-            return bool(self._require().execute(_IS_REFERENCED, (oid,)).fetchone()[0])
+            return bool(self._cursor.execute(_IS_REFERENCED, (oid,)).fetchone()[0])
         except sqlite3.DatabaseError as error:
             self._failed(error)
 
@@ -505,15 +506,18 @@ class SQLiteBackend(LocalBlobs, Backend):
         return oid, data
 
     def bind_key(self, key: str, oid: int) -> int | None:
-        # A new key costs one statement: the insert, which does nothing if the key is bound.
+        # While keys come new (a bulk load), one statement each: an insert that does nothing
+        # if the key is bound. While they are bound already (rewrites), a read, then the write.
         seal = binding_seal(key, oid)
         cursor = self._cursor
-        try:
-            if cursor.execute(_BIND_NEW_KEY, (key, oid, seal)).rowcount:
-                return None
-        except sqlite3.DatabaseError as error:
-            self._failed(error)
+        if self._binding_new_keys:
+            try:
+                if cursor.execute(_BIND_NEW_KEY, (key, oid, seal)).rowcount:
+                    return None
+            except sqlite3.DatabaseError as error:
+                self._failed(error)
         previous = self.get_key(key)
+        self._binding_new_keys = previous is None
         if previous != oid:
             cursor.execute(_BIND_KEY, (key, oid, seal))
         return previous
