@@ -7,7 +7,6 @@ build on it so that the two backends behave alike where a user can tell.
 from __future__ import annotations
 
 import errno
-import json
 import os
 import stat
 import sys
@@ -193,12 +192,18 @@ def _process_facts() -> dict[str, object]:
     """pid, host and program of this process, for lock files (worked out once per process:
     a transaction takes the lock each time)."""
     if _FACTS.get("pid") != os.getpid():   # first use, or a forked child
-        import socket  # here: most processes never take a write lock
-
-        _FACTS.update(pid=os.getpid(), host=socket.gethostname(),
+        _FACTS.update(pid=os.getpid(), host=_host_name(),
                       program=" ".join(sys.argv)[:200] or sys.executable)
         _holder_cache[0] = None
     return _FACTS
+
+
+def _host_name() -> str:
+    """This machine's name (``socket.gethostname()``, without importing socket on POSIX)."""
+    if hasattr(os, "uname"):
+        return os.uname().nodename
+    import socket
+    return socket.gethostname()
 
 
 def _holder_record() -> bytes:
@@ -209,6 +214,8 @@ def _holder_record() -> bytes:
     if _holder_cache[0] != second:
         since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(second))
         # ASCII JSON of a program cut to 200 characters: far below _HOLDER_SIZE.
+        import json  # here: only writers name themselves
+
         data = json.dumps({**facts, "since": since}).encode("ascii")[:_HOLDER_SIZE]
         _holder_cache[:] = [second, data.ljust(_HOLDER_SIZE)]
     return _holder_cache[1]
@@ -274,6 +281,8 @@ class FileLock:
         if self._fd is None:
             return None
         try:
+            import json
+
             facts = json.loads(os.pread(self._fd, _HOLDER_SIZE, 0).decode("utf-8"))
             return (f"process {int(facts['pid'])} on {str(facts['host'])!r} "
                     f"({str(facts['program'])!r}, holding it since {facts['since']})")
