@@ -7,9 +7,9 @@
 from __future__ import annotations
 
 from .errors import (ArgumentError, ClosedError, CorruptionError, Error, FormatError,
-                     InTransactionError, KeyTypeError, LockTimeoutError, MissingObjectError,
+                     InTransactionError, IntegrityError, KeyFileError, KeyTypeError, LockTimeoutError, MissingObjectError,
                      PersistentClassError, ReadOnlyError, ReferenceCycleError, StorePicklingError,
-                     UnstorableError)
+                     UnstorableError, UntrustedError)
 from .store import Store, open
 from .store.persistent import Persistent, PersistentDict, PersistentList
 from .migrate import convert, convert_shelve, copy
@@ -22,5 +22,5 @@ __all__ = [
     "Error", "ClosedError", "ReadOnlyError", "LockTimeoutError", "FormatError",
     "MissingObjectError", "CorruptionError", "UnstorableError", "ReferenceCycleError",
     "ArgumentError", "KeyTypeError", "PersistentClassError", "InTransactionError",
-    "StorePicklingError",
+    "StorePicklingError", "IntegrityError", "UntrustedError", "KeyFileError",
 ]

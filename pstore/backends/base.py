@@ -43,7 +43,8 @@ from typing import Any, ClassVar
 
 from ..errors import Error, FormatError
 
-__all__ = ["ReadableBackend", "Backend", "SEAL_SIZE", "Statistics", "binding_seal"]
+__all__ = ["ReadableBackend", "Backend", "SEAL_SIZE", "Statistics", "binding_seal",
+           "check_meta_name"]
 
 #: Bytes of a key binding's seal.
 SEAL_SIZE = 8
@@ -75,6 +76,12 @@ class Statistics:
     blobs: int
     #: Bytes of every blob, as stored (compressed ones compressed).
     blob_bytes: int
+
+
+def check_meta_name(name: str) -> None:
+    """Raise ValueError unless ``name`` is a meta entry's name: lower-case letters and ``_``."""
+    if not name or not all("a" <= c <= "z" or c == "_" for c in name):
+        raise ValueError(f"a meta entry's name is lower-case letters and '_', not {name!r}")
 
 
 class ReadableBackend(ABC):
@@ -191,6 +198,16 @@ class ReadableBackend(ABC):
         failed its check), each a sentence naming the file; for ``Store.verify()``."""
         return []
 
+    # -- meta entries -------------------------------------------------------------------
+
+    def get_meta(self, name: str) -> str | None:
+        """The store's meta entry ``name`` (lower-case letters and ``_``), as the last
+        :meth:`Backend.set_meta` left it, or None. Entries are facts about the store the
+        store layer keeps (the signing key's fingerprint, ``key_fingerprint``); a
+        backend keeps them beside its own (SQLite and PostgreSQL: rows of the meta
+        table; DBM: the key ``m:NAME``). A view that keeps none returns None."""
+        return None
+
     # -- graph primitives (of the defaults iter_records, Backend.reaches, Backend.gc) --
     # Not abstract: a backend that overrides those (SQLite, with recursive queries) needs
     # only refs_of; one that has no graph of its own (a read-only view) none of them.
@@ -266,6 +283,11 @@ class Backend(ReadableBackend):
         :meth:`reaches` tells them apart. ``blobs``: the names (from
         :meth:`put_blob`) of the blobs ``data`` uses.
         """
+
+    @abstractmethod
+    def set_meta(self, name: str, value: str) -> None:
+        """Set meta entry ``name`` (see :meth:`ReadableBackend.get_meta`) to ``value``.
+        Inside a write transaction only."""
 
     @abstractmethod
     def delete_record(self, oid: int) -> None:

@@ -31,7 +31,7 @@ from typing import Any
 
 from ..errors import ClosedError, CorruptionError, Error, FormatError, ReadOnlyError
 from . import journal
-from .base import Backend, Statistics, binding_seal
+from .base import Backend, Statistics, binding_seal, check_meta_name
 from .blobs import BlobStore, LocalBlobs
 from .dbm_layout import (CHECK, DIGESTS_FROM, FORMAT, FORMAT_KEY, FORMAT_NAME, FORMAT_VERSION,
                          FREE_PAGES,
@@ -488,6 +488,16 @@ class DBMBackend(LocalBlobs, Backend):
             raise CorruptionError(self.path, "a key page lists it, but it is unbound",
                                   key=key.decode("utf-8", "surrogatepass"))
         return self._unsealed(key.decode("utf-8", "surrogatepass"), value)[0]
+
+    def get_meta(self, name: str) -> str | None:
+        check_meta_name(name)
+        with self._reading():
+            value = self._get(b"m:" + name.encode("ascii"))
+        return None if value is None else value.decode("utf-8", "replace")
+
+    def set_meta(self, name: str, value: str) -> None:
+        check_meta_name(name)
+        self._put(b"m:" + name.encode("ascii"), value.encode("utf-8"))
 
     def get_key(self, key: str) -> int | None:
         with self._reading():

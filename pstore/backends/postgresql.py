@@ -48,7 +48,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from ..errors import (ClosedError, ConnectionLostError, FormatError, LockTimeoutError,
                       ReadOnlyError, ServerLockTimeoutError)
-from .base import Backend
+from .base import Backend, check_meta_name
 from .blobs import _TreeHasher  # the digest of blobs.py, over a stream of chunks
 
 try:
@@ -187,6 +187,9 @@ _ITEMS = "SELECT k.key, k.oid, r.data FROM {s}.keys k LEFT JOIN {s}.records r ON
 _FIRST_ITEMS = _ITEMS + " ORDER BY k.key LIMIT %s"
 _NEXT_ITEMS = _ITEMS + " WHERE k.key > %b ORDER BY k.key LIMIT %s"
 _COUNT_KEYS = "SELECT count(*) FROM {s}.keys"
+_GET_META = "SELECT value FROM {s}.meta WHERE name = %s"
+_SET_META = ("INSERT INTO {s}.meta VALUES (%s, %s) "
+             "ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value")
 
 
 def parse_location(location: str) -> tuple[dict[str, Any], str, str]:
@@ -558,6 +561,14 @@ class PostgreSQLBackend(Backend):
 
     # -- keys -------------------------------------------------------------------------------
 
+    def get_meta(self, name: str) -> str | None:
+        check_meta_name(name)
+        return self._one("get_meta", (name,))
+
+    def set_meta(self, name: str, value: str) -> None:
+        check_meta_name(name)
+        self._execute("set_meta", (name, value))
+
     def get_key(self, key: str) -> int | None:
         return self._one("get_key", (key.encode(),))
 
@@ -737,6 +748,7 @@ _STATEMENTS = {
     "get_key": _GET_KEY, "get_item": _GET_ITEM, "bind_key": _BIND_KEY,
     "unbind_key": _UNBIND_KEY, "first_keys": _FIRST_KEYS, "next_keys": _NEXT_KEYS,
     "first_items": _FIRST_ITEMS, "next_items": _NEXT_ITEMS, "count_keys": _COUNT_KEYS,
+    "get_meta": _GET_META, "set_meta": _SET_META,
 }
 
 # The statements that read or change records: queued records are sent before them.

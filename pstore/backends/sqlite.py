@@ -16,7 +16,7 @@ from contextlib import AbstractContextManager
 from typing import Any, NamedTuple, NoReturn
 
 from ..errors import ClosedError, CorruptionError, FormatError, LockTimeoutError, ReadOnlyError
-from .base import Backend, Statistics, binding_seal
+from .base import Backend, Statistics, binding_seal, check_meta_name
 from .blobs import BlobStore, LocalBlobs
 from .files import FileLock, create_private, key_lock_file, require_existing, store_owner
 
@@ -85,6 +85,8 @@ _PUT_BLOB_REF = "INSERT OR IGNORE INTO blob_refs (oid, blob) VALUES (?, ?)"
 _REFERENCED_BLOBS = "SELECT DISTINCT blob FROM blob_refs"
 _PUT_LAZY_REF = "INSERT OR IGNORE INTO refs (oid, ref, lazy) VALUES (?, ?, 1)"
 _NEXT_OID = "SELECT value FROM meta WHERE name = 'next_oid'"
+_GET_META = "SELECT value FROM meta WHERE name = ?"
+_SET_META = "INSERT OR REPLACE INTO meta VALUES (?, ?)"
 _RESERVE_OIDS = "UPDATE meta SET value = ? WHERE name = 'next_oid'"
 # Lists of ids travel as one JSON array parameter, so no statement is built per call.
 _EXISTING = "SELECT oid FROM records WHERE oid IN (SELECT value FROM json_each(?))"
@@ -461,6 +463,21 @@ class SQLiteBackend(LocalBlobs, Backend):
         if self._sealed and seal != binding_seal(key, oid):
             raise CorruptionError(self.path, f"the binding of the key to object id {oid} does "
                                   f"not match its seal", key=key, object_id=oid)
+
+    def get_meta(self, name: str) -> str | None:
+        check_meta_name(name)
+        try:
+            row = self._require().execute(_GET_META, (name,)).fetchone()
+        except sqlite3.DatabaseError as error:
+            self._failed(error)
+        return None if row is None else str(row[0])
+
+    def set_meta(self, name: str, value: str) -> None:
+        check_meta_name(name)
+        try:
+            self._require().execute(_SET_META, (name, value))
+        except sqlite3.DatabaseError as error:
+            self._failed(error)
 
     def get_key(self, key: str) -> int | None:
         try:

@@ -19,19 +19,21 @@ from __future__ import annotations
 
 import io
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any, Protocol
 
 from .. import engine
 from ..backends.base import ReadableBackend
-from ..errors import CorruptionError, MissingObjectError
+from ..errors import CorruptionError, IntegrityError, MissingObjectError, UntrustedError
 from . import blobio, records, tensors
 from .identity import IdentityMap, is_referable
 from .persistent import GHOST, DataManager, Persistent, fill, is_ghost, placeholder, status_of
+from .signing import Signer
 from .verify import load_error
 
-__all__ = ["RecordPickler", "PicklerHost", "RecordUnpickler", "Resolver", "RecordLoader",
-           "LOAD_DEPTH_LIMIT"]
+__all__ = ["RecordPickler", "PicklerHost", "RecordUnpickler", "RestrictedRecordUnpickler",
+           "Resolver", "RecordLoader", "LOAD_DEPTH_LIMIT"]
 
 #: How deep loads of referenced records may nest before the chain is loaded from its far end.
 LOAD_DEPTH_LIMIT = 50
@@ -169,9 +171,44 @@ class Resolver(Protocol):
         the reference names (a Persistent object's), or None for a plain record."""
 
 
-class RecordUnpickler(engine.Unpickler):
+class _ReferenceLoading:
+    """The persistent ids of records, parsed and handed to a resolver: what both record
+    unpicklers share. Only pstore's own forms are accepted."""
+
+    _resolver: Resolver
+
+    def persistent_load(self, pid: Any) -> Any:
+        kind = type(pid)
+        if kind is int:
+            return self._resolver.resolve(pid, None)
+        if kind is tuple and len(pid) == 2 and type(pid[0]) is int:
+            return self._resolver.resolve(pid[0], self._reference_class(pid[1]))
+        if kind is str:     # protocol 0 writes persistent ids as text
+            oid, _, cls = pid.partition(" ")
+            if oid.isdigit():
+                if not cls:
+                    return self._resolver.resolve(int(oid), None)
+                module, _, qualname = cls.partition(" ")
+                return self._resolver.resolve(int(oid), self._named_class(module, qualname))
+        raise engine.UnpicklingError(f"a record refers to {pid!r}, which is not an object id")
+
+    def _reference_class(self, cls: Any) -> Any:
+        """The class a binary reference names (``cls``, already resolved by the pickle)."""
+        return cls
+
+    def _named_class(self, module: str, qualname: str) -> Any:
+        """The class a protocol 0 reference names as text."""
+        head, *attributes = qualname.split(".")
+        found = self.find_class(module, head)  # type: ignore[attr-defined]
+        for attribute in attributes:
+            found = getattr(found, attribute)
+        return found
+
+
+class RecordUnpickler(_ReferenceLoading, engine.Unpickler):
     """Unpickles the records of one Store, handing every reference to ``resolver``
-    (held weakly) as ``(object id, class or None)``.
+    (held weakly) as ``(object id, class or None)``: with full pickle semantics, for
+    records signed by the Store's key.
 
     One instance serves every record, nested loads of referenced records included
     (``load_bytes_at`` keeps each pickle's state apart), so a record costs no setup.
@@ -183,24 +220,27 @@ class RecordUnpickler(engine.Unpickler):
         # resolver (and the backend it reads) alive until the garbage collector runs.
         self._resolver = weakref.proxy(resolver)
 
-    def persistent_load(self, pid: Any) -> Any:
-        kind = type(pid)
-        if kind is int:
-            return self._resolver.resolve(pid, None)
-        if kind is tuple and len(pid) == 2 and type(pid[0]) is int:
-            return self._resolver.resolve(*pid)
-        if kind is str:     # protocol 0 writes persistent ids as text
-            oid, _, cls = pid.partition(" ")
-            if oid.isdigit():
-                if not cls:
-                    return self._resolver.resolve(int(oid), None)
-                module, _, qualname = cls.partition(" ")
-                head, *attributes = qualname.split(".")
-                found = self.find_class(module, head)
-                for attribute in attributes:
-                    found = getattr(found, attribute)
-                return self._resolver.resolve(int(oid), found)
-        raise engine.UnpicklingError(f"a record refers to {pid!r}, which is not an object id")
+
+class RestrictedRecordUnpickler(_ReferenceLoading, engine.RestrictedUnpickler):
+    """:class:`RecordUnpickler` under restricted loading, for every record not signed by the
+    Store's key: globals only from the data policy and ``allow``; persistent ids only in
+    pstore's forms, the class a reference names checked by the policy before any import
+    (protocol 0's text form) or required to be a class this load resolved so (binary)."""
+
+    def __init__(self, resolver: Resolver, allow: str | Iterable[str]) -> None:
+        super().__init__(io.BytesIO(), allow=allow)
+        self._resolver = weakref.proxy(resolver)
+
+    def _reference_class(self, cls: Any) -> Any:
+        if not self._unrestricted:
+            try:
+                self.require_class(cls, "class of a reference to a Persistent object")
+            except ValueError as error:
+                raise engine.RestrictedUnpicklingError(str(error)) from None
+        return cls
+
+    def _named_class(self, module: str, qualname: str) -> Any:
+        return self.find_class(module, qualname)    # the dotted name checked as a whole
 
 
 class _LoadFirst(Exception):
@@ -222,11 +262,18 @@ class RecordLoader:
     ``max_record_size`` is refused before it is decompressed. Every error met while
     loading a record is translated here, once (:func:`~pstore.store.verify.load_error`):
     damage becomes :class:`~pstore.errors.CorruptionError` naming the object id.
+
+    Each record is loaded by its own signature (docs/safety.md): signed by ``signer``'s
+    key, with full pickle semantics; else restricted (``allow`` adds names to the
+    data policy), a refusal raising :class:`~pstore.errors.UntrustedError`. A record's
+    references load by their own signatures. A record whose digest or MAC fails
+    raises :class:`~pstore.errors.IntegrityError`.
     """
 
     def __init__(self, manager: DataManager, backend: ReadableBackend, ids: IdentityMap,
                  pending: Mapping[int, tuple[Any, str | None]], *, writable_buffers: bool,
-                 max_record_size: int) -> None:
+                 max_record_size: int, signer: Signer,
+                 allow: str | Iterable[str] = ()) -> None:
         self._manager = weakref.ref(manager)
         self._backend = backend
         self._path = backend.path
@@ -234,11 +281,32 @@ class RecordLoader:
         self._pending = pending
         self._writable_buffers = writable_buffers
         self._max_record_size = max_record_size
+        self._signer = signer
         self._unpickler = RecordUnpickler(self)
+        self._allow = allow
+        self._restricted = RestrictedRecordUnpickler(self, allow)
+        self._restrict_all = False  # while True (restricting), signed records load restricted
         self._depth = 0             # how many record loads are nested right now
         # Called (once) before the load under way resolves its first reference: see load_fresh.
         self._before_reference: Callable[[], None] | None = None
         self._classes: dict[bytes, type[Persistent]] = {}   # first pickle of a record -> class
+
+    @contextmanager
+    def restricting(self, allow: str | Iterable[str] = ()) -> Iterator[None]:
+        """Within the block every record loads restricted, signed or not, with ``allow``
+        added to the names the Store allows."""
+        saved = self._restricted, self._restrict_all
+        if allow:
+            mine = self._allow
+            combined: str | list[str] = "*" if "*" in (mine, allow) else [
+                *([] if isinstance(mine, str) else mine),
+                *([] if isinstance(allow, str) else allow)]
+            self._restricted = RestrictedRecordUnpickler(self, combined)
+        self._restrict_all = True
+        try:
+            yield
+        finally:
+            self._restricted, self._restrict_all = saved
 
     def load(self, oid: int, data: bytes | None = None) -> Any:
         """The object of record ``oid``; ``data``, if given, is the record's (already read).
@@ -327,18 +395,29 @@ class RecordLoader:
 
     def _unpickle(self, oid: int, data: bytes | None) -> Any:
         """Unpickle record ``oid`` (reading it unless ``data`` is given) and register it."""
-        data, buffers, verified = self._unwrap(oid, data)
+        data, buffers, verified, signed = self._unwrap(oid, data)
+        trusted = signed and not self._restrict_all
+        unpickler = self._unpickler if trusted else self._restricted
         self._depth += 1
         try:
-            known = self._known_class(data) if self._classes else None
+            # The class cache is of trusted loads: a restricted load checks its class itself.
+            known = self._known_class(data) if trusted and self._classes else None
             if known is None:
-                obj, end = self._unpickler.load_bytes_at(data, 0, buffers)
+                obj, end = unpickler.load_bytes_at(data, 0, buffers)
             else:
                 obj, end = known
             if end < len(data):     # a Persistent object's record: class, then state
-                return self._load_state(oid, obj, data, end, buffers)
+                return self._load_state(oid, obj, data, end, buffers, unpickler, trusted)
         except _LoadFirst:
             raise
+        except engine.RestrictedUnpicklingError as error:
+            # Raised only by the restricted unpickler, for this record (a nested record's
+            # refusal is an UntrustedError already).
+            name = error.global_name
+            reason = error.reason if name is None else f"{name}: {error.reason}"
+            if error.opcode is not None:
+                reason += f" ({error.opcode} at offset {error.offset})"
+            raise UntrustedError(self._path, reason, object_id=oid, global_name=name) from None
         except Exception as error:
             raise load_error(error, self._path, object_id=oid, decoded=verified,
                              is_damage=self._backend.is_damage)
@@ -348,23 +427,28 @@ class RecordLoader:
             self._ids.add(obj, oid)
         return obj
 
-    def _unwrap(self, oid: int, data: bytes | None) -> tuple[bytes, list[Any] | None, bool]:
+    def _unwrap(self, oid: int, data: bytes | None
+                ) -> tuple[bytes, list[Any] | None, bool, bool]:
         """The payload of record ``oid`` (reading it unless ``data`` is given), checked, its
-        out-of-band buffers (or None), and whether a digest verified it."""
+        out-of-band buffers (or None), whether a digest or MAC verified it, and whether it
+        is signed by this Store's key."""
         backend = self._backend
         try:
             if data is None:
                 data = backend.get_record(oid)
             if data is None:
                 raise MissingObjectError(self._path, oid)
-            payload, blobs, verified = records.unpack(
-                data, oid, digest_required=oid >= backend.digests_from,
-                max_size=self._max_record_size)
+            try:
+                payload, blobs, verified, signed = records.unpack(
+                    data, oid, signer=self._signer, digest_required=oid >= backend.digests_from,
+                    max_size=self._max_record_size)
+            except records.IntegrityMismatch as error:
+                raise IntegrityError(self._path, str(error), object_id=oid) from None
             buffers = [blobio.read_blob(backend, blob, self._writable_buffers)
                        for blob in blobs] if blobs else None
         except Exception as error:
             raise load_error(error, self._path, object_id=oid, is_damage=backend.is_damage)
-        return payload, buffers, verified
+        return payload, buffers, verified, signed
 
     def _known_class(self, data: bytes) -> tuple[type[Persistent], int] | None:
         """The class of a Persistent object's record ``data`` whose first pickle was read
@@ -377,22 +461,25 @@ class RecordLoader:
         return None
 
     def _load_state(self, oid: int, cls: Any, data: bytes, start: int,
-                    buffers: list[Any] | None) -> Persistent:
+                    buffers: list[Any] | None, unpickler: engine.Unpickler,
+                    trusted: bool) -> Persistent:
         """Load the state of Persistent record ``oid`` into its object (its placeholder, or
         a new object of ``cls``): the pickle at ``start`` of ``data``, whose first pickle
-        is that of ``cls``; ``buffers`` are the state's out-of-band buffers."""
+        is that of ``cls``, by ``unpickler``; ``buffers`` are the state's out-of-band
+        buffers; ``trusted``: whether the record is signed by this Store's key."""
         if not (isinstance(cls, type) and issubclass(cls, Persistent)):
             raise CorruptionError(self._path, f"the record holds two pickles, but the first "
                                   f"is {cls!r}, not a pstore.Persistent class", object_id=oid)
-        # Unpickling the class once per Store is enough: find_class resolved it.
-        self._classes[data[:start]] = cls
+        if trusted:
+            # Unpickling the class once per Store is enough: find_class resolved it.
+            self._classes[data[:start]] = cls
         obj = self._ids.get(oid)
         if obj is None:
             # In the map before its state loads: the state may refer to the object itself.
             obj = self._new_placeholder(cls, oid)
         elif status_of(obj) != GHOST:
             return obj
-        fill(obj, lambda: self._unpickler.load_bytes_at(data, start, buffers)[0])
+        fill(obj, lambda: unpickler.load_bytes_at(data, start, buffers)[0])
         return obj
 
     def _new_placeholder(self, cls: type[Persistent], oid: int) -> Persistent:

@@ -46,6 +46,9 @@ class StoreInfo:
     record_bytes: int
     blobs: int
     blob_bytes: int
+    #: The fingerprint (16 hex digits) of the signing key recorded when the store was
+    #: created (or first opened for writing by a pstore that signs); None if none was.
+    key_fingerprint: str | None = None
 
 
 def record_pickles(object_id: int, data: bytes) -> tuple[list[bytes], list[records.BlobRef]]:
@@ -53,8 +56,8 @@ def record_pickles(object_id: int, data: bytes) -> tuple[list[bytes], list[recor
     Persistent object's -- and the blobs its envelope lists, its digest not checked
     (nothing is loaded). ``pickle.UnpicklingError`` or ``ValueError`` if the bytes are
     not a record."""
-    pickle, blobs, _ = records.unpack(data, object_id, digest_required=False,
-                                      check_digest=False)
+    unpacked = records.unpack(data, object_id, digest_required=False, check_digest=False)
+    pickle, blobs = unpacked.payload, unpacked.blobs
     pickles = []
     position = 0
     while position < len(pickle):

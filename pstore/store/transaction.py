@@ -23,6 +23,7 @@ from ..errors import ReferenceCycleError, UnstorableError
 from . import blobio, records
 from .codec import RecordPickler
 from .identity import IdentityMap, is_referable
+from .signing import Signer
 from .persistent import (CHANGED, SAVED, DataManager, Persistent, attach, detach, ghostify,
                          set_status, status_of)
 
@@ -57,17 +58,19 @@ class Transaction:
 
     ``manager`` (held weakly) is the Store Persistent objects are attached to;
     ``ids`` its identity map; ``codec`` the compression codec of records and blobs.
-    Records are pickled with ``protocol``; out-of-band buffers of at least
-    ``blob_threshold`` bytes become blobs.
+    Records are pickled with ``protocol`` and signed by ``signer``; out-of-band
+    buffers of at least ``blob_threshold`` bytes become blobs.
     """
 
     def __init__(self, manager: DataManager, backend: Backend, ids: IdentityMap, *,
-                 protocol: int, writeback: bool, blob_threshold: float, codec: int) -> None:
+                 protocol: int, writeback: bool, blob_threshold: float, codec: int,
+                 signer: Signer) -> None:
         self._manager = weakref.ref(manager)
         self.backend = self._backend = backend
         self._path = backend.path
         self._ids = ids
         self._codec = codec
+        self._signer = signer
         self._pickler = RecordPickler(protocol, ids.oid_of, self, blob_threshold)
         self.writeback = writeback
         self.depth = 0              # nesting depth of the open transaction (0: none)
@@ -279,7 +282,7 @@ class Transaction:
             reason = (f"{error.what} in it: {error.reason}"
                       if isinstance(error, UnstorableError) else str(error))
             raise UnstorableError(self._path, what, reason) from error
-        return records.pack(oid, pickle, blobs, self._codec), refs, blobs
+        return records.pack(oid, pickle, blobs, self._codec, self._signer), refs, blobs
 
     def _describe(self, oid: int) -> str:
         entry = self.pending.get(oid)

@@ -17,11 +17,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple
 
-from ..errors import CorruptionError, Error, FormatError, MissingObjectError
+from ..errors import CorruptionError, Error, FormatError, MissingObjectError, UntrustedError
 from . import blobio, records
 
 if TYPE_CHECKING:
     from ..backends import ReadableBackend
+    from .signing import Signer
 
 __all__ = ["Problem", "VerifyReport", "load_error", "verify"]
 
@@ -54,12 +55,17 @@ def load_error(error: Exception, path: str, *, is_damage: Callable[[Exception], 
     translated by a nested load pass; called again with ``key``, a
     ``CorruptionError`` gains the key and a note names it too.
     """
-    if isinstance(error, CorruptionError):
+    if isinstance(error, CorruptionError):     # IntegrityError too: the type is kept
         if key is None or error.key is not None:
             return error
-        named = CorruptionError(error.path, error.what, key=key, object_id=error.object_id)
+        named = type(error)(error.path, error.what, key=key, object_id=error.object_id)
         named.__cause__ = error.__cause__
         return named
+    if isinstance(error, UntrustedError):
+        if key is None or error.key is not None:
+            return error
+        return UntrustedError(error.path, error.reason, key=key, object_id=error.object_id,
+                              global_name=error.global_name)
     notes = getattr(error, "__notes__", None)
     noted = notes is not None and any(str(note).startswith(_NOTE) for note in notes)
     if noted:
@@ -118,7 +124,8 @@ class VerifyReport:
 
     ``ok`` is True when ``problems`` is empty. The counts say how much was
     checked: records (``unverified`` of them have no digest: written before
-    format version 3), keys and distinct blobs.
+    format version 3; ``signed`` of them verified by a MAC under the Store's key, the
+    others load restricted), keys and distinct blobs.
     """
 
     path: str
@@ -127,13 +134,15 @@ class VerifyReport:
     unverified: int = 0
     keys: int = 0
     blobs: int = 0
+    signed: int = 0
 
     @property
     def ok(self) -> bool:
         return not self.problems
 
     def __str__(self) -> str:
-        head = (f"{self.path}: {self.records} records ({self.unverified} without digest), "
+        head = (f"{self.path}: {self.records} records ({self.unverified} without digest, "
+                f"{self.signed} signed by this key), "
                 f"{self.keys} keys, {self.blobs} blobs: "
                 f"{'ok' if self.ok else f'{len(self.problems)} problems'}")
         return "\n".join([head, *(f"  {problem}" for problem in self.problems)])
@@ -158,9 +167,11 @@ def _check_blob(backend: ReadableBackend, blob: records.BlobRef) -> str | None:
     return None
 
 
-def verify(backend: ReadableBackend, *, max_record_size: int) -> VerifyReport:
-    """Check every record's digest, every reference's target, every key binding and every
-    blob's contents of ``backend``'s store; unpickle nothing. Read-only."""
+def verify(backend: ReadableBackend, *, max_record_size: int,
+           signer: Signer | None = None) -> VerifyReport:
+    """Check every record's digest (its MAC, for those ``signer`` signed), every reference's
+    target, every key binding and every blob's contents of ``backend``'s store; unpickle
+    nothing. Read-only."""
     report = VerifyReport(backend.path)
     problems = report.problems
     oids: set[int] = set()
@@ -174,12 +185,14 @@ def verify(backend: ReadableBackend, *, max_record_size: int) -> VerifyReport:
             oids.add(oid)
             refs_of[oid] = refs
             try:
-                unpacked = records.unpack(data, oid, digest_required=oid >= backend.digests_from,
+                unpacked = records.unpack(data, oid, signer=signer,
+                                          digest_required=oid >= backend.digests_from,
                                           max_size=max_record_size)
             except ValueError as error:
                 problems.append(Problem(str(error), object_id=oid))
                 continue
             report.unverified += not unpacked.verified
+            report.signed += unpacked.signed
             for blob in unpacked.blobs:
                 blobs.setdefault(blob.name, (blob, oid))
     except Exception as error:
