@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from typing import Any, Protocol
 
 from .. import engine
-from ..backends.base import ReadableBackend
+from ..backends.base import Backend, ReadableBackend
 from ..errors import CorruptionError, IntegrityError, MissingObjectError, UntrustedError
 from . import blobio, records, tensors
 from .identity import IdentityMap, is_referable
@@ -368,10 +368,24 @@ class RecordLoader:
         except MissingObjectError as error:
             if error.object_id != oid:
                 raise
+            if self._still_referenced(oid):
+                raise CorruptionError(self._path, "its record is missing, though records "
+                                      "refer to it", object_id=oid) from error
             raise MissingObjectError(
                 self._path, oid, f"the record of a placeholder of "
                 f"{type(obj).__module__}.{type(obj).__qualname__}, deleted since the "
                 f"placeholder was made (by gc() or another process)") from None
+
+    def _still_referenced(self, oid: int) -> bool:
+        """Whether a record refers to ``oid`` (then its missing record is damage, not a
+        deletion by gc() or another process); False where the backend cannot tell."""
+        backend = self._backend
+        if not isinstance(backend, Backend):
+            return False
+        try:
+            return backend.is_referenced(oid)
+        except Exception as error:
+            raise load_error(error, self._path, object_id=oid, is_damage=backend.is_damage)
 
     def _load_outermost(self, oid: int, data: bytes | None) -> Any:
         """Load record ``oid`` (or fill its placeholder) as the outermost load: when a
@@ -443,7 +457,7 @@ class RecordLoader:
                     data, oid, signer=self._signer, digest_required=oid >= backend.digests_from,
                     max_size=self._max_record_size)
             except records.IntegrityMismatch as error:
-                raise IntegrityError(self._path, str(error), object_id=oid) from None
+                raise IntegrityError(self._path, str(error), object_id=oid) from error
             buffers = [blobio.read_blob(backend, blob, self._writable_buffers)
                        for blob in blobs] if blobs else None
         except Exception as error:

@@ -12,8 +12,8 @@ envelopes"), little-endian:
 * the payload (one pickle, or a Persistent object's two), compressed with its codec;
 * a 40-byte trailer: the signer's key fingerprint (8 bytes; zeros: unsigned), a
   16-byte digest of everything before it (unkeyed BLAKE2b: damage detection that
-  needs no key) and a 16-byte MAC of the same bytes (BLAKE2b keyed with the signer's
-  key; zeros: unsigned). The salt of both holds the object id and the format
+  needs no key) and a 16-byte MAC of everything before it, digest included (BLAKE2b
+  keyed with the signer's key; zeros: unsigned). The salt of both holds the object id and the format
   version, so a record moved to another id or read as another version fails them.
 
 A record whose fingerprint is the reader's is checked by its MAC alone (which
@@ -39,7 +39,7 @@ from .blobio import CODECS, BlobRef
 from .signing import FINGERPRINT_SIZE, MAC_SIZE, Signer
 
 __all__ = ["BlobRef", "CODECS", "DIGEST_FORMAT_VERSION", "DIGEST_SIZE", "ENVELOPE",
-           "TRAILER_SIZE", "IntegrityMismatch", "Unpacked", "pack", "seal", "sign", "unpack"]
+           "MAC_SIZE", "TRAILER_SIZE", "IntegrityMismatch", "Unpacked", "pack", "seal", "sign", "unpack"]
 
 #: The first byte of an envelope; a record starting with any other byte is a plain
 #: pickle (format version 2 only).
@@ -98,13 +98,14 @@ def _trailer(oid: int, parts: tuple[memoryview | bytes, ...], signer: Signer | N
     for part in parts[1:]:
         digest.update(part)
     digest.update(fingerprint)
+    checked = fingerprint + digest.digest()
     if signer is None:
-        return fingerprint + digest.digest() + _NO_MAC
+        return checked + _NO_MAC
     mac = _hasher(oid, parts[0], signer.mac_key, _MAC_PERSON)
     for part in parts[1:]:
         mac.update(part)
-    mac.update(fingerprint)
-    return fingerprint + digest.digest() + mac.digest()
+    mac.update(checked)
+    return checked + mac.digest()
 
 
 def seal(oid: int, body: bytes, signer: Signer | None = None) -> bytes:
@@ -217,17 +218,18 @@ def _check(data: bytes, oid: int, end: int, signer: Signer | None) -> bool:
     """Check the trailer of envelope ``data`` (its payload ends at ``end``): True if its MAC
     verified under ``signer``'s key, False if its digest did (another signer, or none)."""
     fingerprint = data[end:end + FINGERPRINT_SIZE]
-    # A small record is cheaper to slice than to view.
-    body = data[:end + FINGERPRINT_SIZE] if end < 4096 else \
-        memoryview(data)[:end + FINGERPRINT_SIZE]
+    mac_start = end + FINGERPRINT_SIZE + DIGEST_SIZE
     if signer is not None and fingerprint == signer.fingerprint:
-        mac = _hasher(oid, body, signer.mac_key, _MAC_PERSON).digest()
-        if not hmac.compare_digest(data[end + FINGERPRINT_SIZE + DIGEST_SIZE:], mac):
+        # A small record is cheaper to slice than to view.
+        covered = data[:mac_start] if end < 4096 else memoryview(data)[:mac_start]
+        mac = _hasher(oid, covered, signer.mac_key, _MAC_PERSON).digest()
+        if not hmac.compare_digest(data[mac_start:], mac):
             raise IntegrityMismatch("the record's MAC does not verify under this store's key, "
                                     "whose fingerprint it carries: its bytes changed after "
                                     "it was written")
         return True
-    if data[end + FINGERPRINT_SIZE:end + FINGERPRINT_SIZE + DIGEST_SIZE] != \
-            _hasher(oid, body).digest():
+    body = data[:end + FINGERPRINT_SIZE] if end < 4096 else \
+        memoryview(data)[:end + FINGERPRINT_SIZE]
+    if data[end + FINGERPRINT_SIZE:mac_start] != _hasher(oid, body).digest():
         raise IntegrityMismatch("the record's digest does not match its bytes")
     return False

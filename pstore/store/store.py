@@ -469,7 +469,7 @@ class Store(MutableMapping[str, Any]):
                                            digest_required=oid >= backend.digests_from,
                                            max_size=self._max_record_size)
                     except records.IntegrityMismatch as error:
-                        raise IntegrityError(self._path, str(error), object_id=oid) from None
+                        raise IntegrityError(self._path, str(error), object_id=oid) from error
                     except ValueError as error:
                         raise CorruptionError(self._path, str(error), object_id=oid) from None
                     refs = backend.refs_of(oid)

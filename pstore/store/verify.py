@@ -56,9 +56,12 @@ def load_error(error: Exception, path: str, *, is_damage: Callable[[Exception], 
     ``CorruptionError`` gains the key and a note names it too.
     """
     if isinstance(error, CorruptionError):     # IntegrityError too: the type is kept
-        if key is None or error.key is not None:
+        if (key is None or error.key is not None) and \
+                (object_id is None or error.object_id is not None):
             return error
-        named = type(error)(error.path, error.what, key=key, object_id=error.object_id)
+        named = type(error)(error.path, error.what, key=error.key if key is None else key,
+                            object_id=object_id if error.object_id is None
+                            else error.object_id)
         named.__cause__ = error.__cause__
         return named
     if isinstance(error, UntrustedError):

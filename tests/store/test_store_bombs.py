@@ -43,7 +43,7 @@ def _envelope(oid: int, codec: int, declared: int, payload: bytes,
     body += b"".join(records._BLOB.pack(blob.codec, blob.size, bytes.fromhex(blob.name))
                      for blob in blobs)
     body += payload
-    return body + records._digest(oid, body, b"")
+    return records.seal(oid, body)
 
 
 def _peak_of_loading(path: str, key: str) -> tuple[str, int]:
