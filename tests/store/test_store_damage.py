@@ -17,6 +17,7 @@ import pytest
 
 import pstore
 from pstore.store import records
+from pstore.store.signing import signer_for
 
 TRIALS = int(os.environ.get("PSTORE_DAMAGE_TRIALS", "150"))
 # Files the damage goes to: the store's own, not its lock or change-marker files.
@@ -298,8 +299,9 @@ def test_a_missing_class_keeps_its_type_and_names_the_key(tmp_path):
     with sqlite3.connect(path) as conn:
         [(data,)] = conn.execute("SELECT data FROM records WHERE oid = ?", (oid,))
         payload = records.unpack(data, oid).payload.replace(b"Fails", b"Gone!")
+        # Signed with the user's key: the user's own record, loaded with full semantics.
         conn.execute("UPDATE records SET data = ? WHERE oid = ?",
-                     (records.pack(oid, payload, [], 0), oid))
+                     (records.pack(oid, payload, [], 0, signer_for(None)), oid))
     with pstore.open(path, "r") as store, pytest.raises(AttributeError) as raised:
         store["x"]
     assert any("key 'x'" in note and f"object id {oid}" in note
