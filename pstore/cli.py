@@ -83,6 +83,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"keys:           {info.keys}")
     print(f"records:        {info.records} ({_size(info.record_bytes)})")
     print(f"blobs:          {info.blobs} ({_size(info.blob_bytes)})")
+    print(f"key:            {info.key_fingerprint or '-'} (created with), "
+          f"{store.key_fingerprint} (yours)")
     return 0
 
 
@@ -123,6 +125,30 @@ def cmd_globals(args: argparse.Namespace) -> int:
             names = store.globals(args.key)
     for name in names:
         print(name)
+    return 0
+
+
+def cmd_trust(args: argparse.Namespace) -> int:
+    with _open(args, "w") as store:
+        keys = args.keys or None
+        names = store.globals() if keys is None else \
+            sorted({name for key in keys for name in store.globals(key)})
+        what = "every record" if keys is None else f"the records of {', '.join(keys)}"
+        print(f"{what} would import, once trusted:")
+        for name in names:
+            print(f"  {name}")
+        if not names:
+            print("  (no globals)")
+        if not args.yes:
+            if not sys.stdin.isatty():
+                raise SystemExit("pstore trust: not a terminal; review the list and pass --yes")
+            answer = input(f"sign {what} with your key, so they load with full pickle "
+                           f"semantics? [y/N] ")
+            if answer.strip().lower() not in ("y", "yes"):
+                print("nothing signed")
+                return 1
+        count = store.trust(keys)
+    print(f"signed {count} records with key {store.key_fingerprint}")
     return 0
 
 
@@ -259,6 +285,10 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("key", nargs="?", help="with a store: one key (globals: and what "
                                                 "it refers to)")
         sub.add_argument("--backend", help="the store's backend (default: told from its files)")
+    trust = command("trust", cmd_trust, "list the globals of the records reachable from KEYs "
+                                        "(or all), ask, and sign them with your key (writes)")
+    trust.add_argument("keys", nargs="*", metavar="KEY")
+    trust.add_argument("--yes", action="store_true", help="do not ask")
     command("verify", cmd_verify, "check every record, reference, blob and signature; exit "
                                   "status 1 if anything is damaged")
     command("gc", cmd_gc, "delete the records no key reaches and the blobs no record uses "
