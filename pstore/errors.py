@@ -137,35 +137,6 @@ class MissingObjectError(Error, KeyError):
         return message if self.what is None else f"{message}: {self.what}"
 
 
-class CorruptionError(Error, ValueError):
-    """Stored bytes are damaged: a store file, index, record or journal fails its check.
-
-    ``path`` names the damaged file, ``what`` says what is wrong; ``key`` and
-    ``object_id`` name the record when one is concerned.
-    """
-
-    def __init__(self, path: str, what: str, *, key: str | None = None,
-                 object_id: int | None = None) -> None:
-        super().__init__(path, what, key, object_id)
-        self.path = path
-        self.what = what
-        self.key = key
-        self.object_id = object_id
-
-    def __reduce__(self) -> tuple[object, ...]:
-        return _rebuild_corruption, self.args
-
-    def __str__(self) -> str:
-        where = "".join([f", key {self.key!r}" if self.key is not None else "",
-                         f", object id {self.object_id}" if self.object_id is not None else ""])
-        return f"store {self.path!r} is damaged{where}: {self.what}"
-
-
-def _rebuild_corruption(path: str, what: str, key: str | None,
-                        object_id: int | None) -> CorruptionError:
-    return CorruptionError(path, what, key=key, object_id=object_id)
-
-
 class UnsafeFileError(Error, PermissionError):
     """A file beside the store (lock, counter, journal) is not what pstore made: a symbolic
     link, not a regular file, owned by another user than the store, or not accessible.
