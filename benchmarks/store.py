@@ -792,8 +792,9 @@ class Row:
     unit: str           # "ops/s" (count / time: higher is better), "ms" (lower), or info
     count: int = 0      # operations, for a rate
 
-    def figure(self, seconds: float) -> float:
-        return self.count / seconds if self.unit.endswith("/s") else seconds * 1000
+
+#: The rows whose count of operations dbm.dumb peers shorten (``--dumb-singles``).
+SINGLES = ("single sets", "random gets")
 
 
 def rows_for(sizes: Sizes) -> list[Row]:
@@ -858,10 +859,14 @@ class Table:
         value = self.results[peer.name].get(row.key)
         return value if isinstance(value, float) else None
 
+    def count(self, peer: Peer, row: Row) -> int:
+        """The operations ``peer`` ran in ``row``'s workload."""
+        return self.sizes.singles_for(peer) if row.key in SINGLES else row.count
+
     def marked(self, peer: Peer, row: Row) -> bool:
         """Not comparable: a dbm.dumb peer's shortened singles, or a count with lost updates."""
-        if row.key in ("single sets", "random gets"):
-            return self.sizes.singles_for(peer) != self.sizes.singles
+        if row.key in SINGLES:
+            return self.count(peer, row) != row.count
         return row.key == "increments" and self.results[peer.name].get("lost updates", 0) > 0
 
     def cell(self, peer: Peer, row: Row) -> str:
@@ -873,7 +878,8 @@ class Table:
             return "—" if value is None else f"{value / 1000:,.0f}"
         if value is None:
             return "—"
-        text = format_figure(row.figure(value), row.unit)
+        figure = self.count(peer, row) / value if row.unit.endswith("/s") else value * 1000
+        text = format_figure(figure, row.unit)
         if self.marked(peer, row):
             if row.key == "increments":
                 return f"{text} (lost {results['lost updates']:,})"
@@ -885,9 +891,7 @@ class Table:
         mine, theirs = self.seconds(ours, row), self.seconds(peer, row)
         if mine is None or theirs is None or self.marked(peer, row) or self.marked(ours, row):
             return None
-        if row.unit.endswith("/s"):
-            return row.figure(mine) / row.figure(theirs)
-        return theirs / mine
+        return theirs / mine    # comparable: the same count of operations
 
     def best_peer(self, ours: Peer, row: Row) -> tuple[float, Peer] | None:
         """The ratio to the fastest comparable peer (the lowest speedup), and that peer."""
