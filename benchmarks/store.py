@@ -1033,8 +1033,12 @@ def run_on_sqlite(peers: list[Peer], sizes: Sizes, repeat: int) -> None:
 
 def run_on_postgresql(sizes: Sizes, repeat: int) -> None:
     """The workloads on a throwaway local server: pstore's PostgreSQL backend, RelStorage."""
-    from tests.pg import throwaway_cluster
-    with throwaway_cluster() as server:
+    from tests.pg import ClusterUnavailable, throwaway_cluster
+    with contextlib.ExitStack() as stack:
+        try:
+            server = stack.enter_context(throwaway_cluster())
+        except ClusterUnavailable as reason:
+            raise Unavailable(f"postgresql: no server can be started here: {reason}") from None
         rounds = 2000
         started = time.perf_counter()
         import psycopg
@@ -1089,6 +1093,9 @@ def main(argv: list[str] | None = None) -> int:
     except WrongResult as error:
         print(f"\nwrong result: {error}", file=sys.stderr)
         return 1
+    except Unavailable as reason:
+        print(f"\n{reason}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -1,7 +1,9 @@
 """The benchmarks run: engine.py (and pstore pickles its corpus exactly as the stdlib
 does), arrays.py on a small dataset (and every library loads the same data), and
 store.py in its quick mode (issue 14's table, every installed peer, no lost update),
-whose ratios and targets are also checked on figures made up for the purpose.
+whose ratios and targets are also checked on figures made up for the purpose; each
+library as store.py configures it keeps a commit when its process is killed, as the
+benchmark says; ``--backends postgresql`` runs where a server can be started.
 
 No timing is checked: a benchmark's numbers are for people to read.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import pickle
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -174,3 +177,51 @@ def test_store_benchmark_ratios_medians_and_targets(store_bench: ModuleType,
     assert re.search(r"increments >= 1.5x diskcache, no lost update +pstore 2.50 met; "
                      r"pstore-dbm 50.00 met", output)
     assert "bulk read-back" not in output       # no figures for it: not judged
+
+
+#: In a fresh process: one committed set with store.py's configuration of a library, then SIGKILL.
+SET_THEN_DIE = """
+import importlib.util, os, signal, sys
+spec = importlib.util.spec_from_file_location("benchmarks_store", sys.argv[1])
+bench = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = bench
+spec.loader.exec_module(bench)
+peer = bench.PStore() if sys.argv[2] == "pstore" else bench.PEERS[sys.argv[2]][1]()
+peer.open(sys.argv[3])
+peer.set_one("k", bench.small(7))
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+@pytest.mark.parametrize("name", ["pstore", *STORE_PEERS])
+def test_store_benchmark_commits_survive_a_killed_process(store_bench: ModuleType, name: str,
+                                                          tmp_path: Path) -> None:
+    if name != "pstore" and importlib.util.find_spec(STORE_PEERS[name]) is None:
+        pytest.skip(f"{STORE_PEERS[name]} is not installed")
+    died = subprocess.run([sys.executable, "-c", SET_THEN_DIE, str(STORE_BENCHMARK), name,
+                           str(tmp_path)], capture_output=True, text=True, check=False)
+    assert died.returncode == -signal.SIGKILL, died.stderr
+    peer = store_bench.PStore() if name == "pstore" else store_bench.PEERS[name][1]()
+    peer.open(str(tmp_path))
+    try:
+        assert peer.get("k") == store_bench.small(7)
+    finally:
+        peer.close()
+
+
+def test_store_benchmark_on_postgresql_against_relstorage() -> None:
+    result = subprocess.run([sys.executable, str(STORE_BENCHMARK), "--quick", "--repeat", "1",
+                             "--backends", "postgresql"],
+                            capture_output=True, text=True, timeout=900, check=False)
+    if result.returncode == 2 and "no server can be started here" in result.stderr:
+        pytest.skip(result.stderr.strip())
+    assert result.returncode == 0, result.stdout + result.stderr
+    header, *rows = table_of(result.stdout)
+    assert header[2] == "pstore-postgresql"
+    assert all(len(row) == len(header) for row in rows)
+    assert "  pstore-postgresql: store.transaction() (the store's write lock): no lost update" \
+        in result.stdout.splitlines()
+    if importlib.util.find_spec("relstorage") is not None:
+        assert header[3] == "RelStorage"
+        assert "  RelStorage: each worker its own RelStorage connection; conflicts retried: " \
+            "no lost update" in result.stdout.splitlines()
