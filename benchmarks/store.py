@@ -716,6 +716,7 @@ def run_persistent_graph(peer: Peer, sizes: Sizes) -> dict[str, Any]:
 COLD_START = """\
 import os, sys, time
 directory = sys.argv[1]
+sys.stderr.write("-- import --\\n")
 started = time.perf_counter()
 {import_code}
 imported = time.perf_counter()
@@ -757,11 +758,12 @@ def importtime_summary(import_code: str, open_code: str) -> list[str]:
     with the most time of their own, and what the open imported."""
     cold_start(import_code, open_code)      # the bytecode caches written, as a user has them
     _, _, stderr = cold_start(import_code, open_code, importtime=True)
-    sections: dict[str, list[tuple[float, float, int, str]]] = {"import": [], "open": []}
-    section = "import"
+    sections: dict[str, list[tuple[float, float, int, str]]] = {
+        "startup": [], "import": [], "open": []}
+    section = "startup"     # the interpreter's own imports (site), before the program's
     for line in stderr.splitlines():
-        if line == "-- open --":
-            section = "open"
+        if line.startswith("-- ") and line.endswith(" --"):
+            section = line[3:-3]
         elif line.startswith("import time:") and "|" in line and "self [us]" not in line:
             own, cumulative, name = line[len("import time:"):].split("|")
             depth = (len(name) - len(name.lstrip()) - 1) // 2
@@ -772,12 +774,12 @@ def importtime_summary(import_code: str, open_code: str) -> list[str]:
         entries = sections[section]
         total = sum(cumulative for _, cumulative, depth, _ in entries if depth == 0)
         heaviest = sorted(entries, reverse=True)[:6]
-        lines.append(f"{what}: {len(entries)} modules, {total:.1f} ms under -X importtime"
-                     + ("; most own time: " + ", ".join(f"{name} {own:.1f}"
+        lines.append(f"{what}: {len(entries)} modules, {total:.1f} ms"
+                     + ("; most own time (ms): " + ", ".join(f"{name} {own:.1f}"
                                                          for own, _, _, name in heaviest)
                         if entries else ""))
         if section == "open" and entries:
-            lines.append("  the first open imported: " + ", ".join(
+            lines.append("  its outermost imports: " + ", ".join(
                 f"{name} {cumulative:.1f}" for _, cumulative, depth, name in entries
                 if depth == 0))
     return lines
@@ -1027,8 +1029,9 @@ def run_on_sqlite(peers: list[Peer], sizes: Sizes, repeat: int) -> None:
     pickle_import = statistics.median(cold_start("import pickle")[0] for _ in range(repeat))
     print(f"\ncold start, for reference: import pickle {pickle_import * 1000:.1f} ms "
           "(same fresh process)")
+    print("-X importtime (one fresh process; it adds a cost of its own to each import):")
     for line in importtime_summary(PStore.import_code or "", PStore.open_code):
-        print(line)
+        print(f"  {line}")
 
 
 def run_on_postgresql(sizes: Sizes, repeat: int) -> None:
