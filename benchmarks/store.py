@@ -883,10 +883,14 @@ class Table:
         return self.sizes.singles_for(peer) if row.key in SINGLES else row.count
 
     def marked(self, peer: Peer, row: Row) -> bool:
-        """Not comparable: a dbm.dumb peer's shortened singles, or a count with lost updates."""
+        """Not comparable: a dbm.dumb peer's shortened singles, a count with lost updates,
+        a shared graph written as copies of the shared object."""
+        results = self.results[peer.name]
         if row.key in SINGLES:
             return self.count(peer, row) != row.count
-        return row.key == "increments" and self.results[peer.name].get("lost updates", 0) > 0
+        if row.key == "graph write":
+            return results.get("graph shared") is False
+        return row.key == "increments" and results.get("lost updates", 0) > 0
 
     def cell(self, peer: Peer, row: Row) -> str:
         results = self.results[peer.name]
@@ -902,6 +906,8 @@ class Table:
         if self.marked(peer, row):
             if row.key == "increments":
                 return f"{text} (lost {results['lost updates']:,})"
+            if row.key == "graph write":
+                return f"{text} (copies)"
             return f"{text} *{self.sizes.singles_for(peer):,}"
         return text
 
@@ -1017,6 +1023,11 @@ def print_notes(table: Table) -> None:
         print(f"*N: {', '.join(marked)} ran the single sets and gets on their first N keys "
               "only (dbm.dumb rewrites its whole index on each commit: N squared; "
               "--dumb-singles 0 runs them all); not comparable, so no ratio.")
+    copies = [peer.name for peer in table.peers
+              if table.results[peer.name].get("graph shared") is False]
+    if copies:
+        print(f"(copies): {', '.join(copies)} wrote the shared object once per record (it is "
+              "not one object after reopening): another job, so no ratio.")
     print("increments, how each library runs them (each final count checked):")
     for peer in table.peers:
         results = table.results[peer.name]

@@ -146,7 +146,8 @@ def test_store_benchmark_ratios_medians_and_targets(store_bench: ModuleType,
 
     def rounds(*seconds: float, lost: int = 0) -> list[dict[str, float | int]]:
         return [{"single sets": value, "random gets": value, "bulk write": value,
-                 "increments": value, "lost updates": lost} for value in seconds]
+                 "graph write": value, "graph shared": not lost, "increments": value,
+                 "lost updates": lost} for value in seconds]
     runs = {"pstore": rounds(1.0, 3.0, 2.0),        # median 2 s
             "pstore-dbm": rounds(0.1, 0.1, 0.1),    # shortened singles: no ratio there
             "sqlitedict": rounds(1.0, 1.0, 1.0, lost=3),
@@ -168,6 +169,9 @@ def test_store_benchmark_ratios_medians_and_targets(store_bench: ModuleType,
     assert table.cell(dbm, rows["single sets"]) == "1.0k *100"       # 100 in 0.1 s
     assert table.cell(sqlitedict, rows["increments"]) == "8.0k (lost 3)"    # 4 x 2000 in 1 s
     assert table.cell(zodb, rows["random gets"]) == "333"
+    # sqlitedict wrote copies of the shared object (made up: with its lost updates).
+    assert table.cell(sqlitedict, rows["graph write"]) == "1000 (copies)"
+    assert table.best_peer(pstore, rows["graph write"]) == (pytest.approx(1.5), zodb)
     store_bench.print_targets(table)
     output = capsys.readouterr().out
     assert re.search(r"single sets >= 2x diskcache +pstore 2.50 met; pstore-dbm not comparable",
