@@ -135,7 +135,7 @@ def test_store_benchmark_quick_run_prints_issue_14s_table() -> None:
         else:
             assert "not run: ZEO is not installed" in line
     assert re.search(r"import pickle [0-9.]+ ms", output)
-    assert re.search(r"^import pstore: [0-9]+ modules", output, re.MULTILINE)
+    assert re.search(r"^  import pstore: [0-9]+ modules", output, re.MULTILINE)
 
 
 def test_store_benchmark_ratios_medians_and_targets(store_bench: ModuleType,
