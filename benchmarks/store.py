@@ -764,7 +764,8 @@ def cold_start(import_code: str, open_code: str = "", importtime: bool = False,
     return import_seconds, open_seconds, result.stderr
 
 
-def run_cold_start(peer: Peer, sizes: Sizes) -> dict[str, Any]:
+def run_cold_start(peer: Peer) -> dict[str, Any]:
+    """Workload 7 for one library."""
     assert peer.import_code is not None
     import_seconds, open_seconds, _ = cold_start(peer.import_code, peer.open_code)
     return {"import": import_seconds, "first open": open_seconds}
@@ -846,7 +847,7 @@ def run_peer(peer: Peer, sizes: Sizes) -> dict[str, Any]:
     results = {**run_singles(peer, sizes), **run_bulk(peer, sizes),
                **run_shared_graph(peer, sizes), **run_increments(peer, sizes)}
     if peer.import_code is not None:
-        results.update(run_cold_start(peer, sizes))
+        results.update(run_cold_start(peer))
     if peer.node_class is not None:
         results.update(run_persistent_graph(peer, sizes))
     return results
