@@ -31,7 +31,7 @@ from typing import Any
 
 from ..errors import ClosedError, CorruptionError, Error, FormatError, ReadOnlyError
 from . import journal
-from .base import Backend, Statistics, binding_seal
+from .base import Backend, Statistics, binding_seal, check_reserved
 from .blobs import BlobStore, LocalBlobs
 from .dbm_layout import (CHECK, DIGESTS_FROM, FORMAT, FORMAT_KEY, FORMAT_NAME, FORMAT_VERSION,
                          FREE_PAGES,
@@ -370,6 +370,11 @@ class DBMBackend(LocalBlobs, Backend):
                                              f"{problem}")
         self._put_int(NEXT_OID, oid + 1)
         return oid
+
+    def reserve_ids(self, up_to: int) -> None:
+        check_reserved(up_to)
+        if self._get_int(NEXT_OID, 1) <= up_to:
+            self._put_int(NEXT_OID, up_to + 1)
 
     def get_record(self, oid: int) -> bytes | None:
         with self._reading():

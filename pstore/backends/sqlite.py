@@ -16,7 +16,7 @@ from contextlib import AbstractContextManager
 from typing import Any, NamedTuple, NoReturn
 
 from ..errors import ClosedError, CorruptionError, FormatError, LockTimeoutError, ReadOnlyError
-from .base import Backend, Statistics, binding_seal
+from .base import Backend, Statistics, binding_seal, check_reserved
 from .blobs import BlobStore, LocalBlobs
 from .files import FileLock, create_private, key_lock_file, require_existing, store_owner
 
@@ -86,6 +86,7 @@ _REFERENCED_BLOBS = "SELECT DISTINCT blob FROM blob_refs"
 _PUT_LAZY_REF = "INSERT OR IGNORE INTO refs (oid, ref, lazy) VALUES (?, ?, 1)"
 _NEXT_OID = "SELECT value FROM meta WHERE name = 'next_oid'"
 _RESERVE_OIDS = "UPDATE meta SET value = ? WHERE name = 'next_oid'"
+_RESERVE_IDS_UP_TO = "UPDATE meta SET value = max(value, ?) WHERE name = 'next_oid'"
 # Lists of ids travel as one JSON array parameter, so no statement is built per call.
 _EXISTING = "SELECT oid FROM records WHERE oid IN (SELECT value FROM json_each(?))"
 _IS_REFERENCED = ("SELECT EXISTS (SELECT 1 FROM keys WHERE oid = ?1)"
@@ -395,6 +396,15 @@ class SQLiteBackend(LocalBlobs, Backend):
         self._next_oid = oid + 1
         self._fresh.add(oid)
         return oid
+
+    def reserve_ids(self, up_to: int) -> None:
+        check_reserved(up_to)
+        try:
+            self._require().execute(_RESERVE_IDS_UP_TO, (up_to + 1,))
+        except sqlite3.DatabaseError as error:
+            self._failed(error)
+        if self._next_oid <= up_to:     # the block this connection holds: given up
+            self._next_oid = self._block_end = 0
 
     def get_record(self, oid: int) -> bytes | None:
         try:
