@@ -104,6 +104,21 @@ def test_gc_reports_and_vacuum_shrinks(made: Path) -> None:
         assert store["config"] == {"lr": 0.1}
 
 
+def test_copy_to_the_other_backend_keeps_values_and_refuses_a_full_target(made: Path) -> None:
+    np = pytest.importorskip("numpy")
+    other = "dbm" if "sqlite" in out("info", made.name, cwd=made.parent) else "sqlite"
+    text = out("copy", made.name, "copy.db", "--target-backend", other, cwd=made.parent)
+    assert text.startswith("copied 4 keys from s.db into copy.db")
+    assert other in out("info", "copy.db", cwd=made.parent)
+    with pstore.open(made.parent / "copy.db", "r") as store:
+        assert store["config"] == {"lr": 0.1} and store["p"]["z"] == 1
+        assert isinstance(store["p"], pstore.PersistentDict)
+        assert np.array_equal(store["arr"], np.arange(100_000))
+    refused = run("copy", made.name, "copy.db", cwd=made.parent, status=1)
+    assert "not empty" in refused.stderr and refused.stderr.count("\n") == 1
+    assert "copied 4 keys" in out("copy", made.name, "copy.db", "--flag", "n", cwd=made.parent)
+
+
 def test_errors_are_one_line_with_status_1_and_usage_errors_status_2(tmp_path: Path) -> None:
     missing = run("ls", "nope.db", cwd=tmp_path, status=1)
     assert missing.stderr.count("\n") == 1 and "nope.db" in missing.stderr
