@@ -115,13 +115,15 @@ class Backend(ABC):
 
     @abstractmethod
     def reserve_ids(self, up_to: int) -> None:
-        """Make every later :meth:`new_oid` (of this and every other connection) return an
-        id above ``up_to``: records copied in under their own ids (:func:`pstore.copy`)
-        are never overwritten by new ones.
+        """Make every later :meth:`new_oid` return an id above ``up_to``: records copied in
+        under their own ids (:func:`pstore.copy`) are never overwritten by new ones.
 
         Inside a write transaction; takes effect with it (a rollback may leave ids
-        skipped, never handed out twice). Ids already above ``up_to`` stay as they are.
-        Raises ``ValueError`` if ``up_to`` is below 0 or past the largest id.
+        skipped, never handed out twice). Holds for this connection and every one that
+        opens later; a connection open already may keep handing out the ids of a block
+        it reserved before (the backends that allocate ids in blocks). Ids already above
+        ``up_to`` stay as they are. Raises ``ValueError`` if ``up_to`` is below 0 or
+        not below the largest id.
         """
 
     @abstractmethod
