@@ -289,3 +289,20 @@ def test_copy_of_a_damaged_record_names_it_and_writes_nothing(tmp_path: Path) ->
         pstore.copy(source, target)
     with pstore.open(target, "r") as store:
         assert len(store) == 0 and store.info().records == 0
+
+
+def test_copy_of_a_store_from_before_digests_gives_every_record_one(tmp_path: Path) -> None:
+    from tests.backends.test_backend_sqlite import _VERSION_1
+
+    source, target = str(tmp_path / "old.db"), str(tmp_path / "new.dbm")
+    with sqlite3.connect(source) as db:
+        for statement in _VERSION_1:
+            db.execute(statement)
+    before = Path(source).read_bytes()
+    assert pstore.copy(source, target, backend="dbm") == 2
+    assert Path(source).read_bytes() == before     # read only: still version 1
+    with pstore.open(target, "r") as store:
+        assert store["user"] == {"shared": [1, 2]}
+        assert store["user"]["shared"] is store["shared"]
+        report = store.verify()
+        assert report.ok and "0 without digest" in str(report)

@@ -358,6 +358,8 @@ class SQLiteBackend(LocalBlobs, Backend):
                                          f"newer pstore; this one reads up to {FORMAT_VERSION}")
         self._sealed = meta["version"] >= 3
         self._keys_sql = _KEY_STATEMENTS[self._sealed]
+        # Version 1 has no lazy refs (no column for them): every ref is followed at once.
+        self._eager_refs_sql = _EAGER_REFS_OF if meta["version"] >= 2 else _REFS_OF
         if not self._sealed:
             self.digests_from = 1 << 63     # any record may predate digests
         else:
@@ -458,7 +460,7 @@ class SQLiteBackend(LocalBlobs, Backend):
             self._failed(error)
 
     def refs_of(self, oid: int, *, lazy: bool = True) -> Collection[int]:
-        rows = self._require().execute(_REFS_OF if lazy else _EAGER_REFS_OF, (oid,))
+        rows = self._require().execute(_REFS_OF if lazy else self._eager_refs_sql, (oid,))
         return [row[0] for row in rows]
 
     # -- keys -------------------------------------------------------------------------------
