@@ -1,4 +1,7 @@
-"""Copying data written by other tools into a pstore store.
+"""Copying data written by other tools into a pstore store, and stores between backends.
+
+:func:`copy` copies a pstore store into an empty one of any backend, record by record,
+unpickling nothing (docs/servers.md, "Move the data").
 
 :func:`convert` reads a ``shelve`` file, a ``sqlitedict`` file, a ``diskcache``
 directory or a ZODB ``FileStorage`` and writes its keys and values into a store.
@@ -26,7 +29,7 @@ from itertools import islice
 from typing import Any
 
 from . import engine
-from .backends import Backend
+from .backends import Backend, detect_backend, open_backend
 from .errors import CorruptionError, Error
 from .store import DEFAULT_LOCK_TIMEOUT, open, records
 
@@ -595,8 +598,6 @@ def copy(source: str | os.PathLike[str], target: str | os.PathLike[str], *,
     to it afterwards: ids they had reserved may be the copied ones. ``progress(n)`` is
     called as records are copied, with how many since the last call.
     """
-    from .backends import detect_backend, open_backend
-
     source_path, target_path = os.fsdecode(os.fspath(source)), os.fsdecode(os.fspath(target))
     if _same_location(source_path, target_path):
         raise CopyError(source_path, target_path, "they are the same store")
@@ -653,9 +654,9 @@ def _copy_records(reader: Backend, writer: Backend,
         writer.reserve_ids(largest)
         count = 0
         for key in reader.iter_keys():
-            oid = reader.get_key(key)
-            if oid is not None:
-                writer.bind_key(key, oid)
+            bound = reader.get_key(key)
+            if bound is not None:
+                writer.bind_key(key, bound)
                 count += 1
         if reader.change_marker() != marker:
             raise refuse("another process committed to the source during the copy; "

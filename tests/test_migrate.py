@@ -179,14 +179,13 @@ def test_shelve_and_unknown_sources(tmp_path: Path) -> None:
 def make_graph(location: str, backend: str | None) -> None:
     """Shared objects across keys, Persistent objects, equal arrays (one blob)."""
     np = pytest.importorskip("numpy")
-    with pstore.open(location, "c", backend=backend) as store:
-        with store.transaction():
-            shared = {"lr": 0.1}
-            child = pstore.PersistentList([1, 2])
-            store["a"] = {"config": shared, "weights": np.arange(50_000), "child": child}
-            store["b"] = [shared, np.arange(50_000)]
-            store["child"] = child
-            store["config"] = shared
+    with pstore.open(location, "c", backend=backend) as store, store.transaction():
+        shared = {"lr": 0.1}
+        child = pstore.PersistentList([1, 2])
+        store["a"] = {"config": shared, "weights": np.arange(50_000), "child": child}
+        store["b"] = [shared, np.arange(50_000)]
+        store["child"] = child
+        store["config"] = shared
 
 
 def check_graph(location: str, backend: str | None = None) -> None:

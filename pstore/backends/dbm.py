@@ -796,7 +796,7 @@ class DBMBackend(LocalBlobs, Backend):
         folder, new = self._module.start_rewrite(self.path)
         try:
             entries = 0
-            for key in self._db.keys():
+            for key in self._db.keys():  # noqa: SIM118 (ndbm handles are not iterable)
                 value = self._db[key]
                 if value and key != CHECK:  # b"": deleted (see DumbModule.delete)
                     new[key] = value
