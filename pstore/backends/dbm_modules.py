@@ -19,9 +19,9 @@ import sqlite3
 import stat
 from typing import Any
 
-from ..errors import CorruptionError, FormatError
+from ..errors import CorruptionError, FormatError, UnsafeFileError
 from . import journal
-from .files import fsync_directory, fsync_file, replace_file
+from .files import fsync_directory, fsync_file, owned_by, replace_file, store_owner
 
 __all__ = ["MODULES", "REWRITE_FOLDER", "SUFFIXES", "DumbModule", "Module", "SQLiteModule", "choose_module",
            "load_module", "whichdb"]
@@ -148,12 +148,19 @@ class Module:
         ``path``: the folder renamed to ``path + REWRITE_FOLDER`` is the commit point,
         after which :meth:`finish_rewrite` completes the move. The caller holds the write
         lock and the exclusive apply lock."""
-        self.close(db, os.path.join(folder, "new"), writable=True)
         new = os.path.join(folder, "new")
-        for name in self.files(new):
-            if os.path.exists(name):
-                fsync_file(name)
+        self.close(db, new, writable=True)
+        written = [name for name in self.files(new) if os.path.exists(name)]
+        for name in written:
+            fsync_file(name)
         fsync_directory(new)
+        try:    # finish_rewrite links the files into place: known to work before committing
+            os.link(written[0], new + ".probe", follow_symlinks=False)
+        except OSError as error:
+            raise NotImplementedError(f"cannot vacuum {path!r}: its file system has no hard "
+                                      f"links ({error.strerror}); `pstore copy` makes a "
+                                      f"compact copy") from error
+        os.unlink(new + ".probe")
         os.rename(folder, path + REWRITE_FOLDER)
         fsync_directory(path)
         self.finish_rewrite(path)
@@ -245,11 +252,22 @@ REWRITE_FOLDER = ".vacuum"
 
 
 def rewrite_pending(path: str) -> bool:
-    """Whether a committed rewrite of the database at ``path`` is to be finished."""
+    """Whether a committed rewrite of the database at ``path`` is to be finished.
+
+    Raises :class:`~pstore.errors.UnsafeFileError` for a folder there that is not the
+    store owner's (or root's): a database planted there is never read.
+    """
+    folder = path + REWRITE_FOLDER
     try:
-        return stat.S_ISDIR(os.lstat(path + REWRITE_FOLDER).st_mode)
+        info = os.lstat(folder)
     except FileNotFoundError:
         return False
+    if not stat.S_ISDIR(info.st_mode):
+        return False
+    owner = store_owner([path + suffix for suffixes in SUFFIXES.values() for suffix in suffixes])
+    if not owned_by(info, owner):
+        raise UnsafeFileError(folder, f"owned by uid {info.st_uid}, the store by uid {owner}")
+    return True
 
 
 def remove_rewrite_leftovers(path: str) -> None:

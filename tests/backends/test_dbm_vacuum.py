@@ -171,3 +171,19 @@ def test_readers_in_another_process_keep_reading_during_vacuums(tmp_path, module
         out, err = reader.communicate(timeout=60)
     assert reader.returncode == 0, err
     assert int(out) > 0
+
+
+@rewritten
+def test_a_rewrite_folder_of_another_user_is_never_read(tmp_path, module):
+    path = str(tmp_path / "store")
+    fill(path, module)
+    planted = path + REWRITE_FOLDER
+    os.mkdir(planted)
+    try:
+        os.chown(planted, 54321, -1)
+    except PermissionError:
+        pytest.skip("only root can give a folder to another user")
+    with pytest.raises(pstore.errors.UnsafeFileError, match=r"\.vacuum.*uid 54321"):
+        pstore.open(path, "r")
+    os.rmdir(planted)
+    assert contents(path, "r") == expected()
