@@ -23,8 +23,9 @@ from ..errors import CorruptionError, FormatError, UnsafeFileError
 from . import journal
 from .files import fsync_directory, fsync_file, owned_by, replace_file, store_owner
 
-__all__ = ["MODULES", "REWRITE_FOLDER", "SUFFIXES", "DumbModule", "Module", "SQLiteModule", "choose_module",
-           "load_module", "whichdb"]
+__all__ = ["MODULES", "REWRITE_FOLDER", "SUFFIXES", "DumbModule", "Module", "SQLiteModule",
+           "choose_module", "load_module", "remove_rewrite_leftovers", "rewrite_pending",
+           "whichdb"]
 
 #: The dbm modules this backend can use, best first: plain ``backend="dbm"`` takes the
 #: first one this Python has (the order of the standard library's own ``dbm.open``).
