@@ -192,3 +192,10 @@ def test_a_progress_bar_on_a_terminal_and_none_otherwise(tmp_path: Path) -> None
     piped = run("convert", "old", "b.db", cwd=tmp_path)
     assert "convert:" not in piped.stdout + piped.stderr
     assert piped.stdout.startswith("copied 50 keys")
+
+
+def test_copy_shows_a_progress_bar_of_records_on_a_terminal(made: Path) -> None:
+    pytest.importorskip("tqdm")
+    on_terminal = run_in_pty("copy", made.name, "copy.db", cwd=made.parent)
+    assert "copy:" in on_terminal and " records" in on_terminal
+    assert "copied 4 keys" in on_terminal
