@@ -45,7 +45,8 @@ def _size(count: int) -> str:
 
 
 @contextmanager
-def _progress(total: int | None, what: str) -> Iterator[Callable[[int], None]]:
+def _progress(total: int | None, what: str,
+              unit: str = " keys") -> Iterator[Callable[[int], None]]:
     """A callback advancing a progress bar (tqdm, on a terminal), or doing nothing."""
     if not sys.stdout.isatty():
         yield lambda count: None
@@ -55,7 +56,7 @@ def _progress(total: int | None, what: str) -> Iterator[Callable[[int], None]]:
     except ImportError:     # the extra is not installed: the summary line says it all
         yield lambda count: None
         return
-    with tqdm(total=total, desc=what, unit=" keys", leave=False) as bar:
+    with tqdm(total=total, desc=what, unit=unit, leave=False) as bar:
         yield bar.update
 
 
@@ -161,11 +162,10 @@ def cmd_vacuum(args: argparse.Namespace) -> int:
 def cmd_copy(args: argparse.Namespace) -> int:
     import pstore
 
-    with _open(args, path=args.source) as source:
-        total = len(source)
-    with _progress(total, "copy") as advance:
+    # Records are what takes the time; counting them first would read them twice.
+    with _progress(None, "copy", " records") as advance:
         count = pstore.copy(args.source, args.target, backend=args.target_backend,
-                            flag=args.flag, progress=advance)
+                            source_backend=args.backend, flag=args.flag, progress=advance)
     print(f"copied {_count(count, 'key')} from {args.source} into {args.target}")
     return 0
 

@@ -37,7 +37,10 @@ from typing import Any
 
 from ..errors import Error, FormatError
 
-__all__ = ["Backend", "SEAL_SIZE", "Statistics", "binding_seal"]
+__all__ = ["Backend", "MAX_OID", "SEAL_SIZE", "Statistics", "binding_seal", "check_reserved"]
+
+#: The largest object id any backend stores (a signed 64-bit integer's range).
+MAX_OID = 2 ** 63 - 1
 
 #: Bytes of a key binding's seal.
 SEAL_SIZE = 8
@@ -53,6 +56,12 @@ def binding_seal(key: str, oid: int) -> bytes:
     """
     return hashlib.blake2b(oid.to_bytes(8, "little") + key.encode("utf-8", "surrogatepass"),
                            digest_size=SEAL_SIZE, person=b"pstore-key").digest()
+
+
+def check_reserved(up_to: int) -> None:
+    """Raise ``ValueError`` unless ``up_to`` may be passed to :meth:`Backend.reserve_ids`."""
+    if not 0 <= up_to < MAX_OID:
+        raise ValueError(f"cannot reserve object ids up to {up_to}: ids are 1 to {MAX_OID - 1}")
 
 
 @dataclass(frozen=True)
@@ -102,6 +111,19 @@ class Backend(ABC):
 
         Inside a write transaction only; ids allocated in a transaction that is rolled
         back may be allocated again.
+        """
+
+    @abstractmethod
+    def reserve_ids(self, up_to: int) -> None:
+        """Make every later :meth:`new_oid` return an id above ``up_to``: records copied in
+        under their own ids (:func:`pstore.copy`) are never overwritten by new ones.
+
+        Inside a write transaction; takes effect with it (a rollback may leave ids
+        skipped, never handed out twice). Holds for this connection and every one that
+        opens later; a connection open already may keep handing out the ids of a block
+        it reserved before (the backends that allocate ids in blocks). Ids already above
+        ``up_to`` stay as they are. Raises ``ValueError`` if ``up_to`` is below 0 or
+        not below the largest id.
         """
 
     @abstractmethod

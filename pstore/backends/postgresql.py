@@ -48,7 +48,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from ..errors import (ClosedError, ConnectionLostError, FormatError, LockTimeoutError,
                       ReadOnlyError, ServerLockTimeoutError)
-from .base import Backend
+from .base import Backend, check_reserved
 from .blobs import _TreeHasher  # the digest of blobs.py, over a stream of chunks
 
 try:
@@ -126,6 +126,16 @@ WHERE l.locktype = 'advisory' AND l.granted AND l.classid = {lock_class}::oid
 LIMIT 1
 """
 _NEXT_OIDS = "SELECT nextval(%s::regclass)"
+# The sequence's next value made at least %(next)s; last_value is the start of the last block
+# handed out (or, before any, the first value).
+_RESERVE_IDS = """
+SELECT setval(%(sequence)s::regclass, GREATEST(%(next)s,
+              CASE WHEN is_called THEN last_value + {oid_block} ELSE last_value END), false)
+FROM {s}.oids
+"""
+_RECORDS = "SELECT oid, data, refs FROM {s}.records WHERE oid > %s ORDER BY oid LIMIT %s"
+_EAGER_REFS_OF = ("SELECT ARRAY(SELECT unnest(refs) EXCEPT SELECT unnest(lazy))"
+                  " FROM {s}.records WHERE oid = %s")
 _GET_RECORD = "SELECT data FROM {s}.records WHERE oid = %s"
 _PUT_RECORD = """
 INSERT INTO {s}.records (oid, data, refs, lazy, blobs)
@@ -435,6 +445,13 @@ class PostgreSQLBackend(Backend):
         self._next_oid = oid + 1
         return oid
 
+    def reserve_ids(self, up_to: int) -> None:
+        check_reserved(up_to)
+        # setval is not transactional: a rollback leaves the ids skipped.
+        self._one("reserve_ids", {"sequence": f"{self._schema}.oids", "next": up_to + 1})
+        if self._next_oid <= up_to:     # the block this connection holds: given up
+            self._next_oid = self._block_end = 0
+
     def get_record(self, oid: int) -> bytes | None:
         return self._one("get_record", (oid,))
 
@@ -459,9 +476,17 @@ class PostgreSQLBackend(Backend):
     def is_referenced(self, oid: int) -> bool:
         return self._one("is_referenced", {"oid": oid})
 
-    def refs_of(self, oid: int) -> list[int]:
-        """The object ids record ``oid`` refers to, lazily or not ([] without a record)."""
-        return self._one("refs_of", (oid,)) or []
+    def refs_of(self, oid: int, *, lazy: bool = True) -> list[int]:
+        """The object ids record ``oid`` refers to, without the lazy ones if not ``lazy``
+        ([] without a record)."""
+        return self._one("refs_of" if lazy else "eager_refs_of", (oid,)) or []
+
+    def iter_records(self) -> Iterator[tuple[int, bytes, list[int]]]:
+        """Every record, ``KEY_BATCH`` at a time by object id."""
+        last = 0
+        while rows := self._execute("records", (last, KEY_BATCH)).fetchall():
+            yield from rows
+            last = rows[-1][0]
 
     def reaches(self, sources: Collection[int], target: int) -> bool:
         return self._one("reaches", {"sources": list(sources), "target": target})
@@ -728,6 +753,7 @@ _STATEMENTS = {
     "meta": _META, "begin": _BEGIN, "lock": _LOCK,
     "count_commit": _COUNT_COMMIT, "rollback": "ROLLBACK",
     "commits": _COMMITS, "lock_holder": _LOCK_HOLDER, "next_oids": _NEXT_OIDS,
+    "reserve_ids": _RESERVE_IDS, "records": _RECORDS, "eager_refs_of": _EAGER_REFS_OF,
     "get_record": _GET_RECORD, "put_record": _PUT_RECORD, "delete_record": _DELETE_RECORD,
     "existing": _EXISTING, "is_referenced": _IS_REFERENCED, "refs_of": _REFS_OF,
     "reaches": _REACHES, "gc_records": _GC_RECORDS, "gc_blobs": _GC_BLOBS,
@@ -742,6 +768,7 @@ _STATEMENTS = {
 # The statements that read or change records: queued records are sent before them.
 _SEES_RECORDS = frozenset([
     "get_record", "delete_record", "existing", "is_referenced", "refs_of", "reaches",
+    "records", "eager_refs_of",
     "gc_records", "gc_blobs", "get_item", "first_items", "next_items"])
 
 # Connections inherited from a parent process, kept referenced forever: closing one in the

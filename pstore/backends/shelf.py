@@ -77,6 +77,9 @@ class ShelveReader(Backend):
     def new_oid(self) -> int:
         raise self._refuse()
 
+    def reserve_ids(self, up_to: int) -> None:
+        raise self._refuse()
+
     def put_record(self, oid: int, data: bytes, refs: Collection[int],
                    *, lazy_refs: Collection[int] = (), blobs: Collection[str] = ()) -> None:
         raise self._refuse()

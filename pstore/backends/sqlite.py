@@ -16,7 +16,7 @@ from contextlib import AbstractContextManager
 from typing import Any, NamedTuple, NoReturn
 
 from ..errors import ClosedError, CorruptionError, FormatError, LockTimeoutError, ReadOnlyError
-from .base import Backend, Statistics, binding_seal
+from .base import Backend, Statistics, binding_seal, check_reserved
 from .blobs import BlobStore, LocalBlobs
 from .files import FileLock, create_private, key_lock_file, require_existing, store_owner
 
@@ -86,6 +86,7 @@ _REFERENCED_BLOBS = "SELECT DISTINCT blob FROM blob_refs"
 _PUT_LAZY_REF = "INSERT OR IGNORE INTO refs (oid, ref, lazy) VALUES (?, ?, 1)"
 _NEXT_OID = "SELECT value FROM meta WHERE name = 'next_oid'"
 _RESERVE_OIDS = "UPDATE meta SET value = ? WHERE name = 'next_oid'"
+_RESERVE_IDS_UP_TO = "UPDATE meta SET value = max(value, ?) WHERE name = 'next_oid'"
 # Lists of ids travel as one JSON array parameter, so no statement is built per call.
 _EXISTING = "SELECT oid FROM records WHERE oid IN (SELECT value FROM json_each(?))"
 _IS_REFERENCED = ("SELECT EXISTS (SELECT 1 FROM keys WHERE oid = ?1)"
@@ -357,6 +358,8 @@ class SQLiteBackend(LocalBlobs, Backend):
                                          f"newer pstore; this one reads up to {FORMAT_VERSION}")
         self._sealed = meta["version"] >= 3
         self._keys_sql = _KEY_STATEMENTS[self._sealed]
+        # Version 1 has no lazy refs (no column for them): every ref is followed at once.
+        self._eager_refs_sql = _EAGER_REFS_OF if meta["version"] >= 2 else _REFS_OF
         if not self._sealed:
             self.digests_from = 1 << 63     # any record may predate digests
         else:
@@ -395,6 +398,15 @@ class SQLiteBackend(LocalBlobs, Backend):
         self._next_oid = oid + 1
         self._fresh.add(oid)
         return oid
+
+    def reserve_ids(self, up_to: int) -> None:
+        check_reserved(up_to)
+        try:
+            self._require().execute(_RESERVE_IDS_UP_TO, (up_to + 1,))
+        except sqlite3.DatabaseError as error:
+            self._failed(error)
+        if self._next_oid <= up_to:     # the block this connection holds: given up
+            self._next_oid = self._block_end = 0
 
     def get_record(self, oid: int) -> bytes | None:
         try:
@@ -448,7 +460,7 @@ class SQLiteBackend(LocalBlobs, Backend):
             self._failed(error)
 
     def refs_of(self, oid: int, *, lazy: bool = True) -> Collection[int]:
-        rows = self._require().execute(_REFS_OF if lazy else _EAGER_REFS_OF, (oid,))
+        rows = self._require().execute(_REFS_OF if lazy else self._eager_refs_sql, (oid,))
         return [row[0] for row in rows]
 
     # -- keys -------------------------------------------------------------------------------

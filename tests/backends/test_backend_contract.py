@@ -50,6 +50,21 @@ def test_new_oids_are_distinct_and_never_reused(backend):
     assert third not in (first, second)
 
 
+def test_reserve_ids_moves_the_allocation_past_them(opener):
+    first = opener()
+    write(first, lambda: first.new_oid())      # it holds a block of ids (SQLite, PostgreSQL)
+    write(first, lambda: first.reserve_ids(50_000))
+    later = opener()
+    assert write(later, lambda: later.new_oid()) > 50_000
+    mine = write(first, lambda: first.new_oid())
+    assert mine > 50_000
+    write(first, lambda: first.reserve_ids(10))  # below: changes nothing
+    assert write(first, lambda: first.new_oid()) > mine
+    for wrong in (-1, 2 ** 63 - 1):
+        with pytest.raises(ValueError, match="cannot reserve object ids"):
+            write(first, lambda: first.reserve_ids(wrong))
+
+
 def test_keys(backend):
     def setup():
         oid = backend.new_oid()
