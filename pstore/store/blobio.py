@@ -29,7 +29,7 @@ _CHUNK = 1 << 20    # bytes compressed, or decompressed, per step
 class BlobRef(NamedTuple):
     """One out-of-band buffer of a record: which blob holds it, how, and its size."""
 
-    name: str       # the blob's digest, 64 hex digits
+    name: str       # the blob's name: its digest (pstore.backends.blobs.digest_of_name)
     size: int       # bytes of the buffer (uncompressed)
     codec: int      # how the blob file stores them
 

@@ -142,7 +142,7 @@ class VerifyReport:
 def _check_blob(backend: Backend, blob: records.BlobRef) -> str | None:
     """What is wrong with ``blob``'s file (its digest re-computed), or None."""
     # Imported here: the store layer names no backend module but for this check.
-    from ..backends.blobs import blob_digest
+    from ..backends.blobs import blob_digest, naming_of
     try:
         if blob.codec:
             content = bytearray()
@@ -151,7 +151,7 @@ def _check_blob(backend: Backend, blob: records.BlobRef) -> str | None:
             blobio.read_blob(backend, blob, writable=False)     # decompresses as declared
         else:
             content = backend.get_blob(blob.name, blob.size, writable=False)
-        if blob_digest(content) != blob.name:
+        if blob_digest(content, naming_of(blob.name)) != blob.name:
             return "its file's bytes do not match its name (digest)"
     except Exception as error:
         return f"{type(error).__name__}: {error}"

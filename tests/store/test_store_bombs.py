@@ -40,8 +40,7 @@ def _envelope(oid: int, codec: int, declared: int, payload: bytes,
               blobs: list[records.BlobRef] = ()) -> bytes:
     """A record whose digest verifies, with whatever it declares (a forger needs no key)."""
     body = records._HEADER.pack(0xFF, records._VERSION, codec, len(blobs), declared)
-    body += b"".join(records._BLOB.pack(blob.codec, blob.size, bytes.fromhex(blob.name))
-                     for blob in blobs)
+    body += b"".join(records._pack_blob(blob) for blob in blobs)
     body += payload
     return body + records._digest(oid, body, b"")
 
