@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple
 
-from ..errors import CorruptionError, Error, FormatError, MissingObjectError
+from ..errors import CorruptionError, Error, FormatError, MissingModuleError, MissingObjectError
 from . import blobio, records
 
 if TYPE_CHECKING:
@@ -75,8 +75,10 @@ def load_error(error: Exception, path: str, *, is_damage: Callable[[Exception], 
                                      f"has no record", key=key, object_id=error.object_id)
         corruption.__cause__ = error
         return corruption
-    if isinstance(error, Error) and not (decoded is None and is_damage(error)):
-        return error    # pstore's own (a missing object, a closed store, ...)
+    if (isinstance(error, Error) and not isinstance(error, MissingModuleError)
+            and not (decoded is None and is_damage(error))):
+        return error    # pstore's own (a missing object, a closed store, ...); a missing
+                        # module gets the note naming the record, below
     if decoded is None:
         damaged = is_damage(error)
         # A FormatError here is a blob's (missing, or of the wrong size): its reason says it.
