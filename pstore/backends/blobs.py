@@ -124,10 +124,10 @@ def _fan_out_of(name: str) -> str:
 class BlobHasher:
     """The name of a new blob whose bytes arrive a chunk at a time.
 
-    BLAKE3 is a hash tree itself, so any chunking gives the same name. One thread:
-    BLAKE3 hashes several GB/s on one core, faster than the blob reaches the disk
-    (threads, as ``blake3``'s ``max_threads`` or the BLAKE2b tree's workers, measured
-    no faster on the machines of ``benchmarks/arrays.py``).
+    BLAKE3 is a hash tree itself, so any chunking gives the same name. One thread,
+    the writer's: BLAKE3 hashes ~4 GB/s on one core here (BLAKE2b: 0.9), and neither
+    ``blake3``'s ``max_threads`` nor hashing in a second thread while the writer writes
+    measured faster on two busy cores (docs/datasets.md, "Blob names").
     """
 
     def __init__(self) -> None:
