@@ -33,9 +33,20 @@ import blake3
 from ..errors import ClosedError, CorruptionError, FormatError
 from .files import fsync_directory
 
-__all__ = ["BLAKE2B_TREE", "BLAKE3", "BlobHasher", "BlobStore", "LEAF_SIZE", "LocalBlobs",
-           "NAME_PREFIXES", "OddEntry", "blob_digest", "digest_of_name", "name_of_digest",
-           "naming_of"]
+__all__ = [
+    "BLAKE2B_TREE",
+    "BLAKE3",
+    "LEAF_SIZE",
+    "NAME_PREFIXES",
+    "BlobHasher",
+    "BlobStore",
+    "LocalBlobs",
+    "OddEntry",
+    "blob_digest",
+    "digest_of_name",
+    "name_of_digest",
+    "naming_of",
+]
 
 #: A blob's name says which hash made it (``docs/format.md``, "Blobs"): a BLAKE3 name is
 #: ``b3-`` and the 64 hex digits of its digest; a name of 64 hex digits alone is the

@@ -25,8 +25,16 @@ from ..errors import MissingModuleError
 if TYPE_CHECKING:   # only for annotations: this module works on any backend
     from ..backends import Backend
 
-__all__ = ["BlobRef", "CODECS", "CODEC_NAMES", "compress", "decompress", "write_blob", "read_blob",
-           "zstd_module"]
+__all__ = [
+    "CODECS",
+    "CODEC_NAMES",
+    "BlobRef",
+    "compress",
+    "decompress",
+    "read_blob",
+    "write_blob",
+    "zstd_module",
+]
 
 #: compression name (as :func:`pstore.open` takes it) -> codec number.
 CODECS = {None: 0, "zlib": 1, "lzma": 2, "zstd": 3}

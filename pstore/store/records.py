@@ -30,8 +30,8 @@ import hashlib
 import struct
 from typing import Any, NamedTuple
 
-from . import blobio
 from ..backends.blobs import digest_of_name, name_of_digest
+from . import blobio
 from .blobio import CODECS, BlobRef
 
 __all__ = ["BlobRef", "CODECS", "DIGEST_FORMAT_VERSION", "DIGEST_SIZE", "ENVELOPE", "Unpacked",

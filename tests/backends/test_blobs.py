@@ -6,12 +6,19 @@ import hashlib
 import os
 import random
 
+import blake3
 import pytest
 
-import blake3
-
-from pstore.backends.blobs import (BLAKE2B_TREE, BLAKE3, LEAF_SIZE, BlobStore, blob_digest,
-                                   digest_of_name, name_of_digest, naming_of)
+from pstore.backends.blobs import (
+    BLAKE2B_TREE,
+    BLAKE3,
+    LEAF_SIZE,
+    BlobStore,
+    blob_digest,
+    digest_of_name,
+    name_of_digest,
+    naming_of,
+)
 
 
 def reference_digest(data: bytes) -> str:

@@ -161,7 +161,7 @@ def test_only_regular_files_named_like_blobs_are_blobs_and_only_those_are_collec
             if os.path.lexists(entry):
                 continue
             _plant(folder, entry, kind, outside)
-            digits = name[3:] if name.startswith("b3-") else name   # BLAKE3 or BLAKE2b
+            digits = name.removeprefix("b3-")     # BLAKE3 or BLAKE2b
             is_blob = (kind == "file" and len(digits) == 64 and digits[:2] == fan_out
                        and set(digits) <= set(_HEX))
             (blobs_expected if is_blob else odd_expected).add(entry)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import lzma
 import pickle
 import random
@@ -145,5 +146,5 @@ def test_zstd_streams_of_the_zstandard_package_and_pstore_read_each_other():
 def test_a_stream_decompresses_the_same_in_any_chunks(payload, codec, cuts):
     compressed = blobio.compress(codec, payload)
     bounds = sorted({0, len(compressed), *(cut % (len(compressed) + 1) for cut in cuts)})
-    chunks = [compressed[a:b] for a, b in zip(bounds, bounds[1:])]
+    chunks = [compressed[a:b] for a, b in itertools.pairwise(bounds)]
     assert bytes(blobio._decompressed(codec, iter(chunks), len(payload))) == payload

@@ -11,7 +11,13 @@ import shutil
 import pytest
 
 import pstore
-from pstore.backends.blobs import BLAKE2B_TREE, BLAKE3, BlobStore, blob_digest, naming_of
+from pstore.backends.blobs import (
+    BLAKE2B_TREE,
+    BLAKE3,
+    BlobStore,
+    blob_digest,
+    naming_of,
+)
 from pstore.engine import PickleBuffer
 from tests.data.make_format3 import BLOB
 

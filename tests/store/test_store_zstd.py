@@ -65,8 +65,8 @@ _NO_ZSTD = """
 
 
 def _without_zstd(script: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(_NO_ZSTD) + textwrap.dedent(script)],
-                          capture_output=True, text=True,
+    code = textwrap.dedent(_NO_ZSTD) + textwrap.dedent(script)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False,
                           env={**os.environ, "PYTHONPATH": os.getcwd()})
 
 
