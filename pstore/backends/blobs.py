@@ -17,7 +17,6 @@ use this module; it knows nothing of records, keys or transactions.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import itertools
 import mmap
 import os
@@ -28,11 +27,22 @@ import warnings
 from collections.abc import Collection, Iterable, Iterator
 from typing import Any, NamedTuple
 
-import blake3
-
 from ..errors import ClosedError, CorruptionError, FormatError
+from .blob_names import (
+    BLAKE2B_TREE,
+    BLAKE3,
+    LEAF_SIZE,
+    NAME_PREFIXES,
+    BlobHasher,
+    blob_digest,
+    digest_of_name,
+    fan_out_of,
+    name_of_digest,
+    naming_of,
+)
 from .files import fsync_directory
 
+# The names of blobs are blob_names.py's; re-exported, as this module's users knew them here.
 __all__ = [
     "BLAKE2B_TREE",
     "BLAKE3",
@@ -48,17 +58,6 @@ __all__ = [
     "naming_of",
 ]
 
-#: A blob's name says which hash made it (``docs/format.md``, "Blobs"): a BLAKE3 name is
-#: ``b3-`` and the 64 hex digits of its digest; a name of 64 hex digits alone is the
-#: BLAKE2b hash tree of format versions up to 3. New blobs get BLAKE3 names.
-BLAKE2B_TREE = 0
-BLAKE3 = 1
-#: naming -> the prefix of its names (the number is what record envelopes store).
-NAME_PREFIXES = {BLAKE2B_TREE: "", BLAKE3: "b3-"}
-#: The BLAKE2b hash tree's leaves are this many bytes (the last one may be shorter).
-LEAF_SIZE = 1 << 24
-_DIGEST_SIZE = 32
-_HEX_SIZE = 2 * _DIGEST_SIZE
 _TEMP_PREFIX = ".tmp-"
 _HEX_DIGITS = frozenset("0123456789abcdef")
 # Opening never follows a symbolic link planted where pstore expects its own folders and
@@ -73,82 +72,6 @@ _fdatasync = getattr(os, "fdatasync", os.fsync)
 # mmap keeps a duplicate of the file descriptor unless told not to (Python 3.13+):
 # without it, each loaded array would hold a descriptor open.
 _MMAP_OPTIONS: dict[str, Any] = {"trackfd": False} if sys.version_info >= (3, 13) else {}
-
-
-def _blake2b_tree_digest(view: memoryview) -> str:
-    """Format versions up to 3: BLAKE2b-256 (person ``pstore-blob``) of the size as 8
-    little-endian bytes followed by the BLAKE2b-256 digests (person ``pstore-leaf``) of
-    the consecutive 16 MiB leaves. Only verification computes it now."""
-    root = hashlib.blake2b(len(view).to_bytes(8, "little"), digest_size=_DIGEST_SIZE,
-                           person=b"pstore-blob")
-    for start in range(0, len(view) or 1, LEAF_SIZE):
-        root.update(hashlib.blake2b(view[start:start + LEAF_SIZE], digest_size=_DIGEST_SIZE,
-                                    person=b"pstore-leaf").digest())
-    return root.hexdigest()
-
-
-def blob_digest(data: Any, naming: int = BLAKE3) -> str:
-    """The name of a blob holding the bytes of buffer ``data``, by the hash ``naming``
-    (:data:`BLAKE3`, what new blobs get, or :data:`BLAKE2B_TREE`, format versions up
-    to 3). ``docs/format.md`` describes both."""
-    view = memoryview(data).cast("B")
-    if naming == BLAKE3:
-        return NAME_PREFIXES[BLAKE3] + blake3.blake3(view).hexdigest()
-    if naming == BLAKE2B_TREE:
-        return _blake2b_tree_digest(view)
-    raise ValueError(f"blob naming {naming} is unknown")
-
-
-def digest_of_name(name: str) -> tuple[int, bytes] | None:
-    """(naming, the 32 digest bytes) that blob name ``name`` holds; None if it is not the
-    name of a blob."""
-    for naming, prefix in NAME_PREFIXES.items():
-        digits = name[len(prefix):]
-        if (name.startswith(prefix) and len(digits) == _HEX_SIZE
-                and set(digits) <= _HEX_DIGITS):
-            return naming, bytes.fromhex(digits)
-    return None
-
-
-def naming_of(name: str) -> int:
-    """The hash that made blob name ``name`` (``ValueError`` if it is no blob name)."""
-    found = digest_of_name(name)
-    if found is None:
-        raise ValueError(f"{name!r} is not a blob name")
-    return found[0]
-
-
-def name_of_digest(naming: int, digest: bytes) -> str:
-    """The blob name of ``digest`` (32 bytes) made by ``naming``; ``ValueError`` for a
-    naming this pstore does not know."""
-    if naming not in NAME_PREFIXES:
-        raise ValueError(f"blob naming {naming} is unknown")
-    return NAME_PREFIXES[naming] + digest.hex()
-
-
-def _fan_out_of(name: str) -> str:
-    """The fan-out folder of blob ``name``: the first two hex digits of its digest (no
-    BLAKE2b name starts with the BLAKE3 prefix: hex digits only)."""
-    return name.removeprefix(NAME_PREFIXES[BLAKE3])[:2]
-
-
-class BlobHasher:
-    """The name of a new blob whose bytes arrive a chunk at a time.
-
-    BLAKE3 is a hash tree itself, so any chunking gives the same name. One thread,
-    the writer's: BLAKE3 hashes ~4 GB/s on one core here (BLAKE2b: 0.9), and neither
-    ``blake3``'s ``max_threads`` nor hashing in a second thread while the writer writes
-    measured faster on two busy cores (docs/datasets.md, "Blob names").
-    """
-
-    def __init__(self) -> None:
-        self._hash = blake3.blake3()
-
-    def update(self, chunk: Any) -> None:
-        self._hash.update(chunk)
-
-    def name(self) -> str:
-        return NAME_PREFIXES[BLAKE3] + self._hash.hexdigest()
 
 
 class OddEntry(NamedTuple):
@@ -189,7 +112,7 @@ class BlobStore:
 
     def path_of(self, name: str) -> str:
         """The file of blob ``name`` (which must be a blob name, see :func:`digest_of_name`)."""
-        return os.path.join(self.directory, _fan_out_of(name), name)
+        return os.path.join(self.directory, fan_out_of(name), name)
 
     def put(self, chunks: Iterable[Any]) -> str:
         """Write the concatenated buffers of ``chunks`` as a blob; return its name.
@@ -218,7 +141,7 @@ class BlobStore:
         return name
 
     def _move_into_place(self, root: int, temporary: str, name: str) -> None:
-        fan_out = self._open_fan_out(root, _fan_out_of(name), create=True)
+        fan_out = self._open_fan_out(root, fan_out_of(name), create=True)
         try:
             try:
                 mode: int | None = os.stat(name, dir_fd=fan_out, follow_symlinks=False).st_mode
@@ -342,7 +265,7 @@ class BlobStore:
             self._doomed.clear()
 
     def _remove(self, names: Iterable[str]) -> None:
-        names = sorted(names, key=_fan_out_of)
+        names = sorted(names, key=fan_out_of)
         if not names:
             return
         try:
@@ -353,7 +276,7 @@ class BlobStore:
         if root is None:
             return
         try:
-            for fan_out_name, group in itertools.groupby(names, key=_fan_out_of):
+            for fan_out_name, group in itertools.groupby(names, key=fan_out_of):
                 try:
                     fan_out = self._open_fan_out(root, fan_out_name, create=False)
                 except (FileNotFoundError, CorruptionError):
@@ -450,7 +373,7 @@ class BlobStore:
         """A descriptor of blob file ``name``, open for reading."""
         root = self._open_existing_root()
         try:
-            fan_out = self._open_fan_out(root, _fan_out_of(name), create=False)
+            fan_out = self._open_fan_out(root, fan_out_of(name), create=False)
         finally:
             os.close(root)
         try:
@@ -579,7 +502,7 @@ def _is_fan_out_name(name: str) -> bool:
 
 
 def _is_blob_name(name: str, fan_out: str) -> bool:
-    return digest_of_name(name) is not None and _fan_out_of(name) == fan_out
+    return digest_of_name(name) is not None and fan_out_of(name) == fan_out
 
 
 def _lstat_mode(name: str, dir_fd: int | None = None) -> int | None:

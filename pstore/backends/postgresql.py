@@ -49,7 +49,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 from ..errors import (ClosedError, ConnectionLostError, FormatError, LockTimeoutError,
                       ReadOnlyError, ServerLockTimeoutError)
 from .base import Backend
-from .blobs import BlobHasher  # the blob names of blobs.py, over a stream of chunks
+from .blob_names import BlobHasher  # the blob names of the file backends, over a stream of chunks
 
 try:
     import psycopg

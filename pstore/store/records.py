@@ -30,7 +30,7 @@ import hashlib
 import struct
 from typing import Any, NamedTuple
 
-from ..backends.blobs import digest_of_name, name_of_digest
+from ..backends.blob_names import digest_of_name, name_of_digest
 from . import blobio
 from .blobio import CODECS, BlobRef
 

@@ -144,7 +144,7 @@ class VerifyReport:
 def _check_blob(backend: Backend, blob: records.BlobRef) -> str | None:
     """What is wrong with ``blob``'s file (its digest re-computed), or None."""
     # Imported here: the store layer names no backend module but for this check.
-    from ..backends.blobs import blob_digest, naming_of
+    from ..backends.blob_names import blob_digest, naming_of
     try:
         if blob.codec:
             content = bytearray()

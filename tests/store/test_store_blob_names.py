@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
+import textwrap
 
 import pytest
 
@@ -98,3 +101,33 @@ def test_verify_rehashes_each_blob_by_the_hash_its_name_says(old_store):
     with pstore.open(path, "r", backend=backend) as store:
         report = store.verify()
     assert not report.ok and len(report.problems) == 2, report
+
+
+def test_without_blake3_pstore_imports_and_reads_and_a_blob_write_says_what_to_install(
+        old_store):
+    path, backend = old_store
+    script = textwrap.dedent(f"""
+        import sys
+        sys.modules["blake3"] = None        # an interpreter without pstore's dependency
+        import pstore
+        from pstore.engine import PickleBuffer
+        with pstore.open({path!r}, "w", backend={backend!r}, blob_threshold=1024) as store:
+            assert bytes(store["array"]) == bytes(range(256)) * 16     # BLAKE2b: read
+            store["small"] = 1
+        try:
+            with pstore.open({path!r}, "w", backend={backend!r}, blob_threshold=1024) as store:
+                store["new"] = PickleBuffer(bytearray(5000))
+        except pstore.engine.PicklingError as error:    # the store's, naming the key
+            assert "key 'new'" in str(error), error
+            cause = error.__cause__
+            assert isinstance(cause, pstore.MissingModuleError), repr(cause)
+            print(cause.name, "|", cause)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            check=False, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert result.returncode == 0, result.stderr
+    name, message = result.stdout.strip().split(" | ")
+    assert name == "blake3" and "pip install blake3" in message
+    with pstore.open(path, "r", backend=backend) as store:
+        assert store["small"] == 1 and "new" not in store
+    assert _names(path) == {blob_digest(BLOB, BLAKE2B_TREE)}
