@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from .errors import (ClosedError, CorruptionError, Error, FormatError, LockTimeoutError,
                      MissingObjectError, ReadOnlyError)
+from .errors import MissingModuleError
 from .store import Store, open
 from .store.persistent import Persistent, PersistentDict, PersistentList
 from .migrate import convert, convert_shelve, copy
@@ -18,4 +19,5 @@ __all__ = [
     "open", "Store", "convert", "convert_shelve", "copy", "Persistent", "PersistentList", "PersistentDict",
     "Error", "ClosedError", "ReadOnlyError", "LockTimeoutError", "FormatError",
     "MissingObjectError", "CorruptionError",
+    "MissingModuleError",
 ]

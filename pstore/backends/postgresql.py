@@ -49,7 +49,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 from ..errors import (ClosedError, ConnectionLostError, FormatError, LockTimeoutError,
                       ReadOnlyError, ServerLockTimeoutError)
 from .base import Backend, check_reserved
-from .blobs import _TreeHasher  # the digest of blobs.py, over a stream of chunks
+from .blob_names import BlobHasher  # the blob names of the file backends, over a stream of chunks
 
 try:
     import psycopg
@@ -495,7 +495,7 @@ class PostgreSQLBackend(Backend):
 
     def put_blob(self, chunks: Iterable[Any]) -> str:
         blob = self._one("new_blob")
-        hasher = _TreeHasher()
+        hasher = BlobHasher()
         size = seq = 0
         pending = bytearray()   # small pieces gathered into one row
 
@@ -522,9 +522,8 @@ class PostgreSQLBackend(Backend):
                         pending.clear()
             if pending:
                 send(pending)
-            name = hasher.digest()
+            name = hasher.name()
         except BaseException:
-            hasher.close()
             if self._in_transaction:    # the chunks written so far go too
                 self._execute("drop_blob", (blob,))
             raise

@@ -25,7 +25,7 @@ __all__ = ["SQLiteBackend", "FORMAT_NAME", "FORMAT_VERSION", "APPLICATION_ID"]
 #: What the meta table's 'format' row holds in every pstore file.
 FORMAT_NAME = "pstore"
 #: The newest format version this code reads and the one it writes.
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 #: Written into the SQLite header (offset 68) so that tools can tell a pstore file.
 APPLICATION_ID = 0x70537472  # b"pStr"
 
@@ -49,7 +49,8 @@ _SCHEMA = (
 # version N runs the statements of every version after it. Version 2 added refs.lazy,
 # records of Persistent objects and blobs, which version 1 code would misread; version 3
 # record digests and key seals (the seals of existing keys computed by pstore_seal), and
-# meta's digests_from: records of smaller ids predate digests.
+# meta's digests_from: records of smaller ids predate digests; version 4 BLAKE3 blob names
+# (older blobs keep their BLAKE2b names, which version 3 code would not read beside them).
 _UPGRADES = {
     1: ("ALTER TABLE refs ADD COLUMN lazy INTEGER NOT NULL DEFAULT 0",
         "CREATE TABLE blob_refs (oid INTEGER NOT NULL, blob TEXT NOT NULL,"
@@ -57,6 +58,7 @@ _UPGRADES = {
     2: ("ALTER TABLE keys ADD COLUMN seal BLOB",
         "UPDATE keys SET seal = pstore_seal(key, oid)",
         "INSERT INTO meta SELECT 'digests_from', value FROM meta WHERE name = 'next_oid'"),
+    3: (),
 }
 _SET_VERSION = f"UPDATE meta SET value = {FORMAT_VERSION} WHERE name = 'version'"
 # The first record id with a digest; absent before version 3.

@@ -1174,7 +1174,8 @@ def open(path: str | bytes | os.PathLike[str] | os.PathLike[bytes], flag: str = 
     blob beside the records, and loaded mapped into memory: copy-on-write (arrays
     come back writable; writes never reach the store) or, with
     ``readonly_buffers=True``, read-only. ``compression``: None (default),
-    ``"zlib"`` or ``"lzma"``, for the records and blobs this Store writes;
+    ``"zlib"``, ``"lzma"`` or ``"zstd"`` (``pip install 'pstore[zstd]'`` before
+    Python 3.14), for the records and blobs this Store writes;
     compressed blobs are decompressed into memory instead of mapped. Any store
     reads records and blobs whatever compression wrote them.
     ``max_record_size``: a record whose payload (decompressed) is larger is refused
@@ -1186,7 +1187,9 @@ def open(path: str | bytes | os.PathLike[str] | os.PathLike[bytes], flag: str = 
     if flag not in _FLAGS:
         raise ValueError(f"flag must be one of 'r', 'w', 'c', 'n', not {flag!r}")
     if compression not in blobio.CODECS:
-        raise ValueError(f"compression must be None, 'zlib' or 'lzma', not {compression!r}")
+        raise ValueError(f"compression must be None, 'zlib', 'lzma' or 'zstd', not {compression!r}")
+    if compression == "zstd":
+        blobio.zstd_module()    # MissingModuleError naming what to install, before any write
     if blob_threshold is not None and blob_threshold < 0:
         raise ValueError(f"blob_threshold must be >= 0 or None, not {blob_threshold}")
     if protocol == -1:
