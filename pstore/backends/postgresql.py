@@ -38,8 +38,10 @@ Choices, and why:
 
 from __future__ import annotations
 
+import bisect
 import errno
 import hashlib
+import itertools
 import re
 from collections.abc import Collection, Iterable, Iterator
 from contextlib import contextmanager
@@ -78,8 +80,13 @@ OID_BLOCK = 1000
 #: put_record queues up to this many records, or this many bytes of them, before sending them.
 QUEUE_RECORDS = 1000
 QUEUE_BYTES = 8 << 20
-#: How many keys one query of iter_keys / iter_items fetches.
+#: How many keys one query of iter_keys / iter_items fetches, and how many bindings bind_key
+#: learns with one query (the key asked for and those after it).
 KEY_BATCH = 1000
+#: What a write transaction remembers of the store (see _Known): at most this many keys,
+#: and records of this many bytes; beyond that it forgets (and asks the server again).
+KNOWN_KEYS = 1_000_000
+KNOWN_BYTES = 64 << 20
 
 # Lowercase so that the unquoted name a DBA types in psql is the same schema.
 _STORE_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
@@ -127,13 +134,18 @@ LIMIT 1
 """
 _NEXT_OIDS = "SELECT nextval(%s::regclass)"
 _GET_RECORD = "SELECT data FROM {s}.records WHERE oid = %s"
-_PUT_RECORD = """
+# The queued changes are sent as one statement per run of changes of one kind, with arrays
+# of their parameters: one statement for a thousand records costs the server a fraction of
+# a thousand statements. Refs travel as array literals ('{1,2}'), one text per record.
+_PUT_RECORDS = """
 INSERT INTO {s}.records (oid, data, refs, lazy, blobs)
-VALUES (%s, %b, %s::bigint[], %s::bigint[], %s::text[])
+SELECT oid, data, refs::bigint[], lazy::bigint[], blobs::text[]
+FROM unnest(%s::bigint[], %b::bytea[], %s::text[], %s::text[], %s::text[])
+     AS r (oid, data, refs, lazy, blobs)
 ON CONFLICT (oid) DO UPDATE
 SET data = EXCLUDED.data, refs = EXCLUDED.refs, lazy = EXCLUDED.lazy, blobs = EXCLUDED.blobs
 """
-_DELETE_RECORD = "DELETE FROM {s}.records WHERE oid = %s"
+_DELETE_RECORDS = "DELETE FROM {s}.records WHERE oid = ANY(%s::bigint[])"
 _EXISTING = "SELECT oid FROM {s}.records WHERE oid = ANY(%s::bigint[])"
 _IS_REFERENCED = ("SELECT EXISTS (SELECT 1 FROM {s}.keys WHERE oid = %(oid)s)"
                   " OR EXISTS (SELECT 1 FROM {s}.records WHERE refs @> ARRAY[%(oid)s::bigint])")
@@ -171,6 +183,9 @@ _BLOB_CHUNK = ("SELECT c.data FROM {s}.blobs b JOIN {s}.blob_chunks c ON c.blob 
                " WHERE b.name = %s AND c.seq = %s")
 _BLOB_NAMES = "SELECT name FROM {s}.blobs WHERE name IS NOT NULL"
 _GET_KEY = "SELECT oid FROM {s}.keys WHERE key = %b"
+_KEYS_FROM = "SELECT key, oid FROM {s}.keys WHERE key >= %b ORDER BY key LIMIT %s"
+_SET_KEYS = ("INSERT INTO {s}.keys (key, oid) SELECT * FROM unnest(%b::bytea[], %s::bigint[])"
+             " ON CONFLICT (key) DO UPDATE SET oid = EXCLUDED.oid")
 _GET_ITEM = ("SELECT k.oid, r.data FROM {s}.keys k LEFT JOIN {s}.records r ON r.oid = k.oid"
              " WHERE k.key = %b")
 # Every part of one statement sees the same snapshot: "old" is the binding before the upsert.
@@ -259,6 +274,90 @@ def _require_psycopg() -> None:
                                   "pip install pstore[postgresql]", name="psycopg")
 
 
+def _array(items: Iterable[Any]) -> str:
+    """A PostgreSQL array literal of ``items`` (numbers, or quoted names), each once."""
+    return "{" + ",".join(map(str, dict.fromkeys(items))) + "}"
+
+
+def _batch(name: str, rows: list[Any]) -> tuple[list[Any], ...]:
+    """The parameters of queued statement ``name`` for ``rows`` (each a change's): one
+    array per column. A later change of one record or key replaces an earlier one (one
+    statement may not change a row twice)."""
+    if name == "delete_records":
+        return (rows,)
+    latest = list({row[0]: row for row in rows}.values())
+    return tuple(list(column) for column in zip(*latest))
+
+
+class _Known:
+    """What this connection knows of the store's keys and records as they are now, while no
+    other connection can commit (under the write lock), so that a write transaction asks
+    the server only once for each: the bindings of keys (``None``: known to be unbound),
+    ranges of keys of which every binding is known, and records' data (``None``: no record).
+
+    It holds the server's answers and this connection's own changes, those queued too.
+    Forgetting is always safe, since every query sends the queued changes first.
+    """
+
+    def __init__(self) -> None:
+        self.keys: dict[bytes, int | None] = {}
+        # Disjoint, sorted (first, last) ranges of keys, last None for "and every key after":
+        # a key of such a range missing from ``keys`` is unbound.
+        self._firsts: list[bytes] = []
+        self._lasts: list[bytes | None] = []
+        self.records: dict[int, bytes | None] = {}
+        self._record_bytes = 0
+
+    def binding(self, key: bytes) -> tuple[bool, int | None]:
+        """(whether the binding of ``key`` is known, the object id or None)."""
+        if key in self.keys:
+            return True, self.keys[key]
+        i = bisect.bisect_right(self._firsts, key) - 1
+        last = self._lasts[i] if i >= 0 else b""
+        return i >= 0 and (last is None or key <= last), None
+
+    def learn_range(self, first: bytes, rows: list[tuple[bytes, int]], complete: bool) -> None:
+        """``rows``: every binding from key ``first`` on (to the end if ``complete``)."""
+        if len(self.keys) + len(rows) > KNOWN_KEYS:
+            self.forget_keys()
+        self.keys.update(rows)
+        last = None if complete else rows[-1][0]
+        merged: list[tuple[bytes, bytes | None]] = []
+        for start, end in sorted([*zip(self._firsts, self._lasts), (first, last)],
+                                 key=lambda item: item[0]):
+            if merged:
+                before_start, before_end = merged[-1]
+                if before_end is None or start <= before_end:
+                    merged[-1] = (before_start, None if before_end is None or end is None
+                                  else max(before_end, end))
+                    continue
+            merged.append((start, end))
+        self._firsts = [start for start, _ in merged]
+        self._lasts = [end for _, end in merged]
+
+    def learn_key(self, key: bytes, oid: int | None) -> None:
+        if len(self.keys) >= KNOWN_KEYS:
+            self.forget_keys()
+        self.keys[key] = oid
+
+    def learn_record(self, oid: int, data: bytes | None) -> None:
+        self._record_bytes += len(data) if data is not None else 0
+        if self._record_bytes > KNOWN_BYTES:
+            self.records.clear()
+            self._record_bytes = len(data) if data is not None else 0
+        self.records[oid] = data
+
+    def forget_keys(self) -> None:
+        self.keys.clear()
+        self._firsts.clear()
+        self._lasts.clear()
+
+    def forget(self) -> None:
+        self.forget_keys()
+        self.records.clear()
+        self._record_bytes = 0
+
+
 class PostgreSQLBackend(Backend):
     """A store in the schema ``store`` of a PostgreSQL database.
 
@@ -294,8 +393,13 @@ class PostgreSQLBackend(Backend):
         self._closed = False
         self._in_transaction = False
         self._next_oid = self._block_end = 0
-        self._queued: list[tuple[Any, ...]] = []    # put_record rows not sent yet
+        # Changes not sent yet, (statement name, parameters) in order: sent with the next
+        # query, in one round trip before it (see _send).
+        self._queued: list[tuple[str, Any]] = []
         self._queued_bytes = 0
+        self._known = _Known()
+        # The change marker _known is valid at; None: it is not.
+        self._known_marker: int | None = None
         # change_marker() = the commit counter minus this connection's own commits.
         self._own_commits = 0
         self._commits_at_begin = 0
@@ -346,7 +450,7 @@ class PostgreSQLBackend(Backend):
         if conn is not None:
             conn.close()
         self._in_transaction = False
-        self._queued.clear()
+        self._forget()
         return ConnectionLostError(self.path, self._reason(error))
 
     def _call(self, action: Any) -> Any:
@@ -360,19 +464,43 @@ class PostgreSQLBackend(Backend):
             raise
 
     def _execute(self, name: str, params: Any = None) -> Any:
-        """Run statement ``name`` with ``params``; return the cursor holding its rows.
+        """Run statement ``name`` with ``params`` after the queued changes, in one round trip;
+        return the cursor holding its rows."""
+        return self._send((name, params))
 
-        The queued records are sent first if the statement reads or changes records.
-        """
-        if self._queued and name in _SEES_RECORDS:
-            self._flush()
-        return self._call(lambda: self._cursor.execute(self._sql[name], params))
-
-    def _flush(self) -> None:
-        """Send the queued records (executemany pipelines them: one round trip)."""
-        rows, self._queued = self._queued, []
+    def _send(self, *last: tuple[str, Any]) -> Any:
+        """Send the queued changes, then the statements ``last`` ((name, parameters) each), in
+        one round trip (a pipeline); return the cursor holding the last statement's rows."""
+        queued, self._queued = self._queued, []
         self._queued_bytes = 0
-        self._call(lambda: self._cursor.executemany(self._sql["put_record"], rows))
+
+        def send() -> Any:
+            if not queued and len(last) == 1:
+                name, params = last[0]
+                return self._cursor.execute(self._sql[name], params)
+            with self._conn.pipeline():
+                for name, group in itertools.groupby(queued, key=lambda change: change[0]):
+                    self._cursor.execute(self._sql[name], _batch(name, [row for _, row in group]))
+                for name, params in last:
+                    self._cursor.execute(self._sql[name], params)
+            return self._cursor
+        return self._call(send)
+
+    def _queue(self, name: str, params: Any, size: int = 0) -> None:
+        """Queue a change (statement ``name``, of ``size`` bytes); send the queue when full."""
+        if not self._in_transaction:    # a write of no transaction: known only to the server
+            self._forget()
+        self._queued.append((name, params))
+        self._queued_bytes += size
+        if len(self._queued) >= QUEUE_RECORDS or self._queued_bytes >= QUEUE_BYTES:
+            self._send()
+
+    def _forget(self) -> None:
+        """Drop the queued changes and what this connection knows of the store."""
+        self._queued.clear()
+        self._queued_bytes = 0
+        self._known.forget()
+        self._known_marker = None
 
     def _script(self, name: str) -> Any:
         """Run the statements ``name`` (no parameters) in one round trip; return the cursor."""
@@ -436,25 +564,34 @@ class PostgreSQLBackend(Backend):
         return oid
 
     def get_record(self, oid: int) -> bytes | None:
-        return self._one("get_record", (oid,))
+        if self._in_transaction and oid in self._known.records:
+            return self._known.records[oid]
+        data = self._one("get_record", (oid,))
+        if self._in_transaction:
+            self._known.learn_record(oid, data)
+        return data
 
     def put_record(self, oid: int, data: bytes, refs: Collection[int],
                    *, lazy_refs: Collection[int] = (), blobs: Collection[str] = ()) -> None:
-        # Queued, and sent many at a time (one pipelined round trip) when a statement that
-        # sees records runs, at commit, or when the queue is full.
-        self._queued.append((oid, data, list(dict.fromkeys(refs)),
-                             list(dict.fromkeys(lazy_refs)), list(dict.fromkeys(blobs))))
-        self._queued_bytes += len(data)
-        if len(self._queued) >= QUEUE_RECORDS or self._queued_bytes >= QUEUE_BYTES:
-            self._flush()
+        # Queued, and sent many at a time (one pipelined round trip) with the next query, at
+        # commit, or when the queue is full.
+        self._queue("put_records", (oid, data, _array(refs), _array(lazy_refs),
+                                    _array(f'"{name}"' for name in blobs)), len(data))
+        if self._in_transaction:
+            self._known.learn_record(oid, data)
 
     def delete_record(self, oid: int) -> None:
-        self._execute("delete_record", (oid,))
+        self._queue("delete_records", oid)
+        if self._in_transaction:
+            self._known.learn_record(oid, None)
 
     def existing(self, oids: Collection[int]) -> set[int]:
-        if not oids:
-            return set()
-        return {row[0] for row in self._execute("existing", (list(oids),))}
+        known = self._known.records if self._in_transaction else {}
+        found = {oid for oid in oids if known.get(oid) is not None}
+        unknown = [oid for oid in oids if oid not in known]
+        if unknown:
+            found.update(row[0] for row in self._execute("existing", (unknown,)))
+        return found
 
     def is_referenced(self, oid: int) -> bool:
         return self._one("is_referenced", {"oid": oid})
@@ -558,17 +695,59 @@ class PostgreSQLBackend(Backend):
 
     # -- keys -------------------------------------------------------------------------------
 
+    # Inside a write transaction keys and records are answered from what this connection
+    # knows (_Known) where it can: no other connection commits meanwhile.
+
     def get_key(self, key: str) -> int | None:
-        return self._one("get_key", (key.encode(),))
+        name = key.encode()
+        if self._in_transaction:
+            known, oid = self._known.binding(name)
+            if known:
+                return oid
+        oid = self._one("get_key", (name,))
+        if self._in_transaction:
+            self._known.learn_key(name, oid)
+        return oid
 
     def get_item(self, key: str) -> tuple[int, bytes | None] | None:
-        return self._execute("get_item", (key.encode(),)).fetchone()
+        name = key.encode()
+        if not self._in_transaction:
+            return self._execute("get_item", (name,)).fetchone()
+        known, oid = self._known.binding(name)
+        if known:
+            return None if oid is None else (oid, self.get_record(oid))
+        row = self._execute("get_item", (name,)).fetchone()
+        self._known.learn_key(name, None if row is None else row[0])
+        if row is not None:
+            self._known.learn_record(row[0], row[1])
+        return row
 
     def bind_key(self, key: str, oid: int) -> int | None:
-        return self._one("bind_key", {"key": key.encode(), "oid": oid})
+        name = key.encode()
+        if not self._in_transaction:
+            self._forget()
+            return self._one("bind_key", {"key": name, "oid": oid})
+        # The previous binding is needed at once: known, or learnt with those of the
+        # KEY_BATCH keys that follow (a bulk set binds many keys of one range); the new
+        # binding is queued.
+        known, old = self._known.binding(name)
+        if not known:
+            rows = self._execute("keys_from", (name, KEY_BATCH)).fetchall()
+            self._known.learn_range(name, rows, complete=len(rows) < KEY_BATCH)
+            old = self._known.keys.get(name)
+        if old != oid:
+            self._queue("set_keys", (name, oid))
+            self._known.learn_key(name, oid)
+        return old
 
     def unbind_key(self, key: str) -> int | None:
-        return self._one("unbind_key", (key.encode(),))
+        name = key.encode()
+        old = self._one("unbind_key", (name,))
+        if self._in_transaction:
+            self._known.learn_key(name, None)
+        else:
+            self._forget()
+        return old
 
     def iter_keys(self) -> Iterator[str]:
         # Keyset pagination: each batch is a statement of its own, so no transaction stays
@@ -602,6 +781,10 @@ class PostgreSQLBackend(Backend):
         while cursor.nextset():
             pass
         self._commits_at_begin = cursor.fetchone()[0]
+        marker = self._commits_at_begin - self._own_commits
+        if marker != self._known_marker:    # another connection committed: forget all
+            self._known.forget()
+            self._known_marker = marker
 
     def _lock(self, script: str) -> Any:
         """Run ``script``, which begins a transaction and takes the write lock; return its cursor."""
@@ -626,18 +809,9 @@ class PostgreSQLBackend(Backend):
                                       address or "local socket")
 
     def commit(self) -> None:
-        rows, self._queued = self._queued, []
-        self._queued_bytes = 0
-
-        def send() -> None:
-            # The queued records, the counter and COMMIT: one round trip.
-            with self._conn.pipeline():
-                if rows:
-                    self._cursor.executemany(self._sql["put_record"], rows)
-                self._cursor.execute(self._sql["count_commit"])
-                self._cursor.execute("COMMIT")
         try:
-            self._call(send)
+            # The queued changes, the counter and COMMIT: one round trip.
+            self._send(("count_commit", None), ("commit", None))
         except BaseException:
             self.rollback()     # a failed statement leaves the transaction open, aborted
             raise
@@ -645,7 +819,7 @@ class PostgreSQLBackend(Backend):
         self._own_commits += 1
 
     def rollback(self) -> None:
-        self._queued.clear()
+        self._forget()      # what it knows includes the transaction's own changes
         if not self._in_transaction:
             return
         self._in_transaction = False
@@ -692,6 +866,7 @@ class PostgreSQLBackend(Backend):
     def gc(self) -> int:
         deleted = self._execute("gc_records").rowcount
         self._execute("gc_blobs")
+        self._known.forget()
         return deleted
 
     def after_fork(self) -> None:
@@ -701,7 +876,7 @@ class PostgreSQLBackend(Backend):
             _INHERITED.append(self._conn)
         self._conn = None
         self._in_transaction = False
-        self._queued.clear()
+        self._forget()
         self._next_oid = self._block_end = 0
         if not self._closed:
             self._connect()
@@ -726,23 +901,19 @@ class PostgreSQLBackend(Backend):
 _STATEMENTS = {
     "create": _SCHEMA, "empty": _EMPTY, "find": _FIND, "schema_tables": _SCHEMA_TABLES,
     "meta": _META, "begin": _BEGIN, "lock": _LOCK,
-    "count_commit": _COUNT_COMMIT, "rollback": "ROLLBACK",
+    "count_commit": _COUNT_COMMIT, "commit": "COMMIT", "rollback": "ROLLBACK",
     "commits": _COMMITS, "lock_holder": _LOCK_HOLDER, "next_oids": _NEXT_OIDS,
-    "get_record": _GET_RECORD, "put_record": _PUT_RECORD, "delete_record": _DELETE_RECORD,
+    "get_record": _GET_RECORD, "put_records": _PUT_RECORDS, "delete_records": _DELETE_RECORDS,
     "existing": _EXISTING, "is_referenced": _IS_REFERENCED, "refs_of": _REFS_OF,
     "reaches": _REACHES, "gc_records": _GC_RECORDS, "gc_blobs": _GC_BLOBS,
     "new_blob": _NEW_BLOB, "put_chunk": _PUT_CHUNK, "find_blob": _FIND_BLOB,
     "name_blob": _NAME_BLOB, "drop_blob": _DROP_BLOB, "load_blob": _LOAD_BLOB,
     "blob_size": _BLOB_SIZE, "blob_chunk": _BLOB_CHUNK, "blob_names": _BLOB_NAMES,
-    "get_key": _GET_KEY, "get_item": _GET_ITEM, "bind_key": _BIND_KEY,
+    "get_key": _GET_KEY, "keys_from": _KEYS_FROM, "set_keys": _SET_KEYS,
+    "get_item": _GET_ITEM, "bind_key": _BIND_KEY,
     "unbind_key": _UNBIND_KEY, "first_keys": _FIRST_KEYS, "next_keys": _NEXT_KEYS,
     "first_items": _FIRST_ITEMS, "next_items": _NEXT_ITEMS, "count_keys": _COUNT_KEYS,
 }
-
-# The statements that read or change records: queued records are sent before them.
-_SEES_RECORDS = frozenset([
-    "get_record", "delete_record", "existing", "is_referenced", "refs_of", "reaches",
-    "gc_records", "gc_blobs", "get_item", "first_items", "next_items"])
 
 # Connections inherited from a parent process, kept referenced forever: closing one in the
 # child would send the server a terminate message for the parent's session.

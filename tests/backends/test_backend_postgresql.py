@@ -133,7 +133,7 @@ def test_flags_r_and_w_require_the_store_and_r_writes_nothing(pg_server, url, op
     assert reader.get_key("k") is not None and reader.count_keys() == 1
     # The server refuses writes in that session too.
     with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
-        reader._execute("delete_record", (1,))
+        reader._execute("delete_records", ([1],))
     assert sql(pg_server, f"SELECT xmin::text, commits FROM {store}.state") == before
 
 
