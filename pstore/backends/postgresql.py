@@ -83,6 +83,8 @@ QUEUE_BYTES = 8 << 20
 #: How many keys one query of iter_keys / iter_items fetches, and how many bindings bind_key
 #: learns with one query (the key asked for and those after it).
 KEY_BATCH = 1000
+#: How many records referring to an object is_referenced remembers (see _released).
+REFERRERS = 8
 #: What a write transaction remembers of the store (see _Known): at most this many keys,
 #: and records of this many bytes; beyond that it forgets (and asks the server again).
 KNOWN_KEYS = 1_000_000
@@ -101,7 +103,7 @@ CREATE SEQUENCE {s}.oids INCREMENT BY {oid_block};
 CREATE TABLE {s}.records (oid bigint PRIMARY KEY, data bytea NOT NULL,
                           refs bigint[] NOT NULL, lazy bigint[] NOT NULL,
                           blobs text[] NOT NULL);
-CREATE INDEX records_by_ref ON {s}.records USING gin (refs);
+CREATE INDEX records_by_ref ON {s}.records USING gin (refs) WITH (fastupdate = off);
 CREATE TABLE {s}.keys (key bytea PRIMARY KEY, oid bigint NOT NULL);
 CREATE INDEX keys_by_oid ON {s}.keys (oid);
 CREATE TABLE {s}.blobs (id bigserial PRIMARY KEY, name text UNIQUE, size bigint);
@@ -149,6 +151,13 @@ _DELETE_RECORDS = "DELETE FROM {s}.records WHERE oid = ANY(%s::bigint[])"
 _EXISTING = "SELECT oid FROM {s}.records WHERE oid = ANY(%s::bigint[])"
 _IS_REFERENCED = ("SELECT EXISTS (SELECT 1 FROM {s}.keys WHERE oid = %(oid)s)"
                   " OR EXISTS (SELECT 1 FROM {s}.records WHERE refs @> ARRAY[%(oid)s::bigint])")
+# For each object id: whether a key is bound to it, and up to REFERRERS + 1 records referring
+# to it (more than REFERRERS: "many").
+_REFERRERS = """
+SELECT c.oid, EXISTS (SELECT 1 FROM {s}.keys k WHERE k.oid = c.oid),
+       ARRAY(SELECT r.oid FROM {s}.records r WHERE r.refs @> ARRAY[c.oid] LIMIT {referrers} + 1)
+FROM unnest(%s::bigint[]) AS c (oid)
+"""
 _REFS_OF = "SELECT refs FROM {s}.records WHERE oid = %s"
 # A recursive query is evaluated as its rows are asked for: EXISTS stops at the target.
 _REACHES = """
@@ -387,7 +396,7 @@ class PostgreSQLBackend(Backend):
         self._sql = {name: statement.format(
             # lock_objid: the key as pg_locks shows it (an oid, unsigned)
             s=schema, lock_class=LOCK_CLASS, lock_key=lock_key, lock_objid=lock_key & 0xFFFFFFFF,
-            oid_block=OID_BLOCK, format_name=FORMAT_NAME, format_version=FORMAT_VERSION)
+            oid_block=OID_BLOCK, referrers=REFERRERS, format_name=FORMAT_NAME, format_version=FORMAT_VERSION)
             for name, statement in _STATEMENTS.items()}
         self._conn: Any = None
         self._closed = False
@@ -400,6 +409,13 @@ class PostgreSQLBackend(Backend):
         self._known = _Known()
         # The change marker _known is valid at; None: it is not.
         self._known_marker: int | None = None
+        # The object ids a key of this transaction was bound to before (the store asks
+        # is_referenced of each at commit), with what one query learnt of them all: whether
+        # a key is bound to them, the records referring to them (None: more than REFERRERS),
+        # valid while no key or record changes but by deletion (the ones deleted since).
+        self._released: dict[int, tuple[bool, set[int] | None] | None] = {}
+        self._released_learnt = False
+        self._deleted: set[int] = set()
         # change_marker() = the commit counter minus this connection's own commits.
         self._own_commits = 0
         self._commits_at_begin = 0
@@ -490,6 +506,10 @@ class PostgreSQLBackend(Backend):
         """Queue a change (statement ``name``, of ``size`` bytes); send the queue when full."""
         if not self._in_transaction:    # a write of no transaction: known only to the server
             self._forget()
+        if name == "delete_records":
+            self._deleted.add(params)
+        else:   # what is_referenced learnt no longer holds
+            self._released_learnt = False
         self._queued.append((name, params))
         self._queued_bytes += size
         if len(self._queued) >= QUEUE_RECORDS or self._queued_bytes >= QUEUE_BYTES:
@@ -501,6 +521,7 @@ class PostgreSQLBackend(Backend):
         self._queued_bytes = 0
         self._known.forget()
         self._known_marker = None
+        self._forget_released()
 
     def _script(self, name: str) -> Any:
         """Run the statements ``name`` (no parameters) in one round trip; return the cursor."""
@@ -594,7 +615,19 @@ class PostgreSQLBackend(Backend):
         return found
 
     def is_referenced(self, oid: int) -> bool:
-        return self._one("is_referenced", {"oid": oid})
+        if oid not in self._released:
+            return self._one("is_referenced", {"oid": oid})
+        if not self._released_learnt:
+            for released, bound, referrers in self._execute("referrers", (list(self._released),)):
+                self._released[released] = (bound, set(referrers) if len(referrers) <= REFERRERS
+                                            else None)
+            self._released_learnt = True
+        bound, referrers = self._released[oid]  # type: ignore[misc]
+        if bound:
+            return True
+        if referrers is None:   # many, of which some may be deleted since
+            return not self._deleted or self._one("is_referenced", {"oid": oid})
+        return bool(referrers - self._deleted)
 
     def refs_of(self, oid: int) -> list[int]:
         """The object ids record ``oid`` refers to, lazily or not ([] without a record)."""
@@ -738,13 +771,18 @@ class PostgreSQLBackend(Backend):
         if old != oid:
             self._queue("set_keys", (name, oid))
             self._known.learn_key(name, oid)
+            if old is not None:
+                self._released[old] = None
         return old
 
     def unbind_key(self, key: str) -> int | None:
         name = key.encode()
         old = self._one("unbind_key", (name,))
+        self._released_learnt = False
         if self._in_transaction:
             self._known.learn_key(name, None)
+            if old is not None:
+                self._released[old] = None
         else:
             self._forget()
         return old
@@ -781,6 +819,7 @@ class PostgreSQLBackend(Backend):
         while cursor.nextset():
             pass
         self._commits_at_begin = cursor.fetchone()[0]
+        self._forget_released()
         marker = self._commits_at_begin - self._own_commits
         if marker != self._known_marker:    # another connection committed: forget all
             self._known.forget()
@@ -817,6 +856,12 @@ class PostgreSQLBackend(Backend):
             raise
         self._in_transaction = False
         self._own_commits += 1
+        self._forget_released()
+
+    def _forget_released(self) -> None:
+        self._released.clear()
+        self._released_learnt = False
+        self._deleted.clear()
 
     def rollback(self) -> None:
         self._forget()      # what it knows includes the transaction's own changes
@@ -904,7 +949,7 @@ _STATEMENTS = {
     "count_commit": _COUNT_COMMIT, "commit": "COMMIT", "rollback": "ROLLBACK",
     "commits": _COMMITS, "lock_holder": _LOCK_HOLDER, "next_oids": _NEXT_OIDS,
     "get_record": _GET_RECORD, "put_records": _PUT_RECORDS, "delete_records": _DELETE_RECORDS,
-    "existing": _EXISTING, "is_referenced": _IS_REFERENCED, "refs_of": _REFS_OF,
+    "existing": _EXISTING, "is_referenced": _IS_REFERENCED, "referrers": _REFERRERS, "refs_of": _REFS_OF,
     "reaches": _REACHES, "gc_records": _GC_RECORDS, "gc_blobs": _GC_BLOBS,
     "new_blob": _NEW_BLOB, "put_chunk": _PUT_CHUNK, "find_blob": _FIND_BLOB,
     "name_blob": _NAME_BLOB, "drop_blob": _DROP_BLOB, "load_blob": _LOAD_BLOB,
