@@ -103,7 +103,8 @@ CREATE SEQUENCE {s}.oids INCREMENT BY {oid_block};
 CREATE TABLE {s}.records (oid bigint PRIMARY KEY, data bytea NOT NULL,
                           refs bigint[] NOT NULL, lazy bigint[] NOT NULL,
                           blobs text[] NOT NULL);
-CREATE INDEX records_by_ref ON {s}.records USING gin (refs) WITH (fastupdate = off);
+CREATE INDEX records_by_ref ON {s}.records USING gin (refs) WITH (fastupdate = off)
+    WHERE refs <> '{{}}';
 CREATE TABLE {s}.keys (key bytea PRIMARY KEY, oid bigint NOT NULL);
 CREATE INDEX keys_by_oid ON {s}.keys (oid);
 CREATE TABLE {s}.blobs (id bigserial PRIMARY KEY, name text UNIQUE, size bigint);
@@ -142,7 +143,7 @@ _GET_RECORD = "SELECT data FROM {s}.records WHERE oid = %s"
 _PUT_RECORDS = """
 INSERT INTO {s}.records (oid, data, refs, lazy, blobs)
 SELECT oid, data, refs::bigint[], lazy::bigint[], blobs::text[]
-FROM unnest(%s::bigint[], %b::bytea[], %s::text[], %s::text[], %s::text[])
+FROM unnest(%b::bigint[], %b::bytea[], %b::text[], %b::text[], %b::text[])
      AS r (oid, data, refs, lazy, blobs)
 ON CONFLICT (oid) DO UPDATE
 SET data = EXCLUDED.data, refs = EXCLUDED.refs, lazy = EXCLUDED.lazy, blobs = EXCLUDED.blobs
@@ -150,12 +151,12 @@ SET data = EXCLUDED.data, refs = EXCLUDED.refs, lazy = EXCLUDED.lazy, blobs = EX
 _DELETE_RECORDS = "DELETE FROM {s}.records WHERE oid = ANY(%s::bigint[])"
 _EXISTING = "SELECT oid FROM {s}.records WHERE oid = ANY(%s::bigint[])"
 _IS_REFERENCED = ("SELECT EXISTS (SELECT 1 FROM {s}.keys WHERE oid = %(oid)s)"
-                  " OR EXISTS (SELECT 1 FROM {s}.records WHERE refs @> ARRAY[%(oid)s::bigint])")
+                  " OR EXISTS (SELECT 1 FROM {s}.records WHERE refs @> ARRAY[%(oid)s::bigint] AND refs <> '{{}}')")
 # For each object id: whether a key is bound to it, and up to REFERRERS + 1 records referring
 # to it (more than REFERRERS: "many").
 _REFERRERS = """
 SELECT c.oid, EXISTS (SELECT 1 FROM {s}.keys k WHERE k.oid = c.oid),
-       ARRAY(SELECT r.oid FROM {s}.records r WHERE r.refs @> ARRAY[c.oid] LIMIT {referrers} + 1)
+       ARRAY(SELECT r.oid FROM {s}.records r WHERE r.refs @> ARRAY[c.oid] AND r.refs <> '{{}}' LIMIT {referrers} + 1)
 FROM unnest(%s::bigint[]) AS c (oid)
 """
 _REFS_OF = "SELECT refs FROM {s}.records WHERE oid = %s"
@@ -193,7 +194,7 @@ _BLOB_CHUNK = ("SELECT c.data FROM {s}.blobs b JOIN {s}.blob_chunks c ON c.blob 
 _BLOB_NAMES = "SELECT name FROM {s}.blobs WHERE name IS NOT NULL"
 _GET_KEY = "SELECT oid FROM {s}.keys WHERE key = %b"
 _KEYS_FROM = "SELECT key, oid FROM {s}.keys WHERE key >= %b ORDER BY key LIMIT %s"
-_SET_KEYS = ("INSERT INTO {s}.keys (key, oid) SELECT * FROM unnest(%b::bytea[], %s::bigint[])"
+_SET_KEYS = ("INSERT INTO {s}.keys (key, oid) SELECT * FROM unnest(%b::bytea[], %b::bigint[])"
              " ON CONFLICT (key) DO UPDATE SET oid = EXCLUDED.oid")
 _GET_ITEM = ("SELECT k.oid, r.data FROM {s}.keys k LEFT JOIN {s}.records r ON r.oid = k.oid"
              " WHERE k.key = %b")
