@@ -21,11 +21,20 @@ Choices, and why:
   commit's own round trip, is the change marker; this connection's own commits
   are subtracted, so only another connection's commit changes it. Inside a write
   transaction the marker is known without a query (no one else can commit).
-* **Refs as arrays in the record's row** (``refs``, ``lazy``, ``blobs``): a record is
-  written by one statement, queued and sent pipelined with the others of its
-  transaction (with the commit, if nothing reads records before); a GIN index
-  answers "is this object referenced"; reachability and gc are recursive queries
-  run by the server.
+* **Refs as arrays in the record's row** (``refs``, ``lazy``, ``blobs``); a GIN index
+  (of the records that refer to something, without a pending list, which every
+  search would scan) answers "is this object referenced"; reachability and gc are
+  recursive queries run by the server.
+* **Changes are queued** (records, key bindings, deletions) and sent with the next
+  query or the commit, in the same round trip, as one statement of arrays per run
+  of changes of one kind.
+* **A write transaction knows what it read and wrote** (:class:`_Known`): no other
+  connection commits while it holds the lock, so a key or record it has seen is
+  answered from memory, ``bind_key`` learns the bindings of the next ``KEY_BATCH``
+  keys with the one it needs, and ``is_referenced`` asks about all the ids the
+  transaction's keys released in one query. What it knows is kept for the next
+  write transaction if the counter says no one else committed meanwhile, and
+  dropped on rollback. Reads outside a transaction always ask the server.
 * **Blobs as chunked bytea rows** (``blob_chunks``, 1 MiB each, stored
   uncompressed), not large objects: they live in the store's schema (dropped,
   granted and dumped with it, no orphan large objects to unlink), are
@@ -284,9 +293,9 @@ def _require_psycopg() -> None:
                                   "pip install pstore[postgresql]", name="psycopg")
 
 
-def _array(items: Iterable[Any]) -> str:
+def _array(items: Collection[Any]) -> str:
     """A PostgreSQL array literal of ``items`` (numbers, or quoted names), each once."""
-    return "{" + ",".join(map(str, dict.fromkeys(items))) + "}"
+    return "{" + ",".join(map(str, dict.fromkeys(items))) + "}" if items else "{}"
 
 
 def _batch(name: str, rows: list[Any]) -> tuple[list[Any], ...]:
@@ -598,7 +607,7 @@ class PostgreSQLBackend(Backend):
         # Queued, and sent many at a time (one pipelined round trip) with the next query, at
         # commit, or when the queue is full.
         self._queue("put_records", (oid, data, _array(refs), _array(lazy_refs),
-                                    _array(f'"{name}"' for name in blobs)), len(data))
+                                    _array([f'"{name}"' for name in blobs])), len(data))
         if self._in_transaction:
             self._known.learn_record(oid, data)
 
