@@ -30,8 +30,8 @@ Choices, and why:
   of changes of one kind.
 * **A write transaction knows what it read and wrote** (:class:`_Known`): no other
   connection commits while it holds the lock, so a key or record it has seen is
-  answered from memory, ``bind_key`` learns the bindings of the next ``KEY_BATCH``
-  keys with the one it needs, and ``is_referenced`` asks about all the ids the
+  answered from memory, ``bind_key`` learns the bindings of the next keys
+  with the one it needs (16 at first in a transaction, twice as many each time after), and ``is_referenced`` asks about all the ids the
   transaction's keys released in one query. What it knows is kept for the next
   write transaction if the counter says no one else committed meanwhile, and
   dropped on rollback. Reads outside a transaction always ask the server.
@@ -89,14 +89,18 @@ OID_BLOCK = 1000
 #: put_record queues up to this many records, or this many bytes of them, before sending them.
 QUEUE_RECORDS = 1000
 QUEUE_BYTES = 8 << 20
-#: How many keys one query of iter_keys / iter_items fetches, and how many bindings bind_key
+#: How many keys one query of iter_keys / iter_items fetches, and the most bindings bind_key
 #: learns with one query (the key asked for and those after it).
 KEY_BATCH = 1000
+#: How many bindings bind_key learns with the first query of a transaction; each further
+#: query learns twice as many (up to KEY_BATCH): a single set asks for few rows, a bulk
+#: write soon for many.
+FIRST_KEY_BATCH = 16
 #: How many records referring to an object is_referenced remembers (see _released).
 REFERRERS = 8
 #: What a write transaction remembers of the store (see _Known): at most this many keys,
 #: and records of this many bytes; beyond that it forgets (and asks the server again).
-KNOWN_KEYS = 1_000_000
+KNOWN_KEYS = 200_000
 KNOWN_BYTES = 64 << 20
 
 # Lowercase so that the unquoted name a DBA types in psql is the same schema.
@@ -417,6 +421,7 @@ class PostgreSQLBackend(Backend):
         self._queued: list[tuple[str, Any]] = []
         self._queued_bytes = 0
         self._known = _Known()
+        self._key_batch = FIRST_KEY_BATCH   # how many bindings bind_key's next query learns
         # The change marker _known is valid at; None: it is not.
         self._known_marker: int | None = None
         # The object ids a key of this transaction was bound to before (the store asks
@@ -771,12 +776,14 @@ class PostgreSQLBackend(Backend):
             self._forget()
             return self._one("bind_key", {"key": name, "oid": oid})
         # The previous binding is needed at once: known, or learnt with those of the
-        # KEY_BATCH keys that follow (a bulk set binds many keys of one range); the new
+        # keys that follow (a bulk set binds many keys of one range); the new
         # binding is queued.
         known, old = self._known.binding(name)
         if not known:
-            rows = self._execute("keys_from", (name, KEY_BATCH)).fetchall()
-            self._known.learn_range(name, rows, complete=len(rows) < KEY_BATCH)
+            batch = min(self._key_batch, KEY_BATCH)
+            self._key_batch = batch * 2
+            rows = self._execute("keys_from", (name, batch)).fetchall()
+            self._known.learn_range(name, rows, complete=len(rows) < batch)
             old = self._known.keys.get(name)
         if old != oid:
             self._queue("set_keys", (name, oid))
@@ -830,6 +837,7 @@ class PostgreSQLBackend(Backend):
             pass
         self._commits_at_begin = cursor.fetchone()[0]
         self._forget_released()
+        self._key_batch = FIRST_KEY_BATCH
         marker = self._commits_at_begin - self._own_commits
         if marker != self._known_marker:    # another connection committed: forget all
             self._known.forget()
