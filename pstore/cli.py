@@ -29,6 +29,11 @@ def _open(args: argparse.Namespace, flag: str = "r", path: str | None = None) ->
     return pstore.open(path or args.store, flag, backend=args.backend)
 
 
+def _count(number: int, noun: str) -> str:
+    """``1 key``, ``2 keys``."""
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
+
+
 def _size(count: int) -> str:
     """A byte count for people: 1.5 MB."""
     value = float(count)
@@ -129,9 +134,7 @@ def cmd_globals(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     with _open(args) as store:
         report = store.verify()
-    for problem in report.problems:
-        print(problem)
-    print(report.summary())
+    print(report)
     return 0 if report.ok else 1
 
 
@@ -163,7 +166,7 @@ def cmd_copy(args: argparse.Namespace) -> int:
     with _progress(total, "copy") as advance:
         count = pstore.copy(args.source, args.target, backend=args.target_backend,
                             flag=args.flag, progress=advance)
-    print(f"copied {count} keys from {args.source} into {args.target}")
+    print(f"copied {_count(count, 'key')} from {args.source} into {args.target}")
     return 0
 
 
@@ -172,9 +175,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     with _progress(None, "convert") as advance:
         report = pstore.convert(args.source, args.target, kind=args.kind, keys=args.keys,
-                                table=args.table, backend=args.target_backend or "sqlite",
+                                table=args.table, backend=args.target_backend,
                                 flag=args.flag, progress=advance)
-    print(f"copied {report.copied} keys from the {report.kind} {args.source} into "
+    print(f"copied {_count(report.copied, 'key')} from the {report.kind} {args.source} into "
           f"{args.target}" + (f"; left out {report.expired} expired entries"
                               if report.expired else ""))
     for note in report.notes:

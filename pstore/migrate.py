@@ -89,7 +89,7 @@ def detect_kind(source: str | os.PathLike[str]) -> str:
 
 def convert(source: str | os.PathLike[str], target: str | os.PathLike[str], *,
             kind: str | None = None, keys: str = "refuse", table: str | None = None,
-            backend: str = "sqlite", flag: str = "c", batch: int = 1000,
+            backend: str | None = None, flag: str = "c", batch: int = 1000,
             lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
             progress: Callable[[int], None] | None = None) -> ConvertReport:
     """Copy every key of ``source`` into the store ``target``; return a :class:`ConvertReport`.
@@ -99,7 +99,8 @@ def convert(source: str | os.PathLike[str], target: str | os.PathLike[str], *,
     ``str`` (see the module's docstring). ``table``: for sqlitedict, the one table
     to copy; by default every table, keys prefixed ``"TABLE/"`` when the file has
     more than one. ``target`` is opened with ``backend`` and ``flag`` as by
-    :func:`pstore.open`. Keys are written ``batch`` at a time, each batch one
+    :func:`pstore.open` (``backend=None``: that of the store already there, else
+    SQLite). Keys are written ``batch`` at a time, each batch one
     transaction: if the copy fails, the batches before the failure are in ``target``,
     and running it again completes it. ``progress(n)`` is called after each batch
     with the number of keys copied in it.
@@ -110,7 +111,10 @@ def convert(source: str | os.PathLike[str], target: str | os.PathLike[str], *,
     ``PersistentMapping``/``PersistentList`` become ``pstore.PersistentDict``/
     ``PersistentList``, BTrees become dicts (TreeSets sets), and objects of other
     persistent classes become ordinary objects of their class (its module must be
-    importable), loaded with their state; shared objects stay shared.
+    importable), loaded with their state. Objects shared through ZODB references stay
+    shared within one key's value, and across keys where they become pstore
+    Persistent objects (PersistentMapping/List); other objects shared between two
+    root keys become one copy per key. ZODB blobs are refused (``ConvertError``).
     """
     path = os.fsdecode(os.fspath(source))
     if batch < 1:
@@ -139,7 +143,7 @@ def convert(source: str | os.PathLike[str], target: str | os.PathLike[str], *,
 
 
 def convert_shelve(source: str | os.PathLike[str], target: str | os.PathLike[str], *,
-                   backend: str = "sqlite", flag: str = "c", batch: int = 1000,
+                   backend: str | None = None, flag: str = "c", batch: int = 1000,
                    lock_timeout: float = DEFAULT_LOCK_TIMEOUT) -> int:
     """Copy every key of the ``shelve`` file ``source`` into the store ``target``; return
     how many: :func:`convert` with ``kind="shelve"``."""
@@ -412,6 +416,10 @@ class _ZODBSource(_Source):
         if oid in self._converted:
             return self._converted[oid]
         cls, state = self._record(oid)
+        if isinstance(cls, _Global) and cls.module.startswith("ZODB.blob"):
+            raise ConvertError(self._path, f"the record of oid {int.from_bytes(oid, 'big')} is "
+                                           f"a ZODB blob, which pstore does not convert: copy "
+                                           f"its file's bytes into an array or bytes first")
         if isinstance(cls, _Global) and cls.module.startswith("persistent."):
             obj = self._persistent_container(oid, cls, state)
         elif isinstance(cls, _Global):
@@ -529,7 +537,7 @@ class _ZODBUnpickler(engine.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         # ZODB's own classes are kept as names, never imported; the application's
         # classes are needed to rebuild its objects.
-        if module.split(".")[0] in ("persistent", "BTrees"):
+        if module.split(".")[0] in ("persistent", "BTrees") or module == "ZODB.blob":
             return _Global(module, name)
         return super().find_class(module, name)
 

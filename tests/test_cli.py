@@ -122,12 +122,12 @@ def test_convert_from_shelve_sqlitedict_and_zodb(tmp_path: Path) -> None:
     sqlitedict = pytest.importorskip("sqlitedict")
     with shelve.open(str(tmp_path / "old")) as shelf:
         shelf["a"] = [1, 2]
-    assert "copied 1 keys from the shelve" in out("convert", "old", "from_shelve.db",
+    assert "copied 1 key from the shelve" in out("convert", "old", "from_shelve.db",
                                                    cwd=tmp_path)
     with sqlitedict.SqliteDict(str(tmp_path / "old.sqlite")) as old:
         old["b"] = {"x": "y"}
         old.commit()
-    assert "copied 1 keys from the sqlitedict" in out("convert", "old.sqlite", "from_sd.db",
+    assert "copied 1 key from the sqlitedict" in out("convert", "old.sqlite", "from_sd.db",
                                                        "--target-backend", "dbm",
                                                        cwd=tmp_path)
     with pstore.open(tmp_path / "from_shelve.db", "r") as store:
