@@ -6,18 +6,23 @@
 
 from __future__ import annotations
 
-from .errors import (ClosedError, CorruptionError, Error, FormatError, LockTimeoutError,
-                     MissingObjectError, ReadOnlyError)
-from .errors import MissingModuleError
+from .errors import (ArgumentError, ClosedError, ConnectionLostError, CorruptionError, Error,
+                     FormatError, InTransactionError, KeyTypeError, LockTimeoutError,
+                     MissingModuleError, MissingObjectError, PersistentClassError, ReadOnlyError,
+                     ReferenceCycleError, ServerLockTimeoutError, StorePicklingError,
+                     UnsafeFileError, UnstorableError)
 from .store import Store, open
 from .store.persistent import Persistent, PersistentDict, PersistentList
 from .migrate import convert, convert_shelve, copy
 
+#: The one place the version is stated (pyproject.toml reads it from here).
 __version__ = "0.1.0"
 
 __all__ = [
     "open", "Store", "convert", "convert_shelve", "copy", "Persistent", "PersistentList", "PersistentDict",
     "Error", "ClosedError", "ReadOnlyError", "LockTimeoutError", "FormatError",
-    "MissingObjectError", "CorruptionError",
-    "MissingModuleError",
+    "MissingObjectError", "CorruptionError", "UnstorableError", "ReferenceCycleError",
+    "ArgumentError", "KeyTypeError", "PersistentClassError", "InTransactionError",
+    "StorePicklingError",
+    "MissingModuleError", "UnsafeFileError", "ConnectionLostError", "ServerLockTimeoutError",
 ]

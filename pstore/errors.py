@@ -13,6 +13,8 @@ cleanly, and builds its message from them.
 
 from __future__ import annotations
 
+from pickle import PicklingError
+
 __all__ = [
     "Error",
     "ClosedError",
@@ -25,6 +27,13 @@ __all__ = [
     "ConnectionLostError",
     "ServerLockTimeoutError",
     "MissingModuleError",
+    "UnstorableError",
+    "ReferenceCycleError",
+    "ArgumentError",
+    "KeyTypeError",
+    "PersistentClassError",
+    "InTransactionError",
+    "StorePicklingError",
 ]
 
 
@@ -136,6 +145,96 @@ class MissingObjectError(Error, KeyError):
     def __str__(self) -> str:
         message = f"store {self.path!r} has no record with object id {self.object_id}"
         return message if self.what is None else f"{message}: {self.what}"
+
+
+class UnstorableError(Error, PicklingError):
+    """A value cannot be stored: ``what`` names it (its key, or its object id), ``reason``
+    says why. The transaction it was part of was rolled back."""
+
+    def __init__(self, path: str, what: str, reason: str) -> None:
+        super().__init__(path, what, reason)
+        self.path = path
+        self.what = what
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"cannot store {self.what} in store {self.path!r}: {self.reason}"
+
+
+class ReferenceCycleError(UnstorableError):
+    """The store refused a value that refers, through other stored plain objects, back to
+    itself: pstore cannot load such a cycle of records."""
+
+    REASON = ("it refers (through other stored objects) back to itself, and pstore cannot "
+              "load a cycle of records; store the objects of the cycle under one key, or "
+              "make one of them a pstore.Persistent object")
+
+    def __init__(self, path: str, what: str) -> None:
+        Error.__init__(self, path, what)
+        self.path = path
+        self.what = what
+        self.reason = self.REASON
+
+
+class ArgumentError(Error, ValueError):
+    """An argument has a value pstore does not accept: ``name`` must be ``expected``."""
+
+    def __init__(self, name: str, value: object, expected: str) -> None:
+        super().__init__(name, value, expected)
+        self.name = name
+        self.value = value
+        self.expected = expected
+
+    def __str__(self) -> str:
+        return f"{self.name} must be {self.expected}, not {self.value!r}"
+
+
+class KeyTypeError(Error, TypeError):
+    """A key that is not a ``str``; ``key_type`` names its type."""
+
+    def __init__(self, key_type: str) -> None:
+        super().__init__(key_type)
+        self.key_type = key_type
+
+    def __str__(self) -> str:
+        return f"pstore keys must be str, not {self.key_type}"
+
+
+class PersistentClassError(Error, TypeError):
+    """A subclass of :class:`~pstore.Persistent` that pstore cannot store (raised when
+    the class is defined): ``class_name`` and the ``reason``."""
+
+    def __init__(self, class_name: str, reason: str) -> None:
+        super().__init__(class_name, reason)
+        self.class_name = class_name
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"{self.class_name}: {self.reason}"
+
+
+class InTransactionError(Error, RuntimeError):
+    """``operation`` cannot run inside a transaction of the store at ``path``."""
+
+    def __init__(self, path: str, operation: str) -> None:
+        super().__init__(path, operation)
+        self.path = path
+        self.operation = operation
+
+    def __str__(self) -> str:
+        return f"cannot {self.operation} inside a transaction of store {self.path!r}"
+
+
+class StorePicklingError(Error, TypeError):
+    """A Store cannot be pickled (sent to another process) now: ``reason`` says why."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(path, reason)
+        self.path = path
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"cannot pickle store {self.path!r}: {self.reason}"
 
 
 class UnsafeFileError(Error, PermissionError):

@@ -1,22 +1,25 @@
-"""Storage backends behind one interface, :class:`~pstore.backends.base.Backend`.
+"""Storage backends behind one interface, :class:`~pstore.backends.base.Backend`
+(:class:`~pstore.backends.base.ReadableBackend` for read-only views).
 
 :data:`BACKENDS` names every backend :func:`pstore.open` accepts; the tests of
 ``tests/backends`` and ``tests/store`` run against each of them. :data:`READERS`
 names read-only views of files pstore did not write. A backend is imported
 only when a store is opened with it.
 
-A name may carry a variant after a colon, passed to the backend as
-``variant=``: ``"dbm:dbm.dumb"`` is the DBM backend on the ``dbm.dumb`` module.
+A name may carry a variant after a colon, passed as ``variant=`` to a backend
+whose class sets ``takes_variant``: ``"dbm:dbm.dumb"`` is the DBM backend on
+the ``dbm.dumb`` module.
 """
 
 from __future__ import annotations
 
 import importlib
-import inspect
 
-from .base import Backend
+from ..errors import ArgumentError
+from .base import Backend, ReadableBackend
 
-__all__ = ["BACKENDS", "READERS", "SCHEMES", "Backend", "detect_backend", "open_backend"]
+__all__ = ["BACKENDS", "READERS", "SCHEMES", "Backend", "ReadableBackend", "detect_backend",
+           "open_backend"]
 
 #: backend name -> "module:class" implementing :class:`Backend`.
 BACKENDS: dict[str, str] = {
@@ -28,7 +31,8 @@ BACKENDS: dict[str, str] = {
 #: URL scheme -> the backend a location of that scheme implies.
 SCHEMES: dict[str, str] = {"postgresql": "postgresql", "postgres": "postgresql"}
 
-#: Like :data:`BACKENDS`, for backends that only read (flag 'r'): not in the write tests.
+#: Like :data:`BACKENDS`, for read-only views (flag 'r' only, a
+#: :class:`~pstore.backends.base.ReadableBackend`): not in the write tests.
 READERS: dict[str, str] = {
     "shelve": "pstore.backends.shelf:ShelveReader",
 }
@@ -59,21 +63,22 @@ def detect_backend(location: str) -> str | None:
 
 
 def open_backend(name: str, path: str, flag: str, *, lock_timeout: float,
-                 fsync: bool) -> Backend:
+                 fsync: bool) -> ReadableBackend:
     """Open the store at ``path`` with the backend called ``name``.
 
     ``name`` is a key of :data:`BACKENDS` or :data:`READERS`, optionally followed
-    by ``:variant``.
+    by ``:variant``; :class:`~pstore.errors.ArgumentError` for an unknown name, or a
+    variant the backend does not take.
     """
     base, colon, variant = name.partition(":")
     target = BACKENDS.get(base) or READERS.get(base)
     if target is None:
-        raise ValueError(f"unknown backend {name!r}; known: "
-                         f"{', '.join(sorted([*BACKENDS, *READERS]))}")
+        raise ArgumentError("backend", name, f"one of {', '.join(sorted([*BACKENDS, *READERS]))}"
+                                             f" (optionally with ':variant')")
     module_name, class_name = target.split(":")
     cls = getattr(importlib.import_module(module_name), class_name)
     if not colon:
         return cls(path, flag, lock_timeout=lock_timeout, fsync=fsync)
-    if "variant" not in inspect.signature(cls).parameters:
-        raise ValueError(f"backend {base!r} has no variants (got {name!r})")
+    if not cls.takes_variant:
+        raise ArgumentError("backend", name, f"{base!r} alone: backend {base!r} has no variants")
     return cls(path, flag, lock_timeout=lock_timeout, fsync=fsync, variant=variant)

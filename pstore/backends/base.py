@@ -13,8 +13,14 @@ nothing of pickling:
   where the backend can;
 * **keys**: ``str -> object id`` bindings.
 
-Every method that changes something must be called inside a write transaction
-(:meth:`Backend.begin` ... :meth:`Backend.commit` or :meth:`Backend.rollback`).
+The contract has two layers. :class:`ReadableBackend` is what every backend
+implements: reading records, blobs and keys, change detection, fork and close
+-- enough for a read-only view such as the ``shelve`` reader. :class:`Backend`
+adds writing. Every method that changes something must be called inside a
+write transaction (:meth:`Backend.begin` ... :meth:`Backend.commit` or
+:meth:`Backend.rollback`, or the concrete :meth:`Backend.writing` context).
+Methods that are not abstract have defaults (some raise ``NotImplementedError``
+until a backend that can provides them).
 Reads may be called inside or outside one. Outside, each read sees the latest
 committed state; inside, every read (records, keys, iteration, counts, refs)
 sees the transaction's own changes too -- the store relies on it, e.g. to read
@@ -31,13 +37,14 @@ from __future__ import annotations
 import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Collection, Hashable, Iterable, Iterator
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from ..errors import Error, FormatError
 
-__all__ = ["Backend", "MAX_OID", "SEAL_SIZE", "Statistics", "binding_seal", "check_reserved"]
+__all__ = ["ReadableBackend", "Backend", "MAX_OID", "SEAL_SIZE", "Statistics", "binding_seal",
+           "check_reserved"]
 
 #: The largest object id any backend stores (a signed 64-bit integer's range).
 MAX_OID = 2 ** 63 - 1
@@ -80,30 +87,176 @@ class Statistics:
     blob_bytes: int
 
 
-class Backend(ABC):
-    """One open connection to one store.
+class ReadableBackend(ABC):
+    """One open connection to one store, for reading.
 
-    Subclasses are constructed as ``Backend(path, flag, *, lock_timeout, fsync)``:
-    ``flag`` is one of ``'r'``, ``'w'``, ``'c'``, ``'n'`` with the meaning
-    :func:`pstore.open` documents; ``lock_timeout`` is how long (seconds)
-    :meth:`begin` waits for another process's write transaction before raising
+    Subclasses are constructed as ``Backend(path, flag, *, lock_timeout, fsync)``,
+    plus ``variant=`` when :attr:`takes_variant` is true: ``flag`` is one of
+    ``'r'``, ``'w'``, ``'c'``, ``'n'`` with the meaning :func:`pstore.open`
+    documents; ``lock_timeout`` is how long (seconds) :meth:`Backend.begin` waits
+    for another process's write transaction before raising
     :class:`~pstore.errors.LockTimeoutError`; ``fsync`` asks for commits that
     survive power loss, not only the death of the process. Opening something
     that is not a store of a format this code reads raises
-    :class:`~pstore.errors.FormatError`.
+    :class:`~pstore.errors.FormatError`. A class that implements only this
+    interface is a read-only view: its ``read_only`` is True.
     """
 
     #: The backend's name in :data:`pstore.backends.BACKENDS` (or ``READERS``).
     name: str
     #: The location the store was opened with, for error messages.
     path: str
-    #: True when opened with flag 'r': the backend then writes nothing at all.
+    #: True when opened with flag 'r' (always, for a read-only view): nothing is written.
     read_only: bool
     #: Every record whose object id is at least this carries a digest (format version 3);
     #: smaller ids may name records written before the store was upgraded to it.
     digests_from: int = 1
+    #: Whether the class takes ``variant=`` (``pstore.open(..., backend="name:variant")``).
+    takes_variant: ClassVar[bool] = False
 
-    # -- records ----------------------------------------------------------------------------
+    # -- records ------------------------------------------------------------------------
+
+    @abstractmethod
+    def get_record(self, oid: int) -> bytes | None:
+        """The data of record ``oid``, or None if there is no such record."""
+
+    @abstractmethod
+    def existing(self, oids: Collection[int]) -> set[int]:
+        """The subset of ``oids`` that have a record."""
+
+    # -- blobs --------------------------------------------------------------------------
+
+    @abstractmethod
+    def get_blob(self, name: str, size: int, *, writable: bool) -> Any:
+        """The ``size`` bytes of blob ``name``, as a buffer: mapped into memory if possible.
+
+        ``writable``: the buffer may be written, and writes never reach the store
+        (copy-on-write); else it is read-only. A backend that cannot map reads the
+        bytes once into the buffer it returns. Raises
+        :class:`~pstore.errors.FormatError` naming the blob if it is missing or
+        not ``size`` bytes long.
+        """
+
+    @abstractmethod
+    def read_blob(self, name: str) -> Iterator[bytes]:
+        """The bytes of blob ``name``, streamed in chunks (for blobs stored compressed)."""
+
+    # -- keys ---------------------------------------------------------------------------
+
+    @abstractmethod
+    def get_key(self, key: str) -> int | None:
+        """The object id ``key`` is bound to, or None."""
+
+    @abstractmethod
+    def get_item(self, key: str) -> tuple[int, bytes | None] | None:
+        """``(object id, record data or None)`` for ``key`` in one step, or None if unbound."""
+
+    @abstractmethod
+    def iter_keys(self) -> Iterator[str]:
+        """Every bound key, each once, streamed: memory does not grow with the number of keys.
+
+        Outside a transaction, keys bound or unbound while the iteration runs may or
+        may not be seen.
+        """
+
+    @abstractmethod
+    def iter_items(self) -> Iterator[tuple[str, int, bytes | None]]:
+        """``(key, object id, record data or None)`` of every bound key, streamed as iter_keys."""
+
+    @abstractmethod
+    def count_keys(self) -> int:
+        """The number of bound keys."""
+
+    # -- change detection ---------------------------------------------------------------
+
+    @abstractmethod
+    def change_marker(self) -> Hashable:
+        """A value that differs from the previous call's when another connection committed since.
+
+        This connection's own commits need not change it.
+        """
+
+    # -- inspection and damage ----------------------------------------------------------
+
+    def statistics(self) -> Statistics:
+        """Counts and sizes of what the store holds. Reads only; outside transactions."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no statistics")
+
+    def iter_records(self) -> Iterator[tuple[int, bytes, list[int]]]:
+        """``(object id, data, refs)`` of every record, streamed (for verification); by
+        default over :meth:`record_ids`, :meth:`get_record` and :meth:`refs_of`."""
+        for oid in self.record_ids():
+            data = self.get_record(oid)
+            if data is not None:
+                yield oid, data, list(self.refs_of(oid))
+
+    def is_damage(self, error: Exception) -> bool:
+        """Whether ``error``, raised while reading stored bytes, means they are damaged
+        (not that the store is busy, closed or locked). By default every error that is
+        not one of pstore's own, and :class:`~pstore.errors.FormatError`, is."""
+        return not isinstance(error, Error) or isinstance(error, FormatError)
+
+    def problems(self) -> list[str]:
+        """Damage this backend found and set aside rather than use (e.g. a journal that
+        failed its check), each a sentence naming the file; for ``Store.verify()``."""
+        return []
+
+    # -- graph primitives (of the defaults iter_records, Backend.reaches, Backend.gc) --
+    # Not abstract: a backend that overrides those (SQLite, with recursive queries) needs
+    # only refs_of; one that has no graph of its own (a read-only view) none of them.
+
+    def refs_of(self, oid: int, *, lazy: bool = True) -> Collection[int]:
+        """The object ids record ``oid`` refers to (without its lazy refs if not ``lazy``);
+        empty if there is no such record."""
+        raise NotImplementedError(f"{type(self).__name__}.refs_of")
+
+    def blobs_of(self, oid: int) -> Collection[str]:
+        """The names of the blobs record ``oid`` uses."""
+        raise NotImplementedError(f"{type(self).__name__}.blobs_of")
+
+    def record_ids(self) -> Iterator[int]:
+        """The object id of every record, each once (inside a write transaction: with its
+        changes). The caller may delete records while iterating."""
+        raise NotImplementedError(f"{type(self).__name__}.record_ids")
+
+    def bound_ids(self) -> Iterator[int]:
+        """The object id of every key binding (an id once per key bound to it)."""
+        raise NotImplementedError(f"{type(self).__name__}.bound_ids")
+
+    # -- lifetime -----------------------------------------------------------------------
+
+    @abstractmethod
+    def after_fork(self) -> None:
+        """In a child process after ``fork()``: replace every OS resource shared with the parent.
+
+        The parent's connections and locks must be left as they are (closing or
+        unlocking them from the child would act on the parent's).
+        """
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release every resource; a transaction still open is rolled back. Idempotent."""
+
+
+class Backend(ReadableBackend):
+    """One open connection to one store, for reading and writing (constructed as
+    :class:`ReadableBackend` says). Opened with flag 'r', ``read_only`` is True and
+    nothing is written: :meth:`begin` raises :class:`~pstore.errors.ReadOnlyError`.
+    """
+
+    @contextmanager
+    def writing(self) -> Iterator[Backend]:
+        """Run the block in a write transaction: :meth:`begin`, then :meth:`commit` if the
+        block ends normally, else :meth:`rollback` (also when the commit fails)."""
+        self.begin()
+        try:
+            yield self
+            self.commit()
+        except BaseException:
+            self.rollback()
+            raise
+
+    # -- records ------------------------------------------------------------------------
 
     @abstractmethod
     def new_oid(self) -> int:
@@ -127,10 +280,6 @@ class Backend(ABC):
         """
 
     @abstractmethod
-    def get_record(self, oid: int) -> bytes | None:
-        """The data of record ``oid``, or None if there is no such record."""
-
-    @abstractmethod
     def put_record(self, oid: int, data: bytes, refs: Collection[int],
                    *, lazy_refs: Collection[int] = (), blobs: Collection[str] = ()) -> None:
         """Create record ``oid``, or replace its data, refs and blobs if it exists.
@@ -144,10 +293,6 @@ class Backend(ABC):
     @abstractmethod
     def delete_record(self, oid: int) -> None:
         """Remove record ``oid``, its refs and its blobs' names; no error if it does not exist."""
-
-    @abstractmethod
-    def existing(self, oids: Collection[int]) -> set[int]:
-        """The subset of ``oids`` that have a record."""
 
     @abstractmethod
     def is_referenced(self, oid: int) -> bool:
@@ -170,7 +315,7 @@ class Backend(ABC):
                 stack.extend(self.refs_of(oid, lazy=False))
         return False
 
-    # -- blobs ------------------------------------------------------------------------------
+    # -- blobs --------------------------------------------------------------------------
 
     @abstractmethod
     def put_blob(self, chunks: Iterable[Any]) -> str:
@@ -182,30 +327,7 @@ class Backend(ABC):
         blob; if the transaction rolls back, no reader ever sees the blob.
         """
 
-    @abstractmethod
-    def get_blob(self, name: str, size: int, *, writable: bool) -> Any:
-        """The ``size`` bytes of blob ``name``, as a buffer: mapped into memory if possible.
-
-        ``writable``: the buffer may be written, and writes never reach the store
-        (copy-on-write); else it is read-only. A backend that cannot map reads the
-        bytes once into the buffer it returns. Raises
-        :class:`~pstore.errors.FormatError` naming the blob if it is missing or
-        not ``size`` bytes long.
-        """
-
-    @abstractmethod
-    def read_blob(self, name: str) -> Iterator[bytes]:
-        """The bytes of blob ``name``, streamed in chunks (for blobs stored compressed)."""
-
-    # -- keys -------------------------------------------------------------------------------
-
-    @abstractmethod
-    def get_key(self, key: str) -> int | None:
-        """The object id ``key`` is bound to, or None."""
-
-    @abstractmethod
-    def get_item(self, key: str) -> tuple[int, bytes | None] | None:
-        """``(object id, record data or None)`` for ``key`` in one step, or None if unbound."""
+    # -- keys ---------------------------------------------------------------------------
 
     @abstractmethod
     def bind_key(self, key: str, oid: int) -> int | None:
@@ -215,23 +337,7 @@ class Backend(ABC):
     def unbind_key(self, key: str) -> int | None:
         """Remove ``key``; return the object id it was bound to, or None if it was unbound."""
 
-    @abstractmethod
-    def iter_keys(self) -> Iterator[str]:
-        """Every bound key, each once, streamed: memory does not grow with the number of keys.
-
-        Outside a transaction, keys bound or unbound while the iteration runs may or
-        may not be seen.
-        """
-
-    @abstractmethod
-    def iter_items(self) -> Iterator[tuple[str, int, bytes | None]]:
-        """``(key, object id, record data or None)`` of every bound key, streamed as iter_keys."""
-
-    @abstractmethod
-    def count_keys(self) -> int:
-        """The number of bound keys."""
-
-    # -- transactions and change detection --------------------------------------------------
+    # -- transactions -------------------------------------------------------------------
 
     @abstractmethod
     def begin(self) -> None:
@@ -250,14 +356,7 @@ class Backend(ABC):
     def rollback(self) -> None:
         """Discard the transaction's changes and release the lock."""
 
-    @abstractmethod
-    def change_marker(self) -> Hashable:
-        """A value that differs from the previous call's when another connection committed since.
-
-        This connection's own commits need not change it.
-        """
-
-    # -- coordination -----------------------------------------------------------------------
+    # -- coordination -------------------------------------------------------------------
 
     def key_lock(self, key: str, timeout: float) -> AbstractContextManager[None]:
         """A context holding a cross-process lock of its own for ``key``, waiting up to
@@ -271,31 +370,7 @@ class Backend(ABC):
         """
         raise NotImplementedError(f"{type(self).__name__} has no key locks")
 
-    # -- maintenance ------------------------------------------------------------------------
-
-    def statistics(self) -> Statistics:
-        """Counts and sizes of what the store holds. Reads only; outside transactions."""
-        raise NotImplementedError(f"{type(self).__name__} keeps no statistics")
-
-    def vacuum(self) -> int:
-        """Give the space of deleted records and blobs back to the file system (or
-        server), under the write lock, while readers keep working; return how many
-        bytes the store's files shrank by. Outside transactions."""
-        raise NotImplementedError(f"{type(self).__name__} cannot vacuum")
-
-    def iter_records(self) -> Iterator[tuple[int, bytes, list[int]]]:
-        """``(object id, data, refs)`` of every record, streamed (for verification); by
-        default over :meth:`record_ids`, :meth:`get_record` and :meth:`refs_of`."""
-        for oid in self.record_ids():
-            data = self.get_record(oid)
-            if data is not None:
-                yield oid, data, list(self.refs_of(oid))
-
-    def is_damage(self, error: Exception) -> bool:
-        """Whether ``error``, raised while reading stored bytes, means they are damaged
-        (not that the store is busy, closed or locked). By default every error that is
-        not one of pstore's own, and :class:`~pstore.errors.FormatError`, is."""
-        return not isinstance(error, Error) or isinstance(error, FormatError)
+    # -- maintenance --------------------------------------------------------------------
 
     def gc(self) -> int:
         """Delete every record no key reaches through refs; return how many were deleted.
@@ -322,45 +397,12 @@ class Backend(ABC):
         self.collect_blobs({name for oid in live for name in self.blobs_of(oid)})
         return deleted
 
-    def problems(self) -> list[str]:
-        """Damage this backend found and set aside rather than use (e.g. a journal that
-        failed its check), each a sentence naming the file; for ``Store.verify()``."""
-        return []
-
-    # -- the primitives of the default reaches() and gc() -----------------------------------
-    # Not abstract: a backend that overrides both (SQLite, with recursive queries) needs
-    # only refs_of; one that has no graph of its own (a read-only view) none of them.
-
-    def refs_of(self, oid: int, *, lazy: bool = True) -> Collection[int]:
-        """The object ids record ``oid`` refers to (without its lazy refs if not ``lazy``);
-        empty if there is no such record."""
-        raise NotImplementedError(f"{type(self).__name__}.refs_of")
-
-    def blobs_of(self, oid: int) -> Collection[str]:
-        """The names of the blobs record ``oid`` uses."""
-        raise NotImplementedError(f"{type(self).__name__}.blobs_of")
-
-    def record_ids(self) -> Iterator[int]:
-        """The object id of every record, each once (inside a write transaction: with its
-        changes). The caller may delete records while iterating."""
-        raise NotImplementedError(f"{type(self).__name__}.record_ids")
-
-    def bound_ids(self) -> Iterator[int]:
-        """The object id of every key binding (an id once per key bound to it)."""
-        raise NotImplementedError(f"{type(self).__name__}.bound_ids")
-
     def collect_blobs(self, referenced: Collection[str]) -> None:
         """Delete, when the transaction commits, every blob not in ``referenced``."""
         raise NotImplementedError(f"{type(self).__name__}.collect_blobs")
 
-    @abstractmethod
-    def after_fork(self) -> None:
-        """In a child process after ``fork()``: replace every OS resource shared with the parent.
-
-        The parent's connections and locks must be left as they are (closing or
-        unlocking them from the child would act on the parent's).
-        """
-
-    @abstractmethod
-    def close(self) -> None:
-        """Release every resource; a transaction still open is rolled back. Idempotent."""
+    def vacuum(self) -> int:
+        """Give the space of deleted records and blobs back to the file system (or
+        server), under the write lock, while readers keep working; return how many
+        bytes the store's files shrank by. Outside transactions."""
+        raise NotImplementedError(f"{type(self).__name__} cannot vacuum")

@@ -66,6 +66,7 @@ class DBMBackend(LocalBlobs, Backend):
     """
 
     name = "dbm"
+    takes_variant = True
 
     def __init__(self, path: str, flag: str, *, lock_timeout: float, fsync: bool,
                  variant: str | None = None) -> None:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import dbm
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Collection, Iterator
 from typing import Any
 
 from ..errors import ClosedError, FormatError, ReadOnlyError
-from .base import Backend
+from .base import ReadableBackend
 from .dbm import FORMAT_KEY, choose_module
 from .files import require_existing
 
@@ -17,7 +17,7 @@ __all__ = ["ShelveReader"]
 _INHERITED: list[Any] = []
 
 
-class ShelveReader(Backend):
+class ShelveReader(ReadableBackend):
     """A read-only view of a file written by the standard library's ``shelve``.
 
     Open it with ``pstore.open(path, "r", backend="shelve")`` (``"shelve:dbm.dumb"``
@@ -26,13 +26,15 @@ class ShelveReader(Backend):
     record, loaded by pstore's own unpickler, so values keep the identity of the
     objects inside them but no sharing across keys (shelve stores none).
     ``shelve`` has no locks: do not read a file another process is writing.
-    Any flag but 'r' raises :class:`~pstore.errors.ReadOnlyError`; every write
-    method raises it too. :func:`pstore.convert_shelve` copies a shelve into a
-    pstore store.
+    Any flag but 'r' raises :class:`~pstore.errors.ReadOnlyError`; it implements
+    the read-only part of the backend contract only, so a Store on it refuses
+    every write with that error. :func:`pstore.convert_shelve` copies a shelve
+    into a pstore store.
     """
 
     name = "shelve"
     digests_from = 1 << 63      # a shelve's values are plain pickles, without digests
+    takes_variant = True
 
     def __init__(self, path: str, flag: str, *, lock_timeout: float, fsync: bool,
                  variant: str | None = None) -> None:
@@ -71,45 +73,11 @@ class ShelveReader(Backend):
             raise ClosedError(self.path)
         return self._db
 
-    def _refuse(self) -> ReadOnlyError:
-        return ReadOnlyError(self.path, "write to a shelve file")
-
-    def new_oid(self) -> int:
-        raise self._refuse()
-
-    def reserve_ids(self, up_to: int) -> None:
-        raise self._refuse()
-
-    def put_record(self, oid: int, data: bytes, refs: Collection[int],
-                   *, lazy_refs: Collection[int] = (), blobs: Collection[str] = ()) -> None:
-        raise self._refuse()
-
-    def put_blob(self, chunks: Iterable[Any]) -> str:
-        raise self._refuse()
-
     def get_blob(self, name: str, size: int, *, writable: bool) -> Any:
         raise FormatError(self.path, f"a shelve file has no blobs (asked for blob {name})")
 
     def read_blob(self, name: str) -> Iterator[bytes]:
         raise FormatError(self.path, f"a shelve file has no blobs (asked for blob {name})")
-
-    def delete_record(self, oid: int) -> None:
-        raise self._refuse()
-
-    def bind_key(self, key: str, oid: int) -> int | None:
-        raise self._refuse()
-
-    def unbind_key(self, key: str) -> int | None:
-        raise self._refuse()
-
-    def begin(self) -> None:
-        raise self._refuse()
-
-    def commit(self) -> None:
-        raise self._refuse()
-
-    def gc(self) -> int:
-        raise self._refuse()
 
     def get_record(self, oid: int) -> bytes | None:
         if not 0 < oid < len(self._keys):
@@ -118,12 +86,6 @@ class ShelveReader(Backend):
 
     def existing(self, oids: Collection[int]) -> set[int]:
         return {oid for oid in oids if self.get_record(oid) is not None}
-
-    def is_referenced(self, oid: int) -> bool:
-        return 0 < oid < len(self._keys) and self._keys[oid] in self._handle()
-
-    def reaches(self, sources: Collection[int], target: int) -> bool:
-        return target in sources     # shelve values never refer to one another
 
     def get_key(self, key: str) -> int | None:
         encoded = key.encode("utf-8")
@@ -148,9 +110,6 @@ class ShelveReader(Backend):
 
     def count_keys(self) -> int:
         return len(self._handle())
-
-    def rollback(self) -> None:
-        """Nothing to roll back: no transaction can be started."""
 
     def change_marker(self) -> int:
         return 0

@@ -1,4 +1,10 @@
-"""The store layer: :func:`open` and :class:`Store`, on top of :mod:`pstore.backends`."""
+"""The store layer: :func:`open` and :class:`Store`, on top of :mod:`pstore.backends`.
+
+Its rooms: ``store`` (the mapping, lifecycle, reading), ``transaction`` (pending writes
+and their commit), ``codec`` (record pickler and unpickler, and the loader resolving
+references), ``records`` (a record's bytes), ``identity`` (the identity map) and
+``persistent`` (Persistent objects and their data-manager protocol).
+"""
 
 from __future__ import annotations
 

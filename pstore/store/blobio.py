@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from ..errors import MissingModuleError
 
 if TYPE_CHECKING:   # only for annotations: this module works on any backend
-    from ..backends import Backend
+    from ..backends import Backend, ReadableBackend
 
 __all__ = [
     "CODECS",
@@ -193,7 +193,7 @@ def write_blob(backend: Backend, raw: memoryview, codec: int) -> BlobRef:
     return BlobRef(backend.put_blob(chunks), raw.nbytes, codec)
 
 
-def read_blob(backend: Backend, blob: BlobRef, writable: bool) -> Any:
+def read_blob(backend: ReadableBackend, blob: BlobRef, writable: bool) -> Any:
     """The buffer of ``blob``: mapped if stored uncompressed, else decompressed as it arrives.
 
     Raises ``ValueError`` if a compressed blob does not hold exactly the bytes its

@@ -30,12 +30,12 @@ import types
 import weakref
 from typing import Any
 
-__all__ = ["IdentityMap", "is_tracked"]
+__all__ = ["IdentityMap", "is_referable"]
 
 # Values whose identity carries no meaning (immutable atoms, and objects pickled by
 # name): they are never entered in the map, so a record containing ``True`` or ``"a"``
 # never turns into a reference to some other record that happens to hold it.
-_UNTRACKED = (type(None), bool, int, float, complex, str, bytes, range, type,
+_UNREFERABLE = (type(None), bool, int, float, complex, str, bytes, range, type,
               types.FunctionType, types.BuiltinFunctionType, types.ModuleType,
               type(Ellipsis), type(NotImplemented))
 
@@ -43,14 +43,17 @@ _UNTRACKED = (type(None), bool, int, float, complex, str, bytes, range, type,
 _SWEEP_MIN = 1024
 
 
-# The commonest tracked types, answered by one set lookup: isinstance against all of
-# _UNTRACKED is about ten times slower for an object that is none of them.
+# The commonest referable types, answered by one set lookup: isinstance against all of
+# _UNREFERABLE is about ten times slower for an object that is none of them.
 _CONTAINERS = frozenset({dict, list, tuple, set, frozenset, bytearray})
 
 
-def is_tracked(obj: Any) -> bool:
-    """Whether ``obj`` can be a record that other records refer to."""
-    return type(obj) in _CONTAINERS or not isinstance(obj, _UNTRACKED)
+def is_referable(obj: Any) -> bool:
+    """Whether ``obj`` can be a record that other records refer to (its identity matters).
+
+    Named apart from ``gc.is_tracked``, which asks something else.
+    """
+    return type(obj) in _CONTAINERS or not isinstance(obj, _UNREFERABLE)
 
 
 class _Ref(weakref.ref):
@@ -73,7 +76,8 @@ class IdentityMap:
         return len(self.oid_of)
 
     def add(self, obj: Any, oid: int, persistent: bool = False) -> None:
-        """Note that ``obj`` is (the current object of) record ``oid``; ``obj`` must be tracked.
+        """Note that ``obj`` is (the current object of) record ``oid``; ``obj`` must be
+        :func:`is_referable`.
 
         ``persistent``: ``obj`` is a Persistent object (see :meth:`forget_loads`).
         """

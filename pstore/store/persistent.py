@@ -7,8 +7,10 @@ no state, which loads its record the first time one of its attributes is used.
 Assigning or deleting an attribute marks the instance changed, and the Store
 writes it at its next commit. See ``docs/persistent.md``.
 
-This module holds the objects' side: the base classes and the few functions
-the Store calls to make, fill, empty and detach them. The Store
+This module holds the objects' side: the base classes, the few functions the
+Store calls to make, fill, empty and detach them, and :class:`DataManager`, the
+two calls an object makes to its Store (after the ``persistent`` package's
+``IPersistentDataManager.setstate``/``register``). The Store
 (``pstore/store/store.py``) does the reading and writing.
 """
 
@@ -16,9 +18,11 @@ from __future__ import annotations
 
 import copyreg
 from collections import UserDict, UserList
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
-__all__ = ["Persistent", "PersistentList", "PersistentDict"]
+from ..errors import ArgumentError, PersistentClassError
+
+__all__ = ["Persistent", "PersistentList", "PersistentDict", "DataManager"]
 
 # What a Persistent object's _p_status slot holds.
 SAVED = 0      # its state in memory is its record's (or it is in no store yet)
@@ -29,6 +33,30 @@ LOADING = 3    # its state is being loaded: attribute access neither loads nor m
 _object_getattribute = object.__getattribute__
 _object_setattr = object.__setattr__
 _object_delattr = object.__delattr__
+
+
+class DataManager(Protocol):
+    """What a Persistent object asks of the store it belongs to (its ``_p_store``).
+
+    The object calls these, and nothing else of its store; the store calls the
+    functions at the end of this module on the object.
+    """
+
+    @property
+    def path(self) -> str:
+        """The store's location, for error messages."""
+
+    def setstate(self, obj: Persistent) -> None:
+        """Load the state of placeholder ``obj`` from its record (called at its first use).
+
+        Returns at once if ``obj`` is no longer a placeholder; raises
+        :class:`~pstore.errors.ClosedError` on a closed store, and
+        :class:`~pstore.errors.MissingObjectError` if the record is gone.
+        """
+
+    def register(self, obj: Persistent) -> None:
+        """Note the first change of ``obj`` since its record was written: the store writes
+        it at its next commit (a read-only or closed store keeps the change in memory)."""
 
 
 class Persistent:
@@ -66,8 +94,8 @@ class Persistent:
         slots = cls.__dict__.get("__slots__", ())
         if isinstance(slots, str) or slots:
             # Slots would be state that neither the record nor a placeholder reset covers.
-            raise TypeError(f"{cls.__qualname__}: subclasses of pstore.Persistent keep their "
-                            f"state in __dict__ and may not declare __slots__")
+            raise PersistentClassError(cls.__qualname__, "subclasses of pstore.Persistent keep "
+                                       "their state in __dict__ and may not declare __slots__")
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Persistent:
         obj = super().__new__(cls)
@@ -79,7 +107,7 @@ class Persistent:
     def __getattribute__(self, name: str) -> Any:
         # Every attribute access passes here: one slot read and a comparison when loaded.
         if _status_of(self) == GHOST and name != "__class__" and name[:3] != "_p_":
-            _store_of(self)._activate(self)
+            _store_of(self).setstate(self)
         return _object_getattribute(self, name)
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -87,7 +115,7 @@ class Persistent:
             _object_setattr(self, name, value)
             return
         if _status_of(self) == GHOST:
-            _store_of(self)._activate(self)
+            _store_of(self).setstate(self)
         _object_setattr(self, name, value)
         mark_changed(self)
 
@@ -96,7 +124,7 @@ class Persistent:
             _object_delattr(self, name)
             return
         if _status_of(self) == GHOST:
-            _store_of(self)._activate(self)
+            _store_of(self).setstate(self)
         _object_delattr(self, name)
         mark_changed(self)
 
@@ -113,9 +141,9 @@ class Persistent:
     @_p_changed.setter
     def _p_changed(self, value: bool) -> None:
         if not value:
-            raise ValueError("_p_changed can only be set to True (to mark the object changed)")
+            raise ArgumentError("_p_changed", value, "True (to mark the object changed)")
         if _status_of(self) == GHOST:
-            _store_of(self)._activate(self)
+            _store_of(self).setstate(self)
         mark_changed(self)
 
     def __getstate__(self) -> Any:
@@ -136,7 +164,7 @@ _OID = Persistent.__dict__["_p_oid"]
 _STORE = Persistent.__dict__["_p_store"]
 _STATUS = Persistent.__dict__["_p_status"]
 _status_of: Callable[[Persistent], int] = _STATUS.__get__
-_store_of: Callable[[Persistent], Any] = _STORE.__get__
+_store_of: Callable[[Persistent], DataManager] = _STORE.__get__
 _set_oid = _OID.__set__
 _set_store = _STORE.__set__
 _set_status = _STATUS.__set__
@@ -150,7 +178,7 @@ def mark_changed(obj: Persistent) -> None:
     if _status_of(obj) != CHANGED:
         store = _store_of(obj)
         if store is not None:
-            store._note_changed(obj)
+            store.register(obj)
 
 
 class PersistentList(Persistent, UserList):
@@ -209,7 +237,7 @@ def is_ghost(obj: Any) -> bool:
     return isinstance(obj, Persistent) and _status_of(obj) == GHOST
 
 
-def placeholder(cls: type[Persistent], store: Any, oid: int) -> Persistent:
+def placeholder(cls: type[Persistent], store: DataManager, oid: int) -> Persistent:
     """A new placeholder of record ``oid`` of ``store``: a ``cls`` without state."""
     obj = cls.__new__(cls)
     _set_oid(obj, oid)
@@ -218,7 +246,7 @@ def placeholder(cls: type[Persistent], store: Any, oid: int) -> Persistent:
     return obj
 
 
-def attach(obj: Persistent, store: Any, oid: int) -> None:
+def attach(obj: Persistent, store: DataManager, oid: int) -> None:
     """Make ``obj``, in no store yet, the object of record ``oid`` of ``store``."""
     _set_oid(obj, oid)
     _set_store(obj, store)

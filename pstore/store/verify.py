@@ -21,7 +21,7 @@ from ..errors import CorruptionError, Error, FormatError, MissingModuleError, Mi
 from . import blobio, records
 
 if TYPE_CHECKING:
-    from ..backends import Backend
+    from ..backends import ReadableBackend
 
 __all__ = ["Problem", "VerifyReport", "load_error", "verify"]
 
@@ -141,7 +141,7 @@ class VerifyReport:
         return "\n".join([head, *(f"  {problem}" for problem in self.problems)])
 
 
-def _check_blob(backend: Backend, blob: records.BlobRef) -> str | None:
+def _check_blob(backend: ReadableBackend, blob: records.BlobRef) -> str | None:
     """What is wrong with ``blob``'s file (its digest re-computed), or None."""
     # Imported here: the store layer names no backend module but for this check.
     from ..backends.blob_names import blob_digest, naming_of
@@ -160,7 +160,7 @@ def _check_blob(backend: Backend, blob: records.BlobRef) -> str | None:
     return None
 
 
-def verify(backend: Backend, *, max_record_size: int) -> VerifyReport:
+def verify(backend: ReadableBackend, *, max_record_size: int) -> VerifyReport:
     """Check every record's digest, every reference's target, every key binding and every
     blob's contents of ``backend``'s store; unpickle nothing. Read-only."""
     report = VerifyReport(backend.path)
