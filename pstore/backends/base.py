@@ -137,6 +137,15 @@ class ReadableBackend(ABC):
         not ``size`` bytes long.
         """
 
+    def has_blob(self, name: str, size: int) -> bool:
+        """Whether blob ``name`` of ``size`` bytes is stored, told cheaply (no hashing).
+
+        The store asks before it writes a buffer it mapped from this very blob as a
+        reference to it (a re-store), inside the write transaction, so no gc can
+        remove it meanwhile. False (the default) makes the store write the blob again.
+        """
+        return False
+
     @abstractmethod
     def read_blob(self, name: str) -> Iterator[bytes]:
         """The bytes of blob ``name``, streamed in chunks (for blobs stored compressed)."""

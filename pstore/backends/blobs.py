@@ -477,6 +477,17 @@ class LocalBlobs:
         """The entries of the blob folder that are not blobs (left alone by pstore)."""
         return self._open_blobs().odd_entries()
 
+    def has_blob(self, name: str, size: int) -> bool:
+        # A regular blob file of that name and size (links and odd entries are not blobs).
+        try:
+            fd = self._open_blobs()._open_blob(name)
+        except (OSError, CorruptionError):
+            return False
+        try:
+            return os.fstat(fd).st_size == size
+        finally:
+            os.close(fd)
+
     def _open_blobs(self) -> BlobStore:
         if self._blobs.closed:
             raise ClosedError(self.path)

@@ -292,6 +292,11 @@ def _scrub(message: str, password: str | None) -> str:
     return message.replace(password, "***") if password else message
 
 
+class _BlobBuffer(bytearray):
+    """A loaded blob's bytes: a bytearray that can be weakly referenced, so the store can
+    tell a re-stored buffer of it (pstore/store/mapped.py)."""
+
+
 def _lock_key(store: str) -> int:
     """The second key of the store's advisory lock: a signed 32-bit digest of its name.
 
@@ -720,7 +725,7 @@ class PostgreSQLBackend(Backend):
 
     def get_blob(self, name: str, size: int, *, writable: bool) -> Any:
         conn = self._connection()
-        buffer = bytearray(size)
+        buffer = _BlobBuffer(size)
         view = memoryview(buffer)
         filled = 0
         found = False
@@ -751,6 +756,9 @@ class PostgreSQLBackend(Backend):
             raise FormatError(self.path, f"blob {name} has chunks of {filled} bytes, "
                                          f"its size is {size}")
         return buffer if writable else view.toreadonly()
+
+    def has_blob(self, name: str, size: int) -> bool:
+        return self._one("blob_size", (name,)) == size
 
     def read_blob(self, name: str) -> Iterator[bytes]:
         # A query per chunk, so that the connection is free between chunks.

@@ -27,6 +27,7 @@ from ..backends.base import ReadableBackend
 from ..errors import CorruptionError, MissingObjectError
 from . import blobio, records, tensors
 from .identity import IdentityMap, is_referable
+from .mapped import MappedBlobs
 from .persistent import GHOST, DataManager, Persistent, fill, is_ghost, placeholder, status_of
 from .verify import load_error
 
@@ -226,7 +227,7 @@ class RecordLoader:
 
     def __init__(self, manager: DataManager, backend: ReadableBackend, ids: IdentityMap,
                  pending: Mapping[int, tuple[Any, str | None]], *, writable_buffers: bool,
-                 max_record_size: int) -> None:
+                 max_record_size: int, mapped: MappedBlobs[records.BlobRef]) -> None:
         self._manager = weakref.ref(manager)
         self._backend = backend
         self._path = backend.path
@@ -234,6 +235,7 @@ class RecordLoader:
         self._pending = pending
         self._writable_buffers = writable_buffers
         self._max_record_size = max_record_size
+        self._mapped = mapped
         self._unpickler = RecordUnpickler(self)
         self._depth = 0             # how many record loads are nested right now
         # Called (once) before the load under way resolves its first reference: see load_fresh.
@@ -360,11 +362,16 @@ class RecordLoader:
             payload, blobs, verified = records.unpack(
                 data, oid, digest_required=oid >= backend.digests_from,
                 max_size=self._max_record_size)
-            buffers = [blobio.read_blob(backend, blob, self._writable_buffers)
-                       for blob in blobs] if blobs else None
+            buffers = [self._read_blob(blob) for blob in blobs] if blobs else None
         except Exception as error:
             raise load_error(error, self._path, object_id=oid, is_damage=backend.is_damage)
         return payload, buffers, verified
+
+    def _read_blob(self, blob: records.BlobRef) -> Any:
+        buffer = blobio.read_blob(self._backend, blob, self._writable_buffers)
+        if not blob.codec:
+            self._mapped.add(buffer, blob)
+        return buffer
 
     def _known_class(self, data: bytes) -> tuple[type[Persistent], int] | None:
         """The class of a Persistent object's record ``data`` whose first pickle was read

@@ -88,7 +88,7 @@ class Store(MutableMapping[str, Any]):
                                 else blob_threshold, codec=blobio.CODECS[compression])
         self._loader = RecordLoader(self, backend, self._ids, self._txn.pending,
                                     writable_buffers=not readonly_buffers,
-                                    max_record_size=max_record_size)
+                                    max_record_size=max_record_size, mapped=self._txn.mapped)
         self._marker = backend.change_marker()
         self._closed = False
         _open_stores[id(self)] = self
