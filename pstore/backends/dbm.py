@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import platform
+import sqlite3
 import threading
 from collections.abc import Callable, Collection, Hashable, Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -185,7 +186,8 @@ class DBMBackend(LocalBlobs, Backend):
                 self._locks.unshare()
         except Error:   # pstore's own (a lock timeout, damage, an unsafe side file)
             raise
-        except (OSError, ValueError, SyntaxError) as error:   # what the modules raise on junk
+        except (OSError, ValueError, SyntaxError, sqlite3.DatabaseError) as error:
+            # what the modules raise on junk (dbm.sqlite3: sqlite3's own errors)
             raise FormatError(self.path, f"not a readable {self._module.name} database "
                                          f"({error})") from None
         if empty and create:
