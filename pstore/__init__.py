@@ -6,10 +6,12 @@
 
 from __future__ import annotations
 
-from .errors import (ArgumentError, ClosedError, CorruptionError, Error, FormatError,
-                     InTransactionError, IntegrityError, KeyFileError, KeyTypeError, LockTimeoutError, MissingObjectError,
-                     PersistentClassError, ReadOnlyError, ReferenceCycleError, StorePicklingError,
-                     UnstorableError, UntrustedError)
+from .errors import (ArgumentError, ClosedError, ConnectionLostError, CorruptionError, Error,
+                     FormatError, InTransactionError, IntegrityError, KeyFileError, KeyTypeError,
+                     LockTimeoutError, MissingModuleError, MissingObjectError,
+                     PersistentClassError, ReadOnlyError, ReferenceCycleError,
+                     ServerLockTimeoutError, StorePicklingError, UnsafeFileError, UnstorableError,
+                     UntrustedError)
 from .store import Store, open
 from .store.persistent import Persistent, PersistentDict, PersistentList
 from .migrate import convert, convert_shelve, copy
@@ -23,4 +25,5 @@ __all__ = [
     "MissingObjectError", "CorruptionError", "UnstorableError", "ReferenceCycleError",
     "ArgumentError", "KeyTypeError", "PersistentClassError", "InTransactionError",
     "StorePicklingError", "IntegrityError", "UntrustedError", "KeyFileError",
+    "MissingModuleError", "UnsafeFileError", "ConnectionLostError", "ServerLockTimeoutError",
 ]

@@ -29,6 +29,11 @@ def _open(args: argparse.Namespace, flag: str = "r", path: str | None = None) ->
     return pstore.open(path or args.store, flag, backend=args.backend)
 
 
+def _count(number: int, noun: str) -> str:
+    """``1 key``, ``2 keys``."""
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
+
+
 def _size(count: int) -> str:
     """A byte count for people: 1.5 MB."""
     value = float(count)
@@ -40,7 +45,8 @@ def _size(count: int) -> str:
 
 
 @contextmanager
-def _progress(total: int | None, what: str) -> Iterator[Callable[[int], None]]:
+def _progress(total: int | None, what: str,
+              unit: str = " keys") -> Iterator[Callable[[int], None]]:
     """A callback advancing a progress bar (tqdm, on a terminal), or doing nothing."""
     if not sys.stdout.isatty():
         yield lambda count: None
@@ -50,7 +56,7 @@ def _progress(total: int | None, what: str) -> Iterator[Callable[[int], None]]:
     except ImportError:     # the extra is not installed: the summary line says it all
         yield lambda count: None
         return
-    with tqdm(total=total, desc=what, unit=" keys", leave=False) as bar:
+    with tqdm(total=total, desc=what, unit=unit, leave=False) as bar:
         yield bar.update
 
 
@@ -155,9 +161,7 @@ def cmd_trust(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     with _open(args) as store:
         report = store.verify()
-    for problem in report.problems:
-        print(problem)
-    print(report.summary())
+    print(report)
     return 0 if report.ok else 1
 
 
@@ -184,12 +188,11 @@ def cmd_vacuum(args: argparse.Namespace) -> int:
 def cmd_copy(args: argparse.Namespace) -> int:
     import pstore
 
-    with _open(args, path=args.source) as source:
-        total = len(source)
-    with _progress(total, "copy") as advance:
+    # Records are what takes the time; counting them first would read them twice.
+    with _progress(None, "copy", " records") as advance:
         count = pstore.copy(args.source, args.target, backend=args.target_backend,
-                            flag=args.flag, progress=advance)
-    print(f"copied {count} keys from {args.source} into {args.target}")
+                            source_backend=args.backend, flag=args.flag, progress=advance)
+    print(f"copied {_count(count, 'key')} from {args.source} into {args.target}")
     return 0
 
 
@@ -198,9 +201,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     with _progress(None, "convert") as advance:
         report = pstore.convert(args.source, args.target, kind=args.kind, keys=args.keys,
-                                table=args.table, backend=args.target_backend or "sqlite",
+                                table=args.table, backend=args.target_backend,
                                 flag=args.flag, progress=advance)
-    print(f"copied {report.copied} keys from the {report.kind} {args.source} into "
+    print(f"copied {_count(report.copied, 'key')} from the {report.kind} {args.source} into "
           f"{args.target}" + (f"; left out {report.expired} expired entries"
                               if report.expired else ""))
     for note in report.notes:

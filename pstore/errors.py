@@ -29,6 +29,7 @@ __all__ = [
     "UnsafeFileError",
     "ConnectionLostError",
     "ServerLockTimeoutError",
+    "MissingModuleError",
     "UnstorableError",
     "ReferenceCycleError",
     "ArgumentError",
@@ -351,3 +352,17 @@ class ServerLockTimeoutError(LockTimeoutError):
     def __str__(self) -> str:
         return (f"{super().__str__()} (held by server process {self.pid}, application "
                 f"{self.application_name!r}, client {self.address})")
+
+
+class MissingModuleError(Error, ModuleNotFoundError):
+    """An optional module is not installed that ``feature`` needs; ``install`` says how to
+    get it. Nothing stored is wrong: the same store reads where the module is."""
+
+    def __init__(self, module: str, feature: str, install: str) -> None:
+        super().__init__(module, feature, install)
+        self.name = module      # ModuleNotFoundError's attribute
+        self.feature = feature
+        self.install = install
+
+    def __str__(self) -> str:
+        return f"{self.feature} needs the {self.name} module: {self.install}"

@@ -43,8 +43,11 @@ from typing import Any, ClassVar
 
 from ..errors import Error, FormatError
 
-__all__ = ["ReadableBackend", "Backend", "SEAL_SIZE", "Statistics", "binding_seal",
-           "check_meta_name"]
+__all__ = ["ReadableBackend", "Backend", "MAX_OID", "SEAL_SIZE", "Statistics", "binding_seal",
+           "check_meta_name", "check_reserved"]
+
+#: The largest object id any backend stores (a signed 64-bit integer's range).
+MAX_OID = 2 ** 63 - 1
 
 #: Bytes of a key binding's seal.
 SEAL_SIZE = 8
@@ -60,6 +63,12 @@ def binding_seal(key: str, oid: int) -> bytes:
     """
     return hashlib.blake2b(oid.to_bytes(8, "little") + key.encode("utf-8", "surrogatepass"),
                            digest_size=SEAL_SIZE, person=b"pstore-key").digest()
+
+
+def check_reserved(up_to: int) -> None:
+    """Raise ``ValueError`` unless ``up_to`` may be passed to :meth:`Backend.reserve_ids`."""
+    if not 0 <= up_to < MAX_OID:
+        raise ValueError(f"cannot reserve object ids up to {up_to}: ids are 1 to {MAX_OID - 1}")
 
 
 @dataclass(frozen=True)
@@ -133,6 +142,15 @@ class ReadableBackend(ABC):
         :class:`~pstore.errors.FormatError` naming the blob if it is missing or
         not ``size`` bytes long.
         """
+
+    def has_blob(self, name: str, size: int) -> bool:
+        """Whether blob ``name`` of ``size`` bytes is stored, told cheaply (no hashing).
+
+        The store asks before it writes a buffer it mapped from this very blob as a
+        reference to it (a re-store), inside the write transaction, so no gc can
+        remove it meanwhile. False (the default) makes the store write the blob again.
+        """
+        return False
 
     @abstractmethod
     def read_blob(self, name: str) -> Iterator[bytes]:
@@ -271,6 +289,19 @@ class Backend(ReadableBackend):
 
         Inside a write transaction only; ids allocated in a transaction that is rolled
         back may be allocated again.
+        """
+
+    @abstractmethod
+    def reserve_ids(self, up_to: int) -> None:
+        """Make every later :meth:`new_oid` return an id above ``up_to``: records copied in
+        under their own ids (:func:`pstore.copy`) are never overwritten by new ones.
+
+        Inside a write transaction; takes effect with it (a rollback may leave ids
+        skipped, never handed out twice). Holds for this connection and every one that
+        opens later; a connection open already may keep handing out the ids of a block
+        it reserved before (the backends that allocate ids in blocks). Ids already above
+        ``up_to`` stay as they are. Raises ``ValueError`` if ``up_to`` is below 0 or
+        not below the largest id.
         """
 
     @abstractmethod

@@ -28,6 +28,7 @@ from ..backends.base import Backend, ReadableBackend
 from ..errors import CorruptionError, IntegrityError, MissingObjectError, UntrustedError
 from . import blobio, records, tensors
 from .identity import IdentityMap, is_referable
+from .mapped import MappedBlobs
 from .persistent import GHOST, DataManager, Persistent, fill, is_ghost, placeholder, status_of
 from .signing import Signer
 from .verify import load_error
@@ -272,7 +273,7 @@ class RecordLoader:
 
     def __init__(self, manager: DataManager, backend: ReadableBackend, ids: IdentityMap,
                  pending: Mapping[int, tuple[Any, str | None]], *, writable_buffers: bool,
-                 max_record_size: int, signer: Signer,
+                 max_record_size: int, mapped: MappedBlobs[records.BlobRef], signer: Signer,
                  allow: str | Iterable[str] = ()) -> None:
         self._manager = weakref.ref(manager)
         self._backend = backend
@@ -282,6 +283,7 @@ class RecordLoader:
         self._writable_buffers = writable_buffers
         self._max_record_size = max_record_size
         self._signer = signer
+        self._mapped = mapped
         self._unpickler = RecordUnpickler(self)
         self._allow = allow
         self._restricted = RestrictedRecordUnpickler(self, allow)
@@ -458,11 +460,16 @@ class RecordLoader:
                     max_size=self._max_record_size)
             except records.IntegrityMismatch as error:
                 raise IntegrityError(self._path, str(error), object_id=oid) from error
-            buffers = [blobio.read_blob(backend, blob, self._writable_buffers)
-                       for blob in blobs] if blobs else None
+            buffers = [self._read_blob(blob) for blob in blobs] if blobs else None
         except Exception as error:
             raise load_error(error, self._path, object_id=oid, is_damage=backend.is_damage)
         return payload, buffers, verified, signed
+
+    def _read_blob(self, blob: records.BlobRef) -> Any:
+        buffer = blobio.read_blob(self._backend, blob, self._writable_buffers)
+        if not blob.codec:
+            self._mapped.add(buffer, blob)
+        return buffer
 
     def _known_class(self, data: bytes) -> tuple[type[Persistent], int] | None:
         """The class of a Persistent object's record ``data`` whose first pickle was read

@@ -8,11 +8,17 @@ and runs nothing.
 
 from __future__ import annotations
 
+import fnmatch
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+
 from .. import engine
+from ..backends.base import ReadableBackend
+from ..errors import MissingObjectError
 from . import records
 
-__all__ = ["RecordInfo", "StoreInfo", "describe_record", "record_pickles"]
+__all__ = ["RecordInfo", "StoreInfo", "describe_record", "describe_items", "record_pickles",
+           "store_info"]
 
 
 @dataclass(frozen=True)
@@ -167,3 +173,24 @@ def disassemble_record(object_id: int, data: bytes) -> str:
     parts = [engine.disassemble(pickle) for pickle in pickles]
     parts += [f"blob {blob.name} ({blob.size} bytes, codec {blob.codec})\n" for blob in blobs]
     return "".join(parts)
+
+
+def store_info(backend: ReadableBackend, key_fingerprint: str | None) -> StoreInfo:
+    """What :meth:`Store.info <pstore.store.Store.info>` returns, from ``backend``'s counts
+    and the ``key_fingerprint`` the store records."""
+    stats = backend.statistics()
+    return StoreInfo(backend.path, backend.name, stats.module, stats.format_version,
+                     backend.count_keys(), stats.records, stats.record_bytes, stats.blobs,
+                     stats.blob_bytes, key_fingerprint)
+
+
+def describe_items(path: str, items: Iterable[tuple[str, int, bytes | None]],
+                   pattern: str | None) -> Iterator[tuple[str, RecordInfo]]:
+    """``(key, RecordInfo)`` of each ``(key, object id, data)`` of store ``path`` whose key
+    matches the glob ``pattern`` (all if None), unpickling nothing."""
+    for key, oid, data in items:
+        if pattern is not None and not fnmatch.fnmatchcase(key, pattern):
+            continue
+        if data is None:
+            raise MissingObjectError(path, oid, f"the record of key {key!r}")
+        yield key, describe_record(oid, data)

@@ -6,9 +6,10 @@ envelopes"), little-endian:
 * byte 0: ``0xFF``, which no pickle starts with; byte 1: the envelope's version
   (2); byte 2: the payload's codec; 4 bytes: the number of blobs; 8 bytes: the
   payload's size, uncompressed;
-* per blob its codec (1 byte), the size of its buffer (8 bytes) and the digest
-  that names it (32 bytes), in the order the pickle's ``NEXT_BUFFER`` opcodes
-  take them;
+* per blob one byte holding its codec (low 4 bits) and the hash that names it
+  (high 4 bits: 0 the BLAKE2b tree of format version 3, 1 BLAKE3), the size of
+  its buffer (8 bytes) and the digest that names it (32 bytes), in the order the
+  pickle's ``NEXT_BUFFER`` opcodes take them;
 * the payload (one pickle, or a Persistent object's two), compressed with its codec;
 * a 40-byte trailer: the signer's key fingerprint (8 bytes; zeros: unsigned), a
   16-byte digest of everything before it (unkeyed BLAKE2b: damage detection that
@@ -23,7 +24,7 @@ Stores of format version 2 hold records without a digest -- a plain pickle, or
 an envelope of version 1 (no payload size, no digest) -- which :func:`unpack`
 still reads when told they may be there.
 
-Codecs: 0 none, 1 zlib, 2 lzma. This module only encodes and decodes bytes;
+Codecs: 0 none, 1 zlib, 2 lzma, 3 zstd. This module only encodes and decodes bytes;
 blob I/O and compression are in :mod:`.blobio`.
 """
 
@@ -34,6 +35,7 @@ import hmac
 import struct
 from typing import Any, NamedTuple
 
+from ..backends.blob_names import digest_of_name, name_of_digest
 from . import blobio
 from .blobio import CODECS, BlobRef
 from .signing import FINGERPRINT_SIZE, MAC_SIZE, Signer
@@ -56,7 +58,7 @@ _VERSION = 2            # the envelope's own version; 1 is format version 2's, w
 _OLD_VERSION = 1
 _HEADER = struct.Struct("<BBBIQ")   # ENVELOPE, version, payload codec, blobs, payload size
 _OLD_HEADER = struct.Struct("<BBBI")    # envelope version 1: no payload size
-_BLOB = struct.Struct("<BQ32s")     # codec, buffer size, digest
+_BLOB = struct.Struct("<BQ32s")     # codec | naming << 4, buffer size, digest
 _SALT = struct.Struct("<QB")        # object id, format version (BLAKE2b pads the salt)
 _PERSON = b"pstore-record"
 _MAC_PERSON = b"pstore-mac"
@@ -114,6 +116,14 @@ def seal(oid: int, body: bytes, signer: Signer | None = None) -> bytes:
     return body + _trailer(oid, (body,), signer)
 
 
+def _pack_blob(blob: BlobRef) -> bytes:
+    found = digest_of_name(blob.name)
+    if found is None:
+        raise ValueError(f"{blob.name!r} is not a blob name")
+    naming, digest = found
+    return _BLOB.pack(blob.codec | naming << 4, blob.size, digest)
+
+
 def pack(oid: int, payload: bytes, blobs: list[BlobRef], codec: int,
          signer: Signer | None = None) -> bytes:
     """The record of object id ``oid``: ``payload`` with out-of-band ``blobs``, compressed
@@ -129,8 +139,7 @@ def pack(oid: int, payload: bytes, blobs: list[BlobRef], codec: int,
         codec = 0
     header = _HEADER.pack(ENVELOPE[0], _VERSION, codec, len(blobs), size)
     if blobs:
-        header += b"".join([_BLOB.pack(blob.codec, blob.size, bytes.fromhex(blob.name))
-                            for blob in blobs])
+        header += b"".join([_pack_blob(blob) for blob in blobs])
     # Hashed apart: a large payload is copied once (by the join), not twice.
     return b"".join([header, payload, _trailer(oid, (header, payload), signer)])
 
@@ -195,11 +204,12 @@ def unpack(data: bytes, oid: int, *, signer: Signer | None = None,
             raise ValueError(f"the envelope lists {count} blobs, more than its bytes hold")
         blobs = []
         for _ in range(count):
-            blob_codec, blob_size, name = _BLOB.unpack_from(data, start)
+            form, blob_size, digest = _BLOB.unpack_from(data, start)
             start += _BLOB.size
+            blob_codec = form & 0x0F
             if blob_codec not in blobio.CODEC_NAMES:
                 raise ValueError(f"blob codec {blob_codec} is unknown")
-            blobs.append(BlobRef(name.hex(), blob_size, blob_codec))
+            blobs.append(BlobRef(name_of_digest(form >> 4, digest), blob_size, blob_codec))
         payload = data[start:end]
         if codec:
             limit = max_size if size is None else size

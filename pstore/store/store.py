@@ -15,7 +15,6 @@ codec is :mod:`pstore.store.codec`, the writing side :mod:`pstore.store.transact
 
 from __future__ import annotations
 
-import fnmatch
 import os
 import threading
 import weakref
@@ -96,7 +95,8 @@ class Store(MutableMapping[str, Any]):
                                 signer=signer)
         self._loader = RecordLoader(self, backend, self._ids, self._txn.pending,
                                     writable_buffers=not readonly_buffers,
-                                    max_record_size=max_record_size, signer=signer, allow=allow)
+                                    max_record_size=max_record_size, mapped=self._txn.mapped,
+                                    signer=signer, allow=allow)
         if not self._read_only and backend.get_meta(_FINGERPRINT) is None:
             # A new store (or one a pstore that did not sign made) records its key's.
             with self._txn.backend.writing() as writing:
@@ -351,11 +351,7 @@ class Store(MutableMapping[str, Any]):
         """Counts and sizes of what the store holds (``pstore info``); reads only."""
         with self._lock:
             self._check_open()
-            stats = self._backend.statistics()
-            return inspection.StoreInfo(
-                self._path, self._backend.name, stats.module, stats.format_version,
-                self._backend.count_keys(), stats.records, stats.record_bytes, stats.blobs,
-                stats.blob_bytes, self._backend.get_meta(_FINGERPRINT))
+            return inspection.store_info(self._backend, self._backend.get_meta(_FINGERPRINT))
 
     @property
     def key_fingerprint(self) -> str:
@@ -369,19 +365,14 @@ class Store(MutableMapping[str, Any]):
         with self._lock:
             self._check_open()
             items = list(self._backend.iter_items())
-        for key, oid, data in items:
-            if pattern is not None and not fnmatch.fnmatchcase(key, pattern):
-                continue
-            if data is None:
-                raise MissingObjectError(self._path, oid, f"the record of key {key!r}")
-            yield key, inspection.describe_record(oid, data)
+        yield from inspection.describe_items(self._path, items, pattern)
 
     def raw_record(self, key: str) -> tuple[int, bytes]:
         """``(object id, stored bytes)`` of the record ``key`` is bound to, as they are: for
         tools that look at records without loading them (``pstore show``, ``dis``)."""
         with self._lock:
-            self._check_key(key)
             self._check_open()
+            self._check_key(key)
             item = self._backend.get_item(key)
             if item is None:
                 raise KeyError(key)
@@ -717,7 +708,8 @@ def open(path: str | bytes | os.PathLike[str] | os.PathLike[bytes], flag: str = 
     blob beside the records, and loaded mapped into memory: copy-on-write (arrays
     come back writable; writes never reach the store) or, with
     ``readonly_buffers=True``, read-only. ``compression``: None (default),
-    ``"zlib"`` or ``"lzma"``, for the records and blobs this Store writes;
+    ``"zlib"``, ``"lzma"`` or ``"zstd"`` (``pip install 'pstore[zstd]'`` before
+    Python 3.14), for the records and blobs this Store writes;
     compressed blobs are decompressed into memory instead of mapped. Any store
     reads records and blobs whatever compression wrote them.
     ``max_record_size``: a record whose payload (decompressed) is larger is refused
@@ -739,7 +731,9 @@ def open(path: str | bytes | os.PathLike[str] | os.PathLike[bytes], flag: str = 
     if flag not in _FLAGS:
         raise ArgumentError("flag", flag, "one of 'r', 'w', 'c', 'n'")
     if compression not in blobio.CODECS:
-        raise ArgumentError("compression", compression, "None, 'zlib' or 'lzma'")
+        raise ArgumentError("compression", compression, "None, 'zlib', 'lzma' or 'zstd'")
+    if compression == "zstd":
+        blobio.zstd_module()    # MissingModuleError naming what to install, before any write
     if blob_threshold is not None and blob_threshold < 0:
         raise ArgumentError("blob_threshold", blob_threshold, ">= 0 or None")
     if protocol == -1:

@@ -23,6 +23,7 @@ from ..errors import ReferenceCycleError, UnstorableError
 from . import blobio, records
 from .codec import RecordPickler
 from .identity import IdentityMap, is_referable
+from .mapped import MappedBlobs
 from .signing import Signer
 from .persistent import (CHANGED, SAVED, DataManager, Persistent, attach, detach, ghostify,
                          set_status, status_of)
@@ -71,6 +72,9 @@ class Transaction:
         self._ids = ids
         self._codec = codec
         self._signer = signer
+        #: The blobs this Store has mapped (filled by its loader): a buffer that is one of
+        #: them is written as a reference to its blob, neither hashed nor copied.
+        self.mapped: MappedBlobs[records.BlobRef] = MappedBlobs()
         self._pickler = RecordPickler(protocol, ids.oid_of, self, blob_threshold)
         self.writeback = writeback
         self.depth = 0              # nesting depth of the open transaction (0: none)
@@ -186,7 +190,12 @@ class Transaction:
         return oid
 
     def write_blob(self, raw: memoryview) -> records.BlobRef:
-        """Store out-of-band buffer ``raw`` as a blob of this transaction."""
+        """Store out-of-band buffer ``raw`` as a blob of this transaction; a buffer that is
+        a blob this Store maps (a re-store) is a reference to that blob, if it is still
+        there (asked under the write lock: no gc can remove it before the commit)."""
+        mapped = self.mapped.find(raw)
+        if mapped is not None and self._backend.has_blob(mapped.name, mapped.size):
+            return mapped
         return blobio.write_blob(self._backend, raw, self._codec)
 
     def note_changed(self, obj: Persistent) -> None:

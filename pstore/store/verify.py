@@ -17,7 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple
 
-from ..errors import CorruptionError, Error, FormatError, MissingObjectError, UntrustedError
+from ..errors import (CorruptionError, Error, FormatError, MissingModuleError, MissingObjectError,
+                      UntrustedError)
 from . import blobio, records
 
 if TYPE_CHECKING:
@@ -84,8 +85,10 @@ def load_error(error: Exception, path: str, *, is_damage: Callable[[Exception], 
                                      f"has no record", key=key, object_id=error.object_id)
         corruption.__cause__ = error
         return corruption
-    if isinstance(error, Error) and not (decoded is None and is_damage(error)):
-        return error    # pstore's own (a missing object, a closed store, ...)
+    if (isinstance(error, Error) and not isinstance(error, MissingModuleError)
+            and not (decoded is None and is_damage(error))):
+        return error    # pstore's own (a missing object, a closed store, ...); a missing
+                        # module gets the note naming the record, below
     if decoded is None:
         damaged = is_damage(error)
         # A FormatError here is a blob's (missing, or of the wrong size): its reason says it.
@@ -154,7 +157,7 @@ class VerifyReport:
 def _check_blob(backend: ReadableBackend, blob: records.BlobRef) -> str | None:
     """What is wrong with ``blob``'s file (its digest re-computed), or None."""
     # Imported here: the store layer names no backend module but for this check.
-    from ..backends.blobs import blob_digest
+    from ..backends.blob_names import blob_digest, naming_of
     try:
         if blob.codec:
             content = bytearray()
@@ -163,7 +166,7 @@ def _check_blob(backend: ReadableBackend, blob: records.BlobRef) -> str | None:
             blobio.read_blob(backend, blob, writable=False)     # decompresses as declared
         else:
             content = backend.get_blob(blob.name, blob.size, writable=False)
-        if blob_digest(content) != blob.name:
+        if blob_digest(content, naming_of(blob.name)) != blob.name:
             return "its file's bytes do not match its name (digest)"
     except Exception as error:
         return f"{type(error).__name__}: {error}"

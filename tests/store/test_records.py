@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import lzma
 import pickle
 import random
@@ -11,16 +12,19 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pstore.backends.blobs import BLAKE2B_TREE, BLAKE3, name_of_digest
 from pstore.store import blobio, records
 from pstore.store.records import BlobRef
 from pstore.store.signing import Signer
 
 ALICE, BOB = Signer(b"a" * 32), Signer(b"b" * 32)
 
-blob_refs = st.builds(BlobRef, st.binary(min_size=32, max_size=32).map(bytes.hex),
-                      st.integers(0, 2**64 - 1), st.sampled_from([0, 1, 2]))
+blob_names = st.builds(name_of_digest, st.sampled_from([BLAKE2B_TREE, BLAKE3]),
+                       st.binary(min_size=32, max_size=32))
+blob_refs = st.builds(BlobRef, blob_names, st.integers(0, 2**64 - 1),
+                      st.sampled_from([0, 1, 2, 3]))
 oids = st.integers(1, 2**63 - 1)
-codecs = st.sampled_from([0, 1, 2])
+codecs = st.sampled_from([0, 1, 2, 3])
 
 
 @settings(max_examples=200, deadline=None)
@@ -121,6 +125,10 @@ def _forged(oid: int, codec: int, count: int, declared: int, rest: bytes) -> byt
 @pytest.mark.parametrize("data, message", [
     (_forged(1, 7, 0, 0, b""), "payload codec 7 is unknown"),
     (_forged(1, 0, 1, 0, records._BLOB.pack(9, 1, bytes(32))), "blob codec 9 is unknown"),
+    (_forged(1, 0, 1, 0, records._BLOB.pack(0x21, 1, bytes(32))), "blob naming 2 is unknown"),
+    (_forged(1, 3, 0, 10, b"not zstd"), "corrupt compressed stream"),
+    (_forged(1, 3, 0, 10, blobio.compress(3, b"x" * 11)), "more than the 10 bytes"),
+    (_forged(1, 3, 0, 10, blobio.compress(3, b"x" * 10)[:-2]), "ends early"),
     (_forged(1, 0, 2**32 - 1, 0, b""), "lists 4294967295 blobs"),
     (_forged(1, 0, 0, 5, b"1234"), "payload is 4 bytes, its envelope says 5"),
     (_forged(1, 1, 0, 10, b"not zlib"), "corrupt compressed stream"),
@@ -136,9 +144,9 @@ def test_malformed_envelopes_say_what_is_wrong(data, message):
         records.unpack(data, 1)
 
 
-@pytest.mark.parametrize("codec", [1, 2])
+@pytest.mark.parametrize("codec", [1, 2, 3])
 def test_decompression_stops_just_past_the_limit(codec):
-    compressor = zlib.compressobj() if codec == 1 else lzma.LZMACompressor()
+    compressor = blobio._compressor(codec)
     bomb = b"".join([compressor.compress(bytes(1 << 20)) for _ in range(64)]) + compressor.flush()
     with pytest.raises(ValueError, match="more than the 1000 bytes"):
         blobio.decompress(codec, bomb, 1000)
@@ -146,10 +154,29 @@ def test_decompression_stops_just_past_the_limit(codec):
 
 
 @settings(max_examples=50, deadline=None)
-@given(payload=st.binary(max_size=5000), codec=st.sampled_from([1, 2]))
+@given(payload=st.binary(max_size=5000), codec=st.sampled_from([1, 2, 3]))
 def test_decompress_inverts_compress_at_the_exact_limit(payload, codec):
     compressed = blobio.compress(codec, payload)
     assert blobio.decompress(codec, compressed, len(payload)) == payload
     if payload:
         with pytest.raises(ValueError, match="more than"):
             blobio.decompress(codec, compressed, len(payload) - 1)
+
+
+def test_zstd_streams_of_the_zstandard_package_and_pstore_read_each_other():
+    zstandard = pytest.importorskip("zstandard")
+    data = random.Random(3).randbytes(300_000) * 3
+    assert zstandard.ZstdDecompressor().decompressobj().decompress(
+        blobio.compress(3, data)) == data
+    assert blobio.decompress(3, zstandard.ZstdCompressor(level=19).compress(data),
+                             len(data)) == data
+
+
+@settings(max_examples=30, deadline=None)
+@given(payload=st.binary(max_size=20_000).map(lambda b: b * 7), codec=st.sampled_from([1, 2, 3]),
+       cuts=st.lists(st.integers(0, 1 << 16), max_size=8))
+def test_a_stream_decompresses_the_same_in_any_chunks(payload, codec, cuts):
+    compressed = blobio.compress(codec, payload)
+    bounds = sorted({0, len(compressed), *(cut % (len(compressed) + 1) for cut in cuts)})
+    chunks = [compressed[a:b] for a, b in itertools.pairwise(bounds)]
+    assert bytes(blobio._decompressed(codec, iter(chunks), len(payload))) == payload

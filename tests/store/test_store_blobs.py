@@ -169,7 +169,7 @@ def test_loaded_arrays_are_copy_on_write_unless_read_only(opener):
         readonly[0] = 1
 
 
-@pytest.mark.parametrize("compression", ["zlib", "lzma"])
+@pytest.mark.parametrize("compression", ["zlib", "lzma", "zstd"])
 def test_compressed_records_and_blobs(opener, path, compression):
     value = {"zeros": np.zeros(1_000_000), "text": ["same words"] * 5000}
     with opener(compression=compression) as store:
