@@ -59,7 +59,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from ..errors import (ClosedError, ConnectionLostError, FormatError, LockTimeoutError,
                       ReadOnlyError, ServerLockTimeoutError)
-from .base import Backend, check_meta_name, check_reserved
+from .base import Backend, Statistics, check_meta_name, check_reserved
 from .blob_names import BlobHasher  # the blob names of the file backends, over a stream of chunks
 
 try:
@@ -236,6 +236,16 @@ _FIRST_ITEMS = _ITEMS + " ORDER BY k.key LIMIT %s"
 _NEXT_ITEMS = _ITEMS + " WHERE k.key > %b ORDER BY k.key LIMIT %s"
 _COUNT_KEYS = "SELECT count(*) FROM {s}.keys"
 _GET_META = "SELECT value FROM {s}.meta WHERE name = %s"
+# What Store.info reports: counts and the bytes the values take (octet_length: as stored
+# in the row, before TOAST compression).
+_STATISTICS = """
+SELECT (SELECT value FROM {s}.meta WHERE name = 'version')::int,
+       (SELECT count(*) FROM {s}.records), (SELECT coalesce(sum(octet_length(data)), 0)
+                                             FROM {s}.records),
+       (SELECT count(*) FROM {s}.blobs WHERE name IS NOT NULL),
+       (SELECT coalesce(sum(size), 0) FROM {s}.blobs WHERE name IS NOT NULL),
+       current_setting('server_version')
+"""
 _SET_META = ("INSERT INTO {s}.meta VALUES (%s, %s) "
              "ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value")
 
@@ -414,6 +424,8 @@ class PostgreSQLBackend(Backend):
     :class:`~pstore.errors.ConnectionLostError`; the next call connects again
     (the transaction under way, if any, is lost: the server rolled it back).
     """
+
+    name = "postgresql"
 
     def __init__(self, path: str, flag: str, *, lock_timeout: float, fsync: bool) -> None:
         _require_psycopg()
@@ -782,6 +794,12 @@ class PostgreSQLBackend(Backend):
         check_meta_name(name)
         return self._one("get_meta", (name,))
 
+    def statistics(self) -> Statistics:
+        version, records, record_bytes, blobs, blob_bytes, server = \
+            self._execute("statistics").fetchone()
+        return Statistics(f"psycopg {psycopg.__version__} (PostgreSQL {server})", version,
+                          records, int(record_bytes), blobs, int(blob_bytes))
+
     def set_meta(self, name: str, value: str) -> None:
         check_meta_name(name)
         self._execute("set_meta", (name, value))
@@ -1021,7 +1039,7 @@ _STATEMENTS = {
     "get_item": _GET_ITEM, "bind_key": _BIND_KEY,
     "unbind_key": _UNBIND_KEY, "first_keys": _FIRST_KEYS, "next_keys": _NEXT_KEYS,
     "first_items": _FIRST_ITEMS, "next_items": _NEXT_ITEMS, "count_keys": _COUNT_KEYS,
-    "get_meta": _GET_META, "set_meta": _SET_META,
+    "get_meta": _GET_META, "set_meta": _SET_META, "statistics": _STATISTICS,
 }
 
 # Connections inherited from a parent process, kept referenced forever: closing one in the

@@ -25,7 +25,7 @@ __all__ = ["SQLiteBackend", "FORMAT_NAME", "FORMAT_VERSION", "APPLICATION_ID"]
 #: What the meta table's 'format' row holds in every pstore file.
 FORMAT_NAME = "pstore"
 #: The newest format version this code reads and the one it writes.
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 #: Written into the SQLite header (offset 68) so that tools can tell a pstore file.
 APPLICATION_ID = 0x70537472  # b"pStr"
 
@@ -59,6 +59,7 @@ _UPGRADES = {
         "UPDATE keys SET seal = pstore_seal(key, oid)",
         "INSERT INTO meta SELECT 'digests_from', value FROM meta WHERE name = 'next_oid'"),
     3: (),
+    4: (),     # version 5: signed records (envelope version 3) and the key fingerprint
 }
 _SET_VERSION = f"UPDATE meta SET value = {FORMAT_VERSION} WHERE name = 'version'"
 # The first record id with a digest; absent before version 3.

@@ -292,6 +292,9 @@ class RecordLoader:
         # Called (once) before the load under way resolves its first reference: see load_fresh.
         self._before_reference: Callable[[], None] | None = None
         self._classes: dict[bytes, type[Persistent]] = {}   # first pickle of a record -> class
+        #: Whether the store was made with this Store's key (set by the Store): then a
+        #: record that cannot be unpacked is an IntegrityError, not plain damage.
+        self.own_store = False
 
     @contextmanager
     def restricting(self, allow: str | Iterable[str] = ()) -> Iterator[None]:
@@ -458,8 +461,10 @@ class RecordLoader:
                 payload, blobs, verified, signed = records.unpack(
                     data, oid, signer=self._signer, digest_required=oid >= backend.digests_from,
                     max_size=self._max_record_size)
-            except records.IntegrityMismatch as error:
-                raise IntegrityError(self._path, str(error), object_id=oid) from error
+            except ValueError as error:
+                if self.own_store or isinstance(error, records.IntegrityMismatch):
+                    raise IntegrityError(self._path, str(error), object_id=oid) from error
+                raise
             buffers = [self._read_blob(blob) for blob in blobs] if blobs else None
         except Exception as error:
             raise load_error(error, self._path, object_id=oid, is_damage=backend.is_damage)

@@ -54,7 +54,10 @@ DIGEST_SIZE = 16
 TRAILER_SIZE = FINGERPRINT_SIZE + DIGEST_SIZE + MAC_SIZE
 _UNSIGNED = bytes(FINGERPRINT_SIZE)
 _NO_MAC = bytes(MAC_SIZE)
-_VERSION = 2            # the envelope's own version; 1 is format version 2's, without digest
+# The envelope's own version: 3 ends in the signed trailer; 2 (format versions 3 and 4
+# before signing) in the 16-byte digest alone; 1 (format version 2) in nothing.
+_VERSION = 3
+_DIGEST_VERSION = 2
 _OLD_VERSION = 1
 _HEADER = struct.Struct("<BBBIQ")   # ENVELOPE, version, payload codec, blobs, payload size
 _OLD_HEADER = struct.Struct("<BBBI")    # envelope version 1: no payload size
@@ -152,6 +155,10 @@ def sign(data: bytes, oid: int, signer: Signer, *, digest_required: bool = True,
     unpacked = unpack(data, oid, digest_required=digest_required, max_size=max_size)
     if data[:1] == ENVELOPE and data[1] == _VERSION:
         return seal(oid, data[:len(data) - TRAILER_SIZE], signer)
+    if data[:1] == ENVELOPE and data[1] == _DIGEST_VERSION:
+        body = bytearray(data[:len(data) - DIGEST_SIZE])
+        body[1] = _VERSION
+        return seal(oid, bytes(body), signer)
     return pack(oid, unpacked.payload, unpacked.blobs, 0, signer)
 
 
@@ -176,16 +183,19 @@ def unpack(data: bytes, oid: int, *, signer: Signer | None = None,
         return Unpacked(data, [], False)
     try:
         version = data[1]
-        if version == _VERSION:
+        if version == _VERSION or version == _DIGEST_VERSION:
             _, _, codec, count, size = _unpack_header(data)
             start = _HEADER.size
-            end = len(data) - TRAILER_SIZE
+            end = len(data) - (TRAILER_SIZE if version == _VERSION else DIGEST_SIZE)
             if end < start:
                 raise ValueError(f"the record is {len(data)} bytes, shorter than its header "
                                  f"and trailer")
             signed = False
             if check_digest:
-                signed = _check(data, oid, end, signer)
+                if version == _VERSION:
+                    signed = _check(data, oid, end, signer)
+                elif data[end:] != _hasher(oid, data[:end]).digest():
+                    raise IntegrityMismatch("the record's digest does not match its bytes")
             if not (codec or count):    # the common case: a small plain record
                 if end - start != size:
                     raise ValueError(f"the payload is {end - start} bytes, its envelope "
@@ -197,7 +207,8 @@ def unpack(data: bytes, oid: int, *, signer: Signer | None = None,
             start, end, size, verified, signed = _OLD_HEADER.size, len(data), None, False, False
         else:
             raise ValueError(f"an envelope of version {version} (this pstore reads "
-                             f"{_VERSION}{'' if digest_required else f' and {_OLD_VERSION}'})")
+                             f"{_DIGEST_VERSION}, {_VERSION}"
+                             f"{'' if digest_required else f' and {_OLD_VERSION}'})")
         if codec not in blobio.CODEC_NAMES:
             raise ValueError(f"payload codec {codec} is unknown")
         if count * _BLOB.size > end - start:

@@ -97,10 +97,15 @@ class Store(MutableMapping[str, Any]):
                                     writable_buffers=not readonly_buffers,
                                     max_record_size=max_record_size, mapped=self._txn.mapped,
                                     signer=signer, allow=allow)
-        if not self._read_only and backend.get_meta(_FINGERPRINT) is None:
+        fingerprint = backend.get_meta(_FINGERPRINT)
+        if not self._read_only and fingerprint is None:
             # A new store (or one a pstore that did not sign made) records its key's.
             with self._txn.backend.writing() as writing:
                 writing.set_meta(_FINGERPRINT, signer.fingerprint_hex)
+            fingerprint = signer.fingerprint_hex
+        # In a store made with this Store's key any record that does not verify was
+        # changed after it was written: an IntegrityError, whatever byte changed.
+        self._loader.own_store = fingerprint == signer.fingerprint_hex
         self._marker = backend.change_marker()
         self._closed = False
         _open_stores[id(self)] = self

@@ -63,7 +63,7 @@ def test_new_blobs_get_blake3_names_beside_the_old_ones(old_store):
         store["same bytes"] = PickleBuffer(bytearray(BLOB))     # another hash: another file
         store["other bytes"] = PickleBuffer(bytearray(BLOB[::-1]))
         store["same again"] = PickleBuffer(bytearray(BLOB))     # dedup within BLAKE3
-        assert store.info().format_version == 4
+        assert store.info().format_version == 5
     new, other = blob_digest(BLOB), blob_digest(BLOB[::-1])
     assert _names(path) == {old, new, other}
     assert [naming_of(name) for name in (old, new, other)] == [BLAKE2B_TREE, BLAKE3, BLAKE3]

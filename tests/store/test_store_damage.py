@@ -392,7 +392,7 @@ def test_an_upgraded_version_2_store_reads_old_records_and_digests_new_ones(tmp_
         report = store.verify()
     assert (report.ok, report.records, report.unverified) == (True, 2, 1)
     with sqlite3.connect(path) as conn:
-        assert conn.execute("SELECT value FROM meta WHERE name = 'version'").fetchone() == (4,)
+        assert conn.execute("SELECT value FROM meta WHERE name = 'version'").fetchone() == (5,)
         digests_from = conn.execute(
             "SELECT value FROM meta WHERE name = 'digests_from'").fetchone()[0]
         new_oid = conn.execute("SELECT oid FROM keys WHERE key = 'new'").fetchone()[0]

@@ -41,6 +41,9 @@ sys.addaudithook(_audit)
 def nothing_runs() -> Iterator[None]:
     """Fail if the block runs os.system, subprocess.Popen or exec (told by audit events)."""
     global _watching
+    # Decoders of protocol 0's text opcodes import their codec module on first use: a
+    # stdlib import (an exec event), not the record's code; import them before watching.
+    "".encode("raw_unicode_escape").decode("raw_unicode_escape")
     _events.clear()
     _watching = True
     try:
