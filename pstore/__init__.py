@@ -6,10 +6,12 @@
 
 from __future__ import annotations
 
-from .errors import (ArgumentError, ClosedError, CorruptionError, Error, FormatError,
-                     InTransactionError, KeyTypeError, LockTimeoutError, MissingObjectError,
-                     PersistentClassError, ReadOnlyError, ReferenceCycleError, StorePicklingError,
-                     UnstorableError)
+from .errors import (ArgumentError, ClosedError, ConnectionLostError, CorruptionError, Error,
+                     FormatError, InTransactionError, IntegrityError, KeyFileError, KeyTypeError,
+                     LockTimeoutError, MissingModuleError, MissingObjectError,
+                     PersistentClassError, ReadOnlyError, ReferenceCycleError,
+                     ServerLockTimeoutError, StorePicklingError, UnsafeFileError, UnstorableError,
+                     UntrustedError)
 from .store import Store, open
 from .store.persistent import Persistent, PersistentDict, PersistentList
 
@@ -21,7 +23,8 @@ __all__ = [
     "Error", "ClosedError", "ReadOnlyError", "LockTimeoutError", "FormatError",
     "MissingObjectError", "CorruptionError", "UnstorableError", "ReferenceCycleError",
     "ArgumentError", "KeyTypeError", "PersistentClassError", "InTransactionError",
-    "StorePicklingError",
+    "StorePicklingError", "IntegrityError", "UntrustedError", "KeyFileError",
+    "MissingModuleError", "UnsafeFileError", "ConnectionLostError", "ServerLockTimeoutError",
 ]
 
 # Imported at first use, not by ``import pstore`` (cold start: docs/store.md, "Speed").

@@ -15,7 +15,7 @@ from contextlib import AbstractContextManager
 from typing import Any, NamedTuple, NoReturn
 
 from ..errors import ClosedError, CorruptionError, FormatError, LockTimeoutError, ReadOnlyError
-from .base import Backend, RecordWrite, Statistics, binding_seal
+from .base import Backend, RecordWrite, Statistics, binding_seal, check_meta_name, check_reserved
 from .blobs import BlobStore, LocalBlobs
 from .files import FileLock, create_private, key_lock_file, require_existing, store_owner
 
@@ -24,7 +24,7 @@ __all__ = ["SQLiteBackend", "FORMAT_NAME", "FORMAT_VERSION", "APPLICATION_ID"]
 #: What the meta table's 'format' row holds in every pstore file.
 FORMAT_NAME = "pstore"
 #: The newest format version this code reads and the one it writes.
-FORMAT_VERSION = 3
+FORMAT_VERSION = 5
 #: Written into the SQLite header (offset 68) so that tools can tell a pstore file.
 APPLICATION_ID = 0x70537472  # b"pStr"
 
@@ -48,7 +48,8 @@ _SCHEMA = (
 # version N runs the statements of every version after it. Version 2 added refs.lazy,
 # records of Persistent objects and blobs, which version 1 code would misread; version 3
 # record digests and key seals (the seals of existing keys computed by pstore_seal), and
-# meta's digests_from: records of smaller ids predate digests.
+# meta's digests_from: records of smaller ids predate digests; version 4 BLAKE3 blob names
+# (older blobs keep their BLAKE2b names, which version 3 code would not read beside them).
 _UPGRADES = {
     1: ("ALTER TABLE refs ADD COLUMN lazy INTEGER NOT NULL DEFAULT 0",
         "CREATE TABLE blob_refs (oid INTEGER NOT NULL, blob TEXT NOT NULL,"
@@ -56,6 +57,8 @@ _UPGRADES = {
     2: ("ALTER TABLE keys ADD COLUMN seal BLOB",
         "UPDATE keys SET seal = pstore_seal(key, oid)",
         "INSERT INTO meta SELECT 'digests_from', value FROM meta WHERE name = 'next_oid'"),
+    3: (),
+    4: (),     # version 5: signed records (envelope version 3) and the key fingerprint
 }
 _SET_VERSION = f"UPDATE meta SET value = {FORMAT_VERSION} WHERE name = 'version'"
 # The first record id with a digest; absent before version 3.
@@ -84,7 +87,10 @@ _PUT_BLOB_REF = "INSERT OR IGNORE INTO blob_refs (oid, blob) VALUES (?, ?)"
 _REFERENCED_BLOBS = "SELECT DISTINCT blob FROM blob_refs"
 _PUT_LAZY_REF = "INSERT OR IGNORE INTO refs (oid, ref, lazy) VALUES (?, ?, 1)"
 _NEXT_OID = "SELECT value FROM meta WHERE name = 'next_oid'"
+_GET_META = "SELECT value FROM meta WHERE name = ?"
+_SET_META = "INSERT OR REPLACE INTO meta VALUES (?, ?)"
 _RESERVE_OIDS = "UPDATE meta SET value = ? WHERE name = 'next_oid'"
+_RESERVE_IDS_UP_TO = "UPDATE meta SET value = max(value, ?) WHERE name = 'next_oid'"
 # Lists of ids travel as one JSON array parameter, so no statement is built per call.
 _EXISTING = "SELECT oid FROM records WHERE oid IN (SELECT value FROM json_each(?))"
 _IS_REFERENCED = ("SELECT EXISTS (SELECT 1 FROM keys WHERE oid = ?1)"
@@ -364,6 +370,8 @@ class SQLiteBackend(LocalBlobs, Backend):
                                          f"newer pstore; this one reads up to {FORMAT_VERSION}")
         self._sealed = meta["version"] >= 3
         self._keys_sql = _KEY_STATEMENTS[self._sealed]
+        # Version 1 has no lazy refs (no column for them): every ref is followed at once.
+        self._eager_refs_sql = _EAGER_REFS_OF if meta["version"] >= 2 else _REFS_OF
         if not self._sealed:
             self.digests_from = 1 << 63     # any record may predate digests
         else:
@@ -402,6 +410,15 @@ class SQLiteBackend(LocalBlobs, Backend):
         self._next_oid = oid + 1
         self._fresh.add(oid)
         return oid
+
+    def reserve_ids(self, up_to: int) -> None:
+        check_reserved(up_to)
+        try:
+            self._require().execute(_RESERVE_IDS_UP_TO, (up_to + 1,))
+        except sqlite3.DatabaseError as error:
+            self._failed(error)
+        if self._next_oid <= up_to:     # the block this connection holds: given up
+            self._next_oid = self._block_end = 0
 
     def get_record(self, oid: int) -> bytes | None:
         try:
@@ -475,7 +492,7 @@ class SQLiteBackend(LocalBlobs, Backend):
             self._failed(error)
 
     def refs_of(self, oid: int, *, lazy: bool = True) -> Collection[int]:
-        rows = self._require().execute(_REFS_OF if lazy else _EAGER_REFS_OF, (oid,))
+        rows = self._require().execute(_REFS_OF if lazy else self._eager_refs_sql, (oid,))
         return [row[0] for row in rows]
 
     # -- keys -------------------------------------------------------------------------------
@@ -488,6 +505,21 @@ class SQLiteBackend(LocalBlobs, Backend):
         if self._sealed and seal != binding_seal(key, oid):
             raise CorruptionError(self.path, f"the binding of the key to object id {oid} does "
                                   f"not match its seal", key=key, object_id=oid)
+
+    def get_meta(self, name: str) -> str | None:
+        check_meta_name(name)
+        try:
+            row = self._require().execute(_GET_META, (name,)).fetchone()
+        except sqlite3.DatabaseError as error:
+            self._failed(error)
+        return None if row is None else str(row[0])
+
+    def set_meta(self, name: str, value: str) -> None:
+        check_meta_name(name)
+        try:
+            self._require().execute(_SET_META, (name, value))
+        except sqlite3.DatabaseError as error:
+            self._failed(error)
 
     def get_key(self, key: str) -> int | None:
         try:

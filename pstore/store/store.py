@@ -18,19 +18,21 @@ from __future__ import annotations
 import os
 import threading
 import weakref
-from collections.abc import Callable, ItemsView, Iterator, MutableMapping, ValuesView
+from collections.abc import Callable, ItemsView, Iterable, Iterator, MutableMapping, ValuesView
 from contextlib import AbstractContextManager, contextmanager
 from itertools import islice
 from typing import TYPE_CHECKING, Any, cast
 
 from .. import engine
 from ..backends import Backend, ReadableBackend, detect_backend, open_backend
-from ..errors import (ArgumentError, ClosedError, InTransactionError, KeyTypeError,
-                      MissingObjectError, ReadOnlyError, StorePicklingError)
-from . import blobio
+from ..errors import (ArgumentError, ClosedError, CorruptionError, InTransactionError,
+                      IntegrityError, KeyTypeError, MissingObjectError, ReadOnlyError,
+                      StorePicklingError)
+from . import blobio, records
 from .codec import RecordLoader
 from .identity import IdentityMap
 from .persistent import GHOST, SAVED, Persistent, detach, ghostify, is_ghost, status_of
+from .signing import Signer, signer_for
 from .transaction import Transaction
 from .verify import VerifyReport, load_error, verify
 
@@ -48,6 +50,8 @@ DEFAULT_BLOB_THRESHOLD = 64 * 1024
 DEFAULT_MAX_RECORD_SIZE = 1 << 30
 
 _FLAGS = ("r", "w", "c", "n")
+#: The meta entry holding the fingerprint of the key the store was created with.
+_FINGERPRINT = "key_fingerprint"
 _END = object()
 #: At most this many key bindings are remembered for repeated gets (Store._key_oids).
 _KNOWN_KEYS_MAX = 1 << 16
@@ -78,8 +82,10 @@ class Store(MutableMapping[str, Any]):
     def __init__(self, backend: ReadableBackend, *, protocol: int, writeback: bool,
                  blob_threshold: int | None = DEFAULT_BLOB_THRESHOLD,
                  compression: str | None = None, readonly_buffers: bool = False,
-                 max_record_size: int = DEFAULT_MAX_RECORD_SIZE) -> None:
+                 max_record_size: int = DEFAULT_MAX_RECORD_SIZE,
+                 signer: Signer | None = None, allow: str | Iterable[str] = ()) -> None:
         self._backend = backend
+        self._signer = signer = signer_for(None) if signer is None else signer
         self._max_record_size = max_record_size
         self._path = backend.path
         self._read_only = backend.read_only or not isinstance(backend, Backend)
@@ -89,10 +95,21 @@ class Store(MutableMapping[str, Any]):
         self._txn = Transaction(self, cast(Backend, backend), self._ids, protocol=protocol,
                                 writeback=writeback and not self._read_only,
                                 blob_threshold=float("inf") if blob_threshold is None
-                                else blob_threshold, codec=blobio.CODECS[compression])
+                                else blob_threshold, codec=blobio.CODECS[compression],
+                                signer=signer)
         self._loader = RecordLoader(self, backend, self._ids, self._txn.pending,
                                     writable_buffers=not readonly_buffers,
-                                    max_record_size=max_record_size)
+                                    max_record_size=max_record_size, mapped=self._txn.mapped,
+                                    signer=signer, allow=allow)
+        fingerprint = backend.get_meta(_FINGERPRINT)
+        if not self._read_only and fingerprint is None:
+            # A new store (or one a pstore that did not sign made) records its key's.
+            with self._txn.backend.writing() as writing:
+                writing.set_meta(_FINGERPRINT, signer.fingerprint_hex)
+            fingerprint = signer.fingerprint_hex
+        # In a store made with this Store's key any record that does not verify was
+        # changed after it was written: an IntegrityError, whatever byte changed.
+        self._loader.own_store = fingerprint == signer.fingerprint_hex
         self._marker = backend.change_marker()
         # key -> object id, as read outside a transaction since the change marker was last
         # seen to change and since this Store last wrote: a repeated get of a key whose
@@ -378,7 +395,13 @@ class Store(MutableMapping[str, Any]):
             self._check_open()
             from . import inspection
 
-            return inspection.store_info(self._backend)
+            return inspection.store_info(self._backend, self._backend.get_meta(_FINGERPRINT))
+
+    @property
+    def key_fingerprint(self) -> str:
+        """The fingerprint (16 hex digits) of the key this Store signs with: records
+        carrying it load with full pickle semantics; safe to show."""
+        return self._signer.fingerprint_hex
 
     def describe(self, pattern: str | None = None) -> Iterator[tuple[str, inspection.RecordInfo]]:
         """``(key, RecordInfo)`` of each key (matching the glob ``pattern``, if given), read
@@ -409,7 +432,103 @@ class Store(MutableMapping[str, Any]):
         hashed again), unpickling nothing; return what was found (``report.ok``)."""
         with self._lock:
             self._check_open()
-            return verify(self._backend, max_record_size=self._max_record_size)
+            return verify(self._backend, max_record_size=self._max_record_size,
+                          signer=self._signer)
+
+    # -- safety: inspect, trust, load restricted (docs/safety.md) ----------------------------
+
+    def _record_ids(self, keys: str | Iterable[str] | None) -> list[int]:
+        """The object ids of every record (``keys`` None), or of those reachable from
+        ``keys`` (one key, or several) through their references, lazy ones included."""
+        backend = self._backend
+        if keys is None:
+            return [oid for oid, _, _ in backend.iter_records()]
+        todo = []
+        for key in [keys] if isinstance(keys, str) else keys:
+            self._check_key(key)
+            oid = backend.get_key(key)
+            if oid is None:
+                raise KeyError(key)
+            todo.append(oid)
+        seen: dict[int, None] = {}
+        while todo:
+            oid = todo.pop()
+            if oid not in seen:
+                seen[oid] = None
+                todo.extend(ref for ref in backend.refs_of(oid) if ref not in seen)
+        return list(seen)
+
+    def _record_bytes(self, oid: int) -> bytes:
+        data = self._backend.get_record(oid)
+        if data is None:
+            raise MissingObjectError(self._path, oid)
+        return data
+
+    def globals(self, key: str | None = None) -> list[str]:
+        """Every ``module.name`` the records reachable from ``key`` (or all records) would
+        import, across every pickle of each record (a Persistent object's state too),
+        sorted; nothing is unpickled or imported. What to review before :meth:`trust`."""
+        with self._lock:
+            self._check_open()
+            found: set[str] = set()
+            pairs = ((oid, data) for oid, data, _ in self._backend.iter_records()) \
+                if key is None else ((oid, self._record_bytes(oid))
+                                     for oid in self._record_ids(key))
+            for oid, data in pairs:
+                try:
+                    names = inspection.globals_of_record(oid, data)
+                except Exception as error:
+                    raise load_error(error, self._path, key=key, object_id=oid,
+                                     is_damage=lambda _: True)
+                found.update(f"{module}.{name}" for module, name in names)
+            return sorted(found)
+
+    def trust(self, keys: str | Iterable[str] | None = None) -> int:
+        """Sign with this Store's key the records reachable from ``keys`` (one key or
+        several) or, with None, every record: from now on they load with full pickle
+        semantics. Review :meth:`globals` first: a trusted record runs what it names.
+        Each record's digest is checked before it is signed (damage is never signed).
+        One transaction; returns how many records were signed anew."""
+        with self._lock:
+            self._check_writable("trust records")
+            signed = 0
+            with self._transaction():
+                backend = self._txn.backend
+                for oid in self._record_ids(keys):
+                    data = self._record_bytes(oid)
+                    try:
+                        unpacked = records.unpack(data, oid, signer=self._signer,
+                                                  digest_required=oid >= backend.digests_from,
+                                                  max_size=self._max_record_size)
+                        if unpacked.signed:
+                            continue
+                        new = records.sign(data, oid, self._signer,
+                                           digest_required=oid >= backend.digests_from,
+                                           max_size=self._max_record_size)
+                    except records.IntegrityMismatch as error:
+                        raise IntegrityError(self._path, str(error), object_id=oid) from error
+                    except ValueError as error:
+                        raise CorruptionError(self._path, str(error), object_id=oid) from None
+                    refs = backend.refs_of(oid)
+                    eager = set(backend.refs_of(oid, lazy=False))
+                    backend.put_record(oid, new, refs,
+                                       lazy_refs=[ref for ref in refs if ref not in eager],
+                                       blobs=[blob.name for blob in unpacked.blobs])
+                    signed += 1
+            # Objects loaded restricted stay as they are; the next load is a full one.
+            self._invalidate()
+            return signed
+
+    def load_restricted(self, key: str, *, allow: str | Iterable[str] = ()) -> Any:
+        """The value of ``key`` loaded under restricted loading whatever its signature
+        (``pstore show``): only the data policy's globals, this Store's ``allow=`` and
+        ``allow`` resolve; anything else raises :class:`~pstore.errors.UntrustedError`.
+        Objects this Store loaded before are returned as they are."""
+        with self._lock:
+            self._check_open()
+            self._check_key(key)
+            with self._loader.restricting(allow):
+                return self[key]
 
     def close(self) -> None:
         """Commit the changed Persistent objects, write back the cache (``writeback=True``)
@@ -603,7 +722,8 @@ def open(path: str | bytes | os.PathLike[str] | os.PathLike[bytes], flag: str = 
          lock_timeout: float = DEFAULT_LOCK_TIMEOUT, fsync: bool = False,
          blob_threshold: int | None = DEFAULT_BLOB_THRESHOLD, compression: str | None = None,
          readonly_buffers: bool = False,
-         max_record_size: int = DEFAULT_MAX_RECORD_SIZE) -> Store:
+         max_record_size: int = DEFAULT_MAX_RECORD_SIZE,
+         key: bytes | None = None, allow: str | Iterable[str] = ()) -> Store:
     """Open the store at ``path`` and return a :class:`Store`.
 
     ``flag``: 'r' read-only (writes nothing at all, not even to the file's header),
@@ -636,7 +756,8 @@ def open(path: str | bytes | os.PathLike[str] | os.PathLike[bytes], flag: str = 
     blob beside the records, and loaded mapped into memory: copy-on-write (arrays
     come back writable; writes never reach the store) or, with
     ``readonly_buffers=True``, read-only. ``compression``: None (default),
-    ``"zlib"`` or ``"lzma"``, for the records and blobs this Store writes;
+    ``"zlib"``, ``"lzma"`` or ``"zstd"`` (``pip install 'pstore[zstd]'`` before
+    Python 3.14), for the records and blobs this Store writes;
     compressed blobs are decompressed into memory instead of mapped. Any store
     reads records and blobs whatever compression wrote them.
     ``max_record_size``: a record whose payload (decompressed) is larger is refused
@@ -644,11 +765,23 @@ def open(path: str | bytes | os.PathLike[str] | os.PathLike[bytes], flag: str = 
 
     Every record carries a digest checked on every read: damaged bytes raise
     :class:`~pstore.errors.CorruptionError` naming the key or object id.
+
+    Safe by default (``docs/safety.md``): every record this Store writes is signed
+    with ``key`` (bytes, 32 or more), else the key in the file ``$PSTORE_KEY_FILE``
+    names, else the user's own key file (created on first need). A record signed by
+    that key loads with full pickle semantics; one whose signature fails raises
+    :class:`~pstore.errors.IntegrityError`; any other (written with another key, by
+    a pstore before format version 3, or forged) loads restricted: only the data
+    policy's globals and those ``allow`` names (``["pkg.mod.Name", "pkg.mod.*"]``)
+    resolve, anything else raises :class:`~pstore.errors.UntrustedError`.
+    ``allow="*"`` turns that off (unsafe: any record may run any code).
     """
     if flag not in _FLAGS:
         raise ArgumentError("flag", flag, "one of 'r', 'w', 'c', 'n'")
     if compression not in blobio.CODECS:
-        raise ArgumentError("compression", compression, "None, 'zlib' or 'lzma'")
+        raise ArgumentError("compression", compression, "None, 'zlib', 'lzma' or 'zstd'")
+    if compression == "zstd":
+        blobio.zstd_module()    # MissingModuleError naming what to install, before any write
     if blob_threshold is not None and blob_threshold < 0:
         raise ArgumentError("blob_threshold", blob_threshold, ">= 0 or None")
     if protocol == -1:
@@ -656,6 +789,10 @@ def open(path: str | bytes | os.PathLike[str] | os.PathLike[bytes], flag: str = 
     if not 0 <= protocol <= engine.HIGHEST_PROTOCOL:
         raise ArgumentError("protocol", protocol,
                             f"between 0 and {engine.HIGHEST_PROTOCOL} (or -1)")
+    if isinstance(allow, str) and allow != "*":
+        raise ArgumentError("allow", allow, "'*' or a list of 'pkg.mod.Name'/'pkg.mod.*'")
+    allow = allow if isinstance(allow, str) else list(allow)
+    signer = signer_for(key)
     location = os.fsdecode(path)
     if backend is None:
         backend = detect_backend(location) or "sqlite"
@@ -663,7 +800,8 @@ def open(path: str | bytes | os.PathLike[str] | os.PathLike[bytes], flag: str = 
     try:
         store = Store(opened, protocol=protocol, writeback=writeback,
                       blob_threshold=blob_threshold, compression=compression,
-                      readonly_buffers=readonly_buffers, max_record_size=max_record_size)
+                      readonly_buffers=readonly_buffers, max_record_size=max_record_size,
+                      signer=signer, allow=allow)
     except BaseException:
         opened.close()
         raise
@@ -672,5 +810,7 @@ def open(path: str | bytes | os.PathLike[str] | os.PathLike[bytes], flag: str = 
     store.reopen_arguments = (location, "r" if flag == "r" else "w", dict(
         backend=backend, protocol=protocol, writeback=writeback, lock_timeout=lock_timeout,
         fsync=fsync, blob_threshold=blob_threshold, compression=compression,
-        readonly_buffers=readonly_buffers, max_record_size=max_record_size))
+        readonly_buffers=readonly_buffers, max_record_size=max_record_size, allow=allow))
+    if key is not None:     # else the other process finds the same key file
+        store.reopen_arguments[2]["key"] = key
     return store

@@ -23,6 +23,8 @@ from ..errors import ReferenceCycleError, UnstorableError
 from . import blobio, records
 from .codec import RecordPickler
 from .identity import IdentityMap, is_referable
+from .mapped import MappedBlobs
+from .signing import Signer
 from .persistent import (CHANGED, SAVED, DataManager, Persistent, attach, detach, ghostify,
                          set_status, status_of)
 
@@ -57,17 +59,22 @@ class Transaction:
 
     ``manager`` (held weakly) is the Store Persistent objects are attached to;
     ``ids`` its identity map; ``codec`` the compression codec of records and blobs.
-    Records are pickled with ``protocol``; out-of-band buffers of at least
-    ``blob_threshold`` bytes become blobs.
+    Records are pickled with ``protocol`` and signed by ``signer``; out-of-band
+    buffers of at least ``blob_threshold`` bytes become blobs.
     """
 
     def __init__(self, manager: DataManager, backend: Backend, ids: IdentityMap, *,
-                 protocol: int, writeback: bool, blob_threshold: float, codec: int) -> None:
+                 protocol: int, writeback: bool, blob_threshold: float, codec: int,
+                 signer: Signer) -> None:
         self._manager = weakref.ref(manager)
         self.backend = self._backend = backend
         self._path = backend.path
         self._ids = ids
         self._codec = codec
+        self._signer = signer
+        #: The blobs this Store has mapped (filled by its loader): a buffer that is one of
+        #: them is written as a reference to its blob, neither hashed nor copied.
+        self.mapped: MappedBlobs[records.BlobRef] = MappedBlobs()
         self._pickler = RecordPickler(protocol, ids.oid_of, self, blob_threshold)
         self.writeback = writeback
         self.depth = 0              # nesting depth of the open transaction (0: none)
@@ -183,7 +190,12 @@ class Transaction:
         return oid
 
     def write_blob(self, raw: memoryview) -> records.BlobRef:
-        """Store out-of-band buffer ``raw`` as a blob of this transaction."""
+        """Store out-of-band buffer ``raw`` as a blob of this transaction; a buffer that is
+        a blob this Store maps (a re-store) is a reference to that blob, if it is still
+        there (asked under the write lock: no gc can remove it before the commit)."""
+        mapped = self.mapped.find(raw)
+        if mapped is not None and self._backend.has_blob(mapped.name, mapped.size):
+            return mapped
         return blobio.write_blob(self._backend, raw, self._codec)
 
     def note_changed(self, obj: Persistent) -> None:
@@ -284,7 +296,7 @@ class Transaction:
             reason = (f"{error.what} in it: {error.reason}"
                       if isinstance(error, UnstorableError) else str(error))
             raise UnstorableError(self._path, what, reason) from error
-        return records.pack(oid, pickle, blobs, self._codec), refs, blobs
+        return records.pack(oid, pickle, blobs, self._codec, self._signer), refs, blobs
 
     def _describe(self, oid: int) -> str:
         entry = self.pending.get(oid)
