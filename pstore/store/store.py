@@ -468,6 +468,8 @@ class Store(MutableMapping[str, Any]):
         """Every ``module.name`` the records reachable from ``key`` (or all records) would
         import, across every pickle of each record (a Persistent object's state too),
         sorted; nothing is unpickled or imported. What to review before :meth:`trust`."""
+        from . import inspection
+
         with self._lock:
             self._check_open()
             found: set[str] = set()
