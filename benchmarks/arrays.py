@@ -18,7 +18,12 @@ Each library writes it and loads it in processes of its own, so that peak RSS
 
 Peers: pickle (one file, protocol 5), np.save/np.load(mmap_mode='r') (one .npy
 per array), joblib.dump/load(mmap_mode='r'), diskcache and sqlitedict (a key per
-split). Missing peers (``pip install pstore[bench]``) are skipped. The files
+split). The same dataset as torch tensors (``torch.from_numpy``, no copy) is stored
+by pstore ("pstore-torch": one blob per tensor, loaded mapped), by
+torch.save/torch.load(mmap=True) and by safetensors' save_file/load_file (keys
+``split/name``). Missing peers (``pip install pstore[bench]``, torch, safetensors)
+are skipped. The targets compare pstore's write+fsync throughput with np.save's
+(pstore's blob names are BLAKE3 digests, computed as the bytes are written). The files
 stay in the page cache between write and load (no cache drop: it needs root),
 so loads that read are measured at memory speed, their best case.
 """
@@ -70,6 +75,39 @@ def pstore_write(directory: str, dataset: dict) -> None:
 def pstore_load(directory: str) -> Any:
     import pstore
     return pstore.open(os.path.join(directory, "data.db"), "r")
+
+
+def pstore_torch_write(directory: str, dataset: dict) -> None:
+    import torch  # noqa: F401  (pstore recognises tensors when torch is imported)
+    pstore_write(directory, dataset)
+
+
+def pstore_torch_load(directory: str) -> Any:
+    import torch  # noqa: F401
+    return pstore_load(directory)
+
+
+def torch_write(directory: str, dataset: dict) -> None:
+    import torch
+    torch.save(dataset, os.path.join(directory, "data.pt"))
+
+
+def torch_load(directory: str) -> Any:
+    import torch
+    return torch.load(os.path.join(directory, "data.pt"), mmap=True, weights_only=True)
+
+
+def safetensors_write(directory: str, dataset: dict) -> None:
+    from safetensors.torch import save_file
+    save_file({f"{split}/{name}": tensor for split, tensors in dataset.items()
+               for name, tensor in tensors.items()}, os.path.join(directory, "data.safetensors"))
+
+
+def safetensors_load(directory: str) -> Any:
+    from safetensors.torch import load_file
+    flat = load_file(os.path.join(directory, "data.safetensors"))
+    return {split: {name: flat[f"{split}/{name}"] for name in ("features", "labels")}
+            for split in SPLITS}
 
 
 def pickle_write(directory: str, dataset: dict) -> None:
@@ -131,15 +169,20 @@ def sqlitedict_load(directory: str) -> Any:
     return SqliteDict(os.path.join(directory, "data.sqlite"), flag="r", journal_mode="WAL")
 
 
-#: name -> (write, load, the module it needs beyond numpy and the standard library)
+#: name -> (write, load, the modules it needs beyond numpy and the standard library)
 LIBRARIES = {
-    "pstore": (pstore_write, pstore_load, "pstore.backends.sqlite"),
-    "pickle": (pickle_write, pickle_load, None),
-    "np.save": (npsave_write, npsave_load, None),
-    "joblib": (joblib_write, joblib_load, "joblib"),
-    "diskcache": (diskcache_write, diskcache_load, "diskcache"),
-    "sqlitedict": (sqlitedict_write, sqlitedict_load, "sqlitedict"),
+    "pstore": (pstore_write, pstore_load, ("pstore.backends.sqlite",)),
+    "pickle": (pickle_write, pickle_load, ()),
+    "np.save": (npsave_write, npsave_load, ()),
+    "joblib": (joblib_write, joblib_load, ("joblib",)),
+    "diskcache": (diskcache_write, diskcache_load, ("diskcache",)),
+    "sqlitedict": (sqlitedict_write, sqlitedict_load, ("sqlitedict",)),
+    "pstore-torch": (pstore_torch_write, pstore_torch_load, ("torch", "pstore.backends.sqlite")),
+    "torch.save": (torch_write, torch_load, ("torch",)),
+    "safetensors": (safetensors_write, safetensors_load, ("torch", "safetensors.torch")),
 }
+#: The libraries that are given the dataset as torch tensors.
+TENSOR_LIBRARIES = {"pstore-torch", "torch.save", "safetensors"}
 
 
 # -- measuring, in a child process per step --------------------------------------------------
@@ -175,8 +218,13 @@ def fsync_tree(directory: str) -> None:
 
 
 def child_write(library: str, directory: str, size_mb: int) -> dict:
-    dataset = make_dataset(size_mb)
+    dataset: dict = make_dataset(size_mb)
+    if library in TENSOR_LIBRARIES:
+        import torch
+        dataset = {split: {name: torch.from_numpy(array) for name, array in arrays.items()}
+                   for split, arrays in dataset.items()}
     write = LIBRARIES[library][0]
+    import_modules(library)     # imports are not part of the write
     reset_peak_rss()
     started = time.perf_counter()
     write(directory, dataset)
@@ -189,7 +237,7 @@ def child_write(library: str, directory: str, size_mb: int) -> dict:
 
 def child_load(library: str, directory: str) -> dict:
     load = LIBRARIES[library][1]
-    __import__(LIBRARIES[library][2] or "pickle")   # imports are not part of the load
+    import_modules(library)     # imports are not part of the load
     reset_peak_rss()
     started = time.perf_counter()
     opened = load(directory)
@@ -197,8 +245,9 @@ def child_load(library: str, directory: str) -> dict:
     to_first = time.perf_counter() - started
     total = 0.0
     for split in SPLITS:
-        arrays = opened[split]
-        total += float(arrays["features"].sum(dtype=np.float64)) + float(arrays["labels"].sum())
+        arrays = opened[split]      # numpy arrays or CPU tensors (np.asarray: no copy)
+        total += (float(np.asarray(arrays["features"]).sum(dtype=np.float64))
+                  + float(np.asarray(arrays["labels"]).sum()))
     return {"first": to_first, "full": time.perf_counter() - started, "peak": peak_rss(),
             "check": first + total}
 
@@ -211,12 +260,14 @@ def run_child(step: str, library: str, directory: str, size_mb: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def available(library: str) -> bool:
-    module = LIBRARIES[library][2]
-    if module is None:
-        return True
-    try:
+def import_modules(library: str) -> None:
+    for module in LIBRARIES[library][2]:
         __import__(module)
+
+
+def available(library: str) -> bool:
+    try:
+        import_modules(library)
     except ImportError:
         return False
     return True
@@ -271,7 +322,8 @@ def report(results: dict[str, dict]) -> None:
     if "pstore" not in results:
         return
     ours = results["pstore"]
-    others = {name: r for name, r in results.items() if name != "pstore"}
+    others = {name: r for name, r in results.items()
+              if name != "pstore" and name not in TENSOR_LIBRARIES}
     print("\ntargets:")
     if others:
         fastest = max(others, key=lambda name: mb / others[name]["write_fsync"])
@@ -281,13 +333,28 @@ def report(results: dict[str, dict]) -> None:
         fastest_raw = max(others, key=lambda name: mb / others[name]["write"])
         print(f"  write throughput vs {fastest_raw} without its fsync: "
               f"{others[fastest_raw]['write'] / ours['write_fsync']:.0%}")
-        readers = {name: r for name, r in others.items() if name not in ("np.save", "joblib")}
+        readers = {name: r for name, r in others.items()
+                   if name not in ("np.save", "joblib", "torch.save")}     # those map
         if readers:
             slowest_gap = min(r["load_first"] / ours["load_first"] for r in readers.values())
             print(f"  time to first element: {slowest_gap:,.0f}x faster than every loader that "
                   f"does not map ({', '.join(readers)}); target >= 10x")
     print(f"  peak RSS while writing: {ours['peak'] / size:.0%} of the dataset; "
           f"target <= 110%")
+    baseline = results.get("np.save")
+    for name in ("pstore", "pstore-torch"):
+        if baseline is not None and name in results:
+            print(f"  {name} write throughput vs np.save + fsync: "
+                  f"{baseline['write_fsync'] / results[name]['write_fsync']:.0%}; target >= 100%")
+    if "pstore-torch" in results:
+        ours = results["pstore-torch"]
+        for peer in ("torch.save", "safetensors"):
+            if peer in results:
+                theirs = results[peer]
+                print(f"  pstore-torch vs {peer}: write+fsync throughput "
+                      f"{theirs['write_fsync'] / ours['write_fsync']:.0%} of {peer}'s; "
+                      f"first element in {ours['load_first'] * 1000:,.1f} ms, "
+                      f"{peer} {theirs['load_first'] * 1000:,.1f} ms")
 
 
 if __name__ == "__main__":

@@ -29,6 +29,11 @@ def _open(args: argparse.Namespace, flag: str = "r", path: str | None = None) ->
     return pstore.open(path or args.store, flag, backend=args.backend)
 
 
+def _count(number: int, noun: str) -> str:
+    """``1 key``, ``2 keys``."""
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
+
+
 def _size(count: int) -> str:
     """A byte count for people: 1.5 MB."""
     value = float(count)
@@ -40,7 +45,8 @@ def _size(count: int) -> str:
 
 
 @contextmanager
-def _progress(total: int | None, what: str) -> Iterator[Callable[[int], None]]:
+def _progress(total: int | None, what: str,
+              unit: str = " keys") -> Iterator[Callable[[int], None]]:
     """A callback advancing a progress bar (tqdm, on a terminal), or doing nothing."""
     if not sys.stdout.isatty():
         yield lambda count: None
@@ -50,7 +56,7 @@ def _progress(total: int | None, what: str) -> Iterator[Callable[[int], None]]:
     except ImportError:     # the extra is not installed: the summary line says it all
         yield lambda count: None
         return
-    with tqdm(total=total, desc=what, unit=" keys", leave=False) as bar:
+    with tqdm(total=total, desc=what, unit=unit, leave=False) as bar:
         yield bar.update
 
 
@@ -83,6 +89,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"keys:           {info.keys}")
     print(f"records:        {info.records} ({_size(info.record_bytes)})")
     print(f"blobs:          {info.blobs} ({_size(info.blob_bytes)})")
+    print(f"key:            {info.key_fingerprint or '-'} (created with), "
+          f"{store.key_fingerprint} (yours)")
     return 0
 
 
@@ -126,12 +134,34 @@ def cmd_globals(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_trust(args: argparse.Namespace) -> int:
+    with _open(args, "w") as store:
+        keys = args.keys or None
+        names = store.globals() if keys is None else \
+            sorted({name for key in keys for name in store.globals(key)})
+        what = "every record" if keys is None else f"the records of {', '.join(keys)}"
+        print(f"{what} would import, once trusted:")
+        for name in names:
+            print(f"  {name}")
+        if not names:
+            print("  (no globals)")
+        if not args.yes:
+            if not sys.stdin.isatty():
+                raise SystemExit("pstore trust: not a terminal; review the list and pass --yes")
+            answer = input(f"sign {what} with your key, so they load with full pickle "
+                           f"semantics? [y/N] ")
+            if answer.strip().lower() not in ("y", "yes"):
+                print("nothing signed")
+                return 1
+        count = store.trust(keys)
+    print(f"signed {count} records with key {store.key_fingerprint}")
+    return 0
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     with _open(args) as store:
         report = store.verify()
-    for problem in report.problems:
-        print(problem)
-    print(report.summary())
+    print(report)
     return 0 if report.ok else 1
 
 
@@ -158,12 +188,11 @@ def cmd_vacuum(args: argparse.Namespace) -> int:
 def cmd_copy(args: argparse.Namespace) -> int:
     import pstore
 
-    with _open(args, path=args.source) as source:
-        total = len(source)
-    with _progress(total, "copy") as advance:
+    # Records are what takes the time; counting them first would read them twice.
+    with _progress(None, "copy", " records") as advance:
         count = pstore.copy(args.source, args.target, backend=args.target_backend,
-                            flag=args.flag, progress=advance)
-    print(f"copied {count} keys from {args.source} into {args.target}")
+                            source_backend=args.backend, flag=args.flag, progress=advance)
+    print(f"copied {_count(count, 'key')} from {args.source} into {args.target}")
     return 0
 
 
@@ -172,9 +201,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     with _progress(None, "convert") as advance:
         report = pstore.convert(args.source, args.target, kind=args.kind, keys=args.keys,
-                                table=args.table, backend=args.target_backend or "sqlite",
+                                table=args.table, backend=args.target_backend,
                                 flag=args.flag, progress=advance)
-    print(f"copied {report.copied} keys from the {report.kind} {args.source} into "
+    print(f"copied {_count(report.copied, 'key')} from the {report.kind} {args.source} into "
           f"{args.target}" + (f"; left out {report.expired} expired entries"
                               if report.expired else ""))
     for note in report.notes:
@@ -259,6 +288,10 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("key", nargs="?", help="with a store: one key (globals: and what "
                                                 "it refers to)")
         sub.add_argument("--backend", help="the store's backend (default: told from its files)")
+    trust = command("trust", cmd_trust, "list the globals of the records reachable from KEYs "
+                                        "(or all), ask, and sign them with your key (writes)")
+    trust.add_argument("keys", nargs="*", metavar="KEY")
+    trust.add_argument("--yes", action="store_true", help="do not ask")
     command("verify", cmd_verify, "check every record, reference, blob and signature; exit "
                                   "status 1 if anything is damaged")
     command("gc", cmd_gc, "delete the records no key reaches and the blobs no record uses "

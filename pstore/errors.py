@@ -13,7 +13,7 @@ cleanly, and builds its message from them.
 
 from __future__ import annotations
 
-from pickle import PicklingError
+from pickle import PicklingError, UnpicklingError
 
 __all__ = [
     "Error",
@@ -22,10 +22,14 @@ __all__ = [
     "LockTimeoutError",
     "FormatError",
     "CorruptionError",
+    "IntegrityError",
+    "UntrustedError",
+    "KeyFileError",
     "MissingObjectError",
     "UnsafeFileError",
     "ConnectionLostError",
     "ServerLockTimeoutError",
+    "MissingModuleError",
     "UnstorableError",
     "ReferenceCycleError",
     "ArgumentError",
@@ -130,6 +134,75 @@ class CorruptionError(Error, ValueError):
 def _corruption_error(path: str, what: str, key: str | None,
                       object_id: int | None) -> CorruptionError:
     return CorruptionError(path, what, key=key, object_id=object_id)
+
+
+class IntegrityError(CorruptionError):
+    """A record's bytes are not what was written: its digest, or its MAC under the Store's
+    signing key, does not match (damaged, or edited by someone without the key). Raised
+    instead of loading it; names ``path``, ``key`` and ``object_id`` as
+    :class:`CorruptionError` does."""
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return _integrity_error, self.args, self.__dict__
+
+
+def _integrity_error(path: str, what: str, key: str | None,
+                     object_id: int | None) -> IntegrityError:
+    return IntegrityError(path, what, key=key, object_id=object_id)
+
+
+class UntrustedError(Error, UnpicklingError):
+    """Restricted loading refused a record that is not signed by the Store's key.
+
+    ``global_name`` is the ``module.name`` refused (None when the refusal was not of a
+    global: a call, a BUILD, the load budget); ``reason`` the restricted unpickler's
+    words; ``key`` and ``object_id`` say which value. Nothing the record names was run;
+    it is never retried unrestricted. To load it: ``pstore.open(..., allow=[...])`` for
+    the names you trust, or review ``Store.globals(key)`` and ``Store.trust([key])``.
+    """
+
+    def __init__(self, path: str, reason: str, *, key: str | None = None,
+                 object_id: int | None = None, global_name: str | None = None) -> None:
+        super().__init__(path, reason, key, object_id, global_name)
+        self.path = path
+        self.reason = reason
+        self.key = key
+        self.object_id = object_id
+        self.global_name = global_name
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return _untrusted_error, self.args, self.__dict__
+
+    def __str__(self) -> str:
+        where = [f"key {self.key!r}"] if self.key is not None else []
+        if self.object_id is not None:
+            where.append(f"object id {self.object_id}")
+        place = f" ({', '.join(where)})" if where else ""
+        how = ("pass allow=[" + repr(self.global_name) + "] to pstore.open if you trust "
+               "the code it names" if self.global_name else "pass allow= to pstore.open for "
+               "the names you trust")
+        return (f"store {self.path!r}{place}: the record is not signed by this store's key, "
+                f"so it was loaded restricted, which refused it: {self.reason}; to load it, "
+                f"{how}, or review `pstore globals` and trust it (Store.trust, `pstore trust`)")
+
+
+def _untrusted_error(path: str, reason: str, key: str | None, object_id: int | None,
+                     global_name: str | None) -> UntrustedError:
+    return UntrustedError(path, reason, key=key, object_id=object_id, global_name=global_name)
+
+
+class KeyFileError(Error, PermissionError):
+    """The signing key file at ``path`` cannot be used: ``reason`` says why (not a regular
+    file, a symbolic link, owned by another user, shorter than 32 bytes, unreadable).
+    Nothing was read or written through it."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(path, reason)
+        self.path = path
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"refusing to use signing key file {self.path!r}: {self.reason}"
 
 
 class MissingObjectError(Error, KeyError):
@@ -326,3 +399,17 @@ def _missing_class_error(path: str, global_name: str, reason: str, renamed_to: s
                          key: str | None, object_id: int | None) -> MissingClassError:
     return MissingClassError(path, global_name, reason, renamed_to=renamed_to, key=key,
                              object_id=object_id)
+
+
+class MissingModuleError(Error, ModuleNotFoundError):
+    """An optional module is not installed that ``feature`` needs; ``install`` says how to
+    get it. Nothing stored is wrong: the same store reads where the module is."""
+
+    def __init__(self, module: str, feature: str, install: str) -> None:
+        super().__init__(module, feature, install)
+        self.name = module      # ModuleNotFoundError's attribute
+        self.feature = feature
+        self.install = install
+
+    def __str__(self) -> str:
+        return f"{self.feature} needs the {self.name} module: {self.install}"

@@ -1,4 +1,7 @@
-"""Copying data written by other tools into a pstore store.
+"""Copying data written by other tools into a pstore store, and stores between backends.
+
+:func:`copy` copies a pstore store into an empty one of any backend, record by record,
+unpickling nothing (docs/servers.md, "Move the data").
 
 :func:`convert` reads a ``shelve`` file, a ``sqlitedict`` file, a ``diskcache``
 directory or a ZODB ``FileStorage`` and writes its keys and values into a store.
@@ -26,11 +29,12 @@ from itertools import islice
 from typing import Any
 
 from . import engine
-from .errors import Error
-from .store import DEFAULT_LOCK_TIMEOUT, open
+from .backends import Backend, detect_backend, open_backend
+from .errors import CorruptionError, Error
+from .store import DEFAULT_LOCK_TIMEOUT, open, records
 
 __all__ = ["convert", "convert_shelve", "copy", "detect_kind", "ConvertError", "ConvertReport",
-           "KINDS"]
+           "CopyError", "KINDS"]
 
 #: The kinds of source :func:`convert` reads.
 KINDS = ("shelve", "sqlitedict", "diskcache", "zodb")
@@ -90,7 +94,7 @@ def detect_kind(source: str | os.PathLike[str]) -> str:
 
 def convert(source: str | os.PathLike[str], target: str | os.PathLike[str], *,
             kind: str | None = None, keys: str = "refuse", table: str | None = None,
-            backend: str = "sqlite", flag: str = "c", batch: int = 1000,
+            backend: str | None = None, flag: str = "c", batch: int = 1000,
             lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
             progress: Callable[[int], None] | None = None) -> ConvertReport:
     """Copy every key of ``source`` into the store ``target``; return a :class:`ConvertReport`.
@@ -100,7 +104,8 @@ def convert(source: str | os.PathLike[str], target: str | os.PathLike[str], *,
     ``str`` (see the module's docstring). ``table``: for sqlitedict, the one table
     to copy; by default every table, keys prefixed ``"TABLE/"`` when the file has
     more than one. ``target`` is opened with ``backend`` and ``flag`` as by
-    :func:`pstore.open`. Keys are written ``batch`` at a time, each batch one
+    :func:`pstore.open` (``backend=None``: that of the store already there, else
+    SQLite). Keys are written ``batch`` at a time, each batch one
     transaction: if the copy fails, the batches before the failure are in ``target``,
     and running it again completes it. ``progress(n)`` is called after each batch
     with the number of keys copied in it.
@@ -111,7 +116,10 @@ def convert(source: str | os.PathLike[str], target: str | os.PathLike[str], *,
     ``PersistentMapping``/``PersistentList`` become ``pstore.PersistentDict``/
     ``PersistentList``, BTrees become dicts (TreeSets sets), and objects of other
     persistent classes become ordinary objects of their class (its module must be
-    importable), loaded with their state; shared objects stay shared.
+    importable), loaded with their state. Objects shared through ZODB references stay
+    shared within one key's value, and across keys where they become pstore
+    Persistent objects (PersistentMapping/List); other objects shared between two
+    root keys become one copy per key. ZODB blobs are refused (``ConvertError``).
     """
     path = os.fsdecode(os.fspath(source))
     if batch < 1:
@@ -140,7 +148,7 @@ def convert(source: str | os.PathLike[str], target: str | os.PathLike[str], *,
 
 
 def convert_shelve(source: str | os.PathLike[str], target: str | os.PathLike[str], *,
-                   backend: str = "sqlite", flag: str = "c", batch: int = 1000,
+                   backend: str | None = None, flag: str = "c", batch: int = 1000,
                    lock_timeout: float = DEFAULT_LOCK_TIMEOUT) -> int:
     """Copy every key of the ``shelve`` file ``source`` into the store ``target``; return
     how many: :func:`convert` with ``kind="shelve"``."""
@@ -413,6 +421,10 @@ class _ZODBSource(_Source):
         if oid in self._converted:
             return self._converted[oid]
         cls, state = self._record(oid)
+        if isinstance(cls, _Global) and cls.module.startswith("ZODB.blob"):
+            raise ConvertError(self._path, f"the record of oid {int.from_bytes(oid, 'big')} is "
+                                           f"a ZODB blob, which pstore does not convert: copy "
+                                           f"its file's bytes into an array or bytes first")
         if isinstance(cls, _Global) and cls.module.startswith("persistent."):
             obj = self._persistent_container(oid, cls, state)
         elif isinstance(cls, _Global):
@@ -530,7 +542,7 @@ class _ZODBUnpickler(engine.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         # ZODB's own classes are kept as names, never imported; the application's
         # classes are needed to rebuild its objects.
-        if module.split(".")[0] in ("persistent", "BTrees"):
+        if module.split(".")[0] in ("persistent", "BTrees") or module == "ZODB.blob":
             return _Global(module, name)
         return super().find_class(module, name)
 
@@ -553,27 +565,124 @@ _SOURCES: dict[str, Callable[[str, str | None, ConvertReport], _Source]] = {
 }
 
 
-def copy(source: str | os.PathLike[str], target: str | os.PathLike[str], *,
-         backend: str | None = None, flag: str = "c",
-         lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
-         progress: Callable[[int], None] | None = None) -> int:
-    """Copy every key of the store ``source`` into the store ``target``; return how many.
+class CopyError(Error, ValueError):
+    """A store cannot be copied as asked: the target is not empty or is the source, the
+    source changed during the copy, or a blob comes out under another name in the target."""
 
-    Any backend to any backend (``source``'s is told from its files; ``backend`` is
-    ``target``'s, as :func:`pstore.open` takes it). Identity is kept: objects shared
-    between values, or between keys, are shared in ``target`` too, and Persistent
-    objects stay Persistent. Arrays' buffers become blobs of ``target`` again. The copy
-    is one transaction of ``target`` (all or nothing), and every value is held in
-    memory until it commits (mapped blobs are not read). ``progress(n)`` is called as
-    keys are copied.
+    def __init__(self, source: str, target: str, reason: str) -> None:
+        super().__init__(source, target, reason)
+        self.source = source
+        self.target = target
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"cannot copy {self.source!r} into {self.target!r}: {self.reason}"
+
+
+def copy(source: str | os.PathLike[str], target: str | os.PathLike[str], *,
+         backend: str | None = None, source_backend: str | None = None, flag: str = "c",
+         lock_timeout: float = DEFAULT_LOCK_TIMEOUT, fsync: bool = False,
+         progress: Callable[[int], None] | None = None) -> int:
+    """Copy the store ``source`` into the empty store ``target``, record by record; return
+    how many keys it copied.
+
+    Any backend to any backend: ``source_backend`` and ``backend`` (``target``'s) as
+    :func:`pstore.open` takes them; None tells each from its URL or files (a new target:
+    SQLite). ``flag`` opens ``target`` ('c', 'n' to empty it first, 'w'); a target that
+    holds a key or a record is refused with :class:`CopyError`.
+
+    Nothing is unpickled: every record is copied under its object id with its bytes,
+    references (lazy ones too) and blob names; every blob it uses is copied once, by
+    content; every key is bound to the same object id. So identity, sharing and
+    Persistent objects are exactly the source's, and no code of the source runs. Each
+    record's digest is checked on the way (:class:`~pstore.errors.CorruptionError`
+    naming its object id); a record written before format version 3, without one, is
+    given one (its payload unchanged). The target's id allocation continues above the
+    largest copied id.
+
+    The copy is one transaction of ``target``: all or nothing. If another process
+    commits to ``source`` meanwhile, nothing is written and :class:`CopyError` says so
+    (run it again). Stores left open on ``target`` from before the copy must not write
+    to it afterwards: ids they had reserved may be the copied ones. ``progress(n)`` is
+    called as records are copied, with how many since the last call.
     """
-    with open(source, "r") as reader, \
-            open(target, flag, backend=backend, lock_timeout=lock_timeout) as writer, \
-            writer.transaction():
-        count = 0
-        for key, value in reader.items():
-            writer[key] = value
-            count += 1
+    source_path, target_path = os.fsdecode(os.fspath(source)), os.fsdecode(os.fspath(target))
+    if _same_location(source_path, target_path):
+        raise CopyError(source_path, target_path, "they are the same store")
+    reader = open_backend(source_backend or detect_backend(source_path) or "sqlite",
+                          source_path, "r", lock_timeout=lock_timeout, fsync=False)
+    try:
+        writer = open_backend(backend or detect_backend(target_path) or "sqlite", target_path,
+                              flag, lock_timeout=lock_timeout, fsync=fsync)
+        try:
+            return _copy_records(reader, writer, progress)
+        finally:
+            writer.close()
+    finally:
+        reader.close()
+
+
+def _same_location(first: str, second: str) -> bool:
+    if "://" in first or "://" in second:
+        return first == second
+    return os.path.realpath(first) == os.path.realpath(second)
+
+
+def _copy_records(reader: Backend, writer: Backend,
+                  progress: Callable[[int], None] | None) -> int:
+    """Copy every record, blob and key of ``reader`` into the empty ``writer``, in one
+    transaction of ``writer``."""
+    def refuse(reason: str) -> CopyError:
+        return CopyError(reader.path, writer.path, reason)
+
+    marker = reader.change_marker()
+    writer.begin()
+    try:
+        keys = writer.count_keys()
+        if keys or next(iter(writer.iter_records()), None) is not None:
+            raise refuse(f"the target is not empty ({keys} keys"
+                         f"{'' if keys else ', and records'}); flag 'n' "
+                         f"(pstore copy --flag n) empties it first")
+        copied_blobs: set[str] = set()
+        largest = 0
+        for oid, data, refs in reader.iter_records():
+            data, blobs = _checked_record(reader, oid, data)
+            for name in blobs.difference(copied_blobs):
+                if writer.put_blob(reader.read_blob(name)) != name:
+                    raise refuse(f"blob {name} of object id {oid} gets another name in the "
+                                 f"target: its backend names blobs by another digest")
+                copied_blobs.add(name)
+            eager = set(reader.refs_of(oid, lazy=False)) if refs else set()
+            writer.put_record(oid, data, refs, lazy_refs=[ref for ref in refs if ref not in eager],
+                              blobs=sorted(blobs))
+            largest = max(largest, oid)
             if progress is not None:
                 progress(1)
+        # Before any id is allocated in the target (none is during the copy).
+        writer.reserve_ids(largest)
+        count = 0
+        for key in reader.iter_keys():
+            bound = reader.get_key(key)
+            if bound is not None:
+                writer.bind_key(key, bound)
+                count += 1
+        if reader.change_marker() != marker:
+            raise refuse("another process committed to the source during the copy; "
+                         "nothing was written, run it again")
+        writer.commit()
+    except BaseException:
+        writer.rollback()
+        raise
     return count
+
+
+def _checked_record(reader: Backend, oid: int, data: bytes) -> tuple[bytes, set[str]]:
+    """``(data, blob names)`` of record ``oid`` as the target gets it: its digest checked,
+    and given one if it was written before format version 3."""
+    try:
+        unpacked = records.unpack(data, oid, digest_required=oid >= reader.digests_from)
+    except ValueError as error:
+        raise CorruptionError(reader.path, str(error), object_id=oid) from error
+    if not unpacked.verified:
+        data = records.pack(oid, unpacked.payload, unpacked.blobs, codec=0)
+    return data, {blob.name for blob in unpacked.blobs}

@@ -173,3 +173,136 @@ def test_shelve_and_unknown_sources(tmp_path: Path) -> None:
         pstore.convert(tmp_path / "junk", tmp_path / "x.db")
     with pytest.raises(ConvertError, match="an SQLite database without sqlitedict's tables"):
         pstore.convert(tmp_path / "new.db", tmp_path / "x.db")
+
+
+# -- pstore.copy: record by record, any backend to any backend ------------------------------
+
+def make_graph(location: str, backend: str | None) -> None:
+    """Shared objects across keys, Persistent objects, equal arrays (one blob)."""
+    np = pytest.importorskip("numpy")
+    with pstore.open(location, "c", backend=backend) as store, store.transaction():
+        shared = {"lr": 0.1}
+        child = pstore.PersistentList([1, 2])
+        store["a"] = {"config": shared, "weights": np.arange(50_000), "child": child}
+        store["b"] = [shared, np.arange(50_000)]
+        store["child"] = child
+        store["config"] = shared
+
+
+def check_graph(location: str, backend: str | None = None) -> None:
+    np = pytest.importorskip("numpy")
+    with pstore.open(location, "r", backend=backend) as store:
+        assert sorted(store) == ["a", "b", "child", "config"]
+        a, b = store["a"], store["b"]
+        assert a["config"] is b[0] is store["config"] and a["config"] == {"lr": 0.1}
+        assert a["child"] is store["child"] and isinstance(a["child"], pstore.PersistentList)
+        assert list(a["child"]) == [1, 2]
+        assert np.array_equal(a["weights"], np.arange(50_000))
+        assert np.array_equal(b[1], np.arange(50_000))
+        if location.startswith("postgresql:"):  # (no statistics there yet)
+            assert len(store._backend.blob_names()) == 1
+        else:
+            report = store.verify()
+            assert report.ok, report.problems
+            assert store.info().blobs == 1     # the two equal arrays: one blob
+    with pstore.open(location, "w", backend=backend) as store:
+        # New objects get new ids, never a copied one.
+        store["child"].append(3)
+        store["new"] = {"fresh": [1]}
+    with pstore.open(location, "r", backend=backend) as store:
+        assert store["a"]["child"] is store["child"]
+        assert list(store["child"]) == [1, 2, 3] and store["new"] == {"fresh": [1]}
+        assert store["a"]["config"] is store["b"][0] is store["config"]
+
+
+def test_copy_sqlite_to_dbm_to_sqlite_keeps_identity_persistence_and_blobs(tmp_path: Path) -> None:
+    first, second, third = (str(tmp_path / name) for name in ("a.db", "b.dbm", "c.db"))
+    make_graph(first, "sqlite")
+    counted: list[int] = []
+    assert pstore.copy(first, second, backend="dbm", progress=counted.append) == 4
+    with pstore.open(first, "r") as store:
+        assert sum(counted) == store.info().records and set(counted) == {1}
+    assert pstore.copy(second, third) == 4
+    for location in (second, third):
+        check_graph(location)
+
+
+def test_copy_imports_nothing_of_the_source(tmp_path: Path) -> None:
+    """Records are copied as bytes: no class is looked up while copying (an audit hook
+    in a fresh process), and one is as soon as the copy is loaded."""
+    import subprocess
+    import sys
+
+    source, target = str(tmp_path / "a.db"), str(tmp_path / "b.db")
+    with pstore.open(source) as store:
+        store["config"] = Config("cfg", size=1)
+    script = f"""
+import sys, pstore
+looked_up = []
+sys.addaudithook(lambda event, args: looked_up.append(args) if event == "pickle.find_class" else None)
+pstore.copy({source!r}, {target!r})
+print(len(looked_up))
+with pstore.open({target!r}, "r") as store:
+    store["config"]
+print(len(looked_up))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          cwd=Path(__file__).parent.parent, timeout=60, check=True)
+    assert done.stdout.split() == ["0", "1"]
+
+
+def test_copy_to_and_from_postgresql(tmp_path: Path, pg_server) -> None:
+    url = pg_server.location()
+    first, back = str(tmp_path / "a.db"), str(tmp_path / "back.dbm")
+    make_graph(first, "sqlite")
+    assert pstore.copy(first, url) == 4
+    assert pstore.copy(url, back, backend="dbm") == 4
+    check_graph(url)
+    check_graph(back)
+
+
+def test_copy_refuses_a_target_that_is_not_empty_and_changes_nothing(tmp_path: Path) -> None:
+    source, target = str(tmp_path / "a.db"), str(tmp_path / "b.dbm")
+    make_graph(source, "sqlite")
+    with pstore.open(target, backend="dbm") as store:
+        store["mine"] = [1]
+    with pytest.raises(pstore.migrate.CopyError, match="not empty.*1 keys.*flag 'n'") as caught:
+        pstore.copy(source, target)
+    assert isinstance(caught.value, ValueError) and caught.value.target == target
+    with pstore.open(target, "r") as store:
+        assert dict(store.items()) == {"mine": [1]}
+    with pytest.raises(pstore.migrate.CopyError, match="the same store"):
+        pstore.copy(source, source, flag="n")
+    assert pstore.copy(source, target, flag="n") == 4
+    check_graph(target)
+
+
+def test_copy_of_a_damaged_record_names_it_and_writes_nothing(tmp_path: Path) -> None:
+    source, target = str(tmp_path / "a.db"), str(tmp_path / "b.db")
+    with pstore.open(source) as store:
+        store["k"] = "value " * 100
+    with sqlite3.connect(source) as db:
+        (data,) = db.execute("SELECT data FROM records WHERE oid = 1").fetchone()
+        damaged = data[:40] + bytes([data[40] ^ 1]) + data[41:]
+        db.execute("UPDATE records SET data = ? WHERE oid = 1", (damaged,))
+    with pytest.raises(pstore.CorruptionError, match="object id 1"):
+        pstore.copy(source, target)
+    with pstore.open(target, "r") as store:
+        assert len(store) == 0 and store.info().records == 0
+
+
+def test_copy_of_a_store_from_before_digests_gives_every_record_one(tmp_path: Path) -> None:
+    from tests.backends.test_backend_sqlite import _VERSION_1
+
+    source, target = str(tmp_path / "old.db"), str(tmp_path / "new.dbm")
+    with sqlite3.connect(source) as db:
+        for statement in _VERSION_1:
+            db.execute(statement)
+    before = Path(source).read_bytes()
+    assert pstore.copy(source, target, backend="dbm") == 2
+    assert Path(source).read_bytes() == before     # read only: still version 1
+    with pstore.open(target, "r") as store:
+        assert store["user"] == {"shared": [1, 2]}
+        assert store["user"]["shared"] is store["shared"]
+        report = store.verify()
+        assert report.ok and "0 without digest" in str(report)

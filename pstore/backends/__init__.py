@@ -14,12 +14,13 @@ the ``dbm.dumb`` module.
 from __future__ import annotations
 
 import importlib
+import os
 
 from ..errors import ArgumentError
 from .base import Backend, ReadableBackend
 
 __all__ = ["BACKENDS", "READERS", "SCHEMES", "Backend", "ReadableBackend", "detect_backend",
-           "open_backend"]
+           "open_backend", "whichdb"]
 
 #: backend name -> "module:class" implementing :class:`Backend`.
 BACKENDS: dict[str, str] = {
@@ -57,9 +58,30 @@ def detect_backend(location: str) -> str | None:
         header = b""
     if header[:16] == b"SQLite format 3\0" and header[68:72] == b"pStr":
         return "sqlite"
-    from .dbm import whichdb
-
     return "dbm" if whichdb(location) else None
+
+
+def whichdb(path: str) -> str | None:
+    """``dbm.whichdb(path)``, also right while a dbm.dumb apply is to be finished.
+
+    A kill during dbm.dumb's index rewrite can leave no index file at all, which
+    ``dbm.whichdb`` then takes for no database; the saved index tells otherwise. So
+    does a data file whose index was lost: it must not be taken for no store.
+    """
+    import dbm  # here, not in the DBM backend's modules: every open without backend= asks
+
+    found = dbm.whichdb(path)
+    if found is None and (os.path.exists(path + ".dir.saved") or _size(path + ".dat")):
+        return "dbm.dumb"   # a data file without its index: DumbModule.open says so
+    return found
+
+
+def _size(path: str) -> int:
+    """The size of the file ``path``, 0 if there is none."""
+    try:
+        return os.stat(path).st_size
+    except FileNotFoundError:
+        return 0
 
 
 def open_backend(name: str, path: str, flag: str, *, lock_timeout: float,

@@ -34,16 +34,19 @@ implement the same methods.
 
 from __future__ import annotations
 
-import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Collection, Hashable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
+from .._blake2 import blake2b
 from ..errors import Error, FormatError
 
-__all__ = ["ReadableBackend", "Backend", "SEAL_SIZE", "Statistics", "binding_seal"]
+__all__ = ["ReadableBackend", "Backend", "MAX_OID", "SEAL_SIZE", "RecordWrite", "Statistics",
+           "binding_seal", "check_meta_name", "check_reserved"]
+
+#: The largest object id any backend stores (a signed 64-bit integer's range).
+MAX_OID = 2 ** 63 - 1
 
 #: Bytes of a key binding's seal.
 SEAL_SIZE = 8
@@ -57,12 +60,27 @@ def binding_seal(key: str, oid: int) -> bytes:
     seal does not match was damaged: its reader raises
     :class:`~pstore.errors.CorruptionError` instead of returning another record.
     """
-    return hashlib.blake2b(oid.to_bytes(8, "little") + key.encode("utf-8", "surrogatepass"),
+    return blake2b(oid.to_bytes(8, "little") + key.encode("utf-8", "surrogatepass"),
                            digest_size=SEAL_SIZE, person=b"pstore-key").digest()
 
 
-@dataclass(frozen=True)
-class Statistics:
+class RecordWrite(NamedTuple):
+    """One record for :meth:`Backend.put_records`: :meth:`Backend.put_record`'s arguments."""
+
+    oid: int
+    data: bytes
+    refs: Collection[int]
+    lazy_refs: Collection[int]
+    blobs: Collection[str]
+
+
+def check_reserved(up_to: int) -> None:
+    """Raise ``ValueError`` unless ``up_to`` may be passed to :meth:`Backend.reserve_ids`."""
+    if not 0 <= up_to < MAX_OID:
+        raise ValueError(f"cannot reserve object ids up to {up_to}: ids are 1 to {MAX_OID - 1}")
+
+
+class Statistics(NamedTuple):
     """What a backend holds, for :meth:`Store.info <pstore.store.Store.info>`."""
 
     #: The library underneath, with its version: ``"sqlite3 (SQLite 3.40.1)"``.
@@ -75,6 +93,12 @@ class Statistics:
     blobs: int
     #: Bytes of every blob, as stored (compressed ones compressed).
     blob_bytes: int
+
+
+def check_meta_name(name: str) -> None:
+    """Raise ValueError unless ``name`` is a meta entry's name: lower-case letters and ``_``."""
+    if not name or not all("a" <= c <= "z" or c == "_" for c in name):
+        raise ValueError(f"a meta entry's name is lower-case letters and '_', not {name!r}")
 
 
 class ReadableBackend(ABC):
@@ -126,6 +150,15 @@ class ReadableBackend(ABC):
         :class:`~pstore.errors.FormatError` naming the blob if it is missing or
         not ``size`` bytes long.
         """
+
+    def has_blob(self, name: str, size: int) -> bool:
+        """Whether blob ``name`` of ``size`` bytes is stored, told cheaply (no hashing).
+
+        The store asks before it writes a buffer it mapped from this very blob as a
+        reference to it (a re-store), inside the write transaction, so no gc can
+        remove it meanwhile. False (the default) makes the store write the blob again.
+        """
+        return False
 
     @abstractmethod
     def read_blob(self, name: str) -> Iterator[bytes]:
@@ -190,6 +223,16 @@ class ReadableBackend(ABC):
         """Damage this backend found and set aside rather than use (e.g. a journal that
         failed its check), each a sentence naming the file; for ``Store.verify()``."""
         return []
+
+    # -- meta entries -------------------------------------------------------------------
+
+    def get_meta(self, name: str) -> str | None:
+        """The store's meta entry ``name`` (lower-case letters and ``_``), as the last
+        :meth:`Backend.set_meta` left it, or None. Entries are facts about the store the
+        store layer keeps (the signing key's fingerprint, ``key_fingerprint``); a
+        backend keeps them beside its own (SQLite and PostgreSQL: rows of the meta
+        table; DBM: the key ``m:NAME``). A view that keeps none returns None."""
+        return None
 
     # -- graph primitives (of the defaults iter_records, Backend.reaches, Backend.gc) --
     # Not abstract: a backend that overrides those (SQLite, with recursive queries) needs
@@ -257,6 +300,19 @@ class Backend(ReadableBackend):
         """
 
     @abstractmethod
+    def reserve_ids(self, up_to: int) -> None:
+        """Make every later :meth:`new_oid` return an id above ``up_to``: records copied in
+        under their own ids (:func:`pstore.copy`) are never overwritten by new ones.
+
+        Inside a write transaction; takes effect with it (a rollback may leave ids
+        skipped, never handed out twice). Holds for this connection and every one that
+        opens later; a connection open already may keep handing out the ids of a block
+        it reserved before (the backends that allocate ids in blocks). Ids already above
+        ``up_to`` stay as they are. Raises ``ValueError`` if ``up_to`` is below 0 or
+        not below the largest id.
+        """
+
+    @abstractmethod
     def put_record(self, oid: int, data: bytes, refs: Collection[int],
                    *, lazy_refs: Collection[int] = (), blobs: Collection[str] = ()) -> None:
         """Create record ``oid``, or replace its data, refs and blobs if it exists.
@@ -266,6 +322,18 @@ class Backend(ReadableBackend):
         :meth:`reaches` tells them apart. ``blobs``: the names (from
         :meth:`put_blob`) of the blobs ``data`` uses.
         """
+
+    def put_records(self, records: Iterable[RecordWrite]) -> None:
+        """:meth:`put_record` of each one, in order. A backend may override it to send
+        many records in one statement (SQLite: ``executemany``); the store calls it with
+        every record of a commit it has pickled so far."""
+        for oid, data, refs, lazy_refs, blobs in records:
+            self.put_record(oid, data, refs, lazy_refs=lazy_refs, blobs=blobs)
+
+    @abstractmethod
+    def set_meta(self, name: str, value: str) -> None:
+        """Set meta entry ``name`` (see :meth:`ReadableBackend.get_meta`) to ``value``.
+        Inside a write transaction only."""
 
     @abstractmethod
     def delete_record(self, oid: int) -> None:

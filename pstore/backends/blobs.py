@@ -1,7 +1,9 @@
 """Content-addressed blob files: the out-of-band buffers of records (large arrays).
 
 A :class:`BlobStore` keeps blobs as files in one directory, each named by the
-digest of its bytes (:func:`blob_digest`), so equal bytes are stored once. A
+digest of its bytes (:func:`blob_digest`), so equal bytes are stored once (per
+hash: a blob named by the BLAKE2b tree of format version 3 keeps its name, and
+equal bytes written today get a second, BLAKE3-named file). A
 blob is written to a temporary file, fsynced, then renamed to its name: a blob
 file that has its name is complete and durable, whatever happens to the
 process or the machine afterwards. Blobs are mapped into memory to be read,
@@ -15,26 +17,47 @@ use this module; it knows nothing of records, keys or transactions.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import itertools
 import mmap
 import os
-import secrets
 import stat
 import sys
-import threading
 import warnings
 from collections.abc import Collection, Iterable, Iterator
 from typing import Any, NamedTuple
 
+from .._blake2 import blake2b
 from ..errors import ClosedError, CorruptionError, FormatError
+from .blob_names import (
+    BLAKE2B_TREE,
+    BLAKE3,
+    LEAF_SIZE,
+    NAME_PREFIXES,
+    BlobHasher,
+    blob_digest,
+    digest_of_name,
+    fan_out_of,
+    name_of_digest,
+    naming_of,
+)
 from .files import fsync_directory
 
-__all__ = ["BlobStore", "LocalBlobs", "OddEntry", "blob_digest", "LEAF_SIZE"]
+# The names of blobs are blob_names.py's; re-exported, as this module's users knew them here.
+__all__ = [
+    "BLAKE2B_TREE",
+    "BLAKE3",
+    "LEAF_SIZE",
+    "NAME_PREFIXES",
+    "BlobHasher",
+    "BlobStore",
+    "LocalBlobs",
+    "OddEntry",
+    "blob_digest",
+    "digest_of_name",
+    "name_of_digest",
+    "naming_of",
+]
 
-#: The digest is a hash tree over leaves of this many bytes (the last one may be shorter).
-LEAF_SIZE = 1 << 24
-_DIGEST_SIZE = 32
 _TEMP_PREFIX = ".tmp-"
 _HEX_DIGITS = frozenset("0123456789abcdef")
 # Opening never follows a symbolic link planted where pstore expects its own folders and
@@ -49,118 +72,6 @@ _fdatasync = getattr(os, "fdatasync", os.fsync)
 # mmap keeps a duplicate of the file descriptor unless told not to (Python 3.13+):
 # without it, each loaded array would hold a descriptor open.
 _MMAP_OPTIONS: dict[str, Any] = {"trackfd": False} if sys.version_info >= (3, 13) else {}
-
-
-def _leaf_digest(data: Any) -> bytes:
-    return hashlib.blake2b(data, digest_size=_DIGEST_SIZE, person=b"pstore-leaf").digest()
-
-
-def _root_digest(size: int, leaves: Iterable[bytes]) -> str:
-    root = hashlib.blake2b(size.to_bytes(8, "little"), digest_size=_DIGEST_SIZE,
-                           person=b"pstore-blob")
-    for leaf in leaves:
-        root.update(leaf)
-    return root.hexdigest()
-
-
-def blob_digest(data: Any) -> str:
-    """The name of a blob holding the bytes of buffer ``data``: 64 hex digits.
-
-    BLAKE2b-256 (person ``pstore-blob``) of the size as 8 little-endian bytes
-    followed by the BLAKE2b-256 digests (person ``pstore-leaf``) of the
-    consecutive 16 MiB leaves. The leaves of a large blob are hashed in
-    parallel while it is written. ``docs/format.md`` describes it.
-    """
-    view = memoryview(data).cast("B")
-    return _root_digest(len(view), (_leaf_digest(view[start:start + LEAF_SIZE])
-                                    for start in range(0, len(view) or 1, LEAF_SIZE)))
-
-
-class _TreeHasher:
-    """:func:`blob_digest` of a stream of chunks.
-
-    A chunk that holds a whole leaf is hashed by a worker thread (hashlib releases
-    the GIL) while the caller goes on writing; others are hashed piecewise in the
-    calling thread. :meth:`add_worker` adds one more, for when the caller stops
-    using its core (to wait for the disk). The threads live only until :meth:`digest`.
-    """
-
-    def __init__(self) -> None:
-        self._size = 0
-        self._leaves: list[bytes | None] = []       # digests, None while a worker hashes it
-        self._queue: list[tuple[int, memoryview]] = []
-        self._queue_lock = threading.Condition()
-        self._threads: list[threading.Thread] = []
-        self._closed = False
-        self._failure: BaseException | None = None
-        self._partial: Any = None                   # hasher of a leaf arriving in pieces
-        self._partial_size = 0
-
-    def update(self, chunk: memoryview) -> None:
-        self._size += len(chunk)
-        start = 0
-        while start < len(chunk):
-            if self._partial is None and len(chunk) - start >= LEAF_SIZE:
-                self._submit(chunk[start:start + LEAF_SIZE])
-                start += LEAF_SIZE
-                continue
-            if self._partial is None:
-                self._partial = hashlib.blake2b(digest_size=_DIGEST_SIZE, person=b"pstore-leaf")
-                self._partial_size = 0
-            piece = chunk[start:start + LEAF_SIZE - self._partial_size]
-            self._partial.update(piece)
-            self._partial_size += len(piece)
-            start += len(piece)
-            if self._partial_size == LEAF_SIZE:
-                self._leaves.append(self._partial.digest())
-                self._partial = None
-
-    def _submit(self, leaf: memoryview) -> None:
-        with self._queue_lock:
-            self._queue.append((len(self._leaves), leaf))
-            self._leaves.append(None)
-            self._queue_lock.notify()
-        if not self._threads:
-            self.add_worker()
-
-    def add_worker(self) -> None:
-        """Start one more thread hashing the submitted leaves (none if none were)."""
-        if self._queue:
-            thread = threading.Thread(target=self._work, name="pstore-blob-hash", daemon=True)
-            thread.start()
-            self._threads.append(thread)
-
-    def _work(self) -> None:
-        while True:
-            with self._queue_lock:
-                while not self._queue and not self._closed:
-                    self._queue_lock.wait()
-                if not self._queue:
-                    return
-                index, leaf = self._queue.pop(0)
-            try:
-                self._leaves[index] = _leaf_digest(leaf)
-            except BaseException as error:     # surfaced in the caller by digest()
-                self._failure = error
-
-    def close(self) -> None:
-        """Let the workers finish what was submitted, and end them."""
-        with self._queue_lock:
-            self._closed = True
-            self._queue_lock.notify_all()
-        for thread in self._threads:
-            thread.join()
-        self._threads.clear()
-
-    def digest(self) -> str:
-        self.close()
-        if self._failure is not None:
-            raise self._failure
-        if self._partial is not None or not self._leaves:
-            self._leaves.append((self._partial or hashlib.blake2b(
-                digest_size=_DIGEST_SIZE, person=b"pstore-leaf")).digest())
-            self._partial = None
-        return _root_digest(self._size, self._leaves)  # type: ignore[arg-type]
 
 
 class OddEntry(NamedTuple):
@@ -200,8 +111,8 @@ class BlobStore:
         self.closed = True
 
     def path_of(self, name: str) -> str:
-        """The file of blob ``name`` (which must be a digest: 64 hex digits)."""
-        return os.path.join(self.directory, name[:2], name)
+        """The file of blob ``name`` (which must be a blob name, see :func:`digest_of_name`)."""
+        return os.path.join(self.directory, fan_out_of(name), name)
 
     def put(self, chunks: Iterable[Any]) -> str:
         """Write the concatenated buffers of ``chunks`` as a blob; return its name.
@@ -214,7 +125,7 @@ class BlobStore:
         """
         root = self._create_root()
         # A fresh random name, created exclusively: nothing planted under it is followed.
-        temporary = f"{_TEMP_PREFIX}{secrets.token_hex(16)}"
+        temporary = f"{_TEMP_PREFIX}{os.urandom(16).hex()}"
         try:
             fd = os.open(temporary, _NEW_FILE_FLAGS, 0o600, dir_fd=root)
             try:
@@ -230,7 +141,7 @@ class BlobStore:
         return name
 
     def _move_into_place(self, root: int, temporary: str, name: str) -> None:
-        fan_out = self._open_fan_out(root, name[:2], create=True)
+        fan_out = self._open_fan_out(root, fan_out_of(name), create=True)
         try:
             try:
                 mode: int | None = os.stat(name, dir_fd=fan_out, follow_symlinks=False).st_mode
@@ -280,6 +191,10 @@ class BlobStore:
     def verify(self, name: str) -> str | None:
         """Re-hash the content of blob ``name``: None if it matches the name, else what
         is wrong with it (missing, not a regular file, unreadable, other bytes)."""
+        try:
+            naming = naming_of(name)
+        except ValueError as error:
+            return str(error)
         path = self.path_of(name)
         try:
             fd = self._open_blob(name)
@@ -293,7 +208,7 @@ class BlobStore:
             size = os.fstat(fd).st_size
             with (mmap.mmap(fd, 0, access=mmap.ACCESS_READ, **_MMAP_OPTIONS) if size
                   else contextlib.nullcontext(b"")) as content:
-                actual = blob_digest(content)
+                actual = blob_digest(content, naming)
         except OSError as error:
             return f"blob file {path} cannot be read ({error.strerror})"
         finally:
@@ -351,7 +266,7 @@ class BlobStore:
             self._doomed.clear()
 
     def _remove(self, names: Iterable[str]) -> None:
-        names = sorted(names)
+        names = sorted(names, key=fan_out_of)
         if not names:
             return
         try:
@@ -362,7 +277,7 @@ class BlobStore:
         if root is None:
             return
         try:
-            for fan_out_name, group in itertools.groupby(names, key=lambda name: name[:2]):
+            for fan_out_name, group in itertools.groupby(names, key=fan_out_of):
                 try:
                     fan_out = self._open_fan_out(root, fan_out_name, create=False)
                 except (FileNotFoundError, CorruptionError):
@@ -459,7 +374,7 @@ class BlobStore:
         """A descriptor of blob file ``name``, open for reading."""
         root = self._open_existing_root()
         try:
-            fan_out = self._open_fan_out(root, name[:2], create=False)
+            fan_out = self._open_fan_out(root, fan_out_of(name), create=False)
         finally:
             os.close(root)
         try:
@@ -563,6 +478,17 @@ class LocalBlobs:
         """The entries of the blob folder that are not blobs (left alone by pstore)."""
         return self._open_blobs().odd_entries()
 
+    def has_blob(self, name: str, size: int) -> bool:
+        # A regular blob file of that name and size (links and odd entries are not blobs).
+        try:
+            fd = self._open_blobs()._open_blob(name)
+        except (OSError, CorruptionError):
+            return False
+        try:
+            return os.fstat(fd).st_size == size
+        finally:
+            os.close(fd)
+
     def _open_blobs(self) -> BlobStore:
         if self._blobs.closed:
             raise ClosedError(self.path)
@@ -573,20 +499,14 @@ class LocalBlobs:
 
 
 def _write_hashed(fd: int, chunks: Iterable[Any]) -> str:
-    """Write the buffers of ``chunks`` to ``fd``, make them durable; return their digest."""
-    hasher = _TreeHasher()
-    try:
-        for chunk in chunks:
-            view = memoryview(chunk).cast("B")
-            hasher.update(view)
-            _write_all(fd, view)
-        # Writing kept one core busy and a hashing thread the other; waiting for the
-        # disk frees this one.
-        hasher.add_worker()
-        _fdatasync(fd)
-        return hasher.digest()
-    finally:
-        hasher.close()
+    """Write the buffers of ``chunks`` to ``fd``, make them durable; return their name."""
+    hasher = BlobHasher()
+    for chunk in chunks:
+        view = memoryview(chunk).cast("B")
+        hasher.update(view)
+        _write_all(fd, view)
+    _fdatasync(fd)
+    return hasher.name()
 
 
 def _is_fan_out_name(name: str) -> bool:
@@ -594,7 +514,7 @@ def _is_fan_out_name(name: str) -> bool:
 
 
 def _is_blob_name(name: str, fan_out: str) -> bool:
-    return len(name) == 2 * _DIGEST_SIZE and name[:2] == fan_out and set(name) <= _HEX_DIGITS
+    return digest_of_name(name) is not None and fan_out_of(name) == fan_out
 
 
 def _lstat_mode(name: str, dir_fd: int | None = None) -> int | None:

@@ -24,14 +24,15 @@ from __future__ import annotations
 
 import os
 import platform
+import sqlite3
 import threading
-from collections.abc import Collection, Hashable, Iterator
+from collections.abc import Callable, Collection, Hashable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 from ..errors import ClosedError, CorruptionError, Error, FormatError, ReadOnlyError
 from . import journal
-from .base import Backend, Statistics, binding_seal
+from .base import Backend, Statistics, binding_seal, check_meta_name, check_reserved
 from .blobs import BlobStore, LocalBlobs
 from .dbm_layout import (CHECK, DIGESTS_FROM, FORMAT, FORMAT_KEY, FORMAT_NAME, FORMAT_VERSION,
                          FREE_PAGES,
@@ -39,7 +40,8 @@ from .dbm_layout import (CHECK, DIGESTS_FROM, FORMAT, FORMAT_KEY, FORMAT_NAME, F
                          blobs_key, check_meta, count_key, encode_key, key_key, lazy_key,
                          meta_digest, pack_ints, pack_names, pack_page, page_key, record_key,
                          refs_key, unpack_ints, unpack_names, unpack_page)
-from .dbm_modules import MODULES, SUFFIXES, choose_module, whichdb
+from .dbm_modules import (MODULES, SUFFIXES, choose_module, remove_rewrite_leftovers,
+                          rewrite_pending, whichdb)
 from .files import (INHERITED, ApplyLocks, FileLock, fsync_directory, fsync_file, key_lock_file,
                     remove_files,
                     require_existing, store_owner)
@@ -184,7 +186,8 @@ class DBMBackend(LocalBlobs, Backend):
                 self._locks.unshare()
         except Error:   # pstore's own (a lock timeout, damage, an unsafe side file)
             raise
-        except (OSError, ValueError, SyntaxError) as error:   # what the modules raise on junk
+        except (OSError, ValueError, SyntaxError, sqlite3.DatabaseError) as error:
+            # what the modules raise on junk (dbm.sqlite3: sqlite3's own errors)
             raise FormatError(self.path, f"not a readable {self._module.name} database "
                                          f"({error})") from None
         if empty and create:
@@ -276,7 +279,8 @@ class DBMBackend(LocalBlobs, Backend):
         """
         if self.read_only:
             self._load_overlay()
-        elif self._journal.exists() and self._write_lock.acquire(wait=False):
+        elif ((self._journal.exists() or rewrite_pending(self.path))
+              and self._write_lock.acquire(wait=False)):
             # A journal and no writer alive: its writer died, maybe halfway through
             # applying it. Recover before reading: only that makes the database whole.
             self._locks.unshare()
@@ -372,6 +376,11 @@ class DBMBackend(LocalBlobs, Backend):
                                              f"{problem}")
         self._put_int(NEXT_OID, oid + 1)
         return oid
+
+    def reserve_ids(self, up_to: int) -> None:
+        check_reserved(up_to)
+        if self._get_int(NEXT_OID, 1) <= up_to:
+            self._put_int(NEXT_OID, up_to + 1)
 
     def get_record(self, oid: int) -> bytes | None:
         with self._reading():
@@ -489,6 +498,16 @@ class DBMBackend(LocalBlobs, Backend):
             raise CorruptionError(self.path, "a key page lists it, but it is unbound",
                                   key=key.decode("utf-8", "surrogatepass"))
         return self._unsealed(key.decode("utf-8", "surrogatepass"), value)[0]
+
+    def get_meta(self, name: str) -> str | None:
+        check_meta_name(name)
+        with self._reading():
+            value = self._get(b"m:" + name.encode("ascii"))
+        return None if value is None else value.decode("utf-8", "replace")
+
+    def set_meta(self, name: str, value: str) -> None:
+        check_meta_name(name)
+        self._put(b"m:" + name.encode("ascii"), value.encode("utf-8"))
 
     def get_key(self, key: str) -> int | None:
         with self._reading():
@@ -619,7 +638,7 @@ class DBMBackend(LocalBlobs, Backend):
             raise ClosedError(self.path)
         self._write_lock.lock(self.path)
         try:
-            if self._journal.exists():  # left by a writer that died
+            if self._journal.exists() or rewrite_pending(self.path):   # a writer died
                 self._recover()
             self._refresh()
         except BaseException:
@@ -669,8 +688,11 @@ class DBMBackend(LocalBlobs, Backend):
         """Finish a dead writer's journal: apply it if it passes its checks, else move it
         aside (kept, reported with a warning and by :meth:`problems`).
 
-        The caller holds the write lock.
+        A rewrite (vacuum) that reached its commit point is finished first; it never
+        runs with a journal left. The caller holds the write lock.
         """
+        if rewrite_pending(self.path):
+            self._finish_rewrite(lambda: self._module.finish_rewrite(self.path))
         try:
             changes = self._journal.read()
         except CorruptionError as error:
@@ -751,31 +773,69 @@ class DBMBackend(LocalBlobs, Backend):
                           version, records, record_bytes, blobs, blob_bytes)
 
     def vacuum(self) -> int:
-        """Compacts in place where the module can (dbm.gnu, dbm.sqlite3); dbm.dumb and
-        dbm.ndbm cannot, and raise NotImplementedError: ``pstore copy`` makes a compact
-        copy of such a store."""
+        """Compacts in place where the module can (dbm.gnu, dbm.sqlite3); rewrites the
+        database otherwise (dbm.dumb, dbm.ndbm): every live entry into a new database
+        beside it, then put in its place so that a crash at any moment leaves the old or
+        the new one whole (docs/format.md, "Vacuum"). Readers wait only while files are
+        swapped."""
         if self.read_only:
             raise ReadOnlyError(self.path, "vacuum")
         names = self._module.files(self.path)
         before = sum(os.path.getsize(name) for name in names if os.path.exists(name))
-        self.begin()
+        self.begin()    # the write lock; a dead writer's journal or rewrite finished
         try:
-            self._locks.exclude()   # no reader reads while the files change under it
-            try:
-                self._drop_handle()
-                db = self._module.open(self.path, "w")
-                try:
-                    compacted = self._module.compact(db)
-                finally:
-                    self._module.close(db, self.path, writable=True)
-            finally:
-                self._locks.unexclude()
+            if not self._compact():
+                self._rewrite()
         finally:
             self.rollback()
-        if not compacted:
-            raise NotImplementedError(f"{self._module.name} cannot give space back in place: "
-                                      f"`pstore copy {self.path} NEW` makes a compact copy")
         return before - sum(os.path.getsize(name) for name in names if os.path.exists(name))
+
+    def _compact(self) -> bool:
+        """Compact the database in place, if its module can; under the write lock."""
+        self._locks.exclude()   # no reader reads while the files change under it
+        try:
+            self._drop_handle()
+            db = self._module.open(self.path, "w")
+            try:
+                return self._module.compact(db)
+            finally:
+                self._module.close(db, self.path, writable=True)
+        finally:
+            self._locks.unexclude()
+
+    def _rewrite(self) -> None:
+        """Write every live entry into a new database and put it in place of this one;
+        under the write lock. Readers go on reading the old one meanwhile."""
+        self._refresh()
+        folder, new = self._module.start_rewrite(self.path)
+        try:
+            entries = 0
+            for key in self._db.keys():  # noqa: SIM118 (ndbm handles are not iterable)
+                value = self._db[key]
+                if value and key != CHECK:  # b"": deleted (see DumbModule.delete)
+                    new[key] = value
+                    entries += 1
+            check = self._get(CHECK)
+            if check is not None:   # the entry count it holds changes (deleted ones gone)
+                count, _, digest = check.partition(b" ")
+                new[CHECK] = (b"-" if count == b"-" else b"%d" % (entries + 1)) + b" " + digest
+        except BaseException:
+            self._module.abandon(new)
+            remove_rewrite_leftovers(self.path)
+            raise
+        self._finish_rewrite(lambda: self._module.end_rewrite(self.path, folder, new))
+
+    def _finish_rewrite(self, finish: Callable[[], object]) -> None:
+        """Run ``finish`` (which puts a rewritten database in place) with readers kept out,
+        counted as a commit so that every open handle is reopened."""
+        self._locks.exclude()
+        try:
+            self._locks.set_count(self._locks.count() + 1)
+            self._own_commits += 1
+            self._drop_handle()
+            finish()
+        finally:
+            self._locks.unexclude()
 
     def key_lock(self, key: str, timeout: float) -> AbstractContextManager[None]:
         return key_lock_file(self.path, key, timeout)

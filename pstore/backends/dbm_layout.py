@@ -51,7 +51,9 @@ FORMAT_NAME = b"pstore-dbm"
 #: records of Persistent objects and blobs (``b:<oid>``), which version 1 code would misread.
 #: Version 3 added record digests and the seal of each key binding; ``m:digests_from``
 #: is the first object id whose record has a digest (an upgraded store's older ones may not).
-FORMAT_VERSION = 3
+#: Version 4 names new blobs by BLAKE3 (older blobs keep their BLAKE2b names).
+#: Version 5 signs records (envelope version 3) and records the key's fingerprint.
+FORMAT_VERSION = 5
 
 # Meta keys (docs/format.md).
 FORMAT = FORMAT_KEY

@@ -10,18 +10,21 @@ Python is pinned by tests (tests/backends/test_dbm_modules.py).
 
 from __future__ import annotations
 
-import dbm
 import importlib
 import os
+import secrets
+import shutil
 import sqlite3
+import stat
 from typing import Any
 
-from ..errors import CorruptionError, FormatError
-from . import journal
-from .files import fsync_directory, replace_file
+from ..errors import CorruptionError, FormatError, UnsafeFileError
+from . import _size, journal, whichdb  # the first two in the package: detect_backend's
+from .files import fsync_directory, fsync_file, owned_by, replace_file, store_owner
 
-__all__ = ["MODULES", "SUFFIXES", "DumbModule", "Module", "SQLiteModule", "choose_module",
-           "load_module", "whichdb"]
+__all__ = ["MODULES", "REWRITE_FOLDER", "SUFFIXES", "DumbModule", "Module", "SQLiteModule",
+           "choose_module", "load_module", "remove_rewrite_leftovers", "rewrite_pending",
+           "whichdb"]
 
 #: The dbm modules this backend can use, best first: plain ``backend="dbm"`` takes the
 #: first one this Python has (the order of the standard library's own ``dbm.open``).
@@ -58,6 +61,14 @@ class Module:
         self.module = importlib.import_module(name)
 
     def open(self, path: str, flag: str) -> Any:
+        """A handle on the database at ``path``; while a rewrite is to be finished (see
+        :meth:`finish_rewrite`), on the rewritten one (only a writer that has finished
+        it writes, and then it is gone)."""
+        if flag in ("r", "w") and rewrite_pending(path):
+            path = os.path.join(path + REWRITE_FOLDER, "new")
+        return self._open(path, flag)
+
+    def _open(self, path: str, flag: str) -> Any:
         # dbm.gnu locks the file itself and would refuse a second opener: 'u' turns that
         # off, pstore's own locks take its place.
         return self.module.open(path, flag + ("u" if self.name == "dbm.gnu" else ""), 0o600)
@@ -120,6 +131,66 @@ class Module:
     def after_apply(self, path: str, *, fsync: bool) -> None:
         """Called once a journal is applied and synced, before the journal is deleted."""
 
+    # Rewriting (vacuum where the module cannot compact in place); docs/format.md says
+    # the order of the steps and why a crash at any of them leaves a whole database.
+
+    def start_rewrite(self, path: str) -> tuple[str, Any]:
+        """``(folder, handle)``: a new empty database ``new`` in a new private folder beside
+        ``path`` (mode 0700, a random name: nobody else can have put a file or link
+        there), to write every live entry into, then :meth:`end_rewrite`."""
+        remove_rewrite_leftovers(path)
+        folder = f"{path}{REWRITE_FOLDER}-{secrets.token_hex(8)}"
+        os.mkdir(folder, 0o700)
+        return folder, self._open(os.path.join(folder, "new"), "n")
+
+    def end_rewrite(self, path: str, folder: str, db: Any) -> None:
+        """Close and fsync the database written into ``folder``, then make it the one at
+        ``path``: the folder renamed to ``path + REWRITE_FOLDER`` is the commit point,
+        after which :meth:`finish_rewrite` completes the move. The caller holds the write
+        lock and the exclusive apply lock."""
+        new = os.path.join(folder, "new")
+        self.close(db, new, writable=True)
+        written = [name for name in self.files(new) if os.path.exists(name)]
+        for name in written:
+            fsync_file(name)
+        fsync_directory(new)
+        try:    # finish_rewrite links the files into place: known to work before committing
+            os.link(written[0], new + ".probe", follow_symlinks=False)
+        except OSError as error:
+            raise NotImplementedError(f"cannot vacuum {path!r}: its file system has no hard "
+                                      f"links ({error.strerror}); `pstore copy` makes a "
+                                      f"compact copy") from error
+        os.unlink(new + ".probe")
+        os.rename(folder, path + REWRITE_FOLDER)
+        fsync_directory(path)
+        self.finish_rewrite(path)
+
+    def finish_rewrite(self, path: str) -> bool:
+        """Put the files of a committed rewrite in place of the database's; False if there
+        is none. Every step may be repeated after a crash. The caller holds the write
+        lock and the exclusive apply lock."""
+        folder = path + REWRITE_FOLDER
+        if not rewrite_pending(path):
+            return False
+        new = os.path.join(folder, "new")
+        for suffix in SUFFIXES[self.name]:
+            if not os.path.lexists(new + suffix):
+                # A file the new database does not have (dbm.dumb's .bak): the old one's
+                # would not match it.
+                _unlink_if_there(path + suffix)
+                continue
+            # A link, not a rename: the folder keeps the whole new database, for readers,
+            # until every file is in place.
+            temporary = f"{path}{suffix}{REWRITE_FOLDER}-{secrets.token_hex(8)}"
+            os.link(new + suffix, temporary, follow_symlinks=False)
+            os.replace(temporary, path + suffix)
+        fsync_directory(path)
+        finished = f"{folder}-{secrets.token_hex(8)}"
+        os.rename(folder, finished)     # gone at once for readers; deleted next
+        fsync_directory(path)
+        remove_rewrite_leftovers(path)
+        return True
+
 
 class SQLiteModule(Module):
     """dbm.sqlite3: each put is an SQLite transaction; connections always see the latest."""
@@ -175,6 +246,56 @@ class SQLiteModule(Module):
             connection.close()
 
 
+#: The folder beside a database (path + this) holding a rewritten database, complete,
+#: whose files are being put in place of the database's.
+REWRITE_FOLDER = ".vacuum"
+
+
+def rewrite_pending(path: str) -> bool:
+    """Whether a committed rewrite of the database at ``path`` is to be finished.
+
+    Raises :class:`~pstore.errors.UnsafeFileError` for a folder there that is not the
+    store owner's (or root's): a database planted there is never read.
+    """
+    folder = path + REWRITE_FOLDER
+    try:
+        info = os.lstat(folder)
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISDIR(info.st_mode):
+        return False
+    owner = store_owner([path + suffix for suffixes in SUFFIXES.values() for suffix in suffixes])
+    if not owned_by(info, owner):
+        raise UnsafeFileError(folder, f"owned by uid {info.st_uid}, the store by uid {owner}")
+    return True
+
+
+def remove_rewrite_leftovers(path: str) -> None:
+    """Delete the folders of rewrites that never reached their commit point or were
+    finished (``path.vacuum-*``); never through a link. Under the write lock."""
+    directory, base = os.path.split(os.path.abspath(path))
+    # The folders, and the links finish_rewrite makes before renaming them into place.
+    prefixes = {base + suffix + REWRITE_FOLDER + "-": suffix == ""
+                for suffixes in SUFFIXES.values() for suffix in suffixes}
+    for entry in os.scandir(directory):
+        for prefix, is_folder in prefixes.items():
+            rest = entry.name[len(prefix):]
+            if not (entry.name.startswith(prefix) and len(rest) == 16
+                    and all(digit in "0123456789abcdef" for digit in rest)):
+                continue
+            if is_folder and entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            elif entry.is_file(follow_symlinks=False):
+                os.unlink(entry.path)
+
+
+def _unlink_if_there(name: str) -> None:
+    try:
+        os.unlink(name)
+    except FileNotFoundError:
+        pass
+
+
 class DumbModule(Module):
     """dbm.dumb, which rewrites its index file in place on sync and on every delete.
 
@@ -190,7 +311,7 @@ class DumbModule(Module):
 
     keeps_handle = True
 
-    def open(self, path: str, flag: str) -> Any:
+    def _open(self, path: str, flag: str) -> Any:
         index = path + ".dir"
         if flag != "n" and not os.path.exists(path + ".dir.saved"):
             data_size = _size(path + ".dat")
@@ -204,7 +325,7 @@ class DumbModule(Module):
                 # opener may not put it back (a writer does, in before_apply): it
                 # reads that index instead of the one the apply was rewriting.
                 return _saved_index_database(self.module)(os.fsencode(path), 0o600, "r")
-            return super().open(path, flag)
+            return super()._open(path, flag)
         except (SyntaxError, ValueError, TypeError) as error:   # a garbled index line
             raise CorruptionError(index, f"the dbm.dumb index cannot be read ({error})") \
                 from error
@@ -263,27 +384,6 @@ def _copy_private(source: str, target: str, *, fsync: bool) -> None:
     with open(source, "rb") as file:
         content = file.read()
     replace_file(target, [content], fsync=fsync)
-
-
-def whichdb(path: str) -> str | None:
-    """``dbm.whichdb(path)``, also right while a dbm.dumb apply is to be finished.
-
-    A kill during dbm.dumb's index rewrite can leave no index file at all, which
-    ``dbm.whichdb`` then takes for no database; the saved index tells otherwise. So
-    does a data file whose index was lost: it must not be taken for no store.
-    """
-    found = dbm.whichdb(path)
-    if found is None and (os.path.exists(path + ".dir.saved") or _size(path + ".dat")):
-        return "dbm.dumb"   # a data file without its index: DumbModule.open says so
-    return found
-
-
-def _size(path: str) -> int:
-    """The size of the file ``path``, 0 if there is none."""
-    try:
-        return os.stat(path).st_size
-    except FileNotFoundError:
-        return 0
 
 
 def load_module(name: str, path: str) -> Module:

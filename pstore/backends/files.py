@@ -7,19 +7,15 @@ build on it so that the two backends behave alike where a user can tell.
 from __future__ import annotations
 
 import errno
-import hashlib
-import json
 import os
-import secrets
-import socket
 import stat
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
-import filelock
-
+from .._blake2 import blake2b
 from ..errors import LockTimeoutError, UnsafeFileError
 
 try:
@@ -132,7 +128,7 @@ def replace_file(path: str, chunks: Iterable[bytes], *, fsync: bool) -> None:
     ``path`` is replaced, not followed. With ``fsync``, the file and its directory
     entry are on disk when this returns.
     """
-    temporary = f"{path}.tmp-{secrets.token_hex(8)}"
+    temporary = f"{path}.tmp-{os.urandom(8).hex()}"
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC, 0o600)
     try:
         with open(fd, "wb") as file:
@@ -187,15 +183,43 @@ def fsync_directory(path: str) -> None:
 
 
 _FACTS: dict[str, object] = {}
+#: Bytes every holder writes into a lock file: the JSON padded with spaces, so that a write
+#: always covers the whole previous record and the file is never truncated.
+_HOLDER_SIZE = 4096
+_holder_cache: list[Any] = [None, b""]     # [second, the record written in that second]
 
 
 def _process_facts() -> dict[str, object]:
     """pid, host and program of this process, for lock files (worked out once per process:
     a transaction takes the lock each time)."""
     if _FACTS.get("pid") != os.getpid():   # first use, or a forked child
-        _FACTS.update(pid=os.getpid(), host=socket.gethostname(),
+        _FACTS.update(pid=os.getpid(), host=_host_name(),
                       program=" ".join(sys.argv)[:200] or sys.executable)
+        _holder_cache[0] = None
     return _FACTS
+
+
+def _host_name() -> str:
+    """This machine's name (``socket.gethostname()``, without importing socket on POSIX)."""
+    if hasattr(os, "uname"):
+        return os.uname().nodename
+    import socket
+    return socket.gethostname()
+
+
+def _holder_record() -> bytes:
+    """What a holder writes into a lock file now (made once a second: every commit takes
+    the lock)."""
+    facts = _process_facts()
+    second = int(time.time())
+    if _holder_cache[0] != second:
+        since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(second))
+        # ASCII JSON of a program cut to 200 characters: far below _HOLDER_SIZE.
+        import json  # here: only writers name themselves
+
+        data = json.dumps({**facts, "since": since}).encode("ascii")[:_HOLDER_SIZE]
+        _holder_cache[:] = [second, data.ljust(_HOLDER_SIZE)]
+    return _holder_cache[1]
 
 
 class FileLock:
@@ -233,8 +257,12 @@ class FileLock:
         self._owner = owner
         self._names_holder = names_holder
         self._fd: int | None = None
-        self._portable = (filelock.FileLock(path, timeout=timeout, mode=0o600,
-                                            thread_local=False) if fcntl is None else None)
+        self._portable: object | None = None   # a filelock.FileLock
+        if fcntl is None:
+            import filelock  # only where flock is missing
+
+            self._portable = filelock.FileLock(path, timeout=timeout, mode=0o600,
+                                               thread_local=False)
 
     def fileno(self) -> int:
         """The descriptor of the lock file, for data kept in it (read-only if the user may
@@ -254,19 +282,17 @@ class FileLock:
         if self._fd is None:
             return None
         try:
-            facts = json.loads(os.pread(self._fd, 4096, 0).decode("utf-8"))
+            import json
+
+            facts = json.loads(os.pread(self._fd, _HOLDER_SIZE, 0).decode("utf-8"))
             return (f"process {int(facts['pid'])} on {str(facts['host'])!r} "
                     f"({str(facts['program'])!r}, holding it since {facts['since']})")
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return None
 
     def _write_holder(self, fd: int) -> None:
-        data = json.dumps({**_process_facts(),
-                           "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-                          ).encode("utf-8")
         try:
-            os.pwrite(fd, data, 0)
-            os.ftruncate(fd, len(data))
+            os.pwrite(fd, _holder_record(), 0)
         except OSError:     # opened read-only: the lock still works, only unnamed
             pass
 
@@ -276,6 +302,8 @@ class FileLock:
         Returns False if it could not be taken.
         """
         if self._portable is not None:
+            import filelock
+
             try:
                 self._portable.acquire(timeout=self._timeout if wait else 0)
             except filelock.Timeout:
@@ -403,7 +431,7 @@ def key_lock_file(store_path: str, key: str, timeout: float) -> Iterator[None]:
     if not stat.S_ISDIR(info.st_mode) or not owned_by(info, owner):
         raise UnsafeFileError(folder, "the key-lock folder is not a folder of the store's "
                                       "owner (a symbolic link, or another file)")
-    name = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+    name = blake2b(key.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
     lock = FileLock(os.path.join(folder, name), timeout, owner=owner, names_holder=True)
     try:
         lock.lock(store_path)

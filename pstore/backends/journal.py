@@ -22,7 +22,6 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
-import secrets
 import stat
 import struct
 import time
@@ -133,7 +132,7 @@ def move_aside(path: str, *, fsync: bool) -> str:
     """Rename the damaged journal at ``path`` out of the way (kept for inspection, not
     deleted); return its new name. The rename moves a link itself, never its target."""
     target = (f"{path}{DAMAGED_INFIX}{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-"
-              f"{secrets.token_hex(4)}")
+              f"{os.urandom(4).hex()}")
     try:
         os.rename(path, target)
     except OSError as error:

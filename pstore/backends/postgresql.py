@@ -21,11 +21,20 @@ Choices, and why:
   commit's own round trip, is the change marker; this connection's own commits
   are subtracted, so only another connection's commit changes it. Inside a write
   transaction the marker is known without a query (no one else can commit).
-* **Refs as arrays in the record's row** (``refs``, ``lazy``, ``blobs``): a record is
-  written by one statement, queued and sent pipelined with the others of its
-  transaction (with the commit, if nothing reads records before); a GIN index
-  answers "is this object referenced"; reachability and gc are recursive queries
-  run by the server.
+* **Refs as arrays in the record's row** (``refs``, ``lazy``, ``blobs``); a GIN index
+  (of the records that refer to something, without a pending list, which every
+  search would scan) answers "is this object referenced"; reachability and gc are
+  recursive queries run by the server.
+* **Changes are queued** (records, key bindings, deletions) and sent with the next
+  query or the commit, in the same round trip, as one statement of arrays per run
+  of changes of one kind.
+* **A write transaction knows what it read and wrote** (:class:`_Known`): no other
+  connection commits while it holds the lock, so a key or record it has seen is
+  answered from memory, ``bind_key`` learns the bindings of the next keys
+  with the one it needs (16 at first in a transaction, twice as many each time after), and ``is_referenced`` asks about all the ids the
+  transaction's keys released in one query. What it knows is kept for the next
+  write transaction if the counter says no one else committed meanwhile, and
+  dropped on rollback. Reads outside a transaction always ask the server.
 * **Blobs as chunked bytea rows** (``blob_chunks``, 1 MiB each, stored
   uncompressed), not large objects: they live in the store's schema (dropped,
   granted and dumped with it, no orphan large objects to unlink), are
@@ -38,8 +47,10 @@ Choices, and why:
 
 from __future__ import annotations
 
+import bisect
 import errno
 import hashlib
+import itertools
 import re
 from collections.abc import Collection, Iterable, Iterator
 from contextlib import contextmanager
@@ -48,8 +59,8 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from ..errors import (ClosedError, ConnectionLostError, FormatError, LockTimeoutError,
                       ReadOnlyError, ServerLockTimeoutError)
-from .base import Backend
-from .blobs import _TreeHasher  # the digest of blobs.py, over a stream of chunks
+from .base import Backend, Statistics, check_meta_name, check_reserved
+from .blob_names import BlobHasher  # the blob names of the file backends, over a stream of chunks
 
 try:
     import psycopg
@@ -78,8 +89,19 @@ OID_BLOCK = 1000
 #: put_record queues up to this many records, or this many bytes of them, before sending them.
 QUEUE_RECORDS = 1000
 QUEUE_BYTES = 8 << 20
-#: How many keys one query of iter_keys / iter_items fetches.
+#: How many keys one query of iter_keys / iter_items fetches, and the most bindings bind_key
+#: learns with one query (the key asked for and those after it).
 KEY_BATCH = 1000
+#: How many bindings bind_key learns with the first query of a transaction; each further
+#: query learns twice as many (up to KEY_BATCH): a single set asks for few rows, a bulk
+#: write soon for many.
+FIRST_KEY_BATCH = 16
+#: How many records referring to an object is_referenced remembers (see _released).
+REFERRERS = 8
+#: What a write transaction remembers of the store (see _Known): at most this many keys,
+#: and records of this many bytes; beyond that it forgets (and asks the server again).
+KNOWN_KEYS = 200_000
+KNOWN_BYTES = 64 << 20
 
 # Lowercase so that the unquoted name a DBA types in psql is the same schema.
 _STORE_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
@@ -94,7 +116,8 @@ CREATE SEQUENCE {s}.oids INCREMENT BY {oid_block};
 CREATE TABLE {s}.records (oid bigint PRIMARY KEY, data bytea NOT NULL,
                           refs bigint[] NOT NULL, lazy bigint[] NOT NULL,
                           blobs text[] NOT NULL);
-CREATE INDEX records_by_ref ON {s}.records USING gin (refs);
+CREATE INDEX records_by_ref ON {s}.records USING gin (refs) WITH (fastupdate = off)
+    WHERE refs <> '{{}}';
 CREATE TABLE {s}.keys (key bytea PRIMARY KEY, oid bigint NOT NULL);
 CREATE INDEX keys_by_oid ON {s}.keys (oid);
 CREATE TABLE {s}.blobs (id bigserial PRIMARY KEY, name text UNIQUE, size bigint);
@@ -127,17 +150,39 @@ WHERE l.locktype = 'advisory' AND l.granted AND l.classid = {lock_class}::oid
 LIMIT 1
 """
 _NEXT_OIDS = "SELECT nextval(%s::regclass)"
+# The sequence's next value made at least %(next)s; last_value is the start of the last block
+# handed out (or, before any, the first value).
+_RESERVE_IDS = """
+SELECT setval(%(sequence)s::regclass, GREATEST(%(next)s,
+              CASE WHEN is_called THEN last_value + {oid_block} ELSE last_value END), false)
+FROM {s}.oids
+"""
+_RECORDS = "SELECT oid, data, refs FROM {s}.records WHERE oid > %s ORDER BY oid LIMIT %s"
+_EAGER_REFS_OF = ("SELECT ARRAY(SELECT unnest(refs) EXCEPT SELECT unnest(lazy))"
+                  " FROM {s}.records WHERE oid = %s")
 _GET_RECORD = "SELECT data FROM {s}.records WHERE oid = %s"
-_PUT_RECORD = """
+# The queued changes are sent as one statement per run of changes of one kind, with arrays
+# of their parameters: one statement for a thousand records costs the server a fraction of
+# a thousand statements. Refs travel as array literals ('{1,2}'), one text per record.
+_PUT_RECORDS = """
 INSERT INTO {s}.records (oid, data, refs, lazy, blobs)
-VALUES (%s, %b, %s::bigint[], %s::bigint[], %s::text[])
+SELECT oid, data, refs::bigint[], lazy::bigint[], blobs::text[]
+FROM unnest(%b::bigint[], %b::bytea[], %b::text[], %b::text[], %b::text[])
+     AS r (oid, data, refs, lazy, blobs)
 ON CONFLICT (oid) DO UPDATE
 SET data = EXCLUDED.data, refs = EXCLUDED.refs, lazy = EXCLUDED.lazy, blobs = EXCLUDED.blobs
 """
-_DELETE_RECORD = "DELETE FROM {s}.records WHERE oid = %s"
+_DELETE_RECORDS = "DELETE FROM {s}.records WHERE oid = ANY(%s::bigint[])"
 _EXISTING = "SELECT oid FROM {s}.records WHERE oid = ANY(%s::bigint[])"
 _IS_REFERENCED = ("SELECT EXISTS (SELECT 1 FROM {s}.keys WHERE oid = %(oid)s)"
-                  " OR EXISTS (SELECT 1 FROM {s}.records WHERE refs @> ARRAY[%(oid)s::bigint])")
+                  " OR EXISTS (SELECT 1 FROM {s}.records WHERE refs @> ARRAY[%(oid)s::bigint] AND refs <> '{{}}')")
+# For each object id: whether a key is bound to it, and up to REFERRERS + 1 records referring
+# to it (more than REFERRERS: "many").
+_REFERRERS = """
+SELECT c.oid, EXISTS (SELECT 1 FROM {s}.keys k WHERE k.oid = c.oid),
+       ARRAY(SELECT r.oid FROM {s}.records r WHERE r.refs @> ARRAY[c.oid] AND r.refs <> '{{}}' LIMIT {referrers} + 1)
+FROM unnest(%s::bigint[]) AS c (oid)
+"""
 _REFS_OF = "SELECT refs FROM {s}.records WHERE oid = %s"
 # A recursive query is evaluated as its rows are asked for: EXISTS stops at the target.
 _REACHES = """
@@ -172,6 +217,9 @@ _BLOB_CHUNK = ("SELECT c.data FROM {s}.blobs b JOIN {s}.blob_chunks c ON c.blob 
                " WHERE b.name = %s AND c.seq = %s")
 _BLOB_NAMES = "SELECT name FROM {s}.blobs WHERE name IS NOT NULL"
 _GET_KEY = "SELECT oid FROM {s}.keys WHERE key = %b"
+_KEYS_FROM = "SELECT key, oid FROM {s}.keys WHERE key >= %b ORDER BY key LIMIT %s"
+_SET_KEYS = ("INSERT INTO {s}.keys (key, oid) SELECT * FROM unnest(%b::bytea[], %b::bigint[])"
+             " ON CONFLICT (key) DO UPDATE SET oid = EXCLUDED.oid")
 _GET_ITEM = ("SELECT k.oid, r.data FROM {s}.keys k LEFT JOIN {s}.records r ON r.oid = k.oid"
              " WHERE k.key = %b")
 # Every part of one statement sees the same snapshot: "old" is the binding before the upsert.
@@ -188,6 +236,19 @@ _ITEMS = "SELECT k.key, k.oid, r.data FROM {s}.keys k LEFT JOIN {s}.records r ON
 _FIRST_ITEMS = _ITEMS + " ORDER BY k.key LIMIT %s"
 _NEXT_ITEMS = _ITEMS + " WHERE k.key > %b ORDER BY k.key LIMIT %s"
 _COUNT_KEYS = "SELECT count(*) FROM {s}.keys"
+_GET_META = "SELECT value FROM {s}.meta WHERE name = %s"
+# What Store.info reports: counts and the bytes the values take (octet_length: as stored
+# in the row, before TOAST compression).
+_STATISTICS = """
+SELECT (SELECT value FROM {s}.meta WHERE name = 'version')::int,
+       (SELECT count(*) FROM {s}.records), (SELECT coalesce(sum(octet_length(data)), 0)
+                                             FROM {s}.records),
+       (SELECT count(*) FROM {s}.blobs WHERE name IS NOT NULL),
+       (SELECT coalesce(sum(size), 0) FROM {s}.blobs WHERE name IS NOT NULL),
+       current_setting('server_version')
+"""
+_SET_META = ("INSERT INTO {s}.meta VALUES (%s, %s) "
+             "ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value")
 
 
 def parse_location(location: str) -> tuple[dict[str, Any], str, str]:
@@ -245,6 +306,11 @@ def _scrub(message: str, password: str | None) -> str:
     return message.replace(password, "***") if password else message
 
 
+class _BlobBuffer(bytearray):
+    """A loaded blob's bytes: a bytearray that can be weakly referenced, so the store can
+    tell a re-stored buffer of it (pstore/store/mapped.py)."""
+
+
 def _lock_key(store: str) -> int:
     """The second key of the store's advisory lock: a signed 32-bit digest of its name.
 
@@ -258,6 +324,90 @@ def _require_psycopg() -> None:
     if psycopg is None:
         raise ModuleNotFoundError("the PostgreSQL backend needs psycopg 3: "
                                   "pip install pstore[postgresql]", name="psycopg")
+
+
+def _array(items: Collection[Any]) -> str:
+    """A PostgreSQL array literal of ``items`` (numbers, or quoted names), each once."""
+    return "{" + ",".join(map(str, dict.fromkeys(items))) + "}" if items else "{}"
+
+
+def _batch(name: str, rows: list[Any]) -> tuple[list[Any], ...]:
+    """The parameters of queued statement ``name`` for ``rows`` (each a change's): one
+    array per column. A later change of one record or key replaces an earlier one (one
+    statement may not change a row twice)."""
+    if name == "delete_records":
+        return (rows,)
+    latest = list({row[0]: row for row in rows}.values())
+    return tuple(list(column) for column in zip(*latest))
+
+
+class _Known:
+    """What this connection knows of the store's keys and records as they are now, while no
+    other connection can commit (under the write lock), so that a write transaction asks
+    the server only once for each: the bindings of keys (``None``: known to be unbound),
+    ranges of keys of which every binding is known, and records' data (``None``: no record).
+
+    It holds the server's answers and this connection's own changes, those queued too.
+    Forgetting is always safe, since every query sends the queued changes first.
+    """
+
+    def __init__(self) -> None:
+        self.keys: dict[bytes, int | None] = {}
+        # Disjoint, sorted (first, last) ranges of keys, last None for "and every key after":
+        # a key of such a range missing from ``keys`` is unbound.
+        self._firsts: list[bytes] = []
+        self._lasts: list[bytes | None] = []
+        self.records: dict[int, bytes | None] = {}
+        self._record_bytes = 0
+
+    def binding(self, key: bytes) -> tuple[bool, int | None]:
+        """(whether the binding of ``key`` is known, the object id or None)."""
+        if key in self.keys:
+            return True, self.keys[key]
+        i = bisect.bisect_right(self._firsts, key) - 1
+        last = self._lasts[i] if i >= 0 else b""
+        return i >= 0 and (last is None or key <= last), None
+
+    def learn_range(self, first: bytes, rows: list[tuple[bytes, int]], complete: bool) -> None:
+        """``rows``: every binding from key ``first`` on (to the end if ``complete``)."""
+        if len(self.keys) + len(rows) > KNOWN_KEYS:
+            self.forget_keys()
+        self.keys.update(rows)
+        last = None if complete else rows[-1][0]
+        merged: list[tuple[bytes, bytes | None]] = []
+        for start, end in sorted([*zip(self._firsts, self._lasts), (first, last)],
+                                 key=lambda item: item[0]):
+            if merged:
+                before_start, before_end = merged[-1]
+                if before_end is None or start <= before_end:
+                    merged[-1] = (before_start, None if before_end is None or end is None
+                                  else max(before_end, end))
+                    continue
+            merged.append((start, end))
+        self._firsts = [start for start, _ in merged]
+        self._lasts = [end for _, end in merged]
+
+    def learn_key(self, key: bytes, oid: int | None) -> None:
+        if len(self.keys) >= KNOWN_KEYS:
+            self.forget_keys()
+        self.keys[key] = oid
+
+    def learn_record(self, oid: int, data: bytes | None) -> None:
+        self._record_bytes += len(data) if data is not None else 0
+        if self._record_bytes > KNOWN_BYTES:
+            self.records.clear()
+            self._record_bytes = len(data) if data is not None else 0
+        self.records[oid] = data
+
+    def forget_keys(self) -> None:
+        self.keys.clear()
+        self._firsts.clear()
+        self._lasts.clear()
+
+    def forget(self) -> None:
+        self.forget_keys()
+        self.records.clear()
+        self._record_bytes = 0
 
 
 class PostgreSQLBackend(Backend):
@@ -276,6 +426,8 @@ class PostgreSQLBackend(Backend):
     (the transaction under way, if any, is lost: the server rolled it back).
     """
 
+    name = "postgresql"
+
     def __init__(self, path: str, flag: str, *, lock_timeout: float, fsync: bool) -> None:
         _require_psycopg()
         self._params, self.store_name, self.path = parse_location(path)
@@ -289,14 +441,27 @@ class PostgreSQLBackend(Backend):
         self._sql = {name: statement.format(
             # lock_objid: the key as pg_locks shows it (an oid, unsigned)
             s=schema, lock_class=LOCK_CLASS, lock_key=lock_key, lock_objid=lock_key & 0xFFFFFFFF,
-            oid_block=OID_BLOCK, format_name=FORMAT_NAME, format_version=FORMAT_VERSION)
+            oid_block=OID_BLOCK, referrers=REFERRERS, format_name=FORMAT_NAME, format_version=FORMAT_VERSION)
             for name, statement in _STATEMENTS.items()}
         self._conn: Any = None
         self._closed = False
         self._in_transaction = False
         self._next_oid = self._block_end = 0
-        self._queued: list[tuple[Any, ...]] = []    # put_record rows not sent yet
+        # Changes not sent yet, (statement name, parameters) in order: sent with the next
+        # query, in one round trip before it (see _send).
+        self._queued: list[tuple[str, Any]] = []
         self._queued_bytes = 0
+        self._known = _Known()
+        self._key_batch = FIRST_KEY_BATCH   # how many bindings bind_key's next query learns
+        # The change marker _known is valid at; None: it is not.
+        self._known_marker: int | None = None
+        # The object ids a key of this transaction was bound to before (the store asks
+        # is_referenced of each at commit), with what one query learnt of them all: whether
+        # a key is bound to them, the records referring to them (None: more than REFERRERS),
+        # valid while no key or record changes but by deletion (the ones deleted since).
+        self._released: dict[int, tuple[bool, set[int] | None] | None] = {}
+        self._released_learnt = False
+        self._deleted: set[int] = set()
         # change_marker() = the commit counter minus this connection's own commits.
         self._own_commits = 0
         self._commits_at_begin = 0
@@ -347,7 +512,7 @@ class PostgreSQLBackend(Backend):
         if conn is not None:
             conn.close()
         self._in_transaction = False
-        self._queued.clear()
+        self._forget()
         return ConnectionLostError(self.path, self._reason(error))
 
     def _call(self, action: Any) -> Any:
@@ -361,19 +526,48 @@ class PostgreSQLBackend(Backend):
             raise
 
     def _execute(self, name: str, params: Any = None) -> Any:
-        """Run statement ``name`` with ``params``; return the cursor holding its rows.
+        """Run statement ``name`` with ``params`` after the queued changes, in one round trip;
+        return the cursor holding its rows."""
+        return self._send((name, params))
 
-        The queued records are sent first if the statement reads or changes records.
-        """
-        if self._queued and name in _SEES_RECORDS:
-            self._flush()
-        return self._call(lambda: self._cursor.execute(self._sql[name], params))
-
-    def _flush(self) -> None:
-        """Send the queued records (executemany pipelines them: one round trip)."""
-        rows, self._queued = self._queued, []
+    def _send(self, *last: tuple[str, Any]) -> Any:
+        """Send the queued changes, then the statements ``last`` ((name, parameters) each), in
+        one round trip (a pipeline); return the cursor holding the last statement's rows."""
+        queued, self._queued = self._queued, []
         self._queued_bytes = 0
-        self._call(lambda: self._cursor.executemany(self._sql["put_record"], rows))
+
+        def send() -> Any:
+            if not queued and len(last) == 1:
+                name, params = last[0]
+                return self._cursor.execute(self._sql[name], params)
+            with self._conn.pipeline():
+                for name, group in itertools.groupby(queued, key=lambda change: change[0]):
+                    self._cursor.execute(self._sql[name], _batch(name, [row for _, row in group]))
+                for name, params in last:
+                    self._cursor.execute(self._sql[name], params)
+            return self._cursor
+        return self._call(send)
+
+    def _queue(self, name: str, params: Any, size: int = 0) -> None:
+        """Queue a change (statement ``name``, of ``size`` bytes); send the queue when full."""
+        if not self._in_transaction:    # a write of no transaction: known only to the server
+            self._forget()
+        if name == "delete_records":
+            self._deleted.add(params)
+        else:   # what is_referenced learnt no longer holds
+            self._released_learnt = False
+        self._queued.append((name, params))
+        self._queued_bytes += size
+        if len(self._queued) >= QUEUE_RECORDS or self._queued_bytes >= QUEUE_BYTES:
+            self._send()
+
+    def _forget(self) -> None:
+        """Drop the queued changes and what this connection knows of the store."""
+        self._queued.clear()
+        self._queued_bytes = 0
+        self._known.forget()
+        self._known_marker = None
+        self._forget_released()
 
     def _script(self, name: str) -> Any:
         """Run the statements ``name`` (no parameters) in one round trip; return the cursor."""
@@ -436,35 +630,69 @@ class PostgreSQLBackend(Backend):
         self._next_oid = oid + 1
         return oid
 
+    def reserve_ids(self, up_to: int) -> None:
+        check_reserved(up_to)
+        # setval is not transactional: a rollback leaves the ids skipped.
+        self._one("reserve_ids", {"sequence": f"{self._schema}.oids", "next": up_to + 1})
+        if self._next_oid <= up_to:     # the block this connection holds: given up
+            self._next_oid = self._block_end = 0
+
     def get_record(self, oid: int) -> bytes | None:
-        return self._one("get_record", (oid,))
+        if self._in_transaction and oid in self._known.records:
+            return self._known.records[oid]
+        data = self._one("get_record", (oid,))
+        if self._in_transaction:
+            self._known.learn_record(oid, data)
+        return data
 
     def put_record(self, oid: int, data: bytes, refs: Collection[int],
                    *, lazy_refs: Collection[int] = (), blobs: Collection[str] = ()) -> None:
-        # Queued, and sent many at a time (one pipelined round trip) when a statement that
-        # sees records runs, at commit, or when the queue is full.
-        self._queued.append((oid, data, list(dict.fromkeys(refs)),
-                             list(dict.fromkeys(lazy_refs)), list(dict.fromkeys(blobs))))
-        self._queued_bytes += len(data)
-        if len(self._queued) >= QUEUE_RECORDS or self._queued_bytes >= QUEUE_BYTES:
-            self._flush()
+        # Queued, and sent many at a time (one pipelined round trip) with the next query, at
+        # commit, or when the queue is full.
+        self._queue("put_records", (oid, data, _array(refs), _array(lazy_refs),
+                                    _array([f'"{name}"' for name in blobs])), len(data))
+        if self._in_transaction:
+            self._known.learn_record(oid, data)
 
     def delete_record(self, oid: int) -> None:
-        self._execute("delete_record", (oid,))
+        self._queue("delete_records", oid)
+        if self._in_transaction:
+            self._known.learn_record(oid, None)
 
     def existing(self, oids: Collection[int]) -> set[int]:
-        if not oids:
-            return set()
-        return {row[0] for row in self._execute("existing", (list(oids),))}
+        known = self._known.records if self._in_transaction else {}
+        found = {oid for oid in oids if known.get(oid) is not None}
+        unknown = [oid for oid in oids if oid not in known]
+        if unknown:
+            found.update(row[0] for row in self._execute("existing", (unknown,)))
+        return found
 
     def is_referenced(self, oid: int) -> bool:
-        return self._one("is_referenced", {"oid": oid})
+        if oid not in self._released:
+            return self._one("is_referenced", {"oid": oid})
+        if not self._released_learnt:
+            for released, bound, referrers in self._execute("referrers", (list(self._released),)):
+                self._released[released] = (bound, set(referrers) if len(referrers) <= REFERRERS
+                                            else None)
+            self._released_learnt = True
+        bound, referrers = self._released[oid]  # type: ignore[misc]
+        if bound:
+            return True
+        if referrers is None:   # many, of which some may be deleted since
+            return not self._deleted or self._one("is_referenced", {"oid": oid})
+        return bool(referrers - self._deleted)
 
-    # Not the contract's lazy= (TODO of the PostgreSQL backend): only base.reaches asks for
-    # lazy=False, and this backend has its own reaches.
-    def refs_of(self, oid: int) -> list[int]:  # type: ignore[override]
-        """The object ids record ``oid`` refers to, lazily or not ([] without a record)."""
-        return self._one("refs_of", (oid,)) or []
+    def refs_of(self, oid: int, *, lazy: bool = True) -> list[int]:
+        """The object ids record ``oid`` refers to, without the lazy ones if not ``lazy``
+        ([] without a record)."""
+        return self._one("refs_of" if lazy else "eager_refs_of", (oid,)) or []
+
+    def iter_records(self) -> Iterator[tuple[int, bytes, list[int]]]:
+        """Every record, ``KEY_BATCH`` at a time by object id."""
+        last = 0
+        while rows := self._execute("records", (last, KEY_BATCH)).fetchall():
+            yield from rows
+            last = rows[-1][0]
 
     def reaches(self, sources: Collection[int], target: int) -> bool:
         return self._one("reaches", {"sources": list(sources), "target": target})
@@ -473,7 +701,7 @@ class PostgreSQLBackend(Backend):
 
     def put_blob(self, chunks: Iterable[Any]) -> str:
         blob = self._one("new_blob")
-        hasher = _TreeHasher()
+        hasher = BlobHasher()
         size = seq = 0
         pending = bytearray()   # small pieces gathered into one row
 
@@ -500,9 +728,8 @@ class PostgreSQLBackend(Backend):
                         pending.clear()
             if pending:
                 send(pending)
-            name = hasher.digest()
+            name = hasher.name()
         except BaseException:
-            hasher.close()
             if self._in_transaction:    # the chunks written so far go too
                 self._execute("drop_blob", (blob,))
             raise
@@ -514,7 +741,7 @@ class PostgreSQLBackend(Backend):
 
     def get_blob(self, name: str, size: int, *, writable: bool) -> Any:
         conn = self._connection()
-        buffer = bytearray(size)
+        buffer = _BlobBuffer(size)
         view = memoryview(buffer)
         filled = 0
         found = False
@@ -546,6 +773,9 @@ class PostgreSQLBackend(Backend):
                                          f"its size is {size}")
         return buffer if writable else view.toreadonly()
 
+    def has_blob(self, name: str, size: int) -> bool:
+        return self._one("blob_size", (name,)) == size
+
     def read_blob(self, name: str) -> Iterator[bytes]:
         # A query per chunk, so that the connection is free between chunks.
         if self._one("blob_size", (name,)) is None:
@@ -561,17 +791,80 @@ class PostgreSQLBackend(Backend):
 
     # -- keys -------------------------------------------------------------------------------
 
+    def get_meta(self, name: str) -> str | None:
+        check_meta_name(name)
+        return self._one("get_meta", (name,))
+
+    def statistics(self) -> Statistics:
+        version, records, record_bytes, blobs, blob_bytes, server = \
+            self._execute("statistics").fetchone()
+        return Statistics(f"psycopg {psycopg.__version__} (PostgreSQL {server})", version,
+                          records, int(record_bytes), blobs, int(blob_bytes))
+
+    def set_meta(self, name: str, value: str) -> None:
+        check_meta_name(name)
+        self._execute("set_meta", (name, value))
+
+    # Inside a write transaction keys and records are answered from what this connection
+    # knows (_Known) where it can: no other connection commits meanwhile.
+
     def get_key(self, key: str) -> int | None:
-        return self._one("get_key", (key.encode(),))
+        name = key.encode()
+        if self._in_transaction:
+            known, oid = self._known.binding(name)
+            if known:
+                return oid
+        oid = self._one("get_key", (name,))
+        if self._in_transaction:
+            self._known.learn_key(name, oid)
+        return oid
 
     def get_item(self, key: str) -> tuple[int, bytes | None] | None:
-        return self._execute("get_item", (key.encode(),)).fetchone()
+        name = key.encode()
+        if not self._in_transaction:
+            return self._execute("get_item", (name,)).fetchone()
+        known, oid = self._known.binding(name)
+        if known:
+            return None if oid is None else (oid, self.get_record(oid))
+        row = self._execute("get_item", (name,)).fetchone()
+        self._known.learn_key(name, None if row is None else row[0])
+        if row is not None:
+            self._known.learn_record(row[0], row[1])
+        return row
 
     def bind_key(self, key: str, oid: int) -> int | None:
-        return self._one("bind_key", {"key": key.encode(), "oid": oid})
+        name = key.encode()
+        if not self._in_transaction:
+            self._forget()
+            return self._one("bind_key", {"key": name, "oid": oid})
+        # The previous binding is needed at once: known, or learnt with those of the
+        # keys that follow (a bulk set binds many keys of one range); the new
+        # binding is queued.
+        known, old = self._known.binding(name)
+        if not known:
+            batch = min(self._key_batch, KEY_BATCH)
+            self._key_batch = batch * 2
+            rows = self._execute("keys_from", (name, batch)).fetchall()
+            self._known.learn_range(name, rows, complete=len(rows) < batch)
+            old = self._known.keys.get(name)
+        if old != oid:
+            self._queue("set_keys", (name, oid))
+            self._known.learn_key(name, oid)
+            if old is not None:
+                self._released[old] = None
+        return old
 
     def unbind_key(self, key: str) -> int | None:
-        return self._one("unbind_key", (key.encode(),))
+        name = key.encode()
+        old = self._one("unbind_key", (name,))
+        self._released_learnt = False
+        if self._in_transaction:
+            self._known.learn_key(name, None)
+            if old is not None:
+                self._released[old] = None
+        else:
+            self._forget()
+        return old
 
     def iter_keys(self) -> Iterator[str]:
         # Keyset pagination: each batch is a statement of its own, so no transaction stays
@@ -605,6 +898,12 @@ class PostgreSQLBackend(Backend):
         while cursor.nextset():
             pass
         self._commits_at_begin = cursor.fetchone()[0]
+        self._forget_released()
+        self._key_batch = FIRST_KEY_BATCH
+        marker = self._commits_at_begin - self._own_commits
+        if marker != self._known_marker:    # another connection committed: forget all
+            self._known.forget()
+            self._known_marker = marker
 
     def _lock(self, script: str) -> Any:
         """Run ``script``, which begins a transaction and takes the write lock; return its
@@ -630,26 +929,23 @@ class PostgreSQLBackend(Backend):
                                       address or "local socket")
 
     def commit(self) -> None:
-        rows, self._queued = self._queued, []
-        self._queued_bytes = 0
-
-        def send() -> None:
-            # The queued records, the counter and COMMIT: one round trip.
-            with self._conn.pipeline():
-                if rows:
-                    self._cursor.executemany(self._sql["put_record"], rows)
-                self._cursor.execute(self._sql["count_commit"])
-                self._cursor.execute("COMMIT")
         try:
-            self._call(send)
+            # The queued changes, the counter and COMMIT: one round trip.
+            self._send(("count_commit", None), ("commit", None))
         except BaseException:
             self.rollback()     # a failed statement leaves the transaction open, aborted
             raise
         self._in_transaction = False
         self._own_commits += 1
+        self._forget_released()
+
+    def _forget_released(self) -> None:
+        self._released.clear()
+        self._released_learnt = False
+        self._deleted.clear()
 
     def rollback(self) -> None:
-        self._queued.clear()
+        self._forget()      # what it knows includes the transaction's own changes
         if not self._in_transaction:
             return
         self._in_transaction = False
@@ -696,6 +992,7 @@ class PostgreSQLBackend(Backend):
     def gc(self) -> int:
         deleted = self._execute("gc_records").rowcount
         self._execute("gc_blobs")
+        self._known.forget()
         return deleted
 
     def after_fork(self) -> None:
@@ -705,7 +1002,7 @@ class PostgreSQLBackend(Backend):
             _INHERITED.append(self._conn)
         self._conn = None
         self._in_transaction = False
-        self._queued.clear()
+        self._forget()
         self._next_oid = self._block_end = 0
         if not self._closed:
             self._connect()
@@ -730,23 +1027,22 @@ class PostgreSQLBackend(Backend):
 _STATEMENTS = {
     "create": _SCHEMA, "empty": _EMPTY, "find": _FIND, "schema_tables": _SCHEMA_TABLES,
     "meta": _META, "begin": _BEGIN, "lock": _LOCK,
-    "count_commit": _COUNT_COMMIT, "rollback": "ROLLBACK",
+    "count_commit": _COUNT_COMMIT, "commit": "COMMIT", "rollback": "ROLLBACK",
     "commits": _COMMITS, "lock_holder": _LOCK_HOLDER, "next_oids": _NEXT_OIDS,
-    "get_record": _GET_RECORD, "put_record": _PUT_RECORD, "delete_record": _DELETE_RECORD,
-    "existing": _EXISTING, "is_referenced": _IS_REFERENCED, "refs_of": _REFS_OF,
+    "reserve_ids": _RESERVE_IDS, "records": _RECORDS, "eager_refs_of": _EAGER_REFS_OF,
+    "get_record": _GET_RECORD, "put_records": _PUT_RECORDS, "delete_records": _DELETE_RECORDS,
+    "existing": _EXISTING, "is_referenced": _IS_REFERENCED, "referrers": _REFERRERS,
+    "refs_of": _REFS_OF,
     "reaches": _REACHES, "gc_records": _GC_RECORDS, "gc_blobs": _GC_BLOBS,
     "new_blob": _NEW_BLOB, "put_chunk": _PUT_CHUNK, "find_blob": _FIND_BLOB,
     "name_blob": _NAME_BLOB, "drop_blob": _DROP_BLOB, "load_blob": _LOAD_BLOB,
     "blob_size": _BLOB_SIZE, "blob_chunk": _BLOB_CHUNK, "blob_names": _BLOB_NAMES,
-    "get_key": _GET_KEY, "get_item": _GET_ITEM, "bind_key": _BIND_KEY,
+    "get_key": _GET_KEY, "keys_from": _KEYS_FROM, "set_keys": _SET_KEYS,
+    "get_item": _GET_ITEM, "bind_key": _BIND_KEY,
     "unbind_key": _UNBIND_KEY, "first_keys": _FIRST_KEYS, "next_keys": _NEXT_KEYS,
     "first_items": _FIRST_ITEMS, "next_items": _NEXT_ITEMS, "count_keys": _COUNT_KEYS,
+    "get_meta": _GET_META, "set_meta": _SET_META, "statistics": _STATISTICS,
 }
-
-# The statements that read or change records: queued records are sent before them.
-_SEES_RECORDS = frozenset([
-    "get_record", "delete_record", "existing", "is_referenced", "refs_of", "reaches",
-    "gc_records", "gc_blobs", "get_item", "first_items", "next_items"])
 
 # Connections inherited from a parent process, kept referenced forever: closing one in the
 # child would send the server a terminate message for the parent's session.

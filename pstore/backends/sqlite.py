@@ -6,17 +6,16 @@ constant so that ``sqlite3``'s statement cache prepares each one once.
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 import sqlite3
 import sys
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import AbstractContextManager
 from typing import Any, NamedTuple, NoReturn
 
 from ..errors import ClosedError, CorruptionError, FormatError, LockTimeoutError, ReadOnlyError
-from .base import Backend, Statistics, binding_seal
+from .base import Backend, RecordWrite, Statistics, binding_seal, check_meta_name, check_reserved
 from .blobs import BlobStore, LocalBlobs
 from .files import FileLock, create_private, key_lock_file, require_existing, store_owner
 
@@ -25,7 +24,7 @@ __all__ = ["SQLiteBackend", "FORMAT_NAME", "FORMAT_VERSION", "APPLICATION_ID"]
 #: What the meta table's 'format' row holds in every pstore file.
 FORMAT_NAME = "pstore"
 #: The newest format version this code reads and the one it writes.
-FORMAT_VERSION = 3
+FORMAT_VERSION = 5
 #: Written into the SQLite header (offset 68) so that tools can tell a pstore file.
 APPLICATION_ID = 0x70537472  # b"pStr"
 
@@ -49,7 +48,8 @@ _SCHEMA = (
 # version N runs the statements of every version after it. Version 2 added refs.lazy,
 # records of Persistent objects and blobs, which version 1 code would misread; version 3
 # record digests and key seals (the seals of existing keys computed by pstore_seal), and
-# meta's digests_from: records of smaller ids predate digests.
+# meta's digests_from: records of smaller ids predate digests; version 4 BLAKE3 blob names
+# (older blobs keep their BLAKE2b names, which version 3 code would not read beside them).
 _UPGRADES = {
     1: ("ALTER TABLE refs ADD COLUMN lazy INTEGER NOT NULL DEFAULT 0",
         "CREATE TABLE blob_refs (oid INTEGER NOT NULL, blob TEXT NOT NULL,"
@@ -57,6 +57,8 @@ _UPGRADES = {
     2: ("ALTER TABLE keys ADD COLUMN seal BLOB",
         "UPDATE keys SET seal = pstore_seal(key, oid)",
         "INSERT INTO meta SELECT 'digests_from', value FROM meta WHERE name = 'next_oid'"),
+    3: (),
+    4: (),     # version 5: signed records (envelope version 3) and the key fingerprint
 }
 _SET_VERSION = f"UPDATE meta SET value = {FORMAT_VERSION} WHERE name = 'version'"
 # The first record id with a digest; absent before version 3.
@@ -85,7 +87,10 @@ _PUT_BLOB_REF = "INSERT OR IGNORE INTO blob_refs (oid, blob) VALUES (?, ?)"
 _REFERENCED_BLOBS = "SELECT DISTINCT blob FROM blob_refs"
 _PUT_LAZY_REF = "INSERT OR IGNORE INTO refs (oid, ref, lazy) VALUES (?, ?, 1)"
 _NEXT_OID = "SELECT value FROM meta WHERE name = 'next_oid'"
+_GET_META = "SELECT value FROM meta WHERE name = ?"
+_SET_META = "INSERT OR REPLACE INTO meta VALUES (?, ?)"
 _RESERVE_OIDS = "UPDATE meta SET value = ? WHERE name = 'next_oid'"
+_RESERVE_IDS_UP_TO = "UPDATE meta SET value = max(value, ?) WHERE name = 'next_oid'"
 # Lists of ids travel as one JSON array parameter, so no statement is built per call.
 _EXISTING = "SELECT oid FROM records WHERE oid IN (SELECT value FROM json_each(?))"
 _IS_REFERENCED = ("SELECT EXISTS (SELECT 1 FROM keys WHERE oid = ?1)"
@@ -105,6 +110,7 @@ _GC_REFS = f"DELETE FROM refs WHERE oid NOT IN ({_LIVE})"
 _GC_RECORDS = f"DELETE FROM records WHERE oid NOT IN ({_LIVE})"
 _GC_BLOB_REFS = "DELETE FROM blob_refs WHERE oid NOT IN (SELECT oid FROM records)"
 _BIND_KEY = "INSERT OR REPLACE INTO keys (key, oid, seal) VALUES (?, ?, ?)"
+_BIND_NEW_KEY = "INSERT OR IGNORE INTO keys (key, oid, seal) VALUES (?, ?, ?)"
 _UNBIND_KEY = "DELETE FROM keys WHERE key = ?"
 _RECORDS = "SELECT oid, data FROM records WHERE oid > ? ORDER BY oid LIMIT ?"
 _REFS_OF = "SELECT ref FROM refs WHERE oid = ?"
@@ -181,6 +187,12 @@ _INHERITED: list[object] = []
 _RECORD_TOTALS = "SELECT COUNT(*), COALESCE(SUM(LENGTH(data)), 0) FROM records"
 
 
+def _id_array(oids: Collection[int]) -> str:
+    """Object ids as the JSON array ``json_each`` reads (written here: importing json for
+    this would cost every first open)."""
+    return f"[{','.join([str(int(oid)) for oid in oids])}]"
+
+
 def _size_on_disk(path: str) -> int:
     """Bytes of the database file and its write-ahead log."""
     total = 0
@@ -229,6 +241,7 @@ class SQLiteBackend(LocalBlobs, Backend):
         self._in_transaction = False
         self._conn: sqlite3.Connection | None = None
         self._sealed = True     # whether key bindings carry seals (format version 3)
+        self._binding_new_keys = True   # whether the last key bound was new (see bind_key)
         self._keys_sql = _KEY_STATEMENTS[True]
         self._blobs = BlobStore(path + ".blobs")
         # One cursor for the frequent statements, sparing the cursor Connection.execute
@@ -357,6 +370,8 @@ class SQLiteBackend(LocalBlobs, Backend):
                                          f"newer pstore; this one reads up to {FORMAT_VERSION}")
         self._sealed = meta["version"] >= 3
         self._keys_sql = _KEY_STATEMENTS[self._sealed]
+        # Version 1 has no lazy refs (no column for them): every ref is followed at once.
+        self._eager_refs_sql = _EAGER_REFS_OF if meta["version"] >= 2 else _REFS_OF
         if not self._sealed:
             self.digests_from = 1 << 63     # any record may predate digests
         else:
@@ -396,6 +411,15 @@ class SQLiteBackend(LocalBlobs, Backend):
         self._fresh.add(oid)
         return oid
 
+    def reserve_ids(self, up_to: int) -> None:
+        check_reserved(up_to)
+        try:
+            self._require().execute(_RESERVE_IDS_UP_TO, (up_to + 1,))
+        except sqlite3.DatabaseError as error:
+            self._failed(error)
+        if self._next_oid <= up_to:     # the block this connection holds: given up
+            self._next_oid = self._block_end = 0
+
     def get_record(self, oid: int) -> bytes | None:
         try:
             row = self._cursor.execute(_GET_RECORD, (oid,)).fetchone()
@@ -405,50 +429,70 @@ class SQLiteBackend(LocalBlobs, Backend):
 
     def put_record(self, oid: int, data: bytes, refs: Collection[int],
                    *, lazy_refs: Collection[int] = (), blobs: Collection[str] = ()) -> None:
+        self.put_records([RecordWrite(oid, data, refs, lazy_refs, blobs)])
+
+    def put_records(self, records: Iterable[RecordWrite]) -> None:
+        # One executemany per statement for the whole batch: the sqlite3 module's cost per
+        # execute() call is most of what writing a small record costs.
+        rows, rewritten, ref_rows, lazy_rows, blob_rows = [], [], [], [], []
+        fresh = self._fresh
+        for oid, data, refs, lazy_refs, blobs in records:
+            rows.append((oid, data))
+            if oid not in fresh:    # a record allocated by this transaction has no refs yet
+                rewritten.append((oid,))
+            if lazy_refs:
+                lazy = set(lazy_refs)
+                lazy_rows += [(oid, ref) for ref in lazy]
+                refs = [ref for ref in refs if ref not in lazy]
+            if refs:
+                ref_rows += [(oid, ref) for ref in refs]
+            if blobs:
+                blob_rows += [(oid, name) for name in blobs]
         cursor = self._cursor
-        cursor.execute(_PUT_RECORD, (oid, data))
-        if oid not in self._fresh:      # a record allocated by this transaction has no refs yet
-            cursor.execute(_DELETE_REFS, (oid,))
-            cursor.execute(_DELETE_BLOB_REFS, (oid,))
-        if lazy_refs:
-            lazy = set(lazy_refs)
-            cursor.executemany(_PUT_LAZY_REF, [(oid, ref) for ref in lazy])
-            refs = [ref for ref in refs if ref not in lazy]
-        if refs:
-            cursor.executemany(_PUT_REF, [(oid, ref) for ref in refs])
-        if blobs:
-            cursor.executemany(_PUT_BLOB_REF, [(oid, name) for name in blobs])
+        try:
+            cursor.executemany(_PUT_RECORD, rows)
+            if rewritten:
+                cursor.executemany(_DELETE_REFS, rewritten)
+                cursor.executemany(_DELETE_BLOB_REFS, rewritten)
+            if lazy_rows:
+                cursor.executemany(_PUT_LAZY_REF, lazy_rows)
+            if ref_rows:
+                cursor.executemany(_PUT_REF, ref_rows)
+            if blob_rows:
+                cursor.executemany(_PUT_BLOB_REF, blob_rows)
+        except sqlite3.DatabaseError as error:
+            self._failed(error)
 
     def delete_record(self, oid: int) -> None:
-        conn = self._require()
-        conn.execute(_DELETE_RECORD, (oid,))
-        conn.execute(_DELETE_REFS, (oid,))
-        conn.execute(_DELETE_BLOB_REFS, (oid,))
+        cursor = self._cursor
+        cursor.execute(_DELETE_RECORD, (oid,))
+        cursor.execute(_DELETE_REFS, (oid,))
+        cursor.execute(_DELETE_BLOB_REFS, (oid,))
 
     def existing(self, oids: Collection[int]) -> set[int]:
         if not oids:
             return set()
         try:
-            rows = self._require().execute(_EXISTING, (json.dumps(list(oids)),))
+            rows = self._require().execute(_EXISTING, (_id_array(oids),))
             return {row[0] for row in rows}
         except sqlite3.DatabaseError as error:
             self._failed(error)
 
     def is_referenced(self, oid: int) -> bool:
         try:
-            return bool(self._require().execute(_IS_REFERENCED, (oid,)).fetchone()[0])
+            return bool(self._cursor.execute(_IS_REFERENCED, (oid,)).fetchone()[0])
         except sqlite3.DatabaseError as error:
             self._failed(error)
 
     def reaches(self, sources: Collection[int], target: int) -> bool:
         try:
-            rows = self._require().execute(_REACHES, (json.dumps(list(sources)), target))
+            rows = self._require().execute(_REACHES, (_id_array(sources), target))
             return rows.fetchone() is not None
         except sqlite3.DatabaseError as error:
             self._failed(error)
 
     def refs_of(self, oid: int, *, lazy: bool = True) -> Collection[int]:
-        rows = self._require().execute(_REFS_OF if lazy else _EAGER_REFS_OF, (oid,))
+        rows = self._require().execute(_REFS_OF if lazy else self._eager_refs_sql, (oid,))
         return [row[0] for row in rows]
 
     # -- keys -------------------------------------------------------------------------------
@@ -461,6 +505,21 @@ class SQLiteBackend(LocalBlobs, Backend):
         if self._sealed and seal != binding_seal(key, oid):
             raise CorruptionError(self.path, f"the binding of the key to object id {oid} does "
                                   f"not match its seal", key=key, object_id=oid)
+
+    def get_meta(self, name: str) -> str | None:
+        check_meta_name(name)
+        try:
+            row = self._require().execute(_GET_META, (name,)).fetchone()
+        except sqlite3.DatabaseError as error:
+            self._failed(error)
+        return None if row is None else str(row[0])
+
+    def set_meta(self, name: str, value: str) -> None:
+        check_meta_name(name)
+        try:
+            self._require().execute(_SET_META, (name, value))
+        except sqlite3.DatabaseError as error:
+            self._failed(error)
 
     def get_key(self, key: str) -> int | None:
         try:
@@ -484,9 +543,20 @@ class SQLiteBackend(LocalBlobs, Backend):
         return oid, data
 
     def bind_key(self, key: str, oid: int) -> int | None:
+        # While keys come new (a bulk load), one statement each: an insert that does nothing
+        # if the key is bound. While they are bound already (rewrites), a read, then the write.
+        seal = binding_seal(key, oid)
+        cursor = self._cursor
+        if self._binding_new_keys:
+            try:
+                if cursor.execute(_BIND_NEW_KEY, (key, oid, seal)).rowcount:
+                    return None
+            except sqlite3.DatabaseError as error:
+                self._failed(error)
         previous = self.get_key(key)
+        self._binding_new_keys = previous is None
         if previous != oid:
-            self._cursor.execute(_BIND_KEY, (key, oid, binding_seal(key, oid)))
+            cursor.execute(_BIND_KEY, (key, oid, seal))
         return previous
 
     def unbind_key(self, key: str) -> int | None:
@@ -534,10 +604,10 @@ class SQLiteBackend(LocalBlobs, Backend):
     def begin(self) -> None:
         if self.read_only:
             raise ReadOnlyError(self.path, "write")
-        conn = self._require()
+        self._require()
         self._file_lock.lock(self.path)
         try:
-            conn.execute("BEGIN IMMEDIATE")
+            self._cursor.execute("BEGIN IMMEDIATE")
         except sqlite3.DatabaseError as error:
             self._file_lock.release()
             if _result_code(error) in _BUSY:
@@ -549,7 +619,8 @@ class SQLiteBackend(LocalBlobs, Backend):
     def commit(self) -> None:
         committed = False
         try:
-            self._require().execute("COMMIT")
+            self._require()
+            self._cursor.execute("COMMIT")
             committed = self._block_is_committed = True
         finally:
             self._end(committed)

@@ -28,8 +28,6 @@ from . import pickler as _pickler
 from . import unpickler as _unpickler
 from .opcodes import BATCH_SIZE, BY_CODE, DEFAULT_PROTOCOL, FRAME_SIZE_TARGET, HIGHEST_PROTOCOL
 from .pickler import Pickler, dump, dumps
-from .tools import Instruction, disassemble, globals_of, iter_instructions
-from .restricted import RestrictedUnpickler, RestrictedUnpicklingError, restricted_loads
 from .unpickler import Unpickler, load, loads
 
 __all__ = [
@@ -39,6 +37,29 @@ __all__ = [
     "disassemble", "globals_of", "iter_instructions", "Instruction", "use_accelerators",
     "RestrictedUnpickler", "RestrictedUnpicklingError", "restricted_loads",
 ]
+
+
+# The tools and restricted loading are imported at first use (module __getattr__ below):
+# loading a store needs neither, and ``import pstore`` stays short.
+_LAZY = {
+    "Instruction": "tools", "disassemble": "tools", "globals_of": "tools",
+    "iter_instructions": "tools",
+    "RestrictedUnpickler": "restricted", "RestrictedUnpicklingError": "restricted",
+    "restricted_loads": "restricted",
+}
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
 
 
 def _compiled(name: str) -> ModuleType | None:

@@ -18,8 +18,7 @@ from __future__ import annotations
 import pickle as _stdlib_pickle  # DEFAULT_PROTOCOL only
 from _compat_pickle import (IMPORT_MAPPING, NAME_MAPPING, REVERSE_IMPORT_MAPPING,
                             REVERSE_NAME_MAPPING)
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 __all__ = ["ArgKind", "Opcode", "OPCODES", "BY_CODE", "BY_NAME", "HIGHEST_PROTOCOL",
            "DEFAULT_PROTOCOL", "FRAME_SIZE_TARGET", "FRAME_SIZE_MIN", "BATCH_SIZE",
@@ -34,8 +33,9 @@ LEN_UINT4 = -5      # a 4-byte little-endian unsigned length, then that many byt
 LEN_UINT8 = -6      # an 8-byte little-endian unsigned length, then that many bytes
 
 
-@dataclass(frozen=True)
-class ArgKind:
+# NamedTuples, not dataclasses: importing dataclasses (and the inspect module it needs)
+# would cost every ``import pstore`` several milliseconds.
+class ArgKind(NamedTuple):
     """How an opcode's argument is laid out in the stream."""
 
     name: str   #: the name pickletools gives this kind of argument
@@ -71,8 +71,7 @@ ARG_LONG1 = ArgKind("long1", LEN_UINT1, "little-endian two's complement integer,
 ARG_LONG4 = ArgKind("long4", LEN_INT4, "little-endian two's complement integer, 4-byte length")
 
 
-@dataclass(frozen=True)
-class Opcode:
+class Opcode(NamedTuple):
     """One row of the table: what a pickle opcode is and does."""
 
     name: str        #: e.g. "BINUNICODE"; the pickler and unpickler handlers are named after it

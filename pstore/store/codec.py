@@ -19,20 +19,24 @@ from __future__ import annotations
 
 import io
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any, Protocol
 
 from .. import engine
-from ..backends.base import ReadableBackend
-from ..errors import CorruptionError, MissingClassError, MissingObjectError
+from ..backends.base import Backend, ReadableBackend
+from ..errors import (CorruptionError, IntegrityError, MissingClassError, MissingObjectError,
+                      UntrustedError)
 from . import blobio, records, tensors
 from .identity import IdentityMap, is_referable
+from .mapped import MappedBlobs
 from .persistent import GHOST, DataManager, Persistent, fill, is_ghost, placeholder, status_of
 from .renames import Renames
+from .signing import Signer
 from .verify import load_error
 
-__all__ = ["RecordPickler", "PicklerHost", "RecordUnpickler", "Resolver", "RecordLoader",
-           "LOAD_DEPTH_LIMIT"]
+__all__ = ["RecordPickler", "PicklerHost", "RecordUnpickler", "ReferenceLoading",
+           "Resolver", "RecordLoader", "LOAD_DEPTH_LIMIT"]
 
 #: How deep loads of referenced records may nest before the chain is loaded from its far end.
 LOAD_DEPTH_LIMIT = 50
@@ -172,30 +176,22 @@ class Resolver(Protocol):
         the reference names (a Persistent object's), or None for a plain record."""
 
 
-class RecordUnpickler(engine.Unpickler):
-    """Unpickles the records of one Store, handing every reference to ``resolver``
-    (held weakly) as ``(object id, class or None)``.
+class ReferenceLoading:
+    """The persistent ids of records, parsed and handed to a resolver: what both record
+    unpicklers share (the restricted one is in :mod:`.untrusted`, imported at the first
+    record not signed by the Store's key). Only pstore's own forms are accepted. Every
+    global a record names is looked up under ``renames`` first; one that cannot be
+    imported raises :class:`~pstore.errors.MissingClassError` (of store ``path``)."""
 
-    One instance serves every record, nested loads of referenced records included
-    (``load_bytes_at`` keeps each pickle's state apart), so a record costs no setup.
-    Every global a record names is looked up under ``renames`` first; one that cannot be
-    imported raises :class:`~pstore.errors.MissingClassError` (of store ``path``).
-    """
-
-    def __init__(self, resolver: Resolver, path: str = "",
-                 renames: Renames | None = None) -> None:
-        super().__init__(io.BytesIO())   # records are read with load_bytes_at, never from the file
-        # A proxy: the resolver holds this unpickler, and a cycle would keep a dropped
-        # resolver (and the backend it reads) alive until the garbage collector runs.
-        self._resolver = weakref.proxy(resolver)
-        self._path = path
-        self._renames = renames
+    _resolver: Resolver
+    _path: str
+    _renames: Renames | None
 
     def find_class(self, module: str, name: str) -> Any:
         new_module, new_name = (module, name) if self._renames is None else \
             self._renames.apply(module, name)
         try:
-            return super().find_class(new_module, new_name)
+            return super().find_class(new_module, new_name)  # type: ignore[misc]
         except (ImportError, AttributeError) as error:
             renamed = (new_module, new_name) != (module, name)
             raise MissingClassError(self._path, f"{module}.{name}", str(error),
@@ -207,19 +203,46 @@ class RecordUnpickler(engine.Unpickler):
         if kind is int:
             return self._resolver.resolve(pid, None)
         if kind is tuple and len(pid) == 2 and type(pid[0]) is int:
-            return self._resolver.resolve(*pid)
+            return self._resolver.resolve(pid[0], self._reference_class(pid[1]))
         if kind is str:     # protocol 0 writes persistent ids as text
             oid, _, cls = pid.partition(" ")
             if oid.isdigit():
                 if not cls:
                     return self._resolver.resolve(int(oid), None)
                 module, _, qualname = cls.partition(" ")
-                head, *attributes = qualname.split(".")
-                found = self.find_class(module, head)
-                for attribute in attributes:
-                    found = getattr(found, attribute)
-                return self._resolver.resolve(int(oid), found)
+                return self._resolver.resolve(int(oid), self._named_class(module, qualname))
         raise engine.UnpicklingError(f"a record refers to {pid!r}, which is not an object id")
+
+    def _reference_class(self, cls: Any) -> Any:
+        """The class a binary reference names (``cls``, already resolved by the pickle)."""
+        return cls
+
+    def _named_class(self, module: str, qualname: str) -> Any:
+        """The class a protocol 0 reference names as text."""
+        head, *attributes = qualname.split(".")
+        found = self.find_class(module, head)  # type: ignore[attr-defined]
+        for attribute in attributes:
+            found = getattr(found, attribute)
+        return found
+
+
+class RecordUnpickler(ReferenceLoading, engine.Unpickler):
+    """Unpickles the records of one Store, handing every reference to ``resolver``
+    (held weakly) as ``(object id, class or None)``: with full pickle semantics, for
+    records signed by the Store's key.
+
+    One instance serves every record, nested loads of referenced records included
+    (``load_bytes_at`` keeps each pickle's state apart), so a record costs no setup.
+    """
+
+    def __init__(self, resolver: Resolver, path: str = "",
+                 renames: Renames | None = None) -> None:
+        super().__init__(io.BytesIO())   # records are read with load_bytes_at, never from the file
+        # A proxy: the resolver holds this unpickler, and a cycle would keep a dropped
+        # resolver (and the backend it reads) alive until the garbage collector runs.
+        self._resolver = weakref.proxy(resolver)
+        self._path = path
+        self._renames = renames
 
 
 class _LoadFirst(Exception):
@@ -242,11 +265,18 @@ class RecordLoader:
     of globals records name (:class:`RecordUnpickler`). Every error met while
     loading a record is translated here, once (:func:`~pstore.store.verify.load_error`):
     damage becomes :class:`~pstore.errors.CorruptionError` naming the object id.
+
+    Each record is loaded by its own signature (docs/safety.md): signed by ``signer``'s
+    key, with full pickle semantics; else restricted (``allow`` adds names to the
+    data policy), a refusal raising :class:`~pstore.errors.UntrustedError`. A record's
+    references load by their own signatures. A record whose digest or MAC fails
+    raises :class:`~pstore.errors.IntegrityError`.
     """
 
     def __init__(self, manager: DataManager, backend: ReadableBackend, ids: IdentityMap,
                  pending: Mapping[int, tuple[Any, str | None]], *, writable_buffers: bool,
-                 max_record_size: int, renames: Renames | None = None) -> None:
+                 max_record_size: int, mapped: MappedBlobs[records.BlobRef], signer: Signer,
+                 allow: str | Iterable[str] = (), renames: Renames | None = None) -> None:
         self._manager = weakref.ref(manager)
         self._backend = backend
         self._path = backend.path
@@ -254,11 +284,43 @@ class RecordLoader:
         self._pending = pending
         self._writable_buffers = writable_buffers
         self._max_record_size = max_record_size
+        self._signer = signer
+        self._mapped = mapped
+        self._renames = renames
         self._unpickler = RecordUnpickler(self, self._path, renames)
+        self._allow = allow
+        # The unpickler of records not signed by the Store's key, made at the first one.
+        self._restricted: Any = None
+        self._restrict_all = False  # while True (restricting), signed records load restricted
         self._depth = 0             # how many record loads are nested right now
         # Called (once) before the load under way resolves its first reference: see load_fresh.
         self._before_reference: Callable[[], None] | None = None
         self._classes: dict[bytes, type[Persistent]] = {}   # first pickle of a record -> class
+        #: Whether the store was made with this Store's key (set by the Store): then a
+        #: record that cannot be unpacked is an IntegrityError, not plain damage.
+        self.own_store = False
+
+    @contextmanager
+    def restricting(self, allow: str | Iterable[str] = ()) -> Iterator[None]:
+        """Within the block every record loads restricted, signed or not, with ``allow``
+        added to the names the Store allows."""
+        saved = self._restricted, self._restrict_all
+        if allow:
+            mine = self._allow
+            combined: str | list[str] = "*" if "*" in (mine, allow) else [
+                *([] if isinstance(mine, str) else mine),
+                *([] if isinstance(allow, str) else allow)]
+            self._restricted = self._new_restricted(combined)
+        self._restrict_all = True
+        try:
+            yield
+        finally:
+            self._restricted, self._restrict_all = saved
+
+    def _new_restricted(self, allow: str | Iterable[str]) -> Any:
+        from .untrusted import RestrictedRecordUnpickler
+
+        return RestrictedRecordUnpickler(self, allow, self._path, self._renames)
 
     def load(self, oid: int, data: bytes | None = None) -> Any:
         """The object of record ``oid``; ``data``, if given, is the record's (already read).
@@ -320,10 +382,24 @@ class RecordLoader:
         except MissingObjectError as error:
             if error.object_id != oid:
                 raise
+            if self._still_referenced(oid):
+                raise CorruptionError(self._path, "its record is missing, though records "
+                                      "refer to it", object_id=oid) from error
             raise MissingObjectError(
                 self._path, oid, f"the record of a placeholder of "
                 f"{type(obj).__module__}.{type(obj).__qualname__}, deleted since the "
                 f"placeholder was made (by gc() or another process)") from None
+
+    def _still_referenced(self, oid: int) -> bool:
+        """Whether a record refers to ``oid`` (then its missing record is damage, not a
+        deletion by gc() or another process); False where the backend cannot tell."""
+        backend = self._backend
+        if not isinstance(backend, Backend):
+            return False
+        try:
+            return backend.is_referenced(oid)
+        except Exception as error:
+            raise load_error(error, self._path, object_id=oid, is_damage=backend.is_damage)
 
     def _load_outermost(self, oid: int, data: bytes | None) -> Any:
         """Load record ``oid`` (or fill its placeholder) as the outermost load: when a
@@ -347,18 +423,34 @@ class RecordLoader:
 
     def _unpickle(self, oid: int, data: bytes | None) -> Any:
         """Unpickle record ``oid`` (reading it unless ``data`` is given) and register it."""
-        data, buffers, verified = self._unwrap(oid, data)
+        data, buffers, verified, signed = self._unwrap(oid, data)
+        trusted = signed and not self._restrict_all
+        if trusted:
+            unpickler = self._unpickler
+        else:
+            if self._restricted is None:
+                self._restricted = self._new_restricted(self._allow)
+            unpickler = self._restricted
         self._depth += 1
         try:
-            known = self._known_class(data) if self._classes else None
+            # The class cache is of trusted loads: a restricted load checks its class itself.
+            known = self._known_class(data) if trusted and self._classes else None
             if known is None:
-                obj, end = self._unpickler.load_bytes_at(data, 0, buffers)
+                obj, end = unpickler.load_bytes_at(data, 0, buffers)
             else:
                 obj, end = known
             if end < len(data):     # a Persistent object's record: class, then state
-                return self._load_state(oid, obj, data, end, buffers)
+                return self._load_state(oid, obj, data, end, buffers, unpickler, trusted)
         except _LoadFirst:
             raise
+        except engine.RestrictedUnpicklingError as error:
+            # Raised only by the restricted unpickler, for this record (a nested record's
+            # refusal is an UntrustedError already).
+            name = error.global_name
+            reason = error.reason if name is None else f"{name}: {error.reason}"
+            if error.opcode is not None:
+                reason += f" ({error.opcode} at offset {error.offset})"
+            raise UntrustedError(self._path, reason, object_id=oid, global_name=name) from None
         except Exception as error:
             raise load_error(error, self._path, object_id=oid, decoded=verified,
                              is_damage=self._backend.is_damage)
@@ -368,23 +460,35 @@ class RecordLoader:
             self._ids.add(obj, oid)
         return obj
 
-    def _unwrap(self, oid: int, data: bytes | None) -> tuple[bytes, list[Any] | None, bool]:
+    def _unwrap(self, oid: int, data: bytes | None
+                ) -> tuple[bytes, list[Any] | None, bool, bool]:
         """The payload of record ``oid`` (reading it unless ``data`` is given), checked, its
-        out-of-band buffers (or None), and whether a digest verified it."""
+        out-of-band buffers (or None), whether a digest or MAC verified it, and whether it
+        is signed by this Store's key."""
         backend = self._backend
         try:
             if data is None:
                 data = backend.get_record(oid)
             if data is None:
                 raise MissingObjectError(self._path, oid)
-            payload, blobs, verified = records.unpack(
-                data, oid, digest_required=oid >= backend.digests_from,
-                max_size=self._max_record_size)
-            buffers = [blobio.read_blob(backend, blob, self._writable_buffers)
-                       for blob in blobs] if blobs else None
+            try:
+                payload, blobs, verified, signed = records.unpack(
+                    data, oid, signer=self._signer, digest_required=oid >= backend.digests_from,
+                    max_size=self._max_record_size)
+            except ValueError as error:
+                if self.own_store or isinstance(error, records.IntegrityMismatch):
+                    raise IntegrityError(self._path, str(error), object_id=oid) from error
+                raise
+            buffers = [self._read_blob(blob) for blob in blobs] if blobs else None
         except Exception as error:
             raise load_error(error, self._path, object_id=oid, is_damage=backend.is_damage)
-        return payload, buffers, verified
+        return payload, buffers, verified, signed
+
+    def _read_blob(self, blob: records.BlobRef) -> Any:
+        buffer = blobio.read_blob(self._backend, blob, self._writable_buffers)
+        if not blob.codec:
+            self._mapped.add(buffer, blob)
+        return buffer
 
     def _known_class(self, data: bytes) -> tuple[type[Persistent], int] | None:
         """The class of a Persistent object's record ``data`` whose first pickle was read
@@ -397,22 +501,25 @@ class RecordLoader:
         return None
 
     def _load_state(self, oid: int, cls: Any, data: bytes, start: int,
-                    buffers: list[Any] | None) -> Persistent:
+                    buffers: list[Any] | None, unpickler: engine.Unpickler,
+                    trusted: bool) -> Persistent:
         """Load the state of Persistent record ``oid`` into its object (its placeholder, or
         a new object of ``cls``): the pickle at ``start`` of ``data``, whose first pickle
-        is that of ``cls``; ``buffers`` are the state's out-of-band buffers."""
+        is that of ``cls``, by ``unpickler``; ``buffers`` are the state's out-of-band
+        buffers; ``trusted``: whether the record is signed by this Store's key."""
         if not (isinstance(cls, type) and issubclass(cls, Persistent)):
             raise CorruptionError(self._path, f"the record holds two pickles, but the first "
                                   f"is {cls!r}, not a pstore.Persistent class", object_id=oid)
-        # Unpickling the class once per Store is enough: find_class resolved it.
-        self._classes[data[:start]] = cls
+        if trusted:
+            # Unpickling the class once per Store is enough: find_class resolved it.
+            self._classes[data[:start]] = cls
         obj = self._ids.get(oid)
         if obj is None:
             # In the map before its state loads: the state may refer to the object itself.
             obj = self._new_placeholder(cls, oid)
         elif status_of(obj) != GHOST:
             return obj
-        fill(obj, lambda: self._unpickler.load_bytes_at(data, start, buffers)[0])
+        fill(obj, lambda: unpickler.load_bytes_at(data, start, buffers)[0])
         return obj
 
     def _new_placeholder(self, cls: type[Persistent], oid: int) -> Persistent:

@@ -52,6 +52,9 @@ class StoreInfo:
     record_bytes: int
     blobs: int
     blob_bytes: int
+    #: The fingerprint (16 hex digits) of the signing key recorded when the store was
+    #: created (or first opened for writing by a pstore that signs); None if none was.
+    key_fingerprint: str | None = None
 
 
 def record_pickles(object_id: int, data: bytes) -> tuple[list[bytes], list[records.BlobRef]]:
@@ -59,8 +62,8 @@ def record_pickles(object_id: int, data: bytes) -> tuple[list[bytes], list[recor
     Persistent object's -- and the blobs its envelope lists, its digest not checked
     (nothing is loaded). ``pickle.UnpicklingError`` or ``ValueError`` if the bytes are
     not a record."""
-    pickle, blobs, _ = records.unpack(data, object_id, digest_required=False,
-                                      check_digest=False)
+    unpacked = records.unpack(data, object_id, digest_required=False, check_digest=False)
+    pickle, blobs = unpacked.payload, unpacked.blobs
     pickles = []
     position = 0
     while position < len(pickle):
@@ -172,12 +175,13 @@ def disassemble_record(object_id: int, data: bytes) -> str:
     return "".join(parts)
 
 
-def store_info(backend: ReadableBackend) -> StoreInfo:
-    """What :meth:`Store.info <pstore.store.Store.info>` returns, from ``backend``'s counts."""
+def store_info(backend: ReadableBackend, key_fingerprint: str | None) -> StoreInfo:
+    """What :meth:`Store.info <pstore.store.Store.info>` returns, from ``backend``'s counts
+    and the ``key_fingerprint`` the store records."""
     stats = backend.statistics()
     return StoreInfo(backend.path, backend.name, stats.module, stats.format_version,
                      backend.count_keys(), stats.records, stats.record_bytes, stats.blobs,
-                     stats.blob_bytes)
+                     stats.blob_bytes, key_fingerprint)
 
 
 def describe_items(path: str, items: Iterable[tuple[str, int, bytes | None]],

@@ -7,7 +7,7 @@ mapping; when the record pickler is offered an out-of-band buffer, a buffer that
 is exactly one noted mapping (same start, same length) is written as a reference
 to its blob. Entries go when their mapping is freed (a weak reference), so an
 address reused by a later mapping never names the wrong blob; a mapping closed
-explicitly is ignored.
+explicitly (an ``mmap`` has ``closed``) is ignored.
 """
 
 from __future__ import annotations
@@ -54,14 +54,18 @@ class MappedBlobs(Generic[Blob]):
         self._by_address: dict[int, tuple[int, weakref.ref[Any], Blob]] = {}
 
     def add(self, mapping: Any, blob: Blob) -> None:
-        """Note that ``mapping`` (an ``mmap``) holds exactly the bytes of ``blob``."""
+        """Note that ``mapping`` (an ``mmap``) holds exactly the bytes of ``blob``; a buffer
+        that cannot be weakly referenced (a backend's ``bytearray``) is not noted."""
         size = len(mapping)
         if not size:
             return
         address = buffer_address(mapping)
-        # The callback runs as the mapping is freed, before its memory is unmapped: no
-        # later mapping can have the address yet.
-        ref = weakref.ref(mapping, lambda dead: self._forget(address, dead))
+        try:
+            # The callback runs as the mapping is freed, before its memory is unmapped: no
+            # later mapping can have the address yet.
+            ref = weakref.ref(mapping, lambda dead: self._forget(address, dead))
+        except TypeError:
+            return
         self._by_address[address] = (size, ref, blob)
 
     def _forget(self, address: int, dead: weakref.ref[Any]) -> None:
@@ -78,6 +82,6 @@ class MappedBlobs(Generic[Blob]):
             return None
         size, mapping, blob = entry
         live = mapping()
-        if live is None or live.closed or buffer.nbytes != size:
+        if live is None or getattr(live, "closed", False) or buffer.nbytes != size:
             return None
         return blob

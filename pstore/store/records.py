@@ -6,34 +6,44 @@ envelopes"), little-endian:
 * byte 0: ``0xFF``, which no pickle starts with; byte 1: the envelope's version
   (2); byte 2: the payload's codec; 4 bytes: the number of blobs; 8 bytes: the
   payload's size, uncompressed;
-* per blob its codec (1 byte), the size of its buffer (8 bytes) and the digest
-  that names it (32 bytes), in the order the pickle's ``NEXT_BUFFER`` opcodes
-  take them;
+* per blob one byte holding its codec (low 4 bits) and the hash that names it
+  (high 4 bits: 0 the BLAKE2b tree of format version 3, 1 BLAKE3), the size of
+  its buffer (8 bytes) and the digest that names it (32 bytes), in the order the
+  pickle's ``NEXT_BUFFER`` opcodes take them;
 * the payload (one pickle, or a Persistent object's two), compressed with its codec;
-* a 16-byte digest of everything before it: keyed BLAKE2b, whose salt holds the
-  object id and the format version, so a record moved to another id or read as
-  another version does not verify. The key is ``b""`` today; a store's signing
-  key takes its place later without a change of layout.
+* a 40-byte trailer: the signer's key fingerprint (8 bytes; zeros: unsigned), a
+  16-byte digest of everything before it (unkeyed BLAKE2b: damage detection that
+  needs no key) and a 16-byte MAC of everything before it, digest included (BLAKE2b
+  keyed with the signer's key; zeros: unsigned). The salt of both holds the object id and the format
+  version, so a record moved to another id or read as another version fails them.
+
+A record whose fingerprint is the reader's is checked by its MAC alone (which
+also detects damage); any other by its digest, and reported not ``signed``.
 
 Stores of format version 2 hold records without a digest -- a plain pickle, or
 an envelope of version 1 (no payload size, no digest) -- which :func:`unpack`
 still reads when told they may be there.
 
-Codecs: 0 none, 1 zlib, 2 lzma. This module only encodes and decodes bytes;
+Codecs: 0 none, 1 zlib, 2 lzma, 3 zstd. This module only encodes and decodes bytes;
 blob I/O and compression are in :mod:`.blobio`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import struct
 from typing import Any, NamedTuple
 
+# hmac.compare_digest itself: hmac would import hashlib's OpenSSL at ``import pstore``.
+from _operator import _compare_digest as compare_digest
+
+from .._blake2 import blake2b
+from ..backends.blob_names import digest_of_name, name_of_digest
 from . import blobio
 from .blobio import CODECS, BlobRef
+from .signing import FINGERPRINT_SIZE, MAC_SIZE, Signer
 
-__all__ = ["BlobRef", "CODECS", "DIGEST_FORMAT_VERSION", "DIGEST_SIZE", "ENVELOPE", "Unpacked",
-           "pack", "unpack"]
+__all__ = ["BlobRef", "CODECS", "DIGEST_FORMAT_VERSION", "DIGEST_SIZE", "ENVELOPE",
+           "MAC_SIZE", "TRAILER_SIZE", "IntegrityMismatch", "Unpacked", "pack", "seal", "sign", "unpack"]
 
 #: The first byte of an envelope; a record starting with any other byte is a plain
 #: pickle (format version 2 only).
@@ -42,13 +52,21 @@ ENVELOPE = b"\xff"
 DIGEST_FORMAT_VERSION = 3
 #: Bytes of a record's digest.
 DIGEST_SIZE = 16
-_VERSION = 2            # the envelope's own version; 1 is format version 2's, without digest
+#: Bytes after an envelope's payload: fingerprint, digest, MAC.
+TRAILER_SIZE = FINGERPRINT_SIZE + DIGEST_SIZE + MAC_SIZE
+_UNSIGNED = bytes(FINGERPRINT_SIZE)
+_NO_MAC = bytes(MAC_SIZE)
+# The envelope's own version: 3 ends in the signed trailer; 2 (format versions 3 and 4
+# before signing) in the 16-byte digest alone; 1 (format version 2) in nothing.
+_VERSION = 3
+_DIGEST_VERSION = 2
 _OLD_VERSION = 1
 _HEADER = struct.Struct("<BBBIQ")   # ENVELOPE, version, payload codec, blobs, payload size
 _OLD_HEADER = struct.Struct("<BBBI")    # envelope version 1: no payload size
-_BLOB = struct.Struct("<BQ32s")     # codec, buffer size, digest
+_BLOB = struct.Struct("<BQ32s")     # codec | naming << 4, buffer size, digest
 _SALT = struct.Struct("<QB")        # object id, format version (BLAKE2b pads the salt)
 _PERSON = b"pstore-record"
+_MAC_PERSON = b"pstore-mac"
 #: Payloads shorter than this are not worth compressing.
 _COMPRESS_MIN = 512
 
@@ -58,28 +76,63 @@ class Unpacked(NamedTuple):
 
     payload: bytes          # the pickle(s), decompressed
     blobs: list[BlobRef]    # the out-of-band buffers, in order
-    verified: bool          # whether a digest vouched for these bytes (False: format 2)
+    verified: bool          # whether a digest or MAC vouched for these bytes (False: format 2)
+    signed: bool = False    # whether a MAC under the reader's key did
+
+
+class IntegrityMismatch(ValueError):
+    """A record's digest or MAC does not match its bytes: they changed after it was written."""
 
 
 _unpack_header = _HEADER.unpack_from
 
 
-def _new_unpacked(fields: tuple[bytes, list[BlobRef], bool]) -> Unpacked:
+def _new_unpacked(fields: tuple[bytes, list[BlobRef], bool, bool]) -> Unpacked:
     return tuple.__new__(Unpacked, fields)
 
 
-def _hasher(oid: int, key: bytes, first: memoryview | bytes) -> Any:
-    return hashlib.blake2b(first, digest_size=DIGEST_SIZE, key=key, person=_PERSON,
+def _hasher(oid: int, first: memoryview | bytes, key: bytes = b"",
+            person: bytes = _PERSON) -> Any:
+    return blake2b(first, digest_size=DIGEST_SIZE, key=key, person=person,
                            salt=_SALT.pack(oid, DIGEST_FORMAT_VERSION))
 
 
-def _digest(oid: int, body: memoryview | bytes, key: bytes) -> bytes:
-    return _hasher(oid, key, body).digest()
+def _trailer(oid: int, parts: tuple[memoryview | bytes, ...], signer: Signer | None) -> bytes:
+    """The trailer of a record whose bytes before it are ``parts`` (joined), minus the
+    fingerprint, which is hashed too: each part is hashed once, not copied."""
+    fingerprint = _UNSIGNED if signer is None else signer.fingerprint
+    digest = _hasher(oid, parts[0])
+    for part in parts[1:]:
+        digest.update(part)
+    digest.update(fingerprint)
+    checked = fingerprint + digest.digest()
+    if signer is None:
+        return checked + _NO_MAC
+    mac = _hasher(oid, parts[0], signer.mac_key, _MAC_PERSON)
+    for part in parts[1:]:
+        mac.update(part)
+    mac.update(checked)
+    return checked + mac.digest()
 
 
-def pack(oid: int, payload: bytes, blobs: list[BlobRef], codec: int, *, key: bytes = b"") -> bytes:
+def seal(oid: int, body: bytes, signer: Signer | None = None) -> bytes:
+    """``body`` (an envelope's header and payload) with its trailer: the record of object id
+    ``oid``, signed by ``signer`` (None: unsigned, as another key's records look to it)."""
+    return body + _trailer(oid, (body,), signer)
+
+
+def _pack_blob(blob: BlobRef) -> bytes:
+    found = digest_of_name(blob.name)
+    if found is None:
+        raise ValueError(f"{blob.name!r} is not a blob name")
+    naming, digest = found
+    return _BLOB.pack(blob.codec | naming << 4, blob.size, digest)
+
+
+def pack(oid: int, payload: bytes, blobs: list[BlobRef], codec: int,
+         signer: Signer | None = None) -> bytes:
     """The record of object id ``oid``: ``payload`` with out-of-band ``blobs``, compressed
-    with ``codec`` when that makes it smaller, and its digest under ``key``."""
+    with ``codec`` when that makes it smaller, signed by ``signer`` (None: unsigned)."""
     size = len(payload)
     if codec and size >= _COMPRESS_MIN:
         compressed = blobio.compress(codec, payload)
@@ -91,24 +144,40 @@ def pack(oid: int, payload: bytes, blobs: list[BlobRef], codec: int, *, key: byt
         codec = 0
     header = _HEADER.pack(ENVELOPE[0], _VERSION, codec, len(blobs), size)
     if blobs:
-        header += b"".join([_BLOB.pack(blob.codec, blob.size, bytes.fromhex(blob.name))
-                            for blob in blobs])
-    hasher = _hasher(oid, key, header)
-    hasher.update(payload)      # hashed apart: a large payload is copied once, not twice
-    return b"".join([header, payload, hasher.digest()])
+        header += b"".join([_pack_blob(blob) for blob in blobs])
+    # Hashed apart: a large payload is copied once (by the join), not twice.
+    return b"".join([header, payload, _trailer(oid, (header, payload), signer)])
 
 
-def unpack(data: bytes, oid: int, *, key: bytes = b"", digest_required: bool = True,
-           max_size: int = 1 << 30, check_digest: bool = True) -> Unpacked:
+def sign(data: bytes, oid: int, signer: Signer, *, digest_required: bool = True,
+         max_size: int = 1 << 30) -> bytes:
+    """Record ``oid`` (bytes ``data``) signed by ``signer``: its digest (if it has one) is
+    checked first, then its trailer replaced; a record of format version 2 becomes an
+    envelope (uncompressed). Raises what :func:`unpack` raises."""
+    unpacked = unpack(data, oid, digest_required=digest_required, max_size=max_size)
+    if data[:1] == ENVELOPE and data[1] == _VERSION:
+        return seal(oid, data[:len(data) - TRAILER_SIZE], signer)
+    if data[:1] == ENVELOPE and data[1] == _DIGEST_VERSION:
+        body = bytearray(data[:len(data) - DIGEST_SIZE])
+        body[1] = _VERSION
+        return seal(oid, bytes(body), signer)
+    return pack(oid, unpacked.payload, unpacked.blobs, 0, signer)
+
+
+def unpack(data: bytes, oid: int, *, signer: Signer | None = None,
+           digest_required: bool = True, max_size: int = 1 << 30,
+           check_digest: bool = True) -> Unpacked:
     """The payload, blobs and verification of record ``oid`` whose bytes are ``data``.
 
-    ``digest_required``: False only where the record may predate format version 3
-    (then a plain pickle or a version 1 envelope is read unverified).
-    ``check_digest``: False for tools that look at a record's bytes without loading
-    them (``pstore ls``, ``dis``): the digest is not compared, and the result is
-    never ``verified``. A payload
-    larger than it declares, or than ``max_size``, is not decompressed past that.
-    Raises ``ValueError`` saying what is wrong, before any payload byte is trusted.
+    A record whose fingerprint is ``signer``'s is checked by its MAC under that key
+    (then it is ``signed``), any other by its digest. ``digest_required``: False only
+    where the record may predate format version 3 (then a plain pickle or a version 1
+    envelope is read unverified). ``check_digest``: False for tools that look at a
+    record's bytes without loading them (``pstore ls``, ``dis``): neither digest nor
+    MAC is compared, and the result is never ``verified``. A payload larger than it
+    declares, or than ``max_size``, is not decompressed past that. Raises
+    :class:`IntegrityMismatch` for a failed digest or MAC, ``ValueError`` saying what
+    is wrong otherwise, before any payload byte is trusted.
     """
     if data[:1] != ENVELOPE:
         if digest_required:
@@ -116,39 +185,44 @@ def unpack(data: bytes, oid: int, *, key: bytes = b"", digest_required: bool = T
         return Unpacked(data, [], False)
     try:
         version = data[1]
-        if version == _VERSION:
+        if version == _VERSION or version == _DIGEST_VERSION:
             _, _, codec, count, size = _unpack_header(data)
             start = _HEADER.size
-            end = len(data) - DIGEST_SIZE
+            end = len(data) - (TRAILER_SIZE if version == _VERSION else DIGEST_SIZE)
             if end < start:
-                raise ValueError(f"the record is {len(data)} bytes, shorter than its header")
-            # A small record is cheaper to slice than to view.
-            body = data[:end] if end < 4096 else memoryview(data)[:end]
-            if check_digest and data[end:] != _digest(oid, body, key):
-                raise ValueError("the record's digest does not match its bytes")
+                raise ValueError(f"the record is {len(data)} bytes, shorter than its header "
+                                 f"and trailer")
+            signed = False
+            if check_digest:
+                if version == _VERSION:
+                    signed = _check(data, oid, end, signer)
+                elif data[end:] != _hasher(oid, data[:end]).digest():
+                    raise IntegrityMismatch("the record's digest does not match its bytes")
             if not (codec or count):    # the common case: a small plain record
                 if end - start != size:
                     raise ValueError(f"the payload is {end - start} bytes, its envelope "
                                      f"says {size}")
-                return _new_unpacked((data[start:end], [], check_digest))
+                return _new_unpacked((data[start:end], [], check_digest, signed))
             verified = check_digest
         elif version == _OLD_VERSION and not digest_required:
             _, _, codec, count = _OLD_HEADER.unpack_from(data)
-            start, end, size, verified = _OLD_HEADER.size, len(data), None, False
+            start, end, size, verified, signed = _OLD_HEADER.size, len(data), None, False, False
         else:
             raise ValueError(f"an envelope of version {version} (this pstore reads "
-                             f"{_VERSION}{'' if digest_required else f' and {_OLD_VERSION}'})")
+                             f"{_DIGEST_VERSION}, {_VERSION}"
+                             f"{'' if digest_required else f' and {_OLD_VERSION}'})")
         if codec not in blobio.CODEC_NAMES:
             raise ValueError(f"payload codec {codec} is unknown")
         if count * _BLOB.size > end - start:
             raise ValueError(f"the envelope lists {count} blobs, more than its bytes hold")
         blobs = []
         for _ in range(count):
-            blob_codec, blob_size, name = _BLOB.unpack_from(data, start)
+            form, blob_size, digest = _BLOB.unpack_from(data, start)
             start += _BLOB.size
+            blob_codec = form & 0x0F
             if blob_codec not in blobio.CODEC_NAMES:
                 raise ValueError(f"blob codec {blob_codec} is unknown")
-            blobs.append(BlobRef(name.hex(), blob_size, blob_codec))
+            blobs.append(BlobRef(name_of_digest(form >> 4, digest), blob_size, blob_codec))
         payload = data[start:end]
         if codec:
             limit = max_size if size is None else size
@@ -158,6 +232,27 @@ def unpack(data: bytes, oid: int, *, key: bytes = b"", digest_required: bool = T
             payload = blobio.decompress(codec, payload, limit)
         if size is not None and len(payload) != size:
             raise ValueError(f"the payload is {len(payload)} bytes, its envelope says {size}")
-        return _new_unpacked((payload, blobs, verified))
+        return _new_unpacked((payload, blobs, verified, signed))
     except (struct.error, IndexError) as error:
         raise ValueError(f"a truncated envelope ({error})") from None
+
+
+def _check(data: bytes, oid: int, end: int, signer: Signer | None) -> bool:
+    """Check the trailer of envelope ``data`` (its payload ends at ``end``): True if its MAC
+    verified under ``signer``'s key, False if its digest did (another signer, or none)."""
+    fingerprint = data[end:end + FINGERPRINT_SIZE]
+    mac_start = end + FINGERPRINT_SIZE + DIGEST_SIZE
+    if signer is not None and fingerprint == signer.fingerprint:
+        # A small record is cheaper to slice than to view.
+        covered = data[:mac_start] if end < 4096 else memoryview(data)[:mac_start]
+        mac = _hasher(oid, covered, signer.mac_key, _MAC_PERSON).digest()
+        if not compare_digest(data[mac_start:], mac):
+            raise IntegrityMismatch("the record's MAC does not verify under this store's key, "
+                                    "whose fingerprint it carries: its bytes changed after "
+                                    "it was written")
+        return True
+    body = data[:end + FINGERPRINT_SIZE] if end < 4096 else \
+        memoryview(data)[:end + FINGERPRINT_SIZE]
+    if data[end + FINGERPRINT_SIZE:mac_start] != _hasher(oid, body).digest():
+        raise IntegrityMismatch("the record's digest does not match its bytes")
+    return False

@@ -15,28 +15,31 @@ codec is :mod:`pstore.store.codec`, the writing side :mod:`pstore.store.transact
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import threading
 import weakref
-from collections.abc import (Callable, ItemsView, Iterator, Mapping, MappingView, MutableMapping,
-                             ValuesView)
+from collections.abc import (Callable, ItemsView, Iterable, Iterator, Mapping, MappingView,
+                             MutableMapping, ValuesView)
 from contextlib import AbstractContextManager, contextmanager
 from itertools import islice
-from typing import Any, Literal, cast, get_args
+from typing import TYPE_CHECKING, Any, Literal, cast, get_args
 
 from .. import engine
 from ..backends import Backend, ReadableBackend, detect_backend, open_backend
-from ..errors import (ArgumentError, ClosedError, InTransactionError, KeyTypeError,
-                      MissingClassError, MissingObjectError, ReadOnlyError, StorePicklingError)
-from . import blobio, inspection
-from . import compute as compute_once
+from ..errors import (ArgumentError, ClosedError, CorruptionError, InTransactionError,
+                      IntegrityError, KeyTypeError, MissingClassError, MissingObjectError,
+                      ReadOnlyError, StorePicklingError)
+from . import blobio, records
 from .codec import RecordLoader
 from .identity import IdentityMap
-from .persistent import GHOST, SAVED, Persistent, detach, ghostify, status_of
+from .persistent import GHOST, SAVED, Persistent, detach, ghostify, is_ghost, status_of
 from .renames import Renames
+from .signing import Signer, signer_for
 from .transaction import Transaction
 from .verify import VerifyReport, load_error, verify
+
+if TYPE_CHECKING:   # imported where used: compute-once and inspection are not on every path
+    from . import inspection
 
 __all__ = ["Store", "open", "DEFAULT_LOCK_TIMEOUT", "DEFAULT_BLOB_THRESHOLD",
            "DEFAULT_MAX_RECORD_SIZE"]
@@ -52,6 +55,11 @@ _FLAGS = ("r", "w", "c", "n")
 #: What iterating over values does with a record whose class is gone (``errors=``).
 LoadErrors = Literal["raise", "skip", "collect"]
 _LOAD_ERRORS = get_args(LoadErrors)
+#: The meta entry holding the fingerprint of the key the store was created with.
+_FINGERPRINT = "key_fingerprint"
+_END = object()
+#: At most this many key bindings are remembered for repeated gets (Store._key_oids).
+_KNOWN_KEYS_MAX = 1 << 16
 
 
 class Store(MutableMapping[str, Any]):
@@ -80,9 +88,11 @@ class Store(MutableMapping[str, Any]):
                  blob_threshold: int | None = DEFAULT_BLOB_THRESHOLD,
                  compression: str | None = None, readonly_buffers: bool = False,
                  max_record_size: int = DEFAULT_MAX_RECORD_SIZE,
+                 signer: Signer | None = None, allow: str | Iterable[str] = (),
                  renames: Renames | None = None) -> None:
         self._backend = backend
         self._renames = renames
+        self._signer = signer = signer_for(None) if signer is None else signer
         self._max_record_size = max_record_size
         self._path = backend.path
         self._read_only = backend.read_only or not isinstance(backend, Backend)
@@ -92,11 +102,26 @@ class Store(MutableMapping[str, Any]):
         self._txn = Transaction(self, cast(Backend, backend), self._ids, protocol=protocol,
                                 writeback=writeback and not self._read_only,
                                 blob_threshold=float("inf") if blob_threshold is None
-                                else blob_threshold, codec=blobio.CODECS[compression])
+                                else blob_threshold, codec=blobio.CODECS[compression],
+                                signer=signer)
         self._loader = RecordLoader(self, backend, self._ids, self._txn.pending,
                                     writable_buffers=not readonly_buffers,
-                                    max_record_size=max_record_size, renames=renames)
+                                    max_record_size=max_record_size, mapped=self._txn.mapped,
+                                    signer=signer, allow=allow, renames=renames)
+        fingerprint = backend.get_meta(_FINGERPRINT)
+        if not self._read_only and fingerprint is None:
+            # A new store (or one a pstore that did not sign made) records its key's.
+            with self._txn.backend.writing() as writing:
+                writing.set_meta(_FINGERPRINT, signer.fingerprint_hex)
+            fingerprint = signer.fingerprint_hex
+        # In a store made with this Store's key any record that does not verify was
+        # changed after it was written: an IntegrityError, whatever byte changed.
+        self._loader.own_store = fingerprint == signer.fingerprint_hex
         self._marker = backend.change_marker()
+        # key -> object id, as read outside a transaction since the change marker was last
+        # seen to change and since this Store last wrote: a repeated get of a key whose
+        # object is still loaded then costs one marker query instead of reading the key.
+        self._key_oids: dict[str, int] = {}
         self._closed = False
         _open_stores[id(self)] = self
 
@@ -127,6 +152,11 @@ class Store(MutableMapping[str, Any]):
         with self._lock:
             self._check_open()
             self._check_key(key)
+            depth = self._txn.depth
+            if not depth and key in self._key_oids:
+                obj = self._get_known(key)
+                if obj is not _END:
+                    return obj
             try:
                 item = self._backend.get_item(key)
                 if item is not None:
@@ -141,8 +171,28 @@ class Store(MutableMapping[str, Any]):
                 raise KeyError(key)
             if self._txn.writeback:
                 self._txn.cache.keep(oid, obj, data)
+            if not depth:
+                if len(self._key_oids) >= _KNOWN_KEYS_MAX:
+                    self._key_oids.clear()
+                self._key_oids[key] = oid
             self._ids.maybe_sweep()
             return obj
+
+    def _get_known(self, key: str) -> Any:
+        """Outside a transaction: the object of ``key`` answered from memory -- its binding
+        read earlier and its object still loaded -- once the change marker (one query)
+        says that no other process committed since; else ``_END``."""
+        try:
+            self._see_latest()      # drops _key_oids if another process committed
+        except Exception as error:
+            raise load_error(error, self._path, key=key, is_damage=self._backend.is_damage)
+        oid = self._key_oids.get(key)
+        obj = self._ids.get(oid) if oid is not None else None
+        if obj is None or is_ghost(obj):
+            return _END
+        if self._txn.writeback:
+            self._txn.cache.keep(oid, obj, None)
+        return obj
 
     def __setitem__(self, key: str, value: Any) -> None:
         with self._lock:
@@ -304,6 +354,8 @@ class Store(MutableMapping[str, Any]):
         and replaced. Not inside a :meth:`transaction` (its result would stay
         invisible to the others until the commit). See ``docs/datasets.md``.
         """
+        from . import compute as compute_once
+
         return compute_once.get_or_compute(self, key, compute, key_lock=self._key_lock,
                                            timeout=timeout, valid=valid)
 
@@ -318,6 +370,8 @@ class Store(MutableMapping[str, Any]):
         version of the function's code counts as missing. The decorated function
         has ``.key(*args, **kwargs)`` and ``.forget(*args, **kwargs)``.
         """
+        from . import compute as compute_once
+
         return compute_once.memoize(self, func, name=name, check_code=check_code)
 
     def sync(self) -> None:
@@ -361,7 +415,15 @@ class Store(MutableMapping[str, Any]):
         """Counts and sizes of what the store holds (``pstore info``); reads only."""
         with self._lock:
             self._check_open()
-            return inspection.store_info(self._backend)
+            from . import inspection
+
+            return inspection.store_info(self._backend, self._backend.get_meta(_FINGERPRINT))
+
+    @property
+    def key_fingerprint(self) -> str:
+        """The fingerprint (16 hex digits) of the key this Store signs with: records
+        carrying it load with full pickle semantics; safe to show."""
+        return self._signer.fingerprint_hex
 
     def describe(self, pattern: str | None = None) -> Iterator[tuple[str, inspection.RecordInfo]]:
         """``(key, RecordInfo)`` of each key (matching the glob ``pattern``, if given), read
@@ -369,6 +431,10 @@ class Store(MutableMapping[str, Any]):
         with self._lock:
             self._check_open()
             items = list(self._backend.iter_items())
+        import dataclasses
+
+        from . import inspection
+
         renames = self._renames
         for key, info in inspection.describe_items(self._path, items, pattern):
             # The class a record names, as renames= will load it.
@@ -394,7 +460,105 @@ class Store(MutableMapping[str, Any]):
         hashed again), unpickling nothing; return what was found (``report.ok``)."""
         with self._lock:
             self._check_open()
-            return verify(self._backend, max_record_size=self._max_record_size)
+            return verify(self._backend, max_record_size=self._max_record_size,
+                          signer=self._signer)
+
+    # -- safety: inspect, trust, load restricted (docs/safety.md) ----------------------------
+
+    def _record_ids(self, keys: str | Iterable[str] | None) -> list[int]:
+        """The object ids of every record (``keys`` None), or of those reachable from
+        ``keys`` (one key, or several) through their references, lazy ones included."""
+        backend = self._backend
+        if keys is None:
+            return [oid for oid, _, _ in backend.iter_records()]
+        todo = []
+        for key in [keys] if isinstance(keys, str) else keys:
+            self._check_key(key)
+            oid = backend.get_key(key)
+            if oid is None:
+                raise KeyError(key)
+            todo.append(oid)
+        seen: dict[int, None] = {}
+        while todo:
+            oid = todo.pop()
+            if oid not in seen:
+                seen[oid] = None
+                todo.extend(ref for ref in backend.refs_of(oid) if ref not in seen)
+        return list(seen)
+
+    def _record_bytes(self, oid: int) -> bytes:
+        data = self._backend.get_record(oid)
+        if data is None:
+            raise MissingObjectError(self._path, oid)
+        return data
+
+    def globals(self, key: str | None = None) -> list[str]:
+        """Every ``module.name`` the records reachable from ``key`` (or all records) would
+        import, across every pickle of each record (a Persistent object's state too),
+        sorted; nothing is unpickled or imported. What to review before :meth:`trust`."""
+        from . import inspection
+
+        with self._lock:
+            self._check_open()
+            found: set[str] = set()
+            pairs = ((oid, data) for oid, data, _ in self._backend.iter_records()) \
+                if key is None else ((oid, self._record_bytes(oid))
+                                     for oid in self._record_ids(key))
+            for oid, data in pairs:
+                try:
+                    names = inspection.globals_of_record(oid, data)
+                except Exception as error:
+                    raise load_error(error, self._path, key=key, object_id=oid,
+                                     is_damage=lambda _: True)
+                found.update(f"{module}.{name}" for module, name in names)
+            return sorted(found)
+
+    def trust(self, keys: str | Iterable[str] | None = None) -> int:
+        """Sign with this Store's key the records reachable from ``keys`` (one key or
+        several) or, with None, every record: from now on they load with full pickle
+        semantics. Review :meth:`globals` first: a trusted record runs what it names.
+        Each record's digest is checked before it is signed (damage is never signed).
+        One transaction; returns how many records were signed anew."""
+        with self._lock:
+            self._check_writable("trust records")
+            signed = 0
+            with self._transaction():
+                backend = self._txn.backend
+                for oid in self._record_ids(keys):
+                    data = self._record_bytes(oid)
+                    try:
+                        unpacked = records.unpack(data, oid, signer=self._signer,
+                                                  digest_required=oid >= backend.digests_from,
+                                                  max_size=self._max_record_size)
+                        if unpacked.signed:
+                            continue
+                        new = records.sign(data, oid, self._signer,
+                                           digest_required=oid >= backend.digests_from,
+                                           max_size=self._max_record_size)
+                    except records.IntegrityMismatch as error:
+                        raise IntegrityError(self._path, str(error), object_id=oid) from error
+                    except ValueError as error:
+                        raise CorruptionError(self._path, str(error), object_id=oid) from None
+                    refs = backend.refs_of(oid)
+                    eager = set(backend.refs_of(oid, lazy=False))
+                    backend.put_record(oid, new, refs,
+                                       lazy_refs=[ref for ref in refs if ref not in eager],
+                                       blobs=[blob.name for blob in unpacked.blobs])
+                    signed += 1
+            # Objects loaded restricted stay as they are; the next load is a full one.
+            self._invalidate()
+            return signed
+
+    def load_restricted(self, key: str, *, allow: str | Iterable[str] = ()) -> Any:
+        """The value of ``key`` loaded under restricted loading whatever its signature
+        (``pstore show``): only the data policy's globals, this Store's ``allow=`` and
+        ``allow`` resolve; anything else raises :class:`~pstore.errors.UntrustedError`.
+        Objects this Store loaded before are returned as they are."""
+        with self._lock:
+            self._check_open()
+            self._check_key(key)
+            with self._loader.restricting(allow):
+                return self[key]
 
     def close(self) -> None:
         """Commit the changed Persistent objects, write back the cache (``writeback=True``)
@@ -514,6 +678,7 @@ class Store(MutableMapping[str, Any]):
     def _invalidate(self) -> None:
         """Make every record load again: forget the plain objects loaded, and turn the
         Persistent objects without unsaved changes back into placeholders."""
+        self._key_oids.clear()
         self._ids.forget_loads()
         for obj in self._ids.persistent_objects():
             if status_of(obj) == SAVED:
@@ -526,6 +691,7 @@ class Store(MutableMapping[str, Any]):
 
     def _transaction(self, flush_cache: bool = False) -> AbstractContextManager[None]:
         """The write transaction's scope (joined if one is open)."""
+        self._key_oids.clear()  # the transaction may bind keys anew (or roll back)
         return self._txn.scope(flush_cache, self._see_latest, self._check_open)
 
     def _after_fork(self) -> None:
@@ -609,6 +775,7 @@ def open(path: str | bytes | os.PathLike[str] | os.PathLike[bytes], flag: str = 
          blob_threshold: int | None = DEFAULT_BLOB_THRESHOLD, compression: str | None = None,
          readonly_buffers: bool = False,
          max_record_size: int = DEFAULT_MAX_RECORD_SIZE,
+         key: bytes | None = None, allow: str | Iterable[str] = (),
          renames: Mapping[str, str] | None = None) -> Store:
     """Open the store at ``path`` and return a :class:`Store`.
 
@@ -642,7 +809,8 @@ def open(path: str | bytes | os.PathLike[str] | os.PathLike[bytes], flag: str = 
     blob beside the records, and loaded mapped into memory: copy-on-write (arrays
     come back writable; writes never reach the store) or, with
     ``readonly_buffers=True``, read-only. ``compression``: None (default),
-    ``"zlib"`` or ``"lzma"``, for the records and blobs this Store writes;
+    ``"zlib"``, ``"lzma"`` or ``"zstd"`` (``pip install 'pstore[zstd]'`` before
+    Python 3.14), for the records and blobs this Store writes;
     compressed blobs are decompressed into memory instead of mapped. Any store
     reads records and blobs whatever compression wrote them.
     ``max_record_size``: a record whose payload (decompressed) is larger is refused
@@ -656,11 +824,23 @@ def open(path: str | bytes | os.PathLike[str] | os.PathLike[bytes], flag: str = 
 
     Every record carries a digest checked on every read: damaged bytes raise
     :class:`~pstore.errors.CorruptionError` naming the key or object id.
+
+    Safe by default (``docs/safety.md``): every record this Store writes is signed
+    with ``key`` (bytes, 32 or more), else the key in the file ``$PSTORE_KEY_FILE``
+    names, else the user's own key file (created on first need). A record signed by
+    that key loads with full pickle semantics; one whose signature fails raises
+    :class:`~pstore.errors.IntegrityError`; any other (written with another key, by
+    a pstore before format version 3, or forged) loads restricted: only the data
+    policy's globals and those ``allow`` names (``["pkg.mod.Name", "pkg.mod.*"]``)
+    resolve, anything else raises :class:`~pstore.errors.UntrustedError`.
+    ``allow="*"`` turns that off (unsafe: any record may run any code).
     """
     if flag not in _FLAGS:
         raise ArgumentError("flag", flag, "one of 'r', 'w', 'c', 'n'")
     if compression not in blobio.CODECS:
-        raise ArgumentError("compression", compression, "None, 'zlib' or 'lzma'")
+        raise ArgumentError("compression", compression, "None, 'zlib', 'lzma' or 'zstd'")
+    if compression == "zstd":
+        blobio.zstd_module()    # MissingModuleError naming what to install, before any write
     if blob_threshold is not None and blob_threshold < 0:
         raise ArgumentError("blob_threshold", blob_threshold, ">= 0 or None")
     if protocol == -1:
@@ -669,6 +849,10 @@ def open(path: str | bytes | os.PathLike[str] | os.PathLike[bytes], flag: str = 
         raise ArgumentError("protocol", protocol,
                             f"between 0 and {engine.HIGHEST_PROTOCOL} (or -1)")
     checked_renames = None if renames is None else Renames(renames)
+    if isinstance(allow, str) and allow != "*":
+        raise ArgumentError("allow", allow, "'*' or a list of 'pkg.mod.Name'/'pkg.mod.*'")
+    allow = allow if isinstance(allow, str) else list(allow)
+    signer = signer_for(key)
     location = os.fsdecode(path)
     if backend is None:
         backend = detect_backend(location) or "sqlite"
@@ -677,7 +861,7 @@ def open(path: str | bytes | os.PathLike[str] | os.PathLike[bytes], flag: str = 
         store = Store(opened, protocol=protocol, writeback=writeback,
                       blob_threshold=blob_threshold, compression=compression,
                       readonly_buffers=readonly_buffers, max_record_size=max_record_size,
-                      renames=checked_renames)
+                      signer=signer, allow=allow, renames=checked_renames)
     except BaseException:
         opened.close()
         raise
@@ -686,6 +870,8 @@ def open(path: str | bytes | os.PathLike[str] | os.PathLike[bytes], flag: str = 
     store.reopen_arguments = (location, "r" if flag == "r" else "w", dict(
         backend=backend, protocol=protocol, writeback=writeback, lock_timeout=lock_timeout,
         fsync=fsync, blob_threshold=blob_threshold, compression=compression,
-        readonly_buffers=readonly_buffers, max_record_size=max_record_size,
+        readonly_buffers=readonly_buffers, max_record_size=max_record_size, allow=allow,
         renames=None if checked_renames is None else checked_renames.mapping))
+    if key is not None:     # else the other process finds the same key file
+        store.reopen_arguments[2]["key"] = key
     return store

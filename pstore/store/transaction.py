@@ -18,11 +18,13 @@ from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from ..backends.base import Backend
+from ..backends.base import Backend, RecordWrite
 from ..errors import ReferenceCycleError, UnstorableError
 from . import blobio, records
 from .codec import RecordPickler
 from .identity import IdentityMap, is_referable
+from .mapped import MappedBlobs
+from .signing import Signer
 from .persistent import (CHANGED, SAVED, DataManager, Persistent, attach, detach, ghostify,
                          set_status, status_of)
 
@@ -57,17 +59,22 @@ class Transaction:
 
     ``manager`` (held weakly) is the Store Persistent objects are attached to;
     ``ids`` its identity map; ``codec`` the compression codec of records and blobs.
-    Records are pickled with ``protocol``; out-of-band buffers of at least
-    ``blob_threshold`` bytes become blobs.
+    Records are pickled with ``protocol`` and signed by ``signer``; out-of-band
+    buffers of at least ``blob_threshold`` bytes become blobs.
     """
 
     def __init__(self, manager: DataManager, backend: Backend, ids: IdentityMap, *,
-                 protocol: int, writeback: bool, blob_threshold: float, codec: int) -> None:
+                 protocol: int, writeback: bool, blob_threshold: float, codec: int,
+                 signer: Signer) -> None:
         self._manager = weakref.ref(manager)
         self.backend = self._backend = backend
         self._path = backend.path
         self._ids = ids
         self._codec = codec
+        self._signer = signer
+        #: The blobs this Store has mapped (filled by its loader): a buffer that is one of
+        #: them is written as a reference to its blob, neither hashed nor copied.
+        self.mapped: MappedBlobs[records.BlobRef] = MappedBlobs()
         self._pickler = RecordPickler(protocol, ids.oid_of, self, blob_threshold)
         self.writeback = writeback
         self.depth = 0              # nesting depth of the open transaction (0: none)
@@ -183,7 +190,12 @@ class Transaction:
         return oid
 
     def write_blob(self, raw: memoryview) -> records.BlobRef:
-        """Store out-of-band buffer ``raw`` as a blob of this transaction."""
+        """Store out-of-band buffer ``raw`` as a blob of this transaction; a buffer that is
+        a blob this Store maps (a re-store) is a reference to that blob, if it is still
+        there (asked under the write lock: no gc can remove it before the commit)."""
+        mapped = self.mapped.find(raw)
+        if mapped is not None and self._backend.has_blob(mapped.name, mapped.size):
+            return mapped
         return blobio.write_blob(self._backend, raw, self._codec)
 
     def note_changed(self, obj: Persistent) -> None:
@@ -222,6 +234,7 @@ class Transaction:
         persistent = self._ids.persistent
         batch = list(pending.items())
         while batch:
+            writes: list[RecordWrite] = []    # sent to the backend together, once pickled
             for oid, (obj, key) in batch:
                 data, refs, blobs = self._pickle(obj, key, oid)
                 written.add(oid)
@@ -237,10 +250,14 @@ class Transaction:
                                 if isinstance(target, Persistent)}
                         if not isinstance(obj, Persistent):
                             eager[oid] = [ref for ref in refs if ref not in lazy]
-                self._backend.put_record(oid, data, refs, lazy_refs=lazy,
-                                         blobs=[blob.name for blob in blobs])
+                writes.append(RecordWrite(oid, data, refs, lazy,
+                                          [blob.name for blob in blobs] if blobs else ()))
                 if oid in cache.objects:
                     cache.baseline[oid] = data
+            if writes:
+                self._backend.put_records(writes)
+            if not referenced:
+                break
             # A referenced object whose record is gone (deleted by gc() or by releasing
             # its last key, here or in another process) is written again from memory;
             # so is a Persistent object first met while pickling (its object id is new).
@@ -249,7 +266,7 @@ class Transaction:
             old = unwritten - new
             missing = new | (old - self._backend.existing(old))
             batch = [(oid, (referenced[oid], None)) for oid in missing]
-        cyclic = self._closes_a_cycle(eager)
+        cyclic = self._closes_a_cycle(eager) if eager else None
         if cyclic is not None:
             raise ReferenceCycleError(self._path, self._describe(cyclic))
         for oid in self._released:
@@ -279,7 +296,7 @@ class Transaction:
             reason = (f"{error.what} in it: {error.reason}"
                       if isinstance(error, UnstorableError) else str(error))
             raise UnstorableError(self._path, what, reason) from error
-        return records.pack(oid, pickle, blobs, self._codec), refs, blobs
+        return records.pack(oid, pickle, blobs, self._codec, self._signer), refs, blobs
 
     def _describe(self, oid: int) -> str:
         entry = self.pending.get(oid)

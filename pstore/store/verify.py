@@ -14,14 +14,15 @@ import pickle
 import struct
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple
 
-from ..errors import CorruptionError, Error, FormatError, MissingClassError, MissingObjectError
+from ..errors import (CorruptionError, Error, FormatError, MissingClassError, MissingModuleError,
+                      MissingObjectError, UntrustedError)
 from . import blobio, records
 
 if TYPE_CHECKING:
     from ..backends import ReadableBackend
+    from .signing import Signer
 
 __all__ = ["Problem", "VerifyReport", "load_error", "verify"]
 
@@ -55,10 +56,13 @@ def load_error(error: Exception, path: str, *, is_damage: Callable[[Exception], 
     ``CorruptionError`` gains the key and a note names it too. A
     :class:`~pstore.errors.MissingClassError` gains the key and object id it lacks.
     """
-    if isinstance(error, CorruptionError):
-        if key is None or error.key is not None:
+    if isinstance(error, CorruptionError):     # IntegrityError too: the type is kept
+        if (key is None or error.key is not None) and \
+                (object_id is None or error.object_id is not None):
             return error
-        named = CorruptionError(error.path, error.what, key=key, object_id=error.object_id)
+        named = type(error)(error.path, error.what, key=error.key if key is None else key,
+                            object_id=object_id if error.object_id is None
+                            else error.object_id)
         named.__cause__ = error.__cause__
         return named
     if isinstance(error, MissingClassError):
@@ -72,6 +76,11 @@ def load_error(error: Exception, path: str, *, is_damage: Callable[[Exception], 
             object_id=error.object_id if error.object_id is not None else object_id)
         found.__cause__ = error.__cause__
         return found
+    if isinstance(error, UntrustedError):
+        if key is None or error.key is not None:
+            return error
+        return UntrustedError(error.path, error.reason, key=key, object_id=error.object_id,
+                              global_name=error.global_name)
     notes = getattr(error, "__notes__", None)
     noted = notes is not None and any(str(note).startswith(_NOTE) for note in notes)
     if noted:
@@ -87,8 +96,10 @@ def load_error(error: Exception, path: str, *, is_damage: Callable[[Exception], 
                                      f"has no record", key=key, object_id=error.object_id)
         corruption.__cause__ = error
         return corruption
-    if isinstance(error, Error) and not (decoded is None and is_damage(error)):
-        return error    # pstore's own (a missing object, a closed store, ...)
+    if (isinstance(error, Error) and not isinstance(error, MissingModuleError)
+            and not (decoded is None and is_damage(error))):
+        return error    # pstore's own (a missing object, a closed store, ...); a missing
+                        # module gets the note naming the record, below
     if decoded is None:
         damaged = is_damage(error)
         # A FormatError here is a blob's (missing, or of the wrong size): its reason says it.
@@ -124,28 +135,39 @@ class Problem(NamedTuple):
         return f"{place}: {self.what}" if place else self.what
 
 
-@dataclass
 class VerifyReport:
     """What :meth:`pstore.Store.verify` found.
 
     ``ok`` is True when ``problems`` is empty. The counts say how much was
     checked: records (``unverified`` of them have no digest: written before
-    format version 3), keys and distinct blobs.
+    format version 3; ``signed`` of them verified by a MAC under the Store's key, the
+    others load restricted), keys and distinct blobs.
     """
 
-    path: str
-    problems: list[Problem] = field(default_factory=list)
-    records: int = 0
-    unverified: int = 0
-    keys: int = 0
-    blobs: int = 0
+    # A plain class, not a dataclass: importing dataclasses (and inspect) would cost
+    # every ``import pstore`` several milliseconds.
+    def __init__(self, path: str, problems: list[Problem] | None = None, records: int = 0,
+                 unverified: int = 0, keys: int = 0, blobs: int = 0, signed: int = 0) -> None:
+        self.path = path
+        self.problems: list[Problem] = [] if problems is None else problems
+        self.records = records
+        self.unverified = unverified
+        self.keys = keys
+        self.blobs = blobs
+        self.signed = signed
+
+    def __repr__(self) -> str:
+        return (f"VerifyReport(path={self.path!r}, problems={self.problems!r}, "
+                f"records={self.records}, unverified={self.unverified}, keys={self.keys}, "
+                f"blobs={self.blobs}, signed={self.signed})")
 
     @property
     def ok(self) -> bool:
         return not self.problems
 
     def __str__(self) -> str:
-        head = (f"{self.path}: {self.records} records ({self.unverified} without digest), "
+        head = (f"{self.path}: {self.records} records ({self.unverified} without digest, "
+                f"{self.signed} signed by this key), "
                 f"{self.keys} keys, {self.blobs} blobs: "
                 f"{'ok' if self.ok else f'{len(self.problems)} problems'}")
         return "\n".join([head, *(f"  {problem}" for problem in self.problems)])
@@ -154,7 +176,7 @@ class VerifyReport:
 def _check_blob(backend: ReadableBackend, blob: records.BlobRef) -> str | None:
     """What is wrong with ``blob``'s file (its digest re-computed), or None."""
     # Imported here: the store layer names no backend module but for this check.
-    from ..backends.blobs import blob_digest
+    from ..backends.blob_names import blob_digest, naming_of
     try:
         if blob.codec:
             content = bytearray()
@@ -163,16 +185,18 @@ def _check_blob(backend: ReadableBackend, blob: records.BlobRef) -> str | None:
             blobio.read_blob(backend, blob, writable=False)     # decompresses as declared
         else:
             content = backend.get_blob(blob.name, blob.size, writable=False)
-        if blob_digest(content) != blob.name:
+        if blob_digest(content, naming_of(blob.name)) != blob.name:
             return "its file's bytes do not match its name (digest)"
     except Exception as error:
         return f"{type(error).__name__}: {error}"
     return None
 
 
-def verify(backend: ReadableBackend, *, max_record_size: int) -> VerifyReport:
-    """Check every record's digest, every reference's target, every key binding and every
-    blob's contents of ``backend``'s store; unpickle nothing. Read-only."""
+def verify(backend: ReadableBackend, *, max_record_size: int,
+           signer: Signer | None = None) -> VerifyReport:
+    """Check every record's digest (its MAC, for those ``signer`` signed), every reference's
+    target, every key binding and every blob's contents of ``backend``'s store; unpickle
+    nothing. Read-only."""
     report = VerifyReport(backend.path)
     problems = report.problems
     oids: set[int] = set()
@@ -186,12 +210,14 @@ def verify(backend: ReadableBackend, *, max_record_size: int) -> VerifyReport:
             oids.add(oid)
             refs_of[oid] = refs
             try:
-                unpacked = records.unpack(data, oid, digest_required=oid >= backend.digests_from,
+                unpacked = records.unpack(data, oid, signer=signer,
+                                          digest_required=oid >= backend.digests_from,
                                           max_size=max_record_size)
             except ValueError as error:
                 problems.append(Problem(str(error), object_id=oid))
                 continue
             report.unverified += not unpacked.verified
+            report.signed += unpacked.signed
             for blob in unpacked.blobs:
                 blobs.setdefault(blob.name, (blob, oid))
     except Exception as error:

@@ -17,7 +17,7 @@ from .conftest import fill
 
 WRITE_METHODS = {"new_oid", "put_record", "delete_record", "is_referenced", "reaches",
                  "put_blob", "bind_key", "unbind_key", "begin", "commit", "rollback", "gc",
-                 "collect_blobs", "key_lock", "vacuum", "writing"}
+                 "collect_blobs", "key_lock", "vacuum", "writing", "reserve_ids", "set_meta"}
 
 
 def test_the_writable_layer_is_apart_from_the_readable_one():

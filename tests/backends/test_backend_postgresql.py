@@ -12,6 +12,8 @@ import sys
 import time
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import pstore
 from pstore.backends import open_backend
@@ -25,7 +27,8 @@ from pstore.errors import (
 )
 
 psycopg = pytest.importorskip("psycopg", reason="psycopg is not installed")
-from pstore.backends.postgresql import BLOB_CHUNK, parse_location  # noqa: E402 (after the skip)
+from pstore.backends import postgresql  # noqa: E402 (after the skip)
+from pstore.backends.postgresql import BLOB_CHUNK, REFERRERS, parse_location  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -133,7 +136,7 @@ def test_flags_r_and_w_require_the_store_and_r_writes_nothing(pg_server, url, op
     assert reader.get_key("k") is not None and reader.count_keys() == 1
     # The server refuses writes in that session too.
     with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
-        reader._execute("delete_record", (1,))
+        reader._execute("delete_records", ([1],))
     assert sql(pg_server, f"SELECT xmin::text, commits FROM {store}.state") == before
 
 
@@ -376,3 +379,145 @@ def test_a_server_restart_under_an_open_store(pg_server, url):
             assert dict(other.items()) == {"k": {"v": 1}, "k2": {"v": 2}}
     finally:
         store.close()
+
+
+# -- what a write transaction knows ---------------------------------------------------------
+
+_KEYS = st.sampled_from(["a", "b", "c", "d", "e"])
+_OIDS = st.integers(1, 6)
+_ACTIONS = st.one_of(
+    st.tuples(st.just("bind"), _KEYS, _OIDS), st.tuples(st.just("unbind"), _KEYS),
+    st.tuples(st.just("get_key"), _KEYS), st.tuples(st.just("get_item"), _KEYS),
+    st.tuples(st.just("put"), _OIDS, st.frozensets(_OIDS, max_size=3)),
+    st.tuples(st.just("delete"), _OIDS), st.tuples(st.just("is_referenced"), _OIDS),
+    st.tuples(st.just("existing"), st.frozensets(_OIDS)), st.tuples(st.just("get_record"), _OIDS))
+_TRANSACTIONS = st.lists(st.tuples(st.integers(0, 1), st.lists(_ACTIONS, max_size=12),
+                                   st.booleans()), min_size=1, max_size=6)
+
+
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(transactions=_TRANSACTIONS)
+def test_write_transactions_of_two_connections_answer_as_a_model_does(
+        pg_server, monkeypatch, transactions):
+    """Keys and records answered from what a transaction knows, bind_key learning a few
+    bindings per query (KEY_BATCH 2, so ranges end), is_referenced answering the released
+    ids together: every answer is the model's, whichever connection committed last."""
+    monkeypatch.setattr(postgresql, "KEY_BATCH", 2)
+    url = pg_server.location()
+    backends = [open_backend("postgresql", url, "c", lock_timeout=10.0, fsync=False)
+                for _ in range(2)]
+    try:
+        _follow_the_model(backends, transactions)
+    finally:
+        for backend in backends:
+            backend.close()
+
+
+def _follow_the_model(backends, transactions):
+    keys: dict[str, int] = {}
+    records: dict[int, tuple[bytes, frozenset]] = {}
+    version = 0
+    for which, actions, commits in transactions:
+        backend = backends[which]
+        saved = dict(keys), dict(records)
+        backend.begin()
+        for action, *args in actions:
+            if action == "bind":
+                key, oid = args
+                assert backend.bind_key(key, oid) == keys.get(key)
+                keys[key] = oid
+            elif action == "unbind":
+                assert backend.unbind_key(args[0]) == keys.pop(args[0], None)
+            elif action == "get_key":
+                assert backend.get_key(args[0]) == keys.get(args[0])
+            elif action == "get_item":
+                oid = keys.get(args[0])
+                expected = None if oid is None else (oid, records.get(oid, (None,))[0])
+                item = backend.get_item(args[0])
+                assert (None if item is None else tuple(item)) == expected
+            elif action == "put":
+                oid, refs = args
+                version += 1
+                records[oid] = (f"{oid}.{version}".encode(), refs)
+                backend.put_record(oid, records[oid][0], refs)
+            elif action == "delete":
+                backend.delete_record(args[0])
+                records.pop(args[0], None)
+            elif action == "is_referenced":
+                oid = args[0]
+                assert backend.is_referenced(oid) == (
+                    oid in keys.values() or any(oid in refs for _, refs in records.values()))
+            elif action == "existing":
+                assert backend.existing(args[0]) == args[0] & records.keys()
+            else:
+                assert backend.get_record(args[0]) == records.get(args[0], (None,))[0]
+        if commits:
+            backend.commit()
+        else:
+            backend.rollback()
+            keys, records = saved
+        # The other connection, outside a transaction, reads what was committed.
+        other = backends[1 - which]
+        assert {key: other.get_key(key) for key in "abcde"} == {
+            key: keys.get(key) for key in "abcde"}
+        assert {oid: other.get_record(oid) for oid in range(1, 7)} == {
+            oid: records.get(oid, (None,))[0] for oid in range(1, 7)}
+
+
+def test_a_transaction_answers_what_it_knows_without_the_server(pg_server, url, opened):
+    """No round trip on a get whose freshness is known: with its connection terminated, a
+    transaction still answers the keys and records it read or wrote, and the keys of a
+    range it learnt; what it does not know is a lost connection."""
+    backend = opened(url)
+    write(backend, lambda: (backend.bind_key("held", 7), backend.put_record(7, b"seven", ())))
+    backend.begin()
+    assert tuple(backend.get_item("held")) == (7, b"seven")
+    assert backend.bind_key("m", 8) is None         # learns every key from "m" on: none
+    backend.put_record(8, b"eight", ())
+    sql(pg_server, "SELECT pg_terminate_backend(%s)", (backend._conn.info.backend_pid,))
+    assert tuple(backend.get_item("held")) == (7, b"seven")
+    assert tuple(backend.get_item("m")) == (8, b"eight")
+    assert backend.get_key("zebra") is None and backend.get_item("n") is None
+    assert backend.existing([7, 8]) == {7, 8}
+    with pytest.raises(ConnectionLostError):
+        backend.get_key("a")        # before "m": not known
+    assert not backend._in_transaction
+    assert backend.get_key("m") is None and backend.get_key("held") == 7    # rolled back
+
+
+def test_released_ids_are_unreferenced_once_their_referrers_are_deleted(url, opened):
+    """is_referenced answers the released ids from one query, and deletions after it count:
+    a chain of records released together is deleted link by link, as the Store does."""
+    backend = opened(url)
+    many = list(range(100, 101 + REFERRERS))     # more referrers than remembered
+
+    def setup():
+        backend.bind_key("x", 1)
+        backend.put_record(1, b"x", [2])            # 1 -> 2 -> 3
+        backend.put_record(2, b"y", [3])
+        backend.put_record(3, b"z", [])
+        backend.bind_key("w", 4)
+        backend.put_record(4, b"w", [])
+        for oid in many:
+            backend.put_record(oid, b"r", [4])
+            backend.bind_key(f"r{oid}", oid)
+    write(backend, setup)
+    backend.begin()
+    assert backend.bind_key("x", 9) == 1
+    assert backend.bind_key("w", 9) == 4
+    for oid in many:
+        assert backend.unbind_key(f"r{oid}") == oid
+    assert not backend.is_referenced(1)
+    backend.delete_record(1)
+    assert not backend.is_referenced(2)           # its one referrer is deleted now
+    backend.delete_record(2)
+    assert not backend.is_referenced(3)
+    backend.delete_record(3)
+    assert backend.is_referenced(4)               # many referrers, none deleted yet
+    for oid in many:
+        assert not backend.is_referenced(oid)
+        backend.delete_record(oid)
+    assert not backend.is_referenced(4)           # asked again after the deletions
+    backend.commit()
+    assert backend.existing([1, 2, 3, 4, *many]) == {4}

@@ -6,9 +6,19 @@ import hashlib
 import os
 import random
 
+import blake3
 import pytest
 
-from pstore.backends.blobs import LEAF_SIZE, BlobStore, blob_digest
+from pstore.backends.blobs import (
+    BLAKE2B_TREE,
+    BLAKE3,
+    LEAF_SIZE,
+    BlobStore,
+    blob_digest,
+    digest_of_name,
+    name_of_digest,
+    naming_of,
+)
 
 
 def reference_digest(data: bytes) -> str:
@@ -30,8 +40,33 @@ def data() -> bytes:
 
 
 @pytest.mark.parametrize("size", SIZES)
-def test_the_digest_is_the_documented_hash_tree(data, size):
-    assert blob_digest(data[:size]) == reference_digest(data[:size])
+def test_the_blake2b_digest_is_the_documented_hash_tree(data, size):
+    assert blob_digest(data[:size], BLAKE2B_TREE) == reference_digest(data[:size])
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_new_blobs_are_named_b3_and_their_blake3_digest(data, size):
+    assert blob_digest(data[:size]) == "b3-" + blake3.blake3(data[:size]).hexdigest()
+
+
+def test_the_blake3_name_of_nothing_is_the_published_test_vector():
+    assert blob_digest(b"") == ("b3-af1349b9f5f9a1a6a0404dea36dcc949"
+                                "9bcb25c9adc112b7cc9a93cae41f3262")
+
+
+def test_a_name_tells_its_hash_and_digest_and_nothing_else_is_a_name(data):
+    for naming in (BLAKE2B_TREE, BLAKE3):
+        name = blob_digest(data[:1000], naming)
+        assert naming_of(name) == naming
+        assert name_of_digest(*digest_of_name(name)) == name
+    hex64 = "ab" * 32
+    for odd in ["", hex64[:-1], hex64 + "0", hex64.upper(), "b3-" + hex64[:-1], "b3" + hex64,
+                "b2-" + hex64, "b3-" + hex64.upper(), "b3-../" + hex64[6:], hex64[:-1] + "g"]:
+        assert digest_of_name(odd) is None, odd
+        with pytest.raises(ValueError, match="not a blob name"):
+            naming_of(odd)
+    with pytest.raises(ValueError, match="blob naming 2 is unknown"):
+        name_of_digest(2, bytes(32))
 
 
 @pytest.mark.parametrize("size", SIZES)

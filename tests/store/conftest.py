@@ -91,15 +91,16 @@ def counting_opener(backend_name: str, path: str) -> Iterator:
     """open(flag="c", **store_options) -> a Store whose backend counts what it reads and writes.
 
     ``store.counts`` (the backend's) has "reads" (records read: get_record, get_item,
-    each row of iter_items), "writes" (put_record calls) and "markers" (change_marker
-    calls). A real backend of the test's kind underneath: the subclass only counts.
+    each row of iter_items), "writes" (records written by put_record or put_records),
+    "markers" (change_marker calls) and "blob_puts" (put_blob calls). A real backend of
+    the test's kind underneath: the subclass only counts.
     """
     module_name, class_name = BACKENDS[backend_name].split(":")
     real = getattr(importlib.import_module(module_name), class_name)
 
     class Counting(real):
         def __init__(self, *args, **kwargs) -> None:
-            self.counts = {"reads": 0, "writes": 0, "markers": 0}
+            self.counts = {"reads": 0, "writes": 0, "markers": 0, "blob_puts": 0}
             super().__init__(*args, **kwargs)
 
         def get_record(self, oid):
@@ -120,8 +121,24 @@ def counting_opener(backend_name: str, path: str) -> Iterator:
             return super().change_marker()
 
         def put_record(self, *args, **kwargs):
-            self.counts["writes"] += 1
+            if not self.batching:   # put_records counted it already
+                self.counts["writes"] += 1
             return super().put_record(*args, **kwargs)
+
+        batching = False
+
+        def put_records(self, records):
+            records = list(records)
+            self.counts["writes"] += len(records)
+            self.batching = True
+            try:
+                return super().put_records(records)
+            finally:
+                self.batching = False
+
+        def put_blob(self, chunks):
+            self.counts["blob_puts"] += 1
+            return super().put_blob(chunks)
 
     opened: list[pstore.Store] = []
 

@@ -40,3 +40,20 @@ class Tagged(pstore.Persistent):
 
     def __setstate__(self, state: tuple) -> None:
         self.tag = state[1]
+
+
+class Shell:
+    """Pickles to a call of os.system: what a hostile record does (never load it trusted)."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (self.command,)
+
+    def __setstate__(self, state):     # what a NEWOBJ+BUILD gadget calls
+        import os
+
+        os.system(state)

@@ -47,6 +47,12 @@ def snapshot(folder: str) -> dict[str, tuple[int, int, str]]:
     return result
 
 
+def fan_out_of(name: str) -> str:
+    """The fan-out folder of a new blob: the first two digits after "b3-"."""
+    assert name.startswith("b3-")
+    return name[3:5]
+
+
 def stored_blob(opener, path: str) -> str:
     """Store ARRAY under key "a" and return its blob's name."""
     with opener() as store:
@@ -87,12 +93,13 @@ def test_a_fan_out_folder_replaced_by_a_link_is_refused_at_load_and_write(opener
                                                                           tmp_path):
     home = outside_folder(tmp_path)
     name = stored_blob(opener, path)
-    fan_out = os.path.join(path + ".blobs", name[:2])
+    fan = fan_out_of(name)
+    fan_out = os.path.join(path + ".blobs", fan)
     os.rename(fan_out, fan_out + "-moved")
-    os.mkdir(os.path.join(home, name[:2]))
-    with open(os.path.join(home, name[:2], name), "wb") as file:    # other bytes, same size
+    os.mkdir(os.path.join(home, fan))
+    with open(os.path.join(home, fan, name), "wb") as file:    # other bytes, same size
         file.write(bytes(ARRAY.nbytes))
-    os.symlink(os.path.join(home, name[:2]), fan_out)
+    os.symlink(os.path.join(home, fan), fan_out)
     before = snapshot(home)
     with opener() as store:
         with pytest.raises(pstore.Error) as raised:
@@ -122,8 +129,8 @@ def test_a_symlinked_blob_folder_is_refused_and_left_alone(opener, path, tmp_pat
 def test_a_folder_where_a_blob_file_belongs_is_reported_not_an_isadirectoryerror(
         opener, path, tmp_path):
     name = stored_blob(opener, path)
-    fan_out = os.path.join(path + ".blobs", name[:2])
-    planted = os.path.join(fan_out, name[:2] + "f" * 62)
+    fan_out = os.path.join(path + ".blobs", fan_out_of(name))
+    planted = os.path.join(fan_out, "b3-" + fan_out_of(name) + "f" * 62)
     os.mkdir(planted)
     with open(os.path.join(planted, "inside"), "wb") as file:
         file.write(b"kept")
@@ -141,7 +148,7 @@ def test_a_folder_where_a_blob_file_belongs_is_reported_not_an_isadirectoryerror
 def test_a_blob_file_replaced_by_a_symlink_is_refused_at_load(opener, path, tmp_path):
     home = outside_folder(tmp_path)
     name = stored_blob(opener, path)
-    blob = os.path.join(path + ".blobs", name[:2], name)
+    blob = os.path.join(path + ".blobs", fan_out_of(name), name)
     target = os.path.join(home, "id_rsa")
     os.unlink(blob)
     os.symlink(target, blob)
@@ -180,9 +187,9 @@ def test_odd_names_and_files_are_skipped_and_listed(opener, path):
     planted = {
         os.path.join(folder, "README"): "file",
         os.path.join(folder, "zz"): "folder",                               # not hex
-        os.path.join(folder, name[:2], name.upper()): "file",               # not our spelling
-        os.path.join(folder, name[:2], name[:63]): "file",                  # too short
-        os.path.join(folder, name[:2], "cd" + name[2:]): "file",            # wrong fan-out
+        os.path.join(folder, fan_out_of(name), name.upper()): "file",       # not our spelling
+        os.path.join(folder, fan_out_of(name), name[:-1]): "file",          # too short
+        os.path.join(folder, fan_out_of(name), "b3-cd" + name[5:]): "file", # wrong fan-out
     }
     for entry, kind in planted.items():
         if kind == "folder":

@@ -24,8 +24,8 @@ _LIMIT_KB = 100 * 1024      # 100 MB, in ru_maxrss's unit (KiB on Linux)
 
 def _bomb(codec: str, megabytes: int) -> bytes:
     """A stream that inflates to ``megabytes`` MiB of zeros."""
-    compressor = (zlib.compressobj(9) if codec == "zlib"
-                  else lzma.LZMACompressor(preset=0))
+    compressor = {"zlib": lambda: zlib.compressobj(9), "lzma": lambda: lzma.LZMACompressor(preset=0),
+                  "zstd": lambda: records.blobio._compressor(records.CODECS["zstd"])}[codec]()
     zeros = bytes(1 << 20)
     return b"".join([*(compressor.compress(zeros) for _ in range(megabytes)),
                      compressor.flush()])
@@ -33,17 +33,16 @@ def _bomb(codec: str, megabytes: int) -> bytes:
 
 @pytest.fixture(scope="module")
 def bombs() -> dict[str, bytes]:
-    return {"zlib": _bomb("zlib", 400), "lzma": _bomb("lzma", 200)}
+    return {"zlib": _bomb("zlib", 400), "lzma": _bomb("lzma", 200), "zstd": _bomb("zstd", 400)}
 
 
 def _envelope(oid: int, codec: int, declared: int, payload: bytes,
               blobs: list[records.BlobRef] = ()) -> bytes:
     """A record whose digest verifies, with whatever it declares (a forger needs no key)."""
     body = records._HEADER.pack(0xFF, records._VERSION, codec, len(blobs), declared)
-    body += b"".join(records._BLOB.pack(blob.codec, blob.size, bytes.fromhex(blob.name))
-                     for blob in blobs)
+    body += b"".join(records._pack_blob(blob) for blob in blobs)
     body += payload
-    return body + records._digest(oid, body, b"")
+    return records.seal(oid, body)
 
 
 def _peak_of_loading(path: str, key: str) -> tuple[str, int]:
@@ -76,7 +75,7 @@ def _replace_record(path: str, key: str, make: callable) -> int:
     return oid
 
 
-@pytest.mark.parametrize("codec", ["zlib", "lzma"])
+@pytest.mark.parametrize("codec", ["zlib", "lzma", "zstd"])
 @pytest.mark.parametrize("declared", [1000, 1 << 40])
 def test_a_record_bomb_stops_at_its_declared_size_or_the_limit(tmp_path, bombs, codec,
                                                                  declared):
@@ -95,7 +94,7 @@ def test_a_record_bomb_stops_at_its_declared_size_or_the_limit(tmp_path, bombs, 
     assert added < _LIMIT_KB, f"{added} KiB"
 
 
-@pytest.mark.parametrize("codec", ["zlib", "lzma"])
+@pytest.mark.parametrize("codec", ["zlib", "lzma", "zstd"])
 def test_a_blob_bomb_stops_at_the_size_its_record_declares(tmp_path, bombs, codec):
     path = str(tmp_path / "store.db")
     with pstore.open(path, compression=codec) as store:

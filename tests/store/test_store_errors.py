@@ -93,7 +93,7 @@ def test_non_str_key_raises_key_type_error(store, key):
 
 @pytest.mark.parametrize(("options", "name"), [
     ({"flag": "x"}, "flag"), ({"protocol": 6}, "protocol"), ({"protocol": -2}, "protocol"),
-    ({"compression": "zstd"}, "compression"), ({"blob_threshold": -1}, "blob_threshold"),
+    ({"compression": "brotli"}, "compression"), ({"blob_threshold": -1}, "blob_threshold"),
     ({"backend": "nope"}, "backend"), ({"backend": "sqlite:variant"}, "backend"),
 ])
 def test_bad_open_arguments_raise_argument_error_naming_the_argument(path, options, name):
