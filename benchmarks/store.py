@@ -82,7 +82,7 @@ from typing import Any
 REPOSITORY = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPOSITORY))
 
-import pstore  # (needs the repository on sys.path)
+import pstore  # noqa: E402 (needs the repository on sys.path)
 
 try:
     import persistent
@@ -965,8 +965,9 @@ def print_table(table: Table, references: list[str]) -> None:
         lines.append(cells)
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     for number, line in enumerate(lines):
+        cells = zip(line, widths, strict=True)
         print("| " + " | ".join(cell.ljust(width) if i < 2 else cell.rjust(width)
-                                for i, (cell, width) in enumerate(zip(line, widths))) + " |")
+                                for i, (cell, width) in enumerate(cells)) + " |")
         if number == 0:
             print("|" + "|".join("-" * (width + 2) if i < 2 else "-" * (width + 1) + ":"
                                  for i, width in enumerate(widths)) + "|")
@@ -998,7 +999,8 @@ def print_targets(table: Table) -> None:
         for mine in ours:
             ratio = table.speedup(mine, peer, rows[key])
             verdicts.append(f"{mine.name} " + ("not comparable" if ratio is None else
-                                               f"{ratio:.2f} {'met' if ratio >= least else 'NOT met'}"))
+                                               f"{ratio:.2f} "
+                                               f"{'met' if ratio >= least else 'NOT met'}"))
         lines.append(f"  {what:56} " + "; ".join(verdicts))
     for what, key, most in COLD_TARGETS:
         if key not in rows:

@@ -6,12 +6,32 @@
 
 from __future__ import annotations
 
-from .errors import (ArgumentError, ClosedError, ConnectionLostError, CorruptionError, Error,
-                     FormatError, InTransactionError, IntegrityError, KeyFileError, KeyTypeError,
-                     LockTimeoutError, MissingClassError, MissingModuleError, MissingObjectError,
-                     PersistentClassError, ReadOnlyError, ReferenceCycleError,
-                     ServerLockTimeoutError, StorePicklingError, UnsafeFileError, UnstorableError,
-                     UntrustedError)
+from typing import TYPE_CHECKING
+
+from .errors import (
+    ArgumentError,
+    ClosedError,
+    ConnectionLostError,
+    CorruptionError,
+    Error,
+    FormatError,
+    IntegrityError,
+    InTransactionError,
+    KeyFileError,
+    KeyTypeError,
+    LockTimeoutError,
+    MissingClassError,
+    MissingModuleError,
+    MissingObjectError,
+    PersistentClassError,
+    ReadOnlyError,
+    ReferenceCycleError,
+    ServerLockTimeoutError,
+    StorePicklingError,
+    UnsafeFileError,
+    UnstorableError,
+    UntrustedError,
+)
 from .store import Store, open
 from .store.persistent import Persistent, PersistentDict, PersistentList
 
@@ -30,6 +50,10 @@ __all__ = [
 
 # Imported at first use, not by ``import pstore`` (cold start: docs/store.md, "Speed").
 _LAZY = {"convert": "pstore.migrate", "convert_shelve": "pstore.migrate", "copy": "pstore.migrate"}
+
+
+if TYPE_CHECKING:   # what the lazy names are, for type checkers
+    from .migrate import convert, convert_shelve, copy
 
 
 def __getattr__(name: str) -> object:

@@ -18,6 +18,7 @@ the key back for literals). A ``repr`` that equals another source key is refused
 
 from __future__ import annotations
 
+import builtins
 import io
 import os
 import sqlite3
@@ -29,7 +30,7 @@ from itertools import islice
 from typing import Any
 
 from . import engine
-from .backends import Backend, detect_backend, open_backend
+from .backends import Backend, ReadableBackend, detect_backend, open_backend
 from .errors import CorruptionError, Error
 from .store import DEFAULT_LOCK_TIMEOUT, open, records
 
@@ -76,7 +77,7 @@ def detect_kind(source: str | os.PathLike[str]) -> str:
             return "diskcache"
         raise ConvertError(path, "a folder without diskcache's cache.db")
     if os.path.isfile(path):
-        with io.open(path, "rb") as file:
+        with builtins.open(path, "rb") as file:
             head = file.read(16)
         if head[:4] in (b"FS21", b"FS30"):     # FileStorage's magic, Python 2 and 3
             return "zodb"
@@ -358,7 +359,7 @@ class _DiskCacheSource(_Source):
                                            f"{key!r}: {error.strerror}") from error
         finally:
             os.close(fd)
-        with io.open(file_fd, "rb") as file:
+        with builtins.open(file_fd, "rb") as file:
             if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
                 raise ConvertError(self._path, f"the value file {filename!r} of key {key!r} "
                                                f"is not a regular file")
@@ -615,6 +616,9 @@ def copy(source: str | os.PathLike[str], target: str | os.PathLike[str], *,
         writer = open_backend(backend or detect_backend(target_path) or "sqlite", target_path,
                               flag, lock_timeout=lock_timeout, fsync=fsync)
         try:
+            if not isinstance(writer, Backend):     # a reader-only backend (shelve)
+                raise CopyError(source_path, target_path, f"backend {type(writer).__name__} "
+                                f"cannot write a store")
             return _copy_records(reader, writer, progress)
         finally:
             writer.close()
@@ -628,7 +632,7 @@ def _same_location(first: str, second: str) -> bool:
     return os.path.realpath(first) == os.path.realpath(second)
 
 
-def _copy_records(reader: Backend, writer: Backend,
+def _copy_records(reader: ReadableBackend, writer: Backend,
                   progress: Callable[[int], None] | None) -> int:
     """Copy every record, blob and key of ``reader`` into the empty ``writer``, in one
     transaction of ``writer``."""
@@ -676,7 +680,7 @@ def _copy_records(reader: Backend, writer: Backend,
     return count
 
 
-def _checked_record(reader: Backend, oid: int, data: bytes) -> tuple[bytes, set[str]]:
+def _checked_record(reader: ReadableBackend, oid: int, data: bytes) -> tuple[bytes, set[str]]:
     """``(data, blob names)`` of record ``oid`` as the target gets it: its digest checked,
     and given one if it was written before format version 3."""
     try:

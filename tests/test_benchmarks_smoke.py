@@ -111,7 +111,7 @@ def test_store_benchmark_quick_run_prints_issue_14s_table() -> None:
     assert header[:3 + len(installed)] == ["workload", "unit", "pstore", *installed]
     assert "pstore ÷ best" in header
     assert all(len(row) == len(header) for row in rows)
-    by_label = {row[0]: dict(zip(header, row)) for row in rows}
+    by_label = {row[0]: dict(zip(header, row, strict=True)) for row in rows}
     for label in ("300 single sets, one commit each", "300 random-order gets after reopening",
                   "3,000 records in one transaction", "read-back of those 3,000 after reopening",
                   "100 objects sharing one 10 KB object, write",

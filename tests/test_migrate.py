@@ -239,7 +239,8 @@ def test_copy_imports_nothing_of_the_source(tmp_path: Path) -> None:
     script = f"""
 import sys, pstore
 looked_up = []
-sys.addaudithook(lambda event, args: looked_up.append(args) if event == "pickle.find_class" else None)
+sys.addaudithook(lambda event, args:
+                 looked_up.append(args) if event == "pickle.find_class" else None)
 pstore.copy({source!r}, {target!r})
 print(len(looked_up))
 with pstore.open({target!r}, "r") as store:

@@ -26,7 +26,6 @@ import warnings
 from collections.abc import Collection, Iterable, Iterator
 from typing import Any, NamedTuple
 
-from .._blake2 import blake2b
 from ..errors import ClosedError, CorruptionError, FormatError
 from .blob_names import (
     BLAKE2B_TREE,

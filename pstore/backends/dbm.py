@@ -34,17 +34,57 @@ from ..errors import ClosedError, CorruptionError, Error, FormatError, ReadOnlyE
 from . import journal
 from .base import Backend, Statistics, binding_seal, check_meta_name, check_reserved
 from .blobs import BlobStore, LocalBlobs
-from .dbm_layout import (CHECK, DIGESTS_FROM, FORMAT, FORMAT_KEY, FORMAT_NAME, FORMAT_VERSION,
-                         FREE_PAGES,
-                         KEY_COUNT, MAX_OID, NEXT_OID, OPEN_PAGE, PAGE_COUNT, PAGE_KEYS, VERSION,
-                         blobs_key, check_meta, count_key, encode_key, key_key, lazy_key,
-                         meta_digest, pack_ints, pack_names, pack_page, page_key, record_key,
-                         refs_key, unpack_ints, unpack_names, unpack_page)
-from .dbm_modules import (MODULES, SUFFIXES, choose_module, remove_rewrite_leftovers,
-                          rewrite_pending, whichdb)
-from .files import (INHERITED, ApplyLocks, FileLock, fsync_directory, fsync_file, key_lock_file,
-                    remove_files,
-                    require_existing, store_owner)
+from .dbm_layout import (
+    CHECK,
+    DIGESTS_FROM,
+    FORMAT,
+    FORMAT_KEY,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    FREE_PAGES,
+    KEY_COUNT,
+    MAX_OID,
+    NEXT_OID,
+    OPEN_PAGE,
+    PAGE_COUNT,
+    PAGE_KEYS,
+    VERSION,
+    blobs_key,
+    check_meta,
+    count_key,
+    encode_key,
+    key_key,
+    lazy_key,
+    meta_digest,
+    pack_ints,
+    pack_names,
+    pack_page,
+    page_key,
+    record_key,
+    refs_key,
+    unpack_ints,
+    unpack_names,
+    unpack_page,
+)
+from .dbm_modules import (
+    MODULES,
+    SUFFIXES,
+    choose_module,
+    remove_rewrite_leftovers,
+    rewrite_pending,
+    whichdb,
+)
+from .files import (
+    INHERITED,
+    ApplyLocks,
+    FileLock,
+    fsync_directory,
+    fsync_file,
+    key_lock_file,
+    remove_files,
+    require_existing,
+    store_owner,
+)
 
 __all__ = ["FORMAT_KEY", "FORMAT_NAME", "FORMAT_VERSION", "MODULES", "DBMBackend",
            "choose_module"]

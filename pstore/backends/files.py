@@ -257,7 +257,7 @@ class FileLock:
         self._owner = owner
         self._names_holder = names_holder
         self._fd: int | None = None
-        self._portable: object | None = None   # a filelock.FileLock
+        self._portable: Any = None   # a filelock.FileLock (imported only where it is used)
         if fcntl is None:
             import filelock  # only where flock is missing
 

@@ -31,7 +31,8 @@ Choices, and why:
 * **A write transaction knows what it read and wrote** (:class:`_Known`): no other
   connection commits while it holds the lock, so a key or record it has seen is
   answered from memory, ``bind_key`` learns the bindings of the next keys
-  with the one it needs (16 at first in a transaction, twice as many each time after), and ``is_referenced`` asks about all the ids the
+  with the one it needs (16 at first in a transaction, twice as many each time after), and
+  ``is_referenced`` asks about all the ids the
   transaction's keys released in one query. What it knows is kept for the next
   write transaction if the counter says no one else committed meanwhile, and
   dropped on rollback. Reads outside a transaction always ask the server.
@@ -57,8 +58,14 @@ from contextlib import contextmanager
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
-from ..errors import (ClosedError, ConnectionLostError, FormatError, LockTimeoutError,
-                      ReadOnlyError, ServerLockTimeoutError)
+from ..errors import (
+    ClosedError,
+    ConnectionLostError,
+    FormatError,
+    LockTimeoutError,
+    ReadOnlyError,
+    ServerLockTimeoutError,
+)
 from .base import Backend, Statistics, check_meta_name, check_reserved
 from .blob_names import BlobHasher  # the blob names of the file backends, over a stream of chunks
 
@@ -175,12 +182,14 @@ SET data = EXCLUDED.data, refs = EXCLUDED.refs, lazy = EXCLUDED.lazy, blobs = EX
 _DELETE_RECORDS = "DELETE FROM {s}.records WHERE oid = ANY(%s::bigint[])"
 _EXISTING = "SELECT oid FROM {s}.records WHERE oid = ANY(%s::bigint[])"
 _IS_REFERENCED = ("SELECT EXISTS (SELECT 1 FROM {s}.keys WHERE oid = %(oid)s)"
-                  " OR EXISTS (SELECT 1 FROM {s}.records WHERE refs @> ARRAY[%(oid)s::bigint] AND refs <> '{{}}')")
+                  " OR EXISTS (SELECT 1 FROM {s}.records"
+                  " WHERE refs @> ARRAY[%(oid)s::bigint] AND refs <> '{{}}')")
 # For each object id: whether a key is bound to it, and up to REFERRERS + 1 records referring
 # to it (more than REFERRERS: "many").
 _REFERRERS = """
 SELECT c.oid, EXISTS (SELECT 1 FROM {s}.keys k WHERE k.oid = c.oid),
-       ARRAY(SELECT r.oid FROM {s}.records r WHERE r.refs @> ARRAY[c.oid] AND r.refs <> '{{}}' LIMIT {referrers} + 1)
+       ARRAY(SELECT r.oid FROM {s}.records r
+             WHERE r.refs @> ARRAY[c.oid] AND r.refs <> '{{}}' LIMIT {referrers} + 1)
 FROM unnest(%s::bigint[]) AS c (oid)
 """
 _REFS_OF = "SELECT refs FROM {s}.records WHERE oid = %s"
@@ -338,7 +347,7 @@ def _batch(name: str, rows: list[Any]) -> tuple[list[Any], ...]:
     if name == "delete_records":
         return (rows,)
     latest = list({row[0]: row for row in rows}.values())
-    return tuple(list(column) for column in zip(*latest))
+    return tuple(list(column) for column in zip(*latest, strict=True))
 
 
 class _Known:
@@ -375,7 +384,7 @@ class _Known:
         self.keys.update(rows)
         last = None if complete else rows[-1][0]
         merged: list[tuple[bytes, bytes | None]] = []
-        for start, end in sorted([*zip(self._firsts, self._lasts), (first, last)],
+        for start, end in sorted([*zip(self._firsts, self._lasts, strict=True), (first, last)],
                                  key=lambda item: item[0]):
             if merged:
                 before_start, before_end = merged[-1]
@@ -441,7 +450,8 @@ class PostgreSQLBackend(Backend):
         self._sql = {name: statement.format(
             # lock_objid: the key as pg_locks shows it (an oid, unsigned)
             s=schema, lock_class=LOCK_CLASS, lock_key=lock_key, lock_objid=lock_key & 0xFFFFFFFF,
-            oid_block=OID_BLOCK, referrers=REFERRERS, format_name=FORMAT_NAME, format_version=FORMAT_VERSION)
+            oid_block=OID_BLOCK, referrers=REFERRERS, format_name=FORMAT_NAME,
+            format_version=FORMAT_VERSION)
             for name, statement in _STATEMENTS.items()}
         self._conn: Any = None
         self._closed = False

@@ -23,6 +23,7 @@ import importlib
 import os
 from pickle import PickleBuffer, PickleError, PicklingError, UnpicklingError
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 from . import pickler as _pickler
 from . import unpickler as _unpickler
@@ -47,6 +48,11 @@ _LAZY = {
     "RestrictedUnpickler": "restricted", "RestrictedUnpicklingError": "restricted",
     "restricted_loads": "restricted",
 }
+
+
+if TYPE_CHECKING:   # what the lazy names are, for type checkers
+    from .restricted import RestrictedUnpickler, RestrictedUnpicklingError, restricted_loads
+    from .tools import Instruction, disassemble, globals_of, iter_instructions
 
 
 def __getattr__(name: str) -> object:

@@ -16,8 +16,12 @@ PEP 574 (protocol 5) and in the opcode documentation of the standard library's
 from __future__ import annotations
 
 import pickle as _stdlib_pickle  # DEFAULT_PROTOCOL only
-from _compat_pickle import (IMPORT_MAPPING, NAME_MAPPING, REVERSE_IMPORT_MAPPING,
-                            REVERSE_NAME_MAPPING)
+from _compat_pickle import (
+    IMPORT_MAPPING,
+    NAME_MAPPING,
+    REVERSE_IMPORT_MAPPING,
+    REVERSE_NAME_MAPPING,
+)
 from typing import TYPE_CHECKING, NamedTuple
 
 __all__ = ["ArgKind", "Opcode", "OPCODES", "BY_CODE", "BY_NAME", "HIGHEST_PROTOCOL",

@@ -36,22 +36,78 @@ import pickle as _stdlib_pickle  # PicklingError and PickleBuffer only
 import struct
 import sys
 import threading
+from collections.abc import Callable, Iterator
 from functools import partial as _partial
 from itertools import chain, islice
 from types import FunctionType
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from .opcodes import (  # the opcodes, as constants read from the one table
-    ADDITEMS, APPEND, APPENDS, BINBYTES, BINBYTES8, BINFLOAT, BINGET, BININT, BININT1, BININT2,
-    BINPERSID, BINPUT, BINUNICODE, BINUNICODE8, BUILD, BYTEARRAY8, DICT, EMPTY_DICT,
-    EMPTY_LIST, EMPTY_SET, EMPTY_TUPLE, EXT1, EXT2, EXT4, FLOAT, FRAME, FROZENSET, GLOBAL,
-    LIST, LONG1, LONG4, LONG_BINGET, LONG_BINPUT, MARK, MEMOIZE, NEWFALSE, NEWOBJ, NEWOBJ_EX,
-    NEWTRUE, NEXT_BUFFER, NONE, PERSID, POP, POP_MARK, PROTO, READONLY_BUFFER, REDUCE, SETITEM,
-    SETITEMS, SHORT_BINBYTES, SHORT_BINUNICODE, STACK_GLOBAL, STOP, TUPLE, TUPLE1, TUPLE2,
-    TUPLE3, UNICODE,
+    ADDITEMS,
+    APPEND,
+    APPENDS,
+    BATCH_SIZE,
+    BINBYTES,
+    BINBYTES8,
+    BINFLOAT,
+    BINGET,
+    BININT,
+    BININT1,
+    BININT2,
+    BINPERSID,
+    BINPUT,
+    BINUNICODE,
+    BINUNICODE8,
+    BUILD,
+    BYTEARRAY8,
+    DEFAULT_PROTOCOL,
+    DICT,
+    EMPTY_DICT,
+    EMPTY_LIST,
+    EMPTY_SET,
+    EMPTY_TUPLE,
+    EXT1,
+    EXT2,
+    EXT4,
+    FLOAT,
+    FRAME,
+    FRAME_SIZE_MIN,
+    FRAME_SIZE_TARGET,
+    FROZENSET,
+    GLOBAL,
+    HIGHEST_PROTOCOL,
+    LIST,
+    LONG1,
+    LONG4,
+    LONG_BINGET,
+    LONG_BINPUT,
+    MARK,
+    MEMOIZE,
+    NEWFALSE,
+    NEWOBJ,
+    NEWOBJ_EX,
+    NEWTRUE,
+    NEXT_BUFFER,
+    NONE,
+    PERSID,
+    POP,
+    POP_MARK,
+    PROTO,
+    READONLY_BUFFER,
+    REDUCE,
+    SETITEM,
+    SETITEMS,
+    SHORT_BINBYTES,
+    SHORT_BINUNICODE,
+    STACK_GLOBAL,
+    STOP,
+    TUPLE,
+    TUPLE1,
+    TUPLE2,
+    TUPLE3,
+    UNICODE,
+    python2_name,
 )
-from .opcodes import BATCH_SIZE, FRAME_SIZE_MIN, FRAME_SIZE_TARGET
-from .opcodes import DEFAULT_PROTOCOL, HIGHEST_PROTOCOL, python2_name
 
 PicklingError = _stdlib_pickle.PicklingError
 PickleBuffer = _stdlib_pickle.PickleBuffer

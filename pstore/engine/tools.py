@@ -16,8 +16,9 @@ from __future__ import annotations
 import codecs
 import copyreg
 import struct
+from collections.abc import Callable, Iterator
 from pickle import UnpicklingError
-from typing import Any, Callable, Iterator, NamedTuple
+from typing import Any, NamedTuple
 
 from . import opcodes
 from .opcodes import ArgKind, Opcode, decode_utf8, python3_name

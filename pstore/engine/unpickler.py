@@ -58,11 +58,23 @@ import math
 import re
 import struct
 import sys
+from collections.abc import Callable, Iterable
 from pickle import UnpicklingError
-from typing import Any, Callable, Iterable
+from typing import Any
 
-from .opcodes import (BY_CODE, BY_NAME, HIGHEST_PROTOCOL, LEN_INT4, LEN_UINT1, LEN_UINT4,
-                      LEN_UINT8, LINE, TWO_LINES, decode_utf8, python3_name)
+from .opcodes import (
+    BY_CODE,
+    BY_NAME,
+    HIGHEST_PROTOCOL,
+    LEN_INT4,
+    LEN_UINT1,
+    LEN_UINT4,
+    LEN_UINT8,
+    LINE,
+    TWO_LINES,
+    decode_utf8,
+    python3_name,
+)
 
 __all__ = ["Unpickler", "load", "loads"]
 

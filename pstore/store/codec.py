@@ -25,8 +25,13 @@ from typing import Any, Protocol
 
 from .. import engine
 from ..backends.base import Backend, ReadableBackend
-from ..errors import (CorruptionError, IntegrityError, MissingClassError, MissingObjectError,
-                      UntrustedError)
+from ..errors import (
+    CorruptionError,
+    IntegrityError,
+    MissingClassError,
+    MissingObjectError,
+    UntrustedError,
+)
 from . import blobio, records, tensors
 from .identity import IdentityMap, is_referable
 from .mapped import MappedBlobs
@@ -220,7 +225,7 @@ class ReferenceLoading:
     def _named_class(self, module: str, qualname: str) -> Any:
         """The class a protocol 0 reference names as text."""
         head, *attributes = qualname.split(".")
-        found = self.find_class(module, head)  # type: ignore[attr-defined]
+        found = self.find_class(module, head)
         for attribute in attributes:
             found = getattr(found, attribute)
         return found

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import copyreg
 from collections import UserDict, UserList
-from typing import Any, Callable, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from ..errors import ArgumentError, PersistentClassError
 

@@ -31,10 +31,10 @@ blob I/O and compression are in :mod:`.blobio`.
 from __future__ import annotations
 
 import struct
-from typing import Any, NamedTuple
 
 # hmac.compare_digest itself: hmac would import hashlib's OpenSSL at ``import pstore``.
 from _operator import _compare_digest as compare_digest
+from typing import Any, NamedTuple
 
 from .._blake2 import blake2b
 from ..backends.blob_names import digest_of_name, name_of_digest
@@ -43,7 +43,8 @@ from .blobio import CODECS, BlobRef
 from .signing import FINGERPRINT_SIZE, MAC_SIZE, Signer
 
 __all__ = ["BlobRef", "CODECS", "DIGEST_FORMAT_VERSION", "DIGEST_SIZE", "ENVELOPE",
-           "MAC_SIZE", "TRAILER_SIZE", "IntegrityMismatch", "Unpacked", "pack", "seal", "sign", "unpack"]
+           "MAC_SIZE", "TRAILER_SIZE", "IntegrityMismatch", "Unpacked", "pack", "seal", "sign",
+           "unpack"]
 
 #: The first byte of an envelope; a record starting with any other byte is a plain
 #: pickle (format version 2 only).

@@ -18,17 +18,34 @@ from __future__ import annotations
 import os
 import threading
 import weakref
-from collections.abc import (Callable, ItemsView, Iterable, Iterator, Mapping, MappingView,
-                             MutableMapping, ValuesView)
+from collections.abc import (
+    Callable,
+    ItemsView,
+    Iterable,
+    Iterator,
+    Mapping,
+    MappingView,
+    MutableMapping,
+    ValuesView,
+)
 from contextlib import AbstractContextManager, contextmanager
 from itertools import islice
 from typing import TYPE_CHECKING, Any, Literal, cast, get_args
 
 from .. import engine
 from ..backends import Backend, ReadableBackend, detect_backend, open_backend
-from ..errors import (ArgumentError, ClosedError, CorruptionError, InTransactionError,
-                      IntegrityError, KeyTypeError, MissingClassError, MissingObjectError,
-                      ReadOnlyError, StorePicklingError)
+from ..errors import (
+    ArgumentError,
+    ClosedError,
+    CorruptionError,
+    IntegrityError,
+    InTransactionError,
+    KeyTypeError,
+    MissingClassError,
+    MissingObjectError,
+    ReadOnlyError,
+    StorePicklingError,
+)
 from . import blobio, records
 from .codec import RecordLoader
 from .identity import IdentityMap
@@ -187,7 +204,9 @@ class Store(MutableMapping[str, Any]):
         except Exception as error:
             raise load_error(error, self._path, key=key, is_damage=self._backend.is_damage)
         oid = self._key_oids.get(key)
-        obj = self._ids.get(oid) if oid is not None else None
+        if oid is None:
+            return _END
+        obj = self._ids.get(oid)
         if obj is None or is_ghost(obj):
             return _END
         if self._txn.writeback:

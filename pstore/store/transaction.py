@@ -24,9 +24,18 @@ from . import blobio, records
 from .codec import RecordPickler
 from .identity import IdentityMap, is_referable
 from .mapped import MappedBlobs
+from .persistent import (
+    CHANGED,
+    SAVED,
+    DataManager,
+    Persistent,
+    attach,
+    detach,
+    ghostify,
+    set_status,
+    status_of,
+)
 from .signing import Signer
-from .persistent import (CHANGED, SAVED, DataManager, Persistent, attach, detach, ghostify,
-                         set_status, status_of)
 
 __all__ = ["Transaction", "WritebackCache"]
 

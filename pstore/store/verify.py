@@ -16,8 +16,15 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, NamedTuple
 
-from ..errors import (CorruptionError, Error, FormatError, MissingClassError, MissingModuleError,
-                      MissingObjectError, UntrustedError)
+from ..errors import (
+    CorruptionError,
+    Error,
+    FormatError,
+    MissingClassError,
+    MissingModuleError,
+    MissingObjectError,
+    UntrustedError,
+)
 from . import blobio, records
 
 if TYPE_CHECKING:

@@ -63,7 +63,7 @@ def test_reserve_ids_moves_the_allocation_past_them(opener):
     assert write(first, lambda: first.new_oid()) > mine
     for wrong in (-1, 2 ** 63 - 1):
         with pytest.raises(ValueError, match="cannot reserve object ids"):
-            write(first, lambda: first.reserve_ids(wrong))
+            write(first, lambda wrong=wrong: first.reserve_ids(wrong))
 
 
 def test_keys(backend):

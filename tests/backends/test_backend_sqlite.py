@@ -186,7 +186,8 @@ def test_a_version_1_file_is_read_and_upgraded_when_opened_for_writing(tmp_path)
         store["node"] = [pstore.PersistentList([store["shared"]])]
         store["array"] = pstore.engine.PickleBuffer(bytearray(100_000))   # a blob
     conn = sqlite3.connect(path)
-    assert conn.execute("SELECT value FROM meta WHERE name = 'version'").fetchone() == (FORMAT_VERSION,)
+    version = conn.execute("SELECT value FROM meta WHERE name = 'version'").fetchone()
+    assert version == (FORMAT_VERSION,)
     assert conn.execute("SELECT count(*) FROM keys WHERE seal IS NULL").fetchone() == (0,)
     assert conn.execute("SELECT oid, ref, lazy FROM refs WHERE oid = 2").fetchall() == [(2, 1, 0)]
     assert conn.execute("SELECT count(*) FROM blob_refs").fetchone() == (1,)

@@ -59,7 +59,7 @@ class WithState:
 
 
 class NewArgs:
-    def __new__(cls, value: int) -> "NewArgs":
+    def __new__(cls, value: int) -> NewArgs:
         self = super().__new__(cls)
         self.value = value
         return self
@@ -69,7 +69,7 @@ class NewArgs:
 
 
 class NewArgsEx:
-    def __new__(cls, *args: Any, **kwargs: Any) -> "NewArgsEx":
+    def __new__(cls, *args: Any, **kwargs: Any) -> NewArgsEx:
         self = super().__new__(cls)
         self.args, self.kwargs = args, kwargs
         return self

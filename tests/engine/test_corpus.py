@@ -20,8 +20,9 @@ import pickle
 import sys
 import types
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 import pstore
-from pstore.store import records
 from pstore.backends.blobs import BlobStore, blob_digest
 from pstore.engine import PickleBuffer
+from pstore.store import records
 
 from .objects import Node
 

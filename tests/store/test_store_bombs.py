@@ -24,7 +24,8 @@ _LIMIT_KB = 100 * 1024      # 100 MB, in ru_maxrss's unit (KiB on Linux)
 
 def _bomb(codec: str, megabytes: int) -> bytes:
     """A stream that inflates to ``megabytes`` MiB of zeros."""
-    compressor = {"zlib": lambda: zlib.compressobj(9), "lzma": lambda: lzma.LZMACompressor(preset=0),
+    compressor = {"zlib": lambda: zlib.compressobj(9),
+                  "lzma": lambda: lzma.LZMACompressor(preset=0),
                   "zstd": lambda: records.blobio._compressor(records.CODECS["zstd"])}[codec]()
     zeros = bytes(1 << 20)
     return b"".join([*(compressor.compress(zeros) for _ in range(megabytes)),

@@ -11,7 +11,6 @@ from typing import Any
 import pytest
 
 import pstore
-
 from pstore.store.persistent import DataManager, Persistent, fill, ghostify, placeholder
 from tests.store.objects import Node
 

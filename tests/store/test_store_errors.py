@@ -9,9 +9,17 @@ import pytest
 
 import pstore
 from pstore import engine
-from pstore.errors import (ArgumentError, ClosedError, Error, InTransactionError, KeyTypeError,
-                           PersistentClassError, ReferenceCycleError, StorePicklingError,
-                           UnstorableError)
+from pstore.errors import (
+    ArgumentError,
+    ClosedError,
+    Error,
+    InTransactionError,
+    KeyTypeError,
+    PersistentClassError,
+    ReferenceCycleError,
+    StorePicklingError,
+    UnstorableError,
+)
 from tests.store.objects import Config, Node, Unpicklable
 
 ERRORS = [

@@ -11,7 +11,6 @@ import sys
 import pytest
 
 import pstore
-
 from pstore.errors import LockTimeoutError
 
 from . import store_workers
