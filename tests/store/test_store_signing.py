@@ -8,6 +8,8 @@ hook records every os.system, subprocess.Popen and exec while a test loads them.
 
 from __future__ import annotations
 
+import copyreg
+import importlib
 import os
 import pickle
 import subprocess
@@ -44,6 +46,9 @@ def nothing_runs() -> Iterator[None]:
     # Decoders of protocol 0's text opcodes import their codec module on first use: a
     # stdlib import (an exec event), not the record's code; import them before watching.
     "".encode("raw_unicode_escape").decode("raw_unicode_escape")
+    # pstore's restricted unpickler is imported at the first unsigned record (its modules'
+    # code, and the dataclasses of its policy, are exec events too): import it first.
+    importlib.import_module("pstore.store.untrusted")
     _events.clear()
     _watching = True
     try:
@@ -156,14 +161,26 @@ def _gadgets() -> dict[str, bytes]:
         "newobj_build": (b"\x80\x02ctests.store.objects\nShell\n)\x81V" + command + b"\nb."),
         "eval": b"cbuiltins\neval\n(Vprint('ran')\ntR.",
         "persistent_id_import": b"P1 this Anything\n.",
+        "popen": b"csubprocess\nPopen\n((V" + b"touch\nVran\nltR.",
+        "getattr": b"cbuiltins\ngetattr\n(c" + system + b"\nsystem\nV__call__\ntR.",
+        "import": b"cbuiltins\n__import__\n(Vos\ntR.",
+        "resolve_name": b"cpkgutil\nresolve_name\n(V" + system + b".system\ntR.",
+        # EXT1 code 0xF0, registered below as os.system's, then called
+        "ext1": b"\x80\x02\x82\xf0V" + command + b"\n\x85R.",
+        # A gadget followed by junk: refused at the gadget, not after "until the error"
+        "broken_stream": b"c" + system + b"\nsystem\n(V" + command + b"\ntR\xff\xff",
     }
 
 
 @pytest.mark.parametrize("gadget", sorted(_gadgets()))
 def test_gadget_records_written_raw_are_refused_in_restricted_mode(opener, gadget, tmp_path,
-                                                                  monkeypatch):
+                                                                  monkeypatch, request):
     monkeypatch.chdir(tmp_path)
     payload = _gadgets()[gadget]
+    if gadget == "ext1":    # what the extension registry of the loading process holds
+        copyreg.add_extension(os.system.__module__, "system", 0xF0)
+        request.addfinalizer(lambda: copyreg.remove_extension(os.system.__module__, "system",
+                                                              0xF0))
     store = opener()
     store["other"] = 1
     backend = store._txn.backend
