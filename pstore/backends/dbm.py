@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 import platform
 import sqlite3
+import struct
 import threading
 from collections.abc import Callable, Collection, Hashable, Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -134,6 +135,7 @@ class DBMBackend(LocalBlobs, Backend):
         self._overlay: dict[bytes, bytes | None] = {}
         self._overlay_of: Hashable = None
         self._sealed = True     # whether key bindings carry seals (format version 3)
+        self._pages_sealed = True   # whether key pages do (format version 5)
         self._blobs = BlobStore(path + ".blobs")
         self._make_locks()
         try:
@@ -218,7 +220,7 @@ class DBMBackend(LocalBlobs, Backend):
                     empty = fmt is None and len(db) == 0
                     if fmt == FORMAT_NAME:
                         check_meta(self.path, lambda key: self._overlaid(db, key),
-                                   None if self._overlay else self._module.entries(db),
+                                   None if self._overlay else self._module.tally(db),
                                    self._module.name)
                 finally:
                     self._module.close(db, self.path, writable=False)
@@ -244,6 +246,7 @@ class DBMBackend(LocalBlobs, Backend):
             self._upgrade()
         else:
             self._sealed = int(version) >= 3
+            self._pages_sealed = int(version) >= 5
             if not self._sealed:
                 self.digests_from = 1 << 63     # any record may predate digests
             elif digests_from is not None and digests_from.isdigit():
@@ -258,9 +261,14 @@ class DBMBackend(LocalBlobs, Backend):
         """Bring an older database to the current version: a version 1 one has no lazy
         refs and no blobs, which is what missing ``l:`` and ``b:`` keys mean; before
         version 3 key bindings have no seal (added here) and records no digest (those
-        written from now on have one)."""
+        written from now on have one); before version 5 key pages have no seal (every page
+        is read here and written back sealed at the commit)."""
         self.begin()
         try:
+            self._pages_sealed = self._get_int(VERSION) >= 5
+            if not self._pages_sealed:
+                for number in range(self._get_int(PAGE_COUNT)):
+                    self._page(number)      # kept by the transaction, sealed at its commit
             if self._get_int(VERSION) < 3:
                 for keys in self._pages():
                     for key in keys:
@@ -272,6 +280,7 @@ class DBMBackend(LocalBlobs, Backend):
             self._put(VERSION, b"%d" % FORMAT_VERSION)
             self.digests_from = self._get_int(DIGESTS_FROM, 1)
             self.commit()
+            self._pages_sealed = True
         except BaseException:
             self.rollback()
             raise
@@ -595,15 +604,21 @@ class DBMBackend(LocalBlobs, Backend):
         commit (see _flush_pages): binding many keys costs no page encoding each.
         """
         if self._tx is None:
-            return unpack_page(self._get(page_key(number)))
+            return self._read_page(number)
         keys = self._tx_pages.get(number)
         if keys is None:
-            keys = self._tx_pages[number] = unpack_page(self._get(page_key(number)))
+            keys = self._tx_pages[number] = self._read_page(number)
         return keys
+
+    def _read_page(self, number: int) -> list[bytes]:
+        try:
+            return unpack_page(self._get(page_key(number)), number, sealed=self._pages_sealed)
+        except (ValueError, struct.error) as error:
+            raise CorruptionError(self.path, str(error)) from None
 
     def _flush_pages(self) -> None:
         for number, keys in self._tx_pages.items():
-            self._put(page_key(number), pack_page(keys) if keys else None)
+            self._put(page_key(number), pack_page(keys, number) if keys else None)
         self._tx_pages.clear()
 
     def _add_to_page(self, key: bytes) -> int:
@@ -708,9 +723,8 @@ class DBMBackend(LocalBlobs, Backend):
     def _seal(self, changes: dict[bytes, bytes | None]) -> None:
         """Put ``m:check`` (see _check_meta) for the state ``changes`` lead to."""
         changes[CHECK] = b""   # counted as an entry of its own
-        entries = self._module.entries_after(self._db, changes)
-        changes[CHECK] = b"%s %s" % (b"-" if entries is None else b"%d" % entries,
-                                      meta_digest(self._get))
+        tally = self._module.tally_after(self._db, changes)
+        changes[CHECK] = b"%s %s" % (b"-" if tally is None else tally, meta_digest(self._get))
 
     def rollback(self) -> None:
         self._tx_pages.clear()
@@ -849,16 +863,16 @@ class DBMBackend(LocalBlobs, Backend):
         self._refresh()
         folder, new = self._module.start_rewrite(self.path)
         try:
-            entries = 0
             for key in self._db.keys():  # noqa: SIM118 (ndbm handles are not iterable)
                 value = self._db[key]
                 if value and key != CHECK:  # b"": deleted (see DumbModule.delete)
                     new[key] = value
-                    entries += 1
             check = self._get(CHECK)
-            if check is not None:   # the entry count it holds changes (deleted ones gone)
-                count, _, digest = check.partition(b" ")
-                new[CHECK] = (b"-" if count == b"-" else b"%d" % (entries + 1)) + b" " + digest
+            if check is not None:   # the tally it holds changes (deleted entries are gone)
+                new[CHECK] = b""    # counted as an entry of its own
+                tally = self._module.tally(new)
+                new[CHECK] = b"%s %s" % (b"-" if tally is None else tally,
+                                         check.partition(b" ")[2])
         except BaseException:
             self._module.abandon(new)
             remove_rewrite_leftovers(self.path)

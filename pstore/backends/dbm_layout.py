@@ -36,6 +36,7 @@ __all__ = [
     "pack_names",
     "pack_page",
     "page_key",
+    "PAGE_SEAL_SIZE",
     "record_key",
     "refs_key",
     "unpack_ints",
@@ -64,7 +65,8 @@ PAGE_COUNT = b"m:pages"
 OPEN_PAGE = b"m:open_page"
 FREE_PAGES = b"m:free_pages"
 DIGESTS_FROM = b"m:digests_from"
-#: ``<entries or -> <SHA-256 of the other meta keys>``, written by every commit.
+#: ``<tally or -> <SHA-256 of the other meta keys>``, written by every commit; the tally
+#: (dbm.dumb only) is ``<entries>/<sum of their keys' CRC-32s, hex>``.
 CHECK = b"m:check"
 CHECKED_META = (FORMAT, VERSION, NEXT_OID, KEY_COUNT, PAGE_COUNT, OPEN_PAGE, FREE_PAGES,
                 DIGESTS_FROM)
@@ -126,16 +128,40 @@ def unpack_names(data: bytes | None) -> list[str]:
     return data.decode("ascii").split(",") if data else []
 
 
-def pack_page(keys: list[bytes]) -> bytes:
-    return b"".join(_LENGTH.pack(len(key)) + key for key in keys)
+#: Bytes of a key page's seal (format version 5).
+PAGE_SEAL_SIZE = 8
 
 
-def unpack_page(data: bytes | None) -> list[bytes]:
+def _page_seal(number: int, content: bytes) -> bytes:
+    """The seal of page ``number`` holding ``content``: BLAKE2b-64 (person ``pstore-page``,
+    salt the page number), so a damaged page, or one moved to another number, fails it."""
+    return hashlib.blake2b(content, digest_size=PAGE_SEAL_SIZE, person=b"pstore-page",
+                           salt=number.to_bytes(8, "little")).digest()
+
+
+def pack_page(keys: list[bytes], number: int) -> bytes:
+    content = b"".join(_LENGTH.pack(len(key)) + key for key in keys)
+    return content + _page_seal(number, content)
+
+
+def unpack_page(data: bytes | None, number: int, *, sealed: bool = True) -> list[bytes]:
+    """The keys of page ``number`` whose value is ``data`` (None: an empty page);
+    ``sealed``: the page ends in its seal (format version 5), checked first. Raises
+    ``ValueError`` saying what is wrong with a damaged page."""
+    if not data:
+        return []
+    if sealed:
+        content = data[:-PAGE_SEAL_SIZE]
+        if len(data) < PAGE_SEAL_SIZE or data[-PAGE_SEAL_SIZE:] != _page_seal(number, content):
+            raise ValueError(f"key page {number} does not match its seal")
+        data = content
     keys = []
     position = 0
-    while data and position < len(data):
+    while position < len(data):
         (length,) = _LENGTH.unpack_from(data, position)
         position += _LENGTH.size
+        if position + length > len(data):
+            raise ValueError(f"key page {number} lists a key past its end")
         keys.append(data[position:position + length])
         position += length
     return keys
@@ -151,10 +177,11 @@ def meta_digest(get: Callable[[bytes], bytes | None]) -> bytes:
     return digest.hexdigest().encode("ascii")
 
 
-def check_meta(path: str, get: Callable[[bytes], bytes | None], entries: int | None,
+def check_meta(path: str, get: Callable[[bytes], bytes | None], tally: bytes | None,
                module: str) -> None:
     """Raise CorruptionError naming ``path`` unless the meta keys (read by ``get``) match
-    ``m:check`` and, if ``entries`` is known, the database holds that many entries.
+    ``m:check`` and, if the database's ``tally`` is known, it is the one recorded (a
+    tally written before keys were summed, a bare count, is compared as a count).
 
     Stores written before ``m:check`` existed lack it; it is checked when present.
     """
@@ -168,8 +195,13 @@ def check_meta(path: str, get: Callable[[bytes], bytes | None], entries: int | N
     if digest != meta_digest(get):
         raise CorruptionError(path, "the meta keys do not match their digest in m:check "
                                     "(a damaged index or database)")
-    if entries is not None and count != b"%d" % entries:
-        raise CorruptionError(path, f"the database holds {entries} entries, its meta key "
-                                    f"m:check says {count[:20].decode('latin-1')} (a truncated "
-                                    f"or damaged {module} index)")
+    if tally is None or count == tally or (b"/" not in count and tally.startswith(count + b"/")):
+        return
+    found, _, keys = tally.partition(b"/")
+    recorded = count.partition(b"/")[0]
+    what = f"{found.decode()} entries" if found != recorded else \
+        f"entries whose keys do not sum to the recorded checksum ({keys.decode()})"
+    raise CorruptionError(path, f"the database holds {what}, its meta key m:check says "
+                                f"{count[:40].decode('latin-1')} (a truncated or damaged "
+                                f"{module} index: an entry lost or renamed)")
 

@@ -13,6 +13,7 @@ import pytest
 import pstore
 from pstore.backends import open_backend
 from pstore.backends.dbm import FORMAT_VERSION, DBMBackend
+from pstore.backends.dbm_layout import PAGE_SEAL_SIZE, page_key
 from pstore.errors import FormatError, ReadOnlyError
 
 from .conftest import available_dbm_modules, fill, snapshot
@@ -92,6 +93,11 @@ def filled_with_version(path: str, module: str, version: int) -> None:
     backend = open_dbm(path, module=module)
     backend.begin()
     backend._put(b"m:version", b"%d" % version)
+    if version < 5:     # key pages had no seal before version 5
+        for number in range(backend._get_int(b"m:pages")):
+            page = backend._get(page_key(number))
+            if page:
+                backend._put(page_key(number), page[:-PAGE_SEAL_SIZE])
     backend.commit()
     backend.close()
 

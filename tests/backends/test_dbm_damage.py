@@ -46,6 +46,46 @@ def test_a_dumb_index_cut_at_a_line_is_damage(tmp_path, flag):
     assert path in str(raised.value)
 
 
+@pytest.mark.parametrize("flag", ["r", "w"])
+def test_a_renamed_dumb_index_entry_is_damage_not_a_lost_key(tmp_path, flag):
+    # One byte of a key in the index: the entry count stays right, the key would vanish.
+    path = filled(tmp_path)
+    with open(path + ".dir", "rb") as file:
+        index = file.read()
+    position = index.index(b"'k:k17'") + 4
+    with open(path + ".dir", "wb") as file:
+        file.write(index[:position] + b"j" + index[position + 1:])
+    with pytest.raises(CorruptionError, match="renamed") as raised:
+        pstore.open(path, flag, backend="dbm")
+    assert path in str(raised.value)
+
+
+def test_a_truncated_dumb_data_file_is_damage_not_deleted_keys(tmp_path):
+    # dbm.dumb reads past the end of its data file as short values, b"" among them
+    # (pstore's mark of a deleted entry): the file's size is checked at open.
+    path = filled(tmp_path)
+    size = os.path.getsize(path + ".dat")
+    os.truncate(path + ".dat", size // 2)
+    with pytest.raises(CorruptionError, match="truncated data file") as raised:
+        pstore.open(path, "r", backend="dbm")
+    assert raised.value.path == path + ".dat"
+
+
+@modules
+def test_a_key_page_that_fails_its_seal_is_damage_naming_the_page(tmp_path, module):
+    path = filled(tmp_path, module)
+    backend = DBMBackend(path, "w", lock_timeout=5, fsync=False, variant=module)
+    try:
+        backend.begin()
+        page = backend._get(b"p:0")
+        backend._put(b"p:0", page[:5] + bytes([page[5] ^ 0x01]) + page[6:])  # k0 -> k1
+        backend.commit()
+        with pytest.raises(CorruptionError, match="key page 0 does not match its seal"):
+            list(backend.iter_keys())
+    finally:
+        backend.close()
+
+
 def test_a_garbled_dumb_index_is_damage_not_a_syntax_error(tmp_path):
     path = filled(tmp_path)
     with open(path + ".dir", "r+b") as file:
