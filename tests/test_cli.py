@@ -199,3 +199,76 @@ def test_copy_shows_a_progress_bar_of_records_on_a_terminal(made: Path) -> None:
     on_terminal = run_in_pty("copy", made.name, "copy.db", cwd=made.parent)
     assert "copy:" in on_terminal and " records" in on_terminal
     assert "copied 4 keys" in on_terminal
+
+
+# -- a store holding a hostile record: looking at it never runs it ------------------------
+
+_WATCH = """
+import runpy, sys
+mark = sys.argv.pop(1)
+def audit(event, args):
+    if event in ("os.system", "subprocess.Popen", "os.exec", "os.posix_spawn", "os.spawn"):
+        with open(mark, "a") as file:
+            file.write(event + "\\n")
+sys.addaudithook(audit)
+sys.argv[0] = "pstore"
+runpy.run_module("pstore", run_name="__main__")
+"""
+
+
+class _Shell:
+    """Pickles to a call of os.system (the hostile record)."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return os.system, (self.command,)
+
+
+def watched(*args: str, cwd: Path, mark: Path, status: int = 0) -> subprocess.CompletedProcess[str]:
+    """The real command, in a process whose audit hook writes to ``mark`` whatever
+    os.system/subprocess/exec call it sees."""
+    done = subprocess.run([sys.executable, "-c", _WATCH, str(mark), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == status, (done.stdout, done.stderr)
+    return done
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ls_info_show_globals_on_a_hostile_record_never_run_it(tmp_path: Path,
+                                                             backend: str) -> None:
+    path, mark, ran = tmp_path / "s.db", tmp_path / "audit", tmp_path / "ran"
+    with pstore.open(path, backend=backend) as store:     # signed with the user's own key
+        store["config"] = {"lr": 0.1}
+        store["evil"] = _Shell(f"touch {ran}")
+    assert "evil" in watched("ls", str(path), cwd=tmp_path, mark=mark).stdout
+    assert "key:" in watched("info", str(path), cwd=tmp_path, mark=mark).stdout
+    assert watched("globals", str(path), "evil", cwd=tmp_path,
+                   mark=mark).stdout.split() == [f"{os.system.__module__}.system"]
+    shown = watched("show", str(path), "evil", cwd=tmp_path, mark=mark, status=1)
+    assert f"{os.system.__module__}.system" in shown.stderr and "Traceback" not in shown.stderr
+    assert len(shown.stderr.strip().splitlines()) == 1
+    assert watched("show", str(path), "config", cwd=tmp_path,
+                   mark=mark).stdout.strip() == "{'lr': 0.1}"
+    disassembly = watched("show", str(path), "evil", "--dis", cwd=tmp_path, mark=mark).stdout
+    assert f"'{os.system.__module__}'" in disassembly and "REDUCE" in disassembly
+    assert not mark.exists() and not ran.exists()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_verify_names_the_key_of_a_flipped_byte(tmp_path: Path, backend: str) -> None:
+    path = tmp_path / "s.db"
+    with pstore.open(path, backend=backend) as store:
+        store["a"] = {"value": 1}
+        store["b"] = "text " * 40
+    run("verify", str(path), cwd=tmp_path)     # status 0: nothing damaged
+    with pstore.open(path, "w", backend=backend) as store:
+        oid, data = store.raw_record("b")
+        damaged = bytearray(data)
+        damaged[len(damaged) // 2] ^= 0x10
+        writer = store._txn.backend
+        with writer.writing():
+            writer.put_record(oid, bytes(damaged), [])
+    done = run("verify", str(path), cwd=tmp_path, status=1)
+    assert "'b'" in done.stdout and f"object id {oid}" in done.stdout, done.stdout

@@ -209,6 +209,7 @@ def verify(backend: ReadableBackend, *, max_record_size: int,
     oids: set[int] = set()
     refs_of: dict[int, list[int]] = {}
     blobs: dict[str, tuple[records.BlobRef, int]] = {}
+    damaged: dict[int, int] = {}    # object id of a damaged record -> its problem's index
     last = None
     try:
         for oid, data, refs in backend.iter_records():
@@ -221,6 +222,7 @@ def verify(backend: ReadableBackend, *, max_record_size: int,
                                           digest_required=oid >= backend.digests_from,
                                           max_size=max_record_size)
             except ValueError as error:
+                damaged[oid] = len(problems)
                 problems.append(Problem(str(error), object_id=oid))
                 continue
             report.unverified += not unpacked.verified
@@ -244,6 +246,9 @@ def verify(backend: ReadableBackend, *, max_record_size: int,
             except CorruptionError as error:
                 problems.append(Problem(error.what, key=key, object_id=error.object_id))
                 continue
+            if bound in damaged and problems[damaged[bound]].key is None:
+                # The damaged record is this key's value: say so (the first key naming it).
+                problems[damaged[bound]] = problems[damaged[bound]]._replace(key=key)
             if bound is not None and bound not in oids:
                 problems.append(Problem(str(MissingObjectError(backend.path, bound)), key=key,
                                         object_id=bound))
