@@ -753,6 +753,10 @@ def cold_start(import_code: str, open_code: str = "", importtime: bool = False,
     environment = dict(os.environ,
                        PYTHONPATH=os.pathsep.join(filter(None, [str(REPOSITORY),
                                                                 os.environ.get("PYTHONPATH")])))
+    # Bytecode caches are written and used, as a user has them: the peers' installs have
+    # theirs (pip compiles them), and without them pstore, from a checkout, would be timed
+    # compiling its sources (PYTHONDONTWRITEBYTECODE=1 on these machines) -- 75 ms, not 12.
+    environment.pop("PYTHONDONTWRITEBYTECODE", None)
     with tempfile.TemporaryDirectory(prefix="bench-cold-") as directory:
         command = [sys.executable, *(["-X", "importtime"] if importtime else []),
                    "-c", program, directory]
@@ -767,6 +771,7 @@ def cold_start(import_code: str, open_code: str = "", importtime: bool = False,
 def run_cold_start(peer: Peer) -> dict[str, Any]:
     """Workload 7 for one library."""
     assert peer.import_code is not None
+    cold_start(peer.import_code, peer.open_code)    # the bytecode caches written
     import_seconds, open_seconds, _ = cold_start(peer.import_code, peer.open_code)
     return {"import": import_seconds, "first open": open_seconds}
 
