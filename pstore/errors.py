@@ -100,6 +100,14 @@ class FormatError(Error, ValueError):
         return f"{self.path!r} is not a usable pstore store: {self.reason}"
 
 
+def _place(key: str | None, object_id: int | None) -> str:
+    """`` (key 'k', object id 3)``: which value an error hit, as its message says it ("" if
+    neither is known)."""
+    where = ([f"key {key!r}"] if key is not None else []) + \
+        ([f"object id {object_id}"] if object_id is not None else [])
+    return f" ({', '.join(where)})" if where else ""
+
+
 class CorruptionError(Error, ValueError):
     """Stored bytes are damaged: a record whose digest does not match, a malformed
     database page, an undecodable payload, a blob that is not what its record says.
@@ -122,12 +130,7 @@ class CorruptionError(Error, ValueError):
         return _corruption_error, self.args, self.__dict__
 
     def __str__(self) -> str:
-        where = []
-        if self.key is not None:
-            where.append(f"key {self.key!r}")
-        if self.object_id is not None:
-            where.append(f"object id {self.object_id}")
-        place = f" ({', '.join(where)})" if where else ""
+        place = _place(self.key, self.object_id)
         return f"store {self.path!r} is damaged{place}: {self.what}"
 
 
@@ -174,10 +177,7 @@ class UntrustedError(Error, UnpicklingError):
         return _untrusted_error, self.args, self.__dict__
 
     def __str__(self) -> str:
-        where = [f"key {self.key!r}"] if self.key is not None else []
-        if self.object_id is not None:
-            where.append(f"object id {self.object_id}")
-        place = f" ({', '.join(where)})" if where else ""
+        place = _place(self.key, self.object_id)
         how = ("pass allow=[" + repr(self.global_name) + "] to pstore.open if you trust "
                "the code it names" if self.global_name else "pass allow= to pstore.open for "
                "the names you trust")
@@ -382,12 +382,7 @@ class MissingClassError(Error, AttributeError):
         return _missing_class_error, self.args, self.__dict__
 
     def __str__(self) -> str:
-        where = []
-        if self.key is not None:
-            where.append(f"key {self.key!r}")
-        if self.object_id is not None:
-            where.append(f"object id {self.object_id}")
-        place = f" ({', '.join(where)})" if where else ""
+        place = _place(self.key, self.object_id)
         name = self.global_name if self.renamed_to is None else \
             f"{self.global_name} (renamed to {self.renamed_to})"
         return (f"store {self.path!r} cannot load a record{place}: it names {name}, which "

@@ -229,3 +229,12 @@ def test_store_benchmark_on_postgresql_against_relstorage() -> None:
         assert header[3] == "RelStorage"
         assert "  RelStorage: each worker its own RelStorage connection; conflicts retried: " \
             "no lost update" in result.stdout.splitlines()
+
+
+def test_signing_benchmark_prints_both_workloads_and_the_envelope_costs() -> None:
+    script = BENCHMARK.parent / "signing.py"
+    result = subprocess.run([sys.executable, str(script), "--rounds", "1", "--singles", "20",
+                             "--bulk", "200"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    for line in ("single sets", "bulk sets", "pack, signed", "unpack, unsigned"):
+        assert line in result.stdout, result.stdout

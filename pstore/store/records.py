@@ -43,8 +43,8 @@ from .blobio import CODECS, BlobRef
 from .signing import FINGERPRINT_SIZE, MAC_SIZE, Signer
 
 __all__ = ["BlobRef", "CODECS", "DIGEST_FORMAT_VERSION", "DIGEST_SIZE", "ENVELOPE",
-           "MAC_SIZE", "TRAILER_SIZE", "IntegrityMismatch", "Unpacked", "pack", "seal", "sign",
-           "unpack"]
+           "MAC_SIZE", "TRAILER_SIZE", "IntegrityMismatch", "Unpacked", "pack", "resign", "seal",
+           "sign", "unpack"]
 
 #: The first byte of an envelope; a record starting with any other byte is a plain
 #: pickle (format version 2 only).
@@ -155,7 +155,13 @@ def sign(data: bytes, oid: int, signer: Signer, *, digest_required: bool = True,
     """Record ``oid`` (bytes ``data``) signed by ``signer``: its digest (if it has one) is
     checked first, then its trailer replaced; a record of format version 2 becomes an
     envelope (uncompressed). Raises what :func:`unpack` raises."""
-    unpacked = unpack(data, oid, digest_required=digest_required, max_size=max_size)
+    return resign(data, oid, unpack(data, oid, digest_required=digest_required,
+                                    max_size=max_size), signer)
+
+
+def resign(data: bytes, oid: int, unpacked: Unpacked, signer: Signer) -> bytes:
+    """Record ``oid`` (bytes ``data``, which :func:`unpack` read as ``unpacked``: checked
+    already) signed by ``signer`` (see :func:`sign`)."""
     if data[:1] == ENVELOPE and data[1] == _VERSION:
         return seal(oid, data[:len(data) - TRAILER_SIZE], signer)
     if data[:1] == ENVELOPE and data[1] == _DIGEST_VERSION:

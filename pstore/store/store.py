@@ -551,9 +551,7 @@ class Store(MutableMapping[str, Any]):
                                                   max_size=self._max_record_size)
                         if unpacked.signed:
                             continue
-                        new = records.sign(data, oid, self._signer,
-                                           digest_required=oid >= backend.digests_from,
-                                           max_size=self._max_record_size)
+                        new = records.resign(data, oid, unpacked, self._signer)
                     except records.IntegrityMismatch as error:
                         raise IntegrityError(self._path, str(error), object_id=oid) from error
                     except ValueError as error:

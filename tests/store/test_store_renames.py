@@ -19,6 +19,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from pstore import Store
 from pstore.errors import ArgumentError, Error, MissingClassError
 from pstore.store.renames import Renames
 
@@ -131,15 +132,21 @@ def test_a_renamed_module_and_package_load_through_renames(opener, modules):
     assert kinds == {"deep": "newpkg.models.Point", "flat": "flatnew.Point"}
 
 
-def test_a_nested_class_renamed_with_a_colon(opener, modules):
+def _moved(opener, modules, old: str, new: str, renames: dict[str, str]) -> Store:
+    """A Store reading, with ``renames``, key "k" holding a Point of module ``old``, written
+    before ``old`` was removed and module ``new`` written."""
     write, remove = modules
-    write("nestold")
+    write(old)
     store = opener()
-    store["k"] = importlib.import_module("nestold").Point(1, 1)
+    store["k"] = importlib.import_module(old).Point(1, 2)
     store.close()
-    remove("nestold")
-    write("nestnew")
-    store = opener("r", renames={"nestold.Point": "nestnew:Holder.Inner"})
+    remove(old)
+    write(new)
+    return opener("r", renames=renames)
+
+
+def test_a_nested_class_renamed_with_a_colon(opener, modules):
+    store = _moved(opener, modules, "nestold", "nestnew", {"nestold.Point": "nestnew:Holder.Inner"})
     assert type(store["k"]) is importlib.import_module("nestnew").Holder.Inner
 
 
@@ -237,16 +244,9 @@ def test_iteration_skips_or_collects_records_whose_class_is_gone(opener, modules
 
 
 def test_renames_travel_with_a_pickled_store(opener, modules):
-    write, remove = modules
-    write("travelold")
-    store = opener()
-    store["p"] = importlib.import_module("travelold").Point(1, 2)
-    store.close()
-    remove("travelold")
-    write("travelnew")
-    store = opener("r", renames={"travelold": "travelnew"})
+    store = _moved(opener, modules, "travelold", "travelnew", {"travelold": "travelnew"})
     with pickle.loads(pickle.dumps(store)) as again:
-        assert type(again["p"]) is importlib.import_module("travelnew").Point
+        assert type(again["k"]) is importlib.import_module("travelnew").Point
 
 
 @pytest.mark.parametrize("renames", [{"a b": "c"}, {"a": ""}, {"a.B": 3}, {1: "a"},
