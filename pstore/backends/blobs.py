@@ -26,8 +26,7 @@ import warnings
 from collections.abc import Collection, Iterable, Iterator
 from typing import Any, NamedTuple
 
-from ..errors import ClosedError, CorruptionError, FormatError
-from .blob_names import (
+from ..blob_names import (
     BLAKE2B_TREE,
     BLAKE3,
     LEAF_SIZE,
@@ -39,9 +38,10 @@ from .blob_names import (
     name_of_digest,
     naming_of,
 )
+from ..errors import ClosedError, CorruptionError, FormatError
 from .files import fsync_directory
 
-# The names of blobs are blob_names.py's; re-exported, as this module's users knew them here.
+# The names of blobs are pstore.blob_names; re-exported, as this module's users knew them here.
 __all__ = [
     "BLAKE2B_TREE",
     "BLAKE3",

@@ -1,40 +1,28 @@
 """The DBM backend: a store in a database of one of the standard library's ``dbm`` modules.
 
-The DBM modules give neither transactions nor, for ``dbm.dumb``, crash safety,
-nor any locking that works across all of them. This backend adds all three:
-
-* **Transactions**: changes are buffered in memory, written at commit as one
-  redo journal (:mod:`.journal`), and only then applied to the database; a
-  journal left by a killed process is applied by the next writer. A read-only
-  store writes nothing: it reads such a journal as an overlay instead.
-* **Locks**: ``<path>.lock`` serializes writers (held from :meth:`begin` to the
-  end of :meth:`commit`); :class:`ApplyLocks` keeps readers out while a writer
-  applies a journal, and nothing else.
-* **Change detection**: ``<path>.commits`` holds a counter that every apply
-  increments; it is the change marker, and it tells readers when their open
-  database handle is stale.
-
-The adapters over the dbm modules are in :mod:`.dbm_modules`; the key-space
-layout and the journal format in ``docs/format.md``; when to use this backend,
-in ``docs/backends.md``. Files written by the standard library's ``shelve`` are
-read by :mod:`.shelf`.
+The store's layout over the database's keys -- records, their refs, referrer counts,
+key bindings and key pages, meta keys and the ``m:check`` digest over them -- is
+here (``docs/format.md``; its keys are named in :mod:`.dbm_layout`). What the DBM
+modules lack -- transactions, crash safety, locks across processes, change detection
+-- is :class:`~.dbm_database.JournaledDatabase`'s; the adapters over the modules are
+in :mod:`.dbm_modules`. When to use this backend: ``docs/backends.md``. Files written
+by the standard library's ``shelve`` are read by :mod:`.shelf`.
 """
 
 from __future__ import annotations
 
-import os
 import platform
 import sqlite3
 import struct
-import threading
-from collections.abc import Callable, Collection, Hashable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Collection, Hashable, Iterator
+from contextlib import AbstractContextManager
 from typing import Any
 
-from ..errors import ClosedError, CorruptionError, Error, FormatError, ReadOnlyError
+from ..errors import CorruptionError, Error, FormatError
 from . import journal
 from .base import Backend, Statistics, binding_seal, check_meta_name, check_reserved
 from .blobs import BlobStore, LocalBlobs
+from .dbm_database import Getter, JournaledDatabase
 from .dbm_layout import (
     CHECK,
     DIGESTS_FROM,
@@ -67,25 +55,8 @@ from .dbm_layout import (
     unpack_names,
     unpack_page,
 )
-from .dbm_modules import (
-    MODULES,
-    SUFFIXES,
-    choose_module,
-    remove_rewrite_leftovers,
-    rewrite_pending,
-    whichdb,
-)
-from .files import (
-    INHERITED,
-    ApplyLocks,
-    FileLock,
-    fsync_directory,
-    fsync_file,
-    key_lock_file,
-    remove_files,
-    require_existing,
-    store_owner,
-)
+from .dbm_modules import MODULES, choose_module, whichdb
+from .files import key_lock_file, require_existing, store_owner
 
 __all__ = ["FORMAT_KEY", "FORMAT_NAME", "FORMAT_VERSION", "MODULES", "DBMBackend",
            "choose_module"]
@@ -114,44 +85,35 @@ class DBMBackend(LocalBlobs, Backend):
                  variant: str | None = None) -> None:
         self.path = path
         self.read_only = flag == "r"
-        self._lock_timeout = lock_timeout
-        self._fsync = fsync
         found = whichdb(path)
         # 'n' on a store of the same module empties it in a transaction (see _empty).
         keeps = flag == "n" and bool(found) and variant in (None, found)
-        self._module = choose_module(path, "c" if keeps else flag, variant)
-        self._owner = store_owner(self._module.files(path))
-        self._journal = journal.PendingJournal(path + ".journal", self._owner,
-                                               self._validate_journal)
-        self._db: Any = None                 # the handle reads go through
-        self._db_version: int | None = None  # the commit counter it is current with
-        self._db_thread = 0                  # the thread that opened it
-        self._tx: dict[bytes, bytes | None] | None = None   # the open transaction's changes
-        self._tx_pages: dict[int, list[bytes]] = {}          # and its key pages, decoded
-        self._own_commits = 0   # how many of the commit counter's steps are this object's
-        self._closed = False
-        # Read-only: the changes of a complete journal not yet applied, and what identified
-        # the journal file they were read from.
-        self._overlay: dict[bytes, bytes | None] = {}
-        self._overlay_of: Hashable = None
+        module = choose_module(path, "c" if keeps else flag, variant)
+        self._blobs = BlobStore(path + ".blobs")
+        #: The database underneath, with transactions: every read and write goes through it.
+        self.database = db = JournaledDatabase(
+            path, module, read_only=self.read_only, lock_timeout=lock_timeout, fsync=fsync,
+            owner=store_owner(module.files(path)), validate=self._validate_journal,
+            on_end=self._blobs.end)     # blobs end still under the lock: see BlobStore.end
+        self._reading, self._get, self._put = db.reading, db.get, db.put
+        self._get_int, self._put_int = db.get_int, db.put_int
+        self._tx_pages: dict[int, list[bytes]] = {}   # the open transaction's key pages
         self._sealed = True     # whether key bindings carry seals (format version 3)
         self._pages_sealed = True   # whether key pages do (format version 5)
-        self._blobs = BlobStore(path + ".blobs")
-        self._make_locks()
         try:
             if flag == "n" and found and not keeps:
-                self._replace()
+                db.remove_files()   # not a store to empty: its files are replaced
             require_existing(path, flag, lambda: whichdb(path) is not None)
             if flag in ("c", "n"):
-                self._create_database()
+                db.create()
             try:
                 self._check_format(create=flag in ("c", "n"))
             except (FormatError, CorruptionError):
                 if flag != "n":
                     raise
                 # Not a store this code can empty (foreign, newer, damaged): replaced.
-                self._replace()
-                self._create_database()
+                db.remove_files()
+                db.create()
                 self._check_format(create=True)
             if flag == "n":
                 self._empty()
@@ -161,18 +123,6 @@ class DBMBackend(LocalBlobs, Backend):
 
     # -- opening ----------------------------------------------------------------------------
 
-    def _make_locks(self) -> None:
-        self._write_lock = FileLock(self.path + ".lock", self._lock_timeout, owner=self._owner,
-                                    names_holder=not self.read_only)
-        self._locks = ApplyLocks(self.path, self._lock_timeout, self._owner)
-
-    def _replace(self) -> None:
-        """Flag 'n' over a database that is not a store to empty: remove its files under
-        the write lock (every module's: a leftover would make dbm.whichdb misjudge the
-        new database)."""
-        remove_files([*(self.path + suffix for suffixes in SUFFIXES.values()
-                        for suffix in suffixes), self._journal.path], self._write_lock, self.path)
-
     def _empty(self) -> None:
         """Flag 'n' on a pstore store: delete every record, key and blob in one transaction.
 
@@ -181,7 +131,7 @@ class DBMBackend(LocalBlobs, Backend):
         """
         self.begin()
         try:
-            for key in list(self._db.keys()):
+            for key in list(self.database.keys()):
                 if key not in (FORMAT, VERSION) and self._get(key) is not None:
                     self._put(key, None)
             self._tx_pages.clear()
@@ -191,53 +141,27 @@ class DBMBackend(LocalBlobs, Backend):
             self.rollback()
             raise
 
-    def _create_database(self) -> None:
-        """Create an empty database if there is none, under the write lock."""
-        if whichdb(self.path) is not None:
-            return
-        self._write_lock.lock(self.path)
-        try:
-            if whichdb(self.path) is None:  # another process may have created it
-                self._module.close(self._module.open(self.path, "c"), self.path, writable=True)
-                for name in self._module.files(self.path):
-                    if os.path.exists(name):
-                        os.chmod(name, 0o600)
-        finally:
-            self._write_lock.release()
-
     def _check_format(self, create: bool) -> None:
-        # With a handle of its own, opened read-only: opening a database for writing
-        # may change it already (dbm.sqlite3 switches it to WAL mode), and a foreign
-        # database must be left untouched.
+        module = self.database.module
         try:
-            self._locks.share()
-            try:
-                self._recover_if_orphaned()
-                db = self._module.open(self.path, "r")
-                try:
-                    fmt, version = self._overlaid(db, FORMAT), self._overlaid(db, VERSION)
-                    digests_from = self._overlaid(db, DIGESTS_FROM)
-                    empty = fmt is None and len(db) == 0
-                    if fmt == FORMAT_NAME:
-                        check_meta(self.path, lambda key: self._overlaid(db, key),
-                                   None if self._overlay else self._module.tally(db),
-                                   self._module.name)
-                finally:
-                    self._module.close(db, self.path, writable=False)
-            finally:
-                self._locks.unshare()
+            with self.database.snapshot() as snapshot:
+                fmt, version = snapshot.get(FORMAT), snapshot.get(VERSION)
+                digests_from = snapshot.get(DIGESTS_FROM)
+                empty = fmt is None and snapshot.empty
+                if fmt == FORMAT_NAME:
+                    check_meta(self.path, snapshot.get, snapshot.tally(), module.name)
         except Error:   # pstore's own (a lock timeout, damage, an unsafe side file)
             raise
         except (OSError, ValueError, SyntaxError, sqlite3.DatabaseError) as error:
             # what the modules raise on junk (dbm.sqlite3: sqlite3's own errors)
-            raise FormatError(self.path, f"not a readable {self._module.name} database "
+            raise FormatError(self.path, f"not a readable {module.name} database "
                                          f"({error})") from None
         if empty and create:
             self._initialize()
         elif empty:
             raise FormatError(self.path, "an empty database")
         elif fmt != FORMAT_NAME or version is None or not version.isdigit():
-            raise FormatError(self.path, f"a {self._module.name} database without pstore's "
+            raise FormatError(self.path, f"a {module.name} database without pstore's "
                                          f"meta keys (for a shelve file: backend='shelve')")
         elif int(version) > FORMAT_VERSION:
             raise FormatError(self.path, f"format version {int(version)} was written by a "
@@ -251,11 +175,6 @@ class DBMBackend(LocalBlobs, Backend):
                 self.digests_from = 1 << 63     # any record may predate digests
             elif digests_from is not None and digests_from.isdigit():
                 self.digests_from = int(digests_from)
-
-    def _overlaid(self, db: Any, key: bytes) -> bytes | None:
-        if key in self._overlay:
-            return self._overlay[key]
-        return db.get(key) or None
 
     def _upgrade(self) -> None:
         """Bring an older database to the current version: a version 1 one has no lazy
@@ -298,118 +217,19 @@ class DBMBackend(LocalBlobs, Backend):
             self.rollback()
             raise
 
-    # -- reading and writing the database ---------------------------------------------------
-
-    @contextmanager
-    def _reading(self) -> Iterator[None]:
-        """Make the database safe to read for the block: no apply runs meanwhile.
-
-        Inside a transaction the write lock already keeps the database still.
-        """
-        if self._closed:
-            raise ClosedError(self.path)
-        if self._tx is not None:
-            yield
-            return
-        self._locks.share()
-        try:
-            self._recover_if_orphaned()
-            self._refresh()
-            yield
-        finally:
-            self._locks.unshare()
-
-    def _recover_if_orphaned(self) -> None:
-        """Recover a journal whose writer died; the caller holds the shared lock.
-
-        A read-only store writes nothing: it reads a complete journal as an overlay
-        over the database instead (what the committed transaction says), and leaves
-        applying it to the next writer.
-        """
-        if self.read_only:
-            self._load_overlay()
-        elif ((self._journal.exists() or rewrite_pending(self.path))
-              and self._write_lock.acquire(wait=False)):
-            # A journal and no writer alive: its writer died, maybe halfway through
-            # applying it. Recover before reading: only that makes the database whole.
-            self._locks.unshare()
-            try:
-                self._recover()
-            finally:
-                self._write_lock.release()
-                self._locks.share()
-        # With a journal and a writer alive, the writer has not begun applying it (that
-        # needs the lock the caller holds): the database is the last committed state.
-
-    def _load_overlay(self) -> None:
-        self._overlay, self._overlay_of = self._journal.overlay()
-
-    def _validate_journal(self, changes: journal.Changes) -> None:
+    def _validate_journal(self, changes: journal.Changes, stored: Getter) -> None:
         """Refuse a journal whose meta keys do not match the digest its m:check holds:
         one that changes the metadata as no commit did is never applied."""
-        db = self._module.open(self.path, "r")
-        try:
-            digest = meta_digest(lambda key: changes[key] if key in changes
-                                 else db.get(key) or None)
-        finally:
-            self._module.close(db, self.path, writable=False)
+        digest = meta_digest(lambda key: changes[key] if key in changes else stored(key))
         check = changes.get(CHECK)
         if check is None or check.partition(b" ")[2] != digest:
-            raise CorruptionError(self._journal.path, "the journal's meta keys do not match "
-                                                      "the digest its m:check holds")
+            raise CorruptionError(self.path + ".journal", "the journal's meta keys do not "
+                                  "match the digest its m:check holds")
 
     def problems(self) -> list[str]:
         """What this backend found damaged and set aside, for ``Store.verify()``: journals
         that failed their check (this session's, and every one moved aside earlier)."""
-        return self._journal.problems()
-
-    def _refresh(self) -> None:
-        """Reopen the handle if it may be stale: a commit happened since it was current.
-
-        DBM modules cache (dbm.dumb its whole index) and do not notice other
-        processes' writes.
-        """
-        version = self._locks.count()
-        if self._handle_is_current(version):
-            return
-        self._drop_handle()
-        writable = self._module.keeps_handle and not self.read_only
-        self._db = self._module.open(self.path, "w" if writable else "r")
-        self._db_version = version
-        self._db_thread = threading.get_ident()
-
-    def _handle_is_current(self, version: int) -> bool:
-        """Whether the handle may be used now, the commit counter being ``version``."""
-        return (self._db is not None
-                and (version == self._db_version or self._module.sees_other_commits)
-                and not (self._module.thread_bound and self._db_thread != threading.get_ident()))
-
-    def _drop_handle(self) -> None:
-        if self._db is not None:
-            db, self._db = self._db, None
-            self._module.close(db, self.path,
-                               writable=self._module.keeps_handle and not self.read_only)
-
-    def _get(self, key: bytes) -> bytes | None:
-        """The value of ``key`` as the open transaction sees it; call inside _reading()."""
-        if self._tx is not None and key in self._tx:
-            return self._tx[key]
-        if self._overlay and key in self._overlay:
-            return self._overlay[key]
-        return self._db.get(key) or None    # b"": deleted (see DumbModule.delete)
-
-    def _put(self, key: bytes, value: bytes | None) -> None:
-        """Set (None: delete) ``key`` in the open transaction."""
-        if self._tx is None:
-            raise RuntimeError("pstore backend: a write outside a transaction")
-        self._tx[key] = value
-
-    def _get_int(self, key: bytes, default: int = 0) -> int:
-        value = self._get(key)
-        return default if value is None else int(value)
-
-    def _put_int(self, key: bytes, value: int) -> None:
-        self._put(key, b"%d" % value)
+        return self.database.problems()
 
     # -- records ----------------------------------------------------------------------------
 
@@ -495,9 +315,7 @@ class DBMBackend(LocalBlobs, Backend):
         entries (their keys only), as the live set of :meth:`gc` does.
         """
         with self._reading():
-            keys = set(self._db.keys())
-            keys.update(self._tx or ())
-            keys.update(self._overlay)
+            keys = self.database.keys()
             oids = [int(key[2:]) for key in keys
                     if key.startswith(b"r:") and key[2:].isdigit() and self._get(key) is not None]
             next_oid = self._get_int(NEXT_OID, 1)
@@ -603,7 +421,7 @@ class DBMBackend(LocalBlobs, Backend):
         A transaction keeps the pages it touches decoded, and encodes them once, at
         commit (see _flush_pages): binding many keys costs no page encoding each.
         """
-        if self._tx is None:
+        if self.database.changes is None:
             return self._read_page(number)
         keys = self._tx_pages.get(number)
         if keys is None:
@@ -687,129 +505,28 @@ class DBMBackend(LocalBlobs, Backend):
     # -- transactions -----------------------------------------------------------------------
 
     def begin(self) -> None:
-        if self.read_only:
-            raise ReadOnlyError(self.path, "write")
-        if self._closed:
-            raise ClosedError(self.path)
-        self._write_lock.lock(self.path)
-        try:
-            if self._journal.exists() or rewrite_pending(self.path):   # a writer died
-                self._recover()
-            self._refresh()
-        except BaseException:
-            self._write_lock.release()
-            raise
-        self._tx = {}
+        self.database.begin()
 
     def commit(self) -> None:
-        if self._tx is not None:
+        changes = self.database.changes
+        if changes is not None:
             self._flush_pages()
-            if self._tx:
-                self._seal(self._tx)
-        changes, self._tx = self._tx, None
-        committed = not changes     # nothing to write: committed as it is
-        try:
             if changes:
-                # The commit point: once the journal is in place, the transaction is
-                # applied, by this process now or by the next writer to find it.
-                journal.write(self._journal.path, changes, fsync=self._fsync)
-                committed = True
-                self._apply(changes, again=False)
-                self._own_commits += 1
-        finally:
-            if changes is not None:
-                self._end(committed)
+                self._seal(changes)
+        self.database.commit()
 
     def _seal(self, changes: dict[bytes, bytes | None]) -> None:
-        """Put ``m:check`` (see _check_meta) for the state ``changes`` lead to."""
+        """Put ``m:check`` (see check_meta) for the state ``changes`` lead to."""
         changes[CHECK] = b""   # counted as an entry of its own
-        tally = self._module.tally_after(self._db, changes)
+        tally = self.database.tally_after(changes)
         changes[CHECK] = b"%s %s" % (b"-" if tally is None else tally, meta_digest(self._get))
 
     def rollback(self) -> None:
         self._tx_pages.clear()
-        if self._tx is not None:
-            self._tx = None
-            self._end(committed=False)
-
-    def _end(self, committed: bool) -> None:
-        try:
-            self._blobs.end(committed)      # still under the lock: see BlobStore.end
-        finally:
-            self._write_lock.release()
-
-    def _recover(self) -> None:
-        """Finish a dead writer's journal: apply it if it passes its checks, else move it
-        aside (kept, reported with a warning and by :meth:`problems`).
-
-        A rewrite (vacuum) that reached its commit point is finished first; it never
-        runs with a journal left. The caller holds the write lock.
-        """
-        if rewrite_pending(self.path):
-            self._finish_rewrite(lambda: self._module.finish_rewrite(self.path))
-        try:
-            changes = self._journal.read()
-        except CorruptionError as error:
-            self._journal.set_aside(error, fsync=self._fsync)
-            return
-        if changes is not None:
-            self._apply(changes, again=True)
-
-    def _apply(self, changes: journal.Changes, *, again: bool) -> None:
-        """Apply the journal's ``changes`` to the database, then delete the journal.
-
-        ``again``: the journal was found on disk, left by a writer that died. The
-        caller holds the write lock. Readers are kept out (exclusive apply lock)
-        from before the first change until the journal is gone. Every step may be
-        repeated after a crash: puts and deletes are idempotent.
-        """
-        self._locks.exclude()
-        try:
-            version = self._locks.count()
-            # Counted first, so that every reader reopens its handle after this apply,
-            # even one interrupted and finished by another process.
-            self._locks.set_count(version + 1)
-            if self._module.before_apply(self.path, again=again, fsync=self._fsync):
-                self._drop_handle()
-            own = (self._module.keeps_handle and not self.read_only
-                   and self._handle_is_current(version))
-            db = self._db if own else self._module.open(self.path, "w")
-            try:
-                self._module.write(db, changes)
-                self._module.sync(db)
-            except BaseException:
-                if own:     # half written: never to be written again (recovery will)
-                    self._db = None
-                    self._module.abandon(db)
-                raise
-            finally:
-                if not own:
-                    self._module.close(db, self.path, writable=True)
-            if own:
-                self._db_version = version + 1
-            if self._fsync:
-                for name in self._module.files(self.path):
-                    if os.path.exists(name):
-                        fsync_file(name)
-                fsync_directory(self.path)
-            self._module.after_apply(self.path, fsync=self._fsync)
-            journal.remove(self._journal.path, fsync=self._fsync)
-        finally:
-            self._locks.unexclude()
+        self.database.rollback()
 
     def change_marker(self) -> Hashable:
-        """The number of commits applied by other connections (and recoveries) so far;
-        read-only, with the journal read as overlay (a journal appearing is a commit)."""
-        if self._closed:
-            raise ClosedError(self.path)
-        self._locks.share()
-        try:
-            if self.read_only:
-                self._load_overlay()
-                return self._locks.count(), self._overlay_of
-            return self._locks.count() - self._own_commits
-        finally:
-            self._locks.unshare()
+        return self.database.change_marker()
 
     # -- maintenance: reaches() and gc() are the base's, over refs_of and record_ids ----
 
@@ -823,98 +540,27 @@ class DBMBackend(LocalBlobs, Backend):
         with self._reading():
             version = int(self._get(VERSION) or 0)
         blobs, blob_bytes = self._blobs.usage()
-        return Statistics(f"{self._module.name} (Python {platform.python_version()})",
+        return Statistics(f"{self.database.module.name} (Python {platform.python_version()})",
                           version, records, record_bytes, blobs, blob_bytes)
 
     def vacuum(self) -> int:
-        """Compacts in place where the module can (dbm.gnu, dbm.sqlite3); rewrites the
-        database otherwise (dbm.dumb, dbm.ndbm): every live entry into a new database
-        beside it, then put in its place so that a crash at any moment leaves the old or
-        the new one whole (docs/format.md, "Vacuum"). Readers wait only while files are
-        swapped."""
-        if self.read_only:
-            raise ReadOnlyError(self.path, "vacuum")
-        names = self._module.files(self.path)
-        before = sum(os.path.getsize(name) for name in names if os.path.exists(name))
-        self.begin()    # the write lock; a dead writer's journal or rewrite finished
-        try:
-            if not self._compact():
-                self._rewrite()
-        finally:
-            self.rollback()
-        return before - sum(os.path.getsize(name) for name in names if os.path.exists(name))
+        """See :meth:`JournaledDatabase.vacuum <.dbm_database.JournaledDatabase.vacuum>`:
+        in place, or by a rewrite that a crash at any moment leaves whole."""
+        return self.database.vacuum(CHECK, self._check_of_rewrite)
 
-    def _compact(self) -> bool:
-        """Compact the database in place, if its module can; under the write lock."""
-        self._locks.exclude()   # no reader reads while the files change under it
-        try:
-            self._drop_handle()
-            db = self._module.open(self.path, "w")
-            try:
-                return self._module.compact(db)
-            finally:
-                self._module.close(db, self.path, writable=True)
-        finally:
-            self._locks.unexclude()
-
-    def _rewrite(self) -> None:
-        """Write every live entry into a new database and put it in place of this one;
-        under the write lock. Readers go on reading the old one meanwhile."""
-        self._refresh()
-        folder, new = self._module.start_rewrite(self.path)
-        try:
-            for key in self._db.keys():  # noqa: SIM118 (ndbm handles are not iterable)
-                value = self._db[key]
-                if value and key != CHECK:  # b"": deleted (see DumbModule.delete)
-                    new[key] = value
-            check = self._get(CHECK)
-            if check is not None:   # the tally it holds changes (deleted entries are gone)
-                new[CHECK] = b""    # counted as an entry of its own
-                tally = self._module.tally(new)
-                new[CHECK] = b"%s %s" % (b"-" if tally is None else tally,
-                                         check.partition(b" ")[2])
-        except BaseException:
-            self._module.abandon(new)
-            remove_rewrite_leftovers(self.path)
-            raise
-        self._finish_rewrite(lambda: self._module.end_rewrite(self.path, folder, new))
-
-    def _finish_rewrite(self, finish: Callable[[], object]) -> None:
-        """Run ``finish`` (which puts a rewritten database in place) with readers kept out,
-        counted as a commit so that every open handle is reopened."""
-        self._locks.exclude()
-        try:
-            self._locks.set_count(self._locks.count() + 1)
-            self._own_commits += 1
-            self._drop_handle()
-            finish()
-        finally:
-            self._locks.unexclude()
+    def _check_of_rewrite(self, new: Any, check: bytes) -> bytes:
+        """``m:check`` of rewritten database ``new``: the tally it holds changes (deleted
+        entries are gone), the digest of the meta keys does not."""
+        tally = self.database.module.tally(new)
+        return b"%s %s" % (b"-" if tally is None else tally, check.partition(b" ")[2])
 
     def key_lock(self, key: str, timeout: float) -> AbstractContextManager[None]:
         return key_lock_file(self.path, key, timeout)
 
     def after_fork(self) -> None:
-        if self._closed:
-            return
-        if self._db is not None:
-            INHERITED.append(self._db)
-        self._write_lock.abandon()
-        self._locks.abandon()
-        self._make_locks()
-        self._db = None
-        self._tx = None
+        self.database.after_fork()
         self._tx_pages.clear()
 
     def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            self.rollback()
-        finally:
-            self._tx = None
-            self._drop_handle()
-            self._write_lock.close()
-            self._locks.close()
-
+        self._tx_pages.clear()
+        self.database.close()

@@ -58,6 +58,7 @@ from contextlib import contextmanager
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
+from ..blob_names import BlobHasher  # the blob names of the file backends, over a stream of chunks
 from ..errors import (
     ClosedError,
     ConnectionLostError,
@@ -67,7 +68,6 @@ from ..errors import (
     ServerLockTimeoutError,
 )
 from .base import Backend, Statistics, check_meta_name, check_reserved
-from .blob_names import BlobHasher  # the blob names of the file backends, over a stream of chunks
 
 try:
     import psycopg

@@ -1,6 +1,7 @@
 """The store layer: :func:`open` and :class:`Store`, on top of :mod:`pstore.backends`.
 
-Its rooms: ``store`` (the mapping, lifecycle, reading), ``transaction`` (pending writes
+Its rooms: ``opening`` (:func:`open`: options checked, the backend chosen), ``store``
+(the mapping, lifecycle, reading), ``transaction`` (pending writes
 and their commit), ``codec`` (record pickler and unpickler, and the loader resolving
 references), ``records`` (a record's bytes), ``identity`` (the identity map) and
 ``persistent`` (Persistent objects and their data-manager protocol).
@@ -8,6 +9,7 @@ references), ``records`` (a record's bytes), ``identity`` (the identity map) and
 
 from __future__ import annotations
 
-from .store import DEFAULT_LOCK_TIMEOUT, Store, open
+from .opening import DEFAULT_LOCK_TIMEOUT, open
+from .store import Store
 
 __all__ = ["Store", "open", "DEFAULT_LOCK_TIMEOUT"]

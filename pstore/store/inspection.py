@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .. import engine
 from ..backends.base import ReadableBackend
-from ..errors import MissingObjectError
+from ..errors import KeyTypeError, MissingObjectError
 from . import records
+from .renames import Renames
+from .verify import load_error
 
-__all__ = ["RecordInfo", "StoreInfo", "describe_record", "describe_items", "record_pickles",
-           "store_info"]
+__all__ = ["RecordInfo", "StoreInfo", "describe_record", "describe_items", "raw_record",
+           "reachable_ids", "record_bytes", "record_pickles", "store_globals", "store_info"]
 
 
 @dataclass(frozen=True)
@@ -185,12 +187,74 @@ def store_info(backend: ReadableBackend, key_fingerprint: str | None) -> StoreIn
 
 
 def describe_items(path: str, items: Iterable[tuple[str, int, bytes | None]],
-                   pattern: str | None) -> Iterator[tuple[str, RecordInfo]]:
+                   pattern: str | None, renames: Renames | None = None
+                   ) -> Iterator[tuple[str, RecordInfo]]:
     """``(key, RecordInfo)`` of each ``(key, object id, data)`` of store ``path`` whose key
-    matches the glob ``pattern`` (all if None), unpickling nothing."""
+    matches the glob ``pattern`` (all if None), unpickling nothing; with ``renames``, the
+    class a record names is given as it will load."""
     for key, oid, data in items:
         if pattern is not None and not fnmatch.fnmatchcase(key, pattern):
             continue
         if data is None:
             raise MissingObjectError(path, oid, f"the record of key {key!r}")
-        yield key, describe_record(oid, data)
+        info = describe_record(oid, data)
+        yield key, info if renames is None else replace(info, kind=renames.rename(info.kind))
+
+
+def reachable_ids(backend: ReadableBackend, keys: str | Iterable[str] | None) -> list[int]:
+    """The object ids of every record (``keys`` None), or of those reachable from
+    ``keys`` (one key, or several) through their references, lazy ones included."""
+    if keys is None:
+        return [oid for oid, _, _ in backend.iter_records()]
+    todo = []
+    for key in [keys] if isinstance(keys, str) else keys:
+        if not isinstance(key, str):
+            raise KeyTypeError(type(key).__name__)
+        oid = backend.get_key(key)
+        if oid is None:
+            raise KeyError(key)
+        todo.append(oid)
+    seen: dict[int, None] = {}
+    while todo:
+        oid = todo.pop()
+        if oid not in seen:
+            seen[oid] = None
+            todo.extend(ref for ref in backend.refs_of(oid) if ref not in seen)
+    return list(seen)
+
+
+def raw_record(backend: ReadableBackend, key: str) -> tuple[int, bytes]:
+    """``(object id, stored bytes)`` of the record ``key`` is bound to (``KeyError`` if it
+    is bound to none; :class:`MissingObjectError` if its record is gone)."""
+    item = backend.get_item(key)
+    if item is None:
+        raise KeyError(key)
+    oid, data = item
+    if data is None:
+        raise MissingObjectError(backend.path, oid, f"the record of key {key!r}")
+    return oid, data
+
+
+def record_bytes(backend: ReadableBackend, oid: int) -> bytes:
+    """The stored bytes of record ``oid``; :class:`MissingObjectError` if it has none."""
+    data = backend.get_record(oid)
+    if data is None:
+        raise MissingObjectError(backend.path, oid)
+    return data
+
+
+def store_globals(backend: ReadableBackend, key: str | None) -> list[str]:
+    """What :meth:`Store.globals <pstore.store.Store.globals>` returns: the sorted
+    ``module.name`` of every global the records reachable from ``key`` (all, if None)
+    name, nothing unpickled."""
+    found: set[str] = set()
+    pairs = ((oid, data) for oid, data, _ in backend.iter_records()) if key is None \
+        else ((oid, record_bytes(backend, oid)) for oid in reachable_ids(backend, key))
+    for oid, data in pairs:
+        try:
+            names = globals_of_record(oid, data)
+        except Exception as error:
+            raise load_error(error, backend.path, key=key, object_id=oid,
+                             is_damage=lambda _: True)
+        found.update(f"{module}.{name}" for module, name in names)
+    return sorted(found)

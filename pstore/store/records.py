@@ -37,7 +37,7 @@ from _operator import _compare_digest as compare_digest
 from typing import Any, NamedTuple
 
 from .._blake2 import blake2b
-from ..backends.blob_names import digest_of_name, name_of_digest
+from ..blob_names import digest_of_name, name_of_digest
 from . import blobio
 from .blobio import CODECS, BlobRef
 from .signing import FINGERPRINT_SIZE, MAC_SIZE, Signer

@@ -25,16 +25,23 @@ import errno
 import os
 import stat
 import sys
+from typing import TYPE_CHECKING, cast
 
 from .._blake2 import blake2b
 from ..errors import ArgumentError, KeyFileError
 
-__all__ = ["KEY_FILE_VARIABLE", "MIN_KEY_SIZE", "Signer", "default_key_path", "signer_for"]
+if TYPE_CHECKING:
+    from ..backends.base import Backend, ReadableBackend
+
+__all__ = ["FINGERPRINT_META", "KEY_FILE_VARIABLE", "MIN_KEY_SIZE", "Signer",
+           "default_key_path", "made_with", "signer_for"]
 
 #: The environment variable naming a key file.
 KEY_FILE_VARIABLE = "PSTORE_KEY_FILE"
 #: A key has at least this many bytes.
 MIN_KEY_SIZE = 32
+#: The meta entry holding the fingerprint of the key a store was created with.
+FINGERPRINT_META = "key_fingerprint"
 #: Bytes of a fingerprint, and of a MAC.
 FINGERPRINT_SIZE = 8
 MAC_SIZE = 16
@@ -187,3 +194,15 @@ def _create_key_file_by_path(folder: str, name: str) -> bytes:
     finally:
         os.unlink(temp)
     return key
+
+
+def made_with(signer: Signer, backend: ReadableBackend, *, writable: bool) -> bool:
+    """Whether the store ``backend`` opens was made with ``signer``'s key (its
+    :data:`FINGERPRINT_META`). A writable store that records no fingerprint (a new one,
+    or one a pstore that did not sign made) records ``signer``'s, in a transaction."""
+    fingerprint = backend.get_meta(FINGERPRINT_META)
+    if writable and fingerprint is None:
+        with cast("Backend", backend).writing() as writing:     # writable: a Backend
+            writing.set_meta(FINGERPRINT_META, signer.fingerprint_hex)
+        fingerprint = signer.fingerprint_hex
+    return fingerprint == signer.fingerprint_hex

@@ -9,8 +9,10 @@ one open Store an object id is one Python object. Objects of
 reference loads as a placeholder that reads its record when first used. See
 ``docs/store.md`` and ``docs/persistent.md``.
 
-This module is the mapping, the lifecycle and the reading side; the record
-codec is :mod:`pstore.store.codec`, the writing side :mod:`pstore.store.transaction`.
+This module is the mapping, the lifecycle and the reading side. :func:`open` (in
+:mod:`pstore.store.opening`) checks the options and makes a Store; the record codec
+is :mod:`pstore.store.codec`, the writing side :mod:`pstore.store.transaction`, what
+is known to be current :mod:`pstore.store.freshness`.
 """
 
 from __future__ import annotations
@@ -23,60 +25,43 @@ from collections.abc import (
     ItemsView,
     Iterable,
     Iterator,
-    Mapping,
-    MappingView,
     MutableMapping,
     ValuesView,
 )
 from contextlib import AbstractContextManager, contextmanager
 from itertools import islice
-from typing import TYPE_CHECKING, Any, Literal, cast, get_args
+from typing import TYPE_CHECKING, Any, cast
 
-from .. import engine
-from ..backends import Backend, ReadableBackend, detect_backend, open_backend
+from ..backends import Backend, ReadableBackend
 from ..errors import (
-    ArgumentError,
     ClosedError,
-    CorruptionError,
-    IntegrityError,
     InTransactionError,
     KeyTypeError,
     MissingClassError,
-    MissingObjectError,
     ReadOnlyError,
     StorePicklingError,
 )
-from . import blobio, records
+from . import blobio
 from .codec import RecordLoader
+from .freshness import Freshness
 from .identity import IdentityMap
-from .persistent import GHOST, SAVED, Persistent, detach, ghostify, is_ghost, status_of
+from .persistent import GHOST, Persistent, detach, status_of
 from .renames import Renames
-from .signing import Signer, signer_for
+from .signing import FINGERPRINT_META, Signer, made_with, signer_for
 from .transaction import Transaction
 from .verify import VerifyReport, load_error, verify
+from .views import LoadErrors, LoadingItems, LoadingValues
 
 if TYPE_CHECKING:   # imported where used: compute-once and inspection are not on every path
     from . import inspection
 
-__all__ = ["Store", "open", "DEFAULT_LOCK_TIMEOUT", "DEFAULT_BLOB_THRESHOLD",
-           "DEFAULT_MAX_RECORD_SIZE"]
+__all__ = ["Store", "DEFAULT_BLOB_THRESHOLD", "DEFAULT_MAX_RECORD_SIZE"]
 
-#: Seconds a write waits for another process's write transaction by default.
-DEFAULT_LOCK_TIMEOUT = 60.0
 #: Out-of-band buffers of at least this many bytes are stored as blobs by default.
 DEFAULT_BLOB_THRESHOLD = 64 * 1024
 #: A record's payload larger than this (decompressed) is refused by default.
 DEFAULT_MAX_RECORD_SIZE = 1 << 30
 
-_FLAGS = ("r", "w", "c", "n")
-#: What iterating over values does with a record whose class is gone (``errors=``).
-LoadErrors = Literal["raise", "skip", "collect"]
-_LOAD_ERRORS = get_args(LoadErrors)
-#: The meta entry holding the fingerprint of the key the store was created with.
-_FINGERPRINT = "key_fingerprint"
-_END = object()
-#: At most this many key bindings are remembered for repeated gets (Store._key_oids).
-_KNOWN_KEYS_MAX = 1 << 16
 
 
 class Store(MutableMapping[str, Any]):
@@ -104,9 +89,10 @@ class Store(MutableMapping[str, Any]):
     def __init__(self, backend: ReadableBackend, *, protocol: int, writeback: bool,
                  blob_threshold: int | None = DEFAULT_BLOB_THRESHOLD,
                  compression: str | None = None, readonly_buffers: bool = False,
-                 max_record_size: int = DEFAULT_MAX_RECORD_SIZE,
-                 signer: Signer | None = None, allow: str | Iterable[str] = (),
-                 renames: Renames | None = None) -> None:
+                 max_record_size: int = DEFAULT_MAX_RECORD_SIZE, signer: Signer | None = None,
+                 allow: str | Iterable[str] = (), renames: Renames | None = None) -> None:
+        """A Store over ``backend``: :func:`~pstore.store.opening.open` makes one, its
+        options checked first (these are its defaults; ``signer`` None: the user's key)."""
         self._backend = backend
         self._renames = renames
         self._signer = signer = signer_for(None) if signer is None else signer
@@ -125,20 +111,12 @@ class Store(MutableMapping[str, Any]):
                                     writable_buffers=not readonly_buffers,
                                     max_record_size=max_record_size, mapped=self._txn.mapped,
                                     signer=signer, allow=allow, renames=renames)
-        fingerprint = backend.get_meta(_FINGERPRINT)
-        if not self._read_only and fingerprint is None:
-            # A new store (or one a pstore that did not sign made) records its key's.
-            with self._txn.backend.writing() as writing:
-                writing.set_meta(_FINGERPRINT, signer.fingerprint_hex)
-            fingerprint = signer.fingerprint_hex
         # In a store made with this Store's key any record that does not verify was
         # changed after it was written: an IntegrityError, whatever byte changed.
-        self._loader.own_store = fingerprint == signer.fingerprint_hex
-        self._marker = backend.change_marker()
-        # key -> object id, as read outside a transaction since the change marker was last
-        # seen to change and since this Store last wrote: a repeated get of a key whose
-        # object is still loaded then costs one marker query instead of reading the key.
-        self._key_oids: dict[str, int] = {}
+        self._loader.own_store = made_with(signer, backend, writable=not self._read_only)
+        # A repeated get of a key whose object is still loaded costs one change-marker
+        # query instead of reading the key.
+        self._fresh = Freshness(backend, self._ids)
         self._closed = False
         _open_stores[id(self)] = self
 
@@ -170,15 +148,16 @@ class Store(MutableMapping[str, Any]):
             self._check_open()
             self._check_key(key)
             depth = self._txn.depth
-            if not depth and key in self._key_oids:
-                obj = self._get_known(key)
-                if obj is not _END:
-                    return obj
             try:
+                known = None if depth or not self._fresh.knows(key) else self._fresh.loaded(key)
+                if known is not None:
+                    if self._txn.writeback:
+                        self._txn.cache.keep(known[0], known[1], None)
+                    return known[1]
                 item = self._backend.get_item(key)
                 if item is not None:
                     oid, data = item
-                    if self._txn.depth:     # the transaction saw the latest state when it began
+                    if depth:     # the transaction saw the latest state when it began
                         obj = self._loader.load(oid, data)
                     else:
                         obj = self._load_latest(oid, data)
@@ -189,29 +168,9 @@ class Store(MutableMapping[str, Any]):
             if self._txn.writeback:
                 self._txn.cache.keep(oid, obj, data)
             if not depth:
-                if len(self._key_oids) >= _KNOWN_KEYS_MAX:
-                    self._key_oids.clear()
-                self._key_oids[key] = oid
+                self._fresh.remember(key, oid)
             self._ids.maybe_sweep()
             return obj
-
-    def _get_known(self, key: str) -> Any:
-        """Outside a transaction: the object of ``key`` answered from memory -- its binding
-        read earlier and its object still loaded -- once the change marker (one query)
-        says that no other process committed since; else ``_END``."""
-        try:
-            self._see_latest()      # drops _key_oids if another process committed
-        except Exception as error:
-            raise load_error(error, self._path, key=key, is_damage=self._backend.is_damage)
-        oid = self._key_oids.get(key)
-        if oid is None:
-            return _END
-        obj = self._ids.get(oid)
-        if obj is None or is_ghost(obj):
-            return _END
-        if self._txn.writeback:
-            self._txn.cache.keep(oid, obj, None)
-        return obj
 
     def __setitem__(self, key: str, value: Any) -> None:
         with self._lock:
@@ -280,19 +239,21 @@ class Store(MutableMapping[str, Any]):
         view's ``skipped`` list (a new one each iteration). Any other error
         (damage, a failing ``__setstate__``) raises whatever ``errors`` says.
         """
-        return _Items(self, errors)
+        return LoadingItems(self, self._iter_items, errors)
 
     def values(self, *, errors: LoadErrors = "raise") -> ValuesView[Any]:
         """A view whose iteration streams the values, a batch of records per query;
         ``errors`` as for :meth:`items`."""
-        return _Values(self, errors)
+        return LoadingValues(self, self._iter_items, errors)
 
     def _iter_items(self, skipped: list[MissingClassError] | None = None
                     ) -> Iterator[tuple[str, Any]]:
         """``(key, value)`` pairs; with a ``skipped`` list, a record whose class is gone is
         left out and its error appended."""
         with self._lock:
-            self._start_read()
+            self._check_open()
+            if not self._txn.depth:     # drop loaded objects if another process committed
+                self._fresh.see_latest()
             rows = self._backend.iter_items()
         while True:
             with self._lock:
@@ -375,8 +336,10 @@ class Store(MutableMapping[str, Any]):
         """
         from . import compute as compute_once
 
-        return compute_once.get_or_compute(self, key, compute, key_lock=self._key_lock,
-                                           timeout=timeout, valid=valid)
+        # The backend's key lock, asked for only when needed: a read-only view has none.
+        return compute_once.get_or_compute(
+            self, key, compute, key_lock=lambda key, wait: self._txn.backend.key_lock(key, wait),
+            timeout=timeout, valid=valid)
 
     def memoize(self, func: Callable[..., Any] | None = None, *, name: str | None = None,
                 check_code: bool = True) -> Any:
@@ -405,7 +368,7 @@ class Store(MutableMapping[str, Any]):
             if self._txn.depth:
                 return
             self._write_back()
-            self._see_latest()
+            self._fresh.see_latest()
 
     def _write_back(self) -> None:
         """Outside a transaction: commit the changed Persistent objects and the cache."""
@@ -436,7 +399,7 @@ class Store(MutableMapping[str, Any]):
             self._check_open()
             from . import inspection
 
-            return inspection.store_info(self._backend, self._backend.get_meta(_FINGERPRINT))
+            return inspection.store_info(self._backend, self._backend.get_meta(FINGERPRINT_META))
 
     @property
     def key_fingerprint(self) -> str:
@@ -450,29 +413,19 @@ class Store(MutableMapping[str, Any]):
         with self._lock:
             self._check_open()
             items = list(self._backend.iter_items())
-        import dataclasses
-
         from . import inspection
 
-        renames = self._renames
-        for key, info in inspection.describe_items(self._path, items, pattern):
-            # The class a record names, as renames= will load it.
-            yield key, info if renames is None else \
-                dataclasses.replace(info, kind=renames.rename(info.kind))
+        yield from inspection.describe_items(self._path, items, pattern, self._renames)
 
     def raw_record(self, key: str) -> tuple[int, bytes]:
         """``(object id, stored bytes)`` of the record ``key`` is bound to, as they are: for
         tools that look at records without loading them (``pstore show``, ``dis``)."""
+        from . import inspection
+
         with self._lock:
             self._check_open()
             self._check_key(key)
-            item = self._backend.get_item(key)
-            if item is None:
-                raise KeyError(key)
-            oid, data = item
-            if data is None:
-                raise MissingObjectError(self._path, oid, f"the record of key {key!r}")
-            return oid, data
+            return inspection.raw_record(self._backend, key)
 
     def verify(self) -> VerifyReport:
         """Check every record's digest, reference, key binding and blob (its contents
@@ -484,33 +437,6 @@ class Store(MutableMapping[str, Any]):
 
     # -- safety: inspect, trust, load restricted (docs/safety.md) ----------------------------
 
-    def _record_ids(self, keys: str | Iterable[str] | None) -> list[int]:
-        """The object ids of every record (``keys`` None), or of those reachable from
-        ``keys`` (one key, or several) through their references, lazy ones included."""
-        backend = self._backend
-        if keys is None:
-            return [oid for oid, _, _ in backend.iter_records()]
-        todo = []
-        for key in [keys] if isinstance(keys, str) else keys:
-            self._check_key(key)
-            oid = backend.get_key(key)
-            if oid is None:
-                raise KeyError(key)
-            todo.append(oid)
-        seen: dict[int, None] = {}
-        while todo:
-            oid = todo.pop()
-            if oid not in seen:
-                seen[oid] = None
-                todo.extend(ref for ref in backend.refs_of(oid) if ref not in seen)
-        return list(seen)
-
-    def _record_bytes(self, oid: int) -> bytes:
-        data = self._backend.get_record(oid)
-        if data is None:
-            raise MissingObjectError(self._path, oid)
-        return data
-
     def globals(self, key: str | None = None) -> list[str]:
         """Every ``module.name`` the records reachable from ``key`` (or all records) would
         import, across every pickle of each record (a Persistent object's state too),
@@ -519,18 +445,7 @@ class Store(MutableMapping[str, Any]):
 
         with self._lock:
             self._check_open()
-            found: set[str] = set()
-            pairs = ((oid, data) for oid, data, _ in self._backend.iter_records()) \
-                if key is None else ((oid, self._record_bytes(oid))
-                                     for oid in self._record_ids(key))
-            for oid, data in pairs:
-                try:
-                    names = inspection.globals_of_record(oid, data)
-                except Exception as error:
-                    raise load_error(error, self._path, key=key, object_id=oid,
-                                     is_damage=lambda _: True)
-                found.update(f"{module}.{name}" for module, name in names)
-            return sorted(found)
+            return inspection.store_globals(self._backend, key)
 
     def trust(self, keys: str | Iterable[str] | None = None) -> int:
         """Sign with this Store's key the records reachable from ``keys`` (one key or
@@ -538,32 +453,15 @@ class Store(MutableMapping[str, Any]):
         semantics. Review :meth:`globals` first: a trusted record runs what it names.
         Each record's digest is checked before it is signed (damage is never signed).
         One transaction; returns how many records were signed anew."""
+        from . import inspection
+
         with self._lock:
             self._check_writable("trust records")
-            signed = 0
             with self._transaction():
-                backend = self._txn.backend
-                for oid in self._record_ids(keys):
-                    data = self._record_bytes(oid)
-                    try:
-                        unpacked = records.unpack(data, oid, signer=self._signer,
-                                                  digest_required=oid >= backend.digests_from,
-                                                  max_size=self._max_record_size)
-                        if unpacked.signed:
-                            continue
-                        new = records.resign(data, oid, unpacked, self._signer)
-                    except records.IntegrityMismatch as error:
-                        raise IntegrityError(self._path, str(error), object_id=oid) from error
-                    except ValueError as error:
-                        raise CorruptionError(self._path, str(error), object_id=oid) from None
-                    refs = backend.refs_of(oid)
-                    eager = set(backend.refs_of(oid, lazy=False))
-                    backend.put_record(oid, new, refs,
-                                       lazy_refs=[ref for ref in refs if ref not in eager],
-                                       blobs=[blob.name for blob in unpacked.blobs])
-                    signed += 1
+                signed = self._txn.sign(inspection.reachable_ids(self._backend, keys),
+                                        self._max_record_size)
             # Objects loaded restricted stay as they are; the next load is a full one.
-            self._invalidate()
+            self._fresh.invalidate()
             return signed
 
     def load_restricted(self, key: str, *, allow: str | Iterable[str] = ()) -> Any:
@@ -618,8 +516,9 @@ class Store(MutableMapping[str, Any]):
         if self.in_transaction:
             raise StorePicklingError(self._path, "inside a transaction: the other process "
                                      "would not see what it has not committed")
-        path, flag, options = self.reopen_arguments
-        return _reopen, (path, flag, options)
+        from .opening import reopen
+
+        return reopen, self.reopen_arguments
 
     def __enter__(self) -> Store:
         self._check_open()
@@ -667,12 +566,6 @@ class Store(MutableMapping[str, Any]):
         if not isinstance(key, str):
             raise KeyTypeError(type(key).__name__)
 
-    def _start_read(self) -> None:
-        """Outside a transaction: drop loaded objects if another process committed since."""
-        self._check_open()
-        if not self._txn.depth:
-            self._see_latest()
-
     def _load_latest(self, oid: int, data: bytes | None) -> Any:
         """Outside a transaction: the object of record ``oid``, whose bytes ``data`` were
         just read, with the identity map brought up to date before it is used.
@@ -682,34 +575,14 @@ class Store(MutableMapping[str, Any]):
         to nothing is read with one query. Its bytes are current whatever the marker says.
         """
         if self._ids.get(oid) is not None:
-            self._see_latest()
+            self._fresh.see_latest()
             return self._loader.load(oid, data)
-        return self._loader.load_fresh(oid, data, self._see_latest)
-
-    def _see_latest(self) -> None:
-        marker = self._backend.change_marker()
-        if marker != self._marker:
-            self._marker = marker
-            self._invalidate()
-
-    def _invalidate(self) -> None:
-        """Make every record load again: forget the plain objects loaded, and turn the
-        Persistent objects without unsaved changes back into placeholders."""
-        self._key_oids.clear()
-        self._ids.forget_loads()
-        for obj in self._ids.persistent_objects():
-            if status_of(obj) == SAVED:
-                ghostify(obj)
-
-    def _key_lock(self, key: str, timeout: float) -> AbstractContextManager[None]:
-        """The backend's lock of ``key`` (compute-once), asked for only when needed: a
-        read-only view has none."""
-        return self._txn.backend.key_lock(key, timeout)
+        return self._loader.load_fresh(oid, data, self._fresh.see_latest)
 
     def _transaction(self, flush_cache: bool = False) -> AbstractContextManager[None]:
         """The write transaction's scope (joined if one is open)."""
-        self._key_oids.clear()  # the transaction may bind keys anew (or roll back)
-        return self._txn.scope(flush_cache, self._see_latest, self._check_open)
+        self._fresh.forget_keys()  # the transaction may bind keys anew (or roll back)
+        return self._txn.scope(flush_cache, self._fresh.see_latest, self._check_open)
 
     def _after_fork(self) -> None:
         # The parent's lock may have been held by one of its other threads.
@@ -726,54 +599,16 @@ class Store(MutableMapping[str, Any]):
             return
         try:
             self._backend.after_fork()
-            # A change marker means something only to the connection that read it.
-            self._marker = self._backend.change_marker()
+            self._fresh.reset()
         except Exception:
             # Surface the failure at the child's first call, in the calling thread.
             self._closed = True
             return
-        self._invalidate()   # the parent may have committed since it loaded them
-
-
-class _LoadingView(MappingView):
-    """What the views of :meth:`Store.items` and :meth:`Store.values` share: ``errors=``."""
-
-    _mapping: Store
-
-    def __init__(self, store: Store, errors: str) -> None:
-        if errors not in _LOAD_ERRORS:
-            raise ArgumentError("errors", errors, "'raise', 'skip' or 'collect'")
-        super().__init__(store)     # the MappingView's
-        self._errors = errors
-        #: With ``errors="collect"``: the errors of the records the last iteration left out.
-        self.skipped: list[MissingClassError] = []
-
-    def _pairs(self) -> Iterator[tuple[str, Any]]:
-        if self._errors == "raise":
-            return self._mapping._iter_items()
-        skipped: list[MissingClassError] = []
-        if self._errors == "collect":
-            self.skipped = skipped
-        return self._mapping._iter_items(skipped)
-
-
-class _Items(_LoadingView, ItemsView[str, Any]):
-    def __iter__(self) -> Iterator[tuple[str, Any]]:
-        return self._pairs()
-
-
-class _Values(_LoadingView, ValuesView[Any]):
-    def __iter__(self) -> Iterator[Any]:
-        return (value for _, value in self._pairs())
+        self._fresh.invalidate()   # the parent may have committed since it loaded them
 
 
 # Keyed by id(): a Store, being a Mapping, is unhashable.
 _open_stores: weakref.WeakValueDictionary[int, Store] = weakref.WeakValueDictionary()
-
-
-def _reopen(path: str, flag: str, options: dict[str, Any]) -> Store:
-    """Unpickle a Store (see :meth:`Store.__reduce__`)."""
-    return open(path, flag, **options)
 
 
 def _reopen_in_child() -> None:
@@ -783,112 +618,3 @@ def _reopen_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_reopen_in_child)
-
-
-def open(path: str | bytes | os.PathLike[str] | os.PathLike[bytes], flag: str = "c", *,
-         backend: str | None = None,
-         protocol: int = 5, writeback: bool = False,
-         lock_timeout: float = DEFAULT_LOCK_TIMEOUT, fsync: bool = False,
-         blob_threshold: int | None = DEFAULT_BLOB_THRESHOLD, compression: str | None = None,
-         readonly_buffers: bool = False,
-         max_record_size: int = DEFAULT_MAX_RECORD_SIZE,
-         key: bytes | None = None, allow: str | Iterable[str] = (),
-         renames: Mapping[str, str] | None = None) -> Store:
-    """Open the store at ``path`` and return a :class:`Store`.
-
-    ``flag``: 'r' read-only (writes nothing at all, not even to the file's header),
-    'w' read-write on an existing store, 'c' create it if missing (default),
-    'n' empty the store (in one transaction, under the write lock; a new one if
-    missing). ``path``: str, bytes or os.PathLike. A missing file with 'r' or 'w' raises
-    ``FileNotFoundError``; a file that is not a pstore store (or one written by a
-    newer pstore) raises :class:`~pstore.errors.FormatError`. New files are
-    readable by their owner only.
-
-    ``backend``: ``"sqlite"``, ``"dbm"`` (``"dbm:dbm.dumb"`` names the module),
-    ``"postgresql"`` or ``"shelve"`` (read-only, a stdlib shelve file); None
-    (default): the one a ``postgresql://`` URL names, else that of the store already
-    at ``path``, told from its files, else ``"sqlite"`` (``docs/backends.md``).
-
-    ``protocol``: the pickle protocol records are written with (0 to 5, -1 for 5).
-    ``writeback``: keep every value read or assigned and, at :meth:`Store.sync`,
-    :meth:`Store.close` and the end of each :meth:`Store.transaction`, write back
-    those whose pickle differs from their record's, so in-place mutations persist
-    (as in ``shelve``, which rewrites them all).
-    ``lock_timeout``: seconds a write waits for another process's write
-    transaction before :class:`~pstore.errors.LockTimeoutError`.
-    ``fsync``: False (default) -- a commit that returned survives the process being
-    killed; True -- it also survives power loss and OS crashes (slower commits).
-    Blobs are fsynced before their commit either way.
-
-    Large buffers (``docs/datasets.md``): under protocol 5, every out-of-band buffer
-    (``PickleBuffer``: numpy arrays, pandas frames' blocks, ...) of at least
-    ``blob_threshold`` bytes (None: never) is stored once per distinct content as a
-    blob beside the records, and loaded mapped into memory: copy-on-write (arrays
-    come back writable; writes never reach the store) or, with
-    ``readonly_buffers=True``, read-only. ``compression``: None (default),
-    ``"zlib"``, ``"lzma"`` or ``"zstd"`` (``pip install 'pstore[zstd]'`` before
-    Python 3.14), for the records and blobs this Store writes;
-    compressed blobs are decompressed into memory instead of mapped. Any store
-    reads records and blobs whatever compression wrote them.
-    ``max_record_size``: a record whose payload (decompressed) is larger is refused
-    with :class:`~pstore.errors.CorruptionError`, before it is decompressed.
-
-    ``renames``: ``{"old.module.Name": "new.module.Name", "old.module": "new.module"}``,
-    the names records were written with mapped to the ones to import now
-    (:mod:`pstore.store.renames` gives the rules); it changes no record. A record whose
-    class cannot be imported raises :class:`~pstore.errors.MissingClassError` naming the
-    key, object id and ``module.name``; ``s.values(errors="skip")`` leaves such records out.
-
-    Every record carries a digest checked on every read: damaged bytes raise
-    :class:`~pstore.errors.CorruptionError` naming the key or object id.
-
-    Safe by default (``docs/safety.md``): every record this Store writes is signed
-    with ``key`` (bytes, 32 or more), else the key in the file ``$PSTORE_KEY_FILE``
-    names, else the user's own key file (created on first need). A record signed by
-    that key loads with full pickle semantics; one whose signature fails raises
-    :class:`~pstore.errors.IntegrityError`; any other (written with another key, by
-    a pstore before format version 3, or forged) loads restricted: only the data
-    policy's globals and those ``allow`` names (``["pkg.mod.Name", "pkg.mod.*"]``)
-    resolve, anything else raises :class:`~pstore.errors.UntrustedError`.
-    ``allow="*"`` turns that off (unsafe: any record may run any code).
-    """
-    if flag not in _FLAGS:
-        raise ArgumentError("flag", flag, "one of 'r', 'w', 'c', 'n'")
-    if compression not in blobio.CODECS:
-        raise ArgumentError("compression", compression, "None, 'zlib', 'lzma' or 'zstd'")
-    if compression == "zstd":
-        blobio.zstd_module()    # MissingModuleError naming what to install, before any write
-    if blob_threshold is not None and blob_threshold < 0:
-        raise ArgumentError("blob_threshold", blob_threshold, ">= 0 or None")
-    if protocol == -1:
-        protocol = engine.HIGHEST_PROTOCOL
-    if not 0 <= protocol <= engine.HIGHEST_PROTOCOL:
-        raise ArgumentError("protocol", protocol,
-                            f"between 0 and {engine.HIGHEST_PROTOCOL} (or -1)")
-    checked_renames = None if renames is None else Renames(renames)
-    if isinstance(allow, str) and allow != "*":
-        raise ArgumentError("allow", allow, "'*' or a list of 'pkg.mod.Name'/'pkg.mod.*'")
-    allow = allow if isinstance(allow, str) else list(allow)
-    signer = signer_for(key)
-    location = os.fsdecode(path)
-    if backend is None:
-        backend = detect_backend(location) or "sqlite"
-    opened = open_backend(backend, location, flag, lock_timeout=lock_timeout, fsync=fsync)
-    try:
-        store = Store(opened, protocol=protocol, writeback=writeback,
-                      blob_threshold=blob_threshold, compression=compression,
-                      readonly_buffers=readonly_buffers, max_record_size=max_record_size,
-                      signer=signer, allow=allow, renames=checked_renames)
-    except BaseException:
-        opened.close()
-        raise
-    # What another process needs to open the same store the same way (Store.__reduce__):
-    # by then it exists, so 'c' and 'n' reopen as 'w' (never emptying it again).
-    store.reopen_arguments = (location, "r" if flag == "r" else "w", dict(
-        backend=backend, protocol=protocol, writeback=writeback, lock_timeout=lock_timeout,
-        fsync=fsync, blob_threshold=blob_threshold, compression=compression,
-        readonly_buffers=readonly_buffers, max_record_size=max_record_size, allow=allow,
-        renames=None if checked_renames is None else checked_renames.mapping))
-    if key is not None:     # else the other process finds the same key file
-        store.reopen_arguments[2]["key"] = key
-    return store

@@ -14,12 +14,12 @@ undoes in memory what the transaction did.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from ..backends.base import Backend, RecordWrite
-from ..errors import ReferenceCycleError, UnstorableError
+from ..errors import CorruptionError, IntegrityError, ReferenceCycleError, UnstorableError
 from . import blobio, records
 from .codec import RecordPickler
 from .identity import IdentityMap, is_referable
@@ -206,6 +206,32 @@ class Transaction:
         if mapped is not None and self._backend.has_blob(mapped.name, mapped.size):
             return mapped
         return blobio.write_blob(self._backend, raw, self._codec)
+
+    def sign(self, oids: Iterable[int], max_record_size: int) -> int:
+        """Sign anew with this Store's key the records ``oids`` not signed by it (``Store.trust``),
+        each record's digest checked first; return how many were signed. In a scope."""
+        from .inspection import record_bytes
+
+        backend, signed = self._backend, 0
+        for oid in oids:
+            data = record_bytes(backend, oid)
+            try:
+                unpacked = records.unpack(data, oid, signer=self._signer,
+                                          digest_required=oid >= backend.digests_from,
+                                          max_size=max_record_size)
+                if unpacked.signed:
+                    continue
+                new = records.resign(data, oid, unpacked, self._signer)
+            except records.IntegrityMismatch as error:
+                raise IntegrityError(self._path, str(error), object_id=oid) from error
+            except ValueError as error:
+                raise CorruptionError(self._path, str(error), object_id=oid) from None
+            refs = backend.refs_of(oid)
+            eager = set(backend.refs_of(oid, lazy=False))
+            backend.put_record(oid, new, refs, lazy_refs=[ref for ref in refs if ref not in eager],
+                               blobs=[blob.name for blob in unpacked.blobs])
+            signed += 1
+        return signed
 
     def note_changed(self, obj: Persistent) -> None:
         """Persistent ``obj`` changed since it was written: write it at the next commit."""

@@ -183,7 +183,7 @@ class VerifyReport:
 def _check_blob(backend: ReadableBackend, blob: records.BlobRef) -> str | None:
     """What is wrong with ``blob``'s file (its digest re-computed), or None."""
     # Imported here: the store layer names no backend module but for this check.
-    from ..backends.blob_names import blob_digest, naming_of
+    from ..blob_names import blob_digest, naming_of
     try:
         if blob.codec:
             content = bytearray()

@@ -96,8 +96,8 @@ def journal_of_a_rewrite(backend: DBMBackend) -> dict:
     backend.put_record(oid, b"new", ())
     backend.bind_key("other", oid)
     backend._flush_pages()      # what commit() does first
-    backend._seal(backend._tx)
-    changes = dict(backend._tx)
+    backend._seal(backend.database.changes)
+    changes = dict(backend.database.changes)
     backend.rollback()
     return changes
 

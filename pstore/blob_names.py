@@ -2,18 +2,19 @@
 
 A blob's name says which hash made it (``docs/format.md``, "Blobs"): a BLAKE3 name
 is ``b3-`` and the 64 hex digits of its digest; a name of 64 hex digits alone is the
-BLAKE2b hash tree of format versions up to 3. New blobs get BLAKE3 names. This
-module needs nothing but the standard library to be imported (the store layer's
-record envelopes use it to read names); ``blake3`` is imported when a BLAKE3 name
-is computed.
+BLAKE2b hash tree of format versions up to 3. New blobs get BLAKE3 names. Both
+layers use this module: the backends name and file blobs by it, the store layer's
+record envelopes (:mod:`pstore.store.records`) write and read the names it makes, so it
+belongs to neither. It needs nothing but the standard library to be imported;
+``blake3`` is imported when a BLAKE3 name is computed.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from .._blake2 import blake2b
-from ..errors import MissingModuleError
+from ._blake2 import blake2b
+from .errors import MissingModuleError
 
 __all__ = ["BLAKE2B_TREE", "BLAKE3", "LEAF_SIZE", "NAME_PREFIXES", "BlobHasher", "blob_digest",
            "digest_of_name", "fan_out_of", "name_of_digest", "naming_of"]

@@ -1,0 +1,137 @@
+"""JournaledDatabase on its own: a dbm database made transactional, knowing nothing of
+what its keys mean (the DBM backend's layout is tested in test_backend_dbm.py; killed
+writers in test_dbm_crash.py)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from pstore.backends import journal
+from pstore.backends.dbm_database import JournaledDatabase
+from pstore.backends.dbm_modules import choose_module
+from pstore.errors import ClosedError, CorruptionError, ReadOnlyError
+from tests.backends.conftest import available_dbm_modules
+
+modules = pytest.mark.parametrize("module", available_dbm_modules())
+
+
+def database(path: str, module: str, *, read_only: bool = False, validate=None,
+             ended: list | None = None) -> JournaledDatabase:
+    db = JournaledDatabase(
+        path, choose_module(path, "r" if read_only else "c", module), read_only=read_only,
+        lock_timeout=5, fsync=False, owner=os.geteuid(),
+        validate=validate or (lambda changes, stored: None),
+        on_end=(ended.append if ended is not None else lambda committed: None))
+    if not read_only:
+        db.create()
+    return db
+
+
+def read(db: JournaledDatabase, key: bytes) -> bytes | None:
+    with db.reading():
+        return db.get(key)
+
+
+@modules
+def test_a_commit_is_seen_by_another_connection_and_a_rollback_leaves_nothing(tmp_path, module):
+    path = str(tmp_path / "db")
+    ended: list[bool] = []
+    writer, reader = database(path, module, ended=ended), database(path, module)
+    marker = reader.change_marker()
+    writer.begin()
+    writer.put(b"a", b"1")
+    assert writer.get(b"a") == b"1" and read(reader, b"a") is None  # not committed yet
+    writer.commit()
+    assert read(reader, b"a") == b"1" and reader.change_marker() != marker
+    writer.begin()
+    writer.put(b"a", None)
+    writer.put(b"b", b"2")
+    writer.rollback()
+    assert (read(reader, b"a"), read(reader, b"b")) == (b"1", None)
+    assert ended == [True, False]   # on_end: once per transaction, committed or not
+    assert not os.path.exists(path + ".journal")
+    writer.close()
+    reader.close()
+
+
+@modules
+def test_a_write_outside_a_transaction_and_a_closed_database_say_so(tmp_path, module):
+    db = database(str(tmp_path / "db"), module)
+    with pytest.raises(RuntimeError, match="outside a transaction"):
+        db.put(b"a", b"1")
+    db.close()
+    with pytest.raises(ClosedError):
+        read(db, b"a")
+    with pytest.raises(ClosedError):
+        db.begin()
+
+
+@modules
+def test_a_read_only_connection_reads_a_complete_journal_as_an_overlay(tmp_path, module):
+    path = str(tmp_path / "db")
+    writer = database(path, module)
+    writer.begin()
+    writer.put(b"a", b"old")
+    writer.commit()
+    writer.close()
+    # What a writer killed after its commit point leaves: the journal, not yet applied.
+    journal.write(path + ".journal", {b"a": b"new", b"b": b"2"}, fsync=False)
+    reader = database(path, module, read_only=True)
+    assert (read(reader, b"a"), read(reader, b"b")) == (b"new", b"2")
+    with pytest.raises(ReadOnlyError):
+        reader.begin()
+    assert os.path.exists(path + ".journal")     # a reader writes nothing
+    with reader.snapshot() as snapshot:
+        assert snapshot.get(b"a") == b"new" and snapshot.tally() is None
+    reader.close()
+    writer = database(path, module)   # the next writer applies it
+    assert read(writer, b"b") == b"2"
+    assert not os.path.exists(path + ".journal")
+    writer.close()
+
+
+@modules
+def test_a_journal_its_validator_refuses_is_set_aside_not_applied(tmp_path, module):
+    path = str(tmp_path / "db")
+    seen: list[dict] = []
+
+    def refuse(changes, stored):
+        seen.append(dict(changes))
+        raise CorruptionError(path + ".journal", "refused by the test")
+
+    db = database(path, module, validate=refuse)
+    journal.write(path + ".journal", {b"a": b"planted"}, fsync=False)
+    with pytest.warns(RuntimeWarning, match="refused by the test"):
+        assert read(db, b"a") is None
+    assert seen == [{b"a": b"planted"}]
+    assert any("refused by the test" in problem for problem in db.problems())
+    db.close()
+
+
+@modules
+def test_vacuum_keeps_every_live_entry_and_derives_the_derived_key(tmp_path, module):
+    path = str(tmp_path / "db")
+    db = database(path, module)
+    db.begin()
+    for number in range(300):
+        db.put(b"k%d" % number, b"x" * 200)
+    db.put(b"derived", b"old")
+    db.commit()
+    db.begin()
+    for number in range(0, 300, 2):
+        db.put(b"k%d" % number, None)
+    db.commit()
+    calls: list[bytes] = []
+
+    def derive(new, old):
+        calls.append(old)
+        return b"derived from " + old
+
+    assert db.vacuum(b"derived", derive) >= 0
+    assert [read(db, b"k%d" % number) for number in (0, 1, 298, 299)] == \
+        [None, b"x" * 200, None, b"x" * 200]
+    # A rewrite derives the key anew; a module that compacts in place leaves it be.
+    assert read(db, b"derived") == (b"derived from old" if calls else b"old")
+    db.close()

@@ -1,0 +1,55 @@
+"""Freshness on its own, over a real SQLite backend: what a Store knows to be current
+(the Store's reads through it are tested in test_store_processes.py and test_store.py)."""
+
+from __future__ import annotations
+
+import pstore
+from pstore.backends import open_backend
+from pstore.store import freshness
+from pstore.store.freshness import Freshness
+from pstore.store.identity import IdentityMap
+
+
+def opened(path: str):
+    return open_backend("sqlite", path, "w", lock_timeout=5, fsync=False)
+
+
+def test_a_key_read_is_answered_from_memory_until_another_connection_commits(tmp_path):
+    path = str(tmp_path / "s.db")
+    with pstore.open(path) as store:
+        store["k"] = [1]
+    backend, other = opened(path), opened(path)
+    ids = IdentityMap()
+    fresh = Freshness(backend, ids)
+    value = [1]
+    oid = backend.get_key("k")
+    assert not fresh.knows("k") and fresh.loaded("k") is None
+    ids.add(value, oid)
+    fresh.remember("k", oid)
+    assert fresh.knows("k") and fresh.loaded("k") == (oid, value)
+    with other.writing() as writing:    # another connection commits
+        writing.set_meta("touched", "yes")
+    assert fresh.loaded("k") is None    # the marker moved: nothing loaded is current
+    assert not fresh.knows("k") and ids.get(oid) is None
+    backend.close()
+    other.close()
+
+
+def test_forget_keys_keeps_the_objects_and_the_memory_is_bounded(tmp_path, monkeypatch):
+    path = str(tmp_path / "s.db")
+    with pstore.open(path) as store:
+        store["k"] = [1]
+    backend = opened(path)
+    ids = IdentityMap()
+    fresh = Freshness(backend, ids)
+    value = [1]
+    ids.add(value, 1)
+    fresh.remember("k", 1)
+    fresh.forget_keys()     # a write transaction begins: bindings may change
+    assert not fresh.knows("k") and ids.get(1) is value
+    monkeypatch.setattr(freshness, "KNOWN_KEYS_MAX", 3)
+    for number in range(5):
+        fresh.remember(f"key{number}", number)
+    assert [fresh.knows(f"key{number}") for number in range(5)] == \
+        [False, False, False, True, True]   # full at 3: cleared, then two more
+    backend.close()
