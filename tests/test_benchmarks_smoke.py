@@ -70,7 +70,8 @@ def test_one_quick_round_prints_a_table(bench: ModuleType,
 def test_arrays_benchmark_runs_every_installed_library_on_the_same_data() -> None:
     script = BENCHMARK.parent / "arrays.py"
     # It exits with an error if two libraries loaded different data.
-    output = subprocess.run([sys.executable, str(script), "--size-mb", "8"], check=True,
+    output = subprocess.run([sys.executable, str(script), "--size-mb", "8", "--repeat", "2"],
+                            check=True,
                             capture_output=True, text=True).stdout
     rows = {line.split()[0] for line in output.splitlines()[3:] if line.strip()}
     assert {"pstore", "pickle", "np.save"} <= rows

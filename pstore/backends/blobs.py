@@ -22,6 +22,7 @@ import mmap
 import os
 import stat
 import sys
+import threading
 import warnings
 from collections.abc import Collection, Iterable, Iterator
 from typing import Any, NamedTuple
@@ -497,13 +498,69 @@ class LocalBlobs:
         return FormatError(self.path, f"blob file {self._blobs.path_of(name)} is missing")
 
 
+#: Large buffers are written a piece of this many bytes at a time. Each piece is hashed
+#: in a thread while it is written (BLAKE3 and write(2) both release the GIL), and the
+#: pieces written so far are flushed to disk by another thread's fdatasync while the
+#: next are written (as databases' "bytes per sync" does), so that the hash and most of
+#: the final sync overlap the writing: a blob is then written about as fast as
+#: ``np.save`` and an fsync of the same bytes (docs/datasets.md, "Write speed").
+_PIECE_SIZE = 32 << 20
+#: Pieces smaller than this are hashed and written in the calling thread: a thread's
+#: start costs more than it saves.
+_OVERLAP_MIN = 4 << 20
+
+
+class _Background:
+    """``function(*args)`` run in a thread of its own; :meth:`join` waits for it and
+    raises what it raised (a failed fdatasync must not go unseen: Linux may report a
+    lost write once only)."""
+
+    def __init__(self, function: Any, *args: Any) -> None:
+        self._function, self._args = function, args
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._function(*self._args)
+        except BaseException as error:  # re-raised by join(), in the caller's thread
+            self._error = error
+
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    def join(self) -> None:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+
 def _write_hashed(fd: int, chunks: Iterable[Any]) -> str:
     """Write the buffers of ``chunks`` to ``fd``, make them durable; return their name."""
     hasher = BlobHasher()
-    for chunk in chunks:
-        view = memoryview(chunk).cast("B")
-        hasher.update(view)
-        _write_all(fd, view)
+    flushing: _Background | None = None
+    try:
+        for chunk in chunks:
+            view = memoryview(chunk).cast("B")
+            for start in range(0, len(view), _PIECE_SIZE):
+                piece = view[start:start + _PIECE_SIZE]
+                if len(piece) < _OVERLAP_MIN:
+                    hasher.update(piece)
+                    _write_all(fd, piece)
+                    continue
+                hashing = _Background(hasher.update, piece)
+                try:
+                    _write_all(fd, piece)
+                finally:
+                    hashing.join()
+                if flushing is None or not flushing.running():
+                    if flushing is not None:
+                        flushing.join()     # its error, if it failed
+                    flushing = _Background(_fdatasync, fd)
+    finally:
+        if flushing is not None:
+            flushing.join()
     _fdatasync(fd)
     return hasher.name()
 

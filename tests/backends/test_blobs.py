@@ -96,3 +96,28 @@ def test_a_failing_chunk_source_leaves_no_file(tmp_path):
     with pytest.raises(OSError, match="the source failed"):
         blobs.put(chunks())
     assert os.listdir(blobs.directory) == []
+
+
+@pytest.mark.parametrize("failing", ["the first flush (in the background)", "the last flush"])
+def test_a_failing_flush_raises_and_leaves_no_file(tmp_path, monkeypatch, failing):
+    # A large blob is flushed by a background thread while it is written, and once more
+    # at the end (blobs._write_hashed); either failing is the put's failure. (An I/O
+    # error cannot be made to happen for real here: the failing call is substituted.)
+    from pstore.backends import blobs as blob_files
+
+    calls = []
+
+    def fdatasync(fd):
+        calls.append(fd)
+        if failing == "the last flush" and len(calls) == 1:
+            return
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(blob_files, "_fdatasync", fdatasync)
+    store = BlobStore(str(tmp_path / "blobs"))
+    piece = blob_files._PIECE_SIZE
+    with pytest.raises(OSError, match="Input/output error"):
+        store.put([memoryview(bytes(piece + blob_files._OVERLAP_MIN))])
+    # The background flush after the first piece; the last one comes only if that worked.
+    assert len(calls) == (1 if failing.startswith("the first") else 2)
+    assert os.listdir(store.directory) == []
