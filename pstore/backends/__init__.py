@@ -61,6 +61,11 @@ def detect_backend(location: str) -> str | None:
     return "dbm" if whichdb(location) else None
 
 
+#: The files a database of some dbm module at PATH has, one at least (``dbm.whichdb``
+#: looks at no other), and the saved index of dbm.dumb's rewrite.
+_DBM_SUFFIXES = ("", ".db", ".pag", ".dir", ".dat", ".dir.saved")
+
+
 def whichdb(path: str) -> str | None:
     """``dbm.whichdb(path)``, also right while a dbm.dumb apply is to be finished.
 
@@ -68,6 +73,8 @@ def whichdb(path: str) -> str | None:
     ``dbm.whichdb`` then takes for no database; the saved index tells otherwise. So
     does a data file whose index was lost: it must not be taken for no store.
     """
+    if not any(os.path.lexists(path + suffix) for suffix in _DBM_SUFFIXES):
+        return None     # nothing there: spares a new store's first open the import of dbm
     import dbm  # here, not in the DBM backend's modules: every open without backend= asks
 
     found = dbm.whichdb(path)

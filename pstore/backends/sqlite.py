@@ -281,10 +281,11 @@ class SQLiteBackend(LocalBlobs, Backend):
             if self.read_only:
                 self._check_format()
             else:
+                # The connection's own setting (it writes nothing): before the first write.
+                conn.execute(f"PRAGMA synchronous = {'FULL' if self._fsync else 'NORMAL'}")
                 # Checked before the first write, so a foreign database is left untouched.
                 self._init_or_check(create, empty)
                 conn.execute("PRAGMA journal_mode = WAL")
-                conn.execute(f"PRAGMA synchronous = {'FULL' if self._fsync else 'NORMAL'}")
         except sqlite3.DatabaseError as error:
             conn.close()
             self._conn = None
@@ -315,7 +316,9 @@ class SQLiteBackend(LocalBlobs, Backend):
             return
         if not create:
             raise FormatError(self.path, "an empty file")
-        # A brand-new store is empty already: one transaction, as for flag 'c'.
+        # A brand-new store is empty already: one transaction, as for flag 'c'. In WAL mode
+        # from the start: the schema's commit then costs no rollback journal and no switch.
+        conn.execute("PRAGMA journal_mode = WAL")
         self._write_once(lambda: self._run(_SCHEMA),
                          lambda: not conn.execute(_COUNT_TABLES).fetchone()[0])
         self._check_format()

@@ -5,16 +5,19 @@ unchanged and that nothing is created through a link."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import pstore
 from pstore.backends import open_backend
 from pstore.backends.dbm import DBMBackend
-from pstore.backends.files import FileLock
+from pstore.backends.files import FileLock, _json_object
 from pstore.errors import LockTimeoutError, UnsafeFileError
 
 from .conftest import available_dbm_modules, snapshot
@@ -132,7 +135,7 @@ def test_temporary_names_are_random_and_created_exclusively(tmp_path, outside):
 
 HOLDER = """
 import sys, time
-from pstore.backends.files import FileLock
+from pstore.backends.files import FileLock, _json_object
 lock = FileLock(sys.argv[1], 5, names_holder=True)
 assert lock.acquire()
 print("locked", flush=True)
@@ -257,3 +260,10 @@ def test_root_opening_a_users_store_creates_its_missing_lock_files(tmp_path):
         store["k"] = "by root"
     with pstore.open(path, "r", backend="dbm") as store:
         assert store["k"] == "by root"
+
+
+@given(st.dictionaries(st.text(), st.one_of(st.text(), st.integers()), max_size=5))
+def test_the_holder_record_is_what_json_dumps_writes(facts):
+    # files._json_object spares every writer's first commit the import of json.
+    assert _json_object(facts) == json.dumps(facts)
+    assert json.loads(_json_object(facts)) == facts
