@@ -78,17 +78,20 @@ def whichdb(path: str) -> str | None:
     import dbm  # here, not in the DBM backend's modules: every open without backend= asks
 
     found = dbm.whichdb(path)
-    if found is None and (os.path.exists(path + ".dir.saved") or _size(path + ".dat")):
+    if found is None and (os.path.exists(path + ".dir.saved") or size_of(path + ".dat")):
         return "dbm.dumb"   # a data file without its index: DumbModule.open says so
     return found
 
 
-def _size(path: str) -> int:
-    """The size of the file ``path``, 0 if there is none."""
-    try:
-        return os.stat(path).st_size
-    except FileNotFoundError:
-        return 0
+def size_of(*paths: str) -> int:
+    """The bytes of the files ``paths`` together, 0 for each that is missing."""
+    total = 0
+    for path in paths:
+        try:
+            total += os.stat(path).st_size
+        except FileNotFoundError:
+            pass
+    return total
 
 
 def open_backend(name: str, path: str, flag: str, *, lock_timeout: float,

@@ -29,7 +29,7 @@ from contextlib import contextmanager
 from typing import Any, NamedTuple
 
 from ..errors import ClosedError, CorruptionError, ReadOnlyError
-from . import journal
+from . import journal, size_of
 from .dbm_modules import SUFFIXES, Module, remove_rewrite_leftovers, rewrite_pending, whichdb
 from .files import (
     INHERITED,
@@ -119,11 +119,6 @@ class JournaledDatabase:
                         os.chmod(name, 0o600)
         finally:
             self._write_lock.release()
-
-    def file_size(self) -> int:
-        """Bytes of the database's files."""
-        return sum(os.path.getsize(name) for name in self.module.files(self.path)
-                   if os.path.exists(name))
 
     def problems(self) -> list[str]:
         """Journals that failed their check (this session's, and every one moved aside
@@ -401,14 +396,14 @@ class JournaledDatabase:
         """
         if self.read_only:
             raise ReadOnlyError(self.path, "vacuum")
-        before = self.file_size()
+        before = size_of(*self.module.files(self.path))
         self.begin()    # the write lock; a dead writer's journal or rewrite finished
         try:
             if not self._compact():
                 self._rewrite(derived, derive)
         finally:
             self.rollback()
-        return before - self.file_size()
+        return before - size_of(*self.module.files(self.path))
 
     def _compact(self) -> bool:
         """Compact the database in place, if its module can; under the write lock."""

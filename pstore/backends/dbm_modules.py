@@ -20,7 +20,7 @@ import zlib
 from typing import Any
 
 from ..errors import CorruptionError, FormatError, UnsafeFileError
-from . import _size, journal, whichdb  # the first two in the package: detect_backend's
+from . import journal, size_of, whichdb  # the last two in the package: detect_backend's
 from .files import fsync_directory, fsync_file, owned_by, replace_file, store_owner
 
 __all__ = ["MODULES", "REWRITE_FOLDER", "SUFFIXES", "DumbModule", "Module", "SQLiteModule",
@@ -315,8 +315,8 @@ class DumbModule(Module):
     def _open(self, path: str, flag: str) -> Any:
         index = path + ".dir"
         if flag != "n" and not os.path.exists(path + ".dir.saved"):
-            data_size = _size(path + ".dat")
-            if data_size and not _size(index):
+            data_size = size_of(path + ".dat")
+            if data_size and not size_of(index):
                 raise CorruptionError(index, f"the dbm.dumb index is missing or empty, while "
                                              f"its data file holds {data_size} bytes")
         try:

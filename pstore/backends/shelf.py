@@ -9,13 +9,9 @@ from typing import Any
 from ..errors import ClosedError, FormatError, ReadOnlyError
 from .base import ReadableBackend
 from .dbm import FORMAT_KEY, choose_module
-from .files import require_existing
+from .files import INHERITED, require_existing
 
 __all__ = ["ShelveReader"]
-
-# Handles inherited from a parent process, kept referenced forever (see dbm.py).
-_INHERITED: list[Any] = []
-
 
 class ShelveReader(ReadableBackend):
     """A read-only view of a file written by the standard library's ``shelve``.
@@ -116,7 +112,7 @@ class ShelveReader(ReadableBackend):
 
     def after_fork(self) -> None:
         if self._db is not None:
-            _INHERITED.append(self._db)
+            INHERITED.append(self._db)
             self._open()
 
     def close(self) -> None:

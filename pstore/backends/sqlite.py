@@ -15,6 +15,7 @@ from contextlib import AbstractContextManager
 from typing import Any, NamedTuple, NoReturn
 
 from ..errors import ClosedError, CorruptionError, FormatError, LockTimeoutError, ReadOnlyError
+from . import size_of
 from .base import Backend, RecordWrite, Statistics, binding_seal, check_meta_name, check_reserved
 from .blobs import BlobStore, LocalBlobs
 from .files import FileLock, create_private, key_lock_file, require_existing, store_owner
@@ -191,17 +192,6 @@ def _id_array(oids: Collection[int]) -> str:
     """Object ids as the JSON array ``json_each`` reads (written here: importing json for
     this would cost every first open)."""
     return f"[{','.join([str(int(oid)) for oid in oids])}]"
-
-
-def _size_on_disk(path: str) -> int:
-    """Bytes of the database file and its write-ahead log."""
-    total = 0
-    for suffix in ("", "-wal"):
-        try:
-            total += os.stat(path + suffix).st_size
-        except FileNotFoundError:
-            pass
-    return total
 
 
 class _ClosedCursor:
@@ -700,7 +690,7 @@ class SQLiteBackend(LocalBlobs, Backend):
         if self.read_only:
             raise ReadOnlyError(self.path, "vacuum")
         conn = self._require()
-        before = _size_on_disk(self.path)
+        before = size_of(self.path, self.path + "-wal")
         if not self._file_lock.acquire():
             raise LockTimeoutError(self.path, self._lock_timeout)
         try:
@@ -708,7 +698,7 @@ class SQLiteBackend(LocalBlobs, Backend):
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
         finally:
             self._file_lock.release()
-        return before - _size_on_disk(self.path)
+        return before - size_of(self.path, self.path + "-wal")
 
     def key_lock(self, key: str, timeout: float) -> AbstractContextManager[None]:
         return key_lock_file(self.path, key, timeout)

@@ -49,15 +49,14 @@ class Freshness:
             if status_of(obj) == SAVED:
                 ghostify(obj)
 
-    def knows(self, key: str) -> bool:
-        """Whether ``key``'s binding was read since the last commit seen (no query)."""
-        return key in self._key_oids
-
     def loaded(self, key: str) -> tuple[int, Any] | None:
         """``(object id, object)`` of ``key`` answered from memory -- its binding read
         since, its object still loaded -- once the change marker (one query) says that no
-        other process committed; else None."""
-        self.see_latest()
+        other process committed; else None (at once, with no query, for a key not read
+        since)."""
+        if key not in self._key_oids:
+            return None
+        self.see_latest()   # clears _key_oids if another process committed
         oid = self._key_oids.get(key)
         if oid is None:
             return None

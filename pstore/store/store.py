@@ -149,7 +149,7 @@ class Store(MutableMapping[str, Any]):
             self._check_key(key)
             depth = self._txn.depth
             try:
-                known = None if depth or not self._fresh.knows(key) else self._fresh.loaded(key)
+                known = None if depth else self._fresh.loaded(key)
                 if known is not None:
                     if self._txn.writeback:
                         self._txn.cache.keep(known[0], known[1], None)

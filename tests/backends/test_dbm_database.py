@@ -29,6 +29,14 @@ def database(path: str, module: str, *, read_only: bool = False, validate=None,
     return db
 
 
+def commit(db: JournaledDatabase, changes: dict[bytes, bytes | None]) -> None:
+    """One transaction setting (None: deleting) each key of ``changes``."""
+    db.begin()
+    for key, value in changes.items():
+        db.put(key, value)
+    db.commit()
+
+
 def read(db: JournaledDatabase, key: bytes) -> bytes | None:
     with db.reading():
         return db.get(key)
@@ -72,9 +80,7 @@ def test_a_write_outside_a_transaction_and_a_closed_database_say_so(tmp_path, mo
 def test_a_read_only_connection_reads_a_complete_journal_as_an_overlay(tmp_path, module):
     path = str(tmp_path / "db")
     writer = database(path, module)
-    writer.begin()
-    writer.put(b"a", b"old")
-    writer.commit()
+    commit(writer, {b"a": b"old"})
     writer.close()
     # What a writer killed after its commit point leaves: the journal, not yet applied.
     journal.write(path + ".journal", {b"a": b"new", b"b": b"2"}, fsync=False)
@@ -114,15 +120,8 @@ def test_a_journal_its_validator_refuses_is_set_aside_not_applied(tmp_path, modu
 def test_vacuum_keeps_every_live_entry_and_derives_the_derived_key(tmp_path, module):
     path = str(tmp_path / "db")
     db = database(path, module)
-    db.begin()
-    for number in range(300):
-        db.put(b"k%d" % number, b"x" * 200)
-    db.put(b"derived", b"old")
-    db.commit()
-    db.begin()
-    for number in range(0, 300, 2):
-        db.put(b"k%d" % number, None)
-    db.commit()
+    commit(db, {**{b"k%d" % number: b"x" * 200 for number in range(300)}, b"derived": b"old"})
+    commit(db, {b"k%d" % number: None for number in range(0, 300, 2)})
     calls: list[bytes] = []
 
     def derive(new, old):

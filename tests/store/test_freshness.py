@@ -23,14 +23,16 @@ def test_a_key_read_is_answered_from_memory_until_another_connection_commits(tmp
     fresh = Freshness(backend, ids)
     value = [1]
     oid = backend.get_key("k")
-    assert not fresh.knows("k") and fresh.loaded("k") is None
     ids.add(value, oid)
+    assert fresh.loaded("k") is None    # loaded, but its binding not read through Freshness
     fresh.remember("k", oid)
-    assert fresh.knows("k") and fresh.loaded("k") == (oid, value)
+    assert fresh.loaded("k") == (oid, value)
     with other.writing() as writing:    # another connection commits
         writing.set_meta("touched", "yes")
     assert fresh.loaded("k") is None    # the marker moved: nothing loaded is current
-    assert not fresh.knows("k") and ids.get(oid) is None
+    assert ids.get(oid) is None         # the object forgotten,
+    ids.add(value, oid)
+    assert fresh.loaded("k") is None    # and the binding too
     backend.close()
     other.close()
 
@@ -46,10 +48,12 @@ def test_forget_keys_keeps_the_objects_and_the_memory_is_bounded(tmp_path, monke
     ids.add(value, 1)
     fresh.remember("k", 1)
     fresh.forget_keys()     # a write transaction begins: bindings may change
-    assert not fresh.knows("k") and ids.get(1) is value
+    assert fresh.loaded("k") is None and ids.get(1) is value
     monkeypatch.setattr(freshness, "KNOWN_KEYS_MAX", 3)
     for number in range(5):
         fresh.remember(f"key{number}", number)
-    assert [fresh.knows(f"key{number}") for number in range(5)] == \
+    for number in range(5):
+        ids.add([number], number)   # each binding's object loaded
+    assert [fresh.loaded(f"key{number}") is not None for number in range(5)] == \
         [False, False, False, True, True]   # full at 3: cleared, then two more
     backend.close()

@@ -1,5 +1,5 @@
 """Repeated gets answered from memory while the change marker says nothing changed
-(pstore/store/store.py: Store._key_oids), and never a stale answer."""
+(pstore/store/freshness.py: Freshness), and never a stale answer."""
 
 from __future__ import annotations
 
