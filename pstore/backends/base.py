@@ -367,9 +367,11 @@ class Backend(ReadableBackend):
         """Store the concatenated bytes of the buffers ``chunks`` as a blob; return its name.
 
         Inside a write transaction. The name is a function of the bytes alone, and
-        storing bytes already stored adds nothing. When this returns the blob is
-        durable, so a record committed later never names a missing or partial
-        blob; if the transaction rolls back, no reader ever sees the blob.
+        storing bytes already stored adds nothing. The blob is durable before
+        :meth:`commit` makes the records that name it durable, so a committed record
+        never names a missing or partial blob (a backend may finish writing it in
+        the background until then, as the local backends do); if the transaction
+        rolls back, no reader ever sees the blob.
         """
 
     # -- keys ---------------------------------------------------------------------------

@@ -4,9 +4,10 @@ A :class:`BlobStore` keeps blobs as files in one directory, each named by the
 digest of its bytes (:func:`blob_digest`), so equal bytes are stored once (per
 hash: a blob named by the BLAKE2b tree of format version 3 keeps its name, and
 equal bytes written today get a second, BLAKE3-named file). A
-blob is written to a temporary file, fsynced, then renamed to its name: a blob
-file that has its name is complete and durable, whatever happens to the
-process or the machine afterwards. Blobs are mapped into memory to be read,
+blob is written to a temporary file; at the commit (:meth:`BlobStore.settle`)
+it is fsynced, then renamed to its name: a blob file that has its name is
+complete and durable, whatever happens to the process or the machine
+afterwards. Blobs are mapped into memory to be read,
 copy-on-write or read-only, so loading one costs nothing until its pages are
 touched.
 
@@ -103,6 +104,12 @@ class BlobStore:
         self.directory = directory
         self._created: list[str] = []   # blobs the open transaction created
         self._doomed: set[str] = set()  # blobs to delete when the open transaction commits
+        # Blobs put but not settled yet: written to their temporary file, whose last
+        # fdatasync runs in the background (see settle).
+        self._unsettled: list[_Unsettled] = []
+        # Why a settle failed, raised again by every settle until the transaction ends:
+        # a commit must never follow a blob lost by a failed flush.
+        self._settle_failure: BaseException | None = None
         #: Set by :meth:`close`: the backend's blob methods then raise ClosedError.
         self.closed = False
 
@@ -117,11 +124,14 @@ class BlobStore:
     def put(self, chunks: Iterable[Any]) -> str:
         """Write the concatenated buffers of ``chunks`` as a blob; return its name.
 
-        When a blob of the same bytes exists already, the new copy is discarded.
-        When this returns, the blob is durable (fsynced, and its directory entry
-        too); if the transaction rolls back, :meth:`end` deletes it again.
-        Raises :class:`~pstore.CorruptionError` if the blob folder, its fan-out
-        folder or the blob's own entry is something else than pstore made there.
+        The blob is durable once :meth:`settle` returns, which the backend calls
+        before it commits the records that name the blob; until then its last
+        flush runs in the background, overlapping whatever the caller writes next
+        (the next blob, the records). Reading a blob settles first. When a blob of
+        the same bytes exists already, the new copy is discarded; if the
+        transaction rolls back, :meth:`end` deletes it again. Raises
+        :class:`~pstore.CorruptionError` if the blob folder, its fan-out folder
+        or the blob's own entry is something else than pstore made there.
         """
         root = self._create_root()
         # A fresh random name, created exclusively: nothing planted under it is followed.
@@ -129,34 +139,88 @@ class BlobStore:
         try:
             fd = os.open(temporary, _NEW_FILE_FLAGS, 0o600, dir_fd=root)
             try:
-                name = _write_hashed(fd, chunks)
-            finally:
+                name, flushing = _write_hashed(fd, chunks)
+            except BaseException:
                 os.close(fd)
-            self._move_into_place(root, temporary, name)
+                raise
+            if len(self._unsettled) >= _UNSETTLED_FLUSHES:
+                # Bound the descriptors and threads in flight: an older flush ends first.
+                self._unsettled[-_UNSETTLED_FLUSHES].flush.join_quietly()
+            self._unsettled.append(_Unsettled(temporary, name,
+                                              _Background(_last_flush, fd, flushing)))
         except BaseException:
             _unlink_regular(temporary, root)
-            os.close(root)
             raise
-        os.close(root)
+        finally:
+            os.close(root)
         return name
 
-    def _move_into_place(self, root: int, temporary: str, name: str) -> None:
-        fan_out = self._open_fan_out(root, fan_out_of(name), create=True)
+    def settle(self) -> None:
+        """Make every blob put since the last settle durable under its name.
+
+        Waits for their flushes, renames each into its fan-out folder (or drops it
+        where a blob of the same bytes is there already) and fsyncs each folder
+        once. A failure (a flush's I/O error, a planted entry) deletes what was
+        not settled and is raised again by each settle until :meth:`end`, so the
+        transaction cannot commit.
+        """
+        if self._settle_failure is not None:
+            raise self._settle_failure
+        unsettled, self._unsettled = self._unsettled, []
+        if not unsettled:
+            return
         try:
+            for entry in unsettled:
+                entry.flush.join()
+            root = self._open_existing_root()
             try:
-                mode: int | None = os.stat(name, dir_fd=fan_out, follow_symlinks=False).st_mode
-            except FileNotFoundError:
-                mode = None
-            if mode is not None:
-                if not stat.S_ISREG(mode):
-                    raise self._not_a_blob(self.path_of(name), mode, "file")
-                os.unlink(temporary, dir_fd=root)   # the same bytes are stored already
-                return
-            os.rename(temporary, name, src_dir_fd=root, dst_dir_fd=fan_out)
-            self._created.append(name)
-            os.fsync(fan_out)
+                by_fan_out = itertools.groupby(sorted(unsettled, key=lambda e: fan_out_of(e.name)),
+                                               key=lambda entry: fan_out_of(entry.name))
+                for fan_out_name, entries in by_fan_out:
+                    self._move_into_place(root, fan_out_name, list(entries))
+            finally:
+                os.close(root)
+        except BaseException as error:
+            self._settle_failure = error
+            self._discard(unsettled)
+            raise
+
+    def _move_into_place(self, root: int, fan_out_name: str,
+                         entries: list[_Unsettled]) -> None:
+        fan_out = self._open_fan_out(root, fan_out_name, create=True)
+        try:
+            renamed = False
+            for temporary, name, _ in entries:
+                try:
+                    mode: int | None = os.stat(name, dir_fd=fan_out,
+                                               follow_symlinks=False).st_mode
+                except FileNotFoundError:
+                    mode = None
+                if mode is not None:
+                    if not stat.S_ISREG(mode):
+                        raise self._not_a_blob(self.path_of(name), mode, "file")
+                    os.unlink(temporary, dir_fd=root)   # the same bytes are stored already
+                    continue
+                os.rename(temporary, name, src_dir_fd=root, dst_dir_fd=fan_out)
+                self._created.append(name)
+                renamed = True
+            if renamed:
+                os.fsync(fan_out)
         finally:
             os.close(fan_out)
+
+    def _discard(self, unsettled: list[_Unsettled]) -> None:
+        """Delete the temporary files of ``unsettled`` (those not renamed yet), after their
+        flushes end."""
+        for entry in unsettled:
+            entry.flush.join_quietly()
+        root = self._open_root()
+        if root is not None:
+            try:
+                for entry in unsettled:
+                    _unlink_regular(entry.temporary, root)
+            finally:
+                os.close(root)
 
     def open(self, name: str, size: int, *, writable: bool) -> Any:
         """The bytes of blob ``name``, mapped: a buffer of ``size`` bytes.
@@ -260,10 +324,16 @@ class BlobStore:
         transaction created, so that it leaves nothing behind.
         """
         try:
+            if committed:   # the backend settled before its commit: nothing is left
+                self.settle()
+            else:
+                unsettled, self._unsettled = self._unsettled, []
+                self._discard(unsettled)
             self._remove(self._doomed if committed else self._created)
         finally:
             self._created.clear()
             self._doomed.clear()
+            self._settle_failure = None
 
     def _remove(self, names: Iterable[str]) -> None:
         names = sorted(names, key=fan_out_of)
@@ -347,6 +417,7 @@ class BlobStore:
                                    "folder") from None
 
     def _open_root_to_walk(self, odd: list[OddEntry]) -> int | None:
+        self.settle()
         try:
             return self._open_root()
         except CorruptionError as error:
@@ -371,7 +442,9 @@ class BlobStore:
             raise self._not_a_blob(path, _lstat_mode(name, root), "folder") from None
 
     def _open_blob(self, name: str) -> int:
-        """A descriptor of blob file ``name``, open for reading."""
+        """A descriptor of blob file ``name``, open for reading (after :meth:`settle`: a
+        blob put by the open transaction is read under its name)."""
+        self.settle()
         root = self._open_existing_root()
         try:
             fan_out = self._open_fan_out(root, fan_out_of(name), create=False)
@@ -508,6 +581,9 @@ _PIECE_SIZE = 32 << 20
 #: Pieces smaller than this are hashed and written in the calling thread: a thread's
 #: start costs more than it saves.
 _OVERLAP_MIN = 4 << 20
+#: At most this many blobs of a transaction have their last flush under way (each holds
+#: a descriptor and a thread); a put beyond waits for an older one.
+_UNSETTLED_FLUSHES = 16
 
 
 class _Background:
@@ -535,9 +611,14 @@ class _Background:
         if self._error is not None:
             raise self._error
 
+    def join_quietly(self) -> None:
+        """Wait for the thread; what it raised is left for :meth:`join`."""
+        self._thread.join()
 
-def _write_hashed(fd: int, chunks: Iterable[Any]) -> str:
-    """Write the buffers of ``chunks`` to ``fd``, make them durable; return their name."""
+
+def _write_hashed(fd: int, chunks: Iterable[Any]) -> tuple[str, _Background | None]:
+    """Write the buffers of ``chunks`` to ``fd``; return their name, and the background
+    flush of the pieces written so far if one was started."""
     hasher = BlobHasher()
     flushing: _Background | None = None
     try:
@@ -558,11 +639,30 @@ def _write_hashed(fd: int, chunks: Iterable[Any]) -> str:
                     if flushing is not None:
                         flushing.join()     # its error, if it failed
                     flushing = _Background(_fdatasync, fd)
-    finally:
+    except BaseException:
+        if flushing is not None:
+            flushing.join_quietly()     # before the caller closes the descriptor
+        raise
+    return hasher.name(), flushing
+
+
+def _last_flush(fd: int, flushing: _Background | None) -> None:
+    """A blob file's last flush, after the one under way (whose failure it raises); then
+    its descriptor is closed."""
+    try:
         if flushing is not None:
             flushing.join()
-    _fdatasync(fd)
-    return hasher.name()
+        _fdatasync(fd)
+    finally:
+        os.close(fd)
+
+
+class _Unsettled(NamedTuple):
+    """A blob written to ``temporary`` whose last flush (``flush``) may be under way."""
+
+    temporary: str
+    name: str
+    flush: _Background
 
 
 def _is_fan_out_name(name: str) -> bool:

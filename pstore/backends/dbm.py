@@ -508,6 +508,7 @@ class DBMBackend(LocalBlobs, Backend):
         self.database.begin()
 
     def commit(self) -> None:
+        self._blobs.settle()    # the blobs the records name are durable before them
         changes = self.database.changes
         if changes is not None:
             self._flush_pages()

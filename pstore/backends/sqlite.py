@@ -613,6 +613,7 @@ class SQLiteBackend(LocalBlobs, Backend):
         committed = False
         try:
             self._require()
+            self._blobs.settle()    # the blobs the records name are durable before them
             self._cursor.execute("COMMIT")
             committed = self._block_is_committed = True
         finally:

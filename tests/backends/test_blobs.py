@@ -99,10 +99,12 @@ def test_a_failing_chunk_source_leaves_no_file(tmp_path):
 
 
 @pytest.mark.parametrize("failing", ["the first flush (in the background)", "the last flush"])
-def test_a_failing_flush_raises_and_leaves_no_file(tmp_path, monkeypatch, failing):
+def test_a_failing_flush_fails_the_settle_until_the_end_and_leaves_no_file(
+        tmp_path, monkeypatch, failing):
     # A large blob is flushed by a background thread while it is written, and once more
-    # at the end (blobs._write_hashed); either failing is the put's failure. (An I/O
-    # error cannot be made to happen for real here: the failing call is substituted.)
+    # in the background after it (blobs._last_flush), which settle waits for: either
+    # failing is settle's failure, so the transaction cannot commit. (An I/O error cannot
+    # be made to happen for real here: the failing call is substituted.)
     from pstore.backends import blobs as blob_files
 
     calls = []
@@ -116,8 +118,71 @@ def test_a_failing_flush_raises_and_leaves_no_file(tmp_path, monkeypatch, failin
     monkeypatch.setattr(blob_files, "_fdatasync", fdatasync)
     store = BlobStore(str(tmp_path / "blobs"))
     piece = blob_files._PIECE_SIZE
-    with pytest.raises(OSError, match="Input/output error"):
-        store.put([memoryview(bytes(piece + blob_files._OVERLAP_MIN))])
+    size = piece + blob_files._OVERLAP_MIN
+    if failing.startswith("the first"):
+        # Raised by the put if the flush ended before the last piece was written, else
+        # by the settle.
+        with pytest.raises(OSError, match="Input/output error"):
+            store.put([memoryview(bytes(size))])
+            store.settle()
+    else:
+        name = store.put([memoryview(bytes(size))])
+        for _ in range(2):      # raised again by the next settle: the failure sticks
+            with pytest.raises(OSError, match="Input/output error"):
+                store.settle()
+        with pytest.raises(OSError, match="Input/output error"):    # a read settles first
+            store.open(name, size, writable=False)
     # The background flush after the first piece; the last one comes only if that worked.
     assert len(calls) == (1 if failing.startswith("the first") else 2)
     assert os.listdir(store.directory) == []
+    store.end(committed=False)
+    monkeypatch.setattr(blob_files, "_fdatasync", os.fdatasync)
+    assert store.put([b"after"]) == blob_digest(b"after")   # the next transaction settles
+    store.settle()
+    assert os.path.exists(store.path_of(blob_digest(b"after")))
+
+
+def test_a_blob_has_its_name_only_once_settled(tmp_path):
+    store = BlobStore(str(tmp_path / "blobs"))
+    names = [store.put([data]) for data in (b"one", b"two", b"one")]
+    assert names[0] == names[2] == blob_digest(b"one")
+    assert not any(os.path.exists(store.path_of(name)) for name in names)
+    temporaries = os.listdir(store.directory)
+    assert len(temporaries) == 3 and all(t.startswith(".tmp-") for t in temporaries)
+    store.settle()
+    for name, data in zip(names, (b"one", b"two", b"one"), strict=True):
+        with open(store.path_of(name), "rb") as file:
+            assert file.read() == data
+    # The second copy of b"one" was dropped, not renamed over the first.
+    assert sorted(os.listdir(store.directory)) == sorted({n[3:5] for n in names})
+    assert sum(len(os.listdir(os.path.join(store.directory, d)))
+               for d in os.listdir(store.directory)) == 2
+
+
+def test_a_read_in_the_transaction_finds_a_blob_put_by_it(tmp_path):
+    store = BlobStore(str(tmp_path / "blobs"))
+    name = store.put([b"mapped at once"])
+    assert bytes(store.open(name, 14, writable=False)) == b"mapped at once"
+    assert list(store.names()) == [name]
+
+
+def test_a_rollback_deletes_the_unsettled_and_the_settled(tmp_path):
+    store = BlobStore(str(tmp_path / "blobs"))
+    settled = store.put([b"settled"])
+    store.settle()
+    store.put([b"unsettled"])
+    store.end(committed=False)
+    assert not os.path.exists(store.path_of(settled))
+    assert [entry for _, _, files in os.walk(store.directory) for entry in files] == []
+
+
+def test_many_blobs_of_one_transaction_keep_few_flushes_in_flight(tmp_path):
+    from pstore.backends import blobs as blob_files
+
+    store = BlobStore(str(tmp_path / "blobs"))
+    names = [store.put([b"%d" % i]) for i in range(3 * blob_files._UNSETTLED_FLUSHES)]
+    running = sum(entry.flush.running() for entry in store._unsettled)
+    assert running <= blob_files._UNSETTLED_FLUSHES
+    store.settle()
+    store.end(committed=True)
+    assert all(os.path.exists(store.path_of(name)) for name in names)

@@ -23,6 +23,7 @@ LOCAL_FILE_TESTS = {
         "test_gc_removes_the_blobs_no_record_uses",
         "test_a_rolled_back_transaction_leaves_no_blob",
         "test_an_unpicklable_value_leaves_no_blob_and_the_old_value",
+        "test_a_failed_blob_flush_fails_the_commit_and_leaves_the_store_as_it_was",
         "test_compressed_records_and_blobs",
         "test_a_corrupt_or_missing_blob_names_the_record_and_the_blob",
         "test_a_persistent_objects_arrays_are_blobs_loaded_with_its_state",

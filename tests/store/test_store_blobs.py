@@ -156,6 +156,34 @@ def test_an_unpicklable_value_leaves_no_blob_and_the_old_value(opener, path):
     np.testing.assert_array_equal(store["k"], np.ones(100_000))
 
 
+def test_a_failed_blob_flush_fails_the_commit_and_leaves_the_store_as_it_was(
+        opener, path, monkeypatch):
+    # A blob's last flush runs in the background until the commit settles it; an I/O
+    # error there (substituted: it cannot be made to happen for real here) must fail the
+    # commit, before any record names the blob.
+    from pstore.backends import blobs as blob_files
+
+    store = opener()
+    store["old"] = np.ones(100_000)
+    before = blob_paths(path)
+
+    def failing(fd):
+        raise OSError(5, "Input/output error")
+    monkeypatch.setattr(blob_files, "_fdatasync", failing)
+    with pytest.raises(OSError, match="Input/output error"):
+        with store.transaction():
+            store["old"] = np.full(100_000, 2.0)
+            store["new"] = np.full(100_000, 3.0)
+    monkeypatch.undo()
+    assert blob_paths(path) == before
+    assert [entry for entry in os.listdir(path + ".blobs") if entry.startswith(".tmp")] == []
+    reopened = opener()
+    assert "new" not in reopened
+    np.testing.assert_array_equal(reopened["old"], np.ones(100_000))
+    reopened["new"] = np.full(100_000, 3.0)     # the next transaction writes blobs again
+    np.testing.assert_array_equal(opener("r")["new"], np.full(100_000, 3.0))
+
+
 def test_loaded_arrays_are_copy_on_write_unless_read_only(opener):
     with opener() as store:
         store["a"] = np.arange(100_000, dtype=np.float64)
