@@ -239,3 +239,17 @@ def test_signing_benchmark_prints_both_workloads_and_the_envelope_costs() -> Non
     assert result.returncode == 0, result.stderr
     for line in ("single sets", "bulk sets", "pack, signed", "unpack, unsigned"):
         assert line in result.stdout, result.stdout
+
+
+def test_sqlite_floor_benchmark_prints_the_floor_per_statement() -> None:
+    script = BENCHMARK.parent / "sqlite_floor.py"
+    result = subprocess.run([sys.executable, str(script), "--sets", "50", "--repeat", "1"],
+                            capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    output = result.stdout
+    for name in ("floor", "pstore"):
+        assert re.search(rf"^  {name} +[0-9.]+ us/set +[0-9,]+ sets/s$", output, re.M), output
+    for statement in ("BEGIN IMMEDIATE", "PRAGMA data_version", "COMMIT"):
+        assert re.search(rf"^ +[0-9.]+  {statement}", output, re.M), output
+    if importlib.util.find_spec("diskcache") is not None:
+        assert "2x diskcache is" in output

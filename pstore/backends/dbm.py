@@ -564,4 +564,7 @@ class DBMBackend(LocalBlobs, Backend):
 
     def close(self) -> None:
         self._tx_pages.clear()
-        self.database.close()
+        try:
+            self.database.close()
+        finally:
+            self._blobs.close()

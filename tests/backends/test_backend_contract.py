@@ -7,7 +7,7 @@ import os
 import pytest
 
 from pstore.backends.blobs import blob_digest
-from pstore.errors import FormatError, LockTimeoutError, ReadOnlyError
+from pstore.errors import ClosedError, FormatError, LockTimeoutError, ReadOnlyError
 
 
 def write(backend, fn):
@@ -249,6 +249,18 @@ def test_close_is_idempotent_and_rolls_back(opener, backend):
     assert again.get_key("k") is None
     again.begin()   # the lock was released by close()
     again.rollback()
+
+
+def test_blobs_of_a_closed_backend_say_it_is_closed(backend):
+    name = write(backend, lambda: backend.put_blob([b"a blob"]))
+    backend.close()
+    for operation, call in {
+            "get_blob": lambda: backend.get_blob(name, 6, writable=False),
+            "read_blob": lambda: list(backend.read_blob(name)),
+            "put_blob": lambda: backend.put_blob([b"more"])}.items():
+        with pytest.raises(ClosedError, match="is closed"):
+            call()
+            pytest.fail(f"{operation} ran on a closed backend")
 
 
 def test_reads_inside_a_transaction_see_its_own_changes(backend):

@@ -11,19 +11,20 @@ import pytest
 from pstore.backends import journal
 from pstore.backends.dbm_database import JournaledDatabase
 from pstore.backends.dbm_modules import choose_module
-from pstore.errors import ClosedError, CorruptionError, ReadOnlyError
+from pstore.errors import ClosedError, CorruptionError, LockTimeoutError, ReadOnlyError
 from tests.backends.conftest import available_dbm_modules
 
 modules = pytest.mark.parametrize("module", available_dbm_modules())
 
 
 def database(path: str, module: str, *, read_only: bool = False, validate=None,
-             ended: list | None = None) -> JournaledDatabase:
+             ended: list | None = None, on_end=None, lock_timeout: float = 5
+             ) -> JournaledDatabase:
     db = JournaledDatabase(
         path, choose_module(path, "r" if read_only else "c", module), read_only=read_only,
-        lock_timeout=5, fsync=False, owner=os.geteuid(),
+        lock_timeout=lock_timeout, fsync=False, owner=os.geteuid(),
         validate=validate or (lambda changes, stored: None),
-        on_end=(ended.append if ended is not None else lambda committed: None))
+        on_end=on_end or (ended.append if ended is not None else lambda committed: None))
     if not read_only:
         db.create()
     return db
@@ -134,3 +135,56 @@ def test_vacuum_keeps_every_live_entry_and_derives_the_derived_key(tmp_path, mod
     # A rewrite derives the key anew; a module that compacts in place leaves it be.
     assert read(db, b"derived") == (b"derived from old" if calls else b"old")
     db.close()
+
+
+@modules
+def test_on_end_runs_while_the_write_lock_is_still_held(tmp_path, module):
+    # The DBM backend deletes a transaction's blobs in on_end: no other writer may start
+    # before it is done.
+    path = str(tmp_path / "db")
+    other = database(path, module, lock_timeout=0.05)
+    seen: list[tuple[bool, str]] = []
+
+    def on_end(committed: bool) -> None:
+        try:
+            other.begin()
+        except LockTimeoutError:
+            seen.append((committed, "locked"))
+        else:
+            other.rollback()
+            seen.append((committed, "free"))
+    writer = database(path, module, on_end=on_end)
+    commit(writer, {b"a": b"1"})
+    writer.begin()
+    writer.put(b"a", b"2")
+    writer.rollback()
+    assert seen == [(True, "locked"), (False, "locked")]
+    commit(other, {b"b": b"3"})     # released once on_end returned
+    assert read(writer, b"a") == b"1" and read(writer, b"b") == b"3"
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+@modules
+def test_a_forked_child_takes_locks_of_its_own_and_leaves_the_parents_alone(tmp_path, module):
+    path = str(tmp_path / "db")
+    db = database(path, module, lock_timeout=0.5)
+    commit(db, {b"a": b"1"})
+    assert read(db, b"a") == b"1"   # the parent holds a handle and its locks' files open
+    db.begin()                      # and the write lock, at the fork
+    pid = os.fork()
+    if pid == 0:    # the child: exit code 0 if all went as it should
+        code = 1
+        try:
+            db.after_fork()
+            try:
+                db.begin()      # its own lock: the parent's transaction holds the lock
+                code = 2
+            except LockTimeoutError:
+                code = 0 if read(db, b"a") == b"1" else 3
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    db.put(b"b", b"2")      # the parent's transaction and handle are unharmed
+    db.commit()
+    assert read(db, b"b") == b"2"

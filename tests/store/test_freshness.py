@@ -8,6 +8,9 @@ from pstore.backends import open_backend
 from pstore.store import freshness
 from pstore.store.freshness import Freshness
 from pstore.store.identity import IdentityMap
+from pstore.store.persistent import CHANGED, SAVED, is_ghost, status_of
+
+from .objects import Node
 
 
 def opened(path: str):
@@ -57,3 +60,40 @@ def test_forget_keys_keeps_the_objects_and_the_memory_is_bounded(tmp_path, monke
     assert [fresh.loaded(f"key{number}") is not None for number in range(5)] == \
         [False, False, False, True, True]   # full at 3: cleared, then two more
     backend.close()
+
+
+def test_reset_takes_the_marker_anew_so_a_commit_before_it_is_no_change(tmp_path):
+    path = str(tmp_path / "s.db")
+    with pstore.open(path) as store:
+        store["k"] = [1]
+    backend, other = opened(path), opened(path)
+    ids = IdentityMap()
+    fresh = Freshness(backend, ids)
+    with other.writing() as writing:
+        writing.set_meta("touched", "yes")
+    fresh.reset()       # (a forked child does this: the marker it had was its parent's)
+    value = [1]
+    ids.add(value, 1)
+    fresh.remember("k", 1)
+    assert fresh.loaded("k") == (1, value)
+    backend.close()
+    other.close()
+
+
+def test_another_commit_turns_saved_persistent_objects_into_placeholders_only(tmp_path):
+    path = str(tmp_path / "s.db")
+    with pstore.open(path) as store:
+        store["saved"] = Node("saved")
+        store["changed"] = Node("changed")
+    store = pstore.open(path)
+    saved, changed = store["saved"], store["changed"]
+    changed.name = "changed in memory"      # not committed: must survive
+    assert (status_of(saved), status_of(changed)) == (SAVED, CHANGED)
+    with pstore.open(path) as other:
+        other["saved"].name = "renamed by another process"
+        other.sync()
+    store["changed"]     # a read looks at the change marker
+    assert is_ghost(saved) and not is_ghost(changed)
+    assert saved.name == "renamed by another process"   # loaded again at first use
+    assert changed.name == "changed in memory"
+    store.close()
