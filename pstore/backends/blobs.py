@@ -212,6 +212,8 @@ class BlobStore:
     def _discard(self, unsettled: list[_Unsettled]) -> None:
         """Delete the temporary files of ``unsettled`` (those not renamed yet), after their
         flushes end."""
+        if not unsettled:
+            return
         for entry in unsettled:
             entry.flush.join_quietly()
         root = self._open_root()
@@ -323,6 +325,8 @@ class BlobStore:
         start to before the lock is released. On rollback, delete the blobs the
         transaction created, so that it leaves nothing behind.
         """
+        if not (self._unsettled or self._created or self._doomed or self._settle_failure):
+            return      # a transaction that wrote no blob (most): nothing to do
         try:
             if committed:   # the backend settled before its commit: nothing is left
                 self.settle()
