@@ -287,15 +287,17 @@ class PersistentClassError(Error, TypeError):
 
 
 class InTransactionError(Error, RuntimeError):
-    """``operation`` cannot run inside a transaction of the store at ``path``."""
+    """``operation`` cannot run inside a ``scope`` (a transaction, or a snapshot: which
+    reads only) of the store at ``path``."""
 
-    def __init__(self, path: str, operation: str) -> None:
-        super().__init__(path, operation)
+    def __init__(self, path: str, operation: str, scope: str = "transaction") -> None:
+        super().__init__(path, operation, scope)
         self.path = path
         self.operation = operation
+        self.scope = scope
 
     def __str__(self) -> str:
-        return f"cannot {self.operation} inside a transaction of store {self.path!r}"
+        return f"cannot {self.operation} inside a {self.scope} of store {self.path!r}"
 
 
 class StorePicklingError(Error, TypeError):

@@ -24,7 +24,10 @@ until a backend that can provides them).
 Reads may be called inside or outside one. Outside, each read sees the latest
 committed state; inside, every read (records, keys, iteration, counts, refs)
 sees the transaction's own changes too -- the store relies on it, e.g. to read
-back a key it has just bound, or to delete keys while iterating.
+back a key it has just bound, or to delete keys while iterating. Between
+:meth:`ReadableBackend.begin_read` and :meth:`ReadableBackend.end_read` (a
+*snapshot*, outside write transactions) every read sees one committed state, and
+:class:`ReadAhead` may answer gets from rows fetched ahead.
 
 A backend is used by one :class:`~pstore.store.Store` from one thread at a time
 (the store serializes its threads); it may assume nothing of the caller beyond
@@ -35,15 +38,15 @@ implement the same methods.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Collection, Hashable, Iterable, Iterator
+from collections.abc import Callable, Collection, Hashable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any, ClassVar, NamedTuple
 
 from .._blake2 import blake2b
 from ..errors import Error, FormatError
 
-__all__ = ["ReadableBackend", "Backend", "MAX_OID", "SEAL_SIZE", "RecordWrite", "Statistics",
-           "binding_seal", "check_meta_name", "check_reserved"]
+__all__ = ["ReadableBackend", "Backend", "MAX_OID", "SEAL_SIZE", "ReadAhead", "RecordWrite",
+           "Statistics", "binding_seal", "check_meta_name", "check_reserved"]
 
 #: The largest object id any backend stores (a signed 64-bit integer's range).
 MAX_OID = 2 ** 63 - 1
@@ -190,7 +193,7 @@ class ReadableBackend(ABC):
     def count_keys(self) -> int:
         """The number of bound keys."""
 
-    # -- change detection ---------------------------------------------------------------
+    # -- change detection and snapshots ---------------------------------------------------
 
     @abstractmethod
     def change_marker(self) -> Hashable:
@@ -198,6 +201,19 @@ class ReadableBackend(ABC):
 
         This connection's own commits need not change it.
         """
+
+    @abstractmethod
+    def begin_read(self) -> None:
+        """Begin a snapshot (outside write transactions): from now until :meth:`end_read`,
+        every read -- records, keys, blobs, iteration, counts, :meth:`change_marker` --
+        sees the state the latest commit had left when this was called, and no other.
+        Other connections' commits meanwhile are seen after :meth:`end_read`.
+        """
+
+    @abstractmethod
+    def end_read(self) -> None:
+        """End the snapshot :meth:`begin_read` began (nothing if none is open; harmless
+        on a closed backend)."""
 
     # -- inspection and damage ----------------------------------------------------------
 
@@ -269,6 +285,58 @@ class ReadableBackend(ABC):
     @abstractmethod
     def close(self) -> None:
         """Release every resource; a transaction still open is rolled back. Idempotent."""
+
+
+#: The most rows one read-ahead query fetches (see :class:`ReadAhead`).
+READ_AHEAD_ROWS = 512
+#: Records longer than this are not fetched ahead: their key's row says only their length.
+READ_AHEAD_RECORD_MAX = 1 << 16
+#: Rows fetched ahead are forgotten (all at once) beyond this many, or these many bytes.
+READ_AHEAD_KEPT_ROWS = 1 << 16
+READ_AHEAD_KEPT_BYTES = 64 << 20
+
+
+class ReadAhead:
+    """Key bindings and their records fetched ahead in key order during a snapshot, where
+    they cannot change: what makes many gets in one snapshot cost a few queries.
+
+    ``fetch(key, limit)`` returns, in key order, up to ``limit`` rows ``(key, object id,
+    data, length, *rest)`` of the keys from ``key`` on: ``data`` is None for a record
+    longer than :data:`READ_AHEAD_RECORD_MAX` (``length`` is its length) or for none
+    (``length`` None). A get of a key not fetched yet fetches it with the keys after it,
+    the number of rows doubling from 1 at each fetch up to :data:`READ_AHEAD_ROWS`, so
+    a snapshot that reads one key pays one small query and one that reads thousands
+    pays a query per hundreds (in random order too: most keys then lie in a range
+    fetched before). Kept only while the snapshot lasts (:meth:`clear`).
+    """
+
+    def __init__(self, fetch: Callable[[str, int], list[tuple[Any, ...]]]) -> None:
+        self._fetch = fetch
+        self._rows: dict[str, tuple[Any, ...] | None] = {}     # key -> its row, None: unbound
+        self._limit = 1
+        self._bytes = 0
+
+    def row(self, key: str) -> tuple[Any, ...] | None:
+        """The row ``(key, object id, data, length, *rest)`` of ``key``, or None if it is
+        unbound."""
+        rows = self._rows
+        if key in rows:
+            return rows[key]
+        fetched = self._fetch(key, self._limit)
+        self._limit = min(self._limit * 2, READ_AHEAD_ROWS)
+        if len(rows) + len(fetched) > READ_AHEAD_KEPT_ROWS or self._bytes > READ_AHEAD_KEPT_BYTES:
+            self.clear(keep_limit=True)
+        rows.update({row[0]: row for row in fetched})
+        self._bytes += sum([len(row[2]) for row in fetched if row[2] is not None])
+        if not fetched or fetched[0][0] != key:
+            rows[key] = None
+        return rows[key]
+
+    def clear(self, keep_limit: bool = False) -> None:
+        self._rows.clear()
+        self._bytes = 0
+        if not keep_limit:
+            self._limit = 1
 
 
 class Backend(ReadableBackend):

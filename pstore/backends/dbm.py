@@ -529,6 +529,12 @@ class DBMBackend(LocalBlobs, Backend):
     def change_marker(self) -> Hashable:
         return self.database.change_marker()
 
+    def begin_read(self) -> None:
+        self.database.begin_read()
+
+    def end_read(self) -> None:
+        self.database.end_read()
+
     # -- maintenance: reaches() and gc() are the base's, over refs_of and record_ids ----
 
     def statistics(self) -> Statistics:

@@ -86,6 +86,7 @@ class JournaledDatabase:
         #: The open transaction's changes (None: no transaction is open).
         self.changes: dict[bytes, bytes | None] | None = None
         self._own_commits = 0   # how many of the commit counter's steps are this object's
+        self._held_still = False    # between begin_read and end_read
         self.closed = False
         # Read-only: the changes of a complete journal not yet applied, and what identified
         # the journal file they were read from.
@@ -156,11 +157,11 @@ class JournaledDatabase:
     def reading(self) -> Iterator[None]:
         """Make the database safe to read for the block: no apply runs meanwhile.
 
-        Inside a transaction the write lock already keeps the database still.
+        Inside a transaction or a snapshot the write lock already keeps the database still.
         """
         if self.closed:
             raise ClosedError(self.path)
-        if self.changes is not None:
+        if self.changes is not None or self._held_still:
             yield
             return
         self._locks.share()
@@ -284,17 +285,39 @@ class JournaledDatabase:
     def begin(self) -> None:
         if self.read_only:
             raise ReadOnlyError(self.path, "write")
+        self._hold_still()
+        self.changes = {}
+
+    def _hold_still(self) -> None:
+        """Take the write lock, so that no other process commits; recover a dead
+        writer's journal (read-only: read it as overlay) and make the handle current."""
         if self.closed:
             raise ClosedError(self.path)
         self._write_lock.lock(self.path)
         try:
-            if self._journal.exists() or rewrite_pending(self.path):   # a writer died
+            if self.read_only:
+                self._locks.share()
+                try:
+                    self._load_overlay()
+                finally:
+                    self._locks.unshare()
+            elif self._journal.exists() or rewrite_pending(self.path):   # a writer died
                 self._recover()
             self._refresh()
         except BaseException:
             self._write_lock.release()
             raise
-        self.changes = {}
+
+    def begin_read(self) -> None:
+        """Begin a snapshot: the DBM modules keep no versions, so it holds the write lock
+        (other processes' reads go on; their writes wait for :meth:`end_read`)."""
+        self._hold_still()
+        self._held_still = True
+
+    def end_read(self) -> None:
+        if self._held_still:
+            self._held_still = False
+            self._write_lock.release()
 
     def commit(self) -> None:
         changes, self.changes = self.changes, None
@@ -463,6 +486,7 @@ class JournaledDatabase:
         self._make_locks()
         self._handle = None
         self.changes = None
+        self._held_still = False
 
     def close(self) -> None:
         if self.closed:
@@ -472,6 +496,7 @@ class JournaledDatabase:
             self.rollback()
         finally:
             self.changes = None
+            self._held_still = False
             self.drop_handle()
             self._write_lock.close()
             self._locks.close()

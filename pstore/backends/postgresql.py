@@ -67,7 +67,14 @@ from ..errors import (
     ReadOnlyError,
     ServerLockTimeoutError,
 )
-from .base import Backend, Statistics, check_meta_name, check_reserved
+from .base import (
+    READ_AHEAD_RECORD_MAX,
+    Backend,
+    ReadAhead,
+    Statistics,
+    check_meta_name,
+    check_reserved,
+)
 
 try:
     import psycopg
@@ -148,6 +155,8 @@ _BEGIN = ("BEGIN; SELECT pg_advisory_xact_lock({lock_class}, {lock_key}); "
 _LOCK = "BEGIN; SELECT pg_advisory_xact_lock({lock_class}, {lock_key})"
 _COUNT_COMMIT = "UPDATE {s}.state SET commits = commits + 1"
 _COMMITS = "SELECT commits FROM {s}.state"
+# A snapshot: every statement until COMMIT sees the state at its first one (the counter's).
+_BEGIN_READ = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SELECT commits FROM {s}.state"
 _LOCK_HOLDER = """
 SELECT a.pid, a.application_name, a.client_addr::text FROM pg_locks l
 JOIN pg_stat_activity a ON a.pid = l.pid
@@ -229,6 +238,10 @@ _GET_KEY = "SELECT oid FROM {s}.keys WHERE key = %b"
 _KEYS_FROM = "SELECT key, oid FROM {s}.keys WHERE key >= %b ORDER BY key LIMIT %s"
 _SET_KEYS = ("INSERT INTO {s}.keys (key, oid) SELECT * FROM unnest(%b::bytea[], %b::bigint[])"
              " ON CONFLICT (key) DO UPDATE SET oid = EXCLUDED.oid")
+_READ_AHEAD = ("SELECT k.key, k.oid, CASE WHEN octet_length(r.data) <= {read_ahead_max}"
+               " THEN r.data END, octet_length(r.data) FROM {s}.keys k"
+               " LEFT JOIN {s}.records r ON r.oid = k.oid"
+               " WHERE k.key >= %b ORDER BY k.key LIMIT %s")
 _GET_ITEM = ("SELECT k.oid, r.data FROM {s}.keys k LEFT JOIN {s}.records r ON r.oid = k.oid"
              " WHERE k.key = %b")
 # Every part of one statement sees the same snapshot: "old" is the binding before the upsert.
@@ -451,11 +464,16 @@ class PostgreSQLBackend(Backend):
             # lock_objid: the key as pg_locks shows it (an oid, unsigned)
             s=schema, lock_class=LOCK_CLASS, lock_key=lock_key, lock_objid=lock_key & 0xFFFFFFFF,
             oid_block=OID_BLOCK, referrers=REFERRERS, format_name=FORMAT_NAME,
-            format_version=FORMAT_VERSION)
+            format_version=FORMAT_VERSION, read_ahead_max=READ_AHEAD_RECORD_MAX)
             for name, statement in _STATEMENTS.items()}
         self._conn: Any = None
         self._closed = False
         self._in_transaction = False
+        # In a snapshot (begin_read): the rows read ahead, the marker it holds, and whether
+        # its connection was lost (its reads fail until it ends: another would not be it).
+        self._read_ahead: ReadAhead | None = None
+        self._snapshot_marker = 0
+        self._snapshot_lost = False
         self._next_oid = self._block_end = 0
         # Changes not sent yet, (statement name, parameters) in order: sent with the next
         # query, in one round trip before it (see _send).
@@ -512,6 +530,9 @@ class PostgreSQLBackend(Backend):
         """The open connection, connecting again if the last one was lost between transactions."""
         if self._closed:
             raise ClosedError(self.path)
+        if self._snapshot_lost:
+            raise ConnectionLostError(self.path, "the connection was lost during this snapshot;"
+                                      " its reads fail until it ends")
         if self._conn is None or self._conn.closed:
             self._connect()
         return self._conn
@@ -523,6 +544,8 @@ class PostgreSQLBackend(Backend):
             conn.close()
         self._in_transaction = False
         self._forget()
+        if self._read_ahead is not None:
+            self._snapshot_lost = True
         return ConnectionLostError(self.path, self._reason(error))
 
     def _call(self, action: Any) -> Any:
@@ -819,6 +842,9 @@ class PostgreSQLBackend(Backend):
     # knows (_Known) where it can: no other connection commits meanwhile.
 
     def get_key(self, key: str) -> int | None:
+        if self._read_ahead is not None:
+            row = self._read_ahead.row(key)
+            return None if row is None else row[1]
         name = key.encode()
         if self._in_transaction:
             known, oid = self._known.binding(name)
@@ -830,6 +856,12 @@ class PostgreSQLBackend(Backend):
         return oid
 
     def get_item(self, key: str) -> tuple[int, bytes | None] | None:
+        if self._read_ahead is not None:
+            row = self._read_ahead.row(key)
+            if row is None:
+                return None
+            _, oid, data, length = row
+            return oid, (self.get_record(oid) if data is None and length is not None else data)
         name = key.encode()
         if not self._in_transaction:
             return self._execute("get_item", (name,)).fetchone()
@@ -965,7 +997,28 @@ class PostgreSQLBackend(Backend):
     def change_marker(self) -> int:
         if self._in_transaction:    # the write lock is held: no one else commits
             return self._commits_at_begin - self._own_commits
+        if self._read_ahead is not None:
+            return self._snapshot_marker
         return self._one("commits") - self._own_commits
+
+    def begin_read(self) -> None:
+        cursor = self._script("begin_read")
+        while cursor.nextset():     # past BEGIN's result, to the counter's
+            pass
+        self._snapshot_marker = cursor.fetchone()[0] - self._own_commits
+        self._read_ahead = ReadAhead(self._fetch_ahead)
+
+    def _fetch_ahead(self, key: str, limit: int) -> list[tuple[Any, ...]]:
+        rows = self._execute("read_ahead", (key.encode(), limit)).fetchall()
+        return [(name.decode(), *rest) for name, *rest in rows]
+
+    def end_read(self) -> None:
+        if self._read_ahead is None:
+            return
+        self._read_ahead = None
+        lost, self._snapshot_lost = self._snapshot_lost, False
+        if not lost and self._conn is not None and not self._conn.closed:
+            self._script("commit")
 
     # -- coordination -----------------------------------------------------------------------
 
@@ -1012,6 +1065,8 @@ class PostgreSQLBackend(Backend):
             _INHERITED.append(self._conn)
         self._conn = None
         self._in_transaction = False
+        self._read_ahead = None
+        self._snapshot_lost = False
         self._forget()
         self._next_oid = self._block_end = 0
         if not self._closed:
@@ -1021,6 +1076,7 @@ class PostgreSQLBackend(Backend):
         if self._closed:
             return
         self._closed = True
+        self._read_ahead = None     # a snapshot ends with its connection
         conn, self._conn = self._conn, None
         if conn is None:
             return
@@ -1048,7 +1104,8 @@ _STATEMENTS = {
     "name_blob": _NAME_BLOB, "drop_blob": _DROP_BLOB, "load_blob": _LOAD_BLOB,
     "blob_size": _BLOB_SIZE, "blob_chunk": _BLOB_CHUNK, "blob_names": _BLOB_NAMES,
     "get_key": _GET_KEY, "keys_from": _KEYS_FROM, "set_keys": _SET_KEYS,
-    "get_item": _GET_ITEM, "bind_key": _BIND_KEY,
+    "get_item": _GET_ITEM, "bind_key": _BIND_KEY, "begin_read": _BEGIN_READ,
+    "read_ahead": _READ_AHEAD,
     "unbind_key": _UNBIND_KEY, "first_keys": _FIRST_KEYS, "next_keys": _NEXT_KEYS,
     "first_items": _FIRST_ITEMS, "next_items": _NEXT_ITEMS, "count_keys": _COUNT_KEYS,
     "get_meta": _GET_META, "set_meta": _SET_META, "statistics": _STATISTICS,

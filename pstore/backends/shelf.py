@@ -110,6 +110,13 @@ class ShelveReader(ReadableBackend):
     def change_marker(self) -> int:
         return 0
 
+    # A shelve file is read as one state already (nothing may write it meanwhile).
+    def begin_read(self) -> None:
+        pass
+
+    def end_read(self) -> None:
+        pass
+
     def after_fork(self) -> None:
         if self._db is not None:
             INHERITED.append(self._db)

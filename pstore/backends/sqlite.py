@@ -16,7 +16,16 @@ from typing import Any, NamedTuple, NoReturn
 
 from ..errors import ClosedError, CorruptionError, FormatError, LockTimeoutError, ReadOnlyError
 from . import size_of
-from .base import Backend, RecordWrite, Statistics, binding_seal, check_meta_name, check_reserved
+from .base import (
+    READ_AHEAD_RECORD_MAX,
+    Backend,
+    ReadAhead,
+    RecordWrite,
+    Statistics,
+    binding_seal,
+    check_meta_name,
+    check_reserved,
+)
 from .blobs import BlobStore, LocalBlobs
 from .files import FileLock, create_private, key_lock_file, require_existing, store_owner
 
@@ -124,6 +133,7 @@ class _KeyStatements(NamedTuple):
     get_item: str
     first_items: str
     next_items: str
+    read_ahead: str
 
 
 def _key_statements(seal: str) -> _KeyStatements:
@@ -138,7 +148,10 @@ def _key_statements(seal: str) -> _KeyStatements:
         f"SELECT keys.oid, data, {seal} FROM keys LEFT JOIN records ON records.oid = keys.oid"
         " WHERE key = ?",
         f"{items} ORDER BY key LIMIT ?",
-        f"{items} WHERE key > ? ORDER BY key LIMIT ?")
+        f"{items} WHERE key > ? ORDER BY key LIMIT ?",
+        f"SELECT key, keys.oid, CASE WHEN length(data) <= {READ_AHEAD_RECORD_MAX} THEN data END,"
+        f" length(data), {seal} FROM keys LEFT JOIN records ON records.oid = keys.oid"
+        " WHERE key >= ? ORDER BY key LIMIT ?")
 
 
 # By whether the file's bindings are sealed (format version 3).
@@ -229,6 +242,7 @@ class SQLiteBackend(LocalBlobs, Backend):
         self._block_is_committed = False
         self._fresh: set[int] = set()       # oids allocated by the open transaction
         self._in_transaction = False
+        self._read_ahead: ReadAhead | None = None     # in a snapshot (see begin_read)
         self._conn: sqlite3.Connection | None = None
         self._sealed = True     # whether key bindings carry seals (format version 3)
         self._binding_new_keys = True   # whether the last key bound was new (see bind_key)
@@ -515,6 +529,9 @@ class SQLiteBackend(LocalBlobs, Backend):
             self._failed(error)
 
     def get_key(self, key: str) -> int | None:
+        if self._read_ahead is not None:
+            item = self._ahead(key)
+            return None if item is None else item[0]
         try:
             row = self._cursor.execute(self._keys_sql.get_key, (key,)).fetchone()
         except sqlite3.DatabaseError as error:
@@ -525,6 +542,8 @@ class SQLiteBackend(LocalBlobs, Backend):
         return row[0]
 
     def get_item(self, key: str) -> tuple[int, bytes | None] | None:
+        if self._read_ahead is not None:
+            return self._ahead(key)
         try:
             row = self._cursor.execute(self._keys_sql.get_item, (key,)).fetchone()
         except sqlite3.DatabaseError as error:
@@ -534,6 +553,22 @@ class SQLiteBackend(LocalBlobs, Backend):
         oid, data, seal = row
         self._checked(key, oid, seal)
         return oid, data
+
+    def _ahead(self, key: str) -> tuple[int, bytes | None] | None:
+        """In a snapshot: ``key``'s item, from the rows read ahead."""
+        assert self._read_ahead is not None
+        try:
+            row = self._read_ahead.row(key)
+        except sqlite3.DatabaseError as error:
+            self._failed(error)
+        if row is None:
+            return None
+        _, oid, data, length, seal = row
+        self._checked(key, oid, seal)
+        return oid, (self.get_record(oid) if data is None and length is not None else data)
+
+    def _fetch_ahead(self, key: str, limit: int) -> list[tuple[Any, ...]]:
+        return self._require().execute(self._keys_sql.read_ahead, (key, limit)).fetchall()
 
     def bind_key(self, key: str, oid: int) -> int | None:
         # While keys come new (a bulk load), one statement each: an insert that does nothing
@@ -644,6 +679,24 @@ class SQLiteBackend(LocalBlobs, Backend):
         except sqlite3.DatabaseError as error:
             self._failed(error)
 
+    def begin_read(self) -> None:
+        # A deferred transaction takes its snapshot at its first read: read at once.
+        # WAL gives readers a snapshot of their own, so writers do not wait for it.
+        conn = self._require()
+        try:
+            conn.execute("BEGIN")
+            conn.execute(_COUNT_TABLES).fetchone()
+        except sqlite3.DatabaseError as error:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            self._failed(error)
+        self._read_ahead = ReadAhead(self._fetch_ahead)
+
+    def end_read(self) -> None:
+        self._read_ahead = None
+        if self._conn is not None and self._conn.in_transaction and not self._in_transaction:
+            self._conn.execute("COMMIT")
+
     # -- maintenance ------------------------------------------------------------------------
 
     def iter_records(self) -> Iterator[tuple[int, bytes, list[int]]]:
@@ -712,6 +765,7 @@ class SQLiteBackend(LocalBlobs, Backend):
         self._conn = None
         self._cursor = self._closed_cursor
         self._in_transaction = False
+        self._read_ahead = None
         # The parent goes on allocating from its block: the child must not.
         self._next_oid = self._block_end = 0
         self._file_lock = self._make_file_lock()
@@ -735,6 +789,7 @@ class SQLiteBackend(LocalBlobs, Backend):
         finally:
             self._conn = None
             self._cursor = self._closed_cursor
+            self._read_ahead = None
             self._next_oid = self._block_end = 0    # new_oid then needs the connection
             self._blobs.close()
             self._file_lock.close()

@@ -1,7 +1,8 @@
 """What a Store knows to be current: the change marker it last saw, and the key bindings
 it has read since.
 
-Outside a transaction every read sees the latest commit (``docs/store.md``). The
+Outside a transaction every read sees the latest commit (``docs/store.md``); in a
+snapshot, the commit latest at its start, looked for once. The
 backend's change marker (one cheap query) tells whether another process committed
 since the Store last looked; if one did, everything loaded may be stale: plain
 objects are forgotten and Persistent objects without unsaved changes become
@@ -32,9 +33,13 @@ class Freshness:
         self._ids = ids
         self._marker = backend.change_marker()
         self._key_oids: dict[str, int] = {}
+        #: True during a snapshot, once it has looked: the state cannot change until its end.
+        self.held = False
 
     def see_latest(self) -> None:
         """Forget what is loaded if another process committed since the last look."""
+        if self.held:
+            return
         marker = self._backend.change_marker()
         if marker != self._marker:
             self._marker = marker
