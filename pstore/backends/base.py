@@ -307,11 +307,14 @@ class ReadAhead:
     the number of rows doubling from 1 at each fetch up to :data:`READ_AHEAD_ROWS`, so
     a snapshot that reads one key pays one small query and one that reads thousands
     pays a query per hundreds (in random order too: most keys then lie in a range
-    fetched before). Kept only while the snapshot lasts (:meth:`clear`).
+    fetched before). ``get_record(oid)`` reads a record not fetched ahead. Made at the
+    snapshot's start, dropped at its end.
     """
 
-    def __init__(self, fetch: Callable[[str, int], list[tuple[Any, ...]]]) -> None:
+    def __init__(self, fetch: Callable[[str, int], list[tuple[Any, ...]]],
+                 get_record: Callable[[int], bytes | None]) -> None:
         self._fetch = fetch
+        self._get_record = get_record
         self._rows: dict[str, tuple[Any, ...] | None] = {}     # key -> its row, None: unbound
         self._limit = 1
         self._bytes = 0
@@ -325,18 +328,18 @@ class ReadAhead:
         fetched = self._fetch(key, self._limit)
         self._limit = min(self._limit * 2, READ_AHEAD_ROWS)
         if len(rows) + len(fetched) > READ_AHEAD_KEPT_ROWS or self._bytes > READ_AHEAD_KEPT_BYTES:
-            self.clear(keep_limit=True)
+            rows.clear()
+            self._bytes = 0
         rows.update({row[0]: row for row in fetched})
         self._bytes += sum([len(row[2]) for row in fetched if row[2] is not None])
         if not fetched or fetched[0][0] != key:
             rows[key] = None
         return rows[key]
 
-    def clear(self, keep_limit: bool = False) -> None:
-        self._rows.clear()
-        self._bytes = 0
-        if not keep_limit:
-            self._limit = 1
+    def item_of(self, row: tuple[Any, ...]) -> tuple[int, bytes | None]:
+        """``(object id, record data or None)`` of a row :meth:`row` gave."""
+        oid, data, length = row[1:4]
+        return oid, (self._get_record(oid) if data is None and length is not None else data)
 
 
 class Backend(ReadableBackend):

@@ -858,10 +858,7 @@ class PostgreSQLBackend(Backend):
     def get_item(self, key: str) -> tuple[int, bytes | None] | None:
         if self._read_ahead is not None:
             row = self._read_ahead.row(key)
-            if row is None:
-                return None
-            _, oid, data, length = row
-            return oid, (self.get_record(oid) if data is None and length is not None else data)
+            return None if row is None else self._read_ahead.item_of(row)
         name = key.encode()
         if not self._in_transaction:
             return self._execute("get_item", (name,)).fetchone()
@@ -1006,7 +1003,7 @@ class PostgreSQLBackend(Backend):
         while cursor.nextset():     # past BEGIN's result, to the counter's
             pass
         self._snapshot_marker = cursor.fetchone()[0] - self._own_commits
-        self._read_ahead = ReadAhead(self._fetch_ahead)
+        self._read_ahead = ReadAhead(self._fetch_ahead, self.get_record)
 
     def _fetch_ahead(self, key: str, limit: int) -> list[tuple[Any, ...]]:
         rows = self._execute("read_ahead", (key.encode(), limit)).fetchall()

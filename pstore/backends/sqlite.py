@@ -530,8 +530,8 @@ class SQLiteBackend(LocalBlobs, Backend):
 
     def get_key(self, key: str) -> int | None:
         if self._read_ahead is not None:
-            item = self._ahead(key)
-            return None if item is None else item[0]
+            row = self._ahead(key)
+            return None if row is None else row[1]
         try:
             row = self._cursor.execute(self._keys_sql.get_key, (key,)).fetchone()
         except sqlite3.DatabaseError as error:
@@ -543,7 +543,8 @@ class SQLiteBackend(LocalBlobs, Backend):
 
     def get_item(self, key: str) -> tuple[int, bytes | None] | None:
         if self._read_ahead is not None:
-            return self._ahead(key)
+            row = self._ahead(key)
+            return None if row is None else self._read_ahead.item_of(row)
         try:
             row = self._cursor.execute(self._keys_sql.get_item, (key,)).fetchone()
         except sqlite3.DatabaseError as error:
@@ -554,18 +555,16 @@ class SQLiteBackend(LocalBlobs, Backend):
         self._checked(key, oid, seal)
         return oid, data
 
-    def _ahead(self, key: str) -> tuple[int, bytes | None] | None:
-        """In a snapshot: ``key``'s item, from the rows read ahead."""
+    def _ahead(self, key: str) -> tuple[Any, ...] | None:
+        """In a snapshot: ``key``'s row read ahead (see ReadAhead), its seal checked."""
         assert self._read_ahead is not None
         try:
             row = self._read_ahead.row(key)
         except sqlite3.DatabaseError as error:
             self._failed(error)
-        if row is None:
-            return None
-        _, oid, data, length, seal = row
-        self._checked(key, oid, seal)
-        return oid, (self.get_record(oid) if data is None and length is not None else data)
+        if row is not None:
+            self._checked(key, row[1], row[4])
+        return row
 
     def _fetch_ahead(self, key: str, limit: int) -> list[tuple[Any, ...]]:
         return self._require().execute(self._keys_sql.read_ahead, (key, limit)).fetchall()
@@ -690,7 +689,7 @@ class SQLiteBackend(LocalBlobs, Backend):
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             self._failed(error)
-        self._read_ahead = ReadAhead(self._fetch_ahead)
+        self._read_ahead = ReadAhead(self._fetch_ahead, self.get_record)
 
     def end_read(self) -> None:
         self._read_ahead = None

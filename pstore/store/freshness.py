@@ -33,7 +33,7 @@ class Freshness:
         self._ids = ids
         self._marker = backend.change_marker()
         self._key_oids: dict[str, int] = {}
-        #: True during a snapshot, once it has looked: the state cannot change until its end.
+        #: True while a snapshot is open (see :meth:`hold`): the state cannot change.
         self.held = False
 
     def see_latest(self) -> None:
@@ -44,6 +44,12 @@ class Freshness:
         if marker != self._marker:
             self._marker = marker
             self.invalidate()
+
+    def hold(self) -> None:
+        """A snapshot began: look once more, then hold what is loaded as current (no
+        marker query) until ``held`` is set False at its end."""
+        self.see_latest()
+        self.held = True
 
     def invalidate(self) -> None:
         """Make every record load again: forget the plain objects loaded, and turn the

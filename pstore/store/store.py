@@ -116,8 +116,7 @@ class Store(MutableMapping[str, Any]):
         self._loader.own_store = made_with(signer, backend, writable=not self._read_only)
         # A repeated get of a key whose object is still loaded costs one change-marker
         # query instead of reading the key.
-        self._fresh = Freshness(backend, self._ids)
-        self._snapshot_depth = 0    # nesting depth of the open snapshot (0: none)
+        self._fresh = Freshness(backend, self._ids)    # held: a snapshot is open
         self._closed = False
         _open_stores[id(self)] = self
 
@@ -336,27 +335,17 @@ class Store(MutableMapping[str, Any]):
         """
         with self._lock:
             self._check_open()
-            if self._txn.depth:     # the transaction already sees one state
+            if self._txn.depth or self._fresh.held:     # it already sees one state
                 yield self
                 return
-            if self._snapshot_depth:
-                self._snapshot_depth += 1
-                try:
-                    yield self
-                finally:    # (0 if close() ended the snapshot meanwhile)
-                    self._snapshot_depth = max(0, self._snapshot_depth - 1)
-                return
             self._backend.begin_read()
-            self._snapshot_depth = 1
             try:
-                self._fresh.see_latest()    # the snapshot's state, from now on held still
-                self._fresh.held = True
+                self._fresh.hold()
                 yield self
             finally:
                 self._end_snapshot()
 
     def _end_snapshot(self) -> None:
-        self._snapshot_depth = 0
         self._fresh.held = False
         self._backend.end_read()
 
@@ -411,7 +400,7 @@ class Store(MutableMapping[str, Any]):
         """
         with self._lock:
             self._check_open()
-            if self._txn.depth or self._snapshot_depth:
+            if self._txn.depth or self._fresh.held:
                 return
             self._write_back()
             self._fresh.see_latest()
@@ -536,7 +525,7 @@ class Store(MutableMapping[str, Any]):
                 if self._txn.depth:
                     self._txn.rollback()
                 else:
-                    if self._snapshot_depth:    # ended first: the write-back may write
+                    if self._fresh.held:    # ended first: the write-back may write
                         self._end_snapshot()
                     self._write_back()
             finally:
@@ -608,7 +597,7 @@ class Store(MutableMapping[str, Any]):
         self._check_open()
         if self._read_only:
             raise ReadOnlyError(self._path, operation)
-        if self._snapshot_depth:
+        if self._fresh.held:
             raise InTransactionError(self._path, operation, "snapshot")
 
     @staticmethod
@@ -639,13 +628,13 @@ class Store(MutableMapping[str, Any]):
         self._lock = threading.RLock()
         if self._closed:
             return
-        forked_in_transaction = self._txn.depth > 0 or self._snapshot_depth > 0
+        forked_in_transaction = self._txn.depth > 0 or self._fresh.held
         self._txn.forget()
         if forked_in_transaction:
             # The parent's transaction (or snapshot) is the parent's: SQLite's in-process
             # lock bookkeeping, copied by fork(), would keep the child from ever writing.
             # The child's copy is closed (the parent's connection is left alone); reopen it.
-            self._snapshot_depth = 0
+            self._fresh.held = False
             self._closed = True
             return
         try:
