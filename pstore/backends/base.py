@@ -63,8 +63,14 @@ def binding_seal(key: str, oid: int) -> bytes:
     seal does not match was damaged: its reader raises
     :class:`~pstore.errors.CorruptionError` instead of returning another record.
     """
-    return blake2b(oid.to_bytes(8, "little") + key.encode("utf-8", "surrogatepass"),
-                           digest_size=SEAL_SIZE, person=b"pstore-key").digest()
+    # A copy of a hasher whose parameters are set is half the cost of making one: a seal
+    # is made at every get and set.
+    hasher = _SEAL_HASHER.copy()
+    hasher.update(oid.to_bytes(8, "little") + key.encode("utf-8", "surrogatepass"))
+    return hasher.digest()
+
+
+_SEAL_HASHER = blake2b(digest_size=SEAL_SIZE, person=b"pstore-key")
 
 
 class RecordWrite(NamedTuple):

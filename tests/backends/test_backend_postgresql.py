@@ -365,6 +365,25 @@ def test_a_terminated_connection_is_a_clear_error_and_the_store_reconnects(pg_se
         assert dict(store.items()) == {"k": [1]}
 
 
+def test_a_connection_lost_in_a_snapshot_fails_its_reads_until_it_ends(pg_server, url):
+    with pstore.open(url) as store:
+        store.update({f"k{i}": [i] for i in range(5)})
+        with store.snapshot():
+            assert store["k0"] == [0]
+            sql(pg_server, "SELECT pg_terminate_backend(%s)",
+                (store._backend._conn.info.backend_pid,))
+            with pytest.raises(ConnectionLostError, match="lost the connection"):
+                store["k4"]
+            # A new connection could not see the snapshot's state: the block's reads that
+            # need the server keep failing instead of reading a later state.
+            for key in ("k3", "k4"):
+                with pytest.raises(ConnectionLostError):
+                    store[key]
+        assert store["k4"] == [4]       # after the block, the next call connects again
+        with store.snapshot():
+            assert [store[f"k{i}"] for i in range(5)] == [[i] for i in range(5)]
+
+
 def test_a_server_restart_under_an_open_store(pg_server, url):
     store = pstore.open(url)
     try:
