@@ -63,7 +63,7 @@ def test_vacuum_gives_the_space_back_and_keeps_everything(tmp_path, module):
         assert dict(reader.items()) == expected()
         writer["after"] = "a commit after the vacuum"
         assert reader["after"] == "a commit after the vacuum"
-        assert writer.vacuum() >= 0     # again: nothing (much) to give back, still whole
+        assert writer.vacuum() < freed  # again: little to give back (one small commit), still whole
     assert contents(path, "r") == {**expected(), "after": "a commit after the vacuum"}
     assert leftovers(path) == []
 
