@@ -53,6 +53,9 @@ MAX_OID = 2 ** 63 - 1
 
 #: Bytes of a key binding's seal.
 SEAL_SIZE = 8
+# A copy of a hasher whose parameters are set costs half of making one: a seal is made at
+# every get and set.
+_SEAL_HASHER = blake2b(digest_size=SEAL_SIZE, person=b"pstore-key")
 
 
 def binding_seal(key: str, oid: int) -> bytes:
@@ -63,14 +66,9 @@ def binding_seal(key: str, oid: int) -> bytes:
     seal does not match was damaged: its reader raises
     :class:`~pstore.errors.CorruptionError` instead of returning another record.
     """
-    # A copy of a hasher whose parameters are set is half the cost of making one: a seal
-    # is made at every get and set.
     hasher = _SEAL_HASHER.copy()
     hasher.update(oid.to_bytes(8, "little") + key.encode("utf-8", "surrogatepass"))
     return hasher.digest()
-
-
-_SEAL_HASHER = blake2b(digest_size=SEAL_SIZE, person=b"pstore-key")
 
 
 class RecordWrite(NamedTuple):
