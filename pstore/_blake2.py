@@ -3,13 +3,45 @@
 ``hashlib`` loads OpenSSL (``_hashlib``) at import, a few milliseconds that
 ``import pstore`` need not pay: its ``blake2b`` is always the built-in
 ``_blake2.blake2b``, taken here directly where the interpreter has it.
+
+:func:`digest_of` is the one-shot form the hot paths use (a record's digest and MAC,
+a binding's seal, at every get and set): the C module ``pstore._blake2_speedups``
+where it is built and ``PSTORE_PURE_PYTHON`` is not set, else ``blake2b`` -- the
+same bytes either way.
 """
 
 from __future__ import annotations
+
+import os
+from typing import Any
 
 try:
     from _blake2 import blake2b
 except ImportError:     # an interpreter without the built-in module
     from hashlib import blake2b
 
-__all__ = ["blake2b"]
+__all__ = ["blake2b", "digest_of"]
+
+
+def _pure_digest_of(parts: tuple[Any, ...], digest_size: int, key: bytes = b"",
+                    salt: bytes = b"", person: bytes = b"") -> bytes:
+    hasher = blake2b(digest_size=digest_size, key=key, salt=salt, person=person)
+    for part in parts:
+        hasher.update(part)
+    return hasher.digest()
+
+
+def _compiled() -> Any:
+    if os.environ.get("PSTORE_PURE_PYTHON"):
+        return None
+    try:
+        from . import _blake2_speedups
+    except ImportError:     # installed without a C compiler
+        return None
+    return _blake2_speedups.digest
+
+
+_c_digest_of = _compiled()
+#: ``digest_of(parts, digest_size, key, salt, person)``: BLAKE2b of the bytes-like
+#: objects of tuple ``parts`` joined, with those parameters (all five positional in C).
+digest_of = _c_digest_of if _c_digest_of is not None else _pure_digest_of

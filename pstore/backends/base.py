@@ -42,7 +42,7 @@ from collections.abc import Callable, Collection, Hashable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any, ClassVar, NamedTuple
 
-from .._blake2 import blake2b
+from .._blake2 import digest_of
 from ..errors import Error, FormatError
 
 __all__ = ["ReadableBackend", "Backend", "MAX_OID", "SEAL_SIZE", "ReadAhead", "RecordWrite",
@@ -53,9 +53,6 @@ MAX_OID = 2 ** 63 - 1
 
 #: Bytes of a key binding's seal.
 SEAL_SIZE = 8
-# A copy of a hasher whose parameters are set costs half of making one: a seal is made at
-# every get and set.
-_SEAL_HASHER = blake2b(digest_size=SEAL_SIZE, person=b"pstore-key")
 
 
 def binding_seal(key: str, oid: int) -> bytes:
@@ -66,9 +63,8 @@ def binding_seal(key: str, oid: int) -> bytes:
     seal does not match was damaged: its reader raises
     :class:`~pstore.errors.CorruptionError` instead of returning another record.
     """
-    hasher = _SEAL_HASHER.copy()
-    hasher.update(oid.to_bytes(8, "little") + key.encode("utf-8", "surrogatepass"))
-    return hasher.digest()
+    return digest_of((oid.to_bytes(8, "little"), key.encode("utf-8", "surrogatepass")),
+                     SEAL_SIZE, b"", b"", b"pstore-key")
 
 
 class RecordWrite(NamedTuple):

@@ -36,7 +36,7 @@ import struct
 from _operator import _compare_digest as compare_digest
 from typing import Any, NamedTuple
 
-from .._blake2 import blake2b
+from .._blake2 import digest_of
 from ..blob_names import digest_of_name, name_of_digest
 from . import blobio
 from .blobio import CODECS, BlobRef
@@ -92,28 +92,21 @@ def _new_unpacked(fields: tuple[bytes, list[BlobRef], bool, bool]) -> Unpacked:
     return tuple.__new__(Unpacked, fields)
 
 
-def _hasher(oid: int, first: memoryview | bytes, key: bytes = b"",
-            person: bytes = _PERSON) -> Any:
-    return blake2b(first, digest_size=DIGEST_SIZE, key=key, person=person,
-                           salt=_SALT.pack(oid, DIGEST_FORMAT_VERSION))
+def _digest(oid: int, parts: tuple[memoryview | bytes, ...], key: bytes = b"",
+            person: bytes = _PERSON) -> bytes:
+    """The 16-byte BLAKE2b of ``parts`` joined, salted with record id ``oid``: its digest,
+    or keyed with a signer's MAC key (and ``person`` ``_MAC_PERSON``) its MAC."""
+    return digest_of(parts, DIGEST_SIZE, key, _SALT.pack(oid, DIGEST_FORMAT_VERSION), person)
 
 
 def _trailer(oid: int, parts: tuple[memoryview | bytes, ...], signer: Signer | None) -> bytes:
     """The trailer of a record whose bytes before it are ``parts`` (joined), minus the
     fingerprint, which is hashed too: each part is hashed once, not copied."""
     fingerprint = _UNSIGNED if signer is None else signer.fingerprint
-    digest = _hasher(oid, parts[0])
-    for part in parts[1:]:
-        digest.update(part)
-    digest.update(fingerprint)
-    checked = fingerprint + digest.digest()
+    checked = fingerprint + _digest(oid, (*parts, fingerprint))
     if signer is None:
         return checked + _NO_MAC
-    mac = _hasher(oid, parts[0], signer.mac_key, _MAC_PERSON)
-    for part in parts[1:]:
-        mac.update(part)
-    mac.update(checked)
-    return checked + mac.digest()
+    return checked + _digest(oid, (*parts, checked), signer.mac_key, _MAC_PERSON)
 
 
 def seal(oid: int, body: bytes, signer: Signer | None = None) -> bytes:
@@ -203,7 +196,7 @@ def unpack(data: bytes, oid: int, *, signer: Signer | None = None,
             if check_digest:
                 if version == _VERSION:
                     signed = _check(data, oid, end, signer)
-                elif data[end:] != _hasher(oid, data[:end]).digest():
+                elif data[end:] != _digest(oid, (data[:end],)):
                     raise IntegrityMismatch("the record's digest does not match its bytes")
             if not (codec or count):    # the common case: a small plain record
                 if end - start != size:
@@ -252,7 +245,7 @@ def _check(data: bytes, oid: int, end: int, signer: Signer | None) -> bool:
     if signer is not None and fingerprint == signer.fingerprint:
         # A small record is cheaper to slice than to view.
         covered = data[:mac_start] if end < 4096 else memoryview(data)[:mac_start]
-        mac = _hasher(oid, covered, signer.mac_key, _MAC_PERSON).digest()
+        mac = _digest(oid, (covered,), signer.mac_key, _MAC_PERSON)
         if not compare_digest(data[mac_start:], mac):
             raise IntegrityMismatch("the record's MAC does not verify under this store's key, "
                                     "whose fingerprint it carries: its bytes changed after "
@@ -260,6 +253,6 @@ def _check(data: bytes, oid: int, end: int, signer: Signer | None) -> bool:
         return True
     body = data[:end + FINGERPRINT_SIZE] if end < 4096 else \
         memoryview(data)[:end + FINGERPRINT_SIZE]
-    if data[end + FINGERPRINT_SIZE:mac_start] != _hasher(oid, body).digest():
+    if data[end + FINGERPRINT_SIZE:mac_start] != _digest(oid, (body,)):
         raise IntegrityMismatch("the record's digest does not match its bytes")
     return False

@@ -68,7 +68,7 @@ def test_a_record_read_under_another_object_id_or_forged_is_refused(oid, other, 
                 records.unpack(packed, other, signer=reader)
     # A forger without the key recomputes the digest, keeps the fingerprint: the MAC fails.
     body = packed[:-records.TRAILER_SIZE]
-    digest = records._hasher(oid, body + ALICE.fingerprint).digest()
+    digest = records._digest(oid, (body + ALICE.fingerprint,))
     forged = body + ALICE.fingerprint + digest + bytes(records.MAC_SIZE)
     assert records.unpack(forged, oid, signer=BOB).verified     # BOB sees a valid digest
     with pytest.raises(records.IntegrityMismatch, match="MAC"):
