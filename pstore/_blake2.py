@@ -12,7 +12,9 @@ same bytes either way.
 
 from __future__ import annotations
 
+import importlib
 import os
+from collections.abc import Callable
 from typing import Any
 
 try:
@@ -31,14 +33,15 @@ def _pure_digest_of(parts: tuple[Any, ...], digest_size: int, key: bytes = b"",
     return hasher.digest()
 
 
-def _compiled() -> Any:
+def _compiled() -> Callable[..., bytes] | None:
     if os.environ.get("PSTORE_PURE_PYTHON"):
         return None
     try:
-        from . import _blake2_speedups
+        module = importlib.import_module(f"{__package__}._blake2_speedups")
     except ImportError:     # installed without a C compiler
         return None
-    return _blake2_speedups.digest
+    digest: Callable[..., bytes] = module.digest
+    return digest
 
 
 _c_digest_of = _compiled()

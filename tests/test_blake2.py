@@ -6,6 +6,7 @@ import hashlib
 import os
 import subprocess
 import sys
+from itertools import pairwise
 
 import pytest
 from hypothesis import given
@@ -38,7 +39,7 @@ def test_digest_of_is_hashlibs_blake2b(digest_of, data, cuts, size, key, salt, p
     # The parts, of any sizes (block boundaries included), hash as their join.
     bounds = [0, *sorted(min(cut, len(data)) for cut in cuts), len(data)]
     parts = tuple(memoryview(data)[a:b] if i % 2 else data[a:b]
-                  for i, (a, b) in enumerate(zip(bounds, bounds[1:])))
+                  for i, (a, b) in enumerate(pairwise(bounds)))
     assert digest_of(parts, size, key, salt, person) == _hashlib(data, size, key, salt, person)
 
 

@@ -34,7 +34,7 @@ import struct
 
 # hmac.compare_digest itself: hmac would import hashlib's OpenSSL at ``import pstore``.
 from _operator import _compare_digest as compare_digest
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 from .._blake2 import digest_of
 from ..blob_names import digest_of_name, name_of_digest
