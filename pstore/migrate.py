@@ -665,11 +665,14 @@ def _copy_records(reader: ReadableBackend, writer: Backend,
         # Before any id is allocated in the target (none is during the copy).
         writer.reserve_ids(largest)
         count = 0
+        bindings: list[tuple[str, int]] = []
         for key in reader.iter_keys():
             bound = reader.get_key(key)
             if bound is not None:
-                writer.bind_key(key, bound)
-                count += 1
+                bindings.append((key, bound))
+            if len(bindings) == _BIND_BATCH:
+                count += _bind(writer, bindings)
+        count += _bind(writer, bindings)
         if reader.change_marker() != marker:
             raise refuse("another process committed to the source during the copy; "
                          "nothing was written, run it again")
@@ -677,6 +680,18 @@ def _copy_records(reader: ReadableBackend, writer: Backend,
     except BaseException:
         writer.rollback()
         raise
+    return count
+
+
+#: How many keys the copy binds with one call of the target's ``bind_keys``.
+_BIND_BATCH = 1000
+
+
+def _bind(writer: Backend, bindings: list[tuple[str, int]]) -> int:
+    """Bind ``bindings`` in ``writer`` (then empty the list); return how many."""
+    writer.bind_keys(bindings)
+    count = len(bindings)
+    bindings.clear()
     return count
 
 

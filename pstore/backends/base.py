@@ -38,7 +38,7 @@ implement the same methods.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Collection, Hashable, Iterable, Iterator
+from collections.abc import Callable, Collection, Hashable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any, ClassVar, NamedTuple
 
@@ -450,6 +450,20 @@ class Backend(ReadableBackend):
     @abstractmethod
     def bind_key(self, key: str, oid: int) -> int | None:
         """Bind ``key`` to ``oid``; return the object id it was bound to before, or None."""
+
+    def bind_keys(self, bindings: Sequence[tuple[str, int]]) -> set[int]:
+        """Bind each ``(key, oid)`` of ``bindings`` (distinct keys) as :meth:`bind_key` does;
+        return the object ids those keys were bound to before and no longer are.
+
+        The store calls it with every key a transaction bound, before the transaction
+        reads keys and at its commit. The default calls :meth:`bind_key` for each; a
+        backend may override it to bind many keys in few statements (SQLite)."""
+        released: set[int] = set()
+        for key, oid in bindings:
+            previous = self.bind_key(key, oid)
+            if previous is not None and previous != oid:
+                released.add(previous)
+        return released
 
     @abstractmethod
     def unbind_key(self, key: str) -> int | None:

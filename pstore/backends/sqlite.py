@@ -10,7 +10,7 @@ import os
 import pathlib
 import sqlite3
 import sys
-from collections.abc import Callable, Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, NamedTuple, NoReturn
 
@@ -130,6 +130,7 @@ class _KeyStatements(NamedTuple):
     first_keys: str
     next_keys: str
     get_key: str
+    get_keys: str
     get_item: str
     first_items: str
     next_items: str
@@ -145,6 +146,7 @@ def _key_statements(seal: str) -> _KeyStatements:
         f"SELECT key, oid, {seal} FROM keys ORDER BY key LIMIT ?",
         f"SELECT key, oid, {seal} FROM keys WHERE key > ? ORDER BY key LIMIT ?",
         f"SELECT oid, {seal} FROM keys WHERE key = ?",
+        f"SELECT key, oid, {seal} FROM keys WHERE key IN",     # then the keys' placeholders
         f"SELECT keys.oid, data, {seal} FROM keys LEFT JOIN records ON records.oid = keys.oid"
         " WHERE key = ?",
         f"{items} ORDER BY key LIMIT ?",
@@ -166,6 +168,9 @@ _VERSION = "SELECT value FROM meta WHERE name = 'version'"
 _OID_BLOCK = 1000
 #: How many keys one query of :meth:`SQLiteBackend.iter_keys` fetches.
 _KEY_BATCH = 1000
+#: How many keys :meth:`SQLiteBackend.bind_keys` binds per statement (SQLite before 3.32
+#: allows 999 parameters in one).
+_BIND_CHUNK = 500
 
 # SQLite's primary result codes (an extended code carries its primary one in the low byte).
 _SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_CORRUPT, _SQLITE_NOTADB = 5, 6, 11, 26
@@ -585,6 +590,31 @@ class SQLiteBackend(LocalBlobs, Backend):
         if previous != oid:
             cursor.execute(_BIND_KEY, (key, oid, seal))
         return previous
+
+    def bind_keys(self, bindings: Sequence[tuple[str, int]]) -> set[int]:
+        # A chunk at a time. While keys come new, one executemany of inserts that do nothing
+        # for a bound key: if every row was inserted, that is all. Otherwise the chunk's
+        # bindings are read (with one query), then those that change are written.
+        released: set[int] = set()
+        try:
+            for start in range(0, len(bindings), _BIND_CHUNK):
+                chunk = bindings[start:start + _BIND_CHUNK]
+                rows = [(key, oid, binding_seal(key, oid)) for key, oid in chunk]
+                if (self._binding_new_keys
+                        and self._cursor.executemany(_BIND_NEW_KEY, rows).rowcount == len(rows)):
+                    continue
+                query = self._keys_sql.get_keys + f" ({', '.join('?' * len(chunk))})"
+                previous: dict[str, int] = {}
+                for key, oid, seal in self._cursor.execute(query, [key for key, _ in chunk]):
+                    self._checked(key, oid, seal)
+                    previous[key] = oid
+                changed = [row for row in rows if previous.get(row[0]) != row[1]]
+                self._cursor.executemany(_BIND_KEY, changed)
+                released.update(previous[row[0]] for row in changed if row[0] in previous)
+                self._binding_new_keys = len(previous) < len(chunk)
+        except sqlite3.DatabaseError as error:
+            self._failed(error)
+        return released
 
     def unbind_key(self, key: str) -> int | None:
         oid = self.get_key(key)

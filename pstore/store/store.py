@@ -154,6 +154,8 @@ class Store(MutableMapping[str, Any]):
                     if self._txn.writeback:
                         self._txn.cache.keep(known[0], known[1], None)
                     return known[1]
+                if depth:
+                    self._txn.flush_binds()
                 item = self._backend.get_item(key)
                 if item is not None:
                     oid, data = item
@@ -198,7 +200,7 @@ class Store(MutableMapping[str, Any]):
             if not isinstance(key, str):
                 return False
             try:
-                return self._backend.get_key(key) is not None
+                return self._keys().get_key(key) is not None
             except Exception as error:
                 raise load_error(error, self._path, key=key, is_damage=self._backend.is_damage)
 
@@ -206,7 +208,7 @@ class Store(MutableMapping[str, Any]):
         with self._lock:
             self._check_open()
             try:
-                return self._backend.count_keys()
+                return self._keys().count_keys()
             except Exception as error:
                 raise load_error(error, self._path, is_damage=self._backend.is_damage)
 
@@ -218,7 +220,7 @@ class Store(MutableMapping[str, Any]):
         """
         with self._lock:
             self._check_open()
-            keys = self._backend.iter_keys()
+            keys = self._keys().iter_keys()
         while True:
             with self._lock:
                 self._check_open()
@@ -254,7 +256,7 @@ class Store(MutableMapping[str, Any]):
             self._check_open()
             if not self._txn.depth:     # drop loaded objects if another process committed
                 self._fresh.see_latest()
-            rows = self._backend.iter_items()
+            rows = self._keys().iter_items()
         while True:
             with self._lock:
                 self._check_open()
@@ -286,7 +288,7 @@ class Store(MutableMapping[str, Any]):
         """Delete every key, in one transaction."""
         with self.transaction():
             while True:
-                batch = list(islice(self._backend.iter_keys(), 1000))
+                batch = list(islice(self._keys().iter_keys(), 1000))
                 if not batch:
                     return
                 for key in batch:
@@ -434,7 +436,7 @@ class Store(MutableMapping[str, Any]):
             self._check_open()
             from . import inspection
 
-            return inspection.store_info(self._backend, self._backend.get_meta(FINGERPRINT_META))
+            return inspection.store_info(self._keys(), self._backend.get_meta(FINGERPRINT_META))
 
     @property
     def key_fingerprint(self) -> str:
@@ -447,7 +449,7 @@ class Store(MutableMapping[str, Any]):
         from the records' bytes without unpickling anything (``pstore ls``)."""
         with self._lock:
             self._check_open()
-            items = list(self._backend.iter_items())
+            items = list(self._keys().iter_items())
         from . import inspection
 
         yield from inspection.describe_items(self._path, items, pattern, self._renames)
@@ -460,14 +462,14 @@ class Store(MutableMapping[str, Any]):
         with self._lock:
             self._check_open()
             self._check_key(key)
-            return inspection.raw_record(self._backend, key)
+            return inspection.raw_record(self._keys(), key)
 
     def verify(self) -> VerifyReport:
         """Check every record's digest, reference, key binding and blob (its contents
         hashed again), unpickling nothing; return what was found (``report.ok``)."""
         with self._lock:
             self._check_open()
-            return verify(self._backend, max_record_size=self._max_record_size,
+            return verify(self._keys(), max_record_size=self._max_record_size,
                           signer=self._signer)
 
     # -- safety: inspect, trust, load restricted (docs/safety.md) ----------------------------
@@ -480,7 +482,7 @@ class Store(MutableMapping[str, Any]):
 
         with self._lock:
             self._check_open()
-            return inspection.store_globals(self._backend, key)
+            return inspection.store_globals(self._keys(), key)
 
     def trust(self, keys: str | Iterable[str] | None = None) -> int:
         """Sign with this Store's key the records reachable from ``keys`` (one key or
@@ -493,7 +495,7 @@ class Store(MutableMapping[str, Any]):
         with self._lock:
             self._check_writable("trust records")
             with self._transaction():
-                signed = self._txn.sign(inspection.reachable_ids(self._backend, keys),
+                signed = self._txn.sign(inspection.reachable_ids(self._keys(), keys),
                                         self._max_record_size)
             # Objects loaded restricted stay as they are; the next load is a full one.
             self._fresh.invalidate()
@@ -604,6 +606,12 @@ class Store(MutableMapping[str, Any]):
     def _check_key(key: Any) -> None:
         if not isinstance(key, str):
             raise KeyTypeError(type(key).__name__)
+
+    def _keys(self) -> ReadableBackend:
+        """The backend, for a read of keys: in a transaction, once the keys it bound are
+        sent to the backend, so that the read sees them."""
+        self._txn.flush_binds()
+        return self._backend
 
     def _load_latest(self, oid: int, data: bytes | None) -> Any:
         """Outside a transaction: the object of record ``oid``, whose bytes ``data`` were

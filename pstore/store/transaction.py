@@ -93,6 +93,7 @@ class Transaction:
         self._released: set[int] = set()    # oids a key stopped naming
         self._new_oids: set[int] = set()    # oids allocated by the transaction
         self._bound: dict[int, Persistent] = {}     # saved Persistent objects a key was bound to
+        self._binds: dict[str, int] = {}    # key -> oid bound, not sent to the backend yet
         # Waiting for the next commit:
         self.cache = WritebackCache()
         self._changed: dict[int, Persistent] = {}   # Persistent objects changed since written
@@ -166,13 +167,24 @@ class Transaction:
         self.pending[oid] = (value, key)
 
     def _bind(self, key: str, oid: int) -> None:
-        old = self._backend.bind_key(key, oid)
+        # Queued, and sent to the backend together (see flush_binds).
+        old = self._binds.get(key)
         if old is not None and old != oid:
             self._released.add(old)
+        self._binds[key] = oid
+
+    def flush_binds(self) -> None:
+        """Send the keys bound since the last call to the backend: before the transaction
+        reads keys (so that it sees them) and at its commit."""
+        if self._binds:
+            bindings = list(self._binds.items())
+            self._binds.clear()
+            self._released.update(self._backend.bind_keys(bindings))
 
     def unbind(self, key: str) -> bool:
         """Unbind ``key`` (its record is deleted at commit if nothing refers to it);
         False if it was not bound."""
+        self.flush_binds()
         oid = self._backend.unbind_key(key)
         if oid is None:
             return False
@@ -181,6 +193,7 @@ class Transaction:
 
     def collect_garbage(self) -> int:
         """Delete, in this transaction, the records no key reaches; return how many."""
+        self.flush_binds()
         return self._backend.gc()
 
     def adopt(self, obj: Persistent) -> int:
@@ -248,6 +261,7 @@ class Transaction:
 
     def _write(self) -> None:
         """Write every record of the transaction, and what else waits for a commit."""
+        self.flush_binds()
         pending = self.pending
         for oid, obj in self._changed.items():
             pending.setdefault(oid, (obj, None))
@@ -394,6 +408,7 @@ class Transaction:
 
     def _end(self) -> None:
         self.pending.clear()
+        self._binds.clear()
         self._bound.clear()
         self._released.clear()
         self._new_oids.clear()

@@ -88,6 +88,44 @@ def test_keys(backend):
     assert list(backend.iter_keys()) == ["b"]
 
 
+def test_bind_keys_binds_many_and_returns_the_ids_released(backend):
+    # More keys than one statement binds (SQLite: 500), new and bound ones interleaved.
+    first = write(backend, lambda: {f"k{i:04}": backend.new_oid() for i in range(1200)})
+    assert write(backend, lambda: backend.bind_keys(list(first.items()))) == set()
+
+    def rebind():
+        bindings, released = [], set()
+        for i in range(1200):
+            key = f"k{i:04}"
+            if i % 3 == 1:      # rebound to another id: its old one is released
+                bindings.append((key, backend.new_oid()))
+                released.add(first[key])
+            elif i % 3 == 2:    # bound again to the same id: nothing released
+                bindings.append((key, first[key]))
+            bindings.append((f"new{i:04}", first[key]))     # a new key of an existing id
+        return bindings, released
+    bindings, released = write(backend, rebind)
+    assert write(backend, lambda: backend.bind_keys(bindings)) == released
+    expected = {**first, **dict(bindings)}
+    assert backend.count_keys() == len(expected) == 2400
+    assert {key: backend.get_key(key) for key in expected} == expected
+    # New keys again, after a batch that found bound ones.
+    last = write(backend, lambda: [(f"z{i}", backend.new_oid()) for i in range(600)])
+    assert write(backend, lambda: backend.bind_keys(last)) == set()
+    assert all(backend.get_key(key) == oid for key, oid in last)
+
+
+def test_bind_keys_is_undone_by_a_rollback(backend):
+    oid = write(backend, lambda: backend.new_oid())
+    write(backend, lambda: backend.bind_keys([("kept", oid)]))
+    backend.begin()
+    other = backend.new_oid()
+    assert backend.bind_keys([("kept", other), ("gone", other)]) == {oid}
+    assert backend.get_key("kept") == other and backend.get_key("gone") == other
+    backend.rollback()
+    assert backend.get_key("kept") == oid and backend.get_key("gone") is None
+
+
 def test_iter_keys_streams_more_than_one_batch(backend):
     keys = [f"k{i:05}" for i in range(2500)]
 

@@ -116,3 +116,66 @@ def test_mutation_after_assignment_in_a_transaction_is_committed(opener):
         value["v"] = 2
     with opener("r") as reader:
         assert reader["k"] == {"v": 2}
+
+
+def test_every_read_in_a_transaction_sees_the_keys_it_bound(opener):
+    # Keys bound in a transaction reach the backend together (Backend.bind_keys), at the
+    # first read of keys or the commit: each kind of read must see them. (Their records
+    # are written at the commit: tools reading records see them only then.)
+    store = opener()
+    store["old"] = "old"
+    reads = {
+        "get": lambda: store["k1"],
+        "in": lambda: "k1" in store,
+        "len": lambda: len(store),
+        "iter": lambda: sorted(store),
+        "items": lambda: sorted(store.items()),
+        "info": lambda: store.info().keys,
+    }
+    seen = {}
+    for name, read in reads.items():
+        with pytest.raises(Boom):
+            with store.transaction():
+                store["k1"] = "one"
+                store["k2"] = "two"
+                seen[name] = read()
+                raise Boom
+    assert seen == {"get": "one", "in": True, "len": 3, "iter": ["k1", "k2", "old"],
+                    "items": [("k1", "one"), ("k2", "two"), ("old", "old")],
+                    "info": 3}
+    assert sorted(store) == ["old"]
+
+
+def test_rebinding_and_deleting_keys_in_one_transaction(opener):
+    store = opener()
+    store["a"] = ["first a"]
+    store["b"] = ["b"]
+    with store.transaction():
+        store["a"] = ["second a"]
+        store["a"] = ["third a"]    # the second value's record is never kept
+        store["new"] = ["new"]
+        del store["new"]
+        del store["b"]
+        store["b"] = ["b again"]
+        store["c"] = ["c"]
+        store.clear()
+        store["d"] = ["d"]
+    assert dict(store.items()) == {"d": ["d"]}
+    # Every record but d's was released and deleted at commit: nothing left for gc.
+    assert store.info().records == 1 and store.gc() == 0
+    with opener("r") as reader:
+        assert dict(reader.items()) == {"d": ["d"]}
+
+
+def test_bulk_assignment_rebinding_many_existing_keys(opener):
+    # More keys than one batch of binds, half new and half bound already.
+    store = opener()
+    with store.transaction():
+        for i in range(1500):
+            store[f"k{i}"] = i
+    with store.transaction():
+        for i in range(750, 2250):
+            store[f"k{i}"] = -i
+    assert len(store) == 2250 and store.info().records == 2250 and store.gc() == 0
+    with opener("r") as reader:
+        assert all(reader[f"k{i}"] == (i if i < 750 else -i) for i in range(2250))
