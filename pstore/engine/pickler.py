@@ -226,7 +226,7 @@ class Pickler:
         #: or with the C fast path on, the C ``Memo`` mapping (get, [], len, in, clear, copy).
         self.memo: Any = _memo_type()()
         self._hooks: tuple | None = None
-        self._dump_one: Callable[[Any], None] | None = None
+        self._dump_functions: tuple[Callable[[Any], None], Callable[[Any], bytes]] | None = None
 
     def persistent_id(self, obj: Any) -> Any:
         """Return a persistent id for ``obj``, or None to pickle it by value (the default)."""
@@ -238,11 +238,27 @@ class Pickler:
 
     def dump(self, obj: Any) -> None:
         """Write a pickle of ``obj`` to the file."""
+        self._dumpers()[0](obj)
+
+    def bytes_dumper(self) -> Callable[[Any], bytes]:
+        """A pstore addition: a function that pickles one object as :meth:`dump` does (with
+        this pickler's memo and hooks) and returns the pickle's bytes instead of writing
+        them to the file.
+
+        It is made for the hooks and the accelerator as they are now, and does not see a
+        later change of them: call ``bytes_dumper()`` again after one. What it saves over
+        ``dump`` is reading the hooks at every call, which counts when many small objects
+        are pickled one at a time (the store's records).
+        """
+        return self._dumpers()[1]
+
+    def _dumpers(self) -> tuple[Callable[[Any], None], Callable[[Any], bytes]]:
+        """The dump functions for the hooks as they are now (see :func:`_make_dump`)."""
         if "_file_write" not in self.__dict__:
             raise PicklingError(f"Pickler.__init__() was not called by "
                                 f"{type(self).__name__}.__init__()")
         # The hooks are read at every dump, so they may be set or changed at any time; the
-        # dump function built for them is kept as long as they stay the same.
+        # dump functions built for them are kept as long as they stay the same.
         hooks = (self.persistent_id, getattr(self, "reducer_override", None),
                  getattr(self, "dispatch_table", copyreg.dispatch_table), self.fast,
                  self.persistent_id_for_atoms, self.persistent_id_for_ids)
@@ -250,22 +266,26 @@ class Pickler:
         # and the accelerator that was on when the dump was built, too.
         key = (*hooks[:-1], id(hooks[-1]), _accelerator)
         if key != self._hooks:
-            self._dump_one = _make_dump(self, *hooks)
+            self._dump_functions = _make_dump(self, *hooks)
             self._hooks = key
-        self._dump_one(obj)  # type: ignore[misc]  # set above: no key equals the first _hooks
+        return self._dump_functions  # type: ignore[return-value]  # no key equals the first
 
 
 def _make_dump(pickler: Pickler, persistent_id: Callable[[Any], Any] | None,
                reducer_override: Callable[[Any], Any] | None, dispatch_table: Any,
                fast: bool, persistent_id_for_atoms: bool,
-               persistent_id_for_ids: dict[int, Any] | None) -> Callable[[Any], None]:
-    """Make the function that writes one pickle for ``pickler`` with these hooks."""
+               persistent_id_for_ids: dict[int, Any] | None
+               ) -> tuple[Callable[[Any], None], Callable[[Any], bytes]]:
+    """Make the functions that write one pickle for ``pickler`` with these hooks: to its
+    file, and to bytes returned."""
     proto = pickler.proto
     binary = pickler.bin
     framing = proto >= 4
     fix_imports = pickler.fix_imports and proto < 3
     buffer_callback = pickler._buffer_callback
-    emit = pickler._file_write
+    write_file = pickler._file_write
+    emit = write_file     # where finished bytes go: the file, or dump_to_bytes's parts
+    proto_header = PROTO + bytes([proto]) if proto >= 2 else b""
     memo = pickler.memo
     if not memo and type(memo) is not _memo_type():
         # The implementation was switched since the memo was made: an empty memo is
@@ -294,11 +314,21 @@ def _make_dump(pickler: Pickler, persistent_id: Callable[[Any], Any] | None,
     def dump(obj):
         buf.clear()            # what an earlier dump that raised left behind
         fast_active.clear()
-        if proto >= 2:
-            emit(PROTO + bytes([proto]))   # outside any frame
+        if proto_header:
+            emit(proto_header)   # outside any frame
         save_each((obj,))
         write(STOP)
         end_frame()
+
+    def dump_to_bytes(obj):
+        nonlocal emit
+        parts: list[bytes] = []
+        emit = parts.append
+        try:
+            dump(obj)
+        finally:
+            emit = write_file
+        return b"".join(parts)
 
     def write_payload(header, payload):
         """Write an opcode with a bytes-like argument; a large one goes outside any frame."""
@@ -866,7 +896,7 @@ def _make_dump(pickler: Pickler, persistent_id: Callable[[Any], Any] | None,
         save_each = saver.save_each
         save = saver.save
 
-    return dump
+    return dump, dump_to_bytes
 
 
 _flatten = chain.from_iterable   # (k1, v1), (k2, v2) -> k1, v1, k2, v2
@@ -922,14 +952,12 @@ def _which_module(obj: Any, path: list[str]) -> str:
     return "__main__"
 
 
-class _Chunks:
-    """A write-only sink that keeps what it is given, for :func:`dumps`."""
+class _Unwritten:
+    """The file of the picklers :func:`dumps` makes: they pickle only through
+    :meth:`Pickler.bytes_dumper`, which writes no file."""
 
-    __slots__ = ("parts", "write")
-
-    def __init__(self) -> None:
-        self.parts: list[Any] = []
-        self.write = self.parts.append
+    def write(self, data: Any) -> None:
+        raise AssertionError("dumps() pickles to bytes, never to its pickler's file")
 
 
 class _IdlePicklers(threading.local):
@@ -941,7 +969,7 @@ class _IdlePicklers(threading.local):
     """
 
     def __init__(self) -> None:
-        self.by_options: dict[tuple[int | None, bool], tuple[Pickler, _Chunks]] = {}
+        self.by_options: dict[tuple[int | None, bool], Pickler] = {}
 
 
 _idle_picklers = _IdlePicklers()
@@ -957,20 +985,13 @@ def dumps(obj: Any, protocol: int | None = None, *, fix_imports: bool = True,
           buffer_callback: Callable[[PickleBuffer], Any] | None = None) -> bytes:
     """Return a pickle of ``obj`` as bytes: the same bytes ``pickle.dumps`` writes."""
     if buffer_callback is not None:
-        sink = _Chunks()
-        Pickler(sink, protocol, fix_imports=fix_imports, buffer_callback=buffer_callback).dump(obj)
-        return b"".join(sink.parts)
+        return Pickler(_Unwritten(), protocol, fix_imports=fix_imports,
+                       buffer_callback=buffer_callback).bytes_dumper()(obj)
     idle = _idle_picklers.by_options
     options = (protocol, fix_imports)
-    reusable = idle.pop(options, None)
-    if reusable is None:
-        sink = _Chunks()
-        reusable = (Pickler(sink, protocol, fix_imports=fix_imports), sink)
-    pickler, sink = reusable
+    pickler = idle.pop(options, None) or Pickler(_Unwritten(), protocol, fix_imports=fix_imports)
     try:
-        pickler.dump(obj)
-        return b"".join(sink.parts)
+        return pickler.bytes_dumper()(obj)
     finally:
-        sink.parts.clear()
         pickler.clear_memo()   # and so let go of every object of this dump
-        idle[options] = reusable
+        idle[options] = pickler

@@ -71,8 +71,7 @@ class RecordPickler(engine.Pickler):
 
     def __init__(self, protocol: int, oid_of: dict[int, int], host: PicklerHost,
                  blob_threshold: float) -> None:
-        self._file = io.BytesIO()
-        super().__init__(self._file, protocol,
+        super().__init__(io.BytesIO(), protocol,    # unwritten: records are made by _dump
                          buffer_callback=self._out_of_band if protocol >= 5 else None)
         self._oid_of = oid_of.get
         # A plain container whose id is not in the identity map is not a record: the engine
@@ -85,6 +84,7 @@ class RecordPickler(engine.Pickler):
         self._blobs: list[records.BlobRef] = []
         self._class_pickles: dict[type, bytes] = {}     # the first pickle of a Persistent record
         self._tensors: tensors.TensorReducer | None = None  # once torch is imported
+        self.prepare()
 
     # Atoms are never in the identity map, nor Persistent: no need to ask about them.
     persistent_id_for_atoms = False
@@ -115,34 +115,36 @@ class RecordPickler(engine.Pickler):
         self._blobs.append(self._host.write_blob(raw))
         return False
 
+    def prepare(self) -> None:
+        """Take the engine's hooks and accelerator as they are now for the records pickled
+        from now on: called at the start of each commit, so that a record does not pay
+        for reading them."""
+        self._dump = self.bytes_dumper()
+
     def pickle(self, root: Any) -> tuple[bytes, dict[int, Any], list[records.BlobRef]]:
         """The pickle of ``root``, {object id: object} of every reference written, and
         the blobs of its out-of-band buffers, in order."""
-        file = self._file
-        file.seek(0)
-        file.truncate()
         self._root = root
         refs: dict[int, Any] = {}
         blobs: list[records.BlobRef] = []
         self._refs, self._blobs = refs, blobs
         try:
-            self._dump_value(root)
+            return self._pickled(root), refs, blobs
         finally:
             self._root = None
             self.clear_memo()   # the memo holds the record's objects alive
-        return file.getvalue(), refs, blobs
 
-    def _dump_value(self, value: Any) -> None:
-        """dump(value), with torch tensors out of band while torch is imported."""
+    def _pickled(self, value: Any) -> bytes:
+        """The pickle of ``value``, with torch tensors out of band while torch is imported."""
         if self._tensors is None:
             torch = tensors.torch_if_imported()
             if torch is None:
-                self.dump(value)
-                return
+                return self._dump(value)
             self._tensors = tensors.TensorReducer(torch)
             self.reducer_override = self._tensors.reduce
+            self.prepare()
         try:
-            self.dump(value)
+            return self._dump(value)
         finally:
             self._tensors.clear()
 
@@ -151,9 +153,6 @@ class RecordPickler(engine.Pickler):
         """The record of Persistent ``obj`` -- a pickle of its class, then one of its
         state -- {object id: object} of every reference written, and the blobs of the
         state's out-of-band buffers, in order."""
-        file = self._file
-        file.seek(0)
-        file.truncate()
         refs: dict[int, Any] = {}
         blobs: list[records.BlobRef] = []
         self._refs, self._blobs = refs, blobs
@@ -162,15 +161,11 @@ class RecordPickler(engine.Pickler):
             # A class pickles to the same bytes every time: pickled once per class.
             head = self._class_pickles.get(cls)
             if head is None:
-                self.dump(cls)
+                head = self._class_pickles[cls] = self._dump(cls)
                 self.clear_memo()
-                self._class_pickles[cls] = file.getvalue()
-            else:
-                file.write(head)
-            self._dump_value(obj.__getstate__())
+            return head + self._pickled(obj.__getstate__()), refs, blobs
         finally:
             self.clear_memo()
-        return file.getvalue(), refs, blobs
 
 
 class Resolver(Protocol):

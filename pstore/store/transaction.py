@@ -262,6 +262,7 @@ class Transaction:
     def _write(self) -> None:
         """Write every record of the transaction, and what else waits for a commit."""
         self.flush_binds()
+        self._pickler.prepare()
         pending = self.pending
         for oid, obj in self._changed.items():
             pending.setdefault(oid, (obj, None))

@@ -351,3 +351,61 @@ def test_nan_and_signed_zero_bits():
     for protocol in PROTOCOLS:
         data = engine.dumps([math.nan, -0.0], protocol)
         assert data == pickle.dumps([math.nan, -0.0], protocol)
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_bytes_dumper_shares_the_memo_with_dump(protocol):
+    shared = ["shared", b"q" * 70_000]     # the bytes leave the frame: parts handed over early
+    first, second = [shared, 1], [shared, 2]
+    stdlib_stream = io.BytesIO()
+    stdlib = pickle.Pickler(stdlib_stream, protocol)
+    stdlib.dump(first)
+    expected_first = stdlib_stream.getvalue()
+    stdlib.dump(second)
+    expected_second = stdlib_stream.getvalue()[len(expected_first):]
+
+    stream = io.BytesIO()
+    ours = engine.Pickler(stream, protocol)
+    assert ours.bytes_dumper()(first) == expected_first
+    assert stream.getvalue() == b""             # the bytes were returned, not written
+    ours.dump(second)                           # the memo of the first dump is used
+    assert stream.getvalue() == expected_second
+
+
+class Unreducible:
+    def __reduce__(self):
+        raise ValueError("Unreducible refuses to be pickled")
+
+
+@pytest.mark.parametrize("protocol", [2, 5])
+def test_bytes_dumper_after_a_failed_dump_and_a_changed_hook(protocol):
+    failing = [b"q" * 70_000, Unreducible()]    # fails after a part was handed over
+    stdlib_stream = io.BytesIO()
+    stdlib = pickle.Pickler(stdlib_stream, protocol)
+    with pytest.raises(ValueError, match="refuses"):
+        stdlib.dump(failing)
+    after_failure = len(stdlib_stream.getvalue())
+    stdlib.dump([1])
+    stream = io.BytesIO()
+    ours = engine.Pickler(stream, protocol)
+    to_bytes = ours.bytes_dumper()
+    with pytest.raises(ValueError, match="refuses"):
+        to_bytes(failing)
+    ours.dump([1])                              # goes to the file again, not to the parts
+    assert stream.getvalue() == stdlib_stream.getvalue()[after_failure:]
+
+    def override(obj):
+        return (str, ("replaced",)) if isinstance(obj, Ref) else NotImplemented
+
+    class Stdlib(pickle.Pickler):
+        def reducer_override(self, obj):
+            return override(obj)
+
+    overridden = io.BytesIO()
+    Stdlib(overridden, protocol).dump(Ref(1))
+    ours.reducer_override = override
+    ours.clear_memo()
+    # A function made before the change keeps the hooks it was made for; a new one sees it.
+    assert to_bytes(Ref(1)) == pickle.dumps(Ref(1), protocol)
+    ours.clear_memo()
+    assert ours.bytes_dumper()(Ref(1)) == overridden.getvalue()
