@@ -12,7 +12,8 @@ copy-on-write or read-only, so loading one costs nothing until its pages are
 touched.
 
 The backends that keep their data in local files (:mod:`.sqlite`, :mod:`.dbm`)
-use this module; it knows nothing of records, keys or transactions.
+use this module through :class:`~.local_blobs.LocalBlobs`, which imports it at their
+first blob operation; it knows nothing of records, keys or transactions.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from ..blob_names import (
     name_of_digest,
     naming_of,
 )
-from ..errors import ClosedError, CorruptionError, FormatError
+from ..errors import CorruptionError
 from .files import fsync_directory
 
 # The names of blobs are pstore.blob_names; re-exported, as this module's users knew them here.
@@ -51,7 +52,6 @@ __all__ = [
     "NAME_PREFIXES",
     "BlobHasher",
     "BlobStore",
-    "LocalBlobs",
     "OddEntry",
     "blob_digest",
     "digest_of_name",
@@ -110,12 +110,6 @@ class BlobStore:
         # Why a settle failed, raised again by every settle until the transaction ends:
         # a commit must never follow a blob lost by a failed flush.
         self._settle_failure: BaseException | None = None
-        #: Set by :meth:`close`: the backend's blob methods then raise ClosedError.
-        self.closed = False
-
-    def close(self) -> None:
-        """Mark the blobs closed with their backend (nothing is held open between calls)."""
-        self.closed = True
 
     def path_of(self, name: str) -> str:
         """The file of blob ``name`` (which must be a blob name, see :func:`digest_of_name`)."""
@@ -511,68 +505,6 @@ class BlobStore:
         kind = "gone" if mode is None else _kind(mode)
         return CorruptionError(self.directory, f"{path} is {kind} where a blob {expected} "
                                                f"belongs; pstore neither follows nor removes it")
-
-
-class LocalBlobs:
-    """The blob methods of :class:`~pstore.backends.base.Backend` for backends whose
-    blobs are the files of a :class:`BlobStore` (``self._blobs``) on this machine."""
-
-    path: str
-    _blobs: BlobStore
-
-    def put_blob(self, chunks: Iterable[Any]) -> str:
-        blobs = self._open_blobs()
-        try:
-            return blobs.put(chunks)
-        except CorruptionError as error:
-            raise CorruptionError(self.path, error.what) from None
-
-    def get_blob(self, name: str, size: int, *, writable: bool) -> Any:
-        blobs = self._open_blobs()
-        try:
-            return blobs.open(name, size, writable=writable)
-        except FileNotFoundError:
-            raise self._missing(name) from None
-        except CorruptionError as error:    # a ValueError too: first
-            raise CorruptionError(self.path, error.what) from None
-        except ValueError as error:
-            raise FormatError(self.path, str(error)) from None
-
-    def read_blob(self, name: str) -> Iterator[bytes]:
-        blobs = self._open_blobs()
-        try:
-            yield from blobs.read_chunks(name)
-        except FileNotFoundError:
-            raise self._missing(name) from None
-        except CorruptionError as error:
-            raise CorruptionError(self.path, error.what) from None
-
-    def verify_blob(self, name: str) -> str | None:
-        """Re-hash blob ``name``: None if its content matches its name, else what is wrong."""
-        return self._open_blobs().verify(name)
-
-    def odd_blob_entries(self) -> list[OddEntry]:
-        """The entries of the blob folder that are not blobs (left alone by pstore)."""
-        return self._open_blobs().odd_entries()
-
-    def has_blob(self, name: str, size: int) -> bool:
-        # A regular blob file of that name and size (links and odd entries are not blobs).
-        try:
-            fd = self._open_blobs()._open_blob(name)
-        except (OSError, CorruptionError):
-            return False
-        try:
-            return os.fstat(fd).st_size == size
-        finally:
-            os.close(fd)
-
-    def _open_blobs(self) -> BlobStore:
-        if self._blobs.closed:
-            raise ClosedError(self.path)
-        return self._blobs
-
-    def _missing(self, name: str) -> FormatError:
-        return FormatError(self.path, f"blob file {self._blobs.path_of(name)} is missing")
 
 
 #: Large buffers are written a piece of this many bytes at a time. Each piece is hashed

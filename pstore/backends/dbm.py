@@ -21,7 +21,6 @@ from typing import Any
 from ..errors import CorruptionError, Error, FormatError
 from . import journal
 from .base import Backend, Statistics, binding_seal, check_meta_name, check_reserved
-from .blobs import BlobStore, LocalBlobs
 from .dbm_database import Getter, JournaledDatabase
 from .dbm_layout import (
     CHECK,
@@ -57,6 +56,7 @@ from .dbm_layout import (
 )
 from .dbm_modules import MODULES, choose_module, whichdb
 from .files import key_lock_file, require_existing, store_owner
+from .local_blobs import LocalBlobs
 
 __all__ = ["FORMAT_KEY", "FORMAT_NAME", "FORMAT_VERSION", "MODULES", "DBMBackend",
            "choose_module"]
@@ -89,12 +89,11 @@ class DBMBackend(LocalBlobs, Backend):
         # 'n' on a store of the same module empties it in a transaction (see _empty).
         keeps = flag == "n" and bool(found) and variant in (None, found)
         module = choose_module(path, "c" if keeps else flag, variant)
-        self._blobs = BlobStore(path + ".blobs")
         #: The database underneath, with transactions: every read and write goes through it.
         self.database = db = JournaledDatabase(
             path, module, read_only=self.read_only, lock_timeout=lock_timeout, fsync=fsync,
             owner=store_owner(module.files(path)), validate=self._validate_journal,
-            on_end=self._blobs.end)     # blobs end still under the lock: see BlobStore.end
+            on_end=self._end_blobs)     # blobs end still under the lock: see BlobStore.end
         self._reading, self._get, self._put = db.reading, db.get, db.put
         self._get_int, self._put_int = db.get_int, db.put_int
         self._tx_pages: dict[int, list[bytes]] = {}   # the open transaction's key pages
@@ -332,9 +331,6 @@ class DBMBackend(LocalBlobs, Backend):
                 oids = [self._paged_oid(key) for key in keys]
             yield from oids
 
-    def collect_blobs(self, referenced: Collection[str]) -> None:
-        self._blobs.collect(referenced)
-
     # -- keys -------------------------------------------------------------------------------
 
     @staticmethod
@@ -508,7 +504,7 @@ class DBMBackend(LocalBlobs, Backend):
         self.database.begin()
 
     def commit(self) -> None:
-        self._blobs.settle()    # the blobs the records name are durable before them
+        self._settle_blobs()    # the blobs the records name are durable before them
         changes = self.database.changes
         if changes is not None:
             self._flush_pages()
@@ -546,7 +542,7 @@ class DBMBackend(LocalBlobs, Backend):
                 record_bytes += len(data)
         with self._reading():
             version = int(self._get(VERSION) or 0)
-        blobs, blob_bytes = self._blobs.usage()
+        blobs, blob_bytes = self._blob_usage()
         return Statistics(f"{self.database.module.name} (Python {platform.python_version()})",
                           version, records, record_bytes, blobs, blob_bytes)
 
@@ -573,4 +569,4 @@ class DBMBackend(LocalBlobs, Backend):
         try:
             self.database.close()
         finally:
-            self._blobs.close()
+            self._close_blobs()

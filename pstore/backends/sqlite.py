@@ -8,11 +8,18 @@ from __future__ import annotations
 
 import os
 import pathlib
-import sqlite3
 import sys
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, NamedTuple, NoReturn
+
+try:
+    # The C module the sqlite3 package wraps: the same connect, classes and exceptions,
+    # without sqlite3.dbapi2's datetime adapters (which pstore does not use): importing
+    # datetime for them costs a millisecond of a first open, a fifth of it.
+    import _sqlite3 as sqlite3
+except ImportError:     # an interpreter that builds it under another name
+    import sqlite3  # type: ignore[no-redef]
 
 from ..errors import ClosedError, CorruptionError, FormatError, LockTimeoutError, ReadOnlyError
 from . import size_of
@@ -26,8 +33,8 @@ from .base import (
     check_meta_name,
     check_reserved,
 )
-from .blobs import BlobStore, LocalBlobs
 from .files import FileLock, create_private, key_lock_file, require_existing, store_owner
+from .local_blobs import LocalBlobs
 
 __all__ = ["SQLiteBackend", "FORMAT_NAME", "FORMAT_VERSION", "APPLICATION_ID"]
 
@@ -252,7 +259,6 @@ class SQLiteBackend(LocalBlobs, Backend):
         self._sealed = True     # whether key bindings carry seals (format version 3)
         self._binding_new_keys = True   # whether the last key bound was new (see bind_key)
         self._keys_sql = _KEY_STATEMENTS[True]
-        self._blobs = BlobStore(path + ".blobs")
         # One cursor for the frequent statements, sparing the cursor Connection.execute
         # makes each time. Each of them has at most one row and reads it, which ends the
         # statement: one left unfinished would keep its read transaction (and snapshot) open.
@@ -327,7 +333,16 @@ class SQLiteBackend(LocalBlobs, Backend):
             raise FormatError(self.path, "an empty file")
         # A brand-new store is empty already: one transaction, as for flag 'c'. In WAL mode
         # from the start: the schema's commit then costs no rollback journal and no switch.
+        # The switch writes the new file's first page through a rollback journal, synced
+        # three times (a millisecond, a third of a first open): without fsync= it is not
+        # synced, as the schema's commit in WAL is not -- a power loss may leave the file
+        # empty (it is then created again) or, at worst, unreadable (FormatError); it held
+        # nothing yet.
+        if not self._fsync:
+            conn.execute("PRAGMA synchronous = OFF")
         conn.execute("PRAGMA journal_mode = WAL")
+        if not self._fsync:
+            conn.execute("PRAGMA synchronous = NORMAL")
         self._write_once(lambda: self._run(_SCHEMA),
                          lambda: not conn.execute(_COUNT_TABLES).fetchone()[0])
         self._check_format()
@@ -346,7 +361,7 @@ class SQLiteBackend(LocalBlobs, Backend):
         """Flag 'n' on an existing store: what other Stores see at their next read is an
         empty store, and what they write later lands in it."""
         self._run(_EMPTY)
-        self._blobs.collect(())     # deleted when the transaction commits
+        self.collect_blobs(())     # deleted when the transaction commits
 
     def _run(self, statements: tuple[str, ...]) -> None:
         conn = self._require()
@@ -677,7 +692,7 @@ class SQLiteBackend(LocalBlobs, Backend):
         committed = False
         try:
             self._require()
-            self._blobs.settle()    # the blobs the records name are durable before them
+            self._settle_blobs()    # the blobs the records name are durable before them
             self._cursor.execute("COMMIT")
             committed = self._block_is_committed = True
         finally:
@@ -698,7 +713,7 @@ class SQLiteBackend(LocalBlobs, Backend):
         if self._in_transaction:
             self._in_transaction = False
             try:
-                self._blobs.end(committed)      # still under the lock: see BlobStore.end
+                self._end_blobs(committed)      # still under the lock: see BlobStore.end
             finally:
                 self._file_lock.release()
 
@@ -757,12 +772,12 @@ class SQLiteBackend(LocalBlobs, Backend):
             referenced = {row[0] for row in conn.execute(_REFERENCED_BLOBS)}
         except sqlite3.DatabaseError as error:
             self._failed(error)
-        self._blobs.collect(referenced)
+        self.collect_blobs(referenced)
         return deleted
 
     def statistics(self) -> Statistics:
         records, record_bytes = self._require().execute(_RECORD_TOTALS).fetchone()
-        blobs, blob_bytes = self._blobs.usage()
+        blobs, blob_bytes = self._blob_usage()
         return Statistics(f"sqlite3 (SQLite {sqlite3.sqlite_version})", self._check_format(),
                           records, record_bytes, blobs, blob_bytes)
 
@@ -820,6 +835,6 @@ class SQLiteBackend(LocalBlobs, Backend):
             self._cursor = self._closed_cursor
             self._read_ahead = None
             self._next_oid = self._block_end = 0    # new_oid then needs the connection
-            self._blobs.close()
+            self._close_blobs()
             self._file_lock.close()
             conn.close()

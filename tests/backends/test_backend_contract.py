@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from pstore.backends.blobs import blob_digest
+from pstore.backends.blobs import BlobStore, blob_digest
 from pstore.errors import ClosedError, FormatError, LockTimeoutError, ReadOnlyError
 
 
@@ -331,8 +331,13 @@ def test_reads_inside_a_transaction_see_its_own_changes(backend):
 
 # -- blobs ----------------------------------------------------------------------------------
 
+def blob_folder(backend) -> BlobStore:
+    """The blob files of a backend that keeps them on this machine, read on their own."""
+    return BlobStore(backend.path + ".blobs")
+
+
 def blob_files(backend) -> set[str]:
-    return set(backend._blobs.names())
+    return set(blob_folder(backend).names())
 
 
 def test_blobs_are_named_by_content_and_stored_once(backend):
@@ -358,7 +363,7 @@ def test_a_rolled_back_blob_leaves_nothing(backend):
     backend.put_blob([b"kept" * 100])   # existed before the transaction: stays
     backend.rollback()
     assert blob_files(backend) == {kept}
-    assert not [name for name in os.listdir(backend._blobs.directory)
+    assert not [name for name in os.listdir(blob_folder(backend).directory)
                 if name.startswith(".tmp")]
 
 
@@ -366,7 +371,7 @@ def test_a_missing_or_wrong_sized_blob_is_a_format_error(backend):
     name = write(backend, lambda: backend.put_blob([b"x" * 100]))
     with pytest.raises(FormatError, match="holds 100 bytes"):
         backend.get_blob(name, 99, writable=False)
-    os.unlink(backend._blobs.path_of(name))
+    os.unlink(blob_folder(backend).path_of(name))
     with pytest.raises(FormatError, match=f"blob file .*{name} is missing"):
         backend.get_blob(name, 100, writable=False)
 
