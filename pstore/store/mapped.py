@@ -12,7 +12,7 @@ explicitly (an ``mmap`` has ``closed``) is ignored.
 
 from __future__ import annotations
 
-import ctypes
+import functools
 import weakref
 from typing import Any, Generic, TypeVar
 
@@ -21,30 +21,37 @@ __all__ = ["MappedBlobs", "buffer_address"]
 Blob = TypeVar("Blob")
 
 
-class _PyBuffer(ctypes.Structure):
-    """The C struct ``Py_buffer`` (the buffer protocol's view; its layout is stable ABI)."""
-
-    _fields_ = [("buf", ctypes.c_void_p), ("obj", ctypes.py_object), ("len", ctypes.c_ssize_t),
-                ("itemsize", ctypes.c_ssize_t), ("readonly", ctypes.c_int),
-                ("ndim", ctypes.c_int), ("format", ctypes.c_char_p),
-                ("shape", ctypes.c_void_p), ("strides", ctypes.c_void_p),
-                ("suboffsets", ctypes.c_void_p), ("internal", ctypes.c_void_p)]
-
-
-_get_buffer = ctypes.pythonapi.PyObject_GetBuffer
-_get_buffer.argtypes = [ctypes.py_object, ctypes.POINTER(_PyBuffer), ctypes.c_int]
-_release_buffer = ctypes.pythonapi.PyBuffer_Release
-_release_buffer.argtypes = [ctypes.POINTER(_PyBuffer)]
-
-
 def buffer_address(obj: Any) -> int:
     """The address of the first byte of ``obj``'s buffer (read-only buffers too)."""
-    view = _PyBuffer()
-    _get_buffer(obj, ctypes.byref(view), 0)     # PyBUF_SIMPLE; raises as Python would
+    ctypes, view_type, get_buffer, release_buffer = _buffer_api()
+    view = view_type()
+    get_buffer(obj, ctypes.byref(view), 0)     # PyBUF_SIMPLE; raises as Python would
     try:
         return view.buf or 0
     finally:
-        _release_buffer(ctypes.byref(view))
+        release_buffer(ctypes.byref(view))
+
+
+@functools.cache
+def _buffer_api() -> tuple[Any, Any, Any, Any]:
+    """ctypes, the C struct ``Py_buffer`` (the buffer protocol's view; its layout is stable
+    ABI), ``PyObject_GetBuffer`` and ``PyBuffer_Release``: made at the first blob mapped,
+    since importing ctypes costs a millisecond of ``import pstore``."""
+    import ctypes
+
+    class PyBuffer(ctypes.Structure):
+        _fields_ = [("buf", ctypes.c_void_p), ("obj", ctypes.py_object),
+                    ("len", ctypes.c_ssize_t), ("itemsize", ctypes.c_ssize_t),
+                    ("readonly", ctypes.c_int), ("ndim", ctypes.c_int),
+                    ("format", ctypes.c_char_p), ("shape", ctypes.c_void_p),
+                    ("strides", ctypes.c_void_p), ("suboffsets", ctypes.c_void_p),
+                    ("internal", ctypes.c_void_p)]
+
+    get_buffer = ctypes.pythonapi.PyObject_GetBuffer
+    get_buffer.argtypes = [ctypes.py_object, ctypes.POINTER(PyBuffer), ctypes.c_int]
+    release_buffer = ctypes.pythonapi.PyBuffer_Release
+    release_buffer.argtypes = [ctypes.POINTER(PyBuffer)]
+    return ctypes, PyBuffer, get_buffer, release_buffer
 
 
 class MappedBlobs(Generic[Blob]):
