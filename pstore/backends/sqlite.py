@@ -253,6 +253,9 @@ class SQLiteBackend(LocalBlobs, Backend):
         self._next_oid = self._block_end = 0
         self._block_is_committed = False
         self._fresh: set[int] = set()       # oids allocated by the open transaction
+        # key -> oid (None: unbound) as the open write transaction read or wrote it: while
+        # it holds the write lock no one else binds keys, so a binding read once is known.
+        self._tx_bindings: dict[str, int | None] = {}
         self._in_transaction = False
         self._read_ahead: ReadAhead | None = None     # in a snapshot (see begin_read)
         self._conn: sqlite3.Connection | None = None
@@ -556,10 +559,13 @@ class SQLiteBackend(LocalBlobs, Backend):
             row = self._cursor.execute(self._keys_sql.get_key, (key,)).fetchone()
         except sqlite3.DatabaseError as error:
             self._failed(error)
-        if row is None:
-            return None
-        self._checked(key, *row)
-        return row[0]
+        oid = None
+        if row is not None:
+            self._checked(key, *row)
+            oid = row[0]
+        if self._in_transaction:
+            self._tx_bindings[key] = oid
+        return oid
 
     def get_item(self, key: str) -> tuple[int, bytes | None] | None:
         if self._read_ahead is not None:
@@ -570,9 +576,13 @@ class SQLiteBackend(LocalBlobs, Backend):
         except sqlite3.DatabaseError as error:
             self._failed(error)
         if row is None:
+            if self._in_transaction:
+                self._tx_bindings[key] = None
             return None
         oid, data, seal = row
         self._checked(key, oid, seal)
+        if self._in_transaction:
+            self._tx_bindings[key] = oid
         return oid, data
 
     def _ahead(self, key: str) -> tuple[Any, ...] | None:
@@ -594,37 +604,47 @@ class SQLiteBackend(LocalBlobs, Backend):
         # if the key is bound. While they are bound already (rewrites), a read, then the write.
         seal = binding_seal(key, oid)
         cursor = self._cursor
-        if self._binding_new_keys:
+        if self._binding_new_keys and key not in self._tx_bindings:
             try:
                 if cursor.execute(_BIND_NEW_KEY, (key, oid, seal)).rowcount:
+                    self._tx_bindings[key] = oid
                     return None
             except sqlite3.DatabaseError as error:
                 self._failed(error)
-        previous = self.get_key(key)
+        previous = self._tx_bindings[key] if key in self._tx_bindings else self.get_key(key)
         self._binding_new_keys = previous is None
         if previous != oid:
             cursor.execute(_BIND_KEY, (key, oid, seal))
+            self._tx_bindings[key] = oid
         return previous
 
     def bind_keys(self, bindings: Sequence[tuple[str, int]]) -> set[int]:
         # A chunk at a time. While keys come new, one executemany of inserts that do nothing
         # for a bound key: if every row was inserted, that is all. Otherwise the chunk's
-        # bindings are read (with one query), then those that change are written.
+        # bindings are read (with one query, unless the transaction knows them all: a key
+        # read, then rebound), then those that change are written.
         released: set[int] = set()
+        known = self._tx_bindings
         try:
             for start in range(0, len(bindings), _BIND_CHUNK):
                 chunk = bindings[start:start + _BIND_CHUNK]
                 rows = [(key, oid, binding_seal(key, oid)) for key, oid in chunk]
-                if (self._binding_new_keys
-                        and self._cursor.executemany(_BIND_NEW_KEY, rows).rowcount == len(rows)):
-                    continue
-                query = self._keys_sql.get_keys + f" ({', '.join('?' * len(chunk))})"
                 previous: dict[str, int] = {}
-                for key, oid, seal in self._cursor.execute(query, [key for key, _ in chunk]):
-                    self._checked(key, oid, seal)
-                    previous[key] = oid
+                if all(key in known for key, _ in chunk):
+                    previous = {key: oid for key, _ in chunk
+                                if (oid := known[key]) is not None}
+                elif (self._binding_new_keys and self._cursor.executemany(
+                        _BIND_NEW_KEY, rows).rowcount == len(rows)):
+                    known.update(chunk)
+                    continue
+                else:
+                    query = self._keys_sql.get_keys + f" ({', '.join('?' * len(chunk))})"
+                    for key, oid, seal in self._cursor.execute(query, [k for k, _ in chunk]):
+                        self._checked(key, oid, seal)
+                        previous[key] = oid
                 changed = [row for row in rows if previous.get(row[0]) != row[1]]
                 self._cursor.executemany(_BIND_KEY, changed)
+                known.update(chunk)
                 released.update(previous[row[0]] for row in changed if row[0] in previous)
                 self._binding_new_keys = len(previous) < len(chunk)
         except sqlite3.DatabaseError as error:
@@ -632,9 +652,10 @@ class SQLiteBackend(LocalBlobs, Backend):
         return released
 
     def unbind_key(self, key: str) -> int | None:
-        oid = self.get_key(key)
+        oid = self._tx_bindings[key] if key in self._tx_bindings else self.get_key(key)
         if oid is not None:
             self._cursor.execute(_UNBIND_KEY, (key,))
+            self._tx_bindings[key] = None
         return oid
 
     def iter_keys(self) -> Iterator[str]:
@@ -710,6 +731,7 @@ class SQLiteBackend(LocalBlobs, Backend):
             # The reservation was rolled back: another process may reserve the same block.
             self._next_oid = self._block_end = 0
         self._fresh.clear()
+        self._tx_bindings.clear()
         if self._in_transaction:
             self._in_transaction = False
             try:

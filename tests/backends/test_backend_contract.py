@@ -126,6 +126,35 @@ def test_bind_keys_is_undone_by_a_rollback(backend):
     assert backend.get_key("kept") == oid and backend.get_key("gone") is None
 
 
+def test_bindings_read_in_a_transaction_then_changed(opener):
+    # A backend may keep what its write transaction read of keys (no one else binds keys
+    # while it holds the lock): the answers stay right through its own changes, a
+    # rollback, and another connection's commit between two transactions.
+    backend, other = opener(), opener()
+    a, b, c, d = write(backend, lambda: [backend.new_oid() for _ in range(4)])
+    write(backend, lambda: backend.bind_keys([("k", a)]))
+    backend.begin()
+    assert backend.get_item("k") == (a, None) and backend.get_item("missing") is None
+    assert backend.get_key("k") == a and backend.get_key("missing") is None
+    assert backend.bind_keys([("k", b), ("missing", c)]) == {a}
+    assert backend.get_key("k") == b and backend.get_key("missing") == c
+    assert backend.unbind_key("k") == b and backend.unbind_key("k") is None
+    assert backend.bind_key("k", d) is None
+    assert backend.bind_keys([("k", d)]) == set()
+    backend.rollback()
+    assert backend.get_key("k") == a and backend.get_key("missing") is None
+
+    backend.begin()
+    assert backend.get_key("k") == a
+    backend.commit()
+    write(other, lambda: other.bind_keys([("k", b)]))     # between two of backend's
+    backend.begin()
+    assert backend.bind_keys([("k", c)]) == {b}
+    assert backend.unbind_key("k") == c
+    backend.commit()
+    assert other.get_key("k") is None and other.get_key("missing") is None
+
+
 def test_iter_keys_streams_more_than_one_batch(backend):
     keys = [f"k{i:05}" for i in range(2500)]
 
