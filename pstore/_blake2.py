@@ -7,7 +7,8 @@
 :func:`digest_of` is the one-shot form the hot paths use (a record's digest and MAC,
 a binding's seal, at every get and set): the C module ``pstore._blake2_speedups``
 where it is built and ``PSTORE_PURE_PYTHON`` is not set, else ``blake2b`` -- the
-same bytes either way.
+same bytes either way. The C module also checks the common record's envelope in one
+call (:data:`open_envelope`, used by :func:`pstore.store.records.unpack`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ try:
 except ImportError:     # an interpreter without the built-in module
     from hashlib import blake2b
 
-__all__ = ["blake2b", "digest_of"]
+__all__ = ["blake2b", "digest_of", "open_envelope"]
 
 
 def _pure_digest_of(parts: tuple[Any, ...], digest_size: int, key: bytes = b"",
@@ -33,18 +34,21 @@ def _pure_digest_of(parts: tuple[Any, ...], digest_size: int, key: bytes = b"",
     return hasher.digest()
 
 
-def _compiled() -> Callable[..., bytes] | None:
+def _compiled() -> Any:
     if os.environ.get("PSTORE_PURE_PYTHON"):
         return None
     try:
-        module = importlib.import_module(f"{__package__}._blake2_speedups")
+        return importlib.import_module(f"{__package__}._blake2_speedups")
     except ImportError:     # installed without a C compiler
         return None
-    digest: Callable[..., bytes] = module.digest
-    return digest
 
 
-_c_digest_of = _compiled()
+_speedups = _compiled()
 #: ``digest_of(parts, digest_size, key, salt, person)``: BLAKE2b of the bytes-like
 #: objects of tuple ``parts`` joined, with those parameters (all five positional in C).
-digest_of = _c_digest_of if _c_digest_of is not None else _pure_digest_of
+digest_of: Callable[..., bytes] = \
+    _speedups.digest if _speedups is not None else _pure_digest_of
+#: ``open_envelope(data, oid, fingerprint, mac_key)``: the C check of the common record's
+#: envelope, ``(payload, signed)`` or None (see ``records.unpack``); None without C.
+open_envelope: Callable[[bytes, int, bytes | None, bytes], tuple[bytes, bool] | None] | None = \
+    None if _speedups is None else _speedups.open_envelope

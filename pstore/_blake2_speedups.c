@@ -1,5 +1,6 @@
 /* One-shot BLAKE2b (RFC 7693) over several buffers, for the hashes pstore makes per record
- * and per key binding: a record's digest and MAC, a binding's seal.
+ * and per key binding: a record's digest and MAC, a binding's seal. And, since a get checks
+ * one, open_envelope: the parse and check of the common record's envelope in one call.
  *
  * hashlib's blake2b is the same function; what this saves is its per-call cost (keyword
  * parsing, an object per hasher, one call per update), which for a record of a hundred
@@ -208,14 +209,113 @@ static PyObject *digest(PyObject *module, PyObject *const *args, Py_ssize_t narg
     return result;
 }
 
+/* The envelope of a record (docs/format.md, "Record envelopes"; pstore/store/records.py
+ * writes and reads every form): here only the common one, version 3 with no codec and no
+ * blobs, whose every check passes. */
+#define ENVELOPE_HEADER 15      /* 0xFF, version, codec, 4 bytes of blobs, 8 of size */
+#define FINGERPRINT 8
+#define RECORD_DIGEST 16
+#define RECORD_MAC 16
+#define TRAILER (FINGERPRINT + RECORD_DIGEST + RECORD_MAC)
+#define ENVELOPE_VERSION 3
+#define DIGEST_FORMAT_VERSION 3 /* the salt's last byte */
+
+static uint64_t load_le(const uint8_t *p, int n) {
+    uint64_t value = 0;
+    for (int i = n - 1; i >= 0; i--)
+        value = (value << 8) | p[i];
+    return value;
+}
+
+/* Whether the 16-byte BLAKE2b of data[0:size], salted with the record's id, keyed with
+ * `key` (key_size 0: none) and personalized with `person`, equals `expected`. */
+static int hash_matches(const uint8_t *data, size_t size, const uint8_t *salt,
+                        const uint8_t *key, size_t key_size, const char *person_text,
+                        const uint8_t *expected) {
+    uint8_t person[PARAM_BYTES] = {0}, out[RECORD_DIGEST];
+    memcpy(person, person_text, strlen(person_text));
+    State state;
+    start(&state, RECORD_DIGEST, key, key_size, salt, person);
+    update(&state, data, size);
+    finish(&state, out, RECORD_DIGEST);
+    uint8_t differ = 0;     /* compared in constant time, as hmac.compare_digest does */
+    for (int i = 0; i < RECORD_DIGEST; i++)
+        differ |= out[i] ^ expected[i];
+    return differ == 0;
+}
+
+PyDoc_STRVAR(open_envelope_doc,
+"open_envelope(data, oid, fingerprint, mac_key) -> (payload, signed) or None\n\n"
+"The payload of record ``oid`` (bytes ``data``) when it is an envelope of version 3\n"
+"with no codec and no blobs whose declared size, and MAC (its fingerprint is\n"
+"``fingerprint``: then ``signed`` is True) or digest (any other), match; None for\n"
+"every other record, which records.unpack then reads, and refuses, itself.");
+
+static PyObject *open_envelope(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "open_envelope() takes 4 arguments");
+        return NULL;
+    }
+    PyObject *record = args[0];
+    if (!PyBytes_Check(record) || !PyLong_Check(args[1]))
+        Py_RETURN_NONE;
+    const uint8_t *data = (const uint8_t *)PyBytes_AS_STRING(record);
+    Py_ssize_t size = PyBytes_GET_SIZE(record);
+    if (size < ENVELOPE_HEADER + TRAILER || data[0] != 0xFF || data[1] != ENVELOPE_VERSION
+            || data[2] != 0 || load_le(data + 3, 4) != 0)
+        Py_RETURN_NONE;
+    Py_ssize_t end = size - TRAILER;    /* where the payload ends */
+    if (load_le(data + 7, 8) != (uint64_t)(end - ENVELOPE_HEADER))
+        Py_RETURN_NONE;
+    uint64_t oid = PyLong_AsUnsignedLongLong(args[1]);
+    if (oid == (uint64_t)-1 && PyErr_Occurred()) {
+        PyErr_Clear();      /* no id of a record: unpack says what is wrong */
+        Py_RETURN_NONE;
+    }
+    uint8_t salt[PARAM_BYTES] = {0};
+    for (int i = 0; i < 8; i++)
+        salt[i] = (uint8_t)(oid >> (8 * i));
+    salt[8] = DIGEST_FORMAT_VERSION;
+    const uint8_t *fingerprint = data + end;
+    int signed_by_reader = 0;
+    if (args[2] != Py_None) {
+        if (!PyBytes_Check(args[2]) || !PyBytes_Check(args[3])
+                || PyBytes_GET_SIZE(args[2]) != FINGERPRINT
+                || PyBytes_GET_SIZE(args[3]) > MAX_KEY)
+            Py_RETURN_NONE;
+        signed_by_reader = memcmp(PyBytes_AS_STRING(args[2]), fingerprint, FINGERPRINT) == 0;
+    }
+    int matches;
+    if (signed_by_reader) {
+        uint8_t key[MAX_KEY] = {0};
+        size_t key_size = (size_t)PyBytes_GET_SIZE(args[3]);
+        memcpy(key, PyBytes_AS_STRING(args[3]), key_size);
+        matches = hash_matches(data, (size_t)(size - RECORD_MAC), salt, key, key_size,
+                               "pstore-mac", data + size - RECORD_MAC);
+    } else {
+        matches = hash_matches(data, (size_t)(end + FINGERPRINT), salt, NULL, 0,
+                               "pstore-record", data + end + FINGERPRINT);
+    }
+    if (!matches)
+        Py_RETURN_NONE;
+    PyObject *payload = PyBytes_FromStringAndSize((const char *)data + ENVELOPE_HEADER,
+                                                  end - ENVELOPE_HEADER);
+    if (payload == NULL)
+        return NULL;
+    return Py_BuildValue("(NO)", payload, signed_by_reader ? Py_True : Py_False);
+}
+
 static PyMethodDef methods[] = {
     {"digest", (PyCFunction)(void (*)(void))digest, METH_FASTCALL, digest_doc},
+    {"open_envelope", (PyCFunction)(void (*)(void))open_envelope, METH_FASTCALL,
+     open_envelope_doc},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module_def = {
     PyModuleDef_HEAD_INIT, "pstore._blake2_speedups",
-    "One-shot BLAKE2b over several buffers (see pstore._blake2).", -1, methods,
+    "One-shot BLAKE2b over several buffers, and the check of a plain record's envelope "
+    "(see pstore._blake2).", -1, methods,
 };
 
 PyMODINIT_FUNC PyInit__blake2_speedups(void) { return PyModule_Create(&module_def); }

@@ -1,4 +1,5 @@
-"""pstore._blake2.digest_of: the C one-shot BLAKE2b against hashlib's, and its pure fallback."""
+"""pstore._blake2: the C one-shot BLAKE2b against hashlib's, and its pure fallback; the C
+check of a record's envelope against records.unpack's Python reading."""
 
 from __future__ import annotations
 
@@ -19,8 +20,9 @@ from pstore.store.signing import Signer
 
 try:
     from pstore._blake2_speedups import digest as c_digest
+    from pstore._blake2_speedups import open_envelope
 except ImportError:     # built without a compiler: the pure path is all there is
-    c_digest = None
+    c_digest = open_envelope = None
 
 needs_c = pytest.mark.skipif(c_digest is None, reason="pstore._blake2_speedups is not built")
 IMPLEMENTATIONS = [_blake2._pure_digest_of, *([c_digest] if c_digest is not None else [])]
@@ -106,3 +108,67 @@ def test_the_record_trailer_and_seal_are_the_documented_hashes():
     assert record == checked + digest + mac
     assert binding_seal("clé", 5) == _hashlib((5).to_bytes(8, "little") + "clé".encode(), 8,
                                               b"", b"", b"pstore-key")
+
+
+# -- open_envelope: the common record's envelope checked in one C call --------------------
+
+SIGNERS = [Signer(b"reader's key"), Signer(b"another key"), None]
+
+
+def python_unpack(data, oid, signer):
+    """What records.unpack says without the C path: (payload, signed), or the error."""
+    c_path, records.open_envelope = records.open_envelope, None
+    try:
+        unpacked = records.unpack(data, oid, signer=signer)
+        return unpacked.payload, unpacked.signed
+    except ValueError as error:
+        return type(error)
+    finally:
+        records.open_envelope = c_path
+
+
+@needs_c
+@given(payload=st.binary(max_size=600), oid=st.integers(1, 2**64 - 1),
+       writer=st.sampled_from(SIGNERS), reader=st.sampled_from(SIGNERS),
+       damage=st.one_of(st.none(), st.tuples(st.integers(0, 10**6), st.integers(1, 255))),
+       cut=st.one_of(st.none(), st.integers(0, 700)), read_as=st.sampled_from([0, 1, -1]))
+def test_open_envelope_agrees_with_the_python_reading(payload, oid, writer, reader, damage,
+                                                      cut, read_as):
+    # Records of any size, by any signer, read by any reader: intact, with a byte changed,
+    # truncated, or read under a neighbouring id. C answers only when every check passes,
+    # and then as the Python reading does; whatever it declines, Python reads or refuses.
+    data = records.pack(oid, payload, [], 0, writer)
+    if damage is not None:
+        at, flip = damage
+        data = bytearray(data)
+        data[at % len(data)] ^= flip
+        data = bytes(data)
+    if cut is not None:
+        data = data[:cut]
+    read_oid = oid + read_as if 0 < oid + read_as < 2**64 else oid
+    expected = python_unpack(data, read_oid, reader)
+    fingerprint = None if reader is None else reader.fingerprint
+    opened = open_envelope(data, read_oid, fingerprint, b"" if reader is None else reader.mac_key)
+    if opened is not None:
+        assert opened == expected
+    intact = damage is None and cut is None and read_as == 0
+    if intact:
+        assert opened == (payload, writer is not None and writer is reader)
+    with_c = records.unpack(data, read_oid, signer=reader) if opened is not None else None
+    assert with_c is None or (with_c.payload, with_c.signed) == expected
+
+
+@needs_c
+def test_open_envelope_declines_all_but_the_plain_form():
+    signer = SIGNERS[0]
+    compressed = records.pack(3, b"z" * 5000, [], 1, signer)       # zlib: smaller
+    with_blob = records.pack(3, b"p", [records.BlobRef("0" * 64, 10, 0)], 0, signer)
+    for data in (compressed, with_blob, b"\x80\x05K\x01.", b"", b"\xff"):
+        assert open_envelope(data, 3, signer.fingerprint, signer.mac_key) is None
+    plain = records.pack(3, b"p", [], 0, signer)
+    for bad in ((bytearray(plain), 3), (plain, -3), (plain, 2**70), (plain, "3")):
+        assert open_envelope(*bad, signer.fingerprint, signer.mac_key) is None
+    assert open_envelope(plain, 3, b"short", signer.mac_key) is None
+    assert open_envelope(plain, 3, signer.fingerprint, b"k" * 65) is None
+    with pytest.raises(TypeError, match="takes 4 arguments"):
+        open_envelope(plain, 3)
