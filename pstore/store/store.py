@@ -446,31 +446,37 @@ class Store(MutableMapping[str, Any]):
 
     def describe(self, pattern: str | None = None) -> Iterator[tuple[str, inspection.RecordInfo]]:
         """``(key, RecordInfo)`` of each key (matching the glob ``pattern``, if given), read
-        from the records' bytes without unpickling anything (``pstore ls``)."""
+        from the records' bytes without unpickling anything (``pstore ls``). Inside a
+        transaction, :class:`~pstore.errors.InTransactionError` while a value assigned in it
+        waits for the commit to be written."""
         with self._lock:
             self._check_open()
-            items = list(self._keys().iter_items())
+            items = list(self._records("describe the records").iter_items())
         from . import inspection
 
         yield from inspection.describe_items(self._path, items, pattern, self._renames)
 
     def raw_record(self, key: str) -> tuple[int, bytes]:
         """``(object id, stored bytes)`` of the record ``key`` is bound to, as they are: for
-        tools that look at records without loading them (``pstore show``, ``dis``)."""
+        tools that look at records without loading them (``pstore show``, ``dis``). Inside a
+        transaction that assigned ``key`` a new value, :class:`~pstore.errors.InTransactionError`
+        (its record is written at the commit)."""
         from . import inspection
 
         with self._lock:
             self._check_open()
             self._check_key(key)
-            return inspection.raw_record(self._keys(), key)
+            return inspection.raw_record(self._records("read a raw record", key), key)
 
     def verify(self) -> VerifyReport:
         """Check every record's digest, reference, key binding and blob (its contents
-        hashed again), unpickling nothing; return what was found (``report.ok``)."""
+        hashed again), unpickling nothing; return what was found (``report.ok``). Inside a
+        transaction, :class:`~pstore.errors.InTransactionError` while a value assigned in it
+        waits for the commit to be written."""
         with self._lock:
             self._check_open()
-            return verify(self._keys(), max_record_size=self._max_record_size,
-                          signer=self._signer)
+            return verify(self._records("verify the records"),
+                          max_record_size=self._max_record_size, signer=self._signer)
 
     # -- safety: inspect, trust, load restricted (docs/safety.md) ----------------------------
 
@@ -482,7 +488,7 @@ class Store(MutableMapping[str, Any]):
 
         with self._lock:
             self._check_open()
-            return inspection.store_globals(self._keys(), key)
+            return inspection.store_globals(self._records("list the globals of records", key), key)
 
     def trust(self, keys: str | Iterable[str] | None = None) -> int:
         """Sign with this Store's key the records reachable from ``keys`` (one key or
@@ -612,6 +618,19 @@ class Store(MutableMapping[str, Any]):
         sent to the backend, so that the read sees them."""
         self._txn.flush_binds()
         return self._backend
+
+    def _records(self, operation: str, key: str | None = None) -> ReadableBackend:
+        """The backend, for a tool that reads records' bytes (of ``key``'s record, or of
+        all). Refused inside a write transaction while a value assigned in it (to ``key``)
+        is still to be written: its key is bound, but its record is made only at commit."""
+        backend = self._keys()
+        pending = self._txn.pending
+        if pending and (key is None or backend.get_key(key) in pending):
+            what = "every record" if key is None else f"the record of key {key!r}"
+            raise InTransactionError(self._path, f"{operation} before {what} is written "
+                                     "(a value assigned in a transaction is written at "
+                                     "its commit)")
+        return backend
 
     def _load_latest(self, oid: int, data: bytes | None) -> Any:
         """Outside a transaction: the object of record ``oid``, whose bytes ``data`` were

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+import pstore
+
 from .objects import Config
 
 
@@ -121,7 +123,7 @@ def test_mutation_after_assignment_in_a_transaction_is_committed(opener):
 def test_every_read_in_a_transaction_sees_the_keys_it_bound(opener):
     # Keys bound in a transaction reach the backend together (Backend.bind_keys), at the
     # first read of keys or the commit: each kind of read must see them. (Their records
-    # are written at the commit: tools reading records see them only then.)
+    # are written at the commit: tools reading records refuse them until then, below.)
     store = opener()
     store["old"] = "old"
     reads = {
@@ -144,6 +146,27 @@ def test_every_read_in_a_transaction_sees_the_keys_it_bound(opener):
                     "items": [("k1", "one"), ("k2", "two"), ("old", "old")],
                     "info": 3}
     assert sorted(store) == ["old"]
+
+
+def test_record_tools_in_a_transaction_refuse_records_not_written_yet(opener):
+    # describe, raw_record, verify and globals read records' bytes. A value assigned in a
+    # transaction has its key bound but its record made only at commit: rather than
+    # report it missing (verify would call the store damaged), they say so, and leave the
+    # transaction as it was.
+    store = opener()
+    store["old"] = ["old"]
+    with store.transaction():
+        assert store.verify().ok and store.raw_record("old")[0] > 0     # nothing pending
+        store["new"] = ["new"]
+        assert store.raw_record("old")[0] > 0 and store.globals("old") == []
+        for tool, what in ((lambda: store.raw_record("new"), "the record of key 'new'"),
+                           (lambda: store.globals("new"), "the record of key 'new'"),
+                           (lambda: list(store.describe()), "every record"),
+                           (store.verify, "every record"), (store.globals, "every record")):
+            with pytest.raises(pstore.InTransactionError, match=f"before {what} is written"):
+                tool()
+    assert store.verify().ok and store["new"] == ["new"]
+    assert sorted(key for key, _ in store.describe()) == ["new", "old"]
 
 
 def test_rebinding_and_deleting_keys_in_one_transaction(opener):
