@@ -51,4 +51,4 @@ digest_of: Callable[..., bytes] = \
 #: ``open_envelope(data, oid, fingerprint, mac_key)``: the C check of the common record's
 #: envelope, ``(payload, signed)`` or None (see ``records.unpack``); None without C.
 open_envelope: Callable[[bytes, int, bytes | None, bytes], tuple[bytes, bool] | None] | None = \
-    None if _speedups is None else _speedups.open_envelope
+    getattr(_speedups, "open_envelope", None)   # None also from a module built before it

@@ -175,6 +175,8 @@ _VERSION = "SELECT value FROM meta WHERE name = 'version'"
 _OID_BLOCK = 1000
 #: How many keys one query of :meth:`SQLiteBackend.iter_keys` fetches.
 _KEY_BATCH = 1000
+#: How many key bindings a write transaction remembers (see SQLiteBackend._tx_bindings).
+_KNOWN_BINDINGS_MAX = 100_000
 #: How many keys :meth:`SQLiteBackend.bind_keys` binds per statement (SQLite before 3.32
 #: allows 999 parameters in one).
 _BIND_CHUNK = 500
@@ -564,7 +566,7 @@ class SQLiteBackend(LocalBlobs, Backend):
             self._checked(key, *row)
             oid = row[0]
         if self._in_transaction:
-            self._tx_bindings[key] = oid
+            self._remember_binding(key, oid)
         return oid
 
     def get_item(self, key: str) -> tuple[int, bytes | None] | None:
@@ -577,12 +579,12 @@ class SQLiteBackend(LocalBlobs, Backend):
             self._failed(error)
         if row is None:
             if self._in_transaction:
-                self._tx_bindings[key] = None
+                self._remember_binding(key, None)
             return None
         oid, data, seal = row
         self._checked(key, oid, seal)
         if self._in_transaction:
-            self._tx_bindings[key] = oid
+            self._remember_binding(key, oid)
         return oid, data
 
     def _ahead(self, key: str) -> tuple[Any, ...] | None:
@@ -599,6 +601,17 @@ class SQLiteBackend(LocalBlobs, Backend):
     def _fetch_ahead(self, key: str, limit: int) -> list[tuple[Any, ...]]:
         return self._require().execute(self._keys_sql.read_ahead, (key, limit)).fetchall()
 
+    def _remember_binding(self, key: str, oid: int | None) -> None:
+        self._remember_bindings(((key, oid),))
+
+    def _remember_bindings(self, bindings: Iterable[tuple[str, int | None]]) -> None:
+        """Note bindings the open write transaction read or wrote (see ``_tx_bindings``);
+        past _KNOWN_BINDINGS_MAX, it starts again (a bulk load need not keep every key)."""
+        known = self._tx_bindings
+        if len(known) >= _KNOWN_BINDINGS_MAX:
+            known.clear()
+        known.update(bindings)
+
     def bind_key(self, key: str, oid: int) -> int | None:
         # While keys come new (a bulk load), one statement each: an insert that does nothing
         # if the key is bound. While they are bound already (rewrites), a read, then the write.
@@ -607,7 +620,7 @@ class SQLiteBackend(LocalBlobs, Backend):
         if self._binding_new_keys and key not in self._tx_bindings:
             try:
                 if cursor.execute(_BIND_NEW_KEY, (key, oid, seal)).rowcount:
-                    self._tx_bindings[key] = oid
+                    self._remember_binding(key, oid)
                     return None
             except sqlite3.DatabaseError as error:
                 self._failed(error)
@@ -615,7 +628,7 @@ class SQLiteBackend(LocalBlobs, Backend):
         self._binding_new_keys = previous is None
         if previous != oid:
             cursor.execute(_BIND_KEY, (key, oid, seal))
-            self._tx_bindings[key] = oid
+            self._remember_binding(key, oid)
         return previous
 
     def bind_keys(self, bindings: Sequence[tuple[str, int]]) -> set[int]:
@@ -635,7 +648,7 @@ class SQLiteBackend(LocalBlobs, Backend):
                                 if (oid := known[key]) is not None}
                 elif (self._binding_new_keys and self._cursor.executemany(
                         _BIND_NEW_KEY, rows).rowcount == len(rows)):
-                    known.update(chunk)
+                    self._remember_bindings(chunk)
                     continue
                 else:
                     query = self._keys_sql.get_keys + f" ({', '.join('?' * len(chunk))})"
@@ -644,7 +657,7 @@ class SQLiteBackend(LocalBlobs, Backend):
                         previous[key] = oid
                 changed = [row for row in rows if previous.get(row[0]) != row[1]]
                 self._cursor.executemany(_BIND_KEY, changed)
-                known.update(chunk)
+                self._remember_bindings(chunk)
                 released.update(previous[row[0]] for row in changed if row[0] in previous)
                 self._binding_new_keys = len(previous) < len(chunk)
         except sqlite3.DatabaseError as error:
@@ -655,7 +668,7 @@ class SQLiteBackend(LocalBlobs, Backend):
         oid = self._tx_bindings[key] if key in self._tx_bindings else self.get_key(key)
         if oid is not None:
             self._cursor.execute(_UNBIND_KEY, (key,))
-            self._tx_bindings[key] = None
+            self._remember_binding(key, None)
         return oid
 
     def iter_keys(self) -> Iterator[str]:
@@ -699,6 +712,7 @@ class SQLiteBackend(LocalBlobs, Backend):
             raise ReadOnlyError(self.path, "write")
         self._require()
         self._file_lock.lock(self.path)
+        self._tx_bindings.clear()   # known only from this transaction's reads and writes
         try:
             self._cursor.execute("BEGIN IMMEDIATE")
         except sqlite3.DatabaseError as error:

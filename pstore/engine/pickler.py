@@ -283,8 +283,7 @@ def _make_dump(pickler: Pickler, persistent_id: Callable[[Any], Any] | None,
     framing = proto >= 4
     fix_imports = pickler.fix_imports and proto < 3
     buffer_callback = pickler._buffer_callback
-    write_file = pickler._file_write
-    emit = write_file     # where finished bytes go: the file, or dump_to_bytes's parts
+    emit = pickler._file_write    # where finished bytes go: the file, or dump_to_bytes's parts
     proto_header = PROTO + bytes([proto]) if proto >= 2 else b""
     memo = pickler.memo
     if not memo and type(memo) is not _memo_type():
@@ -323,11 +322,11 @@ def _make_dump(pickler: Pickler, persistent_id: Callable[[Any], Any] | None,
     def dump_to_bytes(obj):
         nonlocal emit
         parts: list[bytes] = []
-        emit = parts.append
+        emit, previous = parts.append, emit
         try:
             dump(obj)
         finally:
-            emit = write_file
+            emit = previous
         return b"".join(parts)
 
     def write_payload(header, payload):

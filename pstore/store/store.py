@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from ..backends import Backend, ReadableBackend
 from ..errors import (
+    ArgumentError,
     ClosedError,
     InTransactionError,
     KeyTypeError,
@@ -148,14 +149,14 @@ class Store(MutableMapping[str, Any]):
             self._check_open()
             self._check_key(key)
             depth = self._txn.depth
+            if depth:
+                self._txn.flush_binds()     # outside the try: a failure here is no read of key
             try:
                 known = None if depth else self._fresh.loaded(key)
                 if known is not None:
                     if self._txn.writeback:
                         self._txn.cache.keep(known[0], known[1], None)
                     return known[1]
-                if depth:
-                    self._txn.flush_binds()
                 item = self._backend.get_item(key)
                 if item is not None:
                     oid, data = item
@@ -197,18 +198,20 @@ class Store(MutableMapping[str, Any]):
             # Here, in __len__ and in __iter__ the identity map is not used: no need to
             # look for other processes' commits first.
             self._check_open()
-            if not isinstance(key, str):
+            if not isinstance(key, str) or not _storable_key(key):
                 return False
+            backend = self._keys()      # outside the try: a failure here is no read of key
             try:
-                return self._keys().get_key(key) is not None
+                return backend.get_key(key) is not None
             except Exception as error:
                 raise load_error(error, self._path, key=key, is_damage=self._backend.is_damage)
 
     def __len__(self) -> int:
         with self._lock:
             self._check_open()
+            backend = self._keys()
             try:
-                return self._keys().count_keys()
+                return backend.count_keys()
             except Exception as error:
                 raise load_error(error, self._path, is_damage=self._backend.is_damage)
 
@@ -224,6 +227,7 @@ class Store(MutableMapping[str, Any]):
         while True:
             with self._lock:
                 self._check_open()
+                self._txn.flush_binds()     # the next batch sees keys bound meanwhile
                 try:
                     key = next(keys, None)     # keys are str: None is the end
                 except Exception as error:
@@ -260,6 +264,7 @@ class Store(MutableMapping[str, Any]):
         while True:
             with self._lock:
                 self._check_open()
+                self._txn.flush_binds()     # the next batch sees keys bound meanwhile
                 key: Any = None     # the row's key, once it is read
                 try:
                     row = next(rows, None)     # rows are tuples: None is the end
@@ -612,6 +617,9 @@ class Store(MutableMapping[str, Any]):
     def _check_key(key: Any) -> None:
         if not isinstance(key, str):
             raise KeyTypeError(type(key).__name__)
+        if not _storable_key(key):
+            raise ArgumentError("a key", key, "a str that encodes to UTF-8 (a lone surrogate "
+                                "does not)")
 
     def _keys(self) -> ReadableBackend:
         """The backend, for a read of keys: in a transaction, once the keys it bound are
@@ -685,3 +693,14 @@ def _reopen_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_reopen_in_child)
+
+
+def _storable_key(key: str) -> bool:
+    """Whether str ``key`` encodes to UTF-8, as every backend stores keys."""
+    if key.isascii():
+        return True
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

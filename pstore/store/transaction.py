@@ -177,9 +177,10 @@ class Transaction:
         """Send the keys bound since the last call to the backend: before the transaction
         reads keys (so that it sees them) and at its commit."""
         if self._binds:
-            bindings = list(self._binds.items())
+            # Dropped only once sent: after a failure they are sent again by the next read
+            # or the commit (which then fails and rolls back), never forgotten.
+            self._released.update(self._backend.bind_keys(list(self._binds.items())))
             self._binds.clear()
-            self._released.update(self._backend.bind_keys(bindings))
 
     def unbind(self, key: str) -> bool:
         """Unbind ``key`` (its record is deleted at commit if nothing refers to it);
@@ -227,6 +228,8 @@ class Transaction:
 
         backend, signed = self._backend, 0
         for oid in oids:
+            if oid in self.pending:     # written at the commit, signed by this Store's key
+                continue
             data = record_bytes(backend, oid)
             try:
                 unpacked = records.unpack(data, oid, signer=self._signer,

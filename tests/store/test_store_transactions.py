@@ -169,6 +169,66 @@ def test_record_tools_in_a_transaction_refuse_records_not_written_yet(opener):
     assert sorted(key for key, _ in store.describe()) == ["new", "old"]
 
 
+def test_a_key_no_backend_can_store_is_refused_at_once(opener):
+    # A lone surrogate does not encode to UTF-8: refused where it is given, not when the
+    # queued binding reaches the backend (a later read, or the commit).
+    store = opener()
+    store["kept"] = 1
+    bad = "bad\ud800"
+    with pytest.raises(pstore.ArgumentError, match="encodes to UTF-8"):
+        store[bad] = 1
+    with store.transaction():
+        store["new"] = 2
+        with pytest.raises(pstore.ArgumentError, match="encodes to UTF-8"):
+            store[bad] = 3
+        assert bad not in store and len(store) == 2
+    with pytest.raises(pstore.ArgumentError):
+        store[bad]
+    assert dict(store.items()) == {"kept": 1, "new": 2}
+
+
+def test_a_failed_binding_is_never_dropped_from_the_transaction(opener, path, backend_name):
+    # A binding the backend refuses (here a key whose stored seal was tampered with) fails
+    # the read that sends it; caught, the transaction still cannot commit without it.
+    if backend_name != "sqlite":
+        pytest.skip("writes the SQLite file directly")
+    import sqlite3
+    store = opener()
+    store["k"] = "old"
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE keys SET seal = ? WHERE key = 'k'", (bytes(8),))
+    with pytest.raises(pstore.CorruptionError):
+        with store.transaction():
+            store["other"] = "new"
+            store["k"] = "new"
+            with pytest.raises(pstore.CorruptionError, match="'k'"):
+                len(store)
+    assert "other" not in store
+
+
+def test_iteration_in_a_transaction_sees_keys_bound_while_it_runs(opener):
+    store = opener()
+    store.update({f"k{i:04}": i for i in range(2500)})
+    seen = []
+    with store.transaction():
+        for key in store:
+            if key == "k0010":
+                store["k2000x"] = "bound while iterating"
+                store["zzz"] = "bound while iterating"
+            seen.append(key)
+        assert store["zzz"] == "bound while iterating"
+    assert "zzz" in seen and "k2000x" in seen and len(seen) == 2502
+
+
+def test_trust_in_a_transaction_leaves_values_assigned_in_it_to_the_commit(opener):
+    store = opener()
+    store["old"] = ["old"]
+    with store.transaction():
+        store["new"] = ["new"]      # its record is written (signed) at the commit
+        assert store.trust("new") == 0 and store.trust() == 0
+    assert store["new"] == ["new"] and store.verify().ok
+
+
 def test_rebinding_and_deleting_keys_in_one_transaction(opener):
     store = opener()
     store["a"] = ["first a"]
