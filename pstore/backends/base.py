@@ -37,6 +37,7 @@ implement the same methods.
 
 from __future__ import annotations
 
+import bisect
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection, Hashable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
@@ -300,41 +301,62 @@ class ReadAhead:
     """Key bindings and their records fetched ahead in key order during a snapshot, where
     they cannot change: what makes many gets in one snapshot cost a few queries.
 
-    ``fetch(key, limit)`` returns, in key order, up to ``limit`` rows ``(key, object id,
-    data, length, *rest)`` of the keys from ``key`` on: ``data`` is None for a record
-    longer than :data:`READ_AHEAD_RECORD_MAX` (``length`` is its length) or for none
-    (``length`` None). A get of a key not fetched yet fetches it with the keys after it,
-    the number of rows doubling from 1 at each fetch up to :data:`READ_AHEAD_ROWS`, so
-    a snapshot that reads one key pays one small query and one that reads thousands
-    pays a query per hundreds (in random order too: most keys then lie in a range
-    fetched before). ``get_record(oid)`` reads a record not fetched ahead. Made at the
-    snapshot's start, dropped at its end.
+    ``fetch(key, limit, before)`` returns, in key order, up to ``limit`` rows ``(key,
+    object id, data, length, *rest)`` of the keys from ``key`` on, and below ``before``
+    unless it is None: ``data`` is None for a record longer than
+    :data:`READ_AHEAD_RECORD_MAX` (``length`` is its length) or for none (``length``
+    None). A get of a key not fetched yet fetches it with the keys after it, up to the
+    first key of a range fetched before (so no row is fetched twice), the number of rows
+    doubling from 1 at each fetch up to :data:`READ_AHEAD_ROWS`: a snapshot that reads
+    one key pays one small query, one that reads thousands a query per hundreds (in
+    random order too: most keys then lie in a range fetched before). A key inside a
+    fetched range without a row is unbound, with no query. ``get_record(oid)`` reads a
+    record not fetched ahead. Made at the snapshot's start, dropped at its end.
     """
 
-    def __init__(self, fetch: Callable[[str, int], list[tuple[Any, ...]]],
+    def __init__(self, fetch: Callable[[str, int, str | None], list[tuple[Any, ...]]],
                  get_record: Callable[[int], bytes | None]) -> None:
         self._fetch = fetch
         self._get_record = get_record
-        self._rows: dict[str, tuple[Any, ...] | None] = {}     # key -> its row, None: unbound
+        self._rows: dict[str, tuple[Any, ...]] = {}     # key -> its row
+        # The ranges fetched, [start, stop) of keys (stop None: to the end), sorted and
+        # disjoint: their starts, and each one's stop.
+        self._starts: list[str] = []
+        self._stops: list[str | None] = []
         self._limit = 1
         self._bytes = 0
 
     def row(self, key: str) -> tuple[Any, ...] | None:
         """The row ``(key, object id, data, length, *rest)`` of ``key``, or None if it is
         unbound."""
-        rows = self._rows
-        if key in rows:
-            return rows[key]
-        fetched = self._fetch(key, self._limit)
-        self._limit = min(self._limit * 2, READ_AHEAD_ROWS)
-        if len(rows) + len(fetched) > READ_AHEAD_KEPT_ROWS or self._bytes > READ_AHEAD_KEPT_BYTES:
-            rows.clear()
-            self._bytes = 0
-        rows.update({row[0]: row for row in fetched})
+        found = self._rows.get(key)
+        if found is not None:
+            return found
+        starts, stops = self._starts, self._stops
+        at = bisect.bisect_right(starts, key)   # ranges [0, at) start at or before key
+        if at and (stops[at - 1] is None or key < stops[at - 1]):   # type: ignore[operator]
+            return None     # fetched: unbound
+        before = starts[at] if at < len(starts) else None
+        fetched = self._fetch(key, self._limit, before)
+        limit, self._limit = self._limit, min(self._limit * 2, READ_AHEAD_ROWS)
+        if len(self._rows) + len(fetched) > READ_AHEAD_KEPT_ROWS or \
+                self._bytes > READ_AHEAD_KEPT_BYTES:
+            self._forget()
+            at = 0
+        # All keys in [key, stop) are fetched: up to the last row's, or to ``before``
+        # when fewer rows than asked came (the smallest key after a str is it + "\0").
+        stop = fetched[-1][0] + "\0" if len(fetched) == limit else before
+        starts.insert(at, key)
+        stops.insert(at, stop)
+        self._rows.update({fetched_row[0]: fetched_row for fetched_row in fetched})
         self._bytes += sum([len(row[2]) for row in fetched if row[2] is not None])
-        if not fetched or fetched[0][0] != key:
-            rows[key] = None
-        return rows[key]
+        return self._rows.get(key)
+
+    def _forget(self) -> None:
+        self._rows.clear()
+        self._starts.clear()
+        self._stops.clear()
+        self._bytes = 0
 
     def item_of(self, row: tuple[Any, ...]) -> tuple[int, bytes | None]:
         """``(object id, record data or None)`` of a row :meth:`row` gave."""

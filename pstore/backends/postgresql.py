@@ -238,10 +238,11 @@ _GET_KEY = "SELECT oid FROM {s}.keys WHERE key = %b"
 _KEYS_FROM = "SELECT key, oid FROM {s}.keys WHERE key >= %b ORDER BY key LIMIT %s"
 _SET_KEYS = ("INSERT INTO {s}.keys (key, oid) SELECT * FROM unnest(%b::bytea[], %b::bigint[])"
              " ON CONFLICT (key) DO UPDATE SET oid = EXCLUDED.oid")
-_READ_AHEAD = ("SELECT k.key, k.oid, CASE WHEN octet_length(r.data) <= {read_ahead_max}"
-               " THEN r.data END, octet_length(r.data) FROM {s}.keys k"
-               " LEFT JOIN {s}.records r ON r.oid = k.oid"
-               " WHERE k.key >= %b ORDER BY k.key LIMIT %s")
+_READ_AHEAD_ROWS = ("SELECT k.key, k.oid, CASE WHEN octet_length(r.data) <= {read_ahead_max}"
+                    " THEN r.data END, octet_length(r.data) FROM {s}.keys k"
+                    " LEFT JOIN {s}.records r ON r.oid = k.oid")
+_READ_AHEAD = _READ_AHEAD_ROWS + " WHERE k.key >= %b ORDER BY k.key LIMIT %s"
+_READ_AHEAD_BEFORE = _READ_AHEAD_ROWS + " WHERE k.key >= %b AND k.key < %b ORDER BY k.key LIMIT %s"
 _GET_ITEM = ("SELECT k.oid, r.data FROM {s}.keys k LEFT JOIN {s}.records r ON r.oid = k.oid"
              " WHERE k.key = %b")
 # Every part of one statement sees the same snapshot: "old" is the binding before the upsert.
@@ -1005,8 +1006,10 @@ class PostgreSQLBackend(Backend):
         self._snapshot_marker = cursor.fetchone()[0] - self._own_commits
         self._read_ahead = ReadAhead(self._fetch_ahead, self.get_record)
 
-    def _fetch_ahead(self, key: str, limit: int) -> list[tuple[Any, ...]]:
-        rows = self._execute("read_ahead", (key.encode(), limit)).fetchall()
+    def _fetch_ahead(self, key: str, limit: int, before: str | None) -> list[tuple[Any, ...]]:
+        rows = (self._execute("read_ahead", (key.encode(), limit)) if before is None else
+                self._execute("read_ahead_before", (key.encode(), before.encode(), limit))
+                ).fetchall()
         return [(name.decode(), *rest) for name, *rest in rows]
 
     def end_read(self) -> None:
@@ -1102,7 +1105,7 @@ _STATEMENTS = {
     "blob_size": _BLOB_SIZE, "blob_chunk": _BLOB_CHUNK, "blob_names": _BLOB_NAMES,
     "get_key": _GET_KEY, "keys_from": _KEYS_FROM, "set_keys": _SET_KEYS,
     "get_item": _GET_ITEM, "bind_key": _BIND_KEY, "begin_read": _BEGIN_READ,
-    "read_ahead": _READ_AHEAD,
+    "read_ahead": _READ_AHEAD, "read_ahead_before": _READ_AHEAD_BEFORE,
     "unbind_key": _UNBIND_KEY, "first_keys": _FIRST_KEYS, "next_keys": _NEXT_KEYS,
     "first_items": _FIRST_ITEMS, "next_items": _NEXT_ITEMS, "count_keys": _COUNT_KEYS,
     "get_meta": _GET_META, "set_meta": _SET_META, "statistics": _STATISTICS,

@@ -142,6 +142,7 @@ class _KeyStatements(NamedTuple):
     first_items: str
     next_items: str
     read_ahead: str
+    read_ahead_before: str
 
 
 def _key_statements(seal: str) -> _KeyStatements:
@@ -149,6 +150,9 @@ def _key_statements(seal: str) -> _KeyStatements:
     version 3 (a file read as it is) there is none."""
     items = (f"SELECT key, keys.oid, data, {seal} FROM keys"
              " LEFT JOIN records ON records.oid = keys.oid")
+    read_ahead = (f"SELECT key, keys.oid, CASE WHEN length(data) <= {READ_AHEAD_RECORD_MAX}"
+                  f" THEN data END, length(data), {seal} FROM keys"
+                  " LEFT JOIN records ON records.oid = keys.oid")
     return _KeyStatements(
         f"SELECT key, oid, {seal} FROM keys ORDER BY key LIMIT ?",
         f"SELECT key, oid, {seal} FROM keys WHERE key > ? ORDER BY key LIMIT ?",
@@ -158,9 +162,8 @@ def _key_statements(seal: str) -> _KeyStatements:
         " WHERE key = ?",
         f"{items} ORDER BY key LIMIT ?",
         f"{items} WHERE key > ? ORDER BY key LIMIT ?",
-        f"SELECT key, keys.oid, CASE WHEN length(data) <= {READ_AHEAD_RECORD_MAX} THEN data END,"
-        f" length(data), {seal} FROM keys LEFT JOIN records ON records.oid = keys.oid"
-        " WHERE key >= ? ORDER BY key LIMIT ?")
+        f"{read_ahead} WHERE key >= ? ORDER BY key LIMIT ?",
+        f"{read_ahead} WHERE key >= ? AND key < ? ORDER BY key LIMIT ?")
 
 
 # By whether the file's bindings are sealed (format version 3).
@@ -598,8 +601,11 @@ class SQLiteBackend(LocalBlobs, Backend):
             self._checked(key, row[1], row[4])
         return row
 
-    def _fetch_ahead(self, key: str, limit: int) -> list[tuple[Any, ...]]:
-        return self._require().execute(self._keys_sql.read_ahead, (key, limit)).fetchall()
+    def _fetch_ahead(self, key: str, limit: int, before: str | None) -> list[tuple[Any, ...]]:
+        if before is None:
+            return self._require().execute(self._keys_sql.read_ahead, (key, limit)).fetchall()
+        return self._require().execute(self._keys_sql.read_ahead_before,
+                                       (key, before, limit)).fetchall()
 
     def _remember_binding(self, key: str, oid: int | None) -> None:
         self._remember_bindings(((key, oid),))

@@ -7,6 +7,8 @@ import importlib
 import shelve
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import pstore
 from pstore.backends import BACKENDS, READERS, Backend, ReadableBackend, open_backend
@@ -96,3 +98,38 @@ def test_a_store_on_a_read_only_view_refuses_every_write_and_still_reads(tmp_pat
             with pytest.raises(ReadOnlyError):
                 write()
         assert dict(store.items()) == {"config": {"lr": 0.01}}
+
+
+# -- ReadAhead: the rows of a snapshot fetched ahead in key order ----------------------------
+
+class SortedKeys:
+    """A fetch over sorted keys, as the backends' read-ahead query answers it, counting the
+    rows it returns."""
+
+    def __init__(self, keys):
+        self.keys = sorted(keys)
+        self.rows_sent = 0
+        self.queries = 0
+
+    def fetch(self, key, limit, before):
+        self.queries += 1
+        rows = [(k, i, b"d", 1) for i, k in enumerate(self.keys)
+                if k >= key and (before is None or k < before)][:limit]
+        self.rows_sent += len(rows)
+        return rows
+
+
+@given(bound=st.sets(st.text(alphabet="ab\0é", max_size=4), max_size=60),
+       asked=st.lists(st.text(alphabet="ab\0é", max_size=4), max_size=120))
+def test_read_ahead_answers_every_key_and_fetches_no_row_twice(bound, asked):
+    from pstore.backends.base import ReadAhead
+
+    table = SortedKeys(bound)
+    ahead = ReadAhead(table.fetch, lambda oid: None)
+    for key in asked + sorted(bound):
+        row = ahead.row(key)
+        assert (row is not None) == (key in bound), key
+        if row is not None:
+            assert row[0] == key
+    assert table.rows_sent == len(bound)    # each row once, however the keys were asked
+
