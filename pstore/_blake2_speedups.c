@@ -220,13 +220,6 @@ static PyObject *digest(PyObject *module, PyObject *const *args, Py_ssize_t narg
 #define ENVELOPE_VERSION 3
 #define DIGEST_FORMAT_VERSION 3 /* the salt's last byte */
 
-static uint64_t load_le(const uint8_t *p, int n) {
-    uint64_t value = 0;
-    for (int i = n - 1; i >= 0; i--)
-        value = (value << 8) | p[i];
-    return value;
-}
-
 /* Whether the 16-byte BLAKE2b of data[0:size], salted with the record's id, keyed with
  * `key` (key_size 0: none) and personalized with `person`, equals `expected`. */
 static int hash_matches(const uint8_t *data, size_t size, const uint8_t *salt,
@@ -262,10 +255,10 @@ static PyObject *open_envelope(PyObject *module, PyObject *const *args, Py_ssize
     const uint8_t *data = (const uint8_t *)PyBytes_AS_STRING(record);
     Py_ssize_t size = PyBytes_GET_SIZE(record);
     if (size < ENVELOPE_HEADER + TRAILER || data[0] != 0xFF || data[1] != ENVELOPE_VERSION
-            || data[2] != 0 || load_le(data + 3, 4) != 0)
+            || data[2] != 0 || (data[3] | data[4] | data[5] | data[6]) != 0)
         Py_RETURN_NONE;
     Py_ssize_t end = size - TRAILER;    /* where the payload ends */
-    if (load_le(data + 7, 8) != (uint64_t)(end - ENVELOPE_HEADER))
+    if (load64(data + 7) != (uint64_t)(end - ENVELOPE_HEADER))
         Py_RETURN_NONE;
     uint64_t oid = PyLong_AsUnsignedLongLong(args[1]);
     if (oid == (uint64_t)-1 && PyErr_Occurred()) {

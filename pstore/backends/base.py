@@ -334,8 +334,10 @@ class ReadAhead:
             return found
         starts, stops = self._starts, self._stops
         at = bisect.bisect_right(starts, key)   # ranges [0, at) start at or before key
-        if at and (stops[at - 1] is None or key < stops[at - 1]):   # type: ignore[operator]
-            return None     # fetched: unbound
+        if at:
+            stop = stops[at - 1]
+            if stop is None or key < stop:
+                return None     # fetched: unbound
         before = starts[at] if at < len(starts) else None
         fetched = self._fetch(key, self._limit, before)
         limit, self._limit = self._limit, min(self._limit * 2, READ_AHEAD_ROWS)
@@ -345,9 +347,8 @@ class ReadAhead:
             at = 0
         # All keys in [key, stop) are fetched: up to the last row's, or to ``before``
         # when fewer rows than asked came (the smallest key after a str is it + "\0").
-        stop = fetched[-1][0] + "\0" if len(fetched) == limit else before
         starts.insert(at, key)
-        stops.insert(at, stop)
+        stops.insert(at, fetched[-1][0] + "\0" if len(fetched) == limit else before)
         self._rows.update({fetched_row[0]: fetched_row for fetched_row in fetched})
         self._bytes += sum([len(row[2]) for row in fetched if row[2] is not None])
         return self._rows.get(key)

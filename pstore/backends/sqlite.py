@@ -641,7 +641,10 @@ class SQLiteBackend(LocalBlobs, Backend):
         # A chunk at a time. While keys come new, one executemany of inserts that do nothing
         # for a bound key: if every row was inserted, that is all. Otherwise the chunk's
         # bindings are read (with one query, unless the transaction knows them all: a key
-        # read, then rebound), then those that change are written.
+        # read, then rebound), then those that change are written. A lone binding (a single
+        # set) goes by bind_key: one statement costs less than a batch of one.
+        if len(bindings) == 1:
+            return super().bind_keys(bindings)
         released: set[int] = set()
         known = self._tx_bindings
         try:

@@ -176,19 +176,11 @@ class Transaction:
     def flush_binds(self) -> None:
         """Send the keys bound since the last call to the backend: before the transaction
         reads keys (so that it sees them) and at its commit."""
-        binds = self._binds
-        if not binds:
-            return
-        # Dropped only once sent: after a failure they are sent again by the next read or
-        # the commit (which then fails and rolls back), never forgotten.
-        if len(binds) == 1:     # a single set: bind_key costs less than a batch of one
-            ((key, oid),) = binds.items()
-            old = self._backend.bind_key(key, oid)
-            if old is not None and old != oid:
-                self._released.add(old)
-        else:
-            self._released.update(self._backend.bind_keys(list(binds.items())))
-        binds.clear()
+        if self._binds:
+            # Dropped only once sent: after a failure they are sent again by the next read
+            # or the commit (which then fails and rolls back), never forgotten.
+            self._released.update(self._backend.bind_keys(list(self._binds.items())))
+            self._binds.clear()
 
     def unbind(self, key: str) -> bool:
         """Unbind ``key`` (its record is deleted at commit if nothing refers to it);
