@@ -82,7 +82,7 @@ _OPCODE_BYTES = {op.name: op.byte for op in BY_CODE.values()}
 if _pickler_speedups is not None:
     _pickler_speedups.configure(_OPCODE_BYTES, BATCH_SIZE, FRAME_SIZE_TARGET)
 if _unpickler_speedups is not None:
-    _unpickler_speedups.set_opcodes(_OPCODE_BYTES)
+    _unpickler_speedups.set_opcodes(_OPCODE_BYTES, HIGHEST_PROTOCOL)
 
 
 def use_accelerators(enabled: bool | None = None) -> bool:
@@ -97,8 +97,9 @@ def use_accelerators(enabled: bool | None = None) -> bool:
     if enabled is None:
         enabled = not os.environ.get("PSTORE_PURE_PYTHON")
     _pickler._accelerator = _pickler_speedups if enabled else None
-    _unpickler._accelerate = (
-        _unpickler_speedups.run if enabled and _unpickler_speedups is not None else None)
+    speedups = _unpickler_speedups if enabled else None
+    _unpickler._accelerate = speedups.run if speedups is not None else None
+    _unpickler._load_pickle = speedups.load_pickle if speedups is not None else None
     return enabled and _pickler_speedups is not None and _unpickler_speedups is not None
 
 

@@ -5,7 +5,10 @@
  * Unpickler._run keeps (the current stack level, the levels below the marks, the
  * memo), and returns where it stopped and the current level. It stops *before* the
  * first opcode it does not take, leaving that opcode untouched for the Python loop,
- * which then calls run() again after its next handler. It takes only opcodes that
+ * which then calls run() again after its next handler. A second, load_pickle(), reads
+ * a pickle from its start with a state of its own (the same loop, plus the PROTO that
+ * opens the pickle and the STOP that ends it): a pickle of plain data costs one call
+ * from Python, and any other goes on in the Python loop from where it stopped. It takes only opcodes that
  * build plain data (containers, numbers, strings, bytes, the memo, marks), and it
  * stops instead of raising: on an opcode it does not know, a truncated argument, a
  * stack underflow, a missing memo entry, undecodable text, a dict key or set item
@@ -50,6 +53,8 @@ enum kind {
     K_MEMOIZE, K_BINPUT, K_LONG_BINPUT, K_BINGET, K_LONG_BINGET,
     /* the mark consumers: they take the items above the top mark */
     K_TUPLE, K_LIST, K_DICT, K_FROZENSET, K_APPENDS, K_SETITEMS, K_ADDITEMS,
+    /* taken only by load_pickle(), at a pickle's start and end; run() stops before them */
+    K_PROTO, K_STOP,
 };
 
 static const struct { const char *name; unsigned char kind; } kind_names[] = {
@@ -67,12 +72,17 @@ static const struct { const char *name; unsigned char kind; } kind_names[] = {
     {"BINGET", K_BINGET}, {"LONG_BINGET", K_LONG_BINGET},
     {"TUPLE", K_TUPLE}, {"LIST", K_LIST}, {"DICT", K_DICT}, {"FROZENSET", K_FROZENSET},
     {"APPENDS", K_APPENDS}, {"SETITEMS", K_SETITEMS}, {"ADDITEMS", K_ADDITEMS},
+    {"PROTO", K_PROTO}, {"STOP", K_STOP},
 };
 
 #define KIND_COUNT (sizeof(kind_names) / sizeof(kind_names[0]))
 
 /* The kind of each opcode byte; all K_OTHER (so run() takes nothing) until set_opcodes(). */
 static unsigned char kinds[256];
+
+/* The highest protocol a PROTO opcode may declare (set_opcodes()); load_pickle() leaves a
+ * higher one, or any until set, to Python, which refuses it. */
+static int highest_protocol = -1;
 
 static uint32_t
 read_uint4(const unsigned char *p)
@@ -276,39 +286,17 @@ consume_mark(int kind, PyObject *items, PyObject *outer)
     return status < 0 ? -1 : 1;
 }
 
-PyDoc_STRVAR(run_doc,
-"run(data, pos, stack, metastack, memo[, mark_limit]) -> (pos, stack)\n\n"
-"Run the data opcodes of bytes `data` from `pos`, on the unpickler state `stack` (the\n"
-"current level), `metastack` (the levels below the marks) and `memo`. Returns the\n"
-"offset of the first opcode not run and the current level. A MARK that would open\n"
-"more than `mark_limit` marks is not run.");
-
-static PyObject *
-run(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+/* Run the data opcodes of s[0:end] from *pos_inout on the unpickler state: *stack_inout
+ * (the current level, a reference of the caller's, replaced as marks open and close),
+ * `metastack` and `memo`. Returns 0 with *pos_inout at the first opcode not run, or -1
+ * with an exception set; either way *stack_inout is the current level, still the
+ * caller's to release. */
+static int
+run_opcodes(const unsigned char *s, Py_ssize_t end, Py_ssize_t *pos_inout,
+            PyObject **stack_inout, PyObject *metastack, PyObject *memo, Py_ssize_t mark_limit)
 {
-    if (nargs != 5 && nargs != 6) {
-        PyErr_SetString(PyExc_TypeError, "run() takes 5 or 6 arguments");
-        return NULL;
-    }
-    /* At most this many marks open at once: a MARK beyond it is left to Python, which
-     * refuses it (the restricted unpickler's budget). */
-    Py_ssize_t mark_limit = PY_SSIZE_T_MAX;
-    if (nargs == 6) {
-        mark_limit = PyLong_AsSsize_t(args[5]);
-        if (mark_limit == -1 && PyErr_Occurred())
-            return NULL;
-    }
-    if (!PyBytes_CheckExact(args[0]) || !PyLong_Check(args[1]) || !PyList_CheckExact(args[2])
-            || !PyList_CheckExact(args[3]) || !PyDict_CheckExact(args[4]))
-        return PyTuple_Pack(2, args[1], args[2]);   /* e.g. a memo set to a non-dict: all Python's */
-    const unsigned char *s = (const unsigned char *)PyBytes_AS_STRING(args[0]);
-    Py_ssize_t end = PyBytes_GET_SIZE(args[0]);
-    Py_ssize_t pos = PyLong_AsSsize_t(args[1]);
-    if (pos == -1 && PyErr_Occurred())
-        return NULL;
-    PyObject *metastack = args[3], *memo = args[4];
-    PyObject *stack = args[2];      /* the current level: a reference of our own */
-    Py_INCREF(stack);
+    Py_ssize_t pos = *pos_inout;
+    PyObject *stack = *stack_inout;
 
     /* Each case either runs its opcode whole and moves `pos` past it, or leaves `pos`
      * and everything else as they were and breaks out of the loop ("goto stop"). */
@@ -570,19 +558,119 @@ run(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         goto stop;
     }
 stop:
-    return Py_BuildValue("(nN)", pos, stack);      /* N: the tuple takes our reference */
+    *pos_inout = pos;
+    *stack_inout = stack;
+    return 0;
 error:
-    Py_DECREF(stack);
+    *pos_inout = pos;
+    *stack_inout = stack;
+    return -1;
+}
+
+PyDoc_STRVAR(run_doc,
+"run(data, pos, stack, metastack, memo[, mark_limit]) -> (pos, stack)\n\n"
+"Run the data opcodes of bytes `data` from `pos`, on the unpickler state `stack` (the\n"
+"current level), `metastack` (the levels below the marks) and `memo`. Returns the\n"
+"offset of the first opcode not run and the current level. A MARK that would open\n"
+"more than `mark_limit` marks is not run.");
+
+static PyObject *
+run(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 5 && nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "run() takes 5 or 6 arguments");
+        return NULL;
+    }
+    /* At most this many marks open at once: a MARK beyond it is left to Python, which
+     * refuses it (the restricted unpickler's budget). */
+    Py_ssize_t mark_limit = PY_SSIZE_T_MAX;
+    if (nargs == 6) {
+        mark_limit = PyLong_AsSsize_t(args[5]);
+        if (mark_limit == -1 && PyErr_Occurred())
+            return NULL;
+    }
+    if (!PyBytes_CheckExact(args[0]) || !PyLong_Check(args[1]) || !PyList_CheckExact(args[2])
+            || !PyList_CheckExact(args[3]) || !PyDict_CheckExact(args[4]))
+        return PyTuple_Pack(2, args[1], args[2]);   /* e.g. a memo set to a non-dict: all Python's */
+    Py_ssize_t pos = PyLong_AsSsize_t(args[1]);
+    if (pos == -1 && PyErr_Occurred())
+        return NULL;
+    PyObject *stack = Py_NewRef(args[2]);
+    if (run_opcodes((const unsigned char *)PyBytes_AS_STRING(args[0]), PyBytes_GET_SIZE(args[0]),
+                    &pos, &stack, args[3], args[4], mark_limit) < 0) {
+        Py_DECREF(stack);
+        return NULL;
+    }
+    return Py_BuildValue("(nN)", pos, stack);      /* N: the tuple takes our reference */
+}
+
+PyDoc_STRVAR(load_pickle_doc,
+"load_pickle(data, start, mark_limit) -> (value, end) | (pos, stack, metastack, memo, proto)\n\n"
+"Read the pickle at offset `start` of bytes `data` with a memo of its own, as run() reads\n"
+"(a PROTO at its start included). When it reaches the pickle's STOP: the object and the\n"
+"offset after the STOP. Otherwise the state where it stopped, for the Python loop to go\n"
+"on from: the offset of the first opcode not run, the current level, the levels below\n"
+"the marks, the memo and the protocol its PROTO declared (0 if none was run).");
+
+/* The common pickle (PROTO, FRAME, plain data, STOP) in one call, with no Python between
+ * its opcodes; anything else goes on in Python from where it stopped, so no work is
+ * done twice and every error is still raised by the Python loop. */
+static PyObject *
+load_pickle(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "load_pickle() takes 3 arguments");
+        return NULL;
+    }
+    Py_ssize_t pos = PyLong_AsSsize_t(args[1]);
+    if (pos == -1 && PyErr_Occurred())
+        return NULL;
+    Py_ssize_t mark_limit = PyLong_AsSsize_t(args[2]);
+    if (mark_limit == -1 && PyErr_Occurred())
+        return NULL;
+    PyObject *stack = PyList_New(0), *metastack = PyList_New(0), *memo = PyDict_New();
+    if (stack == NULL || metastack == NULL || memo == NULL)
+        goto error;
+    int proto = 0;
+    if (PyBytes_CheckExact(args[0])) {
+        const unsigned char *s = (const unsigned char *)PyBytes_AS_STRING(args[0]);
+        Py_ssize_t end = PyBytes_GET_SIZE(args[0]);
+        if (pos >= 0 && end - pos >= 2 && kinds[s[pos]] == K_PROTO
+                && s[pos + 1] <= highest_protocol) {
+            proto = s[pos + 1];
+            pos += 2;
+        }
+        if (run_opcodes(s, end, &pos, &stack, metastack, memo, mark_limit) < 0)
+            goto error;
+        Py_ssize_t depth = PyList_GET_SIZE(stack);
+        if (pos >= 0 && pos < end && kinds[s[pos]] == K_STOP && depth > 0) {
+            PyObject *value = Py_NewRef(PyList_GET_ITEM(stack, depth - 1));
+            Py_DECREF(stack);
+            Py_DECREF(metastack);
+            Py_DECREF(memo);
+            return Py_BuildValue("(Nn)", value, pos + 1);
+        }
+    }
+    return Py_BuildValue("(nNNNi)", pos, stack, metastack, memo, proto);
+error:
+    Py_XDECREF(stack);
+    Py_XDECREF(metastack);
+    Py_XDECREF(memo);
     return NULL;
 }
 
 PyDoc_STRVAR(set_opcodes_doc,
-"set_opcodes(codes)\n\n"
-"Tell run() the byte of each opcode it takes: `codes` maps opcode names to bytes.");
+"set_opcodes(codes, highest_protocol)\n\n"
+"Tell run() and load_pickle() the byte of each opcode they take (`codes` maps opcode\n"
+"names to bytes) and the highest protocol a PROTO may declare.");
 
 static PyObject *
-set_opcodes(PyObject *module, PyObject *codes)
+set_opcodes(PyObject *module, PyObject *args)
 {
+    PyObject *codes;
+    int highest;
+    if (!PyArg_ParseTuple(args, "Oi:set_opcodes", &codes, &highest))
+        return NULL;
     unsigned char table[256] = {0};
     for (size_t i = 0; i < KIND_COUNT; i++) {
         PyObject *code = PyMapping_GetItemString(codes, kind_names[i].name);
@@ -599,12 +687,14 @@ set_opcodes(PyObject *module, PyObject *codes)
         table[byte] = kind_names[i].kind;
     }
     memcpy(kinds, table, sizeof kinds);
+    highest_protocol = highest;
     Py_RETURN_NONE;
 }
 
 static PyMethodDef methods[] = {
     {"run", (PyCFunction)(void (*)(void))run, METH_FASTCALL, run_doc},
-    {"set_opcodes", set_opcodes, METH_O, set_opcodes_doc},
+    {"load_pickle", (PyCFunction)(void (*)(void))load_pickle, METH_FASTCALL, load_pickle_doc},
+    {"set_opcodes", set_opcodes, METH_VARARGS, set_opcodes_doc},
     {NULL, NULL, 0, NULL},
 };
 

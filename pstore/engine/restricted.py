@@ -452,14 +452,16 @@ class RestrictedUnpickler(Unpickler):
     # -- a load's budget starts with it ------------------------------------------------------
 
     def _run(self, data: bytes, pos: int, origin: int,
-             refill: Callable[[int], bytes] | None) -> tuple[Any, int, int]:
-        # A persistent_load may load nested pickles: each has its own budget.
+             refill: Callable[[int], bytes] | None,
+             resumed: tuple[list, list] | None = None) -> tuple[Any, int, int]:
+        # A persistent_load may load nested pickles: each has its own budget, of its
+        # whole length (C may have read its start already: it charges nothing).
         saved = self._work, self._work_limit, self._node_counts
         self._work = 0
-        self._work_limit = self.work_base + self.work_per_byte * (len(data) - pos)
+        self._work_limit = self.work_base + self.work_per_byte * (len(data) - origin)
         self._node_counts = None    # made by the first key that needs counting
         try:
-            return super()._run(data, pos, origin, refill)
+            return super()._run(data, pos, origin, refill, resumed)
         finally:
             self._work, self._work_limit, self._node_counts = saved
 
@@ -479,6 +481,6 @@ def restricted_loads(data: Any, /, *, allow: str | Iterable[str] = (), fix_impor
         data = bytes(memoryview(data))
     # As loads() does: no file, the bytes read in place.
     unpickler = RestrictedUnpickler.__new__(RestrictedUnpickler)
-    unpickler._setup(fix_imports, encoding, errors, buffers)
+    unpickler._setup(fix_imports, encoding, errors, None)
     unpickler._restrict(allow)
-    return unpickler._run(data, 0, 0, None)[0]
+    return unpickler.load_bytes_at(data, 0, buffers)[0]

@@ -834,6 +834,10 @@ for _op in BY_CODE.values():
 #: (see _speedups.c), or None: set by :func:`pstore.engine.use_accelerators`, the one place
 #: that picks the implementation.
 _accelerate: Callable[[bytes, int, list, list, dict, int], tuple[int, list]] | None = None
+#: Its whole-pickle entry, ``load_pickle(data, start, mark_limit)``: ``(object, end)`` for a
+#: pickle it reads to its STOP, else ``(pos, stack, metastack, memo, proto)``, the state
+#: where it stopped, for the loop to go on from; or None (set with ``_accelerate``).
+_load_pickle: Callable[[bytes, int, int], tuple[Any, ...]] | None = None
 del _op, _table
 
 
@@ -924,10 +928,21 @@ class Unpickler:
             saved = self.memo, self.proto, self._buffers
         except AttributeError:
             raise _not_initialised(self) from None
-        self.memo = {}
+        resumed = None
+        if _load_pickle is not None:
+            # A pickle of plain data is read whole by one C call; any other goes on from
+            # where C stopped, with the memo C made.
+            state = _load_pickle(data, start, self._mark_limit)
+            if len(state) == 2:
+                return state
+            pos, stack, metastack, self.memo, self.proto = state
+            resumed = stack, metastack
+        else:
+            pos = start
+            self.memo = {}
         self._buffers = iter(buffers) if buffers is not None else None
         try:
-            value, end, _ = self._run(data, start, start, None)
+            value, end, _ = self._run(data, pos, start, None, resumed)
             return value, end
         finally:
             self.memo, self.proto, self._buffers = saved
@@ -998,30 +1013,37 @@ class Unpickler:
         return refill
 
     def _run(self, data: bytes, pos: int, origin: int,
-             refill: Callable[[int], bytes] | None) -> tuple[Any, int, int]:
+             refill: Callable[[int], bytes] | None,
+             resumed: tuple[list, list] | None = None) -> tuple[Any, int, int]:
         """Run the opcodes of ``data`` from ``pos`` up to STOP.
 
         ``origin`` is where the pickle starts in ``data`` (offsets in messages
-        count from it). Returns (value, position after STOP, len(data)).
+        count from it). ``resumed``: the stack and metastack of a pickle read up to
+        ``pos`` already (by ``_load_pickle``, which set ``proto`` and ``memo``); else
+        the pickle starts at ``pos``. Returns (value, position after STOP, len(data)).
         """
-        self.proto = 0  # each pickle declares its own protocol (or has none: 0)
         memo = self.memo
-        stack: list = []
-        metastack: list[list] = []
         handlers = self._handlers
         # Local names: cheaper to read in the loop than module globals.
         BINGET, MEMOIZE, SHORT_BINUNICODE, MARK = _BINGET, _MEMOIZE, _SHORT_BINUNICODE, _MARK
         mark_handlers = self._mark_handlers
         mark_limit = self._mark_limit
         end = len(data)
-        # Nearly every pickle opens with PROTO and, from protocol 4 on, a FRAME: when both
-        # are valid and the frame is all there, they are taken here, not by two handler
-        # calls. Anything else is left to the loop, errors included.
-        if pos + 11 <= end and data[pos] == _PROTO and data[pos + 1] <= HIGHEST_PROTOCOL:
-            self.proto = data[pos + 1]
-            pos += 2
-            if data[pos] == _FRAME and pos + 9 + _unpack_uint8(data, pos + 1)[0] <= end:
-                pos += 9
+        stack: list
+        metastack: list[list]
+        if resumed is not None:
+            stack, metastack = resumed
+        else:
+            self.proto = 0  # each pickle declares its own protocol (or has none: 0)
+            stack, metastack = [], []
+            # Nearly every pickle opens with PROTO and, from protocol 4 on, a FRAME: when
+            # both are valid and the frame is all there, they are taken here, not by two
+            # handler calls. Anything else is left to the loop, errors included.
+            if pos + 11 <= end and data[pos] == _PROTO and data[pos + 1] <= HIGHEST_PROTOCOL:
+                self.proto = data[pos + 1]
+                pos += 2
+                if data[pos] == _FRAME and pos + 9 + _unpack_uint8(data, pos + 1)[0] <= end:
+                    pos += 9
         accelerate = _accelerate
         start = pos
         code = -1
@@ -1160,5 +1182,5 @@ def loads(data: Any, /, *, fix_imports: bool = True, encoding: str = "ASCII",
     if type(data) is not bytes:
         data = bytes(memoryview(data))
     unpickler = Unpickler.__new__(Unpickler)
-    unpickler._setup(fix_imports, encoding, errors, buffers)
-    return unpickler._run(data, 0, 0, None)[0]
+    unpickler._setup(fix_imports, encoding, errors, None)
+    return unpickler.load_bytes_at(data, 0, buffers)[0]

@@ -109,6 +109,84 @@ class Ref:
         self.pid = pid
 
 
+# -- load_pickle: a whole pickle in one call, or the state to go on from ------------------
+
+@needs_speedups
+@pytest.mark.parametrize("protocol", range(2, 6))     # 0 and 1 write text opcodes: Python's
+def test_load_pickle_reads_a_plain_pickle_whole(protocol: int) -> None:
+    value = {"id": 7, "name": "n7", "tags": ["a", "b", ("t", 1)], "score": 0.5, "none": None,
+             "big": -2 ** 40, "shared": [[1]] * 2}
+    first, second = pickle.dumps(value, protocol), pickle.dumps([1.5, "x"], protocol)
+    data = b"junk" + first + second
+    loaded, end = speedups.load_pickle(data, 4, sys.maxsize)
+    assert loaded == value and end == 4 + len(first)
+    assert loaded["shared"][0] is loaded["shared"][1]       # the memo of its own
+    assert speedups.load_pickle(data, end, sys.maxsize) == ([1.5, "x"], len(data))
+
+
+@needs_speedups
+@pytest.mark.parametrize("data, pos, proto, why", [
+    (b"\x80\x05\x95\x08\x00\x00\x00\x00\x00\x00\x00K\x01\x8c\x01a\x94\x93.", 17, 5,
+     "STACK_GLOBAL after PROTO, FRAME, two values"),
+    (b"\x80\x06N.", 0, 0, "a protocol it does not know: Python refuses it"),
+    (b"\x80", 0, 0, "PROTO without its argument"),
+    (b"K\x01(K\x02", 5, 0, "no STOP: the pickle is truncated"),
+    (b"(.", 1, 0, "STOP on an empty level (only a mark below)"),
+    (b"", 0, 0, "no opcode at all"),
+])
+def test_load_pickle_returns_the_state_where_it_stopped(data: bytes, pos: int, proto: int,
+                                                        why: str) -> None:
+    state = speedups.load_pickle(data, 0, sys.maxsize)
+    assert len(state) == 5, why
+    assert state[0] == pos and state[4] == proto, why
+    # The state is that of run() from the same place, after the PROTO it took.
+    start = 2 if proto else 0
+    metastack: list = []
+    memo: dict = {}
+    assert speedups.run(data, start, [], metastack, memo) == (pos, state[1]), why
+    assert (state[2], state[3]) == (metastack, memo), why
+
+
+@needs_speedups
+def test_load_pickle_of_a_non_bytes_leaves_all_to_python() -> None:
+    assert speedups.load_pickle(bytearray(b"N."), 0, sys.maxsize) == (0, [], [], {}, 0)
+    assert speedups.load_pickle(b"N.", -1, sys.maxsize)[0] == -1
+
+
+@needs_speedups
+def test_load_pickle_respects_the_mark_limit() -> None:
+    state = speedups.load_pickle(b"\x80\x02(((K\x01ttt.", 0, 2)
+    assert state[0] == 4 and len(state[2]) == 2     # the third MARK is Python's
+    class Shallow(engine.RestrictedUnpickler):
+        mark_limit = 2
+
+    with pytest.raises(engine.UnpicklingError, match="more than 2 nested marks"):
+        Shallow(io.BytesIO(b"")).load_bytes(b"\x80\x02(((K\x01ttt.")
+
+
+@needs_speedups
+def test_a_pickle_c_stops_in_goes_on_in_python(monkeypatch) -> None:
+    """load_bytes goes on from where load_pickle stopped, with the memo C made (a
+    reference after that point finds its object) and the protocol: the result is the
+    pure-Python loop's, and the global is resolved once."""
+    value = [{"k": i, "s": "text"} for i in range(50)] + [collections.OrderedDict(a=1)]
+    value.append(value[0])      # a memo reference after the point where C stopped
+    seen: list[str] = []
+
+    class Counting(engine.Unpickler):
+        def find_class(self, module, name):
+            seen.append(name)
+            return super().find_class(module, name)
+
+    data = pickle.dumps(value, 4)
+    loaded = Counting(io.BytesIO(b"")).load_bytes(data)
+    assert seen == ["OrderedDict"]
+    assert loaded == value and loaded[-1] is loaded[0]
+    monkeypatch.setattr(unpickler, "_load_pickle", None)
+    monkeypatch.setattr(unpickler, "_accelerate", None)
+    assert Counting(io.BytesIO(b"")).load_bytes(data) == loaded
+
+
 @needs_speedups
 def test_memo_with_gaps_then_memoize() -> None:
     #       EMPTY_LIST BINPUT 5   MEMOIZE (key len(memo) == 1)  BINGET 1  BINGET 5  TUPLE2 STOP
@@ -175,8 +253,9 @@ _HERE = f"{__name__}\n".encode()
 def test_an_error_of_user_code_is_raised_as_in_python(data: bytes, monkeypatch) -> None:
     """C clears it and stops before the opcode: the Python loop raises it, with its location."""
     raised = []
-    for accelerate in (speedups.run, None):
+    for accelerate, load_pickle in ((speedups.run, speedups.load_pickle), (None, None)):
         monkeypatch.setattr(unpickler, "_accelerate", accelerate)
+        monkeypatch.setattr(unpickler, "_load_pickle", load_pickle)
         with pytest.raises(ValueError, match="RaisingKey") as caught:
             engine.loads(data)
         raised.append((str(caught.value), getattr(caught.value, "__notes__", None)))
