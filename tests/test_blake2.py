@@ -172,3 +172,19 @@ def test_open_envelope_declines_all_but_the_plain_form():
     assert open_envelope(plain, 3, signer.fingerprint, b"k" * 65) is None
     with pytest.raises(TypeError, match="takes 4 arguments"):
         open_envelope(plain, 3)
+
+
+@needs_c
+def test_common_opener_is_open_envelope_bound_to_a_reader() -> None:
+    reader, other = SIGNERS[0], SIGNERS[1]
+    open_common = records.common_opener(reader)
+    assert open_common is not None
+    mine, theirs = records.pack(5, b"p", [], 0, reader), records.pack(5, b"q", [], 0, other)
+    assert open_common(mine, 5) == (b"p", True)
+    assert open_common(theirs, 5) == (b"q", False)     # verified by its digest, not signed
+    assert open_common(mine, 6) is None                 # then unpack says what is wrong
+    c_path, records.open_envelope = records.open_envelope, None
+    try:
+        assert records.common_opener(reader) is None    # pure Python: unpack does it all
+    finally:
+        records.open_envelope = c_path

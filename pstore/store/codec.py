@@ -285,6 +285,7 @@ class RecordLoader:
         self._writable_buffers = writable_buffers
         self._max_record_size = max_record_size
         self._signer = signer
+        self._open_common = records.common_opener(signer)
         self._mapped = mapped
         self._renames = renames
         self._unpickler = RecordUnpickler(self, self._path, renames)
@@ -404,18 +405,25 @@ class RecordLoader:
     def _load_outermost(self, oid: int, data: bytes | None) -> Any:
         """Load record ``oid`` (or fill its placeholder) as the outermost load: when a
         nested load goes too deep, load the record it needed first, then try again."""
+        try:
+            return self._unpickle(oid, data)    # nearly always: no chain too long
+        except _LoadFirst as deeper:
+            needed: int | None = deeper.oid
         wanted = [oid]      # records to load, the last one first
         held = []           # what was loaded, alive until the whole load is done
         while True:
+            if needed is not None:
+                if needed in wanted:
+                    raise CorruptionError(self._path, "its records refer to one another in "
+                                          "a cycle", object_id=needed)
+                wanted.append(needed)
             current = wanted[-1]
             try:
                 obj = self._unpickle(current, data if current == oid else None)
             except _LoadFirst as deeper:
-                if deeper.oid in wanted:
-                    raise CorruptionError(self._path, "its records refer to one another in "
-                                          "a cycle", object_id=deeper.oid) from None
-                wanted.append(deeper.oid)
+                needed = deeper.oid
                 continue
+            needed = None
             if len(wanted) == 1:
                 return obj
             held.append(obj)
@@ -423,7 +431,14 @@ class RecordLoader:
 
     def _unpickle(self, oid: int, data: bytes | None) -> Any:
         """Unpickle record ``oid`` (reading it unless ``data`` is given) and register it."""
-        data, buffers, verified, signed = self._unwrap(oid, data)
+        opened = None
+        if data is not None and self._open_common is not None:
+            opened = self._open_common(data, oid)     # the common record, in one C call
+        if opened is not None:
+            data, signed = opened
+            buffers, verified = None, True
+        else:
+            data, buffers, verified, signed = self._unwrap(oid, data)
         trusted = signed and not self._restrict_all
         if trusted:
             unpickler = self._unpickler

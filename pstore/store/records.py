@@ -34,6 +34,7 @@ import struct
 
 # hmac.compare_digest itself: hmac would import hashlib's OpenSSL at ``import pstore``.
 from _operator import _compare_digest as compare_digest
+from collections.abc import Callable
 from typing import NamedTuple
 
 from .._blake2 import digest_of, open_envelope
@@ -162,6 +163,21 @@ def resign(data: bytes, oid: int, unpacked: Unpacked, signer: Signer) -> bytes:
         body[1] = _VERSION
         return seal(oid, bytes(body), signer)
     return pack(oid, unpacked.payload, unpacked.blobs, 0, signer)
+
+
+def common_opener(signer: Signer) -> Callable[[bytes, int], tuple[bytes, bool] | None] | None:
+    """The first step of :func:`unpack` for a reader with ``signer``, as one function of
+    ``(data, oid)``: the common record's ``(payload, signed)`` -- version 3, no codec, no
+    blobs, every check passing, so verified -- else None (then :func:`unpack` reads the
+    record and says what is wrong). None where the C reading is not built."""
+    if open_envelope is None:
+        return None
+    fingerprint, mac_key = signer.fingerprint, signer.mac_key
+
+    def open_common(data: bytes, oid: int) -> tuple[bytes, bool] | None:
+        return open_envelope(data, oid, fingerprint, mac_key)
+
+    return open_common
 
 
 def unpack(data: bytes, oid: int, *, signer: Signer | None = None,
