@@ -222,6 +222,24 @@ add_all(PyObject *set, PyObject *items)
     return status;
 }
 
+/* Remove the top `n` (at most 3) items of list `stack`, or all of them if it holds fewer
+ * (user code may have emptied it meanwhile). The size is cut first and the items are
+ * released after, so code a release runs (a __del__) sees the list without them. Cheaper
+ * than PyList_SetSlice, which the stack's every pop would otherwise cost. */
+static void
+drop_top(PyObject *stack, Py_ssize_t n)
+{
+    PyObject *dropped[3];
+    Py_ssize_t size = PyList_GET_SIZE(stack);
+    if (n > size)
+        n = size;
+    for (Py_ssize_t i = 0; i < n; i++)
+        dropped[i] = PyList_GET_ITEM(stack, size - n + i);
+    Py_SET_SIZE(stack, size - n);
+    for (Py_ssize_t i = 0; i < n; i++)
+        Py_DECREF(dropped[i]);
+}
+
 /* After a failure with an exception set: 1 (exception cleared) if the opcode is to be
  * left to Python, which raises it again with its location; 0 if it must propagate. */
 static int
@@ -453,8 +471,7 @@ run_opcodes(const unsigned char *s, Py_ssize_t end, Py_ssize_t *pos_inout,
         case K_POP:
             if (depth < 1)
                 goto stop;          /* popping the mark itself: Python's */
-            if (PyList_SetSlice(stack, depth - 1, depth, NULL) < 0)
-                goto error;
+            drop_top(stack, 1);
             pos += 1;
             continue;
         case K_TUPLE1:
@@ -463,22 +480,21 @@ run_opcodes(const unsigned char *s, Py_ssize_t end, Py_ssize_t *pos_inout,
             Py_ssize_t n = kinds[s[pos]] - K_TUPLE1 + 1;
             if (depth < n)
                 goto stop;
-            PyObject *items = PyList_GetSlice(stack, depth - n, depth);
-            if (items == NULL)
+            value = PyTuple_New(n);
+            if (value == NULL)
                 goto error;
-            value = PyList_AsTuple(items);
-            Py_DECREF(items);
-            if (value != NULL && PyList_SetSlice(stack, depth - n, depth, NULL) < 0)
-                Py_CLEAR(value);
+            for (Py_ssize_t i = 0; i < n; i++)
+                PyTuple_SET_ITEM(value, i, Py_NewRef(PyList_GET_ITEM(stack, depth - n + i)));
+            drop_top(stack, n);
             goto push;
         }
         case K_APPEND: {
             if (depth < 2 || !PyList_CheckExact(PyList_GET_ITEM(stack, depth - 2)))
                 goto stop;
             if (PyList_Append(PyList_GET_ITEM(stack, depth - 2),
-                              PyList_GET_ITEM(stack, depth - 1)) < 0
-                    || PyList_SetSlice(stack, depth - 1, depth, NULL) < 0)
+                              PyList_GET_ITEM(stack, depth - 1)) < 0)
                 goto error;
+            drop_top(stack, 1);
             pos += 1;
             continue;
         }
@@ -489,8 +505,7 @@ run_opcodes(const unsigned char *s, Py_ssize_t end, Py_ssize_t *pos_inout,
             if (set_item(PyList_GET_ITEM(stack, depth - 3), PyList_GET_ITEM(stack, depth - 2),
                          PyList_GET_ITEM(stack, depth - 1)) < 0)
                 goto failed;
-            if (PyList_SetSlice(stack, depth - 2, depth, NULL) < 0)
-                goto error;
+            drop_top(stack, 2);
             pos += 1;
             continue;
         }
@@ -529,9 +544,7 @@ run_opcodes(const unsigned char *s, Py_ssize_t end, Py_ssize_t *pos_inout,
             }
             /* Back to the level below the mark (read again: user code may have run). */
             Py_SETREF(stack, outer);
-            levels = PyList_GET_SIZE(metastack);
-            if (levels > 0 && PyList_SetSlice(metastack, levels - 1, levels, NULL) < 0)
-                goto error;
+            drop_top(metastack, 1);
             pos += 1;
             continue;
         }
