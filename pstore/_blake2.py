@@ -8,7 +8,9 @@
 a binding's seal, at every get and set): the C module ``pstore._blake2_speedups``
 where it is built and ``PSTORE_PURE_PYTHON`` is not set, else ``blake2b`` -- the
 same bytes either way. The C module also checks the common record's envelope in one
-call (:data:`open_envelope`, used by :func:`pstore.store.records.unpack`).
+call (:data:`open_envelope`, used by :func:`pstore.store.records.unpack`) and writes it
+in one (:data:`seal_plain`, used by :func:`pstore.store.records.pack`), and seals key
+bindings (:data:`key_seal`, behind :func:`pstore.backends.base.binding_seal`).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ try:
 except ImportError:     # an interpreter without the built-in module
     from hashlib import blake2b
 
-__all__ = ["blake2b", "digest_of", "open_envelope"]
+__all__ = ["blake2b", "digest_of", "key_seal", "open_envelope", "seal_plain"]
 
 
 def _pure_digest_of(parts: tuple[Any, ...], digest_size: int, key: bytes = b"",
@@ -52,3 +54,10 @@ digest_of: Callable[..., bytes] = \
 #: envelope, ``(payload, signed)`` or None (see ``records.unpack``); None without C.
 open_envelope: Callable[[bytes, int, bytes | None, bytes], tuple[bytes, bool] | None] | None = \
     getattr(_speedups, "open_envelope", None)   # None also from a module built before it
+#: ``seal_plain(payload, oid, fingerprint, mac_key)``: the common record written in one C
+#: call, the bytes ``records.pack`` makes for it (fingerprint None: unsigned); None without C.
+seal_plain: Callable[[bytes, int, bytes | None, bytes], bytes] | None = \
+    getattr(_speedups, "seal_plain", None)
+#: ``key_seal(key, oid)``: a key binding's seal in one C call (see
+#: ``pstore.backends.base.binding_seal``); None without C.
+key_seal: Callable[[str, int], bytes] | None = getattr(_speedups, "key_seal", None)

@@ -220,17 +220,26 @@ static PyObject *digest(PyObject *module, PyObject *const *args, Py_ssize_t narg
 #define ENVELOPE_VERSION 3
 #define DIGEST_FORMAT_VERSION 3 /* the salt's last byte */
 
-/* Whether the 16-byte BLAKE2b of data[0:size], salted with the record's id, keyed with
- * `key` (key_size 0: none) and personalized with `person`, equals `expected`. */
-static int hash_matches(const uint8_t *data, size_t size, const uint8_t *salt,
+/* The 16-byte BLAKE2b of data[0:size] salted with `salt`, keyed with `key` (key_size 0:
+ * none) and personalized with `person_text`, written to `out`. */
+static void record_hash(const uint8_t *data, size_t size, const uint8_t *salt,
                         const uint8_t *key, size_t key_size, const char *person_text,
-                        const uint8_t *expected) {
-    uint8_t person[PARAM_BYTES] = {0}, out[RECORD_DIGEST];
+                        uint8_t *out) {
+    uint8_t person[PARAM_BYTES] = {0};
     memcpy(person, person_text, strlen(person_text));
     State state;
     start(&state, RECORD_DIGEST, key, key_size, salt, person);
     update(&state, data, size);
     finish(&state, out, RECORD_DIGEST);
+}
+
+/* Whether the 16-byte BLAKE2b of data[0:size], salted with the record's id, keyed with
+ * `key` (key_size 0: none) and personalized with `person`, equals `expected`. */
+static int hash_matches(const uint8_t *data, size_t size, const uint8_t *salt,
+                        const uint8_t *key, size_t key_size, const char *person_text,
+                        const uint8_t *expected) {
+    uint8_t out[RECORD_DIGEST];
+    record_hash(data, size, salt, key, key_size, person_text, out);
     uint8_t differ = 0;     /* compared in constant time, as hmac.compare_digest does */
     for (int i = 0; i < RECORD_DIGEST; i++)
         differ |= out[i] ^ expected[i];
@@ -298,17 +307,132 @@ static PyObject *open_envelope(PyObject *module, PyObject *const *args, Py_ssize
     return Py_BuildValue("(NO)", payload, signed_by_reader ? Py_True : Py_False);
 }
 
+PyDoc_STRVAR(seal_plain_doc,
+"seal_plain(payload, oid, fingerprint, mac_key) -> bytes\n\n"
+"The record of object id ``oid`` holding bytes ``payload`` in the common envelope,\n"
+"version 3 with no codec and no blobs: header, payload and trailer, signed with\n"
+"``mac_key`` under ``fingerprint``, or unsigned (zero fingerprint and MAC) when\n"
+"``fingerprint`` is None; the bytes records.pack writes for it.");
+
+static PyObject *seal_plain(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "seal_plain() takes 4 arguments");
+        return NULL;
+    }
+    if (!PyBytes_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "seal_plain() payload must be bytes");
+        return NULL;
+    }
+    uint64_t oid = PyLong_AsUnsignedLongLong(args[1]);
+    if (oid == (uint64_t)-1 && PyErr_Occurred())
+        return NULL;
+    int is_signed = args[2] != Py_None;
+    if (is_signed && (!PyBytes_Check(args[2]) || PyBytes_GET_SIZE(args[2]) != FINGERPRINT
+                      || !PyBytes_Check(args[3]) || PyBytes_GET_SIZE(args[3]) > MAX_KEY)) {
+        PyErr_Format(PyExc_ValueError, "seal_plain() needs a %d-byte fingerprint and a key "
+                     "of at most %d bytes", FINGERPRINT, MAX_KEY);
+        return NULL;
+    }
+    Py_ssize_t size = PyBytes_GET_SIZE(args[0]);
+    if (size > PY_SSIZE_T_MAX - ENVELOPE_HEADER - TRAILER)
+        return PyErr_NoMemory();
+    PyObject *record = PyBytes_FromStringAndSize(NULL, ENVELOPE_HEADER + size + TRAILER);
+    if (record == NULL)
+        return NULL;
+    uint8_t *out = (uint8_t *)PyBytes_AS_STRING(record);
+    memset(out, 0, ENVELOPE_HEADER);
+    out[0] = 0xFF;
+    out[1] = ENVELOPE_VERSION;
+    for (int i = 0; i < 8; i++)
+        out[7 + i] = (uint8_t)((uint64_t)size >> (8 * i));
+    memcpy(out + ENVELOPE_HEADER, PyBytes_AS_STRING(args[0]), (size_t)size);
+    uint8_t *trailer = out + ENVELOPE_HEADER + size;
+    uint8_t salt[PARAM_BYTES] = {0};
+    for (int i = 0; i < 8; i++)
+        salt[i] = (uint8_t)(oid >> (8 * i));
+    salt[8] = DIGEST_FORMAT_VERSION;
+    if (is_signed)
+        memcpy(trailer, PyBytes_AS_STRING(args[2]), FINGERPRINT);
+    else
+        memset(trailer, 0, FINGERPRINT);
+    /* The digest covers all before it, the fingerprint included; the MAC all before it. */
+    record_hash(out, (size_t)(trailer + FINGERPRINT - out), salt, NULL, 0, "pstore-record",
+                trailer + FINGERPRINT);
+    if (is_signed) {
+        uint8_t key[MAX_KEY] = {0};
+        size_t key_size = (size_t)PyBytes_GET_SIZE(args[3]);
+        memcpy(key, PyBytes_AS_STRING(args[3]), key_size);
+        record_hash(out, (size_t)(trailer + FINGERPRINT + RECORD_DIGEST - out), salt, key,
+                    key_size, "pstore-mac", trailer + FINGERPRINT + RECORD_DIGEST);
+    } else {
+        memset(trailer + FINGERPRINT + RECORD_DIGEST, 0, RECORD_MAC);
+    }
+    return record;
+}
+
+PyDoc_STRVAR(key_seal_doc,
+"key_seal(key, oid) -> bytes\n\n"
+"The 8-byte seal of the binding of str ``key`` to object id ``oid`` (an unsigned 64-bit\n"
+"integer): BLAKE2b personalized ``pstore-key`` of the id as 8 little-endian bytes and the\n"
+"key in UTF-8, lone surrogates allowed; what pstore.backends.base.binding_seal gives.");
+
+#define KEY_SEAL 8
+
+static PyObject *key_seal(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "key_seal() takes 2 arguments");
+        return NULL;
+    }
+    if (!PyUnicode_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "key_seal() key must be a str");
+        return NULL;
+    }
+    uint64_t oid = PyLong_AsUnsignedLongLong(args[1]);
+    if (oid == (uint64_t)-1 && PyErr_Occurred())
+        return NULL;
+    /* The str's own UTF-8 (cached in it) where it has one; a key with lone surrogates
+     * has none, and is encoded with surrogatepass. */
+    PyObject *encoded = NULL;
+    Py_ssize_t size;
+    const char *text = PyUnicode_AsUTF8AndSize(args[0], &size);
+    if (text == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_UnicodeEncodeError))
+            return NULL;
+        PyErr_Clear();
+        encoded = PyUnicode_AsEncodedString(args[0], "utf-8", "surrogatepass");
+        if (encoded == NULL)
+            return NULL;
+        text = PyBytes_AS_STRING(encoded);
+        size = PyBytes_GET_SIZE(encoded);
+    }
+    uint8_t id[8], salt[PARAM_BYTES] = {0}, person[PARAM_BYTES] = {0};
+    for (int i = 0; i < 8; i++)
+        id[i] = (uint8_t)(oid >> (8 * i));
+    memcpy(person, "pstore-key", strlen("pstore-key"));
+    State state;
+    start(&state, KEY_SEAL, NULL, 0, salt, person);
+    update(&state, id, sizeof id);
+    update(&state, (const uint8_t *)text, (size_t)size);
+    Py_XDECREF(encoded);
+    PyObject *result = PyBytes_FromStringAndSize(NULL, KEY_SEAL);
+    if (result != NULL)
+        finish(&state, (uint8_t *)PyBytes_AS_STRING(result), KEY_SEAL);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"digest", (PyCFunction)(void (*)(void))digest, METH_FASTCALL, digest_doc},
     {"open_envelope", (PyCFunction)(void (*)(void))open_envelope, METH_FASTCALL,
      open_envelope_doc},
+    {"seal_plain", (PyCFunction)(void (*)(void))seal_plain, METH_FASTCALL, seal_plain_doc},
+    {"key_seal", (PyCFunction)(void (*)(void))key_seal, METH_FASTCALL, key_seal_doc},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module_def = {
     PyModuleDef_HEAD_INIT, "pstore._blake2_speedups",
-    "One-shot BLAKE2b over several buffers, and the check of a plain record's envelope "
-    "(see pstore._blake2).", -1, methods,
+    "One-shot BLAKE2b over several buffers, the common record's envelope, checked and "
+    "written, and key bindings' seals (see pstore._blake2).", -1, methods,
 };
 
 PyMODINIT_FUNC PyInit__blake2_speedups(void) { return PyModule_Create(&module_def); }

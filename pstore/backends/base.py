@@ -43,7 +43,7 @@ from collections.abc import Callable, Collection, Hashable, Iterable, Iterator, 
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any, ClassVar, NamedTuple
 
-from .._blake2 import digest_of
+from .._blake2 import digest_of, key_seal
 from ..errors import Error, FormatError
 
 __all__ = ["ReadableBackend", "Backend", "MAX_OID", "SEAL_SIZE", "ReadAhead", "RecordWrite",
@@ -56,16 +56,19 @@ MAX_OID = 2 ** 63 - 1
 SEAL_SIZE = 8
 
 
-def binding_seal(key: str, oid: int) -> bytes:
-    """The check a backend stores with the binding of ``key`` to ``oid`` (format version 3).
-
-    BLAKE2b, 8 bytes, person ``pstore-key``, of the object id as 8 little-endian
-    bytes followed by the key in UTF-8 (lone surrogates allowed). A binding whose
-    seal does not match was damaged: its reader raises
-    :class:`~pstore.errors.CorruptionError` instead of returning another record.
-    """
+def _python_binding_seal(key: str, oid: int) -> bytes:
     return digest_of((oid.to_bytes(8, "little"), key.encode("utf-8", "surrogatepass")),
                      SEAL_SIZE, b"", b"", b"pstore-key")
+
+
+#: ``binding_seal(key, oid) -> bytes``: the check a backend stores with the binding of
+#: ``key`` to ``oid`` (format version 3). BLAKE2b, 8 bytes, person ``pstore-key``, of the
+#: object id as 8 little-endian bytes followed by the key in UTF-8 (lone surrogates
+#: allowed); one C call where ``pstore._blake2_speedups`` is built. A binding whose seal
+#: does not match was damaged: its reader raises :class:`~pstore.errors.CorruptionError`
+#: instead of returning another record.
+binding_seal: Callable[[str, int], bytes] = \
+    key_seal if key_seal is not None else _python_binding_seal
 
 
 class RecordWrite(NamedTuple):

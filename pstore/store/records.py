@@ -37,7 +37,7 @@ from _operator import _compare_digest as compare_digest
 from collections.abc import Callable
 from typing import NamedTuple
 
-from .._blake2 import digest_of, open_envelope
+from .._blake2 import digest_of, open_envelope, seal_plain
 from ..blob_names import digest_of_name, name_of_digest
 from . import blobio
 from .blobio import CODECS, BlobRef
@@ -129,6 +129,11 @@ def pack(oid: int, payload: bytes, blobs: list[BlobRef], codec: int,
     """The record of object id ``oid``: ``payload`` with out-of-band ``blobs``, compressed
     with ``codec`` when that makes it smaller, signed by ``signer`` (None: unsigned)."""
     size = len(payload)
+    if seal_plain is not None and not blobs and (not codec or size < _COMPRESS_MIN) \
+            and type(payload) is bytes:
+        # The common record, in one C call: the same bytes as below.
+        return seal_plain(payload, oid, None, b"") if signer is None else \
+            seal_plain(payload, oid, signer.fingerprint, signer.mac_key)
     if codec and size >= _COMPRESS_MIN:
         compressed = blobio.compress(codec, payload)
         if len(compressed) < size:
