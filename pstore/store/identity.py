@@ -172,13 +172,13 @@ class IdentityMap:
                             if count <= _ONLY_THE_MAP]
             if unreferenced and 2 * len(unreferenced) >= len(self._strong):
                 for key in unreferenced:
-                    self._drop(key)
+                    self._drop_strong(key)
                 candidates = list(self._strong)
                 continue
             candidates = []
             for key in unreferenced:
                 candidates += self._held_inside(self._strong[key])
-                self._drop(key)
+                self._drop_strong(key)
 
     def _held_inside(self, obj: Any) -> list[int]:
         """The keys of the strongly held objects that ``obj`` contains, directly or through
@@ -205,6 +205,14 @@ class IdentityMap:
         ref = self._weak.pop(key, None)
         if ref is not None:
             ref.key = -1
+        if oid is not None and self._loaded.get(oid) == key:
+            del self._loaded[oid]
+
+    def _drop_strong(self, key: int) -> None:
+        """:meth:`_drop` of a strongly held object (never weakly, never Persistent: only
+        objects without weak references are held strongly), as the sweep drops many."""
+        del self._strong[key]
+        oid = self.oid_of.pop(key, None)
         if oid is not None and self._loaded.get(oid) == key:
             del self._loaded[oid]
 
