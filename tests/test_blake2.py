@@ -14,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pstore import _blake2
-from pstore.backends.base import binding_seal
+from pstore.backends.base import _python_binding_seal, binding_seal
 from pstore.store import records
 from pstore.store.signing import Signer
 
@@ -74,7 +74,7 @@ def test_bad_arguments_raise(args, error, message):
 PURE_AND_C = """
 import sys
 from pstore import _blake2
-from pstore.backends.base import binding_seal
+from pstore.backends.base import _python_binding_seal, binding_seal
 from pstore.store import records
 from pstore.store.signing import Signer
 packed = records.pack(7, b"payload" * 30, [], 0, Signer(b"key"))
@@ -240,6 +240,7 @@ def test_key_seal_is_the_documented_seal(key, oid):
                         b"", b"", b"pstore-key")
     assert key_seal(key, oid) == expected
     assert binding_seal(key, oid) == expected
+    assert _python_binding_seal(key, oid) == expected   # what PSTORE_PURE_PYTHON=1 uses
 
 
 @needs_c

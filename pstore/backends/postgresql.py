@@ -573,12 +573,13 @@ class PostgreSQLBackend(Backend):
         def send() -> Any:
             if not queued and len(last) == 1:
                 name, params = last[0]
-                return self._cursor.execute(self._sql[name], params)
+                return self._cursor.execute(self._sql[name], params,
+                                            binary=name in _BINARY_ROWS)
             with self._conn.pipeline():
                 for name, group in itertools.groupby(queued, key=lambda change: change[0]):
                     self._cursor.execute(self._sql[name], _batch(name, [row for _, row in group]))
                 for name, params in last:
-                    self._cursor.execute(self._sql[name], params)
+                    self._cursor.execute(self._sql[name], params, binary=name in _BINARY_ROWS)
             return self._cursor
         return self._call(send)
 
@@ -1110,6 +1111,13 @@ _STATEMENTS = {
     "first_items": _FIRST_ITEMS, "next_items": _NEXT_ITEMS, "count_keys": _COUNT_KEYS,
     "get_meta": _GET_META, "set_meta": _SET_META, "statistics": _STATISTICS,
 }
+
+#: The statements whose rows come in PostgreSQL's binary format: those that read records
+#: and keys (bytea, bigint, text), the hot reads. Binary bytea is the bytes themselves;
+#: in the text format each byte comes as two hex digits, decoded on arrival.
+_BINARY_ROWS = frozenset({"get_record", "get_item", "read_ahead", "read_ahead_before",
+                          "first_items", "next_items", "records", "get_key", "keys_from",
+                          "first_keys", "next_keys"})
 
 # Connections inherited from a parent process, kept referenced forever: closing one in the
 # child would send the server a terminate message for the parent's session.

@@ -1,6 +1,6 @@
 /* pstore.engine._speedups: the unpickler's fast path for data opcodes, in C.
  *
- * One function, run(data, pos, stack, metastack, memo[, mark_limit]) -> (pos, stack), runs the
+ * Its first function, run(data, pos, stack, metastack, memo[, mark_limit]) -> (pos, stack), runs the
  * opcodes of `data` from `pos` with the same state the pure-Python loop of
  * Unpickler._run keeps (the current stack level, the levels below the marks, the
  * memo), and returns where it stopped and the current level. It stops *before* the
@@ -483,6 +483,13 @@ run_opcodes(const unsigned char *s, Py_ssize_t end, Py_ssize_t *pos_inout,
             value = PyTuple_New(n);
             if (value == NULL)
                 goto error;
+            /* The allocation may have run the collector, and a finalizer may have changed
+             * the stack: its size is read again. */
+            depth = PyList_GET_SIZE(stack);
+            if (depth < n) {
+                Py_DECREF(value);
+                goto stop;
+            }
             for (Py_ssize_t i = 0; i < n; i++)
                 PyTuple_SET_ITEM(value, i, Py_NewRef(PyList_GET_ITEM(stack, depth - n + i)));
             drop_top(stack, n);

@@ -928,6 +928,7 @@ class Unpickler:
             saved = self.memo, self.proto, self._buffers
         except AttributeError:
             raise _not_initialised(self) from None
+        buffer_iterator = iter(buffers) if buffers is not None else None  # may raise: first
         resumed = None
         if _load_pickle is not None:
             # A pickle of plain data is read whole by one C call; any other goes on from
@@ -935,13 +936,12 @@ class Unpickler:
             state = _load_pickle(data, start, self._mark_limit)
             if len(state) == 2:
                 return state
-            pos, stack, metastack, self.memo, self.proto = state
+            pos, stack, metastack, memo, proto = state
             resumed = stack, metastack
         else:
-            pos = start
-            self.memo = {}
-        self._buffers = iter(buffers) if buffers is not None else None
+            pos, memo, proto = start, {}, 0
         try:
+            self.memo, self.proto, self._buffers = memo, proto, buffer_iterator
             value, end, _ = self._run(data, pos, start, None, resumed)
             return value, end
         finally:
@@ -1045,16 +1045,19 @@ class Unpickler:
                 if data[pos] == _FRAME and pos + 9 + _unpack_uint8(data, pos + 1)[0] <= end:
                     pos += 9
         accelerate = _accelerate
+        # C first (and again after a refill), then the loop from where it stopped; a
+        # resumed pickle starts with the loop, at the opcode where C stopped.
+        c_first = accelerate is not None and resumed is None
         start = pos
         code = -1
         while True:
             try:
-                # C first (and again after a refill), then the loop from where it stopped.
-                if accelerate is not None:
+                if c_first and accelerate is not None:
                     pos, stack = accelerate(data, pos, stack, metastack, memo, mark_limit)
                     # Where C took the whole pickle: its STOP, without a turn of the loop.
                     if pos < end and data[pos] == _STOP and stack:
                         return stack.pop(), pos + 1, end
+                c_first = accelerate is not None
                 while True:
                     start = pos
                     code = data[pos]

@@ -175,10 +175,12 @@ class IdentityMap:
                     self._drop_strong(key)
                 candidates = list(self._strong)
                 continue
-            candidates = []
+            inside: list[int] = []
             for key in unreferenced:
-                candidates += self._held_inside(self._strong[key])
+                inside += self._held_inside(self._strong[key])
                 self._drop_strong(key)
+            # Once each: objects the dropped ones shared (a list in two dicts) come twice.
+            candidates = list(dict.fromkeys(inside))
 
     def _held_inside(self, obj: Any) -> list[int]:
         """The keys of the strongly held objects that ``obj`` contains, directly or through
@@ -211,10 +213,13 @@ class IdentityMap:
     def _drop_strong(self, key: int) -> None:
         """:meth:`_drop` of a strongly held object (never weakly, never Persistent: only
         objects without weak references are held strongly), as the sweep drops many."""
-        del self._strong[key]
+        obj = self._strong.pop(key, None)
         oid = self.oid_of.pop(key, None)
         if oid is not None and self._loaded.get(oid) == key:
             del self._loaded[oid]
+        # Released last, once its entries are gone: a finalizer the release runs may make
+        # a new object whose id is ``key``.
+        del obj
 
     def _died(self, ref: _Ref) -> None:
         if self._weak.get(ref.key) is ref:

@@ -228,3 +228,20 @@ def test_sweep_drops_chains_the_map_alone_holds(held):
     ids.sweep()
     assert len(ids) == held
     assert all(ids.get(oid) is obj for oid, obj in enumerate(kept))
+
+
+@pytest.mark.parametrize("held", [0, 100])
+def test_sweep_drops_an_object_two_dropped_ones_shared(held):
+    # Two dicts holding one list: once they are dropped, the list is found inside both.
+    ids = IdentityMap()
+    kept = [[i] for i in range(held)]
+    for oid, obj in enumerate(kept):
+        ids.add(obj, oid)
+    shared: list = ["shared"]
+    ids.add(shared, 1000)
+    for oid in (1001, 1002):
+        ids.add({"list": shared}, oid)
+    del shared
+    ids.sweep()
+    assert len(ids) == held
+    assert ids.get(1000) is None and ids.get(1001) is None
