@@ -147,34 +147,117 @@ decode_text(const unsigned char *p, Py_ssize_t n)
     return text;
 }
 
-static PyObject *
-memo_key_get(PyObject *memo, Py_ssize_t index)
+/* The memo: run()'s is the unpickler's dict (the Python loop shares it); load_pickle()'s
+ * is an array of its own while C runs, made a dict only if the Python loop goes on. */
+typedef struct {
+    PyObject *dict;         /* the memo as a dict, or NULL: then `items` is it */
+    PyObject **items;       /* items[i]: memo entry i, or NULL where there is none */
+    Py_ssize_t size;        /* slots in `items` */
+    Py_ssize_t count;       /* entries in `items` */
+} Memo;
+
+/* An index this far beyond the array's entries makes the memo a dict instead: the array
+ * stays proportional to what the pickle put in it, whatever indexes it names. */
+#define MEMO_ARRAY_SLACK 1024
+
+static Py_ssize_t
+memo_len(const Memo *memo)
 {
+    return memo->dict != NULL ? PyDict_GET_SIZE(memo->dict) : memo->count;
+}
+
+/* Entry `index` (borrowed), or NULL: with an exception set on failure, else none. */
+static PyObject *
+memo_get(const Memo *memo, Py_ssize_t index)
+{
+    if (memo->dict == NULL)
+        return index < memo->size ? memo->items[index] : NULL;
     PyObject *key = PyLong_FromSsize_t(index);
     if (key == NULL)
         return NULL;
-    PyObject *value = PyDict_GetItemWithError(memo, key);   /* borrowed */
+    PyObject *value = PyDict_GetItemWithError(memo->dict, key);   /* borrowed */
     Py_DECREF(key);
     return value;
 }
 
 static int
-memo_key_set(PyObject *memo, Py_ssize_t index, PyObject *value)
+dict_set_index(PyObject *dict, Py_ssize_t index, PyObject *value)
 {
     PyObject *key = PyLong_FromSsize_t(index);
     if (key == NULL)
         return -1;
-    int status = PyDict_SetItem(memo, key, value);
+    int status = PyDict_SetItem(dict, key, value);
     Py_DECREF(key);
     return status;
 }
 
+/* Release the array of `memo` (its entries and its slots). */
+static void
+memo_free_items(Memo *memo)
+{
+    for (Py_ssize_t i = 0; i < memo->size; i++)
+        Py_XDECREF(memo->items[i]);
+    PyMem_Free(memo->items);
+    memo->items = NULL;
+    memo->size = memo->count = 0;
+}
+
+/* Make an array memo a dict of the same entries. */
+static int
+memo_make_dict(Memo *memo)
+{
+    PyObject *dict = PyDict_New();
+    if (dict == NULL)
+        return -1;
+    for (Py_ssize_t i = 0; i < memo->size; i++) {
+        if (memo->items[i] != NULL && dict_set_index(dict, i, memo->items[i]) < 0) {
+            Py_DECREF(dict);
+            return -1;
+        }
+    }
+    memo_free_items(memo);
+    memo->dict = dict;
+    return 0;
+}
+
+/* memo[index] = value (a new reference of the memo's own is taken). */
+static int
+memo_set(Memo *memo, Py_ssize_t index, PyObject *value)
+{
+    if (memo->dict == NULL && index >= memo->size) {
+        if (index > 2 * memo->count + MEMO_ARRAY_SLACK) {
+            if (memo_make_dict(memo) < 0)
+                return -1;
+        } else {
+            Py_ssize_t size = memo->size ? 2 * memo->size : 64;
+            if (size <= index)
+                size = index + 1;
+            PyObject **items = PyMem_Realloc(memo->items, (size_t)size * sizeof *items);
+            if (items == NULL) {
+                PyErr_NoMemory();
+                return -1;
+            }
+            memset(items + memo->size, 0, (size_t)(size - memo->size) * sizeof *items);
+            memo->items = items;
+            memo->size = size;
+        }
+    }
+    if (memo->dict != NULL)
+        return dict_set_index(memo->dict, index, value);
+    PyObject *old = memo->items[index];
+    memo->items[index] = Py_NewRef(value);
+    if (old == NULL)
+        memo->count++;
+    Py_XDECREF(old);
+    return 0;
+}
+
 /* memo[index] = the top of `stack` (depth items). */
 static int
-memo_put(PyObject *memo, Py_ssize_t index, PyObject *stack, Py_ssize_t depth)
+memo_put(Memo *memo, Py_ssize_t index, PyObject *stack, Py_ssize_t depth)
 {
     PyObject *top = Py_NewRef(PyList_GET_ITEM(stack, depth - 1));
-    int status = memo_key_set(memo, index, top);
+    int status = memo_set(memo, index, top);
     Py_DECREF(top);
     return status;
 }
@@ -311,10 +394,11 @@ consume_mark(int kind, PyObject *items, PyObject *outer)
  * caller's to release. */
 static int
 run_opcodes(const unsigned char *s, Py_ssize_t end, Py_ssize_t *pos_inout,
-            PyObject **stack_inout, PyObject *metastack, PyObject *memo, Py_ssize_t mark_limit)
+            PyObject **stack_inout, PyObject *metastack, Memo *memo, Py_ssize_t mark_limit)
 {
     Py_ssize_t pos = *pos_inout;
     PyObject *stack = *stack_inout;
+    PyObject *spare = NULL;     /* an emptied level list, for the next MARK */
 
     /* Each case either runs its opcode whole and moves `pos` past it, or leaves `pos`
      * and everything else as they were and breaks out of the loop ("goto stop"). */
@@ -434,7 +518,7 @@ run_opcodes(const unsigned char *s, Py_ssize_t end, Py_ssize_t *pos_inout,
             int wide = kinds[s[pos]] == K_LONG_BINGET;
             if (avail < (wide ? 4 : 1))
                 goto stop;
-            value = memo_key_get(memo, wide ? (Py_ssize_t)read_uint4(arg) : arg[0]);
+            value = memo_get(memo, wide ? (Py_ssize_t)read_uint4(arg) : arg[0]);
             if (value == NULL) {
                 if (PyErr_Occurred())
                     goto error;
@@ -447,7 +531,7 @@ run_opcodes(const unsigned char *s, Py_ssize_t end, Py_ssize_t *pos_inout,
         case K_MEMOIZE:
             if (depth < 1)
                 goto stop;
-            if (memo_put(memo, PyDict_GET_SIZE(memo), stack, depth) < 0)
+            if (memo_put(memo, memo_len(memo), stack, depth) < 0)
                 goto error;
             pos += 1;
             continue;
@@ -519,7 +603,8 @@ run_opcodes(const unsigned char *s, Py_ssize_t end, Py_ssize_t *pos_inout,
         case K_MARK: {
             if (PyList_GET_SIZE(metastack) >= mark_limit)
                 goto stop;
-            PyObject *level = PyList_New(0);
+            PyObject *level = spare != NULL ? spare : PyList_New(0);
+            spare = NULL;
             if (level == NULL)
                 goto error;
             if (PyList_Append(metastack, stack) < 0) {
@@ -549,8 +634,24 @@ run_opcodes(const unsigned char *s, Py_ssize_t end, Py_ssize_t *pos_inout,
                     goto stop;
                 goto failed;
             }
-            /* Back to the level below the mark (read again: user code may have run). */
-            Py_SETREF(stack, outer);
+            /* Back to the level below the mark (read again: user code may have run). The
+             * level left is kept, emptied, for the next MARK when nothing else holds it
+             * (LIST made it the list): no list made and grown again for each container. */
+            PyObject *left = stack;
+            stack = outer;
+            if (spare == NULL && Py_REFCNT(left) == 1) {
+                Py_ssize_t n = PyList_GET_SIZE(left);
+                PyObject **items = ((PyListObject *)left)->ob_item;
+                Py_SET_SIZE(left, 0);
+                for (Py_ssize_t i = 0; i < n; i++)
+                    Py_DECREF(items[i]);
+                if (Py_REFCNT(left) == 1 && PyList_GET_SIZE(left) == 0)
+                    spare = left;
+                else
+                    Py_DECREF(left);
+            } else {
+                Py_DECREF(left);
+            }
             drop_top(metastack, 1);
             pos += 1;
             continue;
@@ -578,10 +679,12 @@ run_opcodes(const unsigned char *s, Py_ssize_t end, Py_ssize_t *pos_inout,
         goto stop;
     }
 stop:
+    Py_XDECREF(spare);
     *pos_inout = pos;
     *stack_inout = stack;
     return 0;
 error:
+    Py_XDECREF(spare);
     *pos_inout = pos;
     *stack_inout = stack;
     return -1;
@@ -616,8 +719,9 @@ run(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (pos == -1 && PyErr_Occurred())
         return NULL;
     PyObject *stack = Py_NewRef(args[2]);
+    Memo memo = {args[4], NULL, 0, 0};
     if (run_opcodes((const unsigned char *)PyBytes_AS_STRING(args[0]), PyBytes_GET_SIZE(args[0]),
-                    &pos, &stack, args[3], args[4], mark_limit) < 0) {
+                    &pos, &stack, args[3], &memo, mark_limit) < 0) {
         Py_DECREF(stack);
         return NULL;
     }
@@ -648,8 +752,9 @@ load_pickle(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_ssize_t mark_limit = PyLong_AsSsize_t(args[2]);
     if (mark_limit == -1 && PyErr_Occurred())
         return NULL;
-    PyObject *stack = PyList_New(0), *metastack = PyList_New(0), *memo = PyDict_New();
-    if (stack == NULL || metastack == NULL || memo == NULL)
+    PyObject *stack = PyList_New(0), *metastack = PyList_New(0);
+    Memo memo = {NULL, NULL, 0, 0};
+    if (stack == NULL || metastack == NULL)
         goto error;
     int proto = 0;
     if (PyBytes_CheckExact(args[0])) {
@@ -660,22 +765,27 @@ load_pickle(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             proto = s[pos + 1];
             pos += 2;
         }
-        if (run_opcodes(s, end, &pos, &stack, metastack, memo, mark_limit) < 0)
+        if (run_opcodes(s, end, &pos, &stack, metastack, &memo, mark_limit) < 0)
             goto error;
         Py_ssize_t depth = PyList_GET_SIZE(stack);
         if (pos >= 0 && pos < end && kinds[s[pos]] == K_STOP && depth > 0) {
             PyObject *value = Py_NewRef(PyList_GET_ITEM(stack, depth - 1));
             Py_DECREF(stack);
             Py_DECREF(metastack);
-            Py_DECREF(memo);
+            memo_free_items(&memo);
+            Py_XDECREF(memo.dict);
             return Py_BuildValue("(Nn)", value, pos + 1);
         }
     }
-    return Py_BuildValue("(nNNNi)", pos, stack, metastack, memo, proto);
+    /* The Python loop goes on: it needs the memo as a dict. */
+    if (memo.dict == NULL && memo_make_dict(&memo) < 0)
+        goto error;
+    return Py_BuildValue("(nNNNi)", pos, stack, metastack, memo.dict, proto);
 error:
     Py_XDECREF(stack);
     Py_XDECREF(metastack);
-    Py_XDECREF(memo);
+    memo_free_items(&memo);
+    Py_XDECREF(memo.dict);
     return NULL;
 }
 

@@ -210,6 +210,49 @@ def test_memo_with_gaps_then_memoize() -> None:
     assert first is second
 
 
+def _long_binput(index: int) -> bytes:
+    return b"r" + index.to_bytes(4, "little")
+
+
+def _long_binget(index: int) -> bytes:
+    return b"j" + index.to_bytes(4, "little")
+
+
+@needs_speedups
+@pytest.mark.parametrize("index", [0, 63, 64, 1000, 1025, 5000, 2**32 - 1])
+def test_memo_indexes_near_and_far_load_as_in_pure_python(index: int) -> None:
+    # load_pickle keeps its memo in an array while the indexes stay near the entries made,
+    # and turns it into a dict for a far one: either way, what pure Python loads (and the
+    # stdlib, but for the last index, for which it would need a memo of 2**32 slots).
+    #       EMPTY_LIST PUT index  EMPTY_LIST PUT index (replaces)  GET index  TUPLE3 STOP
+    data = b"\x80\x04]" + _long_binput(index) + b"]" + _long_binput(index) \
+        + _long_binget(index) + b"\x87."
+    loaded = engine.loads(data)
+    assert loaded == ([], [], []) and loaded[1] is loaded[2] and loaded[0] is not loaded[1]
+    engine.use_accelerators(False)
+    try:
+        assert engine.loads(data) == loaded
+    finally:
+        engine.use_accelerators()
+    if index < 2**31:
+        stdlib = pickle.loads(data)
+        assert stdlib == loaded and stdlib[1] is stdlib[2]
+
+
+@needs_speedups
+def test_a_memo_of_far_indexes_stays_small() -> None:
+    # A few bytes naming indexes far apart cost memory in proportion to the entries.
+    data = b"\x80\x04" + b"".join(b"N" + _long_binput(i * 10**6) + b"0" for i in range(200))
+    data += b"N."
+    tracemalloc.start()
+    try:
+        assert engine.loads(data) is None
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20
+
+
 @needs_speedups
 def test_leaks_nothing() -> None:
     # No globals (bytes and sets need some below protocols 3 and 4): an audit hook that
