@@ -1,5 +1,5 @@
-"""Plugins of the whole test suite: the session's PostgreSQL server (tests/pg.py), and the
-session's signing key.
+"""Plugins of the whole test suite: the session's PostgreSQL server (tests/pg.py), the
+session's signing key, and hypothesis without per-example deadlines.
 
 Every Store signs with a key (docs/safety.md): the session's is a temporary key file named
 by ``PSTORE_KEY_FILE``, and ``XDG_DATA_HOME`` points into the same temporary folder, so
@@ -12,7 +12,14 @@ import os
 import shutil
 import tempfile
 
+from hypothesis import settings
+
 pytest_plugins = ["tests.pg"]
+
+# No test here times itself: an example slowed by a busy machine (CI shares two cores)
+# is not a failure.
+settings.register_profile("pstore", deadline=None)
+settings.load_profile("pstore")
 
 _KEY_FOLDER = tempfile.mkdtemp(prefix="pstore-test-keys-")
 atexit.register(shutil.rmtree, _KEY_FOLDER, ignore_errors=True)

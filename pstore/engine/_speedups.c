@@ -387,6 +387,9 @@ consume_mark(int kind, PyObject *items, PyObject *outer)
     return status < 0 ? -1 : 1;
 }
 
+/* How many emptied level lists run_opcodes keeps for reuse. */
+#define SPARE_LEVELS 8
+
 /* Run the data opcodes of s[0:end] from *pos_inout on the unpickler state: *stack_inout
  * (the current level, a reference of the caller's, replaced as marks open and close),
  * `metastack` and `memo`. Returns 0 with *pos_inout at the first opcode not run, or -1
@@ -398,7 +401,9 @@ run_opcodes(const unsigned char *s, Py_ssize_t end, Py_ssize_t *pos_inout,
 {
     Py_ssize_t pos = *pos_inout;
     PyObject *stack = *stack_inout;
-    PyObject *spare = NULL;     /* an emptied level list, for the next MARK */
+    /* Emptied level lists, for the next MARKs: enough for containers nested this deep. */
+    PyObject *spares[SPARE_LEVELS];
+    int spare_count = 0;
 
     /* Each case either runs its opcode whole and moves `pos` past it, or leaves `pos`
      * and everything else as they were and breaks out of the loop ("goto stop"). */
@@ -603,8 +608,7 @@ run_opcodes(const unsigned char *s, Py_ssize_t end, Py_ssize_t *pos_inout,
         case K_MARK: {
             if (PyList_GET_SIZE(metastack) >= mark_limit)
                 goto stop;
-            PyObject *level = spare != NULL ? spare : PyList_New(0);
-            spare = NULL;
+            PyObject *level = spare_count ? spares[--spare_count] : PyList_New(0);
             if (level == NULL)
                 goto error;
             if (PyList_Append(metastack, stack) < 0) {
@@ -639,14 +643,15 @@ run_opcodes(const unsigned char *s, Py_ssize_t end, Py_ssize_t *pos_inout,
              * (LIST made it the list): no list made and grown again for each container. */
             PyObject *left = stack;
             stack = outer;
-            if (spare == NULL && Py_REFCNT(left) == 1) {
+            if (spare_count < SPARE_LEVELS && Py_REFCNT(left) == 1) {
                 Py_ssize_t n = PyList_GET_SIZE(left);
                 PyObject **items = ((PyListObject *)left)->ob_item;
                 Py_SET_SIZE(left, 0);
                 for (Py_ssize_t i = 0; i < n; i++)
                     Py_DECREF(items[i]);
-                if (Py_REFCNT(left) == 1 && PyList_GET_SIZE(left) == 0)
-                    spare = left;
+                if (Py_REFCNT(left) == 1 && PyList_GET_SIZE(left) == 0
+                        && spare_count < SPARE_LEVELS)
+                    spares[spare_count++] = left;
                 else
                     Py_DECREF(left);
             } else {
@@ -679,12 +684,14 @@ run_opcodes(const unsigned char *s, Py_ssize_t end, Py_ssize_t *pos_inout,
         goto stop;
     }
 stop:
-    Py_XDECREF(spare);
+    while (spare_count)
+        Py_DECREF(spares[--spare_count]);
     *pos_inout = pos;
     *stack_inout = stack;
     return 0;
 error:
-    Py_XDECREF(spare);
+    while (spare_count)
+        Py_DECREF(spares[--spare_count]);
     *pos_inout = pos;
     *stack_inout = stack;
     return -1;
