@@ -649,8 +649,7 @@ run_opcodes(const unsigned char *s, Py_ssize_t end, Py_ssize_t *pos_inout,
                 Py_SET_SIZE(left, 0);
                 for (Py_ssize_t i = 0; i < n; i++)
                     Py_DECREF(items[i]);
-                if (Py_REFCNT(left) == 1 && PyList_GET_SIZE(left) == 0
-                        && spare_count < SPARE_LEVELS)
+                if (Py_REFCNT(left) == 1 && PyList_GET_SIZE(left) == 0)
                     spares[spare_count++] = left;
                 else
                     Py_DECREF(left);

@@ -1047,7 +1047,7 @@ class Unpickler:
         accelerate = _accelerate
         # C first (and again after a refill), then the loop from where it stopped; a
         # resumed pickle starts with the loop, at the opcode where C stopped.
-        c_first = accelerate is not None and resumed is None
+        c_first = resumed is None
         start = pos
         code = -1
         while True:
@@ -1057,7 +1057,7 @@ class Unpickler:
                     # Where C took the whole pickle: its STOP, without a turn of the loop.
                     if pos < end and data[pos] == _STOP and stack:
                         return stack.pop(), pos + 1, end
-                c_first = accelerate is not None
+                c_first = True
                 while True:
                     start = pos
                     code = data[pos]

@@ -210,15 +210,21 @@ def test_weakly_held_objects_disappear(store):
     assert store["c"] == Config("c")
 
 
+def map_holding(held: int) -> tuple[IdentityMap, list[list[int]]]:
+    """A map holding ``held`` lists that stay alive (the sweep's survivors), and them."""
+    ids = IdentityMap()
+    kept = [[i] for i in range(held)]
+    for oid, obj in enumerate(kept):
+        ids.add(obj, oid)
+    return ids, kept
+
+
 @pytest.mark.parametrize("held", [0, 100])
 def test_sweep_drops_chains_the_map_alone_holds(held):
     # A chain of strongly held objects, each inside the next: dropping the outer one leaves
     # the next one referenced by the map alone. With nothing else in the map the sweep
     # rechecks every survivor; with many objects held, only what the dropped contained.
-    ids = IdentityMap()
-    kept = [[i] for i in range(held)]
-    for oid, obj in enumerate(kept):
-        ids.add(obj, oid)
+    ids, kept = map_holding(held)
     inner: list = ["end"]
     for oid in range(1000, 1050):
         ids.add(inner, oid)
@@ -233,10 +239,7 @@ def test_sweep_drops_chains_the_map_alone_holds(held):
 @pytest.mark.parametrize("held", [0, 100])
 def test_sweep_drops_an_object_two_dropped_ones_shared(held):
     # Two dicts holding one list: once they are dropped, the list is found inside both.
-    ids = IdentityMap()
-    kept = [[i] for i in range(held)]
-    for oid, obj in enumerate(kept):
-        ids.add(obj, oid)
+    ids, kept = map_holding(held)
     shared: list = ["shared"]
     ids.add(shared, 1000)
     for oid in (1001, 1002):
@@ -244,4 +247,5 @@ def test_sweep_drops_an_object_two_dropped_ones_shared(held):
     del shared
     ids.sweep()
     assert len(ids) == held
+    assert all(ids.get(oid) is obj for oid, obj in enumerate(kept))
     assert ids.get(1000) is None and ids.get(1001) is None
