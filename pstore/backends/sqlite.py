@@ -308,7 +308,7 @@ class SQLiteBackend(LocalBlobs, Backend):
                 conn.execute(f"PRAGMA synchronous = {'FULL' if self._fsync else 'NORMAL'}")
                 # Checked before the first write, so a foreign database is left untouched.
                 self._init_or_check(create, empty)
-                conn.execute("PRAGMA journal_mode = WAL")
+                self._enter_wal()
         except sqlite3.DatabaseError as error:
             conn.close()
             self._conn = None
@@ -348,12 +348,27 @@ class SQLiteBackend(LocalBlobs, Backend):
         # nothing yet.
         if not self._fsync:
             conn.execute("PRAGMA synchronous = OFF")
-        conn.execute("PRAGMA journal_mode = WAL")
+        self._enter_wal()
         if not self._fsync:
             conn.execute("PRAGMA synchronous = NORMAL")
         self._write_once(lambda: self._run(_SCHEMA),
                          lambda: not conn.execute(_COUNT_TABLES).fetchone()[0])
         self._check_format()
+
+    def _enter_wal(self) -> None:
+        """Put the file in WAL mode. It is a property of the file, so usually it is in WAL
+        already; it is not when new, or after the last writer closed (see :meth:`close`).
+        The switch takes the file for itself. Readers are waited for (the busy timeout),
+        but two connections switching at once fail one of them at once, as a deadlock
+        (SQLite runs no busy handler for it): so the switch is made under the write lock."""
+        conn = self._require()
+        if conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal":
+            return
+        self._file_lock.lock(self.path)
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+        finally:
+            self._file_lock.release()
 
     def _upgrade(self) -> None:
         """Bring a file of an older version to the current version."""

@@ -5,13 +5,15 @@ from __future__ import annotations
 import os
 import sqlite3
 import stat
+import subprocess
 import sys
+import time
 
 import pytest
 
 import pstore
 from pstore.backends.sqlite import FORMAT_VERSION, SQLiteBackend
-from pstore.errors import FormatError
+from pstore.errors import FormatError, LockTimeoutError
 
 from .conftest import fill, snapshot
 
@@ -111,6 +113,65 @@ def test_pragmas(tmp_path):
     assert full._conn.execute("PRAGMA synchronous").fetchone()[0] == 2      # FULL
     normal.close()
     full.close()
+
+
+def journal_mode(path: str) -> str:
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute("PRAGMA journal_mode").fetchone()[0]
+    finally:
+        conn.close()
+
+
+def hold_read(path: str, seconds: float) -> subprocess.Popen:
+    """Another process that reads ``path`` in one transaction for ``seconds``."""
+    reader = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sqlite3, sys, time\n"
+         "conn = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
+         "conn.execute('BEGIN')\n"
+         "conn.execute('SELECT count(*) FROM records').fetchone()\n"
+         "print('reading', flush=True)\n"
+         "time.sleep(float(sys.argv[2]))\n"
+         "conn.execute('COMMIT')\n", path, str(seconds)],
+        stdout=subprocess.PIPE, text=True)
+    assert reader.stdout.readline() == "reading\n"
+    return reader
+
+
+def test_a_writer_waits_for_a_reader_to_switch_the_file_to_wal(tmp_path):
+    """The last writer to close leaves the file in rollback-journal mode; the next writer
+    switches it back, which needs the file to itself. SQLite fails that switch at once
+    while a reader reads (no busy handler runs for it): the open waits instead."""
+    path = str(tmp_path / "store.db")
+    fill(open_sqlite(path))
+    assert journal_mode(path) == "delete"
+    reader = hold_read(path, 0.5)
+    started = time.monotonic()
+    writer = open_sqlite(path, "w", lock_timeout=30)
+    assert time.monotonic() - started > 0.2
+    assert reader.wait(30) == 0
+    assert writer._conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert writer.get_record(writer.get_key("k")) == b"data"
+    writer.close()
+
+
+def test_a_reader_longer_than_the_lock_timeout_fails_the_open_and_changes_nothing(tmp_path):
+    path = str(tmp_path / "store.db")
+    fill(open_sqlite(path))
+    before = {name: value for name, value in snapshot(str(tmp_path)).items()
+              if not name.endswith(".lock")}
+    reader = hold_read(path, 3)
+    try:
+        with pytest.raises(LockTimeoutError) as raised:
+            open_sqlite(path, "w", lock_timeout=0.3)
+        assert path in str(raised.value) and "0.3 s" in str(raised.value)
+    finally:
+        assert reader.wait(30) == 0
+    # Only the lock file is written (who last held the lock).
+    assert {name: value for name, value in snapshot(str(tmp_path)).items()
+            if not name.endswith(".lock")} == before
+    assert journal_mode(path) == "delete"
 
 
 def test_every_operation_after_close_raises_closed_error(tmp_path):

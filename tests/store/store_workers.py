@@ -42,6 +42,20 @@ def increment(backend: str, path: str, times: int) -> None:
                 store["counter"] = store["counter"] + 1
 
 
+def open_together(backend: str, path: str, together, rounds: int) -> None:
+    """Open, write and close the store ``rounds`` times, each time at the same moment as
+    the other processes waiting on the barrier ``together`` (which a failure breaks)."""
+    try:
+        for round_ in range(rounds):
+            together.wait()
+            with pstore.open(path, "w", backend=backend, lock_timeout=60) as store:
+                store[f"round {round_}"] = True
+            together.wait()
+    except BaseException:
+        together.abort()
+        raise
+
+
 def hold_transaction(backend: str, path: str, holding, release) -> None:
     with pstore.open(path, "w", backend=backend) as store:
         with store.transaction():

@@ -100,6 +100,24 @@ def test_four_processes_increment_without_losing_an_update(opener, path, backend
 
 
 @pytest.mark.slow
+def test_processes_opening_at_once_after_the_last_one_closed(opener, path, backend_name):
+    """On SQLite the last writer to close takes the file out of WAL mode, and the next
+    ones to open switch it back: all at once, each round."""
+    opener().close()
+    together = spawn.Barrier(4, timeout=60)
+    workers = [spawn.Process(target=store_workers.open_together,
+                             args=(backend_name, path, together, 30))
+               for _ in range(4)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert [worker.exitcode for worker in workers] == [0, 0, 0, 0]
+    with opener("r") as store:
+        assert all(store[f"round {round_}"] for round_ in range(30))
+
+
+@pytest.mark.slow
 def test_lock_timeout_names_path_and_wait(opener, path, backend_name):
     opener().close()
     holding, release = spawn.Event(), spawn.Event()
