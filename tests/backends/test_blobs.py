@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import sys
 
 import blake3
 import pytest
@@ -98,42 +99,30 @@ def test_a_failing_chunk_source_leaves_no_file(tmp_path):
     assert os.listdir(blobs.directory) == []
 
 
-@pytest.mark.parametrize("failing", ["the first flush (in the background)", "the last flush"])
 def test_a_failing_flush_fails_the_settle_until_the_end_and_leaves_no_file(
-        tmp_path, monkeypatch, failing):
-    # A large blob is flushed by a background thread while it is written, and once more
-    # in the background after it (blobs._last_flush), which settle waits for: either
-    # failing is settle's failure, so the transaction cannot commit. (An I/O error cannot
-    # be made to happen for real here: the failing call is substituted.)
+        tmp_path, monkeypatch):
+    # A blob's flush runs in the background after it is written (blobs._last_flush),
+    # and settle waits for it: its failure is settle's failure, so the transaction
+    # cannot commit. (An I/O error cannot be made to happen for real here: the failing
+    # call is substituted.)
     from pstore.backends import blobs as blob_files
 
     calls = []
 
     def fdatasync(fd):
         calls.append(fd)
-        if failing == "the last flush" and len(calls) == 1:
-            return
         raise OSError(5, "Input/output error")
 
     monkeypatch.setattr(blob_files, "_fdatasync", fdatasync)
     store = BlobStore(str(tmp_path / "blobs"))
-    piece = blob_files._PIECE_SIZE
-    size = piece + blob_files._OVERLAP_MIN
-    if failing.startswith("the first"):
-        # Raised by the put if the flush ended before the last piece was written, else
-        # by the settle.
+    size = blob_files._PIECE_SIZE + blob_files._OVERLAP_MIN    # written in two pieces
+    name = store.put([memoryview(bytes(size))])
+    for _ in range(2):      # raised again by the next settle: the failure sticks
         with pytest.raises(OSError, match="Input/output error"):
-            store.put([memoryview(bytes(size))])
             store.settle()
-    else:
-        name = store.put([memoryview(bytes(size))])
-        for _ in range(2):      # raised again by the next settle: the failure sticks
-            with pytest.raises(OSError, match="Input/output error"):
-                store.settle()
-        with pytest.raises(OSError, match="Input/output error"):    # a read settles first
-            store.open(name, size, writable=False)
-    # The background flush after the first piece; the last one comes only if that worked.
-    assert len(calls) == (1 if failing.startswith("the first") else 2)
+    with pytest.raises(OSError, match="Input/output error"):    # a read settles first
+        store.open(name, size, writable=False)
+    assert len(calls) == 1
     assert os.listdir(store.directory) == []
     store.end(committed=False)
     monkeypatch.setattr(blob_files, "_fdatasync", os.fdatasync)
@@ -186,3 +175,43 @@ def test_many_blobs_of_one_transaction_keep_few_flushes_in_flight(tmp_path):
     store.settle()
     store.end(committed=True)
     assert all(os.path.exists(store.path_of(name)) for name in names)
+
+
+
+def resident_share(path: str) -> float:
+    """The share of ``path``'s pages in the page cache (Linux's mincore(2))."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    size = os.path.getsize(path)
+    pages = -(-size // mmap.PAGESIZE)
+    flags = ctypes.create_string_buffer(pages)
+    with open(path, "rb") as file:
+        # Copy-on-write: writable for ctypes, and nothing is ever written through it.
+        with mmap.mmap(file.fileno(), size, access=mmap.ACCESS_COPY) as mapped:
+            start = ctypes.c_char.from_buffer(mapped)
+            try:
+                assert libc.mincore(ctypes.addressof(start), size, flags) == 0, \
+                    os.strerror(ctypes.get_errno())
+            finally:
+                del start   # the mapping cannot close while ctypes holds it
+    return sum(flag & 1 for flag in flags.raw) / pages
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mincore(2) as on Linux")
+def test_a_large_blob_stays_in_the_page_cache_after_its_writeback_starts(tmp_path):
+    """The writeback of each written piece is started with POSIX_FADV_DONTNEED, which
+    drops clean pages: the pages just written are dirty and must stay, so that a load
+    right after the write reads memory, not the disk."""
+    from pstore.backends import blobs as blob_files
+
+    store = BlobStore(str(tmp_path / "blobs"))
+    data = os.urandom(2 * blob_files._PIECE_SIZE + blob_files._OVERLAP_MIN)
+    name = store.put([data])
+    store.settle()
+    assert resident_share(store.path_of(name)) > 0.95
+    with open(store.path_of(name), "rb") as file:
+        assert file.read() == data
+    store.end(committed=True)
