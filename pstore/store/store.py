@@ -62,6 +62,9 @@ __all__ = ["Store", "DEFAULT_BLOB_THRESHOLD", "DEFAULT_MAX_RECORD_SIZE"]
 DEFAULT_BLOB_THRESHOLD = 64 * 1024
 #: A record's payload larger than this (decompressed) is refused by default.
 DEFAULT_MAX_RECORD_SIZE = 1 << 30
+#: Iterating over items or values loads this many records under one hold of the Store's
+#: lock, then yields them (one lock, check and flush per row cost ~1 us of ~7).
+ITEMS_AHEAD = 64
 
 
 
@@ -264,25 +267,37 @@ class Store(MutableMapping[str, Any]):
         while True:
             with self._lock:
                 self._check_open()
-                self._txn.flush_binds()     # the next batch sees keys bound meanwhile
-                key: Any = None     # the row's key, once it is read
-                try:
-                    row = next(rows, None)     # rows are tuples: None is the end
-                    if row is None:
-                        return
-                    key, oid, data = row
-                    value = self._loader.load(oid, data)
-                except Exception as error:
-                    found = load_error(error, self._path, key=key,
-                                       is_damage=self._backend.is_damage)
-                    if skipped is None or not isinstance(found, MissingClassError):
-                        raise found
-                    skipped.append(found)
-                    continue
-                if self._txn.writeback:
-                    self._txn.cache.keep(oid, value, data)
-                self._ids.maybe_sweep()
-            yield key, value
+                self._txn.flush_binds()     # the next rows see keys bound meanwhile
+                pairs, failure = self._load_rows(rows, ITEMS_AHEAD)
+            yield from pairs
+            if failure is not None:
+                if skipped is None or not isinstance(failure, MissingClassError):
+                    raise failure
+                skipped.append(failure)
+            elif len(pairs) < ITEMS_AHEAD:
+                return
+
+    def _load_rows(self, rows: Iterator[tuple[str, int, bytes | None]], limit: int
+                   ) -> tuple[list[tuple[str, Any]], Exception | None]:
+        """Load up to ``limit`` of ``rows``: the pairs loaded, and the error that stopped
+        the loading (its row is consumed), if one did. The pairs before an error are
+        still yielded before it is raised, as if each row were loaded as it is yielded."""
+        pairs: list[tuple[str, Any]] = []
+        load, ids, txn = self._loader.load, self._ids, self._txn
+        key: Any = None     # the row's key, once it is read
+        try:
+            for key, oid, data in islice(rows, limit):
+                value = load(oid, data)
+                if txn.writeback:
+                    txn.cache.keep(oid, value, data)
+                pairs.append((key, value))
+                key = None
+        except Exception as error:
+            return pairs, load_error(error, self._path, key=key,
+                                     is_damage=self._backend.is_damage)
+        finally:
+            ids.maybe_sweep()
+        return pairs, None
 
     def update(self, other: Any = (), /, **kwargs: Any) -> None:
         """Assign every pair, in one transaction (all or nothing)."""

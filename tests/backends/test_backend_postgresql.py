@@ -365,6 +365,56 @@ def test_a_terminated_connection_is_a_clear_error_and_the_store_reconnects(pg_se
         assert dict(store.items()) == {"k": [1]}
 
 
+def test_pages_asked_for_ahead_answer_every_statement_between_them(url):
+    """Outside a write transaction, iteration asks for its next page before it yields
+    this one (a statement sent ahead, in pipeline mode): any other statement in between
+    -- gets, writes, transactions, snapshots, another iteration -- runs after its answer
+    arrives, and every page comes whole and in order."""
+    count = 2 * postgresql.KEY_BATCH + 10
+    with pstore.open(url) as store:
+        store.update({f"k{i:05}": [i] for i in range(count)})
+        items = store.items()
+        seen = []
+        for key, value in items:
+            seen.append(key)
+            i = int(key[1:])
+            assert value == [i]
+            if i % 250 == 0:
+                assert store[f"k{count - 1 - i:05}"] == [count - 1 - i]     # a get
+                store[f"extra{i}"] = i                                      # a write
+                with store.transaction():
+                    store[f"extra{i}"] = i + 1
+                with store.snapshot():
+                    assert store[f"extra{i}"] == i + 1
+                assert next(iter(store.keys())) == "extra0"     # another iteration
+        assert seen[:count] == [f"k{i:05}" for i in range(count)]
+        # Left after its first page (a page asked for ahead, never read): the store goes
+        # on, and closes.
+        partial = iter(store.items())
+        next(partial)
+        assert store["k00003"] == [3]
+        assert len(list(store.keys())) == count + 9
+        partial = iter(store.values())
+        next(partial)
+    with pstore.open(url, "r") as store:
+        assert store["extra500"] == 501
+
+
+def test_a_connection_lost_with_a_page_asked_for_ahead(pg_server, url):
+    count = postgresql.KEY_BATCH + 10
+    with pstore.open(url) as store:
+        store.update({f"k{i:05}": i for i in range(count)})
+        pages = iter(store.items())
+        assert next(pages) == ("k00000", 0)     # the second page is asked for already
+        sql(pg_server, "SELECT pg_terminate_backend(%s)",
+            (store._backend._conn.info.backend_pid,))
+        with pytest.raises(ConnectionLostError, match="lost the connection"):
+            for _ in pages:
+                pass
+        assert store["k00001"] == 1             # the next call connects again
+        assert dict(store.items()) == {f"k{i:05}": i for i in range(count)}
+
+
 def test_a_connection_lost_in_a_snapshot_fails_its_reads_until_it_ends(pg_server, url):
     with pstore.open(url) as store:
         store.update({f"k{i}": [i] for i in range(5)})

@@ -130,6 +130,34 @@ def test_iteration_streams_in_batches_and_allows_writes(store):
     assert seen == 2500 and len(store) == 1250
 
 
+class FailsToLoad:
+    """Its state cannot be set: loading its record raises ValueError."""
+
+    def __init__(self):
+        self.state = "any"
+
+    def __setstate__(self, state):
+        raise ValueError("this state cannot be set")
+
+
+def test_iteration_yields_the_pairs_before_a_failing_record_then_raises(store):
+    # Records are loaded a batch ahead of what is yielded (Store's ITEMS_AHEAD): the
+    # failure must still come after the pairs before it, and name its key.
+    with store.transaction():
+        for i in range(300):
+            store[f"k{i:03}"] = FailsToLoad() if i == 150 else i
+    got = []
+    with pytest.raises(ValueError, match="this state cannot be set") as raised:
+        for key, value in store.items():
+            got.append((key, value))
+    assert got == [(f"k{i:03}", i) for i in range(150)]
+    assert any("'k150'" in note for note in raised.value.__notes__)
+    with pytest.raises(ValueError):
+        sum(1 for _ in store.values(errors="skip"))     # skip is for missing classes only
+    del store["k150"]
+    assert [value for value in store.values()] == [i for i in range(300) if i != 150]
+
+
 def test_missing_file(opener):
     for flag in "rw":
         with pytest.raises(FileNotFoundError):
