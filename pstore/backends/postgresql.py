@@ -547,17 +547,24 @@ class PostgreSQLBackend(Backend):
         receives them first. Only outside write transactions: changes queued later would
         not be seen by it."""
         def send() -> Any:
-            pipeline = self._conn.pipeline()
-            pipeline.__enter__()
             cursor = self._conn.cursor()
-            try:
-                cursor.execute(self._sql[name], params, binary=name in _BINARY_ROWS)
-            except BaseException as error:
-                pipeline.__exit__(type(error), error, error.__traceback__)
-                raise
-            self._ahead = (pipeline, cursor)
+            self._ahead = self._enter_pipeline(
+                lambda: cursor.execute(self._sql[name], params, binary=name in _BINARY_ROWS),
+                cursor)
             return cursor
         return self._call(send)
+
+    def _enter_pipeline(self, execute: Any, cursor: Any) -> tuple[Any, Any]:
+        """Enter pipeline mode and ``execute()`` there (it sends statements, whose
+        results go to ``cursor``); return what :attr:`_ahead` holds until they arrive."""
+        pipeline = self._conn.pipeline()
+        pipeline.__enter__()
+        try:
+            execute()
+        except BaseException as error:
+            pipeline.__exit__(type(error), error, error.__traceback__)
+            raise
+        return pipeline, cursor
 
     def _rows_ahead(self, cursor: Any) -> list[tuple[Any, ...]]:
         """The rows of the statement :meth:`_send_ahead` sent, whose cursor is ``cursor``."""
@@ -609,12 +616,17 @@ class PostgreSQLBackend(Backend):
                 return self._cursor.execute(self._sql[name], params,
                                             binary=name in _BINARY_ROWS)
             with self._conn.pipeline():
-                for name, group in itertools.groupby(queued, key=lambda change: change[0]):
-                    self._cursor.execute(self._sql[name], _batch(name, [row for _, row in group]))
+                self._execute_changes(queued)
                 for name, params in last:
                     self._cursor.execute(self._sql[name], params, binary=name in _BINARY_ROWS)
             return self._cursor
         return self._call(send)
+
+    def _execute_changes(self, queued: list[tuple[str, Any]]) -> None:
+        """Execute the changes ``queued``, one statement per run of changes of one kind
+        (in a pipeline: sent, not waited for)."""
+        for name, group in itertools.groupby(queued, key=lambda change: change[0]):
+            self._cursor.execute(self._sql[name], _batch(name, [row for _, row in group]))
 
     def _queue(self, name: str, params: Any, size: int = 0) -> None:
         """Queue a change (statement ``name``, of ``size`` bytes); send the queue when full."""
@@ -627,7 +639,20 @@ class PostgreSQLBackend(Backend):
         self._queued.append((name, params))
         self._queued_bytes += size
         if len(self._queued) >= QUEUE_RECORDS or self._queued_bytes >= QUEUE_BYTES:
-            self._send()
+            self._send_changes_ahead()
+
+    def _send_changes_ahead(self) -> None:
+        """Send the queued changes without waiting for the server to make them: it makes
+        them while this process goes on (pickling the next ones); the next statement
+        receives their outcome first (see :meth:`_send_ahead`), so a failed change fails
+        that statement, and a commit never follows it."""
+        queued, self._queued = self._queued, []
+        self._queued_bytes = 0
+
+        def send() -> None:
+            self._ahead = self._enter_pipeline(lambda: self._execute_changes(queued),
+                                               self._cursor)
+        self._call(send)
 
     def _forget(self) -> None:
         """Drop the queued changes and what this connection knows of the store."""
@@ -1036,6 +1061,10 @@ class PostgreSQLBackend(Backend):
             return
         self._in_transaction = False
         if self._conn is not None and not self._conn.closed:
+            try:
+                self._receive_ahead()
+            except psycopg.Error:
+                pass    # changes sent ahead that failed: rolled back with the rest
             self._script("rollback")
 
     def change_marker(self) -> int:

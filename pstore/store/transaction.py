@@ -39,6 +39,10 @@ from .signing import Signer
 
 __all__ = ["Transaction", "WritebackCache"]
 
+#: Key bindings are sent to the backend once this many are queued (and before a read of
+#: keys, and at commit): a server backend then binds them while the next are pickled.
+BIND_BATCH = 1000
+
 
 class WritebackCache:
     """``writeback=True``: the values read or assigned, and their records' bytes as last
@@ -172,6 +176,8 @@ class Transaction:
         if old is not None and old != oid:
             self._released.add(old)
         self._binds[key] = oid
+        if len(self._binds) >= BIND_BATCH:
+            self.flush_binds()
 
     def flush_binds(self) -> None:
         """Send the keys bound since the last call to the backend: before the transaction

@@ -400,6 +400,37 @@ def test_pages_asked_for_ahead_answer_every_statement_between_them(url):
         assert store["extra500"] == 501
 
 
+def test_a_change_sent_ahead_that_fails_fails_the_commit_and_changes_nothing(pg_server, url):
+    """A transaction's queued changes are sent without waiting once 1000 are queued; the
+    server refusing one (here a trigger of the test's) fails the transaction's next
+    statement or its commit: nothing of it is committed, and the store goes on."""
+    count = 3 * postgresql.QUEUE_RECORDS
+    with pstore.open(url) as store:
+        store["before"] = 1
+        schema = store._backend._schema
+        sql(pg_server, f"""
+            CREATE FUNCTION {schema}.refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+                IF position('refused' in encode(NEW.data, 'escape')) > 0 THEN
+                    RAISE EXCEPTION 'the test refuses this record';
+                END IF;
+                RETURN NEW;
+            END $$;
+            CREATE TRIGGER refuse BEFORE INSERT ON {schema}.records
+                FOR EACH ROW EXECUTE FUNCTION {schema}.refuse();""")
+        with pytest.raises(psycopg.Error, match="the test refuses this record"):
+            with store.transaction():
+                for i in range(count):
+                    store[f"k{i}"] = "refused" if i == 10 else i
+        assert list(store) == ["before"]
+        sql(pg_server, f"DROP TRIGGER refuse ON {schema}.records")
+        with store.transaction():
+            for i in range(count):
+                store[f"k{i}"] = i
+    with pstore.open(url, "r") as store:
+        assert len(store) == count + 1 and store[f"k{count - 1}"] == count - 1
+
+
 def test_a_connection_lost_with_a_page_asked_for_ahead(pg_server, url):
     count = postgresql.KEY_BATCH + 10
     with pstore.open(url) as store:
