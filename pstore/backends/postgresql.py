@@ -1085,7 +1085,7 @@ class PostgreSQLBackend(Backend):
         rows = (self._execute("read_ahead", (key.encode(), limit)) if before is None else
                 self._execute("read_ahead_before", (key.encode(), before.encode(), limit))
                 ).fetchall()
-        return [(name.decode(), *rest) for name, *rest in rows]
+        return [(name.decode(), oid, data, length) for name, oid, data, length in rows]
 
     def end_read(self) -> None:
         if self._read_ahead is None:
